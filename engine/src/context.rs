@@ -1,0 +1,211 @@
+//! The context a transition asks for effects through.
+//!
+//! Effects are recorded as data ([`Effect`]) and carried out by the engine only after the
+//! persistence point that follows the transition has committed (G2). A transition that sends or
+//! starts a child ends in a persistence point; one that only waits, or only changes its state,
+//! changes memory only, and its consumed messages are replayed after a crash (G3).
+//!
+//! Waits follow BizTalk's Listen shape: every [`Context::receive`] and [`Context::delay_until`]
+//! adds a wait, and when an event for one of them arrives, all of the instance's waits are
+//! cancelled in the same step: the transition that handles the event declares what it waits for
+//! next. Replies, child results and send failures are addressed to the instance and need no wait.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::orchestration::Correlation;
+
+/// One thing a transition asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Effect {
+    /// Send a message through a named send port; with `expects_reply` the port's answer comes back
+    /// as [`Event::Reply`](crate::Event::Reply).
+    Send {
+        /// The message id, stable across redeliveries (an idempotency key for the receiver).
+        id: String,
+        /// The send port's name.
+        port: String,
+        /// The message type.
+        message_type: String,
+        /// The body, as JSON.
+        body: serde_json::Value,
+        /// Request-response rather than one-way.
+        expects_reply: bool,
+    },
+    /// Start another orchestration; its completion comes back as
+    /// [`Event::ChildCompleted`](crate::Event::ChildCompleted) or `ChildFailed`.
+    Start {
+        /// The new instance's id.
+        child: Uuid,
+        /// The orchestration's name.
+        orchestration: String,
+        /// Its input, as JSON.
+        input: serde_json::Value,
+    },
+    /// Wait for a published message.
+    Receive(Receive),
+    /// Wait until a time.
+    Delay(Delay),
+    /// Cancel every wait declared so far.
+    CancelWaits,
+    /// Suspend the instance after this transition (a `suspend` persistence point).
+    Suspend {
+        /// Why, shown in `last_error`.
+        reason: String,
+    },
+}
+
+/// A wait for a published message of a type, with correlation values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Receive {
+    /// The message type.
+    pub message_type: String,
+    /// The properties the message must carry.
+    pub correlation: Correlation,
+}
+
+/// A wait for a time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Delay {
+    /// The name the timer event will carry.
+    pub name: String,
+    /// When it is due.
+    pub at: DateTime<Utc>,
+}
+
+/// What a transition uses to ask for effects; see the module docs.
+#[derive(Debug)]
+pub struct Context {
+    instance_id: Uuid,
+    now: DateTime<Utc>,
+    effects: Vec<Effect>,
+}
+
+impl Context {
+    /// A context for one transition of `instance_id` at `now`.
+    pub fn new(instance_id: Uuid, now: DateTime<Utc>) -> Self {
+        Self {
+            instance_id,
+            now,
+            effects: Vec::new(),
+        }
+    }
+
+    /// This instance's id.
+    pub fn instance_id(&self) -> Uuid {
+        self.instance_id
+    }
+
+    /// The engine's clock at the start of this transition. Use it rather than the system clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.now
+    }
+
+    /// Sends a one-way message through the send port `port`. Returns the message id.
+    ///
+    /// # Errors
+    /// If `body` does not serialize to JSON.
+    pub fn send(
+        &mut self,
+        port: &str,
+        message_type: &str,
+        body: &impl Serialize,
+    ) -> Result<String, serde_json::Error> {
+        self.push_send(port, message_type, body, false)
+    }
+
+    /// Sends a request through `port`; the reply arrives as
+    /// [`Event::Reply`](crate::Event::Reply) with the returned id as `request_id`.
+    ///
+    /// # Errors
+    /// If `body` does not serialize to JSON.
+    pub fn request(
+        &mut self,
+        port: &str,
+        message_type: &str,
+        body: &impl Serialize,
+    ) -> Result<String, serde_json::Error> {
+        self.push_send(port, message_type, body, true)
+    }
+
+    fn push_send(
+        &mut self,
+        port: &str,
+        message_type: &str,
+        body: &impl Serialize,
+        expects_reply: bool,
+    ) -> Result<String, serde_json::Error> {
+        let id = Uuid::new_v4().to_string();
+        self.effects.push(Effect::Send {
+            id: id.clone(),
+            port: port.to_owned(),
+            message_type: message_type.to_owned(),
+            body: serde_json::to_value(body)?,
+            expects_reply,
+        });
+        Ok(id)
+    }
+
+    /// Waits for a published message of `message_type` whose properties carry `correlation`.
+    pub fn receive(&mut self, message_type: &str, correlation: Correlation) {
+        self.effects.push(Effect::Receive(Receive {
+            message_type: message_type.to_owned(),
+            correlation,
+        }));
+    }
+
+    /// Waits until `at`; the instance then gets [`Event::Timer`](crate::Event::Timer) with `name`.
+    pub fn delay_until(&mut self, name: &str, at: DateTime<Utc>) {
+        self.effects.push(Effect::Delay(Delay {
+            name: name.to_owned(),
+            at,
+        }));
+    }
+
+    /// Waits for `duration` from [`Context::now`].
+    pub fn delay(&mut self, name: &str, duration: Duration) {
+        self.delay_until(name, self.now + duration);
+    }
+
+    /// Cancels every wait the instance has, so that the transition can declare new ones.
+    pub fn cancel_waits(&mut self) {
+        self.effects.push(Effect::CancelWaits);
+    }
+
+    /// Starts an instance of `orchestration` (its newest registered version) with `input`.
+    /// Returns the child's id.
+    ///
+    /// # Errors
+    /// If `input` does not serialize to JSON.
+    pub fn start(
+        &mut self,
+        orchestration: &str,
+        input: &impl Serialize,
+    ) -> Result<Uuid, serde_json::Error> {
+        let child = Uuid::new_v4();
+        self.effects.push(Effect::Start {
+            child,
+            orchestration: orchestration.to_owned(),
+            input: serde_json::to_value(input)?,
+        });
+        Ok(child)
+    }
+
+    /// Suspends the instance once this transition's state is saved. An operator resumes it.
+    pub fn suspend(&mut self, reason: impl Into<String>) {
+        self.effects.push(Effect::Suspend {
+            reason: reason.into(),
+        });
+    }
+
+    /// The effects asked for so far, in order.
+    pub fn effects(&self) -> &[Effect] {
+        &self.effects
+    }
+
+    /// Takes the effects out.
+    pub fn into_effects(self) -> Vec<Effect> {
+        self.effects
+    }
+}

@@ -1,0 +1,636 @@
+//! One instance held in a host's memory: it takes events, runs transitions, and says when a
+//! persistence point is due and what it holds.
+//!
+//! Everything here is synchronous and free of I/O. The instance keeps two pictures of itself: the
+//! one at its last persistence point (`saved`) and the current one. Between the two lie the
+//! messages it consumed since (`consumed`), which the next point marks consumed for good, or
+//! which are delivered again if the host dies first (G3).
+
+use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::codec;
+use crate::context::{Context, Delay, Effect, Receive};
+use crate::orchestration::{Event, Message};
+use crate::registry::{AnyNext, AnyState, Definition, Registry};
+use crate::store::{
+    InstanceRecord, InstanceStatus, MessageKind, NewInstance, NewMessage, OutboxRow,
+    PersistencePoint, Reason, StoredMessage, SubscriptionRow,
+};
+
+/// The engine's own bookkeeping for an instance, saved beside its state (`engine_state`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Waits {
+    /// Receives, each with the id of its subscription row.
+    pub receives: Vec<(Uuid, Receive)>,
+    /// Delays, by name.
+    pub delays: Vec<Delay>,
+    /// Requests sent and not answered: (request id, port).
+    pub requests: Vec<(String, String)>,
+    /// Children started and not ended.
+    pub children: Vec<Uuid>,
+}
+
+impl Waits {
+    fn cancel(&mut self) {
+        self.receives.clear();
+        self.delays.clear();
+    }
+
+    /// The readable `waiting_for` column.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (_, r) in &self.receives {
+            if r.correlation.is_empty() {
+                parts.push(format!("message {}", r.message_type));
+            } else {
+                parts.push(format!("message {} {{{}}}", r.message_type, r.correlation.canonical()));
+            }
+        }
+        for d in &self.delays {
+            parts.push(format!("timer {} at {}", d.name, d.at.format("%Y-%m-%dT%H:%M:%SZ")));
+        }
+        for (_, port) in &self.requests {
+            parts.push(format!("reply from {port}"));
+        }
+        for child in &self.children {
+            parts.push(format!("child {child}"));
+        }
+        parts.join("; ")
+    }
+
+    fn next_timer(&self) -> Option<DateTime<Utc>> {
+        self.delays.iter().map(|d| d.at).min()
+    }
+}
+
+/// Why an instance cannot go on; it is suspended at its last persistence point with this text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultText(pub String);
+
+/// What happened to one event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The transition ran; a persistence point is due if `Some`.
+    Ran(Option<Reason>),
+    /// The event matched no current wait and is held until the waits change.
+    Held,
+    /// The transition failed: suspend at the last persistence point.
+    Faulted(FaultText),
+}
+
+/// How a transition ended, for building the point.
+enum Ending {
+    Running,
+    Completed(serde_json::Value),
+    Failed(String),
+    Suspended(String),
+}
+
+/// An instance in memory.
+pub struct LiveInstance {
+    /// The instance id.
+    pub id: Uuid,
+    def: Arc<dyn Definition>,
+    /// The epoch this host holds.
+    pub epoch: i64,
+    history_seq: i64,
+    parent: Option<Uuid>,
+    state: Option<AnyState>,
+    saved_waits: Waits,
+    saved_step: String,
+    waits: Waits,
+    consumed: Vec<i64>,
+    fired_timers: BTreeSet<String>,
+    held: Vec<StoredMessage>,
+    outbox: Vec<OutboxRow>,
+    children: Vec<NewInstance>,
+    ending: Ending,
+    dirty: bool,
+    /// When it last handled an event (for dehydration).
+    pub last_active: Instant,
+}
+
+impl std::fmt::Debug for LiveInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveInstance")
+            .field("id", &self.id)
+            .field("orchestration", &self.def.name())
+            .field("epoch", &self.epoch)
+            .field("waits", &self.waits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loading an instance failed in a way that suspends it (corrupt state or bookkeeping).
+#[derive(Debug)]
+pub struct LoadFault {
+    /// The instance, with no state, so that a suspend point can be written for it.
+    pub instance: LiveInstance,
+    /// Why.
+    pub error: FaultText,
+}
+
+impl LiveInstance {
+    /// Rehydrates an instance from its record.
+    ///
+    /// # Errors
+    /// [`LoadFault`] if the state or the bookkeeping does not decode.
+    pub fn load(record: InstanceRecord, def: Arc<dyn Definition>) -> Result<Self, Box<LoadFault>> {
+        let mut instance = LiveInstance {
+            id: record.id,
+            def,
+            epoch: record.epoch,
+            history_seq: record.history_seq,
+            parent: record.parent_id,
+            state: None,
+            saved_waits: Waits::default(),
+            saved_step: "created".to_owned(),
+            waits: Waits::default(),
+            consumed: Vec::new(),
+            fired_timers: BTreeSet::new(),
+            held: Vec::new(),
+            outbox: Vec::new(),
+            children: Vec::new(),
+            ending: Ending::Running,
+            dirty: false,
+            last_active: Instant::now(),
+        };
+        if let Some(bytes) = &record.state {
+            instance.saved_step = codec::step_name(bytes, "state");
+            match instance.def.decode_state(bytes) {
+                Ok(state) => instance.state = Some(state),
+                Err(e) => {
+                    return Err(Box::new(LoadFault {
+                        error: FaultText(format!(
+                            "{e}; this build cannot run the instance (corrupt or incompatible state): \
+                             terminate it, or deploy a build that reads it and resume"
+                        )),
+                        instance,
+                    }))
+                }
+            }
+        }
+        if let Some(bytes) = &record.engine_state {
+            match codec::decode::<Waits>(bytes) {
+                Ok(waits) => {
+                    instance.saved_waits = waits.clone();
+                    instance.waits = waits;
+                }
+                Err(e) => {
+                    return Err(Box::new(LoadFault {
+                        error: FaultText(format!("engine bookkeeping does not decode: {e}")),
+                        instance,
+                    }))
+                }
+            }
+        }
+        Ok(instance)
+    }
+
+    /// The definition's name.
+    pub fn orchestration(&self) -> &'static str {
+        self.def.name()
+    }
+
+    /// The definition's version.
+    pub fn version(&self) -> u32 {
+        self.def.version()
+    }
+
+    /// Whether it changed since its last persistence point.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Whether it ended (a `complete` point is due or written).
+    pub fn has_ended(&self) -> bool {
+        !matches!(self.ending, Ending::Running)
+    }
+
+    /// Its earliest timer, in memory.
+    pub fn next_timer(&self) -> Option<DateTime<Utc>> {
+        self.waits.next_timer()
+    }
+
+    /// Delivers a message claimed for this instance.
+    pub fn deliver_message(
+        &mut self,
+        msg: StoredMessage,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+        now: DateTime<Utc>,
+    ) -> Delivery {
+        let event = match msg.kind {
+            MessageKind::Start => {
+                if self.state.is_some() {
+                    return self.fault(format!("start message {} for an instance that has started", msg.id));
+                }
+                let seq = msg.seq;
+                return self.run(Some(seq), registry, ports, now, |def, ctx, _| {
+                    def.start(ctx, msg.body)
+                });
+            }
+            MessageKind::Published => {
+                let matches = |r: &Receive| {
+                    r.message_type == msg.message_type && r.correlation.matches(&msg.properties)
+                };
+                let routed_by_current = msg
+                    .subscription_id
+                    .is_some_and(|s| self.waits.receives.iter().any(|(id, _)| *id == s));
+                if !routed_by_current && !self.waits.receives.iter().any(|(_, r)| matches(r)) {
+                    self.held.push(msg);
+                    return Delivery::Held;
+                }
+                self.waits.cancel();
+                Event::Message(to_message(&msg))
+            }
+            MessageKind::Reply => {
+                let request_id = msg.properties.get("request_id").cloned().unwrap_or_default();
+                let port = msg.properties.get("port").cloned().unwrap_or_default();
+                self.waits.requests.retain(|(id, _)| *id != request_id);
+                Event::Reply {
+                    request_id,
+                    port,
+                    message: to_message(&msg),
+                }
+            }
+            MessageKind::ChildCompleted | MessageKind::ChildFailed => {
+                let child = msg
+                    .body
+                    .get("child")
+                    .and_then(|c| c.as_str())
+                    .and_then(|c| Uuid::parse_str(c).ok())
+                    .unwrap_or_default();
+                self.waits.children.retain(|c| *c != child);
+                if msg.kind == MessageKind::ChildCompleted {
+                    Event::ChildCompleted {
+                        child,
+                        output: msg.body.get("output").cloned().unwrap_or_default(),
+                    }
+                } else {
+                    Event::ChildFailed {
+                        child,
+                        error: text_field(&msg.body, "error"),
+                    }
+                }
+            }
+            MessageKind::SendFailed => {
+                let message_id = text_field(&msg.body, "message_id");
+                self.waits.requests.retain(|(id, _)| *id != message_id);
+                Event::SendFailed {
+                    message_id,
+                    port: text_field(&msg.body, "port"),
+                    error: text_field(&msg.body, "error"),
+                }
+            }
+        };
+        self.deliver_event(Some(msg.seq), event, registry, ports, now)
+    }
+
+    /// Delivers a due timer. A timer the instance no longer waits for is dropped.
+    pub fn deliver_timer(
+        &mut self,
+        name: &str,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+        now: DateTime<Utc>,
+    ) -> Delivery {
+        self.fired_timers.insert(name.to_owned());
+        if !self.waits.delays.iter().any(|d| d.name == name) {
+            self.dirty = true;
+            return Delivery::Ran(None);
+        }
+        self.waits.cancel();
+        self.deliver_event(
+            None,
+            Event::Timer {
+                name: name.to_owned(),
+            },
+            registry,
+            ports,
+            now,
+        )
+    }
+
+    fn deliver_event(
+        &mut self,
+        seq: Option<i64>,
+        event: Event,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+        now: DateTime<Utc>,
+    ) -> Delivery {
+        let Some(state) = self.state.take() else {
+            return self.fault(format!("{} arrived before the instance started", event.label()));
+        };
+        self.run(seq, registry, ports, now, move |def, ctx, _| {
+            def.on_event(ctx, state, event)
+        })
+    }
+
+    fn run(
+        &mut self,
+        seq: Option<i64>,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+        now: DateTime<Utc>,
+        transition: impl FnOnce(&dyn Definition, &mut Context, ()) -> Result<AnyNext, crate::Fault>,
+    ) -> Delivery {
+        self.last_active = Instant::now();
+        let mut ctx = Context::new(self.id, now);
+        let def = self.def.clone();
+        let outcome = catch_unwind(AssertUnwindSafe(|| transition(def.as_ref(), &mut ctx, ())));
+        let next = match outcome {
+            Ok(Ok(next)) => next,
+            Ok(Err(e)) => return self.fault(format!("transition failed: {e}")),
+            Err(panic) => return self.fault(format!("transition panicked: {}", panic_text(&panic))),
+        };
+        if let Some(seq) = seq {
+            self.consumed.push(seq);
+        }
+        self.dirty = true;
+        let mut reason = None;
+        for effect in ctx.into_effects() {
+            match effect {
+                Effect::Send {
+                    id,
+                    port,
+                    message_type,
+                    body,
+                    expects_reply,
+                } => {
+                    if !ports(&port) {
+                        return self.fault(format!(
+                            "send port {port:?} is not configured in this host; add it to the host's ports and resume"
+                        ));
+                    }
+                    if expects_reply {
+                        self.waits.requests.push((id.clone(), port.clone()));
+                    }
+                    self.outbox.push(OutboxRow {
+                        id,
+                        instance_id: self.id,
+                        port,
+                        message_type,
+                        body,
+                        expects_reply,
+                        attempts: 0,
+                    });
+                    reason = Some(Reason::Send);
+                }
+                Effect::Start {
+                    child,
+                    orchestration,
+                    input,
+                } => {
+                    let Some(def) = registry.latest(&orchestration) else {
+                        return self.fault(format!(
+                            "cannot start orchestration {orchestration:?}: it is not registered in this host"
+                        ));
+                    };
+                    self.waits.children.push(child);
+                    self.children.push(NewInstance {
+                        id: child,
+                        orchestration,
+                        version: def.version(),
+                        parent: Some(self.id),
+                        input,
+                    });
+                    reason = reason.or(Some(Reason::Start));
+                }
+                Effect::Receive(receive) => {
+                    if !self.waits.receives.iter().any(|(_, r)| *r == receive) {
+                        let id = self
+                            .saved_waits
+                            .receives
+                            .iter()
+                            .find(|(_, r)| *r == receive)
+                            .map_or_else(Uuid::new_v4, |(id, _)| *id);
+                        self.waits.receives.push((id, receive));
+                    }
+                }
+                Effect::Delay(delay) => {
+                    self.waits.delays.retain(|d| d.name != delay.name);
+                    self.waits.delays.push(delay);
+                }
+                Effect::CancelWaits => self.waits.cancel(),
+                Effect::Suspend { reason: why } => self.ending = Ending::Suspended(why),
+            }
+        }
+        match next {
+            AnyNext::Continue(state) => {
+                self.state = Some(state);
+                if matches!(self.ending, Ending::Suspended(_)) {
+                    reason = Some(Reason::Suspend);
+                }
+            }
+            AnyNext::Complete(output) => {
+                self.ending = Ending::Completed(output);
+                reason = Some(Reason::Complete);
+            }
+            AnyNext::Fail(why) => {
+                self.ending = Ending::Failed(why);
+                reason = Some(Reason::Complete);
+            }
+        }
+        // A held message may match the waits this transition declared.
+        Delivery::Ran(reason)
+    }
+
+    /// Messages held back because they matched no wait; they are offered again after a
+    /// transition, since the waits may have changed.
+    pub fn take_held(&mut self) -> Vec<StoredMessage> {
+        std::mem::take(&mut self.held)
+    }
+
+    fn fault(&mut self, text: String) -> Delivery {
+        Delivery::Faulted(FaultText(text))
+    }
+
+    /// Builds the persistence point for `reason` and resets the instance to it. `release` drops
+    /// the lease (the instance leaves memory).
+    ///
+    /// # Errors
+    /// The state does not encode (a fault: suspend instead).
+    pub fn persistence_point(
+        &mut self,
+        reason: Reason,
+        host: &str,
+        now: DateTime<Utc>,
+        outbox_lock_until: DateTime<Utc>,
+    ) -> Result<PersistencePoint, FaultText> {
+        let (status, output, last_error, release) = match &self.ending {
+            Ending::Completed(output) => (InstanceStatus::Completed, Some(output.clone()), None, true),
+            Ending::Failed(why) => (InstanceStatus::Failed, None, Some(why.clone()), true),
+            Ending::Suspended(why) => (InstanceStatus::Suspended, None, Some(why.clone()), true),
+            Ending::Running => match reason {
+                Reason::Dehydrate | Reason::Shutdown => (InstanceStatus::Dehydrated, None, None, true),
+                _ => (InstanceStatus::Running, None, None, false),
+            },
+        };
+        if self.has_ended() && !matches!(self.ending, Ending::Suspended(_)) {
+            self.waits = Waits::default();
+        }
+        let state_bytes = match &self.state {
+            Some(state) => Some(
+                self.def
+                    .encode_state(state)
+                    .map_err(|e| FaultText(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let step = match (&self.ending, &state_bytes) {
+            (Ending::Completed(_), _) => "completed".to_owned(),
+            (Ending::Failed(_), _) => "failed".to_owned(),
+            (_, Some(bytes)) => codec::step_name(bytes, "state"),
+            (_, None) => self.saved_step.clone(),
+        };
+        let engine_state = codec::encode(&self.waits).map_err(|e| FaultText(e.to_string()))?;
+        let saved_ids: BTreeSet<Uuid> = self.saved_waits.receives.iter().map(|(id, _)| *id).collect();
+        let current_ids: BTreeSet<Uuid> = self.waits.receives.iter().map(|(id, _)| *id).collect();
+        let unsubscribe = saved_ids.difference(&current_ids).copied().collect();
+        let subscribe = self
+            .waits
+            .receives
+            .iter()
+            .filter(|(id, _)| !saved_ids.contains(id))
+            .map(|(id, r)| SubscriptionRow {
+                id: *id,
+                message_type: r.message_type.clone(),
+                correlation: r.correlation.clone(),
+            })
+            .collect();
+        let mut cancel_timers: BTreeSet<String> = self
+            .saved_waits
+            .delays
+            .iter()
+            .filter(|d| !self.waits.delays.contains(d))
+            .map(|d| d.name.clone())
+            .collect();
+        cancel_timers.extend(self.fired_timers.iter().cloned());
+        let set_timers = self
+            .waits
+            .delays
+            .iter()
+            .filter(|d| !self.saved_waits.delays.contains(d) || self.fired_timers.contains(&d.name))
+            .map(|d| (d.name.clone(), d.at))
+            .collect();
+        let mut messages = Vec::new();
+        if let Some(parent) = self.parent {
+            match &self.ending {
+                Ending::Completed(output) => messages.push(NewMessage::to_instance(
+                    format!("{}:ended", self.id),
+                    "child.completed",
+                    MessageKind::ChildCompleted,
+                    serde_json::json!({ "child": self.id, "output": output }),
+                    parent,
+                )),
+                Ending::Failed(why) => messages.push(NewMessage::to_instance(
+                    format!("{}:ended", self.id),
+                    "child.failed",
+                    MessageKind::ChildFailed,
+                    serde_json::json!({ "child": self.id, "error": why }),
+                    parent,
+                )),
+                _ => {}
+            }
+        }
+        self.history_seq += 1;
+        let point = PersistencePoint {
+            instance_id: self.id,
+            epoch: self.epoch,
+            host: host.to_owned(),
+            reason,
+            status,
+            state: state_bytes,
+            engine_state: Some(engine_state),
+            step: step.clone(),
+            waiting_for: self.waits.describe(),
+            next_timer_at: self.waits.next_timer(),
+            last_error,
+            output,
+            history_seq: self.history_seq,
+            consumed: std::mem::take(&mut self.consumed),
+            unsubscribe,
+            subscribe,
+            cancel_timers: cancel_timers.into_iter().collect(),
+            set_timers,
+            outbox: std::mem::take(&mut self.outbox),
+            messages,
+            children: std::mem::take(&mut self.children),
+            release,
+            at: now,
+            outbox_lock_until,
+        };
+        self.saved_waits = self.waits.clone();
+        self.saved_step = step;
+        self.fired_timers.clear();
+        self.dirty = false;
+        Ok(point)
+    }
+
+    /// The point that suspends the instance at its last persistence point after a fault: its
+    /// stored state and waits stay as they were, and the messages it consumed since are not
+    /// consumed (they are delivered again on resume).
+    pub fn fault_point(&mut self, error: &FaultText, host: &str, now: DateTime<Utc>) -> PersistencePoint {
+        self.history_seq += 1;
+        PersistencePoint {
+            instance_id: self.id,
+            epoch: self.epoch,
+            host: host.to_owned(),
+            reason: Reason::Suspend,
+            status: InstanceStatus::Suspended,
+            state: None,
+            engine_state: None,
+            step: self.saved_step.clone(),
+            waiting_for: self.saved_waits.describe(),
+            next_timer_at: self.saved_waits.next_timer(),
+            last_error: Some(error.0.clone()),
+            output: None,
+            history_seq: self.history_seq,
+            consumed: Vec::new(),
+            unsubscribe: Vec::new(),
+            subscribe: Vec::new(),
+            cancel_timers: Vec::new(),
+            set_timers: Vec::new(),
+            outbox: Vec::new(),
+            messages: Vec::new(),
+            children: Vec::new(),
+            release: true,
+            at: now,
+            outbox_lock_until: now,
+        }
+    }
+}
+
+fn to_message(msg: &StoredMessage) -> Message {
+    Message {
+        id: msg.id.clone(),
+        message_type: msg.message_type.clone(),
+        properties: msg.properties.clone(),
+        body: msg.body.clone(),
+        published_at: msg.published_at,
+    }
+}
+
+fn text_field(body: &serde_json::Value, key: &str) -> String {
+    body.get(key)
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_owned())
+}

@@ -1,0 +1,689 @@
+//! The engine host: runs instances against a store.
+//!
+//! One loop owns the in-memory instances. Each round it claims routed messages and due timers,
+//! rehydrates the instances they belong to (taking their leases), runs their transitions, and
+//! commits the persistence points that are due in one group commit. Committed sends go to the
+//! [dispatcher](dispatcher), which delivers them through the send ports. Instances idle for
+//! longer than [`HostConfig::dehydrate_after`] are saved and dropped from memory. When the
+//! shutdown token is cancelled the loop stops claiming, saves every instance it holds that changed
+//! since its last persistence point (the `shutdown` point), lets running deliveries finish for a
+//! while, and gives up its leases.
+
+mod dispatcher;
+pub mod instance;
+pub mod ports;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use self::dispatcher::{DispatchSettings, Dispatcher};
+use self::instance::{Delivery, FaultText, LiveInstance};
+use self::ports::Ports;
+use crate::clock::{SharedClock, SystemClock};
+use crate::registry::Registry;
+use crate::store::{
+    Activation, CommitOutcome, DueTimer, NewInstance, NewMessage, OutboxRow, PersistencePoint,
+    PublishOutcome, Reason, Store, StoreError, StoredMessage,
+};
+
+/// Settings of a host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// How often to look for work when nothing woke the host.
+    pub poll_interval: Duration,
+    /// Messages (and timers) claimed per round.
+    pub batch_size: u32,
+    /// An instance idle this long is saved and dropped from memory (the `dehydrate` point).
+    pub dehydrate_after: Duration,
+    /// How long a lease on an instance lasts without renewal.
+    pub lease_duration: Duration,
+    /// How long a send stays locked to the host delivering it.
+    pub outbox_lock: Duration,
+    /// Concurrent deliveries.
+    pub send_concurrency: usize,
+    /// On shutdown, how long running deliveries may take to finish.
+    pub drain_timeout: Duration,
+    /// With `until_idle`, a timer due within this horizon still counts as work.
+    pub idle_horizon: Duration,
+    /// Stop once there is nothing left to do (see [`Host::run`]).
+    pub until_idle: bool,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(100),
+            batch_size: 256,
+            dehydrate_after: Duration::from_secs(5),
+            lease_duration: Duration::from_secs(30),
+            outbox_lock: Duration::from_secs(60),
+            send_concurrency: 64,
+            drain_timeout: Duration::from_secs(5),
+            idle_horizon: Duration::from_secs(2),
+            until_idle: false,
+        }
+    }
+}
+
+/// Errors that stop a host.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The store failed in a way retrying does not fix.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Errors from [`Client`] calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The orchestration is not registered.
+    #[error("no orchestration named {0:?} is registered; registered: {1}")]
+    UnknownOrchestration(String, String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Publishes messages and starts instances, in-process or from the CLI.
+#[derive(Clone, Debug)]
+pub struct Client {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    clock: SharedClock,
+    wake: Arc<Notify>,
+}
+
+impl Client {
+    /// A client on `store` that resolves orchestration names in `registry`.
+    pub fn new(store: Arc<dyn Store>, registry: Registry) -> Self {
+        Self {
+            store,
+            registry,
+            clock: Arc::new(SystemClock),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Publishes a message; it is durable when this returns (G1). With no `id`, a new one is made.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn publish(
+        &self,
+        message_type: &str,
+        body: serde_json::Value,
+        id: Option<String>,
+        properties: BTreeMap<String, String>,
+    ) -> Result<(String, PublishOutcome), ClientError> {
+        let id = id.unwrap_or_else(|| Uuid::new_v4().to_string());
+        let msg = NewMessage::published(id.clone(), message_type, body, properties);
+        let outcome = self.publish_batch(vec![msg]).await?.pop();
+        Ok((id, outcome.unwrap_or(PublishOutcome::Duplicate)))
+    }
+
+    /// Publishes many messages in one transaction.
+    ///
+    /// # Errors
+    /// The store failed; nothing was published.
+    pub async fn publish_batch(&self, messages: Vec<NewMessage>) -> Result<Vec<PublishOutcome>, ClientError> {
+        let out = self.store.publish(messages, self.clock.now()).await?;
+        self.wake.notify_one();
+        Ok(out)
+    }
+
+    /// Starts an instance of the newest registered version of `orchestration`.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownOrchestration`], or the store failed.
+    pub async fn start(&self, orchestration: &str, input: serde_json::Value) -> Result<Uuid, ClientError> {
+        let def = self.registry.latest(orchestration).ok_or_else(|| {
+            let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
+            ClientError::UnknownOrchestration(orchestration.to_owned(), names.join(", "))
+        })?;
+        let id = Uuid::new_v4();
+        let instance = NewInstance {
+            id,
+            orchestration: def.name().to_owned(),
+            version: def.version(),
+            parent: None,
+            input,
+        };
+        self.store.start_instances(vec![instance], self.clock.now()).await?;
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+/// What a host did, for its closing log line and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostStats {
+    /// Events delivered to instances.
+    pub events: u64,
+    /// Persistence points committed, by reason.
+    pub points: BTreeMap<&'static str, u64>,
+    /// Points refused because another writer held a newer epoch.
+    pub fenced: u64,
+    /// Instances suspended by a fault.
+    pub faults: u64,
+}
+
+/// An engine host. Build it with [`Host::new`], then [`Host::run`] it.
+pub struct Host {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    ports: Ports,
+    config: HostConfig,
+    clock: SharedClock,
+    id: String,
+    wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("id", &self.id)
+            .field("store", &self.store.backend())
+            .field("registry", &self.registry)
+            .field("ports", &self.ports)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// A host running the definitions in `registry` with the send ports in `ports`.
+    pub fn new(store: Arc<dyn Store>, registry: Registry, ports: Ports) -> Self {
+        Self {
+            store,
+            registry,
+            ports,
+            config: HostConfig::default(),
+            clock: Arc::new(SystemClock),
+            id: format!("host-{}", Uuid::new_v4()),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Replaces the settings.
+    #[must_use]
+    pub fn with_config(mut self, config: HostConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Replaces the clock (tests).
+    #[must_use]
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// This host's id, as written in `instances.owner` and `hosts.id`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A client whose publishes wake this host at once.
+    pub fn client(&self) -> Client {
+        Client {
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            clock: self.clock.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled (or, with [`HostConfig::until_idle`], until no instance
+    /// has work left: no routed message, no send pending, no timer due within the idle horizon).
+    ///
+    /// # Errors
+    /// The store failed at start (migrations, recovery) or in a way retrying cannot fix.
+    ///
+    /// # Cancel safety
+    /// Cancel through `shutdown`, not by dropping the future: dropping skips the shutdown
+    /// persistence points (which is safe, like a crash, but slower to recover from).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<HostStats, HostError> {
+        let now = self.clock.now();
+        self.store.recover(&self.id, now).await?;
+        let activations: Vec<Activation> = self
+            .registry
+            .definitions()
+            .flat_map(|d| {
+                d.activated_by().iter().map(move |t| Activation {
+                    message_type: (*t).to_owned(),
+                    orchestration: d.name().to_owned(),
+                    version: d.version(),
+                })
+            })
+            .collect();
+        // The newest version of each definition wins its activations.
+        let mut newest: BTreeMap<(String, String), Activation> = BTreeMap::new();
+        for a in activations {
+            newest.insert((a.message_type.clone(), a.orchestration.clone()), a);
+        }
+        let activations: Vec<_> = newest.into_values().collect();
+        self.store.sync_activations(&activations, now).await?;
+
+        let stop_workers = CancellationToken::new();
+        let (to_dispatch, rows) = mpsc::unbounded_channel();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let dispatcher = Dispatcher {
+            store: self.store.clone(),
+            ports: self.ports.clone(),
+            clock: self.clock.clone(),
+            settings: DispatchSettings {
+                host: self.id.clone(),
+                poll_interval: self.config.poll_interval.max(Duration::from_millis(50)),
+                outbox_lock: self.config.outbox_lock,
+                concurrency: self.config.send_concurrency,
+                drain_timeout: self.config.drain_timeout,
+            },
+            wake_host: self.wake.clone(),
+            in_flight: in_flight.clone(),
+        };
+        let dispatcher = tokio::spawn(dispatcher.run(rows, stop_workers.clone()));
+        let heartbeat = tokio::spawn(heartbeat(
+            self.store.clone(),
+            self.clock.clone(),
+            self.id.clone(),
+            self.config.lease_duration,
+            stop_workers.clone(),
+        ));
+        tracing::info!(host.id = %self.id, backend = self.store.backend(),
+            definitions = ?self.registry, ports = ?self.ports, "host started");
+
+        let mut runner = Runner {
+            ports: self.ports.clone(),
+            host: self,
+            cache: HashMap::new(),
+            unrunnable: HashSet::new(),
+            to_dispatch,
+            in_flight,
+            stats: HostStats::default(),
+            last_report: Instant::now(),
+        };
+        let result = runner.run_loop(&shutdown).await;
+        runner.shutdown().await;
+        stop_workers.cancel();
+        let _ = heartbeat.await;
+        let _ = dispatcher.await;
+        if let Err(e) = runner.host.store.release(&runner.host.id, runner.host.clock.now()).await {
+            tracing::warn!(error = %e, "could not give up leases at shutdown; they expire on their own");
+        }
+        tracing::info!(host.id = %runner.host.id, stats = ?runner.stats, "host stopped");
+        result.map(|()| runner.stats)
+    }
+}
+
+async fn heartbeat(
+    store: Arc<dyn Store>,
+    clock: SharedClock,
+    host: String,
+    lease: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let now = clock.now();
+                let until = now + chrono::Duration::from_std(lease).unwrap_or_default();
+                if let Err(e) = store.heartbeat(&host, now, until).await {
+                    tracing::warn!(error = %e, "lease renewal failed; retrying at the next beat");
+                }
+            }
+        }
+    }
+}
+
+struct Runner {
+    host: Host,
+    ports: Ports,
+    cache: HashMap<Uuid, LiveInstance>,
+    unrunnable: HashSet<Uuid>,
+    to_dispatch: mpsc::UnboundedSender<OutboxRow>,
+    in_flight: Arc<AtomicUsize>,
+    stats: HostStats,
+    last_report: Instant,
+}
+
+/// Work claimed for one instance in one round, in arrival order.
+enum Work {
+    Message(StoredMessage),
+    Timer(DueTimer),
+}
+
+impl Runner {
+    async fn run_loop(&mut self, shutdown: &CancellationToken) -> Result<(), HostError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            match self.round().await {
+                Ok(worked) => {
+                    backoff = Duration::from_millis(100);
+                    self.report();
+                    if worked {
+                        continue;
+                    }
+                    if self.host.config.until_idle && self.is_idle().await {
+                        tracing::info!("no work left; stopping (--until-idle)");
+                        return Ok(());
+                    }
+                    let wake = self.host.wake.clone();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(self.host.config.poll_interval) => {}
+                    }
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; backing off");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store error; backing off");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn report(&mut self) {
+        if self.last_report.elapsed() >= Duration::from_secs(10) {
+            self.last_report = Instant::now();
+            tracing::info!(in_memory = self.cache.len(), events = self.stats.events,
+                points = ?self.stats.points, fenced = self.stats.fenced, faults = self.stats.faults,
+                sends_in_flight = self.in_flight.load(Ordering::SeqCst), "progress");
+        }
+    }
+
+    fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now + chrono::Duration::from_std(self.host.config.lease_duration).unwrap_or_default()
+    }
+
+    /// One round: claim, run, commit. Returns whether anything was done.
+    async fn round(&mut self) -> Result<bool, StoreError> {
+        let store = self.host.store.clone();
+        let host = self.host.id.clone();
+        let now = self.host.clock.now();
+        let batch = self.host.config.batch_size;
+        let messages = store.claim_messages(&host, now, batch).await?;
+        let timers = store.claim_timers(&host, now, batch).await?;
+        let mut points = Vec::new();
+        let worked = !messages.is_empty() || !timers.is_empty();
+
+        let mut work: Vec<(Uuid, Work)> = Vec::with_capacity(messages.len() + timers.len());
+        work.extend(messages.into_iter().map(|m| (m.instance_id, Work::Message(m))));
+        work.extend(timers.into_iter().map(|t| (t.instance_id, Work::Timer(t))));
+        if worked {
+            self.rehydrate(&work, now, &mut points).await?;
+        }
+        for (id, item) in work {
+            self.deliver(id, item, now, &mut points);
+        }
+        self.dehydrate_idle(now, &mut points);
+        if !points.is_empty() {
+            self.commit(points).await;
+        }
+        Ok(worked)
+    }
+
+    /// Takes the leases of instances that have work and are not in memory, and loads them.
+    async fn rehydrate(
+        &mut self,
+        work: &[(Uuid, Work)],
+        now: DateTime<Utc>,
+        points: &mut Vec<PersistencePoint>,
+    ) -> Result<(), StoreError> {
+        let mut missing: Vec<Uuid> = work
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.cache.contains_key(id) && !self.unrunnable.contains(id))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let store = self.host.store.clone();
+        let records = store
+            .acquire(&self.host.id, &missing, now, self.lease_until(now))
+            .await?;
+        let acquired: HashSet<Uuid> = records.iter().map(|r| r.id).collect();
+        let not_ours: Vec<Uuid> = missing.into_iter().filter(|id| !acquired.contains(id)).collect();
+        if !not_ours.is_empty() {
+            store.unlock(&self.host.id, &not_ours).await?;
+        }
+        for record in records {
+            let Some(def) = self.host.registry.get(&record.orchestration, record.version).cloned() else {
+                let error = format!(
+                    "orchestration {:?} version {} is not registered in host {}; deploy a build that has it \
+                     (or terminate the instance)",
+                    record.orchestration, record.version, self.host.id
+                );
+                tracing::warn!(instance.id = %record.id, orchestration.name = %record.orchestration,
+                    orchestration.version = record.version, "{error}");
+                store.note_unrunnable(record.id, &error, now).await?;
+                self.unrunnable.insert(record.id);
+                continue;
+            };
+            match LiveInstance::load(record, def) {
+                Ok(instance) => {
+                    self.cache.insert(instance.id, instance);
+                }
+                Err(fault) => {
+                    let mut fault = *fault;
+                    tracing::warn!(instance.id = %fault.instance.id, error = %fault.error.0, "instance cannot be loaded; suspending it");
+                    self.stats.faults += 1;
+                    points.push(fault.instance.fault_point(&fault.error, &self.host.id, now));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, id: Uuid, item: Work, now: DateTime<Utc>, points: &mut Vec<PersistencePoint>) {
+        let Some(mut instance) = self.cache.remove(&id) else {
+            return; // not ours, unrunnable, or ended earlier in this round
+        };
+        let registry = &self.host.registry;
+        let ports = &self.ports;
+        let has_port = |name: &str| ports.contains(name);
+        let mut queue = vec![item];
+        let mut keep = true;
+        while let Some(item) = queue.pop() {
+            self.stats.events += 1;
+            let delivery = match item {
+                Work::Message(msg) => instance.deliver_message(msg, registry, &has_port, now),
+                Work::Timer(t) => instance.deliver_timer(&t.name, registry, &has_port, now),
+            };
+            let point = match delivery {
+                Delivery::Held => continue,
+                Delivery::Ran(None) => None,
+                Delivery::Ran(Some(reason)) => Some(self.point(&mut instance, reason, now)),
+                Delivery::Faulted(text) => Some(Err(text)),
+            };
+            match point {
+                None => {}
+                Some(Ok(point)) => {
+                    keep = !point.release;
+                    points.push(point);
+                }
+                Some(Err(text)) => {
+                    tracing::warn!(instance.id = %instance.id, orchestration.name = instance.orchestration(),
+                        error = %text.0, "transition failed; suspending the instance at its last persistence point");
+                    self.stats.faults += 1;
+                    points.push(instance.fault_point(&text, &self.host.id, now));
+                    keep = false;
+                }
+            }
+            if !keep {
+                break;
+            }
+            // The waits may have changed: offer held messages again, oldest first.
+            let mut held = instance.take_held();
+            held.reverse();
+            queue.extend(held.into_iter().map(Work::Message));
+        }
+        if keep {
+            self.cache.insert(id, instance);
+        }
+    }
+
+    fn point(
+        &self,
+        instance: &mut LiveInstance,
+        reason: Reason,
+        now: DateTime<Utc>,
+    ) -> Result<PersistencePoint, FaultText> {
+        let lock_until = now + chrono::Duration::from_std(self.host.config.outbox_lock).unwrap_or_default();
+        instance.persistence_point(reason, &self.host.id, now, lock_until)
+    }
+
+    fn dehydrate_idle(&mut self, now: DateTime<Utc>, points: &mut Vec<PersistencePoint>) {
+        let threshold = self.host.config.dehydrate_after;
+        let idle: Vec<Uuid> = self
+            .cache
+            .values()
+            .filter(|i| i.last_active.elapsed() >= threshold)
+            .map(|i| i.id)
+            .collect();
+        for id in idle {
+            if let Some(mut instance) = self.cache.remove(&id) {
+                match self.point(&mut instance, Reason::Dehydrate, now) {
+                    Ok(point) => points.push(point),
+                    Err(text) => points.push(instance.fault_point(&text, &self.host.id, now)),
+                }
+            }
+        }
+    }
+
+    /// Commits a group of points; on failure, forgets the instances involved so that they are
+    /// rehydrated from their last persistence point and their messages delivered again.
+    async fn commit(&mut self, points: Vec<PersistencePoint>) {
+        let store = self.host.store.clone();
+        let mut wait = Duration::from_millis(50);
+        let mut attempt = 0;
+        let outcomes = loop {
+            attempt += 1;
+            match store.commit(&points).await {
+                Ok(outcomes) => break Some(outcomes),
+                Err(e) if e.is_retryable() && attempt < 8 => {
+                    tracing::warn!(error = %e, attempt, points = points.len(), "commit failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, points = points.len(),
+                        "commit failed; the instances resume from their last persistence point");
+                    break None;
+                }
+            }
+        };
+        let Some(outcomes) = outcomes else {
+            let ids: Vec<Uuid> = points.iter().map(|p| p.instance_id).collect();
+            for id in &ids {
+                self.cache.remove(id);
+            }
+            self.release_after_failure(&ids).await;
+            return;
+        };
+        for (point, outcome) in points.into_iter().zip(outcomes) {
+            match outcome {
+                CommitOutcome::Committed => {
+                    *self.stats.points.entry(point.reason.as_str()).or_default() += 1;
+                    for row in point.outbox {
+                        // The dispatcher only goes away at shutdown; the row stays in the outbox.
+                        let _ = self.to_dispatch.send(row);
+                    }
+                }
+                CommitOutcome::Fenced => {
+                    tracing::debug!(instance.id = %point.instance_id, "fenced: another writer holds the instance; dropping it");
+                    self.stats.fenced += 1;
+                    self.cache.remove(&point.instance_id);
+                }
+            }
+        }
+    }
+
+    async fn release_after_failure(&self, ids: &[Uuid]) {
+        let mut wait = Duration::from_millis(100);
+        for _ in 0..20 {
+            match self.host.store.unlock(&self.host.id, ids).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "releasing claimed messages failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::error!("could not release claimed messages; they are released at the next host start");
+    }
+
+    async fn is_idle(&self) -> bool {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let now = self.host.clock.now();
+        let horizon = now + chrono::Duration::from_std(self.host.config.idle_horizon).unwrap_or_default();
+        if self.cache.values().any(|i| i.next_timer().is_some_and(|t| t <= horizon)) {
+            return false;
+        }
+        match self.host.store.activity(now).await {
+            Ok(a) => {
+                a.ready_messages == 0
+                    && a.pending_sends == 0
+                    && a.next_timer_at.is_none_or(|t| t > horizon)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The shutdown persistence point for every instance held that changed since its last one.
+    async fn shutdown(&mut self) {
+        let now = self.host.clock.now();
+        let mut points = Vec::new();
+        let ids: Vec<Uuid> = self.cache.keys().copied().collect();
+        for id in ids {
+            let Some(mut instance) = self.cache.remove(&id) else { continue };
+            if !instance.is_dirty() {
+                continue;
+            }
+            match self.point(&mut instance, Reason::Shutdown, now) {
+                Ok(point) => points.push(point),
+                Err(text) => points.push(instance.fault_point(&text, &self.host.id, now)),
+            }
+        }
+        let saved = points.len();
+        if !points.is_empty() {
+            self.commit(points).await;
+        }
+        tracing::info!(saved, "shutdown: saved the instances that changed since their last persistence point");
+    }
+}

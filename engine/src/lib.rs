@@ -1,0 +1,56 @@
+//! # Cairn
+//!
+//! A durable orchestration engine in the tradition of the BizTalk Server orchestration engine.
+//! Long-running business processes are written as **explicit state machines**
+//! ([`Orchestration`]); an engine [`Host`] runs thousands of instances, routes messages to them by
+//! subscription and correlation, and saves each instance at **persistence points** to SQLite or
+//! PostgreSQL. After a crash every instance resumes from its last persistence point and the
+//! messages it had received since are delivered again. Operators inspect and steer instances with
+//! plain SQL and the `cairn` command-line tool ([`cli`]).
+//!
+//! The guarantees (G1-G6) are stated in `docs/concepts.md`; every test is written against them.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use cairn::{Host, Ports, Registry};
+//! # use cairn::{Context, Event, Fault, Next, Orchestration};
+//! # struct MyOrder;
+//! # impl Orchestration for MyOrder {
+//! #     const NAME: &'static str = "my-order"; const VERSION: u32 = 1;
+//! #     type Input = (); type State = (); type Output = ();
+//! #     fn start(_: &mut Context, _: ()) -> Result<Next<Self>, Fault> { Ok(Next::Complete(())) }
+//! #     fn on_event(_: &mut Context, _: (), _: Event) -> Result<Next<Self>, Fault> { Ok(Next::Complete(())) }
+//! # }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = cairn::store::open("sqlite://cairn.db").await?;
+//! store.migrate().await?;
+//! let registry = Registry::new().register::<MyOrder>();
+//! let ports = Ports::new().function("payment", |_msg| async { Ok(None) });
+//! let host = Host::new(store, registry, ports);
+//! let client = host.client();
+//! client.start("my-order", serde_json::json!(null)).await?;
+//! host.run(tokio_util::sync::CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod clock;
+pub mod codec;
+mod context;
+pub mod host;
+mod orchestration;
+pub mod registry;
+pub mod store;
+pub mod testing;
+
+pub use context::{Context, Delay, Effect, Receive};
+pub use host::ports::{OutboundMessage, PortError, Ports, RetryPolicy, SendPort};
+pub use host::{Client, ClientError, Host, HostConfig, HostError, HostStats};
+pub use orchestration::{
+    BodyError, Correlation, Event, Fault, Message, Next, Orchestration, UnexpectedEvent,
+};
+pub use registry::Registry;

@@ -1,0 +1,164 @@
+//! The registry of orchestration definitions a host can run, by name and version.
+//!
+//! It erases each [`Orchestration`]'s types behind [`Definition`], so that the host can hold
+//! states of many definitions side by side, decode them from the database, and run their
+//! transitions without knowing their types.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::codec::{self, CodecError};
+use crate::context::Context;
+use crate::orchestration::{Event, Fault, Next, Orchestration};
+
+/// A state held in memory, of whichever definition's type.
+pub type AnyState = Box<dyn Any + Send>;
+
+/// What a transition decided, with its types erased.
+pub enum AnyNext {
+    /// Continue with this state.
+    Continue(AnyState),
+    /// Completed with this output.
+    Complete(serde_json::Value),
+    /// Failed for a business reason.
+    Fail(String),
+}
+
+/// An orchestration definition with its types erased.
+pub trait Definition: Send + Sync {
+    /// `Orchestration::NAME`.
+    fn name(&self) -> &'static str;
+    /// `Orchestration::VERSION`.
+    fn version(&self) -> u32;
+    /// `Orchestration::ACTIVATED_BY`.
+    fn activated_by(&self) -> &'static [&'static str];
+    /// Runs the start transition on a JSON input.
+    ///
+    /// # Errors
+    /// The input does not decode, or the transition failed.
+    fn start(&self, ctx: &mut Context, input: serde_json::Value) -> Result<AnyNext, Fault>;
+    /// Runs an event transition.
+    ///
+    /// # Errors
+    /// The transition failed.
+    fn on_event(&self, ctx: &mut Context, state: AnyState, event: Event) -> Result<AnyNext, Fault>;
+    /// Decodes a stored state.
+    ///
+    /// # Errors
+    /// [`CodecError::Decode`] for a corrupt or incompatible state.
+    fn decode_state(&self, bytes: &[u8]) -> Result<AnyState, CodecError>;
+    /// Encodes a state for storage.
+    ///
+    /// # Errors
+    /// [`CodecError::Encode`].
+    fn encode_state(&self, state: &AnyState) -> Result<Vec<u8>, CodecError>;
+}
+
+struct Typed<O>(PhantomData<fn() -> O>);
+
+fn erase<O: Orchestration>(next: Next<O>) -> Result<AnyNext, Fault> {
+    Ok(match next {
+        Next::Continue(state) => AnyNext::Continue(Box::new(state)),
+        Next::Complete(output) => AnyNext::Complete(serde_json::to_value(output)?),
+        Next::Fail(reason) => AnyNext::Fail(reason),
+    })
+}
+
+/// The input of an instance does not decode as the definition's `Input`.
+#[derive(Debug, thiserror::Error)]
+#[error("input does not decode as {target}: {source}")]
+pub struct InputError {
+    target: &'static str,
+    #[source]
+    source: serde_json::Error,
+}
+
+/// A state handed to a definition that is not its own type (an engine bug, reported not panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("state held in memory is not a {0}")]
+pub struct StateTypeMismatch(&'static str);
+
+impl<O: Orchestration> Definition for Typed<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+    fn version(&self) -> u32 {
+        O::VERSION
+    }
+    fn activated_by(&self) -> &'static [&'static str] {
+        O::ACTIVATED_BY
+    }
+    fn start(&self, ctx: &mut Context, input: serde_json::Value) -> Result<AnyNext, Fault> {
+        let input: O::Input = serde_json::from_value(input).map_err(|source| InputError {
+            target: std::any::type_name::<O::Input>(),
+            source,
+        })?;
+        erase(O::start(ctx, input)?)
+    }
+    fn on_event(&self, ctx: &mut Context, state: AnyState, event: Event) -> Result<AnyNext, Fault> {
+        let state = state
+            .downcast::<O::State>()
+            .map_err(|_| StateTypeMismatch(std::any::type_name::<O::State>()))?;
+        erase(O::on_event(ctx, *state, event)?)
+    }
+    fn decode_state(&self, bytes: &[u8]) -> Result<AnyState, CodecError> {
+        Ok(Box::new(codec::decode::<O::State>(bytes)?))
+    }
+    fn encode_state(&self, state: &AnyState) -> Result<Vec<u8>, CodecError> {
+        match state.downcast_ref::<O::State>() {
+            Some(state) => codec::encode(state),
+            None => Err(CodecError::Encode(rmp_serde::encode::Error::Syntax(
+                StateTypeMismatch(std::any::type_name::<O::State>()).to_string(),
+            ))),
+        }
+    }
+}
+
+/// The definitions a host runs.
+#[derive(Clone, Default)]
+pub struct Registry {
+    by_key: BTreeMap<(String, u32), Arc<dyn Definition>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_key.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a definition. A later registration of the same name and version replaces it.
+    #[must_use]
+    pub fn register<O: Orchestration>(mut self) -> Self {
+        self.by_key.insert(
+            (O::NAME.to_owned(), O::VERSION),
+            Arc::new(Typed::<O>(PhantomData)),
+        );
+        self
+    }
+
+    /// The definition with this name and version.
+    pub fn get(&self, name: &str, version: u32) -> Option<&Arc<dyn Definition>> {
+        self.by_key.get(&(name.to_owned(), version))
+    }
+
+    /// The newest version registered under `name`.
+    pub fn latest(&self, name: &str) -> Option<&Arc<dyn Definition>> {
+        self.by_key
+            .range((name.to_owned(), 0)..=(name.to_owned(), u32::MAX))
+            .next_back()
+            .map(|(_, d)| d)
+    }
+
+    /// Every definition, in name and version order.
+    pub fn definitions(&self) -> impl Iterator<Item = &Arc<dyn Definition>> {
+        self.by_key.values()
+    }
+}

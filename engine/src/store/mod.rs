@@ -1,0 +1,211 @@
+//! The MessageBox: the storage boundary every backend implements.
+//!
+//! A [`Store`] holds instances, messages, subscriptions, timers, the outbox, history and dead
+//! letters. Its contract, which the conformance suite checks on every backend:
+//!
+//! * [`Store::publish`] returns only after the message is durable (G1). A message id seen before
+//!   is not stored again (G5). Routing happens in the same transaction: a correlated subscription
+//!   wins over an activating one; a message nothing subscribes to is kept as `unrouted`, with the
+//!   reason, and routed as soon as a matching subscription is written.
+//! * [`Store::commit`] writes persistence points. Each point is all-or-nothing: the instance row,
+//!   the consumed messages, subscription and timer changes, outbox rows, new messages, children
+//!   and the history row are written together or not at all. Each point is fenced: it is written
+//!   only if the instance's `epoch` still equals the point's, and is otherwise reported as
+//!   [`CommitOutcome::Fenced`] with nothing written (G4). Many points may share one database
+//!   transaction (group commit).
+//! * Messages consumed by a committed point move to `consumed` and are never delivered again (G5);
+//!   messages merely claimed stay `routed`, locked to the host, and are delivered again once the
+//!   lock is released (G3).
+
+mod model;
+pub mod sqlite;
+
+pub use model::*;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// Errors from a store. [`StoreError::is_retryable`] decides whether the host backs off and
+/// retries.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database cannot be reached or is busy; retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database rejected a statement.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row holds something the engine cannot read.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// A fault injected by a test.
+    #[error("injected fault at {0}")]
+    Injected(&'static str),
+    /// The database URL names no supported backend.
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    /// No such instance.
+    #[error("no instance {0}")]
+    NoSuchInstance(Uuid),
+    /// The instance is not in a status the operation applies to.
+    #[error("instance {id} is {status}: {hint}")]
+    WrongStatus {
+        /// The instance.
+        id: Uuid,
+        /// Its status.
+        status: InstanceStatus,
+        /// What can be done.
+        hint: &'static str,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Injected(_))
+    }
+}
+
+/// Result of a store call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The storage boundary; see the module docs for the contract.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Which backend this is (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Makes this host the owner of the database's work after a restart: releases every lock and
+    /// lease held by hosts that are gone, so that their claimed messages are delivered again.
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Writes the activating subscriptions of the registered definitions.
+    async fn sync_activations(&self, activations: &[Activation], now: DateTime<Utc>)
+        -> StoreResult<()>;
+
+    /// Publishes messages durably and routes them (G1, G5).
+    async fn publish(
+        &self,
+        messages: Vec<NewMessage>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<PublishOutcome>>;
+
+    /// Creates instances with their start messages.
+    async fn start_instances(
+        &self,
+        instances: Vec<NewInstance>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Claims up to `limit` routed messages, oldest first, for instances this host may run, and
+    /// locks them to `host`.
+    async fn claim_messages(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>>;
+
+    /// Claims up to `limit` timers due at `now` and locks them to `host`.
+    async fn claim_timers(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<DueTimer>>;
+
+    /// Takes the lease of each instance (owner, expiry, a new epoch) and loads it. Instances
+    /// another host holds are left out of the answer.
+    async fn acquire(
+        &self,
+        host: &str,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<InstanceRecord>>;
+
+    /// Renews the leases of every instance `host` holds, and its row in `hosts`.
+    async fn heartbeat(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Gives up everything `host` holds at shutdown: leases (instances in memory become
+    /// `dehydrated`), message, timer and outbox locks; marks the host stopped.
+    async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Releases message and timer locks held by `host` for these instances (they are delivered
+    /// again).
+    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()>;
+
+    /// Writes persistence points, fenced; see the module docs.
+    async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>>;
+
+    /// Records that this host cannot run an instance (unknown definition), leaving it otherwise
+    /// untouched.
+    async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Claims up to `limit` outbox rows due for delivery and locks them until `lock_until`.
+    async fn claim_outbox(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxRow>>;
+
+    /// Records the outcome of delivery attempts: delivered (publishing replies in the same
+    /// transaction), rescheduled, or dead-lettered (telling the instance).
+    async fn record_deliveries(
+        &self,
+        outcomes: Vec<DeliveryOutcome>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Operator control of an instance: suspend, resume or terminate. Bumps the epoch so that a
+    /// host holding the instance in memory is fenced and drops it.
+    async fn control(
+        &self,
+        id: Uuid,
+        action: ControlAction,
+        now: DateTime<Utc>,
+    ) -> StoreResult<InstanceStatus>;
+
+    /// Instances, newest first, optionally of one status.
+    async fn list_instances(
+        &self,
+        status: Option<InstanceStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<InstanceSummary>>;
+
+    /// Everything about one instance.
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>>;
+
+    /// Instance counts by status, and what is left to do.
+    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity>;
+
+    /// Closes the connection pool.
+    async fn close(&self);
+}
+
+/// Opens the store a database URL names (`sqlite://PATH`, `sqlite::memory:`).
+///
+/// # Errors
+/// [`StoreError::UnsupportedUrl`], or the connection error.
+pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}

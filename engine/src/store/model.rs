@@ -1,0 +1,529 @@
+//! Plain data that crosses the store boundary: rows read and points written.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::orchestration::Correlation;
+
+macro_rules! word_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $word:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The word stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($word => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "unknown {} {other:?}; expected one of: {}",
+                        stringify!($name),
+                        [$($word),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+word_enum! {
+    /// `instances.status`.
+    InstanceStatus {
+        /// Held in memory by a host, or ready to be picked up.
+        Running => "running",
+        /// Saved and out of memory, waiting for a message or a timer.
+        Dehydrated => "dehydrated",
+        /// Stopped until an operator resumes or terminates it.
+        Suspended => "suspended",
+        /// Finished with an output.
+        Completed => "completed",
+        /// Finished with a business failure.
+        Failed => "failed",
+        /// Ended by an operator.
+        Terminated => "terminated",
+    }
+}
+
+impl InstanceStatus {
+    /// Completed, failed or terminated.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            InstanceStatus::Completed | InstanceStatus::Failed | InstanceStatus::Terminated
+        )
+    }
+}
+
+word_enum! {
+    /// `history.reason`: why a persistence point was written.
+    Reason {
+        /// A transition sent a message.
+        Send => "send",
+        /// A transition started another orchestration.
+        Start => "start",
+        /// A transactional scope ended.
+        ScopeEnd => "scope_end",
+        /// The instance was suspended.
+        Suspend => "suspend",
+        /// The instance was idle and saved out of memory.
+        Dehydrate => "dehydrate",
+        /// The host was asked to stop.
+        Shutdown => "shutdown",
+        /// The instance completed, failed or was terminated.
+        Complete => "complete",
+    }
+}
+
+word_enum! {
+    /// `messages.kind`: how a message reaches an instance.
+    MessageKind {
+        /// Published, routed by subscription.
+        Published => "published",
+        /// The input of a new instance.
+        Start => "start",
+        /// A send port's reply to a request.
+        Reply => "reply",
+        /// A child instance completed.
+        ChildCompleted => "child_completed",
+        /// A child instance failed or was terminated.
+        ChildFailed => "child_failed",
+        /// A send was dead-lettered.
+        SendFailed => "send_failed",
+    }
+}
+
+word_enum! {
+    /// `messages.status`.
+    MessageStatus {
+        /// No subscription matched (yet); `reason` says why.
+        Unrouted => "unrouted",
+        /// Addressed to an instance and waiting to be consumed.
+        Routed => "routed",
+        /// Consumed by a committed persistence point.
+        Consumed => "consumed",
+    }
+}
+
+word_enum! {
+    /// `outbox.status`.
+    OutboxStatus {
+        /// Waiting for (another) delivery attempt.
+        Pending => "pending",
+        /// Delivered.
+        Delivered => "delivered",
+        /// Given up on, and moved to `dead_letters`.
+        Dead => "dead",
+    }
+}
+
+/// An operator's action on an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAction {
+    /// Stop the instance at its last persistence point.
+    Suspend {
+        /// Shown in `last_error`.
+        reason: String,
+    },
+    /// Let a suspended instance run again from its last persistence point.
+    Resume,
+    /// End the instance, cancelling its waits.
+    Terminate {
+        /// Shown in `last_error`.
+        reason: String,
+    },
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// Unique id; publishing the same id again stores nothing (G5).
+    pub id: String,
+    /// The message type.
+    pub message_type: String,
+    /// How it reaches an instance.
+    pub kind: MessageKind,
+    /// Routing properties.
+    pub properties: BTreeMap<String, String>,
+    /// The body, as JSON.
+    pub body: serde_json::Value,
+    /// Addressed to this instance rather than routed by subscription.
+    pub target: Option<Uuid>,
+}
+
+impl NewMessage {
+    /// A published message, with the body's top-level scalar fields promoted to properties
+    /// (explicit properties win).
+    pub fn published(
+        id: impl Into<String>,
+        message_type: impl Into<String>,
+        body: serde_json::Value,
+        explicit: BTreeMap<String, String>,
+    ) -> Self {
+        let mut properties = BTreeMap::new();
+        if let serde_json::Value::Object(fields) = &body {
+            for (key, value) in fields {
+                let text = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    _ => continue,
+                };
+                properties.insert(key.clone(), text);
+            }
+        }
+        properties.extend(explicit);
+        Self {
+            id: id.into(),
+            message_type: message_type.into(),
+            kind: MessageKind::Published,
+            properties,
+            body,
+            target: None,
+        }
+    }
+
+    /// A message addressed to one instance.
+    pub fn to_instance(
+        id: impl Into<String>,
+        message_type: impl Into<String>,
+        kind: MessageKind,
+        body: serde_json::Value,
+        target: Uuid,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            message_type: message_type.into(),
+            kind,
+            properties: BTreeMap::new(),
+            body,
+            target: Some(target),
+        }
+    }
+}
+
+/// What became of one published message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Stored and routed to this instance (new, for an activating subscription).
+    Routed(Uuid),
+    /// Stored, but nothing subscribes to it yet.
+    Unrouted,
+    /// A message with this id was already stored; nothing was written.
+    Duplicate,
+}
+
+/// An instance to create, with its start message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewInstance {
+    /// The new instance's id.
+    pub id: Uuid,
+    /// The definition's name.
+    pub orchestration: String,
+    /// The definition's version.
+    pub version: u32,
+    /// The instance that started it, which hears of its end.
+    pub parent: Option<Uuid>,
+    /// The input, as JSON.
+    pub input: serde_json::Value,
+}
+
+impl NewInstance {
+    /// The id of this instance's start message.
+    pub fn start_message_id(&self) -> String {
+        format!("{}:start", self.id)
+    }
+}
+
+/// An activating subscription: a message type that starts instances of a definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activation {
+    /// The message type.
+    pub message_type: String,
+    /// The definition's name.
+    pub orchestration: String,
+    /// The version new instances start on.
+    pub version: u32,
+}
+
+/// A message as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    /// Position in the box; instances see their messages in this order.
+    pub seq: i64,
+    /// The message id.
+    pub id: String,
+    /// The message type.
+    pub message_type: String,
+    /// How it reaches its instance.
+    pub kind: MessageKind,
+    /// Routing properties.
+    pub properties: BTreeMap<String, String>,
+    /// The body, as JSON.
+    pub body: serde_json::Value,
+    /// The instance it is addressed to.
+    pub instance_id: Uuid,
+    /// The subscription that routed it, if any.
+    pub subscription_id: Option<Uuid>,
+    /// When it was published.
+    pub published_at: DateTime<Utc>,
+}
+
+/// A timer that is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueTimer {
+    /// The instance.
+    pub instance_id: Uuid,
+    /// The timer's name.
+    pub name: String,
+    /// When it was due.
+    pub due_at: DateTime<Utc>,
+}
+
+/// An instance as loaded by [`Store::acquire`](super::Store::acquire).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRecord {
+    /// The instance id.
+    pub id: Uuid,
+    /// The definition's name.
+    pub orchestration: String,
+    /// The definition's version.
+    pub version: u32,
+    /// Its status before it was acquired.
+    pub status: InstanceStatus,
+    /// The state at the last persistence point; `None` before the start transition committed.
+    pub state: Option<Vec<u8>>,
+    /// The engine's own bookkeeping (waits, pending requests) at the last persistence point.
+    pub engine_state: Option<Vec<u8>>,
+    /// The fencing epoch this host now holds.
+    pub epoch: i64,
+    /// The number of persistence points written so far.
+    pub history_seq: i64,
+    /// The instance that started it.
+    pub parent_id: Option<Uuid>,
+}
+
+/// A subscription to write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionRow {
+    /// Its id (messages routed by it name it).
+    pub id: Uuid,
+    /// The message type.
+    pub message_type: String,
+    /// The correlation values.
+    pub correlation: Correlation,
+}
+
+/// A send waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    /// The message id: the receiver's idempotency key.
+    pub id: String,
+    /// The instance that sent it.
+    pub instance_id: Uuid,
+    /// The send port.
+    pub port: String,
+    /// The message type.
+    pub message_type: String,
+    /// The body.
+    pub body: serde_json::Value,
+    /// Request-response.
+    pub expects_reply: bool,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// The outcome of one delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    /// The port took it; for a request, with its reply.
+    Delivered {
+        /// The outbox row.
+        row: OutboxRow,
+        /// The reply, for a request.
+        reply: Option<serde_json::Value>,
+    },
+    /// Failed; try again at `retry_at`.
+    Retry {
+        /// The outbox row.
+        row: OutboxRow,
+        /// The error.
+        error: String,
+        /// When to try again.
+        retry_at: DateTime<Utc>,
+    },
+    /// Failed for good: dead-letter it and tell the instance.
+    Dead {
+        /// The outbox row.
+        row: OutboxRow,
+        /// The last error.
+        error: String,
+    },
+}
+
+impl OutboxRow {
+    /// The id of the reply message to a request (deduplicated if the reply is recorded twice).
+    pub fn reply_id(&self) -> String {
+        format!("{}:reply", self.id)
+    }
+}
+
+/// One persistence point: everything a transition (or the host) decided for one instance, written
+/// in one all-or-nothing, fenced step. See the [`Store`](super::Store) docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersistencePoint {
+    /// The instance.
+    pub instance_id: Uuid,
+    /// The epoch the writer holds; the point is written only if it is still current.
+    pub epoch: i64,
+    /// The host writing it (the lease owner).
+    pub host: String,
+    /// Why.
+    pub reason: Reason,
+    /// The instance's status after it.
+    pub status: InstanceStatus,
+    /// The new state; `None` keeps the stored one (a fault suspends at the last point).
+    pub state: Option<Vec<u8>>,
+    /// The engine's bookkeeping; `None` keeps the stored one.
+    pub engine_state: Option<Vec<u8>>,
+    /// The state's variant name.
+    pub step: String,
+    /// Readable list of what the instance waits for.
+    pub waiting_for: String,
+    /// The earliest timer.
+    pub next_timer_at: Option<DateTime<Utc>>,
+    /// The error to show, or `None` to clear it.
+    pub last_error: Option<String>,
+    /// The output, on completion.
+    pub output: Option<serde_json::Value>,
+    /// This point's number in the instance's history.
+    pub history_seq: i64,
+    /// Messages consumed since the last point (by `seq`), now consumed for good.
+    pub consumed: Vec<i64>,
+    /// Subscriptions cancelled.
+    pub unsubscribe: Vec<Uuid>,
+    /// Subscriptions added.
+    pub subscribe: Vec<SubscriptionRow>,
+    /// Timers cancelled or fired, by name.
+    pub cancel_timers: Vec<String>,
+    /// Timers set.
+    pub set_timers: Vec<(String, DateTime<Utc>)>,
+    /// Sends, locked to `host` for immediate delivery after commit.
+    pub outbox: Vec<OutboxRow>,
+    /// Messages to publish with the point (a child's end, addressed to its parent).
+    pub messages: Vec<NewMessage>,
+    /// Children to start.
+    pub children: Vec<NewInstance>,
+    /// Give up the lease (the instance leaves this host's memory).
+    pub release: bool,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Until when the sends stay locked to `host`.
+    pub outbox_lock_until: DateTime<Utc>,
+}
+
+/// What [`Store::commit`](super::Store::commit) did with one point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Written.
+    Committed,
+    /// Not written: another writer holds a newer epoch (G4).
+    Fenced,
+}
+
+/// One line of `cairn list`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceSummary {
+    /// The instance id.
+    pub id: Uuid,
+    /// The definition's name.
+    pub orchestration: String,
+    /// The definition's version.
+    pub version: u32,
+    /// Its status.
+    pub status: InstanceStatus,
+    /// The step it is at.
+    pub step: String,
+    /// What it waits for.
+    pub waiting_for: String,
+    /// When it was last saved.
+    pub updated_at: DateTime<Utc>,
+    /// The last error.
+    pub last_error: Option<String>,
+}
+
+/// One history row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryRow {
+    /// Its number.
+    pub seq: i64,
+    /// Why the point was written.
+    pub reason: Reason,
+    /// The step after it.
+    pub step: String,
+    /// The status after it.
+    pub status: InstanceStatus,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// Everything `cairn show` prints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceDetail {
+    /// The summary columns.
+    pub summary: InstanceSummary,
+    /// The stored state.
+    pub state: Option<Vec<u8>>,
+    /// The output.
+    pub output: Option<serde_json::Value>,
+    /// The next timer.
+    pub next_timer_at: Option<DateTime<Utc>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// Its persistence points.
+    pub history: Vec<HistoryRow>,
+    /// Messages addressed to it and not consumed.
+    pub pending_messages: Vec<(String, String)>,
+}
+
+/// What is left to do in the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Instances by status.
+    pub by_status: BTreeMap<String, i64>,
+    /// Routed messages not yet consumed, for instances that can run.
+    pub ready_messages: i64,
+    /// Outbox rows still pending.
+    pub pending_sends: i64,
+    /// The earliest timer of an instance that can run.
+    pub next_timer_at: Option<DateTime<Utc>>,
+}
+
+impl Activity {
+    /// Instances with this status.
+    pub fn count(&self, status: InstanceStatus) -> i64 {
+        self.by_status.get(status.as_str()).copied().unwrap_or(0)
+    }
+}

@@ -1,0 +1,1125 @@
+//! The SQLite MessageBox: the embedded default, for one host process.
+//!
+//! WAL journal with `synchronous=FULL`: a commit is on disk when it returns. Every write runs in a
+//! `BEGIN IMMEDIATE` transaction so that a read followed by a write never fails on a stale
+//! snapshot, and `busy_timeout` lets a second process (the CLI beside a running host) wait its turn.
+//! Times are stored as fixed-width ISO-8601 UTC text so that they compare correctly as text.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use uuid::Uuid;
+
+use super::*;
+use crate::orchestration::Correlation;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+
+/// Formats a time the way this backend stores it.
+pub fn ts(at: DateTime<Utc>) -> String {
+    at.format(TS_FORMAT).to_string()
+}
+
+fn parse_ts(text: &str) -> StoreResult<DateTime<Utc>> {
+    NaiveDateTime::parse_from_str(text, TS_FORMAT)
+        .map(|n| n.and_utc())
+        .map_err(|e| StoreError::Corrupt(format!("time {text:?}: {e}")))
+}
+
+fn parse_uuid(text: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(text).map_err(|e| StoreError::Corrupt(format!("uuid {text:?}: {e}")))
+}
+
+fn parse_word<T: FromStr<Err = String>>(text: &str) -> StoreResult<T> {
+    text.parse().map_err(StoreError::Corrupt)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("json {text:?}: {e}")))
+}
+
+/// Maps a sqlx error to a [`StoreError`], deciding what is worth retrying. The one place that
+/// decides it for this backend.
+fn map_err(err: sqlx::Error) -> StoreError {
+    let retryable = match &err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => {
+            // SQLITE_BUSY (5), SQLITE_LOCKED (6), SQLITE_IOERR (10), SQLITE_FULL (13),
+            // SQLITE_CANTOPEN (14), and their extended codes.
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0) & 0xff;
+            matches!(code, 5 | 6 | 10 | 13 | 14)
+        }
+        _ => false,
+    };
+    if retryable {
+        StoreError::Unavailable(err)
+    } else {
+        StoreError::Database(err)
+    }
+}
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+type Tx = Transaction<'static, Sqlite>;
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` (`sqlite://PATH` or `sqlite::memory:`).
+    ///
+    /// # Errors
+    /// The file cannot be opened or created.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(StoreError::Database)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(false);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if memory { 1 } else { 4 })
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for tests and tools that read the database directly.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn write(&self) -> StoreResult<Tx> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)
+    }
+}
+
+async fn commit(tx: Tx) -> StoreResult<()> {
+    tx.commit().await.map_err(map_err)
+}
+
+/// Where a message goes.
+enum Route {
+    Instance(Uuid, Option<Uuid>),
+    Activate { orchestration: String, version: u32 },
+    Unrouted(String),
+}
+
+async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
+    if let Some(target) = msg.target {
+        return Ok(Route::Instance(target, None));
+    }
+    let key_sets: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT correlation_keys FROM subscriptions \
+         WHERE message_type = $1 AND instance_id IS NOT NULL",
+    )
+    .bind(&msg.message_type)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    for keys in key_sets {
+        let Some(corr) = Correlation::from_properties(&keys, &msg.properties) else {
+            continue;
+        };
+        let row = sqlx::query(
+            "SELECT id, instance_id FROM subscriptions \
+             WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
+             ORDER BY created_at, id LIMIT 1",
+        )
+        .bind(&msg.message_type)
+        .bind(corr.canonical())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(row) = row {
+            let sub = parse_uuid(row.get::<&str, _>(0))?;
+            let instance = parse_uuid(row.get::<&str, _>(1))?;
+            return Ok(Route::Instance(instance, Some(sub)));
+        }
+    }
+    let activation = sqlx::query(
+        "SELECT orchestration, version FROM subscriptions \
+         WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
+    )
+    .bind(&msg.message_type)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if let Some(row) = activation {
+        return Ok(Route::Activate {
+            orchestration: row.get(0),
+            version: row.get::<i64, _>(1) as u32,
+        });
+    }
+    let props = msg
+        .properties
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(Route::Unrouted(format!(
+        "no subscription matches message type {:?} with properties {{{props}}}",
+        msg.message_type
+    )))
+}
+
+async fn insert_instance(
+    tx: &mut Tx,
+    id: Uuid,
+    orchestration: &str,
+    version: u32,
+    parent: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO instances (id, orchestration, version, status, step, created_at, updated_at, parent_id) \
+         VALUES ($1, $2, $3, 'running', 'created', $4, $4, $5)",
+    )
+    .bind(id.to_string())
+    .bind(orchestration)
+    .bind(i64::from(version))
+    .bind(ts(now))
+    .bind(parent.map(|p| p.to_string()))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Stores and routes one message inside `tx`.
+async fn publish_one(tx: &mut Tx, msg: &NewMessage, now: DateTime<Utc>) -> StoreResult<PublishOutcome> {
+    let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE id = $1")
+        .bind(&msg.id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    if exists.is_some() {
+        return Ok(PublishOutcome::Duplicate);
+    }
+    let (status, instance, subscription, reason, outcome) = match find_route(tx, msg).await? {
+        Route::Instance(id, sub) => ("routed", Some(id), sub, None, PublishOutcome::Routed(id)),
+        Route::Activate {
+            orchestration,
+            version,
+        } => {
+            let id = Uuid::new_v4();
+            insert_instance(tx, id, &orchestration, version, None, now).await?;
+            ("routed", Some(id), None, None, PublishOutcome::Routed(id))
+        }
+        Route::Unrouted(reason) => ("unrouted", None, None, Some(reason), PublishOutcome::Unrouted),
+    };
+    // An activating message is the new instance's start message.
+    let kind = if msg.target.is_none() && subscription.is_none() && instance.is_some() {
+        MessageKind::Start
+    } else {
+        msg.kind
+    };
+    sqlx::query(
+        "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
+         subscription_id, reason, published_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&msg.id)
+    .bind(&msg.message_type)
+    .bind(kind.as_str())
+    .bind(serde_json::to_string(&msg.properties).unwrap_or_default())
+    .bind(msg.body.to_string())
+    .bind(status)
+    .bind(instance.map(|i| i.to_string()))
+    .bind(subscription.map(|s| s.to_string()))
+    .bind(reason)
+    .bind(ts(now))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(outcome)
+}
+
+/// Routes the unrouted messages of these types again (a subscription appeared or went away).
+async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
+    for message_type in types {
+        let rows = sqlx::query(
+            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1 \
+             ORDER BY seq",
+        )
+        .bind(message_type)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        for row in rows {
+            let seq: i64 = row.get(0);
+            let properties: BTreeMap<String, String> = parse_json(row.get::<&str, _>(1))?;
+            let probe = NewMessage {
+                id: String::new(),
+                message_type: message_type.clone(),
+                kind: MessageKind::Published,
+                properties,
+                body: serde_json::Value::Null,
+                target: None,
+            };
+            let (instance, sub, kind) = match find_route(tx, &probe).await? {
+                Route::Instance(id, sub) => (id, sub, MessageKind::Published),
+                Route::Activate {
+                    orchestration,
+                    version,
+                } => {
+                    let id = Uuid::new_v4();
+                    insert_instance(tx, id, &orchestration, version, None, Utc::now()).await?;
+                    (id, None, MessageKind::Start)
+                }
+                Route::Unrouted(_) => continue,
+            };
+            sqlx::query(
+                "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
+                 kind = $4, reason = NULL WHERE seq = $1",
+            )
+            .bind(seq)
+            .bind(instance.to_string())
+            .bind(sub.map(|s| s.to_string()))
+            .bind(kind.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        }
+    }
+    Ok(())
+}
+
+async fn start_one(tx: &mut Tx, inst: &NewInstance, now: DateTime<Utc>) -> StoreResult<()> {
+    insert_instance(tx, inst.id, &inst.orchestration, inst.version, inst.parent, now).await?;
+    let start = NewMessage::to_instance(
+        inst.start_message_id(),
+        format!("{}.start", inst.orchestration),
+        MessageKind::Start,
+        inst.input.clone(),
+        inst.id,
+    );
+    publish_one(tx, &start, now).await?;
+    Ok(())
+}
+
+/// Writes one persistence point inside `tx`; returns `Fenced` without writing if the epoch moved.
+async fn write_point(
+    tx: &mut Tx,
+    p: &PersistencePoint,
+    reroute_types: &mut BTreeSet<String>,
+) -> StoreResult<CommitOutcome> {
+    let id = p.instance_id.to_string();
+    let updated = sqlx::query(
+        "UPDATE instances SET status = $3, step = $4, waiting_for = $5, next_timer_at = $6, \
+         updated_at = $7, last_error = $8, state = COALESCE($9, state), \
+         engine_state = COALESCE($10, engine_state), output = COALESCE($11, output), history_seq = $12, \
+         owner = CASE WHEN $13 THEN NULL ELSE owner END, \
+         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END \
+         WHERE id = $1 AND epoch = $2 AND owner = $14",
+    )
+    .bind(&id)
+    .bind(p.epoch)
+    .bind(p.status.as_str())
+    .bind(&p.step)
+    .bind(&p.waiting_for)
+    .bind(p.next_timer_at.map(ts))
+    .bind(ts(p.at))
+    .bind(&p.last_error)
+    .bind(&p.state)
+    .bind(&p.engine_state)
+    .bind(p.output.as_ref().map(|o| o.to_string()))
+    .bind(p.history_seq)
+    .bind(p.release)
+    .bind(&p.host)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if updated.rows_affected() == 0 {
+        return Ok(CommitOutcome::Fenced);
+    }
+    for seq in &p.consumed {
+        let done = sqlx::query(
+            "UPDATE messages SET status = 'consumed', consumed_at = $3, locked_by = NULL \
+             WHERE seq = $1 AND instance_id = $2 AND status = 'routed'",
+        )
+        .bind(seq)
+        .bind(&id)
+        .bind(ts(p.at))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "instance {id} consumed message seq {seq}, which is not routed to it (consumed twice?)"
+            )));
+        }
+    }
+    for sub in &p.unsubscribe {
+        sqlx::query("DELETE FROM subscriptions WHERE id = $1")
+            .bind(sub.to_string())
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let types: Vec<String> = sqlx::query_scalar(
+            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
+             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
+             WHERE subscription_id = $1 AND status = 'routed' RETURNING message_type",
+        )
+        .bind(sub.to_string())
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        reroute_types.extend(types);
+    }
+    for sub in &p.subscribe {
+        sqlx::query(
+            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(sub.id.to_string())
+        .bind(&sub.message_type)
+        .bind(&id)
+        .bind(sub.correlation.keys())
+        .bind(sub.correlation.canonical())
+        .bind(ts(p.at))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        reroute_types.insert(sub.message_type.clone());
+    }
+    for name in &p.cancel_timers {
+        sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = $2")
+            .bind(&id)
+            .bind(name)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
+    for (name, at) in &p.set_timers {
+        sqlx::query(
+            "INSERT INTO timers (instance_id, name, due_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (instance_id, name) DO UPDATE SET due_at = excluded.due_at, locked_by = NULL",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(ts(*at))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    for row in &p.outbox {
+        sqlx::query(
+            "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+             next_attempt_at, locked_by, locked_until, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $7)",
+        )
+        .bind(&row.id)
+        .bind(&id)
+        .bind(&row.port)
+        .bind(&row.message_type)
+        .bind(row.body.to_string())
+        .bind(row.expects_reply)
+        .bind(ts(p.at))
+        .bind(&p.host)
+        .bind(ts(p.outbox_lock_until))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    for child in &p.children {
+        start_one(tx, child, p.at).await?;
+    }
+    for msg in &p.messages {
+        publish_one(tx, msg, p.at).await?;
+    }
+    sqlx::query(
+        "INSERT INTO history (instance_id, seq, reason, step, status, at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&id)
+    .bind(p.history_seq)
+    .bind(p.reason.as_str())
+    .bind(&p.step)
+    .bind(p.status.as_str())
+    .bind(ts(p.at))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if p.release {
+        unlock_instance(tx, &id).await?;
+    }
+    Ok(CommitOutcome::Committed)
+}
+
+async fn unlock_instance(tx: &mut Tx, id: &str) -> StoreResult<()> {
+    sqlx::query("UPDATE messages SET locked_by = NULL WHERE instance_id = $1 AND status = 'routed' AND locked_by IS NOT NULL")
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    sqlx::query("UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by IS NOT NULL")
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+async fn next_history_seq(tx: &mut Tx, id: &str) -> StoreResult<i64> {
+    let seq: i64 = sqlx::query_scalar("SELECT history_seq FROM instances WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(seq + 1)
+}
+
+async fn insert_history(
+    tx: &mut Tx,
+    id: &str,
+    seq: i64,
+    reason: Reason,
+    step: &str,
+    status: InstanceStatus,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO history (instance_id, seq, reason, step, status, at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(seq)
+    .bind(reason.as_str())
+    .bind(step)
+    .bind(status.as_str())
+    .bind(ts(now))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummary> {
+    Ok(InstanceSummary {
+        id: parse_uuid(row.get::<&str, _>("id"))?,
+        orchestration: row.get("orchestration"),
+        version: row.get::<i64, _>("version") as u32,
+        status: parse_word(row.get::<&str, _>("status"))?,
+        step: row.get("step"),
+        waiting_for: row.get("waiting_for"),
+        updated_at: parse_ts(row.get::<&str, _>("updated_at"))?,
+        last_error: row.get("last_error"),
+    })
+}
+
+const SUMMARY_COLUMNS: &str =
+    "id, orchestration, version, status, step, waiting_for, updated_at, last_error";
+
+const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
+     AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for sql in [
+            "UPDATE messages SET locked_by = NULL WHERE locked_by IS NOT NULL AND status = 'routed'",
+            "UPDATE timers SET locked_by = NULL WHERE locked_by IS NOT NULL",
+            "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by IS NOT NULL",
+            "UPDATE instances SET owner = NULL, lease_expires_at = NULL WHERE owner IS NOT NULL",
+            "UPDATE hosts SET stopped_at = heartbeat_at WHERE stopped_at IS NULL",
+        ] {
+            sqlx::query(sql).execute(&mut *tx).await.map_err(map_err)?;
+        }
+        sqlx::query(
+            "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(host)
+        .bind(hostname())
+        .bind(i64::from(std::process::id()))
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn sync_activations(&self, activations: &[Activation], now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let mut types = BTreeSet::new();
+        for a in activations {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
+                 DO UPDATE SET version = excluded.version",
+            )
+            .bind(Uuid::new_v4().to_string())
+            .bind(&a.message_type)
+            .bind(&a.orchestration)
+            .bind(i64::from(a.version))
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            types.insert(a.message_type.clone());
+        }
+        reroute(&mut tx, &types).await?;
+        commit(tx).await
+    }
+
+    async fn publish(&self, messages: Vec<NewMessage>, now: DateTime<Utc>) -> StoreResult<Vec<PublishOutcome>> {
+        let mut tx = self.write().await?;
+        let mut out = Vec::with_capacity(messages.len());
+        for msg in &messages {
+            out.push(publish_one(&mut tx, msg, now).await?);
+        }
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn start_instances(&self, instances: Vec<NewInstance>, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for inst in &instances {
+            start_one(&mut tx, inst, now).await?;
+        }
+        commit(tx).await
+    }
+
+    async fn claim_messages(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<StoredMessage>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
+               SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
+               WHERE m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
+               ORDER BY m.seq LIMIT $3) \
+             RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at"
+        ))
+        .bind(host)
+        .bind(ts(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await?;
+        let mut out = rows
+            .iter()
+            .map(|row| {
+                Ok(StoredMessage {
+                    seq: row.get("seq"),
+                    id: row.get("id"),
+                    message_type: row.get("message_type"),
+                    kind: parse_word(row.get::<&str, _>("kind"))?,
+                    properties: parse_json(row.get::<&str, _>("properties"))?,
+                    body: parse_json(row.get::<&str, _>("body"))?,
+                    instance_id: parse_uuid(row.get::<&str, _>("instance_id"))?,
+                    subscription_id: row
+                        .get::<Option<&str>, _>("subscription_id")
+                        .map(parse_uuid)
+                        .transpose()?,
+                    published_at: parse_ts(row.get::<&str, _>("published_at"))?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        out.sort_by_key(|m| m.seq);
+        Ok(out)
+    }
+
+    async fn claim_timers(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<DueTimer>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE timers SET locked_by = $1 WHERE rowid IN ( \
+               SELECT t.rowid FROM timers t JOIN instances i ON i.id = t.instance_id \
+               WHERE t.due_at <= $2 AND t.locked_by IS NULL AND {CLAIMABLE} \
+               ORDER BY t.due_at LIMIT $3) \
+             RETURNING instance_id, name, due_at"
+        ))
+        .bind(host)
+        .bind(ts(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await?;
+        let mut out = rows
+            .iter()
+            .map(|row| {
+                Ok(DueTimer {
+                    instance_id: parse_uuid(row.get::<&str, _>(0))?,
+                    name: row.get(1),
+                    due_at: parse_ts(row.get::<&str, _>(2))?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        out.sort_by(|a, b| a.due_at.cmp(&b.due_at));
+        Ok(out)
+    }
+
+    async fn acquire(
+        &self,
+        host: &str,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<InstanceRecord>> {
+        let mut tx = self.write().await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(
+                "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
+                 status = 'running' \
+                 WHERE id = $4 AND status IN ('running', 'dehydrated') \
+                   AND (owner IS NULL OR owner = $1 OR lease_expires_at < $2) \
+                 RETURNING id, orchestration, version, status, state, engine_state, epoch, history_seq, parent_id",
+            )
+            .bind(host)
+            .bind(ts(now))
+            .bind(ts(lease_until))
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            let Some(row) = row else { continue };
+            out.push(InstanceRecord {
+                id: *id,
+                orchestration: row.get("orchestration"),
+                version: row.get::<i64, _>("version") as u32,
+                status: parse_word(row.get::<&str, _>("status"))?,
+                state: row.get("state"),
+                engine_state: row.get("engine_state"),
+                epoch: row.get("epoch"),
+                history_seq: row.get("history_seq"),
+                parent_id: row
+                    .get::<Option<&str>, _>("parent_id")
+                    .map(parse_uuid)
+                    .transpose()?,
+            });
+        }
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn heartbeat(&self, host: &str, now: DateTime<Utc>, lease_until: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE instances SET lease_expires_at = $2 WHERE owner = $1")
+            .bind(host)
+            .bind(ts(lease_until))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query("UPDATE hosts SET heartbeat_at = $2 WHERE id = $1")
+            .bind(host)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for sql in [
+            "UPDATE messages SET locked_by = NULL WHERE locked_by = $1 AND status = 'routed'",
+            "UPDATE timers SET locked_by = NULL WHERE locked_by = $1",
+            "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by = $1",
+            "UPDATE instances SET owner = NULL, lease_expires_at = NULL, \
+               status = CASE WHEN status = 'running' AND state IS NOT NULL THEN 'dehydrated' ELSE status END \
+             WHERE owner = $1",
+        ] {
+            sqlx::query(sql).bind(host).execute(&mut *tx).await.map_err(map_err)?;
+        }
+        sqlx::query("UPDATE hosts SET stopped_at = $2, heartbeat_at = $2 WHERE id = $1")
+            .bind(host)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for id in ids {
+            sqlx::query("UPDATE messages SET locked_by = NULL WHERE instance_id = $1 AND locked_by = $2 AND status = 'routed'")
+                .bind(id.to_string())
+                .bind(host)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            sqlx::query("UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by = $2")
+                .bind(id.to_string())
+                .bind(host)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        commit(tx).await
+    }
+
+    async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
+        let mut tx = self.write().await?;
+        let mut out = Vec::with_capacity(points.len());
+        let mut reroute_types = BTreeSet::new();
+        for p in points {
+            out.push(write_point(&mut tx, p, &mut reroute_types).await?);
+        }
+        reroute(&mut tx, &reroute_types).await?;
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE instances SET last_error = $2, updated_at = $3 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(error)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn claim_outbox(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxRow>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "UPDATE outbox SET locked_by = $1, locked_until = $3 WHERE id IN ( \
+               SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $2 \
+                 AND (locked_until IS NULL OR locked_until < $2) \
+               ORDER BY next_attempt_at LIMIT $4) \
+             RETURNING id, instance_id, port, message_type, body, expects_reply, attempts",
+        )
+        .bind(host)
+        .bind(ts(now))
+        .bind(ts(lock_until))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: row.get("id"),
+                    instance_id: parse_uuid(row.get::<&str, _>("instance_id"))?,
+                    port: row.get("port"),
+                    message_type: row.get("message_type"),
+                    body: parse_json(row.get::<&str, _>("body"))?,
+                    expects_reply: row.get("expects_reply"),
+                    attempts: row.get::<i64, _>("attempts") as u32,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_deliveries(&self, outcomes: Vec<DeliveryOutcome>, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for outcome in &outcomes {
+            match outcome {
+                DeliveryOutcome::Delivered { row, reply } => {
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
+                         locked_by = NULL, locked_until = NULL, last_error = NULL WHERE id = $1",
+                    )
+                    .bind(&row.id)
+                    .bind(ts(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    if let Some(reply) = reply {
+                        let mut msg = NewMessage::to_instance(
+                            row.reply_id(),
+                            format!("{}.reply", row.message_type),
+                            MessageKind::Reply,
+                            reply.clone(),
+                            row.instance_id,
+                        );
+                        msg.properties.insert("request_id".into(), row.id.clone());
+                        msg.properties.insert("port".into(), row.port.clone());
+                        publish_one(&mut tx, &msg, now).await?;
+                    }
+                }
+                DeliveryOutcome::Retry { row, error, retry_at } => {
+                    sqlx::query(
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
+                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                    )
+                    .bind(&row.id)
+                    .bind(ts(*retry_at))
+                    .bind(error)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+                DeliveryOutcome::Dead { row, error } => {
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = $2, \
+                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                    )
+                    .bind(&row.id)
+                    .bind(error)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    sqlx::query(
+                        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(&row.id)
+                    .bind(row.instance_id.to_string())
+                    .bind(&row.port)
+                    .bind(&row.message_type)
+                    .bind(row.body.to_string())
+                    .bind(error)
+                    .bind(i64::from(row.attempts + 1))
+                    .bind(ts(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    let msg = NewMessage::to_instance(
+                        format!("{}:failed", row.id),
+                        format!("{}.failed", row.message_type),
+                        MessageKind::SendFailed,
+                        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
+                        row.instance_id,
+                    );
+                    publish_one(&mut tx, &msg, now).await?;
+                }
+            }
+        }
+        commit(tx).await
+    }
+
+    async fn control(&self, id: Uuid, action: ControlAction, now: DateTime<Utc>) -> StoreResult<InstanceStatus> {
+        let mut tx = self.write().await?;
+        let key = id.to_string();
+        let row = sqlx::query("SELECT status, step, parent_id FROM instances WHERE id = $1")
+            .bind(&key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .ok_or(StoreError::NoSuchInstance(id))?;
+        let status: InstanceStatus = parse_word(row.get::<&str, _>(0))?;
+        let step: String = row.get(1);
+        let parent: Option<String> = row.get(2);
+        let new_status = match &action {
+            ControlAction::Suspend { reason } => {
+                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a running or dehydrated instance can be suspended",
+                    });
+                }
+                let seq = next_history_seq(&mut tx, &key).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(&key)
+                .bind(format!("suspended by operator: {reason}"))
+                .bind(ts(now))
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                insert_history(&mut tx, &key, seq, Reason::Suspend, &step, InstanceStatus::Suspended, now).await?;
+                InstanceStatus::Suspended
+            }
+            ControlAction::Resume => {
+                if status != InstanceStatus::Suspended {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a suspended instance can be resumed",
+                    });
+                }
+                sqlx::query(
+                    "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $1",
+                )
+                .bind(&key)
+                .bind(ts(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                InstanceStatus::Dehydrated
+            }
+            ControlAction::Terminate { reason } => {
+                if status.is_final() {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "the instance has already ended",
+                    });
+                }
+                let seq = next_history_seq(&mut tx, &key).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
+                     updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(&key)
+                .bind(format!("terminated by operator: {reason}"))
+                .bind(ts(now))
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                for sql in [
+                    "DELETE FROM subscriptions WHERE instance_id = $1",
+                    "DELETE FROM timers WHERE instance_id = $1",
+                ] {
+                    sqlx::query(sql).bind(&key).execute(&mut *tx).await.map_err(map_err)?;
+                }
+                insert_history(&mut tx, &key, seq, Reason::Complete, &step, InstanceStatus::Terminated, now).await?;
+                if let Some(parent) = parent {
+                    let msg = NewMessage::to_instance(
+                        format!("{id}:ended"),
+                        "child.failed",
+                        MessageKind::ChildFailed,
+                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
+                        parse_uuid(&parent)?,
+                    );
+                    publish_one(&mut tx, &msg, now).await?;
+                }
+                InstanceStatus::Terminated
+            }
+        };
+        unlock_instance(&mut tx, &key).await?;
+        commit(tx).await?;
+        Ok(new_status)
+    }
+
+    async fn list_instances(&self, status: Option<InstanceStatus>, limit: u32) -> StoreResult<Vec<InstanceSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ($1 IS NULL OR status = $1) \
+             ORDER BY updated_at DESC, id LIMIT $2"
+        ))
+        .bind(status.map(InstanceStatus::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
+        let key = id.to_string();
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS}, state, output, next_timer_at, created_at FROM instances WHERE id = $1"
+        ))
+        .bind(&key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        else {
+            return Ok(None);
+        };
+        let history = sqlx::query("SELECT seq, reason, step, status, at FROM history WHERE instance_id = $1 ORDER BY seq")
+            .bind(&key)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(|h| {
+                Ok(HistoryRow {
+                    seq: h.get(0),
+                    reason: parse_word(h.get::<&str, _>(1))?,
+                    step: h.get(2),
+                    status: parse_word(h.get::<&str, _>(3))?,
+                    at: parse_ts(h.get::<&str, _>(4))?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let pending_messages = sqlx::query("SELECT id, message_type FROM messages WHERE instance_id = $1 AND status = 'routed' ORDER BY seq")
+            .bind(&key)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(|m| (m.get(0), m.get(1)))
+            .collect();
+        Ok(Some(InstanceDetail {
+            summary: summary_from_row(&row)?,
+            state: row.get("state"),
+            output: row
+                .get::<Option<&str>, _>("output")
+                .map(parse_json)
+                .transpose()?,
+            next_timer_at: row
+                .get::<Option<&str>, _>("next_timer_at")
+                .map(parse_ts)
+                .transpose()?,
+            created_at: parse_ts(row.get::<&str, _>("created_at"))?,
+            history,
+            pending_messages,
+        }))
+    }
+
+    async fn activity(&self, _now: DateTime<Utc>) -> StoreResult<Activity> {
+        let mut activity = Activity::default();
+        for row in sqlx::query("SELECT status, COUNT(*) FROM instances GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
+            activity.by_status.insert(row.get(0), row.get(1));
+        }
+        activity.ready_messages = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM messages m JOIN instances i ON i.id = m.instance_id \
+             WHERE m.status = 'routed' AND m.locked_by IS NULL AND i.status IN ('running', 'dehydrated')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        activity.pending_sends = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT MIN(t.due_at) FROM timers t JOIN instances i ON i.id = t.instance_id \
+             WHERE t.locked_by IS NULL AND i.status IN ('running', 'dehydrated')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        activity.next_timer_at = next.as_deref().map(parse_ts).transpose()?;
+        Ok(activity)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
