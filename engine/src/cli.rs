@@ -1,1 +1,464 @@
-//! CLI building blocks.
+//! The `cairn` command-line tool, as building blocks for an application's `main`.
+//!
+//! An application registers its orchestrations and send ports in an [`App`] and hands it to
+//! [`main`]; the binary then offers `migrate`, `host`, `demo`, `start`, `publish`, `list`, `show`,
+//! `suspend`, `resume` and `terminate` against the database named by `--database` (or
+//! `CAIRN_DATABASE_URL`, default `sqlite://cairn.db`).
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::host::{Client, ClientError, Host, HostConfig, HostError};
+use crate::store::{ControlAction, InstanceStatus, NewMessage, PublishOutcome, Store, StoreError};
+use crate::{codec, Ports, Registry};
+
+/// What an application hands to [`main`].
+pub struct App {
+    /// The orchestrations the host runs.
+    pub registry: Registry,
+    /// Builds the send ports; a port may publish back through the client it is given.
+    pub ports: Arc<dyn Fn(Client) -> Ports + Send + Sync>,
+    /// The messages `cairn demo` publishes for its `i`-th instance (the first one activates it),
+    /// given the instance number and a run id to keep message ids unique.
+    pub demo: Arc<dyn Fn(usize, &str) -> Vec<NewMessage> + Send + Sync>,
+}
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about = "Cairn: durable orchestrations on SQLite or PostgreSQL")]
+pub struct Cli {
+    /// The database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB.
+    #[arg(long, global = true, env = "CAIRN_DATABASE_URL", default_value = "sqlite://cairn.db")]
+    pub database: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the database schema.
+    Migrate,
+    /// Run the engine host until stopped (SIGINT or SIGTERM saves every instance, then exits).
+    Host {
+        /// Exit once no instance has work left and no timer is due within a few seconds.
+        #[arg(long)]
+        until_idle: bool,
+        /// Save and drop an instance from memory after it has been idle this long.
+        #[arg(long, default_value_t = 5000)]
+        dehydrate_after_ms: u64,
+        /// Look for new work this often when nothing wakes the host.
+        #[arg(long, default_value_t = 100)]
+        poll_ms: u64,
+    },
+    /// Run the host with the sample orchestrations and feed it instances; shows progress and a
+    /// summary, and returns when every instance it started has ended.
+    Demo {
+        /// How many instances to start.
+        #[arg(long, default_value_t = 30)]
+        instances: usize,
+    },
+    /// Start an instance of an orchestration.
+    Start {
+        /// The orchestration's name.
+        orchestration: String,
+        /// Its input, as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+    },
+    /// Publish a message; it is routed to the instance that waits for it, or starts one.
+    Publish {
+        /// The message type.
+        message_type: String,
+        /// The body, as JSON.
+        #[arg(long)]
+        body: String,
+        /// The message id (a second publish with the same id is ignored).
+        #[arg(long)]
+        id: Option<String>,
+        /// A routing property, KEY=VALUE (repeatable); top-level body fields are promoted too.
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+    },
+    /// List instances, most recently changed first.
+    List {
+        /// Only instances with this status.
+        #[arg(long)]
+        status: Option<InstanceStatus>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one instance: its state as JSON, what it waits for, and its history.
+    Show {
+        /// The instance id.
+        id: Uuid,
+    },
+    /// Suspend an instance at its last persistence point.
+    Suspend {
+        /// The instance id.
+        id: Uuid,
+        /// Why (shown in last_error).
+        #[arg(long, default_value = "suspended from the command line")]
+        reason: String,
+    },
+    /// Resume a suspended instance from its last persistence point.
+    Resume {
+        /// The instance id.
+        id: Uuid,
+    },
+    /// End an instance, cancelling its waits.
+    Terminate {
+        /// The instance id.
+        id: Uuid,
+        /// Why (shown in last_error).
+        #[arg(long, default_value = "terminated from the command line")]
+        reason: String,
+    },
+}
+
+/// Errors the CLI reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// The database could not be used.
+    #[error("{0}\nhint: check --database / CAIRN_DATABASE_URL; `cairn migrate` creates the schema")]
+    Store(#[from] StoreError),
+    /// A client call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The host stopped on an error.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A JSON argument did not parse.
+    #[error("{what} is not valid JSON: {source}\nhint: quote it for the shell, e.g. --body '{{\"order_id\": \"42\"}}'")]
+    Json {
+        /// Which argument.
+        what: &'static str,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// A --property without `=`.
+    #[error("--property {0:?} is not KEY=VALUE")]
+    Property(String),
+    /// No such instance.
+    #[error("no instance {0}\nhint: `cairn list` shows the instances")]
+    NoInstance(Uuid),
+    /// Setting up the runtime or signals failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Parses the command line and runs it; the whole of an application's `main`.
+pub fn main(app: App) -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Host { .. } => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, app)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Opens and migrates the database.
+///
+/// # Errors
+/// The database cannot be opened or migrated.
+pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, CliError> {
+    let store = crate::store::open(url).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Runs one parsed command.
+///
+/// # Errors
+/// [`CliError`], naming what went wrong and what to do.
+pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
+    let store = open_store(&cli.database).await?;
+    let result = execute(cli, app, store.clone()).await;
+    store.close().await;
+    result
+}
+
+async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliError> {
+    let client = Client::new(store.clone(), app.registry.clone());
+    match cli.command {
+        Command::Migrate => {
+            println!("the database at {} is up to date", cli.database);
+        }
+        Command::Host {
+            until_idle,
+            dehydrate_after_ms,
+            poll_ms,
+        } => {
+            let config = HostConfig {
+                until_idle,
+                dehydrate_after: Duration::from_millis(dehydrate_after_ms),
+                poll_interval: Duration::from_millis(poll_ms),
+                ..HostConfig::default()
+            };
+            let host = build_host(&app, store, config);
+            let stop = CancellationToken::new();
+            spawn_signal_handler(stop.clone())?;
+            host.run(stop).await?;
+        }
+        Command::Demo { instances } => demo(&app, store, instances).await?,
+        Command::Start {
+            orchestration,
+            input,
+        } => {
+            let input = parse_json("--input", &input)?;
+            let id = client.start(&orchestration, input).await?;
+            println!("{id}");
+        }
+        Command::Publish {
+            message_type,
+            body,
+            id,
+            properties,
+        } => {
+            let body = parse_json("--body", &body)?;
+            let mut props = BTreeMap::new();
+            for p in properties {
+                let (k, v) = p.split_once('=').ok_or_else(|| CliError::Property(p.clone()))?;
+                props.insert(k.to_owned(), v.to_owned());
+            }
+            let (id, outcome) = client.publish(&message_type, body, id, props).await?;
+            match outcome {
+                PublishOutcome::Routed(instance) => println!("{id}: routed to instance {instance}"),
+                PublishOutcome::Unrouted => println!(
+                    "{id}: stored as unrouted (nothing subscribes to {message_type:?} with these properties yet); \
+                     it is routed when a matching receive appears"
+                ),
+                PublishOutcome::Duplicate => println!("{id}: already published; ignored"),
+            }
+        }
+        Command::List { status, limit } => {
+            let rows = store.list_instances(status, limit).await?;
+            println!(
+                "{:<36}  {:<18} {:>3}  {:<10}  {:<20}  {}",
+                "id", "orchestration", "v", "status", "step", "waiting for / last error"
+            );
+            for r in rows {
+                let note = r.last_error.clone().unwrap_or_else(|| r.waiting_for.clone());
+                println!(
+                    "{:<36}  {:<18} {:>3}  {:<10}  {:<20}  {}",
+                    r.id,
+                    r.orchestration,
+                    r.version,
+                    r.status,
+                    r.step,
+                    truncate(&note, 70)
+                );
+            }
+        }
+        Command::Show { id } => {
+            let detail = store.instance_detail(id).await?.ok_or(CliError::NoInstance(id))?;
+            let s = &detail.summary;
+            println!("instance      {}", s.id);
+            println!("orchestration {} v{}", s.orchestration, s.version);
+            println!("status        {}", s.status);
+            println!("step          {}", s.step);
+            println!("waiting for   {}", if s.waiting_for.is_empty() { "-" } else { &s.waiting_for });
+            if let Some(t) = detail.next_timer_at {
+                println!("next timer    {t}");
+            }
+            if let Some(e) = &s.last_error {
+                println!("last error    {e}");
+            }
+            println!("created       {}", detail.created_at);
+            println!("updated       {}", s.updated_at);
+            match &detail.state {
+                Some(bytes) => match codec::to_json(bytes) {
+                    Ok(json) => println!(
+                        "state\n{}",
+                        serde_json::to_string_pretty(&json).unwrap_or_default()
+                    ),
+                    Err(e) => println!("state         (does not decode: {e})"),
+                },
+                None => println!("state         (not started)"),
+            }
+            if let Some(output) = &detail.output {
+                println!("output\n{}", serde_json::to_string_pretty(output).unwrap_or_default());
+            }
+            if !detail.pending_messages.is_empty() {
+                println!("messages waiting to be consumed");
+                for (mid, ty) in &detail.pending_messages {
+                    println!("  {mid}  {ty}");
+                }
+            }
+            println!("history");
+            for h in &detail.history {
+                println!("  {:>3}  {:<10} {:<20} {:<10} {}", h.seq, h.reason, h.step, h.status, h.at);
+            }
+        }
+        Command::Suspend { id, reason } => control(&*store, id, ControlAction::Suspend { reason }).await?,
+        Command::Resume { id } => control(&*store, id, ControlAction::Resume).await?,
+        Command::Terminate { id, reason } => {
+            control(&*store, id, ControlAction::Terminate { reason }).await?
+        }
+    }
+    Ok(())
+}
+
+fn build_host(app: &App, store: Arc<dyn Store>, config: HostConfig) -> Host {
+    let host = Host::new(store, app.registry.clone(), Ports::new()).with_config(config);
+    let ports = (app.ports)(host.client());
+    host.with_ports(ports)
+}
+
+async fn control(store: &dyn Store, id: Uuid, action: ControlAction) -> Result<(), CliError> {
+    let status = store.control(id, action, chrono::Utc::now()).await.map_err(|e| match e {
+        StoreError::NoSuchInstance(id) => CliError::NoInstance(id),
+        other => CliError::Store(other),
+    })?;
+    println!("{id}: {status}");
+    Ok(())
+}
+
+fn parse_json(what: &'static str, text: &str) -> Result<serde_json::Value, CliError> {
+    serde_json::from_str(text).map_err(|source| CliError::Json { what, source })
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+/// Cancels `stop` on SIGINT or SIGTERM.
+///
+/// # Errors
+/// Signal handlers cannot be installed.
+pub fn spawn_signal_handler(stop: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: saving instances and stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: saving instances and stopping"),
+        }
+        stop.cancel();
+    });
+    Ok(())
+}
+
+async fn demo(app: &App, store: Arc<dyn Store>, instances: usize) -> Result<(), CliError> {
+    let config = HostConfig {
+        dehydrate_after: Duration::from_millis(500),
+        poll_interval: Duration::from_millis(50),
+        ..HostConfig::default()
+    };
+    let host = build_host(app, store.clone(), config);
+    host.sync_activations().await?;
+    let client = host.client();
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone())?;
+    let started_at = Instant::now();
+    let running = tokio::spawn(host.run(stop.clone()));
+
+    let run_id = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let mut ids = Vec::with_capacity(instances);
+    let mut followers = Vec::new();
+    for chunk_start in (0..instances).step_by(100) {
+        let mut batch = Vec::new();
+        for i in chunk_start..(chunk_start + 100).min(instances) {
+            let mut msgs = (app.demo)(i, &run_id).into_iter();
+            if let Some(first) = msgs.next() {
+                batch.push(first);
+            }
+            followers.extend(msgs);
+        }
+        for outcome in client.publish_batch(batch).await? {
+            if let PublishOutcome::Routed(id) = outcome {
+                ids.push(id);
+            }
+        }
+    }
+    // Decisions and other follow-up messages: those that arrive before their instance waits for
+    // them stay unrouted until it does.
+    if !followers.is_empty() {
+        client.publish_batch(followers).await?;
+    }
+
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} instances ended {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let summary = loop {
+        let summary = statuses(&*store, &ids).await?;
+        let ended = summary.iter().filter(|s| s.status.is_final() || s.status == InstanceStatus::Suspended).count();
+        bar.set_position(ended as u64);
+        if ended == ids.len() || stop.is_cancelled() {
+            break summary;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    bar.finish_and_clear();
+    stop.cancel();
+    let stats = match running.await {
+        Ok(result) => result?,
+        Err(e) => return Err(CliError::Io(std::io::Error::other(e))),
+    };
+    let elapsed = started_at.elapsed();
+
+    let mut table: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for s in &summary {
+        *table.entry((s.orchestration.clone(), s.status.to_string())).or_default() += 1;
+    }
+    println!("cairn demo: {} instances ended in {:.1} s", summary.len(), elapsed.as_secs_f64());
+    println!();
+    println!("  {:<18} {:<10} {:>6}", "orchestration", "status", "count");
+    for ((orch, status), n) in &table {
+        println!("  {orch:<18} {status:<10} {n:>6}");
+    }
+    println!();
+    let points: Vec<String> = stats.points.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    println!("  persistence points: {}", points.join(", "));
+    println!("  events delivered:   {}", stats.events);
+    println!();
+    println!("Look inside (SQLite):");
+    println!("  sqlite3 cairn.db \"SELECT orchestration, status, COUNT(*) FROM instances GROUP BY 1, 2\"");
+    println!("  sqlite3 cairn.db \"SELECT reason, COUNT(*) FROM history GROUP BY reason\"");
+    println!("  cargo run -- list --status failed");
+    Ok(())
+}
+
+async fn statuses(store: &dyn Store, ids: &[Uuid]) -> Result<Vec<crate::store::InstanceSummary>, CliError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        out.extend(store.instance_summaries(chunk).await?);
+    }
+    Ok(out)
+}

@@ -69,7 +69,7 @@ pub trait Orchestration: Send + Sync + 'static {
     /// What an instance starts from.
     type Input: Serialize + DeserializeOwned;
     /// What is saved at each persistence point; usually an enum, one variant per step.
-    type State: Serialize + DeserializeOwned + Send + 'static;
+    type State: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// What a completed instance returns (stored as JSON in `instances.output`).
     type Output: Serialize + DeserializeOwned;
 

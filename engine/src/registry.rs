@@ -14,7 +14,7 @@ use crate::context::Context;
 use crate::orchestration::{Event, Fault, Next, Orchestration};
 
 /// A state held in memory, of whichever definition's type.
-pub type AnyState = Box<dyn Any + Send>;
+pub type AnyState = Box<dyn Any + Send + Sync>;
 
 /// What a transition decided, with its types erased.
 pub enum AnyNext {

@@ -1,1 +1,72 @@
-pub fn y(){}
+//! The sample orchestrations, and the wiring of the `cairn` binary.
+//!
+//! This is the crate to copy when you write your own: one module per orchestration, a
+//! [`registry`] that lists them, the send ports they use ([`ports`]), and a `main.rs` that hands
+//! both to [`cairn::cli`].
+
+pub mod approval;
+pub mod invoice_batch;
+pub mod order_fulfilment;
+pub mod ports;
+
+use std::collections::BTreeMap;
+
+use cairn::store::NewMessage;
+use cairn::Registry;
+use serde_json::json;
+
+/// Every orchestration this application runs.
+pub fn registry() -> Registry {
+    Registry::new()
+        .register::<order_fulfilment::OrderFulfilment>()
+        .register::<approval::Approval>()
+        .register::<invoice_batch::InvoiceBatch>()
+        .register::<invoice_batch::Invoice>()
+}
+
+/// The messages `cairn demo` publishes for its `i`-th instance: the first one activates it. Every
+/// timeout is short, so each instance ends within seconds even if what it waits for never comes.
+pub fn demo_messages(i: usize, run: &str) -> Vec<NewMessage> {
+    let published = |id: String, ty: &str, body| NewMessage::published(id, ty, body, BTreeMap::new());
+    match i % 3 {
+        0 => {
+            let order_id = format!("{run}-order-{i}");
+            let amount = if i % 7 == 0 { 1500.0 } else { 10.0 + (i % 90) as f64 };
+            vec![published(
+                format!("{order_id}-placed"),
+                "order.placed",
+                json!({ "order_id": order_id, "customer": format!("customer-{}", i % 17),
+                        "amount": amount, "shipment_timeout_ms": 1500 }),
+            )]
+        }
+        1 => {
+            let request_id = format!("{run}-approval-{i}");
+            let mut out = vec![published(
+                format!("{request_id}-requested"),
+                "approval.requested",
+                json!({ "request_id": request_id, "approver": "alice", "summary": "new laptop",
+                        "escalate_after_ms": 800, "deadline_after_ms": 800 }),
+            )];
+            if i % 2 == 0 {
+                out.push(published(
+                    format!("{request_id}-decision"),
+                    "approval.decision",
+                    json!({ "request_id": request_id, "approved": i % 4 == 0, "by": "alice" }),
+                ));
+            }
+            out
+        }
+        _ => {
+            let batch_id = format!("{run}-batch-{i}");
+            vec![published(
+                format!("{batch_id}-submitted"),
+                "invoice.batch",
+                json!({ "batch_id": batch_id, "lines": [
+                    { "customer": "acme", "amount": 120.0 },
+                    { "customer": "globex", "amount": 80.5 },
+                    { "customer": "initech", "amount": if i % 5 == 0 { 900.0 } else { 42.0 } },
+                ]}),
+            )]
+        }
+    }
+}

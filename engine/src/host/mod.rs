@@ -224,6 +224,13 @@ impl Host {
         self
     }
 
+    /// Replaces the send ports.
+    #[must_use]
+    pub fn with_ports(mut self, ports: Ports) -> Self {
+        self.ports = ports;
+        self
+    }
+
     /// Replaces the clock (tests).
     #[must_use]
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
@@ -246,6 +253,28 @@ impl Host {
         }
     }
 
+    /// Writes the activating subscriptions of the registered definitions (the newest version of
+    /// each wins). [`Host::run`] does it too; call it first when publishing activating messages
+    /// before the host runs.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn sync_activations(&self) -> Result<(), StoreError> {
+        let mut newest: BTreeMap<(String, String), Activation> = BTreeMap::new();
+        for d in self.registry.definitions() {
+            for t in d.activated_by() {
+                let a = Activation {
+                    message_type: (*t).to_owned(),
+                    orchestration: d.name().to_owned(),
+                    version: d.version(),
+                };
+                newest.insert((a.message_type.clone(), a.orchestration.clone()), a);
+            }
+        }
+        let activations: Vec<_> = newest.into_values().collect();
+        self.store.sync_activations(&activations, self.clock.now()).await
+    }
+
     /// Runs until `shutdown` is cancelled (or, with [`HostConfig::until_idle`], until no instance
     /// has work left: no routed message, no send pending, no timer due within the idle horizon).
     ///
@@ -258,24 +287,7 @@ impl Host {
     pub async fn run(self, shutdown: CancellationToken) -> Result<HostStats, HostError> {
         let now = self.clock.now();
         self.store.recover(&self.id, now).await?;
-        let activations: Vec<Activation> = self
-            .registry
-            .definitions()
-            .flat_map(|d| {
-                d.activated_by().iter().map(move |t| Activation {
-                    message_type: (*t).to_owned(),
-                    orchestration: d.name().to_owned(),
-                    version: d.version(),
-                })
-            })
-            .collect();
-        // The newest version of each definition wins its activations.
-        let mut newest: BTreeMap<(String, String), Activation> = BTreeMap::new();
-        for a in activations {
-            newest.insert((a.message_type.clone(), a.orchestration.clone()), a);
-        }
-        let activations: Vec<_> = newest.into_values().collect();
-        self.store.sync_activations(&activations, now).await?;
+        self.sync_activations().await?;
 
         let stop_workers = CancellationToken::new();
         let (to_dispatch, rows) = mpsc::unbounded_channel();

@@ -188,6 +188,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: u32,
     ) -> StoreResult<Vec<InstanceSummary>>;
 
+    /// The summaries of these instances (those that exist), in no particular order.
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>>;
+
     /// Everything about one instance.
     async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>>;
 

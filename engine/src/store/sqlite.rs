@@ -1026,6 +1026,25 @@ impl Store for SqliteStore {
         rows.iter().map(summary_from_row).collect()
     }
 
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut query = sqlx::QueryBuilder::<Sqlite>::new(format!(
+                "SELECT {SUMMARY_COLUMNS} FROM instances WHERE id IN ("
+            ));
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            query.push(")");
+            let rows = query.build().fetch_all(&self.pool).await.map_err(map_err)?;
+            for row in &rows {
+                out.push(summary_from_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
         let key = id.to_string();
         let Some(row) = sqlx::query(&format!(

@@ -1,0 +1,121 @@
+//! Approval with escalation: a human decision with a deadline.
+//!
+//! Activated by `approval.requested` (or `cairn start approval`). It notifies the approver
+//! (one-way send to the `notifications` port), then waits for an `approval.decision` message
+//! correlated on the request id. If none comes before the escalation delay, it notifies the
+//! escalation contact and waits again; if none comes before the final deadline, the request is
+//! rejected by default.
+//!
+//! ```text
+//!  requested ──► AwaitingDecision ──decision──► completed
+//!                      │ timer escalate (send notifications)
+//!                      ▼
+//!                 Escalated ──decision──► completed
+//!                      └──timer deadline──► completed (rejected: no decision)
+//! ```
+
+use cairn::{Context, Correlation, Event, Fault, Next, Orchestration, UnexpectedEvent};
+use chrono::Duration;
+use serde::{Deserialize, Serialize};
+
+/// The orchestration.
+pub struct Approval;
+
+/// The body of `approval.requested`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// The business key decisions are correlated on.
+    pub request_id: String,
+    /// Who decides.
+    pub approver: String,
+    /// Who is told when the approver is slow.
+    #[serde(default = "default_escalation")]
+    pub escalate_to: String,
+    /// What is asked for.
+    #[serde(default)]
+    pub summary: String,
+    /// Wait this long before escalating.
+    #[serde(default = "default_escalate_ms")]
+    pub escalate_after_ms: i64,
+    /// After escalating, wait this long before rejecting by default.
+    #[serde(default = "default_escalate_ms")]
+    pub deadline_after_ms: i64,
+}
+
+fn default_escalation() -> String {
+    "manager".to_owned()
+}
+
+fn default_escalate_ms() -> i64 {
+    3_600_000
+}
+
+/// One variant per step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum State {
+    /// Waiting for the approver.
+    AwaitingDecision {
+        /// The request.
+        request: Request,
+    },
+    /// Escalated; waiting for anyone's decision or the deadline.
+    Escalated {
+        /// The request.
+        request: Request,
+    },
+}
+
+/// The body of `approval.decision`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The request decided on.
+    pub request_id: String,
+    /// The decision.
+    pub approved: bool,
+    /// Who decided.
+    pub by: String,
+}
+
+impl Orchestration for Approval {
+    const NAME: &'static str = "approval";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["approval.requested"];
+    type Input = Request;
+    type State = State;
+    type Output = Decision;
+
+    fn start(ctx: &mut Context, request: Request) -> Result<Next<Self>, Fault> {
+        ctx.send(
+            "notifications",
+            "approval.asked",
+            &serde_json::json!({ "to": request.approver, "request_id": request.request_id }),
+        )?;
+        ctx.receive("approval.decision", Correlation::on("request_id", &request.request_id));
+        ctx.delay("escalate", Duration::milliseconds(request.escalate_after_ms));
+        Ok(Next::Continue(State::AwaitingDecision { request }))
+    }
+
+    fn on_event(ctx: &mut Context, state: State, event: Event) -> Result<Next<Self>, Fault> {
+        match (state, event) {
+            (State::AwaitingDecision { .. } | State::Escalated { .. }, Event::Message(message)) => {
+                Ok(Next::Complete(message.body::<Decision>()?))
+            }
+            (State::AwaitingDecision { request }, Event::Timer { .. }) => {
+                ctx.send(
+                    "notifications",
+                    "approval.escalated",
+                    &serde_json::json!({ "to": request.escalate_to, "request_id": request.request_id }),
+                )?;
+                ctx.receive("approval.decision", Correlation::on("request_id", &request.request_id));
+                ctx.delay("deadline", Duration::milliseconds(request.deadline_after_ms));
+                Ok(Next::Continue(State::Escalated { request }))
+            }
+            (State::Escalated { request }, Event::Timer { .. }) => Ok(Next::Complete(Decision {
+                request_id: request.request_id,
+                approved: false,
+                by: "nobody (deadline passed)".to_owned(),
+            })),
+            (_, event) => Err(UnexpectedEvent(event.label()).into()),
+        }
+    }
+}

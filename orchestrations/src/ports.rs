@@ -1,0 +1,96 @@
+//! The sample send ports: stand-ins for a payment provider, a warehouse, a billing system and a
+//! notification service.
+//!
+//! Each port writes one line per delivery (`port<TAB>message id`) to the file named by
+//! `CAIRN_PORT_LEDGER`, when set: the ports' own record, which the crash tests read to check that
+//! every committed send was delivered under one id and no uncommitted one was.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use cairn::{Client, OutboundMessage, PortError, Ports};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+/// Appends delivered message ids to a file.
+#[derive(Debug, Clone)]
+pub struct Ledger(Option<PathBuf>);
+
+impl Ledger {
+    /// The ledger named by `CAIRN_PORT_LEDGER`, or none.
+    pub fn from_env() -> Self {
+        Self(std::env::var_os("CAIRN_PORT_LEDGER").map(PathBuf::from))
+    }
+
+    /// Records one delivery before the port reports success.
+    pub async fn record(&self, msg: &OutboundMessage) -> Result<(), PortError> {
+        let Some(path) = &self.0 else { return Ok(()) };
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(|e| PortError::transient(format!("ledger {}: {e}", path.display())))?;
+        file.write_all(format!("{}\t{}\n", msg.port, msg.id).as_bytes())
+            .await
+            .map_err(|e| PortError::transient(format!("ledger {}: {e}", path.display())))?;
+        Ok(())
+    }
+}
+
+/// Whether an order's shipment is never confirmed (one in five), so the sample shows its timeout.
+pub fn warehouse_loses(order_id: &str) -> bool {
+    order_id.bytes().map(u32::from).sum::<u32>() % 5 == 0
+}
+
+/// The sample ports. The warehouse publishes `shipment.confirmed` back through `client`.
+pub fn sample_ports(client: Client, ledger: Ledger) -> Ports {
+    let l1 = ledger.clone();
+    let l2 = ledger.clone();
+    let l3 = ledger.clone();
+    Ports::new()
+        .function("payment", move |msg: OutboundMessage| {
+            let ledger = l1.clone();
+            async move {
+                ledger.record(&msg).await?;
+                let amount = msg.body["amount"].as_f64().unwrap_or(0.0);
+                let order = msg.body["order_id"].as_str().unwrap_or_default().to_owned();
+                Ok(Some(json!({ "authorised": amount < 1000.0, "code": format!("AUTH-{order}") })))
+            }
+        })
+        .function("warehouse", move |msg: OutboundMessage| {
+            let ledger = l2.clone();
+            let client = client.clone();
+            async move {
+                ledger.record(&msg).await?;
+                let order = msg.body["order_id"].as_str().unwrap_or_default().to_owned();
+                if !warehouse_loses(&order) {
+                    client
+                        .publish(
+                            "shipment.confirmed",
+                            json!({ "order_id": order, "tracking": format!("TRACK-{order}") }),
+                            Some(format!("shipment-{order}")),
+                            BTreeMap::new(),
+                        )
+                        .await
+                        .map_err(|e| PortError::transient(e.to_string()))?;
+                }
+                Ok(None)
+            }
+        })
+        .function("billing", move |msg: OutboundMessage| {
+            let ledger = l3.clone();
+            async move {
+                ledger.record(&msg).await?;
+                let amount = msg.body["amount"].as_f64().unwrap_or(0.0);
+                Ok(Some(json!({ "billed": amount <= 500.0 })))
+            }
+        })
+        .function("notifications", move |msg: OutboundMessage| {
+            let ledger = ledger.clone();
+            async move {
+                ledger.record(&msg).await?;
+                Ok(None)
+            }
+        })
+}
