@@ -52,7 +52,7 @@ pub enum Command {
         #[arg(long)]
         until_idle: bool,
         /// Save and drop an instance from memory after it has been idle this long.
-        #[arg(long, default_value_t = 5000)]
+        #[arg(long, default_value_t = 1000)]
         dehydrate_after_ms: u64,
         /// Look for new work this often when nothing wakes the host.
         #[arg(long, default_value_t = 100)]

@@ -113,6 +113,7 @@ pub struct LiveInstance {
     children: Vec<NewInstance>,
     ending: Ending,
     dirty: bool,
+    last_effects: Vec<Effect>,
     /// When it last handled an event (for dehydration).
     pub last_active: Instant,
 }
@@ -160,6 +161,7 @@ impl LiveInstance {
             children: Vec::new(),
             ending: Ending::Running,
             dirty: false,
+            last_effects: Vec::new(),
             last_active: Instant::now(),
         };
         if let Some(bytes) = &record.state {
@@ -357,7 +359,8 @@ impl LiveInstance {
         }
         self.dirty = true;
         let mut reason = None;
-        for effect in ctx.into_effects() {
+        self.last_effects = ctx.into_effects();
+        for effect in self.last_effects.clone() {
             match effect {
                 Effect::Send {
                     id,
@@ -442,6 +445,21 @@ impl LiveInstance {
         }
         // A held message may match the waits this transition declared.
         Delivery::Ran(reason)
+    }
+
+    /// The effects the last transition asked for.
+    pub fn last_effects(&self) -> &[Effect] {
+        &self.last_effects
+    }
+
+    /// The current state, if it is of type `S` (the test kit reads it).
+    pub fn state<S: 'static>(&self) -> Option<&S> {
+        self.state.as_ref().and_then(|s| s.downcast_ref::<S>())
+    }
+
+    /// What it waits for now.
+    pub fn waits(&self) -> &Waits {
+        &self.waits
     }
 
     /// Messages held back because they matched no wait; they are offered again after a

@@ -61,7 +61,7 @@ impl Default for HostConfig {
         Self {
             poll_interval: Duration::from_millis(100),
             batch_size: 256,
-            dehydrate_after: Duration::from_secs(5),
+            dehydrate_after: Duration::from_secs(1),
             lease_duration: Duration::from_secs(30),
             outbox_lock: Duration::from_secs(60),
             send_concurrency: 64,
@@ -458,11 +458,34 @@ impl Runner {
         for (id, item) in work {
             self.deliver(id, item, now, &mut points);
         }
+        let fired = self.fire_memory_timers(now, &mut points);
         self.dehydrate_idle(now, &mut points);
         if !points.is_empty() {
             self.commit(points).await;
         }
-        Ok(worked)
+        Ok(worked || fired)
+    }
+
+    /// Fires due timers of instances in memory: a delay declared without a persistence point
+    /// since exists only here. (A timer fires once: the first delivery cancels the wait, so the
+    /// same timer claimed from the database later is dropped.)
+    fn fire_memory_timers(&mut self, now: DateTime<Utc>, points: &mut Vec<PersistencePoint>) -> bool {
+        let due: Vec<DueTimer> = self
+            .cache
+            .values()
+            .flat_map(|i| {
+                i.waits().delays.iter().filter(|d| d.at <= now).map(|d| DueTimer {
+                    instance_id: i.id,
+                    name: d.name.clone(),
+                    due_at: d.at,
+                })
+            })
+            .collect();
+        let fired = !due.is_empty();
+        for timer in due {
+            self.deliver(timer.instance_id, Work::Timer(timer), now, points);
+        }
+        fired
     }
 
     /// Takes the leases of instances that have work and are not in memory, and loads them.

@@ -18,6 +18,7 @@
 //!   lock is released (G3).
 
 mod model;
+pub mod faulty;
 pub mod sqlite;
 
 pub use model::*;

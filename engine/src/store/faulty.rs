@@ -1,0 +1,220 @@
+//! A fault-injecting wrapper around any store, for tests.
+//!
+//! It can fail the next commits with a retryable error, or "crash" at a chosen commit: before it
+//! (nothing of it is written) or after it (written, but the host never hears). A crash makes every
+//! later call on the store hang forever, so the host that was using it makes no more progress,
+//! just as a killed process would not; the test then drops that host's runtime and starts another
+//! host on the same database.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::*;
+
+/// Where a planned crash happens relative to a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// The commit is not written.
+    BeforeCommit,
+    /// The commit is written; the caller never hears.
+    AfterCommit,
+}
+
+/// The faults to inject; shared with the test that planned them.
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    fail_commits: AtomicU32,
+    crash_at: AtomicI64,
+    crash_after: AtomicBool,
+    commits: AtomicU64,
+    crashed: AtomicBool,
+    crash_signal: Notify,
+}
+
+impl FaultPlan {
+    /// A plan with no faults.
+    pub fn new() -> Arc<Self> {
+        let plan = Self::default();
+        plan.crash_at.store(-1, Ordering::SeqCst);
+        Arc::new(plan)
+    }
+
+    /// Fails the next `n` commits with a retryable error (nothing written).
+    pub fn fail_next_commits(&self, n: u32) {
+        self.fail_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// Crashes at the `n`-th commit from now on (1 is the next one).
+    pub fn crash_at_commit(&self, n: u64, point: CrashPoint) {
+        let at = self.commits.load(Ordering::SeqCst) + n;
+        self.crash_after
+            .store(point == CrashPoint::AfterCommit, Ordering::SeqCst);
+        self.crash_at.store(at as i64, Ordering::SeqCst);
+    }
+
+    /// Commits attempted so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::SeqCst)
+    }
+
+    /// Whether the planned crash happened.
+    pub fn has_crashed(&self) -> bool {
+        self.crashed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the planned crash happens.
+    pub async fn crashed(&self) {
+        loop {
+            let notified = self.crash_signal.notified();
+            if self.has_crashed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn crash(&self) {
+        self.crashed.store(true, Ordering::SeqCst);
+        self.crash_signal.notify_waiters();
+    }
+}
+
+/// A store that injects the faults of a [`FaultPlan`].
+#[derive(Debug, Clone)]
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    plan: Arc<FaultPlan>,
+}
+
+impl FaultyStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Store>, plan: Arc<FaultPlan>) -> Self {
+        Self { inner, plan }
+    }
+
+    async fn gate(&self) {
+        if self.plan.has_crashed() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn migrate(&self) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.migrate().await
+    }
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.recover(host, now).await
+    }
+    async fn sync_activations(&self, a: &[Activation], now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.sync_activations(a, now).await
+    }
+    async fn publish(&self, m: Vec<NewMessage>, now: DateTime<Utc>) -> StoreResult<Vec<PublishOutcome>> {
+        self.gate().await;
+        self.inner.publish(m, now).await
+    }
+    async fn start_instances(&self, i: Vec<NewInstance>, now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.start_instances(i, now).await
+    }
+    async fn claim_messages(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<StoredMessage>> {
+        self.gate().await;
+        self.inner.claim_messages(host, now, limit).await
+    }
+    async fn claim_timers(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<DueTimer>> {
+        self.gate().await;
+        self.inner.claim_timers(host, now, limit).await
+    }
+    async fn acquire(
+        &self,
+        host: &str,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<InstanceRecord>> {
+        self.gate().await;
+        self.inner.acquire(host, ids, now, lease_until).await
+    }
+    async fn heartbeat(&self, host: &str, now: DateTime<Utc>, lease_until: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.heartbeat(host, now, lease_until).await
+    }
+    async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.release(host, now).await
+    }
+    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.unlock(host, ids).await
+    }
+    async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
+        self.gate().await;
+        let n = self.plan.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.crash_at.load(Ordering::SeqCst) == n as i64 {
+            if self.plan.crash_after.load(Ordering::SeqCst) {
+                let _ = self.inner.commit(points).await;
+            }
+            self.plan.crash();
+            std::future::pending::<()>().await;
+        }
+        let failing = self.plan.fail_commits.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.plan.fail_commits.store(failing - 1, Ordering::SeqCst);
+            return Err(StoreError::Injected("commit"));
+        }
+        self.inner.commit(points).await
+    }
+    async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.note_unrunnable(id, error, now).await
+    }
+    async fn claim_outbox(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxRow>> {
+        self.gate().await;
+        self.inner.claim_outbox(host, now, lock_until, limit).await
+    }
+    async fn record_deliveries(&self, o: Vec<DeliveryOutcome>, now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.record_deliveries(o, now).await
+    }
+    async fn control(&self, id: Uuid, action: ControlAction, now: DateTime<Utc>) -> StoreResult<InstanceStatus> {
+        self.gate().await;
+        self.inner.control(id, action, now).await
+    }
+    async fn list_instances(&self, status: Option<InstanceStatus>, limit: u32) -> StoreResult<Vec<InstanceSummary>> {
+        self.gate().await;
+        self.inner.list_instances(status, limit).await
+    }
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+        self.gate().await;
+        self.inner.instance_summaries(ids).await
+    }
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
+        self.gate().await;
+        self.inner.instance_detail(id).await
+    }
+    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
+        self.gate().await;
+        self.inner.activity(now).await
+    }
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}

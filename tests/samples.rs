@@ -1,0 +1,202 @@
+//! The sample orchestrations, tested with the kit users get (`cairn::testing`): their transitions
+//! as pure functions, and each under the real engine with a crash at every persistence point.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cairn::store::{InstanceStatus, NewMessage, Reason};
+use cairn::testing::{CrashTest, Outcome, Recorder, Scenario, ScenarioError};
+use cairn::{Client, Effect, OutboundMessage, PortError, Ports};
+use cairn_orchestrations::approval::{self, Approval};
+use cairn_orchestrations::invoice_batch::{Invoice, InvoiceBatch};
+use cairn_orchestrations::order_fulfilment::{self, OrderFulfilment};
+use cairn_orchestrations::registry;
+use serde_json::json;
+
+fn order(amount: f64) -> order_fulfilment::Order {
+    order_fulfilment::Order {
+        order_id: "o-1".into(),
+        customer: "ada".into(),
+        amount,
+        shipment_timeout_ms: 1000,
+    }
+}
+
+#[test]
+fn order_pays_ships_and_completes_with_a_receipt() {
+    let mut s = Scenario::<OrderFulfilment>::start(order(10.0)).unwrap();
+    assert_eq!(s.step(), "AwaitingPayment");
+    assert_eq!(s.sends(), vec![("payment", "payment.authorise", &json!({"order_id": "o-1", "amount": 10.0}))]);
+    assert_eq!(s.persistence_points(), &[Reason::Send]);
+
+    s.reply("payment", json!({"authorised": true, "code": "A1"})).unwrap();
+    assert_eq!(s.step(), "AwaitingShipment");
+    assert_eq!(s.waiting_for().split("; ").count(), 2, "listens for the shipment and the timeout: {}", s.waiting_for());
+    assert!(s.waiting_for().contains("message shipment.confirmed {order_id=o-1}"));
+
+    // A shipment for another order is not for this instance.
+    let other = s.message("shipment.confirmed", json!({"order_id": "o-2", "tracking": "T"}));
+    assert!(matches!(other, Err(ScenarioError::NotWaiting(..))), "{other:?}");
+
+    s.message("shipment.confirmed", json!({"order_id": "o-1", "tracking": "T-9"})).unwrap();
+    let receipt = s.output().expect("completed");
+    assert!(receipt.shipped);
+    assert_eq!(receipt.tracking.as_deref(), Some("T-9"));
+    assert_eq!(s.persistence_points(), &[Reason::Send, Reason::Send, Reason::Complete]);
+}
+
+#[test]
+fn order_timeout_wins_the_listen_and_cancels_the_receive() {
+    let mut s = Scenario::<OrderFulfilment>::start(order(10.0)).unwrap();
+    s.reply("payment", json!({"authorised": true, "code": "A1"})).unwrap();
+    s.timer("shipment-timeout").unwrap();
+    assert!(!s.output().expect("completed").shipped);
+    assert!(s.waits().receives.is_empty() && s.waits().delays.is_empty());
+}
+
+#[test]
+fn order_with_declined_payment_fails() {
+    let mut s = Scenario::<OrderFulfilment>::start(order(5000.0)).unwrap();
+    s.reply("payment", json!({"authorised": false})).unwrap();
+    assert_eq!(s.outcome(), &Outcome::Failed("payment for order o-1 declined".into()));
+}
+
+#[test]
+fn order_with_an_undecodable_reply_is_a_fault() {
+    let mut s = Scenario::<OrderFulfilment>::start(order(10.0)).unwrap();
+    let err = s.reply("payment", json!({"nonsense": 1})).unwrap_err();
+    assert!(matches!(&err, ScenarioError::Faulted(t) if t.contains("does not decode")), "{err}");
+}
+
+fn request() -> approval::Request {
+    approval::Request {
+        request_id: "r-1".into(),
+        approver: "alice".into(),
+        escalate_to: "bob".into(),
+        summary: "laptop".into(),
+        escalate_after_ms: 300,
+        deadline_after_ms: 300,
+    }
+}
+
+#[test]
+fn approval_escalates_then_takes_the_late_decision() {
+    let mut s = Scenario::<Approval>::start(request()).unwrap();
+    assert_eq!(s.step(), "AwaitingDecision");
+    s.timer("escalate").unwrap();
+    assert_eq!(s.step(), "Escalated");
+    assert_eq!(s.sends()[0].0, "notifications");
+    assert_eq!(s.sends()[0].2["to"], "bob");
+    s.message("approval.decision", json!({"request_id": "r-1", "approved": true, "by": "bob"})).unwrap();
+    assert_eq!(s.output().map(|d| d.approved), Some(true));
+}
+
+#[test]
+fn approval_rejects_by_default_after_the_deadline() {
+    let mut s = Scenario::<Approval>::start(request()).unwrap();
+    s.timer("escalate").unwrap();
+    s.timer("deadline").unwrap();
+    assert_eq!(s.output().map(|d| d.approved), Some(false));
+}
+
+#[test]
+fn invoice_batch_joins_on_every_child_in_any_order() {
+    let batch = json!({"batch_id": "b", "lines": [
+        {"customer": "a", "amount": 1.0}, {"customer": "b", "amount": 2.0}, {"customer": "c", "amount": 3.0}]});
+    let mut s = Scenario::<InvoiceBatch>::start_with(
+        cairn::Registry::new().register::<Invoice>(),
+        chrono::Utc::now(),
+        serde_json::from_value(batch).unwrap(),
+    )
+    .unwrap();
+    let children: Vec<_> = s.started().iter().map(|(id, name, _)| (*id, name.to_string())).collect();
+    assert_eq!(children.len(), 3);
+    assert!(children.iter().all(|(_, name)| name == "invoice"));
+    assert_eq!(s.persistence_points(), &[Reason::Start]);
+    s.child_completed(children[2].0, json!(3.0)).unwrap();
+    s.child_failed(children[0].0, "refused").unwrap();
+    assert!(s.output().is_none());
+    s.child_completed(children[1].0, json!(2.0)).unwrap();
+    let summary = s.output().expect("completed");
+    assert_eq!(summary.total, 5.0);
+    assert_eq!(summary.failed, vec!["a".to_owned()]);
+}
+
+/// Ports that behave like the samples' and record every delivery.
+fn recording_ports(client: Client, recorder: Recorder) -> Ports {
+    let record = |recorder: Recorder, reply: fn(&OutboundMessage) -> Option<serde_json::Value>| {
+        move |msg: OutboundMessage| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.record(&msg.port, &msg.id);
+                Ok::<_, PortError>(reply(&msg))
+            }
+        }
+    };
+    let warehouse_recorder = recorder.clone();
+    Ports::new()
+        .function("payment", record(recorder.clone(), |m| {
+            Some(json!({"authorised": m.body["amount"].as_f64() < Some(1000.0), "code": "A"}))
+        }))
+        .function("billing", record(recorder.clone(), |m| Some(json!({"billed": m.body["amount"].as_f64() <= Some(500.0)}))))
+        .function("notifications", record(recorder, |_| None))
+        .function("warehouse", move |msg: OutboundMessage| {
+            let recorder = warehouse_recorder.clone();
+            let client = client.clone();
+            async move {
+                recorder.record(&msg.port, &msg.id);
+                let order = msg.body["order_id"].as_str().unwrap_or_default().to_owned();
+                client
+                    .publish("shipment.confirmed", json!({"order_id": order, "tracking": "T"}),
+                        Some(format!("ship-{order}")), BTreeMap::new())
+                    .await
+                    .map_err(|e| PortError::transient(e.to_string()))?;
+                Ok(None)
+            }
+        })
+}
+
+#[test]
+fn order_fulfilment_survives_a_crash_at_every_persistence_point() {
+    let report = CrashTest::new(registry(), "order-fulfilment", json!(order(10.0)))
+        .ports(recording_ports)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{report:?}");
+    assert_eq!(report.status, InstanceStatus::Completed);
+    assert!(report.commits >= 3 && report.crashed_runs >= 6, "{report:?}");
+}
+
+#[test]
+fn approval_survives_a_crash_at_every_persistence_point() {
+    let decision = NewMessage::published(
+        "decision-r-1",
+        "approval.decision",
+        json!({"request_id": "r-1", "approved": true, "by": "alice"}),
+        BTreeMap::new(),
+    );
+    let report = CrashTest::new(registry(), "approval", json!(request()))
+        .ports(recording_ports)
+        .publish(decision)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Completed);
+}
+
+#[test]
+fn invoice_batch_survives_a_crash_at_every_persistence_point() {
+    let batch = json!({"batch_id": "b", "lines": [{"customer": "a", "amount": 1.0}, {"customer": "b", "amount": 900.0}]});
+    let report = CrashTest::new(registry(), "invoice-batch", batch)
+        .ports(recording_ports)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Completed);
+    assert_eq!(report.history.first().map(|(r, _)| *r), Some(Reason::Start));
+}
+
+#[test]
+fn effects_are_plain_data() {
+    let s = Scenario::<OrderFulfilment>::start(order(1.0)).unwrap();
+    assert!(matches!(&s.effects()[0], Effect::Send { expects_reply: true, port, .. } if port == "payment"));
+    let _unused: Arc<()> = Arc::new(());
+}
