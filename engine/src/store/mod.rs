@@ -19,6 +19,7 @@
 
 mod model;
 pub mod faulty;
+pub mod postgres;
 pub mod sqlite;
 
 pub use model::*;
@@ -202,13 +203,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn close(&self);
 }
 
-/// Opens the store a database URL names (`sqlite://PATH`, `sqlite::memory:`).
+/// Opens the store a database URL names (`sqlite://PATH`, `sqlite::memory:`,
+/// `postgres://USER@HOST/DB` or `postgresql://...`).
 ///
 /// # Errors
 /// [`StoreError::UnsupportedUrl`], or the connection error.
 pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(postgres::PostgresStore::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_owned()))
     }

@@ -1,0 +1,1997 @@
+//! The PostgreSQL MessageBox: one database shared by many hosts on many machines.
+//!
+//! The tables, their columns and the semantics are those of the SQLite backend; what changes is
+//! that several hosts write at once, so the database has to be the coordinator:
+//!
+//! * **Claims** (`claim_messages`, `claim_timers`, `claim_outbox`) pick rows with
+//!   `FOR UPDATE SKIP LOCKED`, so hosts polling together never wait on, nor take, each other's
+//!   rows.
+//! * **Ownership** is a lease (`instances.owner`, `lease_expires_at`) with a fencing `epoch`,
+//!   renewed by [`Store::heartbeat`]. A host that is gone is never "released" by another:
+//!   its leases run out, and the next host to [`Store::acquire`] the instance bumps the epoch (the
+//!   old owner's commits are then fenced, G4) and clears the message and timer locks other hosts
+//!   hold on it, so that what the old owner had claimed is delivered again (G3).
+//! * **Stale locks.** A message or timer locked by a host is claimable again when that host cannot
+//!   be holding it any more: the instance has an owner and it is not the locker, or the owner's
+//!   lease ran out; or the instance has no owner and the locker is gone (no heartbeat for two
+//!   lease durations, or stopped). A host never claims again what it already holds for an instance
+//!   it owns, even when its own lease has lapsed: the message is in its memory.
+//! * **Routing** reads subscriptions and writes messages; subscription changes read unrouted
+//!   messages and route them. Under `READ COMMITTED` a message published while a subscription for
+//!   it is being written could miss both, and stay unrouted. Each message type therefore has a
+//!   transaction-scoped advisory lock: publishing takes it shared, writing or removing
+//!   subscriptions of the type takes it exclusive, always in one sorted order (no deadlock).
+//! * **Wake-ups.** Transactions that make work (publish, start, commit, deliveries, resume) end with
+//!   `pg_notify('cairn_work', '')`, delivered at commit.
+//!
+//! Everything lives in the schema `cairn` (the connection's `search_path`), including sqlx's
+//! migration table. Times are `TIMESTAMPTZ` written from the engine's clock, never the database's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::*;
+use crate::orchestration::Correlation;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The schema every table lives in.
+pub const SCHEMA: &str = "cairn";
+
+/// The channel notified when a transaction made work for hosts.
+pub const WORK_CHANNEL: &str = "cairn_work";
+
+/// Advisory lock class of the per-message-type routing locks ("cair").
+const ROUTE_LOCK_CLASS: i32 = 0x6361_6972;
+/// Advisory lock class of schema creation ("cais").
+const SCHEMA_LOCK_CLASS: i32 = 0x6361_6973;
+
+/// The lease duration assumed until a host tells the store its own (HostConfig's default).
+const DEFAULT_LEASE_MS: i64 = 30_000;
+
+/// Maps a sqlx error to a [`StoreError`], deciding what is worth retrying. The one place that
+/// decides it for this backend.
+fn map_err(err: sqlx::Error) -> StoreError {
+    let retryable = match &err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(
+                code.as_ref(),
+                // serialization_failure, deadlock_detected
+                "40001" | "40P01"
+                // admin_shutdown, crash_shutdown, cannot_connect_now
+                | "57P01" | "57P02" | "57P03"
+                // too_many_connections
+                | "53300"
+            ) || code.starts_with("08") // connection_exception and its subclasses
+        }),
+        _ => false,
+    };
+    if retryable {
+        StoreError::Unavailable(err)
+    } else {
+        StoreError::Database(err)
+    }
+}
+
+/// Reads a column, reporting a value of the wrong type as corrupt rather than panicking.
+fn col<'r, T>(row: &'r PgRow, name: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+fn parse_word<T: FromStr<Err = String>>(text: &str) -> StoreResult<T> {
+    text.parse().map_err(StoreError::Corrupt)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("json {text:?}: {e}")))
+}
+
+/// A `u32` as an `INTEGER` column.
+fn int4(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+/// An `INTEGER` column as a `u32`.
+fn uint(value: i32, what: &str) -> StoreResult<u32> {
+    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// The lease duration this store's host uses, in milliseconds, learnt from `acquire` and
+    /// `heartbeat`; a host whose heartbeat is older than two of them is presumed gone.
+    lease_ms: Arc<AtomicI64>,
+}
+
+type Tx = Transaction<'static, Postgres>;
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`), with the
+    /// schema `cairn` as the search path. The schema and tables are created by
+    /// [`Store::migrate`].
+    ///
+    /// # Errors
+    /// The URL is malformed, or the database cannot be reached within the pool's acquire timeout.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(StoreError::Database)?
+            .application_name("cairn")
+            .options([("search_path", SCHEMA)]);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        Ok(Self {
+            pool,
+            lease_ms: Arc::new(AtomicI64::new(DEFAULT_LEASE_MS)),
+        })
+    }
+
+    /// The connection pool, for tests and tools that read the database directly.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn write(&self) -> StoreResult<Tx> {
+        self.pool.begin().await.map_err(map_err)
+    }
+
+    fn learn_lease(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>) {
+        let ms = (lease_until - now).num_milliseconds();
+        if ms > 0 {
+            self.lease_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Hosts whose last heartbeat is older than this are presumed gone.
+    fn host_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::milliseconds(2 * self.lease_ms.load(Ordering::Relaxed))
+    }
+}
+
+async fn commit(tx: Tx) -> StoreResult<()> {
+    tx.commit().await.map_err(map_err)
+}
+
+/// Tells listening hosts that there is work; delivered when the transaction commits.
+async fn notify(tx: &mut Tx) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(WORK_CHANNEL)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+/// The routing lock key of a message type (FNV-1a, folded to 32 bits).
+fn route_key(message_type: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in message_type.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Takes the routing locks of these message types for the rest of the transaction: shared to
+/// route messages of a type, exclusive to change its subscriptions and route its unrouted messages
+/// again. Always in key order, each key once, so that two transactions never wait on each other in
+/// a cycle.
+async fn lock_routes<'a>(
+    tx: &mut Tx,
+    shared: impl IntoIterator<Item = &'a str>,
+    exclusive: impl IntoIterator<Item = &'a str>,
+) -> StoreResult<()> {
+    let mut keys: BTreeMap<i32, bool> = BTreeMap::new();
+    for t in shared {
+        keys.entry(route_key(t)).or_insert(false);
+    }
+    for t in exclusive {
+        keys.insert(route_key(t), true);
+    }
+    for (key, exclusive) in keys {
+        let sql = if exclusive {
+            "SELECT pg_advisory_xact_lock($1, $2)"
+        } else {
+            "SELECT pg_advisory_xact_lock_shared($1, $2)"
+        };
+        sqlx::query(sql)
+            .bind(ROUTE_LOCK_CLASS)
+            .bind(key)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// The types of untargeted messages, which routing by subscription will read.
+fn routed_types(messages: &[NewMessage]) -> impl Iterator<Item = &str> {
+    messages
+        .iter()
+        .filter(|m| m.target.is_none())
+        .map(|m| m.message_type.as_str())
+}
+
+/// Where a message goes.
+enum Route {
+    Instance(Uuid, Option<Uuid>),
+    Activate { orchestration: String, version: u32 },
+    Unrouted(String),
+}
+
+async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
+    if let Some(target) = msg.target {
+        return Ok(Route::Instance(target, None));
+    }
+    let key_sets: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT correlation_keys FROM subscriptions \
+         WHERE message_type = $1 AND instance_id IS NOT NULL",
+    )
+    .bind(&msg.message_type)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    for keys in key_sets {
+        let Some(corr) = Correlation::from_properties(&keys, &msg.properties) else {
+            continue;
+        };
+        let row = sqlx::query(
+            "SELECT id, instance_id FROM subscriptions \
+             WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
+             ORDER BY created_at, id LIMIT 1",
+        )
+        .bind(&msg.message_type)
+        .bind(corr.canonical())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(row) = row {
+            return Ok(Route::Instance(
+                col(&row, "instance_id")?,
+                Some(col(&row, "id")?),
+            ));
+        }
+    }
+    let activation = sqlx::query(
+        "SELECT orchestration, version FROM subscriptions \
+         WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
+    )
+    .bind(&msg.message_type)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if let Some(row) = activation {
+        return Ok(Route::Activate {
+            orchestration: col(&row, "orchestration")?,
+            version: uint(col(&row, "version")?, "subscriptions.version")?,
+        });
+    }
+    let props = msg
+        .properties
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(Route::Unrouted(format!(
+        "no subscription matches message type {:?} with properties {{{props}}}",
+        msg.message_type
+    )))
+}
+
+async fn insert_instance(
+    tx: &mut Tx,
+    id: Uuid,
+    orchestration: &str,
+    version: u32,
+    parent: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO instances (id, orchestration, version, status, step, created_at, updated_at, parent_id) \
+         VALUES ($1, $2, $3, 'running', 'created', $4, $4, $5)",
+    )
+    .bind(id)
+    .bind(orchestration)
+    .bind(int4(version))
+    .bind(now)
+    .bind(parent)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Stores and routes one message inside `tx`. An untargeted message's type must be locked for
+/// routing ([`lock_routes`]).
+///
+/// The message is inserted first (`ON CONFLICT (id) DO NOTHING`): the unique id, not a read, is
+/// what makes a second publisher of the same id store nothing, and nothing is routed (no instance
+/// is activated) for a message that turned out to be a duplicate.
+async fn publish_one(
+    tx: &mut Tx,
+    msg: &NewMessage,
+    now: DateTime<Utc>,
+) -> StoreResult<PublishOutcome> {
+    let properties = serde_json::to_string(&msg.properties).unwrap_or_default();
+    if let Some(target) = msg.target {
+        let seq: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, published_at) \
+             VALUES ($1, $2, $3, $4, $5, 'routed', $6, $7) ON CONFLICT (id) DO NOTHING RETURNING seq",
+        )
+        .bind(&msg.id)
+        .bind(&msg.message_type)
+        .bind(msg.kind.as_str())
+        .bind(&properties)
+        .bind(msg.body.to_string())
+        .bind(target)
+        .bind(now)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        return Ok(match seq {
+            Some(_) => PublishOutcome::Routed(target),
+            None => PublishOutcome::Duplicate,
+        });
+    }
+    let seq: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO messages (id, message_type, kind, properties, body, status, published_at) \
+         VALUES ($1, $2, $3, $4, $5, 'unrouted', $6) ON CONFLICT (id) DO NOTHING RETURNING seq",
+    )
+    .bind(&msg.id)
+    .bind(&msg.message_type)
+    .bind(msg.kind.as_str())
+    .bind(&properties)
+    .bind(msg.body.to_string())
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let Some(seq) = seq else {
+        return Ok(PublishOutcome::Duplicate);
+    };
+    let (status, instance, subscription, reason, kind, outcome) = match find_route(tx, msg).await? {
+        Route::Instance(id, sub) => (
+            MessageStatus::Routed,
+            Some(id),
+            sub,
+            None,
+            msg.kind,
+            PublishOutcome::Routed(id),
+        ),
+        Route::Activate {
+            orchestration,
+            version,
+        } => {
+            let id = Uuid::new_v4();
+            insert_instance(tx, id, &orchestration, version, None, now).await?;
+            // An activating message is the new instance's start message.
+            (
+                MessageStatus::Routed,
+                Some(id),
+                None,
+                None,
+                MessageKind::Start,
+                PublishOutcome::Routed(id),
+            )
+        }
+        Route::Unrouted(reason) => (
+            MessageStatus::Unrouted,
+            None,
+            None,
+            Some(reason),
+            msg.kind,
+            PublishOutcome::Unrouted,
+        ),
+    };
+    sqlx::query(
+        "UPDATE messages SET status = $2, instance_id = $3, subscription_id = $4, reason = $5, \
+         kind = $6 WHERE seq = $1",
+    )
+    .bind(seq)
+    .bind(status.as_str())
+    .bind(instance)
+    .bind(subscription)
+    .bind(reason)
+    .bind(kind.as_str())
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(outcome)
+}
+
+/// Routes the unrouted messages of these types again (a subscription appeared or went away).
+/// The types must be locked exclusively for routing ([`lock_routes`]).
+async fn reroute(tx: &mut Tx, types: &BTreeSet<String>, now: DateTime<Utc>) -> StoreResult<()> {
+    for message_type in types {
+        let rows = sqlx::query(
+            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1 \
+             ORDER BY seq",
+        )
+        .bind(message_type)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        for row in rows {
+            let seq: i64 = col(&row, "seq")?;
+            let properties: BTreeMap<String, String> =
+                parse_json(&col::<String>(&row, "properties")?)?;
+            let probe = NewMessage {
+                id: String::new(),
+                message_type: message_type.clone(),
+                kind: MessageKind::Published,
+                properties,
+                body: serde_json::Value::Null,
+                target: None,
+            };
+            let (instance, sub, kind, activate) = match find_route(tx, &probe).await? {
+                Route::Instance(id, sub) => (id, sub, MessageKind::Published, None),
+                Route::Activate {
+                    orchestration,
+                    version,
+                } => (
+                    Uuid::new_v4(),
+                    None,
+                    MessageKind::Start,
+                    Some((orchestration, version)),
+                ),
+                Route::Unrouted(_) => continue,
+            };
+            let routed = sqlx::query(
+                "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
+                 kind = $4, reason = NULL WHERE seq = $1 AND status = 'unrouted'",
+            )
+            .bind(seq)
+            .bind(instance)
+            .bind(sub)
+            .bind(kind.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+            if let (1, Some((orchestration, version))) = (routed.rows_affected(), activate) {
+                insert_instance(tx, instance, &orchestration, version, None, now).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn start_one(tx: &mut Tx, inst: &NewInstance, now: DateTime<Utc>) -> StoreResult<()> {
+    insert_instance(
+        tx,
+        inst.id,
+        &inst.orchestration,
+        inst.version,
+        inst.parent,
+        now,
+    )
+    .await?;
+    let start = NewMessage::to_instance(
+        inst.start_message_id(),
+        format!("{}.start", inst.orchestration),
+        MessageKind::Start,
+        inst.input.clone(),
+        inst.id,
+    );
+    publish_one(tx, &start, now).await?;
+    Ok(())
+}
+
+/// Writes one persistence point inside `tx`; returns `Fenced` without writing if the epoch moved
+/// or the writer no longer owns the instance.
+async fn write_point(
+    tx: &mut Tx,
+    p: &PersistencePoint,
+    reroute_types: &mut BTreeSet<String>,
+) -> StoreResult<CommitOutcome> {
+    let id = p.instance_id;
+    let updated = sqlx::query(
+        "UPDATE instances SET status = $3, step = $4, waiting_for = $5, next_timer_at = $6, \
+         updated_at = $7, last_error = $8, state = COALESCE($9, state), \
+         engine_state = COALESCE($10, engine_state), output = COALESCE($11, output), history_seq = $12, \
+         owner = CASE WHEN $13 THEN NULL ELSE owner END, \
+         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END \
+         WHERE id = $1 AND epoch = $2 AND owner = $14",
+    )
+    .bind(id)
+    .bind(p.epoch)
+    .bind(p.status.as_str())
+    .bind(&p.step)
+    .bind(&p.waiting_for)
+    .bind(p.next_timer_at)
+    .bind(p.at)
+    .bind(&p.last_error)
+    .bind(&p.state)
+    .bind(&p.engine_state)
+    .bind(p.output.as_ref().map(|o| o.to_string()))
+    .bind(p.history_seq)
+    .bind(p.release)
+    .bind(&p.host)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if updated.rows_affected() == 0 {
+        return Ok(CommitOutcome::Fenced);
+    }
+    for seq in &p.consumed {
+        let done = sqlx::query(
+            "UPDATE messages SET status = 'consumed', consumed_at = $3, locked_by = NULL \
+             WHERE seq = $1 AND instance_id = $2 AND status = 'routed'",
+        )
+        .bind(seq)
+        .bind(id)
+        .bind(p.at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "instance {id} consumed message seq {seq}, which is not routed to it (consumed twice?)"
+            )));
+        }
+    }
+    if !p.unsubscribe.is_empty() {
+        sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
+            .bind(&p.unsubscribe)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let types: Vec<String> = sqlx::query_scalar(
+            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
+             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
+             WHERE subscription_id = ANY($1) AND status = 'routed' RETURNING message_type",
+        )
+        .bind(&p.unsubscribe)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        reroute_types.extend(types);
+    }
+    for sub in &p.subscribe {
+        sqlx::query(
+            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(sub.id)
+        .bind(&sub.message_type)
+        .bind(id)
+        .bind(sub.correlation.keys())
+        .bind(sub.correlation.canonical())
+        .bind(p.at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        reroute_types.insert(sub.message_type.clone());
+    }
+    if !p.cancel_timers.is_empty() {
+        sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = ANY($2)")
+            .bind(id)
+            .bind(&p.cancel_timers)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
+    for (name, at) in &p.set_timers {
+        sqlx::query(
+            "INSERT INTO timers (instance_id, name, due_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (instance_id, name) DO UPDATE SET due_at = excluded.due_at, locked_by = NULL",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    for row in &p.outbox {
+        sqlx::query(
+            "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+             next_attempt_at, locked_by, locked_until, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $7)",
+        )
+        .bind(&row.id)
+        .bind(id)
+        .bind(&row.port)
+        .bind(&row.message_type)
+        .bind(row.body.to_string())
+        .bind(row.expects_reply)
+        .bind(p.at)
+        .bind(&p.host)
+        .bind(p.outbox_lock_until)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    for child in &p.children {
+        start_one(tx, child, p.at).await?;
+    }
+    for msg in &p.messages {
+        publish_one(tx, msg, p.at).await?;
+    }
+    insert_history(tx, id, p.history_seq, p.reason, &p.step, p.status, p.at).await?;
+    if p.release {
+        unlock_instance(tx, id).await?;
+    }
+    Ok(CommitOutcome::Committed)
+}
+
+async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE messages SET locked_by = NULL \
+         WHERE instance_id = $1 AND status = 'routed' AND locked_by IS NOT NULL",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by IS NOT NULL",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn next_history_seq(tx: &mut Tx, id: Uuid) -> StoreResult<i64> {
+    let seq: i64 = sqlx::query_scalar("SELECT history_seq FROM instances WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(seq + 1)
+}
+
+async fn insert_history(
+    tx: &mut Tx,
+    id: Uuid,
+    seq: i64,
+    reason: Reason,
+    step: &str,
+    status: InstanceStatus,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO history (instance_id, seq, reason, step, status, at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(seq)
+    .bind(reason.as_str())
+    .bind(step)
+    .bind(status.as_str())
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn summary_from_row(row: &PgRow) -> StoreResult<InstanceSummary> {
+    Ok(InstanceSummary {
+        id: col(row, "id")?,
+        orchestration: col(row, "orchestration")?,
+        version: uint(col(row, "version")?, "instances.version")?,
+        status: parse_word(&col::<String>(row, "status")?)?,
+        step: col(row, "step")?,
+        waiting_for: col(row, "waiting_for")?,
+        updated_at: col(row, "updated_at")?,
+        last_error: col(row, "last_error")?,
+    })
+}
+
+const SUMMARY_COLUMNS: &str =
+    "id, orchestration, version, status, step, waiting_for, updated_at, last_error";
+
+/// Instances host `$1` may run at `$2`: runnable, and unowned, owned by it, or with a lease
+/// that ran out.
+const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
+     AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
+
+/// Whether the lock on row `x` (a message or timer of instance `i`) leaves it to host `$1`, given
+/// [`CLAIMABLE`]; `$4` is the heartbeat cutoff below which a host is presumed gone.
+///
+/// * unlocked: yes;
+/// * the instance has no owner: if `$1` itself holds the lock (left over from a failed round), or
+///   the locker is gone. A live locker is between its claim and its acquire: taking the row
+///   would deliver it twice;
+/// * the instance has an owner (`$1`, or a host whose lease ran out): unless `$1` owns it and
+///   holds the lock, i.e. already has the row in memory.
+fn lock_free(x: &str) -> String {
+    format!(
+        "({x}.locked_by IS NULL \
+          OR (i.owner IS NULL AND ({x}.locked_by = $1 OR NOT EXISTS ( \
+                SELECT 1 FROM hosts h WHERE h.id = {x}.locked_by AND h.stopped_at IS NULL \
+                  AND h.heartbeat_at >= $4))) \
+          OR (i.owner IS NOT NULL AND NOT (i.owner = $1 AND {x}.locked_by = $1)))"
+    )
+}
+
+/// Whether the lock on row `x` of instance `i` is held by a host that may still be working on it
+/// (`$1` is the current time, `$2` the heartbeat cutoff): the host-independent version of
+/// [`lock_free`], for [`Store::activity`].
+fn lock_stale(x: &str) -> String {
+    format!(
+        "({x}.locked_by IS NULL \
+          OR (i.owner IS NULL AND NOT EXISTS ( \
+                SELECT 1 FROM hosts h WHERE h.id = {x}.locked_by AND h.stopped_at IS NULL \
+                  AND h.heartbeat_at >= $2)) \
+          OR (i.owner IS NOT NULL AND (i.owner <> {x}.locked_by OR i.lease_expires_at < $1)))"
+    )
+}
+
+fn stored_message(row: &PgRow) -> StoreResult<StoredMessage> {
+    Ok(StoredMessage {
+        seq: col(row, "seq")?,
+        id: col(row, "id")?,
+        message_type: col(row, "message_type")?,
+        kind: parse_word(&col::<String>(row, "kind")?)?,
+        properties: parse_json(&col::<String>(row, "properties")?)?,
+        body: parse_json(&col::<String>(row, "body")?)?,
+        instance_id: col(row, "instance_id")?,
+        subscription_id: col(row, "subscription_id")?,
+        published_at: col(row, "published_at")?,
+    })
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        // The schema must exist before the migrator creates its table in it. Hosts starting
+        // together would race on CREATE SCHEMA IF NOT EXISTS: serialize them.
+        let mut tx = self.write().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+            .bind(SCHEMA_LOCK_CLASS)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await?;
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        // Other hosts may be alive: nothing of theirs is released here. Their leases run out on
+        // their own and their locks go stale (see the module docs); this only records who is here
+        // and marks as stopped the hosts that stopped beating.
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE hosts SET stopped_at = heartbeat_at \
+             WHERE stopped_at IS NULL AND heartbeat_at < $2 AND id <> $1",
+        )
+        .bind(host)
+        .bind(self.host_cutoff(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, pid = excluded.pid, \
+               started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
+        )
+        .bind(host)
+        .bind(hostname())
+        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn sync_activations(
+        &self,
+        activations: &[Activation],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let types: BTreeSet<String> = activations
+            .iter()
+            .map(|a| a.message_type.clone())
+            .collect();
+        lock_routes(&mut tx, [], types.iter().map(String::as_str)).await?;
+        for a in activations {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
+                 DO UPDATE SET version = excluded.version",
+            )
+            .bind(Uuid::new_v4())
+            .bind(&a.message_type)
+            .bind(&a.orchestration)
+            .bind(int4(a.version))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        reroute(&mut tx, &types, now).await?;
+        commit(tx).await
+    }
+
+    async fn publish(
+        &self,
+        messages: Vec<NewMessage>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<PublishOutcome>> {
+        let mut tx = self.write().await?;
+        lock_routes(&mut tx, routed_types(&messages), []).await?;
+        let mut out = Vec::with_capacity(messages.len());
+        for msg in &messages {
+            out.push(publish_one(&mut tx, msg, now).await?);
+        }
+        if out.iter().any(|o| !matches!(o, PublishOutcome::Duplicate)) {
+            notify(&mut tx).await?;
+        }
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn start_instances(
+        &self,
+        instances: Vec<NewInstance>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for inst in &instances {
+            start_one(&mut tx, inst, now).await?;
+        }
+        if !instances.is_empty() {
+            notify(&mut tx).await?;
+        }
+        commit(tx).await
+    }
+
+    async fn claim_messages(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
+               SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
+               WHERE m.status = 'routed' AND {CLAIMABLE} AND {lock_free} \
+               ORDER BY m.seq LIMIT $3 \
+               FOR UPDATE OF m SKIP LOCKED) \
+             RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at",
+            lock_free = lock_free("m"),
+        ))
+        .bind(host)
+        .bind(now)
+        .bind(i64::from(limit))
+        .bind(self.host_cutoff(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await?;
+        let mut out = rows
+            .iter()
+            .map(stored_message)
+            .collect::<StoreResult<Vec<_>>>()?;
+        out.sort_by_key(|m| m.seq);
+        Ok(out)
+    }
+
+    async fn claim_timers(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<DueTimer>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE timers SET locked_by = $1 WHERE (instance_id, name) IN ( \
+               SELECT t.instance_id, t.name FROM timers t JOIN instances i ON i.id = t.instance_id \
+               WHERE t.due_at <= $2 AND {CLAIMABLE} AND {lock_free} \
+               ORDER BY t.due_at LIMIT $3 \
+               FOR UPDATE OF t SKIP LOCKED) \
+             RETURNING instance_id, name, due_at",
+            lock_free = lock_free("t"),
+        ))
+        .bind(host)
+        .bind(now)
+        .bind(i64::from(limit))
+        .bind(self.host_cutoff(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await?;
+        let mut out = rows
+            .iter()
+            .map(|row| {
+                Ok(DueTimer {
+                    instance_id: col(row, "instance_id")?,
+                    name: col(row, "name")?,
+                    due_at: col(row, "due_at")?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        out.sort_by(|a, b| a.due_at.cmp(&b.due_at));
+        Ok(out)
+    }
+
+    async fn acquire(
+        &self,
+        host: &str,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<InstanceRecord>> {
+        self.learn_lease(now, lease_until);
+        let mut tx = self.write().await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(
+                "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
+                 status = 'running' \
+                 WHERE id = $4 AND status IN ('running', 'dehydrated') \
+                   AND (owner IS NULL OR owner = $1 OR lease_expires_at < $2) \
+                 RETURNING id, orchestration, version, status, state, engine_state, epoch, history_seq, parent_id",
+            )
+            .bind(host)
+            .bind(now)
+            .bind(lease_until)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            let Some(row) = row else { continue };
+            out.push(InstanceRecord {
+                id: *id,
+                orchestration: col(&row, "orchestration")?,
+                version: uint(col(&row, "version")?, "instances.version")?,
+                status: parse_word(&col::<String>(&row, "status")?)?,
+                state: col(&row, "state")?,
+                engine_state: col(&row, "engine_state")?,
+                epoch: col(&row, "epoch")?,
+                history_seq: col(&row, "history_seq")?,
+                parent_id: col(&row, "parent_id")?,
+            });
+        }
+        if !out.is_empty() {
+            // Whatever other hosts hold of these instances they cannot commit any more (the epoch
+            // moved): a previous owner whose lease ran out, or a host that claimed but lost the
+            // race to acquire. Release it so that it is delivered again, here (G3).
+            let acquired: Vec<Uuid> = out.iter().map(|r| r.id).collect();
+            sqlx::query(
+                "UPDATE messages SET locked_by = NULL \
+                 WHERE instance_id = ANY($1) AND status = 'routed' AND locked_by <> $2",
+            )
+            .bind(&acquired)
+            .bind(host)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            sqlx::query(
+                "UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by <> $2",
+            )
+            .bind(&acquired)
+            .bind(host)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn heartbeat(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.learn_lease(now, lease_until);
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE instances SET lease_expires_at = $2 WHERE owner = $1")
+            .bind(host)
+            .bind(lease_until)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        // A host another one marked stopped while it was slow is back.
+        sqlx::query("UPDATE hosts SET heartbeat_at = $2, stopped_at = NULL WHERE id = $1")
+            .bind(host)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for sql in [
+            "UPDATE messages SET locked_by = NULL WHERE locked_by = $1 AND status = 'routed'",
+            "UPDATE timers SET locked_by = NULL WHERE locked_by = $1",
+            "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by = $1",
+            "UPDATE instances SET owner = NULL, lease_expires_at = NULL, \
+               status = CASE WHEN status = 'running' AND state IS NOT NULL THEN 'dehydrated' ELSE status END \
+             WHERE owner = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(host)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        sqlx::query("UPDATE hosts SET stopped_at = $2, heartbeat_at = $2 WHERE id = $1")
+            .bind(host)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE messages SET locked_by = NULL \
+             WHERE instance_id = ANY($1) AND locked_by = $2 AND status = 'routed'",
+        )
+        .bind(ids)
+        .bind(host)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by = $2",
+        )
+        .bind(ids)
+        .bind(host)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
+        let mut tx = self.write().await?;
+        // Routing locks first, all at once and in order: shared for the messages the points
+        // publish, exclusive for the types whose subscriptions they add or remove.
+        let unsubscribed: Vec<Uuid> = points
+            .iter()
+            .flat_map(|p| p.unsubscribe.iter().copied())
+            .collect();
+        let mut changed: BTreeSet<String> = points
+            .iter()
+            .flat_map(|p| p.subscribe.iter().map(|s| s.message_type.clone()))
+            .collect();
+        if !unsubscribed.is_empty() {
+            let types: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT message_type FROM subscriptions WHERE id = ANY($1)",
+            )
+            .bind(&unsubscribed)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            changed.extend(types);
+        }
+        lock_routes(
+            &mut tx,
+            points.iter().flat_map(|p| routed_types(&p.messages)),
+            changed.iter().map(String::as_str),
+        )
+        .await?;
+
+        let mut out = Vec::with_capacity(points.len());
+        let mut reroute_types = BTreeSet::new();
+        for p in points {
+            out.push(write_point(&mut tx, p, &mut reroute_types).await?);
+        }
+        // Rerouting reads only types locked above: a message type is unrouted here only by
+        // removing a subscription of that type.
+        let now = points.iter().map(|p| p.at).max().unwrap_or_default();
+        reroute(&mut tx, &reroute_types, now).await?;
+        if out.contains(&CommitOutcome::Committed) {
+            notify(&mut tx).await?;
+        }
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE instances SET last_error = $2, updated_at = $3 WHERE id = $1")
+            .bind(id)
+            .bind(error)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await
+    }
+
+    async fn claim_outbox(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxRow>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "UPDATE outbox SET locked_by = $1, locked_until = $3 WHERE id IN ( \
+               SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $2 \
+                 AND (locked_until IS NULL OR locked_until < $2) \
+               ORDER BY next_attempt_at LIMIT $4 \
+               FOR UPDATE SKIP LOCKED) \
+             RETURNING id, instance_id, port, message_type, body, expects_reply, attempts",
+        )
+        .bind(host)
+        .bind(now)
+        .bind(lock_until)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    id: col(row, "id")?,
+                    instance_id: col(row, "instance_id")?,
+                    port: col(row, "port")?,
+                    message_type: col(row, "message_type")?,
+                    body: parse_json(&col::<String>(row, "body")?)?,
+                    expects_reply: col(row, "expects_reply")?,
+                    attempts: uint(col(row, "attempts")?, "outbox.attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_deliveries(
+        &self,
+        outcomes: Vec<DeliveryOutcome>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let mut published = false;
+        for outcome in &outcomes {
+            match outcome {
+                DeliveryOutcome::Delivered { row, reply } => {
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
+                         locked_by = NULL, locked_until = NULL, last_error = NULL WHERE id = $1",
+                    )
+                    .bind(&row.id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    if let Some(reply) = reply {
+                        let mut msg = NewMessage::to_instance(
+                            row.reply_id(),
+                            format!("{}.reply", row.message_type),
+                            MessageKind::Reply,
+                            reply.clone(),
+                            row.instance_id,
+                        );
+                        msg.properties.insert("request_id".into(), row.id.clone());
+                        msg.properties.insert("port".into(), row.port.clone());
+                        publish_one(&mut tx, &msg, now).await?;
+                        published = true;
+                    }
+                }
+                DeliveryOutcome::Retry {
+                    row,
+                    error,
+                    retry_at,
+                } => {
+                    sqlx::query(
+                        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
+                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                    )
+                    .bind(&row.id)
+                    .bind(retry_at)
+                    .bind(error)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+                DeliveryOutcome::Dead { row, error } => {
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = $2, \
+                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                    )
+                    .bind(&row.id)
+                    .bind(error)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    sqlx::query(
+                        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(&row.id)
+                    .bind(row.instance_id)
+                    .bind(&row.port)
+                    .bind(&row.message_type)
+                    .bind(row.body.to_string())
+                    .bind(error)
+                    .bind(int4(row.attempts.saturating_add(1)))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    let msg = NewMessage::to_instance(
+                        format!("{}:failed", row.id),
+                        format!("{}.failed", row.message_type),
+                        MessageKind::SendFailed,
+                        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
+                        row.instance_id,
+                    );
+                    publish_one(&mut tx, &msg, now).await?;
+                    published = true;
+                }
+            }
+        }
+        if published {
+            notify(&mut tx).await?;
+        }
+        commit(tx).await
+    }
+
+    async fn control(
+        &self,
+        id: Uuid,
+        action: ControlAction,
+        now: DateTime<Utc>,
+    ) -> StoreResult<InstanceStatus> {
+        let mut tx = self.write().await?;
+        let row =
+            sqlx::query("SELECT status, step, parent_id FROM instances WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .ok_or(StoreError::NoSuchInstance(id))?;
+        let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
+        let step: String = col(&row, "step")?;
+        let parent: Option<Uuid> = col(&row, "parent_id")?;
+        let new_status = match &action {
+            ControlAction::Suspend { reason } => {
+                if !matches!(
+                    status,
+                    InstanceStatus::Running | InstanceStatus::Dehydrated
+                ) {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a running or dehydrated instance can be suspended",
+                    });
+                }
+                let seq = next_history_seq(&mut tx, id).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(format!("suspended by operator: {reason}"))
+                .bind(now)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                insert_history(
+                    &mut tx,
+                    id,
+                    seq,
+                    Reason::Suspend,
+                    &step,
+                    InstanceStatus::Suspended,
+                    now,
+                )
+                .await?;
+                InstanceStatus::Suspended
+            }
+            ControlAction::Resume => {
+                if status != InstanceStatus::Suspended {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a suspended instance can be resumed",
+                    });
+                }
+                sqlx::query(
+                    "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                notify(&mut tx).await?;
+                InstanceStatus::Dehydrated
+            }
+            ControlAction::Terminate { reason } => {
+                if status.is_final() {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "the instance has already ended",
+                    });
+                }
+                let seq = next_history_seq(&mut tx, id).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
+                     updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(format!("terminated by operator: {reason}"))
+                .bind(now)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                for sql in [
+                    "DELETE FROM subscriptions WHERE instance_id = $1",
+                    "DELETE FROM timers WHERE instance_id = $1",
+                ] {
+                    sqlx::query(sql)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                }
+                insert_history(
+                    &mut tx,
+                    id,
+                    seq,
+                    Reason::Complete,
+                    &step,
+                    InstanceStatus::Terminated,
+                    now,
+                )
+                .await?;
+                if let Some(parent) = parent {
+                    let msg = NewMessage::to_instance(
+                        format!("{id}:ended"),
+                        "child.failed",
+                        MessageKind::ChildFailed,
+                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
+                        parent,
+                    );
+                    publish_one(&mut tx, &msg, now).await?;
+                    notify(&mut tx).await?;
+                }
+                InstanceStatus::Terminated
+            }
+        };
+        unlock_instance(&mut tx, id).await?;
+        commit(tx).await?;
+        Ok(new_status)
+    }
+
+    async fn list_instances(
+        &self,
+        status: Option<InstanceStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<InstanceSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ($1::text IS NULL OR status = $1) \
+             ORDER BY updated_at DESC, id LIMIT $2"
+        ))
+        .bind(status.map(InstanceStatus::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS}, state, output, next_timer_at, created_at FROM instances WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        else {
+            return Ok(None);
+        };
+        let history = sqlx::query(
+            "SELECT seq, reason, step, status, at FROM history WHERE instance_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(|h| {
+            Ok(HistoryRow {
+                seq: col(h, "seq")?,
+                reason: parse_word(&col::<String>(h, "reason")?)?,
+                step: col(h, "step")?,
+                status: parse_word(&col::<String>(h, "status")?)?,
+                at: col(h, "at")?,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+        let pending_messages = sqlx::query(
+            "SELECT id, message_type FROM messages WHERE instance_id = $1 AND status = 'routed' ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(|m| Ok((col(m, "id")?, col(m, "message_type")?)))
+        .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Some(InstanceDetail {
+            summary: summary_from_row(&row)?,
+            state: col(&row, "state")?,
+            output: col::<Option<String>>(&row, "output")?
+                .as_deref()
+                .map(parse_json)
+                .transpose()?,
+            next_timer_at: col(&row, "next_timer_at")?,
+            created_at: col(&row, "created_at")?,
+            history,
+            pending_messages,
+        }))
+    }
+
+    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
+        let mut activity = Activity::default();
+        for row in sqlx::query("SELECT status, COUNT(*) AS n FROM instances GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
+            activity
+                .by_status
+                .insert(col(&row, "status")?, col(&row, "n")?);
+        }
+        // Locks of hosts that are gone do not hide work: another host will take it over.
+        activity.ready_messages = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM messages m JOIN instances i ON i.id = m.instance_id \
+             WHERE m.status = 'routed' AND i.status IN ('running', 'dehydrated') AND {}",
+            lock_stale("m")
+        ))
+        .bind(now)
+        .bind(self.host_cutoff(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        activity.pending_sends =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?;
+        activity.next_timer_at = sqlx::query_scalar(&format!(
+            "SELECT MIN(t.due_at) FROM timers t JOIN instances i ON i.id = t.instance_id \
+             WHERE i.status IN ('running', 'dehydrated') AND {}",
+            lock_stale("t")
+        ))
+        .bind(now)
+        .bind(self.host_cutoff(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(activity)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Checks of this backend against a real server; they run only when `CAIRN_TEST_PG_URL`
+    //! names one (each test makes its own database there).
+
+    use super::*;
+    use sqlx::Connection;
+
+    async fn fresh() -> Option<PostgresStore> {
+        let url = std::env::var("CAIRN_TEST_PG_URL").ok()?;
+        let mut admin = sqlx::PgConnection::connect(&url).await.expect("admin connection");
+        let name = format!("cairn_test_{}", Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(b, q)| (b, q));
+        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+        let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+        let store = PostgresStore::open(&format!("{base}/{name}{query}"))
+            .await
+            .expect("open");
+        store.migrate().await.expect("migrate");
+        Some(store)
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("valid time")
+    }
+
+    fn point(id: Uuid, epoch: i64, host: &str, history_seq: i64, now: DateTime<Utc>) -> PersistencePoint {
+        PersistencePoint {
+            instance_id: id,
+            epoch,
+            host: host.to_owned(),
+            reason: Reason::Dehydrate,
+            status: InstanceStatus::Dehydrated,
+            state: Some(vec![1, 2, 3]),
+            engine_state: Some(vec![4]),
+            step: "Waiting".into(),
+            waiting_for: "payment".into(),
+            next_timer_at: None,
+            last_error: None,
+            output: None,
+            history_seq,
+            consumed: vec![],
+            unsubscribe: vec![],
+            subscribe: vec![],
+            cancel_timers: vec![],
+            set_timers: vec![],
+            outbox: vec![],
+            messages: vec![],
+            children: vec![],
+            release: false,
+            at: now,
+            outbox_lock_until: now + chrono::Duration::seconds(60),
+        }
+    }
+
+    fn new_instance(orchestration: &str) -> NewInstance {
+        NewInstance {
+            id: Uuid::new_v4(),
+            orchestration: orchestration.into(),
+            version: 1,
+            parent: None,
+            input: serde_json::json!({"n": 1}),
+        }
+    }
+
+    async fn scalar_i64(store: &PostgresStore, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(store.pool()).await.expect(sql)
+    }
+
+    #[tokio::test]
+    async fn migrations_put_everything_in_the_cairn_schema_and_run_twice() {
+        let Some(store) = fresh().await else { return };
+        store.migrate().await.expect("second migrate is a no-op");
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'cairn' ORDER BY 1",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("tables");
+        assert_eq!(
+            tables,
+            [
+                "_sqlx_migrations", "dead_letters", "history", "hosts", "instances", "messages",
+                "outbox", "subscriptions", "timers"
+            ]
+        );
+        assert_eq!(store.backend(), "postgres");
+    }
+
+    #[tokio::test]
+    async fn publish_routes_dedupes_and_reroutes() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        let msg = NewMessage::published("m1", "order.placed", serde_json::json!({"order": "A"}), BTreeMap::new());
+        assert_eq!(
+            store.publish(vec![msg.clone()], now).await.expect("publish"),
+            [PublishOutcome::Unrouted]
+        );
+        assert_eq!(
+            store.publish(vec![msg.clone(), msg.clone()], now).await.expect("publish"),
+            [PublishOutcome::Duplicate, PublishOutcome::Duplicate]
+        );
+        // An activating subscription routes the waiting message: a new instance, a start message.
+        let activation = Activation {
+            message_type: "order.placed".into(),
+            orchestration: "order".into(),
+            version: 3,
+        };
+        store.sync_activations(&[activation.clone()], now).await.expect("sync");
+        store.sync_activations(&[activation], now).await.expect("sync again");
+        let (status, kind): (String, String) =
+            sqlx::query_as("SELECT status, kind FROM messages WHERE id = 'm1'")
+                .fetch_one(store.pool())
+                .await
+                .expect("row");
+        assert_eq!((status.as_str(), kind.as_str()), ("routed", "start"));
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM instances").await, 1);
+        // Publishing an activating message creates an instance; its duplicate creates none.
+        let m2 = NewMessage::published("m2", "order.placed", serde_json::json!({"order": "B"}), BTreeMap::new());
+        let out = store.publish(vec![m2.clone()], now).await.expect("publish");
+        let PublishOutcome::Routed(created) = out[0] else { panic!("not routed: {out:?}") };
+        assert_eq!(store.publish(vec![m2], now).await.expect("publish"), [PublishOutcome::Duplicate]);
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM instances").await, 2);
+        let summaries = store.instance_summaries(&[created, Uuid::new_v4()]).await.expect("summaries");
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(summaries[0].version, 3);
+        assert_eq!(summaries[0].status, InstanceStatus::Running);
+    }
+
+    #[tokio::test]
+    async fn a_point_commits_once_and_a_stale_epoch_is_fenced() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover");
+        let inst = new_instance("order");
+        store.start_instances(vec![inst.clone()], now).await.expect("start");
+        let claimed = store.claim_messages("host-a", now, 10).await.expect("claim");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].kind, MessageKind::Start);
+        assert_eq!(claimed[0].instance_id, inst.id);
+        assert_eq!(claimed[0].body, serde_json::json!({"n": 1}));
+        assert!(store.claim_messages("host-a", now, 10).await.expect("claim").is_empty());
+        let lease = now + chrono::Duration::seconds(30);
+        let records = store.acquire("host-a", &[inst.id], now, lease).await.expect("acquire");
+        assert_eq!(records.len(), 1);
+        let epoch = records[0].epoch;
+        assert_eq!(epoch, 1);
+        assert_eq!(records[0].state, None);
+
+        let sub = SubscriptionRow {
+            id: Uuid::new_v4(),
+            message_type: "payment.received".into(),
+            correlation: Correlation::on("order", "A"),
+        };
+        let mut p = point(inst.id, epoch, "host-a", 1, now);
+        p.reason = Reason::Send;
+        p.consumed = vec![claimed[0].seq];
+        p.subscribe = vec![sub.clone()];
+        p.set_timers = vec![("timeout".into(), at(3600))];
+        p.next_timer_at = Some(at(3600));
+        p.outbox = vec![OutboxRow {
+            id: "send-1".into(),
+            instance_id: inst.id,
+            port: "payment".into(),
+            message_type: "payment.requested".into(),
+            body: serde_json::json!({"amount": 5}),
+            expects_reply: true,
+            attempts: 0,
+        }];
+        // A stale epoch writes nothing, even beside a good point in the same group.
+        let mut stale = p.clone();
+        stale.epoch = epoch - 1;
+        stale.consumed = vec![];
+        let out = store.commit(&[stale, p.clone()]).await.expect("commit");
+        assert_eq!(out, [CommitOutcome::Fenced, CommitOutcome::Committed]);
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM history").await, 1);
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM subscriptions").await, 1);
+        // Consuming the same message again is an error, and rolls back the whole group.
+        let mut again = point(inst.id, epoch, "host-a", 2, now);
+        again.consumed = vec![claimed[0].seq];
+        assert!(matches!(store.commit(&[again]).await, Err(StoreError::Corrupt(_))));
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM history").await, 1);
+
+        // A correlated message routes to the subscription; an uncorrelated one stays unrouted.
+        let hit = NewMessage::published("pay-A", "payment.received", serde_json::json!({"order": "A"}), BTreeMap::new());
+        let miss = NewMessage::published("pay-B", "payment.received", serde_json::json!({"order": "B"}), BTreeMap::new());
+        assert_eq!(
+            store.publish(vec![hit, miss], now).await.expect("publish"),
+            [PublishOutcome::Routed(inst.id), PublishOutcome::Unrouted]
+        );
+        // The owner does not claim again what it holds; the outbox row is locked to it.
+        let claimed = store.claim_messages("host-a", now, 10).await.expect("claim");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].subscription_id, Some(sub.id));
+        assert!(store.claim_outbox("host-b", now, at(120), 10).await.expect("outbox").is_empty());
+        let rows = store.claim_outbox("host-b", at(61), at(120), 10).await.expect("outbox");
+        assert_eq!(rows.len(), 1);
+        store
+            .record_deliveries(
+                vec![DeliveryOutcome::Delivered { row: rows[0].clone(), reply: Some(serde_json::json!({"ok": true})) }],
+                at(61),
+            )
+            .await
+            .expect("record");
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM messages WHERE id = 'send-1:reply' AND status = 'routed'").await, 1);
+
+        // Dropping the subscription and releasing: messages move back to unrouted / unlocked.
+        let mut last = point(inst.id, epoch, "host-a", 2, at(62));
+        last.consumed = vec![claimed[0].seq];
+        last.unsubscribe = vec![sub.id];
+        last.cancel_timers = vec!["timeout".into()];
+        last.release = true;
+        assert_eq!(store.commit(&[last]).await.expect("commit"), [CommitOutcome::Committed]);
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM timers").await, 0);
+        let detail = store.instance_detail(inst.id).await.expect("detail").expect("exists");
+        assert_eq!(detail.summary.status, InstanceStatus::Dehydrated);
+        assert_eq!(detail.history.len(), 2);
+        assert_eq!(detail.state, Some(vec![1, 2, 3]));
+        assert_eq!(detail.pending_messages, [("send-1:reply".to_owned(), "payment.requested.reply".to_owned())]);
+        let activity = store.activity(at(62)).await.expect("activity");
+        assert_eq!(activity.ready_messages, 1);
+        assert_eq!(activity.count(InstanceStatus::Dehydrated), 1);
+
+        // Operator control bumps the epoch: the old holder is fenced.
+        assert_eq!(
+            store.control(inst.id, ControlAction::Suspend { reason: "look".into() }, at(63)).await.expect("suspend"),
+            InstanceStatus::Suspended
+        );
+        assert!(store.claim_messages("host-a", at(63), 10).await.expect("claim").is_empty());
+        assert!(matches!(
+            store.control(inst.id, ControlAction::Suspend { reason: "again".into() }, at(63)).await,
+            Err(StoreError::WrongStatus { .. })
+        ));
+        assert_eq!(
+            store.control(inst.id, ControlAction::Resume, at(64)).await.expect("resume"),
+            InstanceStatus::Dehydrated
+        );
+        assert_eq!(
+            store.control(inst.id, ControlAction::Terminate { reason: "done".into() }, at(65)).await.expect("terminate"),
+            InstanceStatus::Terminated
+        );
+        let listed = store.list_instances(Some(InstanceStatus::Terminated), 10).await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(store.list_instances(None, 10).await.expect("list").len(), 1);
+        store.release("host-a", at(66)).await.expect("release");
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_and_the_old_owner_is_fenced() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover a");
+        store.recover("host-b", now).await.expect("recover b");
+        let inst = new_instance("order");
+        store.start_instances(vec![inst.clone()], now).await.expect("start");
+        let lease = now + chrono::Duration::seconds(30);
+        let a_msgs = store.claim_messages("host-a", now, 10).await.expect("claim");
+        assert_eq!(a_msgs.len(), 1);
+        let a = store.acquire("host-a", &[inst.id], now, lease).await.expect("acquire");
+        assert_eq!(a.len(), 1);
+        // While a's lease runs, b gets nothing and cannot acquire.
+        assert!(store.claim_messages("host-b", at(10), 10).await.expect("claim").is_empty());
+        assert!(store.acquire("host-b", &[inst.id], at(10), at(40)).await.expect("acquire").is_empty());
+        // a's own lease lapsing does not make a claim again what it holds.
+        assert!(store.claim_messages("host-a", at(31), 10).await.expect("claim").is_empty());
+        // After it, b claims the message a held, and takes the instance over.
+        let b_msgs = store.claim_messages("host-b", at(31), 10).await.expect("claim");
+        assert_eq!(b_msgs.len(), 1);
+        assert_eq!(b_msgs[0].seq, a_msgs[0].seq);
+        let b = store.acquire("host-b", &[inst.id], at(31), at(61)).await.expect("acquire");
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].epoch, a[0].epoch + 1);
+        // a's heartbeat no longer renews it, and a's commit is fenced.
+        store.heartbeat("host-a", at(32), at(62)).await.expect("heartbeat");
+        let mut pa = point(inst.id, a[0].epoch, "host-a", 1, at(32));
+        pa.consumed = vec![a_msgs[0].seq];
+        assert_eq!(store.commit(&[pa]).await.expect("commit"), [CommitOutcome::Fenced]);
+        let mut pb = point(inst.id, b[0].epoch, "host-b", 1, at(33));
+        pb.consumed = vec![b_msgs[0].seq];
+        assert_eq!(store.commit(&[pb]).await.expect("commit"), [CommitOutcome::Committed]);
+        let delivered = scalar_i64(&store, "SELECT delivery_count::bigint FROM messages").await;
+        assert_eq!(delivered, 2);
+    }
+
+    #[tokio::test]
+    async fn a_live_claimer_keeps_its_claim_and_a_dead_one_loses_it() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover a");
+        store.recover("host-b", now).await.expect("recover b");
+        let inst = new_instance("order");
+        store.start_instances(vec![inst.clone()], now).await.expect("start");
+        // a claimed (the instance has no owner yet) and is about to acquire: b must not take it.
+        assert_eq!(store.claim_messages("host-a", now, 10).await.expect("claim").len(), 1);
+        assert!(store.claim_messages("host-b", at(1), 10).await.expect("claim").is_empty());
+        assert_eq!(store.activity(at(1)).await.expect("activity").ready_messages, 0);
+        // a failed its round without unlocking: it claims its own leftover again.
+        assert_eq!(store.claim_messages("host-a", at(2), 10).await.expect("claim").len(), 1);
+        // a stops beating: after two lease durations (30 s by default) b takes the message.
+        store.heartbeat("host-b", at(61), at(91)).await.expect("heartbeat");
+        assert_eq!(store.activity(at(61)).await.expect("activity").ready_messages, 1);
+        assert_eq!(store.claim_messages("host-b", at(61), 10).await.expect("claim").len(), 1);
+        // And recovery marks a stopped, not b.
+        store.recover("host-c", at(62)).await.expect("recover c");
+        let stopped: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM hosts WHERE stopped_at IS NOT NULL")
+                .fetch_all(store.pool())
+                .await
+                .expect("hosts");
+        assert_eq!(stopped, ["host-a"]);
+    }
+
+    #[tokio::test]
+    async fn timers_are_claimed_when_due_once() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover");
+        let inst = new_instance("order");
+        store.start_instances(vec![inst.clone()], now).await.expect("start");
+        let msgs = store.claim_messages("host-a", now, 10).await.expect("claim");
+        let rec = store.acquire("host-a", &[inst.id], now, at(30)).await.expect("acquire");
+        let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
+        p.consumed = vec![msgs[0].seq];
+        p.set_timers = vec![("t1".into(), at(10)), ("t2".into(), at(20))];
+        p.release = true;
+        store.commit(&[p]).await.expect("commit");
+        assert!(store.claim_timers("host-a", at(5), 10).await.expect("timers").is_empty());
+        assert_eq!(store.activity(at(5)).await.expect("activity").next_timer_at, Some(at(10)));
+        let due = store.claim_timers("host-a", at(25), 10).await.expect("timers");
+        assert_eq!(due.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+        assert!(store.claim_timers("host-b", at(25), 10).await.expect("timers").is_empty());
+        store.unlock("host-a", &[inst.id]).await.expect("unlock");
+        assert_eq!(store.claim_timers("host-b", at(25), 10).await.expect("timers").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_publishers_of_one_id_store_it_once_and_activate_once() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        let activation = Activation {
+            message_type: "go".into(),
+            orchestration: "runner".into(),
+            version: 1,
+        };
+        store.sync_activations(&[activation], now).await.expect("sync");
+        for round in 0..20 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..6 {
+                let store = store.clone();
+                tasks.spawn(async move {
+                    let msg = NewMessage::published(format!("same-{round}"), "go", serde_json::json!({}), BTreeMap::new());
+                    store.publish(vec![msg], now).await.expect("publish")
+                });
+            }
+            let mut routed = 0;
+            while let Some(out) = tasks.join_next().await {
+                if matches!(out.expect("task")[0], PublishOutcome::Routed(_)) {
+                    routed += 1;
+                }
+            }
+            assert_eq!(routed, 1);
+        }
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM instances").await, 20);
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM messages").await, 20);
+    }
+
+    #[tokio::test]
+    async fn a_message_published_while_its_subscription_is_written_is_routed() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover");
+        for round in 0..30 {
+            let inst = new_instance("order");
+            store.start_instances(vec![inst.clone()], now).await.expect("start");
+            let msgs = store.claim_messages("host-a", now, 10).await.expect("claim");
+            let rec = store.acquire("host-a", &[inst.id], now, at(30)).await.expect("acquire");
+            let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
+            p.consumed = msgs.iter().map(|m| m.seq).collect();
+            p.subscribe = vec![SubscriptionRow {
+                id: Uuid::new_v4(),
+                message_type: "paid".into(),
+                correlation: Correlation::on("order", round),
+            }];
+            p.release = true;
+            let committer = {
+                let store = store.clone();
+                tokio::spawn(async move { store.commit(&[p]).await.expect("commit") })
+            };
+            let publisher = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let msg = NewMessage::published(format!("paid-{round}"), "paid", serde_json::json!({"order": round}), BTreeMap::new());
+                    store.publish(vec![msg], now).await.expect("publish")
+                })
+            };
+            committer.await.expect("task");
+            publisher.await.expect("task");
+        }
+        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM messages WHERE status = 'unrouted'").await, 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_never_share_a_message() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        let instances: Vec<NewInstance> = (0..200).map(|_| new_instance("order")).collect();
+        store.start_instances(instances, now).await.expect("start");
+        let mut tasks = tokio::task::JoinSet::new();
+        for h in 0..4 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let host = format!("host-{h}");
+                store.recover(&host, now).await.expect("recover");
+                let mut seqs = Vec::new();
+                loop {
+                    let got = store.claim_messages(&host, now, 7).await.expect("claim");
+                    if got.is_empty() {
+                        return seqs;
+                    }
+                    seqs.extend(got.into_iter().map(|m| m.seq));
+                }
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(seqs) = tasks.join_next().await {
+            all.extend(seqs.expect("task"));
+        }
+        let total = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!((total, all.len()), (200, 200));
+    }
+
+    #[tokio::test]
+    async fn a_killed_connection_is_retryable() {
+        let Some(store) = fresh().await else { return };
+        let mut conn = store.pool().acquire().await.expect("connection");
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pid");
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(store.pool())
+            .await
+            .expect("terminate");
+        let err = sqlx::query("SELECT 1")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)
+            .expect_err("the connection is gone");
+        assert!(err.is_retryable(), "{err:?}");
+        let err = sqlx::query("SELECT * FROM no_such_table")
+            .execute(store.pool())
+            .await
+            .map_err(map_err)
+            .expect_err("no table");
+        assert!(!err.is_retryable(), "{err:?}");
+    }
+}

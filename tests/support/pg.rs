@@ -1,0 +1,177 @@
+//! A throwaway PostgreSQL cluster for the tests of one test process.
+//!
+//! The first test that needs PostgreSQL starts a cluster in a temporary folder, on a free
+//! loopback port, as the `postgres` user when running as root (PostgreSQL refuses root). Each test
+//! gets a database of its own in it. A watchdog shell process stops the cluster and removes its
+//! folder when the test process exits, however it exits.
+//!
+//! Without PostgreSQL binaries the tests skip with one line, unless `CAIRN_REQUIRE_POSTGRES=1`
+//! (set by `.ci/run`), which makes that a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use sqlx::Connection;
+
+/// A running cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub port: u16,
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub as_postgres: bool,
+}
+
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+fn required() -> bool {
+    std::env::var("CAIRN_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev());
+    }
+    candidates.into_iter().find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())
+}
+
+/// Runs a PostgreSQL binary, as the `postgres` user when we are root.
+pub fn pg_command(cluster_bin: &Path, as_postgres: bool, program: &str) -> Command {
+    let path = cluster_bin.join(program);
+    if as_postgres {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(path);
+        cmd
+    } else {
+        Command::new(path)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn start() -> Result<Cluster, String> {
+    let bin = find_bin_dir().ok_or("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql")?;
+    let as_postgres = nix::unistd::geteuid().is_root();
+    let dir = tempfile::Builder::new()
+        .prefix("cairn-pg-")
+        .tempdir()
+        .map_err(|e| e.to_string())?
+        .keep();
+    if as_postgres {
+        let status = Command::new("chown").arg("postgres").arg(&dir).status().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("chown of the cluster folder to postgres failed".into());
+        }
+    }
+    let data = dir.join("data");
+    let out = pg_command(&bin, as_postgres, "initdb")
+        .arg("-D").arg(&data)
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+        .output()
+        .map_err(|e| format!("initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let port = free_port();
+    let cluster = Cluster { port, dir, bin, as_postgres };
+    cluster.start_server()?;
+    // The watchdog: stop the cluster and remove it once this process is gone.
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+        pid = std::process::id(),
+        stop = cluster.stop_command_line(),
+        dir = cluster.dir.display(),
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("watchdog: {e}"))?;
+    Ok(cluster)
+}
+
+impl Cluster {
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Starts the server (again).
+    pub fn start_server(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c full_page_writes=off",
+            self.port,
+            self.dir.display()
+        );
+        let out = pg_command(&self.bin, self.as_postgres, "pg_ctl")
+            .arg("-D").arg(self.data())
+            .args(["-w", "-t", "60", "-o", &opts, "-l"])
+            .arg(self.dir.join("log"))
+            .arg("start")
+            .output()
+            .map_err(|e| format!("pg_ctl start: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(())
+    }
+
+    /// Stops the server (fast mode: connections are cut, like a database restart).
+    pub fn stop_server(&self) -> Result<(), String> {
+        let out = pg_command(&self.bin, self.as_postgres, "pg_ctl")
+            .arg("-D").arg(self.data())
+            .args(["-w", "-m", "fast", "stop"])
+            .output()
+            .map_err(|e| format!("pg_ctl stop: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(())
+    }
+
+    fn stop_command_line(&self) -> String {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let prefix = if self.as_postgres { "runuser -u postgres -- " } else { "" };
+        format!("{prefix}{} -D '{}' -m immediate stop", pg_ctl.display(), self.data().display())
+    }
+
+    /// The URL of a database in this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+/// The cluster, started on first use; `None` (after one line on stderr) when unavailable and not
+/// required.
+pub fn cluster() -> Option<&'static Cluster> {
+    match CLUSTER.get_or_init(start) {
+        Ok(cluster) => Some(cluster),
+        Err(why) if required() => panic!("CAIRN_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {why}"),
+        Err(why) => {
+            eprintln!("skipping PostgreSQL test: {why} (set CAIRN_REQUIRE_POSTGRES=1 to make this an error)");
+            None
+        }
+    }
+}
+
+/// A new, empty database; returns its URL.
+pub async fn fresh_database() -> Option<String> {
+    let cluster = cluster()?;
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres")).await.expect("connect to the test cluster");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
+    conn.close().await.ok();
+    Some(cluster.url(&name))
+}
