@@ -57,6 +57,10 @@ pub enum Command {
         /// Look for new work this often when nothing wakes the host.
         #[arg(long, default_value_t = 100)]
         poll_ms: u64,
+        /// How long this host's lease on an instance lasts without renewal; after a crash,
+        /// other hosts take its instances over once their leases expire (PostgreSQL).
+        #[arg(long, default_value_t = 30_000)]
+        lease_ms: u64,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -216,11 +220,13 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             until_idle,
             dehydrate_after_ms,
             poll_ms,
+            lease_ms,
         } => {
             let config = HostConfig {
                 until_idle,
                 dehydrate_after: Duration::from_millis(dehydrate_after_ms),
                 poll_interval: Duration::from_millis(poll_ms),
+                lease_duration: Duration::from_millis(lease_ms),
                 ..HostConfig::default()
             };
             let host = build_host(&app, store, config);

@@ -155,6 +155,7 @@ pub fn fast_config() -> HostConfig {
         dehydrate_after: Duration::from_secs(60),
         drain_timeout: Duration::from_millis(500),
         outbox_lock: Duration::from_secs(2),
+        lease_duration: Duration::from_secs(2),
         ..HostConfig::default()
     }
 }

@@ -648,6 +648,7 @@ impl Runner {
             self.release_after_failure(&ids).await;
             return;
         };
+        let mut fenced = Vec::new();
         for (point, outcome) in points.into_iter().zip(outcomes) {
             match outcome {
                 CommitOutcome::Committed => {
@@ -661,8 +662,13 @@ impl Runner {
                     tracing::debug!(instance.id = %point.instance_id, "fenced: another writer holds the instance; dropping it");
                     self.stats.fenced += 1;
                     self.cache.remove(&point.instance_id);
+                    fenced.push(point.instance_id);
                 }
             }
+        }
+        if !fenced.is_empty() {
+            // Whatever this host claimed for them goes back, for their current owner.
+            self.release_after_failure(&fenced).await;
         }
     }
 
