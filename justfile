@@ -1,0 +1,52 @@
+# Recipes for contributors. `just` is not needed to build, run or test Cairn: each recipe is one
+# plain command, shown here so that you can also type it yourself. `just --list` lists them.
+
+# List the recipes.
+default:
+    @just --list
+
+# Format every crate.
+fmt:
+    cargo fmt --all
+
+# Lint every crate and target; warnings are errors, as in CI.
+lint:
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# The whole test suite (PostgreSQL variants skip with one line unless PostgreSQL binaries are installed).
+test:
+    cargo test --workspace
+
+# The real-process crash test: `cairn host` killed with SIGKILL at random moments under load, and stopped with SIGTERM.
+crash:
+    cargo test -p cairn-orchestrations --test process -- --nocapture
+
+# The long crash run (CAIRN_SOAK=1): more load, more kills, release build.
+soak:
+    CAIRN_SOAK=1 cargo test --release -p cairn-orchestrations --test process sigkill -- --nocapture
+
+# Run the sample orchestrations on ./cairn.db with a progress bar and a summary.
+demo:
+    cargo run -- demo
+
+# Add a migration to both backends with one version: migrations/{sqlite,postgres}/<UTC timestamp>_NAME.sql.
+migration NAME:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    version="$(date -u +%Y%m%d%H%M%S)"
+    for backend in sqlite postgres; do
+        file="migrations/${backend}/${version}_{{NAME}}.sql"
+        if [ -e "$file" ]; then
+            echo "$file already exists" >&2
+            exit 1
+        fi
+        printf -- '-- %s\n' "{{NAME}}" > "$file"
+        echo "created $file"
+    done
+    # sqlx::migrate! embeds the migrations at compile time and does not notice a new file:
+    # touch the files that embed them so that the next build picks it up.
+    touch engine/src/store/sqlite.rs engine/src/store/postgres.rs
+
+# What CI runs: format check, clippy, and the tests with PostgreSQL required.
+ci:
+    bash .ci/run
