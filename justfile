@@ -43,9 +43,6 @@ migration NAME:
         printf -- '-- %s\n' "{{NAME}}" > "$file"
         echo "created $file"
     done
-    # sqlx::migrate! embeds the migrations at compile time and does not notice a new file:
-    # touch the files that embed them so that the next build picks it up.
-    touch engine/src/store/sqlite.rs engine/src/store/postgres.rs
 
 # What CI runs: format check, clippy, and the tests with PostgreSQL required.
 ci:

@@ -20,7 +20,11 @@ fn msg(id: &str, ty: &str, body: serde_json::Value) -> NewMessage {
 }
 
 async fn publish(client: &Client, id: &str, ty: &str, body: serde_json::Value) -> PublishOutcome {
-    client.publish_batch(vec![msg(id, ty, body)]).await.expect("publish").remove(0)
+    client
+        .publish_batch(vec![msg(id, ty, body)])
+        .await
+        .expect("publish")
+        .remove(0)
 }
 
 fn routed(outcome: PublishOutcome) -> Uuid {
@@ -49,8 +53,17 @@ async fn samples_run_to_completion_on_the_host(db: TestDb) {
     let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     let order = routed(publish(&client, "o1", "order.placed",
         json!({"order_id": "o1", "customer": "ada", "amount": 12.5, "shipment_timeout_ms": 30000})).await);
-    let approval = client.start("approval", json!({"request_id": "r1", "approver": "alice"})).await.unwrap();
-    publish(&client, "d1", "approval.decision", json!({"request_id": "r1", "approved": true, "by": "alice"})).await;
+    let approval = client
+        .start("approval", json!({"request_id": "r1", "approver": "alice"}))
+        .await
+        .unwrap();
+    publish(
+        &client,
+        "d1",
+        "approval.decision",
+        json!({"request_id": "r1", "approved": true, "by": "alice"}),
+    )
+    .await;
     let batch = routed(publish(&client, "b1", "invoice.batch", json!({"batch_id": "b1", "lines": [
         {"customer": "a", "amount": 10.0}, {"customer": "b", "amount": 900.0}, {"customer": "c", "amount": 5.0}]})).await);
     for id in [order, approval, batch] {
@@ -62,41 +75,110 @@ async fn samples_run_to_completion_on_the_host(db: TestDb) {
     let reasons: Vec<_> = detail.history.iter().map(|h| h.reason.as_str()).collect();
     assert_eq!(reasons, ["send", "send", "complete"]);
     let batch = db.store.instance_detail(batch).await.unwrap().unwrap();
-    assert_eq!(batch.output.unwrap(), json!({"batch_id": "b1", "total": 15.0, "failed": ["b"]}));
-    assert_eq!(db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'invoice'").await, 3);
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'").await, 0);
+    assert_eq!(
+        batch.output.unwrap(),
+        json!({"batch_id": "b1", "total": 15.0, "failed": ["b"]})
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'invoice'")
+            .await,
+        3
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'")
+            .await,
+        0
+    );
     host.stop();
 }
 
 async fn a_message_published_twice_is_stored_once(db: TestDb) {
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries).await;
-    let body = json!({"order_id": "dup", "customer": "ada", "amount": 1.0, "shipment_timeout_ms": 30000});
+    let body =
+        json!({"order_id": "dup", "customer": "ada", "amount": 1.0, "shipment_timeout_ms": 30000});
     let first = routed(publish(&client, "same-id", "order.placed", body.clone()).await);
-    assert_eq!(publish(&client, "same-id", "order.placed", body.clone()).await, PublishOutcome::Duplicate);
+    assert_eq!(
+        publish(&client, "same-id", "order.placed", body.clone()).await,
+        PublishOutcome::Duplicate
+    );
     // A batch holding the same id twice stores it once too.
-    let outcomes = client.publish_batch(vec![msg("twice", "no.subscriber", json!(1)), msg("twice", "no.subscriber", json!(2))]).await.unwrap();
-    assert_eq!(outcomes, vec![PublishOutcome::Unrouted, PublishOutcome::Duplicate]);
+    let outcomes = client
+        .publish_batch(vec![
+            msg("twice", "no.subscriber", json!(1)),
+            msg("twice", "no.subscriber", json!(2)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![PublishOutcome::Unrouted, PublishOutcome::Duplicate]
+    );
     db.wait_status(first, InstanceStatus::Completed, WAIT).await;
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE id = 'same-id'").await, 1);
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE id = 'twice'").await, 1);
-    assert_eq!(db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'order-fulfilment'").await, 1);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE id = 'same-id'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE id = 'twice'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'order-fulfilment'")
+            .await,
+        1
+    );
     host.stop();
 }
 
 async fn an_unrouted_message_is_kept_and_routed_when_a_receive_appears(db: TestDb) {
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries).await;
-    let early = publish(&client, "early-decision", "approval.decision",
-        json!({"request_id": "late-r", "approved": true, "by": "bob"})).await;
+    let early = publish(
+        &client,
+        "early-decision",
+        "approval.decision",
+        json!({"request_id": "late-r", "approved": true, "by": "bob"}),
+    )
+    .await;
     assert_eq!(early, PublishOutcome::Unrouted);
-    let reason = db.texts("SELECT reason FROM messages WHERE id = $1 AND status = 'unrouted'", "early-decision").await;
-    assert!(reason[0].contains("no subscription matches message type \"approval.decision\""), "{reason:?}");
-    let id = client.start("approval", json!({"request_id": "late-r", "approver": "alice"})).await.unwrap();
+    let reason = db
+        .texts(
+            "SELECT reason FROM messages WHERE id = $1 AND status = 'unrouted'",
+            "early-decision",
+        )
+        .await;
+    assert!(
+        reason[0].contains("no subscription matches message type \"approval.decision\""),
+        "{reason:?}"
+    );
+    let id = client
+        .start(
+            "approval",
+            json!({"request_id": "late-r", "approver": "alice"}),
+        )
+        .await
+        .unwrap();
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;
-    let out = db.store.instance_detail(id).await.unwrap().unwrap().output.unwrap();
+    let out = db
+        .store
+        .instance_detail(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .output
+        .unwrap();
     assert_eq!(out["by"], "bob");
-    assert_eq!(db.count_with("SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'consumed'", "early-decision").await, 1);
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'consumed'",
+            "early-decision"
+        )
+        .await,
+        1
+    );
     host.stop();
 }
 
@@ -104,13 +186,23 @@ async fn replay_after_a_crash_delivers_consumed_messages_again_in_order(db: Test
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     let id = routed(publish(&client, "c-start", "collect.start", json!({"key": "k1"})).await);
-    db.wait_for("the start point", WAIT, || async { db.count("SELECT COUNT(*) FROM history").await == 1 }).await;
-    let items: Vec<NewMessage> = (1..=5).map(|n| msg(&format!("item-{n}"), "item", json!({"key": "k1", "n": n}))).collect();
+    db.wait_for("the start point", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM history").await == 1
+    })
+    .await;
+    let items: Vec<NewMessage> = (1..=5)
+        .map(|n| msg(&format!("item-{n}"), "item", json!({"key": "k1", "n": n})))
+        .collect();
     client.publish_batch(items).await.unwrap();
     // The instance takes all five (they are locked to the host) but writes no persistence point.
     db.wait_for("five items claimed", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND locked_by IS NOT NULL").await == 5
-    }).await;
+        db.count(
+            "SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND locked_by IS NOT NULL",
+        )
+        .await
+            == 5
+    })
+    .await;
     host.crash();
 
     // After the crash: the state is the last persisted one, the items are not consumed.
@@ -118,21 +210,36 @@ async fn replay_after_a_crash_delivers_consumed_messages_again_in_order(db: Test
     assert_eq!(detail.history.len(), 1);
     let state = cairn::codec::to_json(detail.state.as_ref().unwrap()).unwrap();
     assert_eq!(state["Collecting"]["items"], json!([]));
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND status = 'routed'").await, 5);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND status = 'routed'")
+            .await,
+        5
+    );
 
     let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     publish(&client, "c-done", "collect.done", json!({"key": "k1"})).await;
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;
     let logged = deliveries.bodies("log", "collect.items");
-    assert_eq!(logged.last().unwrap(), &json!([1, 2, 3, 4, 5]), "replayed once each, in order");
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND status = 'consumed'").await, 5);
+    assert_eq!(
+        logged.last().unwrap(),
+        &json!([1, 2, 3, 4, 5]),
+        "replayed once each, in order"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND status = 'consumed'"
+        )
+        .await,
+        5
+    );
     host.stop();
 }
 
 async fn failing_commits_are_retried_and_nothing_is_lost(db: TestDb) {
     let plan = FaultPlan::new();
     let deliveries = Deliveries::default();
-    let (host, client) = HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
+    let (host, client) =
+        HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
     plan.fail_next_commits(4);
     let mut ids = Vec::new();
     for i in 0..10 {
@@ -144,21 +251,31 @@ async fn failing_commits_are_retried_and_nothing_is_lost(db: TestDb) {
     }
     assert!(plan.commits() >= 4);
     assert_g2(&db, &deliveries).await;
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'").await, 0);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'")
+            .await,
+        0
+    );
     host.stop();
 }
 
 async fn commits_failing_beyond_retries_resume_from_the_last_point(db: TestDb) {
     let plan = FaultPlan::new();
     let deliveries = Deliveries::default();
-    let (host, client) = HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
+    let (host, client) =
+        HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
     plan.fail_next_commits(12); // more than the host's retries: it forgets and replays
     let id = routed(publish(&client, "cs", "collect.start", json!({"key": "k2"})).await);
-    let items: Vec<NewMessage> = (1..=3).map(|n| msg(&format!("i2-{n}"), "item", json!({"key": "k2", "n": n}))).collect();
+    let items: Vec<NewMessage> = (1..=3)
+        .map(|n| msg(&format!("i2-{n}"), "item", json!({"key": "k2", "n": n})))
+        .collect();
     client.publish_batch(items).await.unwrap();
     publish(&client, "cd", "collect.done", json!({"key": "k2"})).await;
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;
-    assert_eq!(deliveries.bodies("log", "").last().unwrap(), &json!([1, 2, 3]));
+    assert_eq!(
+        deliveries.bodies("log", "").last().unwrap(),
+        &json!([1, 2, 3])
+    );
     assert_g2(&db, &deliveries).await;
     host.stop();
 }
@@ -166,12 +283,24 @@ async fn commits_failing_beyond_retries_resume_from_the_last_point(db: TestDb) {
 /// G2 from the ports' record: every delivered id was committed, every committed send delivered.
 async fn assert_g2(db: &TestDb, deliveries: &Deliveries) {
     let committed: std::collections::BTreeSet<String> =
-        sqlx::query_scalar::<_, String>("SELECT id FROM outbox").fetch_all(&db.sql).await.unwrap().into_iter().collect();
+        sqlx::query_scalar::<_, String>("SELECT id FROM outbox")
+            .fetch_all(&db.sql)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
     let delivered: std::collections::BTreeSet<String> = deliveries.ids().into_iter().collect();
-    assert!(delivered.is_subset(&committed), "delivered but never committed: {:?}", delivered.difference(&committed));
+    assert!(
+        delivered.is_subset(&committed),
+        "delivered but never committed: {:?}",
+        delivered.difference(&committed)
+    );
     db.wait_for("every committed send delivered", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM outbox WHERE status <> 'delivered'").await == 0
-    }).await;
+        db.count("SELECT COUNT(*) FROM outbox WHERE status <> 'delivered'")
+            .await
+            == 0
+    })
+    .await;
     let delivered: std::collections::BTreeSet<String> = deliveries.ids().into_iter().collect();
     assert_eq!(delivered, committed);
 }
@@ -180,55 +309,125 @@ async fn bad_input_becomes_a_queryable_record_and_the_host_keeps_going(db: TestD
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries).await;
     // An undecodable body: the activation message does not decode as the orchestration's input.
-    let undecodable = routed(publish(&client, "bad-body", "order.placed", json!({"order_id": 5})).await);
+    let undecodable =
+        routed(publish(&client, "bad-body", "order.placed", json!({"order_id": 5})).await);
     // An unknown message type.
-    assert_eq!(publish(&client, "who", "no.such.type", json!({})).await, PublishOutcome::Unrouted);
+    assert_eq!(
+        publish(&client, "who", "no.such.type", json!({})).await,
+        PublishOutcome::Unrouted
+    );
     // Unknown orchestration name, and a known name at an unknown version, in the database.
     let ghost = Uuid::new_v4();
     let future = Uuid::new_v4();
     let now = chrono::Utc::now();
-    db.store.start_instances(vec![
-        NewInstance { id: ghost, orchestration: "ghost".into(), version: 1, parent: None, input: json!(null) },
-        NewInstance { id: future, orchestration: "approval".into(), version: 99, parent: None, input: json!(null) },
-    ], now).await.unwrap();
+    db.store
+        .start_instances(
+            vec![
+                NewInstance {
+                    id: ghost,
+                    orchestration: "ghost".into(),
+                    version: 1,
+                    parent: None,
+                    input: json!(null),
+                },
+                NewInstance {
+                    id: future,
+                    orchestration: "approval".into(),
+                    version: 99,
+                    parent: None,
+                    input: json!(null),
+                },
+            ],
+            now,
+        )
+        .await
+        .unwrap();
     // A panicking transition.
     let panicky = client.start("panicker", json!("p1")).await.unwrap();
-    db.wait_for("the panicker to wait", WAIT, || async { db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'boom'").await == 1 }).await;
+    db.wait_for("the panicker to wait", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'boom'")
+            .await
+            == 1
+    })
+    .await;
     publish(&client, "boom-1", "boom", json!({"key": "p1"})).await;
     // A corrupt state blob: an instance saved, its state then overwritten.
-    let corrupt = client.start("approval", json!({"request_id": "rc", "approver": "x"})).await.unwrap();
+    let corrupt = client
+        .start("approval", json!({"request_id": "rc", "approver": "x"}))
+        .await
+        .unwrap();
     db.wait_for("the approval's first point", WAIT, || async {
-        db.count_with("SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1", &corrupt.to_string()).await == 1
-    }).await;
+        db.count_with(
+            "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
+            &corrupt.to_string(),
+        )
+        .await
+            == 1
+    })
+    .await;
     host.stop();
     sqlx::query("UPDATE instances SET state = $1 WHERE CAST(id AS TEXT) = $2")
         .bind(vec![0xc1u8, 0xff, 0x00, 0x13])
         .bind(corrupt.to_string())
-        .execute(&db.sql).await.unwrap();
+        .execute(&db.sql)
+        .await
+        .unwrap();
     let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
-    publish(&client, "dc", "approval.decision", json!({"request_id": "rc", "approved": true, "by": "x"})).await;
+    publish(
+        &client,
+        "dc",
+        "approval.decision",
+        json!({"request_id": "rc", "approved": true, "by": "x"}),
+    )
+    .await;
     // And a healthy instance that must complete regardless.
-    let healthy = client.start("approval", json!({"request_id": "ok", "approver": "x"})).await.unwrap();
-    publish(&client, "dok", "approval.decision", json!({"request_id": "ok", "approved": true, "by": "x"})).await;
+    let healthy = client
+        .start("approval", json!({"request_id": "ok", "approver": "x"}))
+        .await
+        .unwrap();
+    publish(
+        &client,
+        "dok",
+        "approval.decision",
+        json!({"request_id": "ok", "approved": true, "by": "x"}),
+    )
+    .await;
 
-    db.wait_status(healthy, InstanceStatus::Completed, WAIT).await;
+    db.wait_status(healthy, InstanceStatus::Completed, WAIT)
+        .await;
     for (id, needle) in [
         (undecodable, "does not decode"),
         (panicky, "panicked: boom"),
         (corrupt, "does not decode"),
     ] {
         db.wait_status(id, InstanceStatus::Suspended, WAIT).await;
-        let err = db.store.instance_summaries(&[id]).await.unwrap()[0].last_error.clone().unwrap();
+        let err = db.store.instance_summaries(&[id]).await.unwrap()[0]
+            .last_error
+            .clone()
+            .unwrap();
         assert!(err.contains(needle), "{id}: {err}");
     }
     // The panic's message is still there, not consumed: resuming after a fix replays it.
-    assert_eq!(db.count_with("SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'routed'", "boom-1").await, 1);
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'routed'",
+            "boom-1"
+        )
+        .await,
+        1
+    );
     for id in [ghost, future] {
         db.wait_for("the unrunnable instance to be explained", WAIT, || async {
-            db.store.instance_summaries(&[id]).await.unwrap()[0].last_error.as_deref().is_some_and(|e| e.contains("is not registered"))
-        }).await;
+            db.store.instance_summaries(&[id]).await.unwrap()[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("is not registered"))
+        })
+        .await;
     }
-    let reason = db.texts("SELECT reason FROM messages WHERE id = $1", "who").await;
+    let reason = db
+        .texts("SELECT reason FROM messages WHERE id = $1", "who")
+        .await;
     assert!(reason[0].contains("no.such.type"), "{reason:?}");
     host.stop();
 }
@@ -237,72 +436,203 @@ async fn shutdown_saves_instances_that_consumed_messages_since_their_last_point(
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     let id = routed(publish(&client, "s-start", "collect.start", json!({"key": "s"})).await);
-    let items: Vec<NewMessage> = (1..=3).map(|n| msg(&format!("s-{n}"), "item", json!({"key": "s", "n": n}))).collect();
+    let items: Vec<NewMessage> = (1..=3)
+        .map(|n| msg(&format!("s-{n}"), "item", json!({"key": "s", "n": n})))
+        .collect();
     client.publish_batch(items).await.unwrap();
     db.wait_for("three items claimed", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND locked_by IS NOT NULL").await == 3
-    }).await;
+        db.count(
+            "SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND locked_by IS NOT NULL",
+        )
+        .await
+            == 3
+    })
+    .await;
     let stats = host.stop();
     assert_eq!(stats.points.get("shutdown"), Some(&1));
     let detail = db.store.instance_detail(id).await.unwrap().unwrap();
     assert_eq!(detail.history.last().unwrap().reason.as_str(), "shutdown");
     assert_eq!(detail.summary.status, InstanceStatus::Dehydrated);
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND status = 'consumed'").await, 3);
-    assert_eq!(db.count("SELECT COUNT(*) FROM instances WHERE owner IS NOT NULL").await, 0);
+    assert_eq!(
+        db.count(
+            "SELECT COUNT(*) FROM messages WHERE message_type = 'item' AND status = 'consumed'"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE owner IS NOT NULL")
+            .await,
+        0
+    );
 
     let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     publish(&client, "s-done", "collect.done", json!({"key": "s"})).await;
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;
-    assert_eq!(deliveries.bodies("log", "").last().unwrap(), &json!([1, 2, 3]));
+    assert_eq!(
+        deliveries.bodies("log", "").last().unwrap(),
+        &json!([1, 2, 3])
+    );
     host.stop();
 }
 
 async fn operators_suspend_resume_and_terminate_instances(db: TestDb) {
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries).await;
-    let a = client.start("approval", json!({"request_id": "sa", "approver": "x"})).await.unwrap();
-    let b = client.start("approval", json!({"request_id": "sb", "approver": "x"})).await.unwrap();
+    let a = client
+        .start("approval", json!({"request_id": "sa", "approver": "x"}))
+        .await
+        .unwrap();
+    let b = client
+        .start("approval", json!({"request_id": "sb", "approver": "x"}))
+        .await
+        .unwrap();
     for id in [a, b] {
         db.wait_for("first point", WAIT, || async {
-            db.count_with("SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1", &id.to_string()).await == 1
-        }).await;
+            db.count_with(
+                "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
+                &id.to_string(),
+            )
+            .await
+                == 1
+        })
+        .await;
     }
     let now = chrono::Utc::now();
-    assert_eq!(db.store.control(a, ControlAction::Suspend { reason: "audit".into() }, now).await.unwrap(), InstanceStatus::Suspended);
-    publish(&client, "da", "approval.decision", json!({"request_id": "sa", "approved": true, "by": "x"})).await;
+    assert_eq!(
+        db.store
+            .control(
+                a,
+                ControlAction::Suspend {
+                    reason: "audit".into()
+                },
+                now
+            )
+            .await
+            .unwrap(),
+        InstanceStatus::Suspended
+    );
+    publish(
+        &client,
+        "da",
+        "approval.decision",
+        json!({"request_id": "sa", "approved": true, "by": "x"}),
+    )
+    .await;
     // Suspended: the decision waits, unconsumed.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(db.status(a).await, Some(InstanceStatus::Suspended));
-    assert_eq!(db.count_with("SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'routed'", "da").await, 1);
-    let err = db.store.control(a, ControlAction::Terminate { reason: "x".into() }, now).await;
-    assert!(err.is_ok(), "terminating a suspended instance is allowed: {err:?}");
-    let err = db.store.control(a, ControlAction::Resume, now).await.unwrap_err();
-    assert!(err.to_string().contains("only a suspended instance can be resumed"), "{err}");
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'routed'",
+            "da"
+        )
+        .await,
+        1
+    );
+    let err = db
+        .store
+        .control(a, ControlAction::Terminate { reason: "x".into() }, now)
+        .await;
+    assert!(
+        err.is_ok(),
+        "terminating a suspended instance is allowed: {err:?}"
+    );
+    let err = db
+        .store
+        .control(a, ControlAction::Resume, now)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only a suspended instance can be resumed"),
+        "{err}"
+    );
 
-    db.store.control(b, ControlAction::Suspend { reason: "audit".into() }, now).await.unwrap();
-    db.store.control(b, ControlAction::Resume, now).await.unwrap();
-    publish(&client, "db", "approval.decision", json!({"request_id": "sb", "approved": false, "by": "x"})).await;
+    db.store
+        .control(
+            b,
+            ControlAction::Suspend {
+                reason: "audit".into(),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    db.store
+        .control(b, ControlAction::Resume, now)
+        .await
+        .unwrap();
+    publish(
+        &client,
+        "db",
+        "approval.decision",
+        json!({"request_id": "sb", "approved": false, "by": "x"}),
+    )
+    .await;
     db.wait_status(b, InstanceStatus::Completed, WAIT).await;
-    let reasons: Vec<_> = db.store.instance_detail(b).await.unwrap().unwrap().history.iter().map(|h| h.reason.as_str()).collect();
+    let reasons: Vec<_> = db
+        .store
+        .instance_detail(b)
+        .await
+        .unwrap()
+        .unwrap()
+        .history
+        .iter()
+        .map(|h| h.reason.as_str())
+        .collect();
     assert_eq!(reasons, ["send", "suspend", "complete"]);
 
     assert_eq!(db.status(a).await, Some(InstanceStatus::Terminated));
-    assert_eq!(db.count_with("SELECT COUNT(*) FROM subscriptions WHERE CAST(instance_id AS TEXT) = $1", &a.to_string()).await, 0);
-    assert_eq!(db.count_with("SELECT COUNT(*) FROM timers WHERE CAST(instance_id AS TEXT) = $1", &a.to_string()).await, 0);
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM subscriptions WHERE CAST(instance_id AS TEXT) = $1",
+            &a.to_string()
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM timers WHERE CAST(instance_id AS TEXT) = $1",
+            &a.to_string()
+        )
+        .await,
+        0
+    );
     host.stop();
 }
 
 async fn idle_instances_dehydrate_and_rehydrate_on_their_next_message(db: TestDb) {
     let deliveries = Deliveries::default();
-    let config = cairn::HostConfig { dehydrate_after: Duration::from_millis(100), ..fast_config() };
+    let config = cairn::HostConfig {
+        dehydrate_after: Duration::from_millis(100),
+        ..fast_config()
+    };
     let (host, client) = HostThread::start(&db, config, deliveries).await;
-    let id = client.start("approval", json!({"request_id": "dh", "approver": "x"})).await.unwrap();
+    let id = client
+        .start("approval", json!({"request_id": "dh", "approver": "x"}))
+        .await
+        .unwrap();
     db.wait_status(id, InstanceStatus::Dehydrated, WAIT).await;
     let detail = db.store.instance_detail(id).await.unwrap().unwrap();
     assert_eq!(detail.history.last().unwrap().reason.as_str(), "dehydrate");
-    assert!(detail.summary.waiting_for.contains("message approval.decision {request_id=dh}"), "{}", detail.summary.waiting_for);
+    assert!(
+        detail
+            .summary
+            .waiting_for
+            .contains("message approval.decision {request_id=dh}"),
+        "{}",
+        detail.summary.waiting_for
+    );
     assert!(detail.next_timer_at.is_some());
-    publish(&client, "ddh", "approval.decision", json!({"request_id": "dh", "approved": true, "by": "x"})).await;
+    publish(
+        &client,
+        "ddh",
+        "approval.decision",
+        json!({"request_id": "dh", "approved": true, "by": "x"}),
+    )
+    .await;
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;
     host.stop();
 }
@@ -312,30 +642,101 @@ async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
     let store = db.store.clone();
     let now = chrono::Utc::now();
     let id = Uuid::new_v4();
-    store.start_instances(vec![NewInstance { id, orchestration: "approval".into(), version: 1, parent: None, input: json!({}) }], now).await.unwrap();
-    let a = store.acquire("host-a", &[id], now, now + chrono::Duration::milliseconds(50)).await.unwrap();
+    store
+        .start_instances(
+            vec![NewInstance {
+                id,
+                orchestration: "approval".into(),
+                version: 1,
+                parent: None,
+                input: json!({}),
+            }],
+            now,
+        )
+        .await
+        .unwrap();
+    let a = store
+        .acquire(
+            "host-a",
+            &[id],
+            now,
+            now + chrono::Duration::milliseconds(50),
+        )
+        .await
+        .unwrap();
     assert_eq!(a.len(), 1);
     // While A's lease holds, B cannot take the instance.
-    assert!(store.acquire("host-b", &[id], now, now + chrono::Duration::seconds(30)).await.unwrap().is_empty());
+    assert!(store
+        .acquire("host-b", &[id], now, now + chrono::Duration::seconds(30))
+        .await
+        .unwrap()
+        .is_empty());
     // After it expires, B takes it with a newer epoch.
     let later = now + chrono::Duration::seconds(1);
-    let b = store.acquire("host-b", &[id], later, later + chrono::Duration::seconds(30)).await.unwrap();
+    let b = store
+        .acquire(
+            "host-b",
+            &[id],
+            later,
+            later + chrono::Duration::seconds(30),
+        )
+        .await
+        .unwrap();
     assert_eq!(b.len(), 1);
     assert!(b[0].epoch > a[0].epoch);
     let point = |host: &str, epoch: i64, step: &str| PersistencePoint {
-        instance_id: id, epoch, host: host.into(), reason: Reason::Send, status: S::Running,
-        state: Some(vec![0x90]), engine_state: None, step: step.into(), waiting_for: String::new(),
-        next_timer_at: None, last_error: None, output: None, history_seq: 1, consumed: vec![],
-        unsubscribe: vec![], subscribe: vec![], cancel_timers: vec![], set_timers: vec![],
-        outbox: vec![cairn::store::OutboxRow { id: format!("zombie-send-{host}"), instance_id: id, port: "p".into(),
-            message_type: "t".into(), body: json!({}), expects_reply: false, attempts: 0 }],
-        messages: vec![], children: vec![], release: false, at: later, outbox_lock_until: later,
+        instance_id: id,
+        epoch,
+        host: host.into(),
+        reason: Reason::Send,
+        status: S::Running,
+        state: Some(vec![0x90]),
+        engine_state: None,
+        step: step.into(),
+        waiting_for: String::new(),
+        next_timer_at: None,
+        last_error: None,
+        output: None,
+        history_seq: 1,
+        consumed: vec![],
+        unsubscribe: vec![],
+        subscribe: vec![],
+        cancel_timers: vec![],
+        set_timers: vec![],
+        outbox: vec![cairn::store::OutboxRow {
+            id: format!("zombie-send-{host}"),
+            instance_id: id,
+            port: "p".into(),
+            message_type: "t".into(),
+            body: json!({}),
+            expects_reply: false,
+            attempts: 0,
+        }],
+        messages: vec![],
+        children: vec![],
+        release: false,
+        at: later,
+        outbox_lock_until: later,
     };
-    let out = store.commit(&[point("host-a", a[0].epoch, "zombie")]).await.unwrap();
+    let out = store
+        .commit(&[point("host-a", a[0].epoch, "zombie")])
+        .await
+        .unwrap();
     assert_eq!(out, vec![CommitOutcome::Fenced]);
-    assert_eq!(db.count("SELECT COUNT(*) FROM outbox").await, 0, "a fenced point sends nothing");
-    assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 0, "a fenced point writes nothing");
-    let out = store.commit(&[point("host-b", b[0].epoch, "owner")]).await.unwrap();
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM outbox").await,
+        0,
+        "a fenced point sends nothing"
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM history").await,
+        0,
+        "a fenced point writes nothing"
+    );
+    let out = store
+        .commit(&[point("host-b", b[0].epoch, "owner")])
+        .await
+        .unwrap();
     assert_eq!(out, vec![CommitOutcome::Committed]);
     assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 1);
 }

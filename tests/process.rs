@@ -18,7 +18,10 @@ use serde_json::json;
 use support::TestDb;
 use uuid::Uuid;
 
-backend_tests!(sigkill_at_random_moments_loses_nothing, sigterm_saves_every_instance_and_a_restart_finishes_them);
+backend_tests!(
+    sigkill_at_random_moments_loses_nothing,
+    sigterm_saves_every_instance_and_a_restart_finishes_them
+);
 
 struct Run {
     db: TestDb,
@@ -33,7 +36,17 @@ impl Run {
     fn spawn_host(&self, n: usize) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!("host-{n}.log"))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .args(["--database", &self.db.url, "host", "--dehydrate-after-ms", "300", "--poll-ms", "20", "--lease-ms", "2000"])
+            .args([
+                "--database",
+                &self.db.url,
+                "host",
+                "--dehydrate-after-ms",
+                "300",
+                "--poll-ms",
+                "20",
+                "--lease-ms",
+                "2000",
+            ])
             .env("CAIRN_PORT_LEDGER", self.ledger())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -71,11 +84,18 @@ impl Run {
 
 async fn new_run(db: TestDb) -> Run {
     // Write the activating subscriptions first, so the load routes whether or not a host is up.
-    cairn::Host::new(db.store.clone(), cairn_orchestrations::registry(), cairn::Ports::new())
-        .sync_activations()
-        .await
-        .unwrap();
-    Run { db, dir: tempfile::tempdir().unwrap() }
+    cairn::Host::new(
+        db.store.clone(),
+        cairn_orchestrations::registry(),
+        cairn::Ports::new(),
+    )
+    .sync_activations()
+    .await
+    .unwrap();
+    Run {
+        db,
+        dir: tempfile::tempdir().unwrap(),
+    }
 }
 
 /// The load: orders that ship, approvals with their decisions, invoice batches. Timeouts are long
@@ -83,7 +103,9 @@ async fn new_run(db: TestDb) -> Run {
 fn load(wave: usize, count: usize) -> (Vec<NewMessage>, Vec<NewMessage>) {
     let mut starts = Vec::new();
     let mut follow = Vec::new();
-    let publish = |id: String, ty: &str, body| NewMessage::published(format!("w{wave}-{id}"), ty, body, BTreeMap::new());
+    let publish = |id: String, ty: &str, body| {
+        NewMessage::published(format!("w{wave}-{id}"), ty, body, BTreeMap::new())
+    };
     let mut i = 0;
     while starts.len() < count {
         i += 1;
@@ -101,12 +123,21 @@ fn load(wave: usize, count: usize) -> (Vec<NewMessage>, Vec<NewMessage>) {
                 let request_id = format!("w{wave}-approval-{i}");
                 starts.push(publish(format!("{request_id}-requested"), "approval.requested",
                     json!({"request_id": request_id, "approver": "alice", "escalate_after_ms": 600_000})));
-                follow.push(publish(format!("{request_id}-decision"), "approval.decision",
-                    json!({"request_id": request_id, "approved": true, "by": "alice"})));
+                follow.push(publish(
+                    format!("{request_id}-decision"),
+                    "approval.decision",
+                    json!({"request_id": request_id, "approved": true, "by": "alice"}),
+                ));
             }
             _ => {
-                let lines: Vec<_> = (0..4).map(|l| json!({"customer": format!("c{l}"), "amount": 10.0 * (l + 1) as f64})).collect();
-                starts.push(publish(format!("batch-{i}"), "invoice.batch", json!({"batch_id": format!("batch-{i}"), "lines": lines})));
+                let lines: Vec<_> = (0..4)
+                    .map(|l| json!({"customer": format!("c{l}"), "amount": 10.0 * (l + 1) as f64}))
+                    .collect();
+                starts.push(publish(
+                    format!("batch-{i}"),
+                    "invoice.batch",
+                    json!({"batch_id": format!("batch-{i}"), "lines": lines}),
+                ));
             }
         }
     }
@@ -136,12 +167,19 @@ async fn wait_until_all_ended(run: &Run, ids: &[Uuid], timeout: Duration) {
     loop {
         let summaries = run.db.store.instance_summaries(ids).await.unwrap();
         let open = summaries.iter().filter(|s| !s.status.is_final()).count();
-        let pending = run.db.count("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").await;
+        let pending = run
+            .db
+            .count("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+            .await;
         if open == 0 && pending == 0 && run.db.count("SELECT COUNT(*) FROM instances WHERE status NOT IN ('completed', 'failed', 'terminated')").await == 0 {
             return;
         }
         if Instant::now() > deadline {
-            let stuck: Vec<_> = summaries.iter().filter(|s| !s.status.is_final()).take(5).collect();
+            let stuck: Vec<_> = summaries
+                .iter()
+                .filter(|s| !s.status.is_final())
+                .take(5)
+                .collect();
             panic!("{open} instances still open, {pending} sends pending after {timeout:?}: {stuck:#?}\nhost log:\n{}", run.host_log());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -157,18 +195,37 @@ async fn check_guarantees(run: &Run, ids: &[Uuid], published: &[String]) {
     for s in &summaries {
         assert_ne!(s.status, InstanceStatus::Suspended, "{s:?}");
     }
-    assert_eq!(db.count("SELECT COUNT(*) FROM instances WHERE status = 'suspended'").await, 0);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE status = 'suspended'")
+            .await,
+        0
+    );
     let failed = db.count("SELECT COUNT(*) FROM instances WHERE status = 'failed' AND orchestration = 'order-fulfilment'").await;
     let declined = db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'order.placed' AND body LIKE '%5000%'").await;
     assert_eq!(failed, declined, "exactly the declined orders failed");
     // G1: every accepted message is stored, and consumed exactly once.
     for id in published {
-        assert_eq!(db.count_with("SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'consumed'", id).await, 1, "message {id}");
+        assert_eq!(
+            db.count_with(
+                "SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'consumed'",
+                id
+            )
+            .await,
+            1,
+            "message {id}"
+        );
     }
-    assert_eq!(db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'").await, 0);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'")
+            .await,
+        0
+    );
     // G5 through the results: a child result consumed twice would count twice in a batch total.
-    let totals: Vec<String> = sqlx::query_scalar("SELECT output FROM instances WHERE orchestration = 'invoice-batch'")
-        .fetch_all(&db.sql).await.unwrap();
+    let totals: Vec<String> =
+        sqlx::query_scalar("SELECT output FROM instances WHERE orchestration = 'invoice-batch'")
+            .fetch_all(&db.sql)
+            .await
+            .unwrap();
     for output in totals {
         let output: serde_json::Value = serde_json::from_str(&output).unwrap();
         assert_eq!(output["total"], json!(100.0), "{output}");
@@ -177,19 +234,34 @@ async fn check_guarantees(run: &Run, ids: &[Uuid], published: &[String]) {
     let gaps = db.count("SELECT COUNT(*) FROM instances i WHERE i.history_seq <> (SELECT COUNT(*) FROM history h WHERE h.instance_id = i.id)").await;
     assert_eq!(gaps, 0);
     // G2: the ports saw exactly the committed sends, each under its one id.
-    let committed: BTreeSet<String> = sqlx::query_scalar::<_, String>("SELECT id FROM outbox").fetch_all(&db.sql).await.unwrap().into_iter().collect();
+    let committed: BTreeSet<String> = sqlx::query_scalar::<_, String>("SELECT id FROM outbox")
+        .fetch_all(&db.sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     let delivered = run.ledger_ids();
     let delivered_ids: BTreeSet<String> = delivered.keys().cloned().collect();
     let ghosts: Vec<_> = delivered_ids.difference(&committed).take(3).collect();
-    assert!(ghosts.is_empty(), "delivered but never committed: {ghosts:?}");
+    assert!(
+        ghosts.is_empty(),
+        "delivered but never committed: {ghosts:?}"
+    );
     let lost: Vec<_> = committed.difference(&delivered_ids).take(3).collect();
     assert!(lost.is_empty(), "committed but never delivered: {lost:?}");
     let redelivered = delivered.values().filter(|n| **n > 1).count();
-    eprintln!("{} sends delivered, {redelivered} of them more than once (at least once, same id)", committed.len());
+    eprintln!(
+        "{} sends delivered, {redelivered} of them more than once (at least once, same id)",
+        committed.len()
+    );
 }
 
 fn sigterm(child: &Child) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
 }
 
 fn stop(mut child: Child) {
@@ -199,7 +271,11 @@ fn stop(mut child: Child) {
 
 async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     let soak = std::env::var("CAIRN_SOAK").is_ok_and(|v| v == "1");
-    let (first_wave, wave, kills) = if soak { (2_000, 400, 30) } else { (500, 150, 6) };
+    let (first_wave, wave, kills) = if soak {
+        (2_000, 400, 30)
+    } else {
+        (500, 150, 6)
+    };
     let run = new_run(db).await;
     let mut host = run.spawn_host(0);
     let (mut ids, mut published) = feed(&run, 0, first_wave).await;
@@ -208,16 +284,27 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..700))).await;
         host.kill().expect("SIGKILL");
         host.wait().unwrap();
-        let open = run.db.count("SELECT COUNT(*) FROM instances WHERE status NOT IN ('completed', 'failed')").await;
+        let open = run
+            .db
+            .count("SELECT COUNT(*) FROM instances WHERE status NOT IN ('completed', 'failed')")
+            .await;
         eprintln!("kill {k}: {open} instances in flight");
-        assert!(open > 0, "kill {k} hit an idle host: the test would prove nothing");
+        assert!(
+            open > 0,
+            "kill {k} hit an idle host: the test would prove nothing"
+        );
         // More work arrives while the host is down (G1: accepted with no host running).
         let (more_ids, more) = feed(&run, k, wave).await;
         ids.extend(more_ids);
         published.extend(more);
         host = run.spawn_host(k);
     }
-    wait_until_all_ended(&run, &ids, Duration::from_secs(if soak { 900 } else { 180 })).await;
+    wait_until_all_ended(
+        &run,
+        &ids,
+        Duration::from_secs(if soak { 900 } else { 180 }),
+    )
+    .await;
     stop(host);
     check_guarantees(&run, &ids, &published).await;
 }
@@ -237,17 +324,41 @@ async fn sigterm_saves_every_instance_and_a_restart_finishes_them(db: TestDb) {
     let mut host = host;
     let status = host.wait().unwrap();
     let took = started.elapsed();
-    assert!(status.success(), "host exit status {status}\n{}", run.host_log());
+    assert!(
+        status.success(),
+        "host exit status {status}\n{}",
+        run.host_log()
+    );
     assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
-    let saved = run.db.count("SELECT COUNT(*) FROM history WHERE reason = 'shutdown'").await;
-    assert!(saved > 0, "no shutdown persistence point was written\n{}", run.host_log());
+    let saved = run
+        .db
+        .count("SELECT COUNT(*) FROM history WHERE reason = 'shutdown'")
+        .await;
+    assert!(
+        saved > 0,
+        "no shutdown persistence point was written\n{}",
+        run.host_log()
+    );
     // Nothing stays locked, nothing is owned; messages the saved instances consumed are consumed.
-    assert_eq!(run.db.count("SELECT COUNT(*) FROM messages WHERE locked_by IS NOT NULL").await, 0);
-    assert_eq!(run.db.count("SELECT COUNT(*) FROM instances WHERE owner IS NOT NULL").await, 0);
+    assert_eq!(
+        run.db
+            .count("SELECT COUNT(*) FROM messages WHERE locked_by IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        run.db
+            .count("SELECT COUNT(*) FROM instances WHERE owner IS NOT NULL")
+            .await,
+        0
+    );
     let consumed_at_shutdown = run.db.count(
         "SELECT COUNT(*) FROM messages m JOIN history h ON h.instance_id = m.instance_id AND h.reason = 'shutdown' \
          WHERE m.status = 'consumed' AND m.consumed_at = h.at").await;
-    assert!(consumed_at_shutdown > 0, "the shutdown points consumed no message");
+    assert!(
+        consumed_at_shutdown > 0,
+        "the shutdown points consumed no message"
+    );
     eprintln!("shutdown in {took:?}: {saved} instances saved, {consumed_at_shutdown} messages consumed by them");
 
     let host = run.spawn_host(1);
@@ -255,4 +366,3 @@ async fn sigterm_saves_every_instance_and_a_restart_finishes_them(db: TestDb) {
     stop(host);
     check_guarantees(&run, &ids, &published).await;
 }
-

@@ -26,29 +26,58 @@ fn order(amount: f64) -> order_fulfilment::Order {
 fn order_pays_ships_and_completes_with_a_receipt() {
     let mut s = Scenario::<OrderFulfilment>::start(order(10.0)).unwrap();
     assert_eq!(s.step(), "AwaitingPayment");
-    assert_eq!(s.sends(), vec![("payment", "payment.authorise", &json!({"order_id": "o-1", "amount": 10.0}))]);
+    assert_eq!(
+        s.sends(),
+        vec![(
+            "payment",
+            "payment.authorise",
+            &json!({"order_id": "o-1", "amount": 10.0})
+        )]
+    );
     assert_eq!(s.persistence_points(), &[Reason::Send]);
 
-    s.reply("payment", json!({"authorised": true, "code": "A1"})).unwrap();
+    s.reply("payment", json!({"authorised": true, "code": "A1"}))
+        .unwrap();
     assert_eq!(s.step(), "AwaitingShipment");
-    assert_eq!(s.waiting_for().split("; ").count(), 2, "listens for the shipment and the timeout: {}", s.waiting_for());
-    assert!(s.waiting_for().contains("message shipment.confirmed {order_id=o-1}"));
+    assert_eq!(
+        s.waiting_for().split("; ").count(),
+        2,
+        "listens for the shipment and the timeout: {}",
+        s.waiting_for()
+    );
+    assert!(s
+        .waiting_for()
+        .contains("message shipment.confirmed {order_id=o-1}"));
 
     // A shipment for another order is not for this instance.
-    let other = s.message("shipment.confirmed", json!({"order_id": "o-2", "tracking": "T"}));
-    assert!(matches!(other, Err(ScenarioError::NotWaiting(..))), "{other:?}");
+    let other = s.message(
+        "shipment.confirmed",
+        json!({"order_id": "o-2", "tracking": "T"}),
+    );
+    assert!(
+        matches!(other, Err(ScenarioError::NotWaiting(..))),
+        "{other:?}"
+    );
 
-    s.message("shipment.confirmed", json!({"order_id": "o-1", "tracking": "T-9"})).unwrap();
+    s.message(
+        "shipment.confirmed",
+        json!({"order_id": "o-1", "tracking": "T-9"}),
+    )
+    .unwrap();
     let receipt = s.output().expect("completed");
     assert!(receipt.shipped);
     assert_eq!(receipt.tracking.as_deref(), Some("T-9"));
-    assert_eq!(s.persistence_points(), &[Reason::Send, Reason::Send, Reason::Complete]);
+    assert_eq!(
+        s.persistence_points(),
+        &[Reason::Send, Reason::Send, Reason::Complete]
+    );
 }
 
 #[test]
 fn order_timeout_wins_the_listen_and_cancels_the_receive() {
     let mut s = Scenario::<OrderFulfilment>::start(order(10.0)).unwrap();
-    s.reply("payment", json!({"authorised": true, "code": "A1"})).unwrap();
+    s.reply("payment", json!({"authorised": true, "code": "A1"}))
+        .unwrap();
     s.timer("shipment-timeout").unwrap();
     assert!(!s.output().expect("completed").shipped);
     assert!(s.waits().receives.is_empty() && s.waits().delays.is_empty());
@@ -58,14 +87,20 @@ fn order_timeout_wins_the_listen_and_cancels_the_receive() {
 fn order_with_declined_payment_fails() {
     let mut s = Scenario::<OrderFulfilment>::start(order(5000.0)).unwrap();
     s.reply("payment", json!({"authorised": false})).unwrap();
-    assert_eq!(s.outcome(), &Outcome::Failed("payment for order o-1 declined".into()));
+    assert_eq!(
+        s.outcome(),
+        &Outcome::Failed("payment for order o-1 declined".into())
+    );
 }
 
 #[test]
 fn order_with_an_undecodable_reply_is_a_fault() {
     let mut s = Scenario::<OrderFulfilment>::start(order(10.0)).unwrap();
     let err = s.reply("payment", json!({"nonsense": 1})).unwrap_err();
-    assert!(matches!(&err, ScenarioError::Faulted(t) if t.contains("does not decode")), "{err}");
+    assert!(
+        matches!(&err, ScenarioError::Faulted(t) if t.contains("does not decode")),
+        "{err}"
+    );
 }
 
 fn request() -> approval::Request {
@@ -87,7 +122,11 @@ fn approval_escalates_then_takes_the_late_decision() {
     assert_eq!(s.step(), "Escalated");
     assert_eq!(s.sends()[0].0, "notifications");
     assert_eq!(s.sends()[0].2["to"], "bob");
-    s.message("approval.decision", json!({"request_id": "r-1", "approved": true, "by": "bob"})).unwrap();
+    s.message(
+        "approval.decision",
+        json!({"request_id": "r-1", "approved": true, "by": "bob"}),
+    )
+    .unwrap();
     assert_eq!(s.output().map(|d| d.approved), Some(true));
 }
 
@@ -109,7 +148,11 @@ fn invoice_batch_joins_on_every_child_in_any_order() {
         serde_json::from_value(batch).unwrap(),
     )
     .unwrap();
-    let children: Vec<_> = s.started().iter().map(|(id, name, _)| (*id, name.to_string())).collect();
+    let children: Vec<_> = s
+        .started()
+        .iter()
+        .map(|(id, name, _)| (*id, name.to_string()))
+        .collect();
     assert_eq!(children.len(), 3);
     assert!(children.iter().all(|(_, name)| name == "invoice"));
     assert_eq!(s.persistence_points(), &[Reason::Start]);
@@ -135,10 +178,18 @@ fn recording_ports(client: Client, recorder: Recorder) -> Ports {
     };
     let warehouse_recorder = recorder.clone();
     Ports::new()
-        .function("payment", record(recorder.clone(), |m| {
-            Some(json!({"authorised": m.body["amount"].as_f64() < Some(1000.0), "code": "A"}))
-        }))
-        .function("billing", record(recorder.clone(), |m| Some(json!({"billed": m.body["amount"].as_f64() <= Some(500.0)}))))
+        .function(
+            "payment",
+            record(recorder.clone(), |m| {
+                Some(json!({"authorised": m.body["amount"].as_f64() < Some(1000.0), "code": "A"}))
+            }),
+        )
+        .function(
+            "billing",
+            record(recorder.clone(), |m| {
+                Some(json!({"billed": m.body["amount"].as_f64() <= Some(500.0)}))
+            }),
+        )
         .function("notifications", record(recorder, |_| None))
         .function("warehouse", move |msg: OutboundMessage| {
             let recorder = warehouse_recorder.clone();
@@ -147,8 +198,12 @@ fn recording_ports(client: Client, recorder: Recorder) -> Ports {
                 recorder.record(&msg.port, &msg.id);
                 let order = msg.body["order_id"].as_str().unwrap_or_default().to_owned();
                 client
-                    .publish("shipment.confirmed", json!({"order_id": order, "tracking": "T"}),
-                        Some(format!("ship-{order}")), BTreeMap::new())
+                    .publish(
+                        "shipment.confirmed",
+                        json!({"order_id": order, "tracking": "T"}),
+                        Some(format!("ship-{order}")),
+                        BTreeMap::new(),
+                    )
                     .await
                     .map_err(|e| PortError::transient(e.to_string()))?;
                 Ok(None)
@@ -164,7 +219,10 @@ fn order_fulfilment_survives_a_crash_at_every_persistence_point() {
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{report:?}");
     assert_eq!(report.status, InstanceStatus::Completed);
-    assert!(report.commits >= 3 && report.crashed_runs >= 6, "{report:?}");
+    assert!(
+        report.commits >= 3 && report.crashed_runs >= 6,
+        "{report:?}"
+    );
 }
 
 #[test]
@@ -197,6 +255,8 @@ fn invoice_batch_survives_a_crash_at_every_persistence_point() {
 #[test]
 fn effects_are_plain_data() {
     let s = Scenario::<OrderFulfilment>::start(order(1.0)).unwrap();
-    assert!(matches!(&s.effects()[0], Effect::Send { expects_reply: true, port, .. } if port == "payment"));
+    assert!(
+        matches!(&s.effects()[0], Effect::Send { expects_reply: true, port, .. } if port == "payment")
+    );
     let _unused: Arc<()> = Arc::new(());
 }

@@ -26,15 +26,27 @@ pub struct App {
     pub ports: Arc<dyn Fn(Client) -> Ports + Send + Sync>,
     /// The messages `cairn demo` publishes for its `i`-th instance (the first one activates it),
     /// given the instance number and a run id to keep message ids unique.
-    pub demo: Arc<dyn Fn(usize, &str) -> Vec<NewMessage> + Send + Sync>,
+    pub demo: DemoFeed,
 }
+
+/// The messages `cairn demo` publishes for its `i`-th instance, given `i` and a run id.
+pub type DemoFeed = Arc<dyn Fn(usize, &str) -> Vec<NewMessage> + Send + Sync>;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
-#[command(name = "cairn", version, about = "Cairn: durable orchestrations on SQLite or PostgreSQL")]
+#[command(
+    name = "cairn",
+    version,
+    about = "Cairn: durable orchestrations on SQLite or PostgreSQL"
+)]
 pub struct Cli {
     /// The database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB.
-    #[arg(long, global = true, env = "CAIRN_DATABASE_URL", default_value = "sqlite://cairn.db")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_DATABASE_URL",
+        default_value = "sqlite://cairn.db"
+    )]
     pub database: String,
     /// What to do.
     #[command(subcommand)]
@@ -132,8 +144,18 @@ pub enum Command {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CliError {
-    /// The database could not be used.
-    #[error("{0}\nhint: check --database / CAIRN_DATABASE_URL; `cairn migrate` creates the schema")]
+    /// The database could not be opened or migrated.
+    #[error(
+        "cannot use the database {url}: {source}\nhint: check --database / CAIRN_DATABASE_URL"
+    )]
+    Open {
+        /// The URL given.
+        url: String,
+        /// Why.
+        source: StoreError,
+    },
+    /// A store call failed.
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// A client call failed.
     #[error(transparent)]
@@ -194,8 +216,12 @@ pub fn main(app: App) -> ExitCode {
 /// # Errors
 /// The database cannot be opened or migrated.
 pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, CliError> {
-    let store = crate::store::open(url).await?;
-    store.migrate().await?;
+    let open = |source| CliError::Open {
+        url: url.to_owned(),
+        source,
+    };
+    let store = crate::store::open(url).await.map_err(open)?;
+    store.migrate().await.map_err(open)?;
     Ok(store)
 }
 
@@ -212,6 +238,11 @@ pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
 
 async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliError> {
     let client = Client::new(store.clone(), app.registry.clone());
+    // Activating subscriptions exist as soon as the schema does, so that a message published
+    // before any host has run starts its instance rather than waiting as unrouted.
+    build_host(&app, store.clone(), HostConfig::default())
+        .sync_activations()
+        .await?;
     match cli.command {
         Command::Migrate => {
             println!("the database at {} is up to date", cli.database);
@@ -234,7 +265,7 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             spawn_signal_handler(stop.clone())?;
             host.run(stop).await?;
         }
-        Command::Demo { instances } => demo(&app, store, instances).await?,
+        Command::Demo { instances } => demo(&app, store, instances, &cli.database).await?,
         Command::Start {
             orchestration,
             input,
@@ -252,7 +283,9 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             let body = parse_json("--body", &body)?;
             let mut props = BTreeMap::new();
             for p in properties {
-                let (k, v) = p.split_once('=').ok_or_else(|| CliError::Property(p.clone()))?;
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| CliError::Property(p.clone()))?;
                 props.insert(k.to_owned(), v.to_owned());
             }
             let (id, outcome) = client.publish(&message_type, body, id, props).await?;
@@ -268,11 +301,14 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         Command::List { status, limit } => {
             let rows = store.list_instances(status, limit).await?;
             println!(
-                "{:<36}  {:<18} {:>3}  {:<10}  {:<20}  {}",
-                "id", "orchestration", "v", "status", "step", "waiting for / last error"
+                "{:<36}  {:<18} {:>3}  {:<10}  {:<20}  waiting for / last error",
+                "id", "orchestration", "v", "status", "step"
             );
             for r in rows {
-                let note = r.last_error.clone().unwrap_or_else(|| r.waiting_for.clone());
+                let note = r
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| r.waiting_for.clone());
                 println!(
                     "{:<36}  {:<18} {:>3}  {:<10}  {:<20}  {}",
                     r.id,
@@ -285,13 +321,23 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             }
         }
         Command::Show { id } => {
-            let detail = store.instance_detail(id).await?.ok_or(CliError::NoInstance(id))?;
+            let detail = store
+                .instance_detail(id)
+                .await?
+                .ok_or(CliError::NoInstance(id))?;
             let s = &detail.summary;
             println!("instance      {}", s.id);
             println!("orchestration {} v{}", s.orchestration, s.version);
             println!("status        {}", s.status);
             println!("step          {}", s.step);
-            println!("waiting for   {}", if s.waiting_for.is_empty() { "-" } else { &s.waiting_for });
+            println!(
+                "waiting for   {}",
+                if s.waiting_for.is_empty() {
+                    "-"
+                } else {
+                    &s.waiting_for
+                }
+            );
             if let Some(t) = detail.next_timer_at {
                 println!("next timer    {t}");
             }
@@ -311,7 +357,10 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                 None => println!("state         (not started)"),
             }
             if let Some(output) = &detail.output {
-                println!("output\n{}", serde_json::to_string_pretty(output).unwrap_or_default());
+                println!(
+                    "output\n{}",
+                    serde_json::to_string_pretty(output).unwrap_or_default()
+                );
             }
             if !detail.pending_messages.is_empty() {
                 println!("messages waiting to be consumed");
@@ -321,10 +370,15 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             }
             println!("history");
             for h in &detail.history {
-                println!("  {:>3}  {:<10} {:<20} {:<10} {}", h.seq, h.reason, h.step, h.status, h.at);
+                println!(
+                    "  {:>3}  {:<10} {:<20} {:<10} {}",
+                    h.seq, h.reason, h.step, h.status, h.at
+                );
             }
         }
-        Command::Suspend { id, reason } => control(&*store, id, ControlAction::Suspend { reason }).await?,
+        Command::Suspend { id, reason } => {
+            control(&*store, id, ControlAction::Suspend { reason }).await?
+        }
         Command::Resume { id } => control(&*store, id, ControlAction::Resume).await?,
         Command::Terminate { id, reason } => {
             control(&*store, id, ControlAction::Terminate { reason }).await?
@@ -340,10 +394,13 @@ fn build_host(app: &App, store: Arc<dyn Store>, config: HostConfig) -> Host {
 }
 
 async fn control(store: &dyn Store, id: Uuid, action: ControlAction) -> Result<(), CliError> {
-    let status = store.control(id, action, chrono::Utc::now()).await.map_err(|e| match e {
-        StoreError::NoSuchInstance(id) => CliError::NoInstance(id),
-        other => CliError::Store(other),
-    })?;
+    let status = store
+        .control(id, action, chrono::Utc::now())
+        .await
+        .map_err(|e| match e {
+            StoreError::NoSuchInstance(id) => CliError::NoInstance(id),
+            other => CliError::Store(other),
+        })?;
     println!("{id}: {status}");
     Ok(())
 }
@@ -379,7 +436,12 @@ pub fn spawn_signal_handler(stop: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn demo(app: &App, store: Arc<dyn Store>, instances: usize) -> Result<(), CliError> {
+async fn demo(
+    app: &App,
+    store: Arc<dyn Store>,
+    instances: usize,
+    url: &str,
+) -> Result<(), CliError> {
     let config = HostConfig {
         dehydrate_after: Duration::from_millis(500),
         poll_interval: Duration::from_millis(50),
@@ -419,12 +481,17 @@ async fn demo(app: &App, store: Arc<dyn Store>, instances: usize) -> Result<(), 
 
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} instances ended {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} instances ended {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let summary = loop {
         let summary = statuses(&*store, &ids).await?;
-        let ended = summary.iter().filter(|s| s.status.is_final() || s.status == InstanceStatus::Suspended).count();
+        let ended = summary
+            .iter()
+            .filter(|s| s.status.is_final() || s.status == InstanceStatus::Suspended)
+            .count();
         bar.set_position(ended as u64);
         if ended == ids.len() || stop.is_cancelled() {
             break summary;
@@ -441,27 +508,44 @@ async fn demo(app: &App, store: Arc<dyn Store>, instances: usize) -> Result<(), 
 
     let mut table: BTreeMap<(String, String), usize> = BTreeMap::new();
     for s in &summary {
-        *table.entry((s.orchestration.clone(), s.status.to_string())).or_default() += 1;
+        *table
+            .entry((s.orchestration.clone(), s.status.to_string()))
+            .or_default() += 1;
     }
-    println!("cairn demo: {} instances ended in {:.1} s", summary.len(), elapsed.as_secs_f64());
+    println!(
+        "cairn demo: {} instances ended in {:.1} s",
+        summary.len(),
+        elapsed.as_secs_f64()
+    );
     println!();
     println!("  {:<18} {:<10} {:>6}", "orchestration", "status", "count");
     for ((orch, status), n) in &table {
         println!("  {orch:<18} {status:<10} {n:>6}");
     }
     println!();
-    let points: Vec<String> = stats.points.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let points: Vec<String> = stats
+        .points
+        .iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
     println!("  persistence points: {}", points.join(", "));
     println!("  events delivered:   {}", stats.events);
     println!();
-    println!("Look inside (SQLite):");
-    println!("  sqlite3 cairn.db \"SELECT orchestration, status, COUNT(*) FROM instances GROUP BY 1, 2\"");
-    println!("  sqlite3 cairn.db \"SELECT reason, COUNT(*) FROM history GROUP BY reason\"");
+    let shell = match url.strip_prefix("sqlite://") {
+        Some(path) => format!("sqlite3 {path}"),
+        None => format!("psql '{url}' -c \"SET search_path = cairn\" -c"),
+    };
+    println!("Look inside:");
+    println!("  {shell} \"SELECT orchestration, status, COUNT(*) FROM instances GROUP BY 1, 2\"");
+    println!("  {shell} \"SELECT reason, COUNT(*) FROM history GROUP BY reason\"");
     println!("  cargo run -- list --status failed");
     Ok(())
 }
 
-async fn statuses(store: &dyn Store, ids: &[Uuid]) -> Result<Vec<crate::store::InstanceSummary>, CliError> {
+async fn statuses(
+    store: &dyn Store,
+    ids: &[Uuid],
+) -> Result<Vec<crate::store::InstanceSummary>, CliError> {
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
         out.extend(store.instance_summaries(chunk).await?);

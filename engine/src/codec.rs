@@ -51,9 +51,9 @@ pub fn step_name(bytes: &[u8], fallback: &str) -> String {
     let mut rd = bytes;
     let name = match rmp::decode::read_marker(&mut rd) {
         Ok(rmp::Marker::FixMap(1)) => read_str(rd),
-        Ok(rmp::Marker::FixStr(_) | rmp::Marker::Str8 | rmp::Marker::Str16 | rmp::Marker::Str32) => {
-            read_str(bytes)
-        }
+        Ok(
+            rmp::Marker::FixStr(_) | rmp::Marker::Str8 | rmp::Marker::Str16 | rmp::Marker::Str32,
+        ) => read_str(bytes),
         _ => None,
     };
     name.unwrap_or_else(|| fallback.to_owned())

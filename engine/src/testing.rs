@@ -50,7 +50,8 @@ use crate::registry::Registry;
 use crate::store::faulty::{CrashPoint, FaultPlan, FaultyStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{
-    HistoryRow, InstanceRecord, InstanceStatus, MessageKind, NewMessage, Reason, Store, StoredMessage,
+    HistoryRow, InstanceRecord, InstanceStatus, MessageKind, NewMessage, Reason, Store,
+    StoredMessage,
 };
 use crate::Ports;
 
@@ -117,7 +118,11 @@ impl<O: Orchestration> Scenario<O> {
     ///
     /// # Errors
     /// The start transition failed.
-    pub fn start_with(registry: Registry, now: DateTime<Utc>, input: O::Input) -> Result<Self, ScenarioError> {
+    pub fn start_with(
+        registry: Registry,
+        now: DateTime<Utc>,
+        input: O::Input,
+    ) -> Result<Self, ScenarioError> {
         let registry = registry.register::<O>();
         let def = registry
             .get(O::NAME, O::VERSION)
@@ -134,7 +139,8 @@ impl<O: Orchestration> Scenario<O> {
             history_seq: 0,
             parent_id: None,
         };
-        let instance = LiveInstance::load(record, def).map_err(|f| ScenarioError::Faulted(f.error.0))?;
+        let instance =
+            LiveInstance::load(record, def).map_err(|f| ScenarioError::Faulted(f.error.0))?;
         let mut scenario = Self {
             instance,
             registry,
@@ -144,7 +150,8 @@ impl<O: Orchestration> Scenario<O> {
             outcome: Outcome::Running,
             _o: PhantomData,
         };
-        let input = serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
+        let input =
+            serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
         scenario.deliver(MessageKind::Start, "start", input, BTreeMap::new())?;
         Ok(scenario)
     }
@@ -164,8 +171,13 @@ impl<O: Orchestration> Scenario<O> {
     ///
     /// # Errors
     /// The instance does not wait for it, has ended, or the transition failed.
-    pub fn message(&mut self, message_type: &str, body: serde_json::Value) -> Result<&mut Self, ScenarioError> {
-        let properties = NewMessage::published("", message_type, body.clone(), BTreeMap::new()).properties;
+    pub fn message(
+        &mut self,
+        message_type: &str,
+        body: serde_json::Value,
+    ) -> Result<&mut Self, ScenarioError> {
+        let properties =
+            NewMessage::published("", message_type, body.clone(), BTreeMap::new()).properties;
         self.deliver(MessageKind::Published, message_type, body, properties)
     }
 
@@ -173,7 +185,11 @@ impl<O: Orchestration> Scenario<O> {
     ///
     /// # Errors
     /// No request to `port` is waiting, or the transition failed.
-    pub fn reply(&mut self, port: &str, body: serde_json::Value) -> Result<&mut Self, ScenarioError> {
+    pub fn reply(
+        &mut self,
+        port: &str,
+        body: serde_json::Value,
+    ) -> Result<&mut Self, ScenarioError> {
         let request = self
             .instance
             .waits()
@@ -181,8 +197,13 @@ impl<O: Orchestration> Scenario<O> {
             .iter()
             .find(|(_, p)| p == port)
             .map(|(id, _)| id.clone())
-            .ok_or_else(|| ScenarioError::NotWaiting(format!("a reply from {port}"), self.waiting_for()))?;
-        let properties = BTreeMap::from([("request_id".to_owned(), request), ("port".to_owned(), port.to_owned())]);
+            .ok_or_else(|| {
+                ScenarioError::NotWaiting(format!("a reply from {port}"), self.waiting_for())
+            })?;
+        let properties = BTreeMap::from([
+            ("request_id".to_owned(), request),
+            ("port".to_owned(), port.to_owned()),
+        ]);
         self.deliver(MessageKind::Reply, "reply", body, properties)
     }
 
@@ -193,9 +214,14 @@ impl<O: Orchestration> Scenario<O> {
     pub fn timer(&mut self, name: &str) -> Result<&mut Self, ScenarioError> {
         self.ensure_running()?;
         if !self.instance.waits().delays.iter().any(|d| d.name == name) {
-            return Err(ScenarioError::NotWaiting(format!("timer {name}"), self.waiting_for()));
+            return Err(ScenarioError::NotWaiting(
+                format!("timer {name}"),
+                self.waiting_for(),
+            ));
         }
-        let delivery = self.instance.deliver_timer(name, &self.registry, &|_| true, self.now);
+        let delivery = self
+            .instance
+            .deliver_timer(name, &self.registry, &|_| true, self.now);
         self.after(delivery)
     }
 
@@ -203,9 +229,18 @@ impl<O: Orchestration> Scenario<O> {
     ///
     /// # Errors
     /// The transition failed.
-    pub fn child_completed(&mut self, child: Uuid, output: serde_json::Value) -> Result<&mut Self, ScenarioError> {
+    pub fn child_completed(
+        &mut self,
+        child: Uuid,
+        output: serde_json::Value,
+    ) -> Result<&mut Self, ScenarioError> {
         let body = serde_json::json!({ "child": child, "output": output });
-        self.deliver(MessageKind::ChildCompleted, "child.completed", body, BTreeMap::new())
+        self.deliver(
+            MessageKind::ChildCompleted,
+            "child.completed",
+            body,
+            BTreeMap::new(),
+        )
     }
 
     /// Reports that a child failed.
@@ -214,16 +249,31 @@ impl<O: Orchestration> Scenario<O> {
     /// The transition failed.
     pub fn child_failed(&mut self, child: Uuid, error: &str) -> Result<&mut Self, ScenarioError> {
         let body = serde_json::json!({ "child": child, "error": error });
-        self.deliver(MessageKind::ChildFailed, "child.failed", body, BTreeMap::new())
+        self.deliver(
+            MessageKind::ChildFailed,
+            "child.failed",
+            body,
+            BTreeMap::new(),
+        )
     }
 
     /// Reports that a send was dead-lettered.
     ///
     /// # Errors
     /// The transition failed.
-    pub fn send_failed(&mut self, message_id: &str, port: &str, error: &str) -> Result<&mut Self, ScenarioError> {
+    pub fn send_failed(
+        &mut self,
+        message_id: &str,
+        port: &str,
+        error: &str,
+    ) -> Result<&mut Self, ScenarioError> {
         let body = serde_json::json!({ "message_id": message_id, "port": port, "error": error });
-        self.deliver(MessageKind::SendFailed, "send.failed", body, BTreeMap::new())
+        self.deliver(
+            MessageKind::SendFailed,
+            "send.failed",
+            body,
+            BTreeMap::new(),
+        )
     }
 
     fn ensure_running(&self) -> Result<(), ScenarioError> {
@@ -254,7 +304,9 @@ impl<O: Orchestration> Scenario<O> {
             published_at: self.now,
         };
         let label = format!("message {message_type}");
-        let delivery = self.instance.deliver_message(msg, &self.registry, &|_| true, self.now);
+        let delivery = self
+            .instance
+            .deliver_message(msg, &self.registry, &|_| true, self.now);
         if delivery == Delivery::Held {
             self.instance.take_held();
             return Err(ScenarioError::NotWaiting(label, self.waiting_for()));
@@ -276,11 +328,14 @@ impl<O: Orchestration> Scenario<O> {
                     InstanceStatus::Completed => {
                         let output = point.output.unwrap_or_default();
                         Outcome::Completed(
-                            serde_json::from_value(output).map_err(|e| ScenarioError::Faulted(e.to_string()))?,
+                            serde_json::from_value(output)
+                                .map_err(|e| ScenarioError::Faulted(e.to_string()))?,
                         )
                     }
                     InstanceStatus::Failed => Outcome::Failed(point.last_error.unwrap_or_default()),
-                    InstanceStatus::Suspended => Outcome::Suspended(point.last_error.unwrap_or_default()),
+                    InstanceStatus::Suspended => {
+                        Outcome::Suspended(point.last_error.unwrap_or_default())
+                    }
                     _ => Outcome::Running,
                 };
             }
@@ -456,7 +511,10 @@ impl CrashTest {
 
     /// The send ports; each must record its deliveries in the [`Recorder`] it is given.
     #[must_use]
-    pub fn ports(mut self, ports: impl Fn(Client, Recorder) -> Ports + Send + Sync + 'static) -> Self {
+    pub fn ports(
+        mut self,
+        ports: impl Fn(Client, Recorder) -> Ports + Send + Sync + 'static,
+    ) -> Self {
         self.ports = Arc::new(ports);
         self
     }
@@ -481,20 +539,36 @@ impl CrashTest {
     /// # Errors
     /// The first broken guarantee.
     pub fn run(&self) -> Result<CrashReport, CrashTestFailure> {
-        let fail = |commit, point, problem: String| CrashTestFailure { commit, point, problem };
+        let fail = |commit, point, problem: String| CrashTestFailure {
+            commit,
+            point,
+            problem,
+        };
         let clean = self.one_run(None).map_err(|p| fail(0, None, p))?;
         let mut crashed_runs = 0;
         for k in 1..=clean.commits {
             for point in [CrashPoint::BeforeCommit, CrashPoint::AfterCommit] {
-                let run = self.one_run(Some((k, point))).map_err(|p| fail(k, Some(point), p))?;
+                let run = self
+                    .one_run(Some((k, point)))
+                    .map_err(|p| fail(k, Some(point), p))?;
                 if run.status != clean.status {
-                    return Err(fail(k, Some(point), format!("ended {} where the clean run ended {}", run.status, clean.status)));
+                    return Err(fail(
+                        k,
+                        Some(point),
+                        format!(
+                            "ended {} where the clean run ended {}",
+                            run.status, clean.status
+                        ),
+                    ));
                 }
                 if run.history != clean.history {
                     return Err(fail(
                         k,
                         Some(point),
-                        format!("history {:?} differs from the clean run's {:?}", run.history, clean.history),
+                        format!(
+                            "history {:?} differs from the clean run's {:?}",
+                            run.history, clean.history
+                        ),
                     ));
                 }
                 crashed_runs += 1;
@@ -524,9 +598,13 @@ impl CrashTest {
         }
         if status.is_none() || crash.is_some() {
             // Restart: a fresh host on the same database picks up where the last commit left.
-            status = self.host_life(&url, &recorder, None, Setup::Run(id))?.0.status;
+            status = self
+                .host_life(&url, &recorder, None, Setup::Run(id))?
+                .0
+                .status;
         }
-        let status = status.ok_or_else(|| format!("instance did not end within {:?}", self.timeout))?;
+        let status =
+            status.ok_or_else(|| format!("instance did not end within {:?}", self.timeout))?;
         let commits = plan.commits();
         self.check(&url, id, &recorder).map(|history| CrashReport {
             commits,
@@ -548,7 +626,8 @@ impl CrashTest {
             .build()
             .map_err(|e| e.to_string())?;
         let result = runtime.block_on(async {
-            let plain: Arc<dyn Store> = Arc::new(SqliteStore::open(url).await.map_err(|e| e.to_string())?);
+            let plain: Arc<dyn Store> =
+                Arc::new(SqliteStore::open(url).await.map_err(|e| e.to_string())?);
             plain.migrate().await.map_err(|e| e.to_string())?;
             let store: Arc<dyn Store> = match &plan {
                 Some(plan) => Arc::new(FaultyStore::new(plain.clone(), plan.clone())),
@@ -573,7 +652,10 @@ impl CrashTest {
                         .await
                         .map_err(|e| e.to_string())?;
                     if !self.messages.is_empty() {
-                        client.publish_batch(self.messages.clone()).await.map_err(|e| e.to_string())?;
+                        client
+                            .publish_batch(self.messages.clone())
+                            .await
+                            .map_err(|e| e.to_string())?;
                     }
                     return Ok((Life { status: None }, id));
                 }
@@ -595,10 +677,19 @@ impl CrashTest {
                     _ = &mut crashed => break,
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
-                let summaries = plain.instance_summaries(&[id]).await.map_err(|e| e.to_string())?;
+                let summaries = plain
+                    .instance_summaries(&[id])
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let now_status = summaries.first().map(|s| s.status);
-                let sends_pending = plain.activity(Utc::now()).await.map_err(|e| e.to_string())?.pending_sends;
-                if let Some(s) = now_status.filter(|s| s.is_final() || *s == InstanceStatus::Suspended) {
+                let sends_pending = plain
+                    .activity(Utc::now())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .pending_sends;
+                if let Some(s) =
+                    now_status.filter(|s| s.is_final() || *s == InstanceStatus::Suspended)
+                {
                     if sends_pending == 0 {
                         status = Some(s);
                         break;
@@ -621,7 +712,12 @@ impl CrashTest {
     }
 
     /// Checks G1, G2, G3 and G5 from the database and the ports' record.
-    fn check(&self, url: &str, id: Uuid, recorder: &Recorder) -> Result<Vec<(Reason, String)>, String> {
+    fn check(
+        &self,
+        url: &str,
+        id: Uuid,
+        recorder: &Recorder,
+    ) -> Result<Vec<(Reason, String)>, String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -90,8 +90,14 @@ impl Orchestration for Approval {
             "approval.asked",
             &serde_json::json!({ "to": request.approver, "request_id": request.request_id }),
         )?;
-        ctx.receive("approval.decision", Correlation::on("request_id", &request.request_id));
-        ctx.delay("escalate", Duration::milliseconds(request.escalate_after_ms));
+        ctx.receive(
+            "approval.decision",
+            Correlation::on("request_id", &request.request_id),
+        );
+        ctx.delay(
+            "escalate",
+            Duration::milliseconds(request.escalate_after_ms),
+        );
         Ok(Next::Continue(State::AwaitingDecision { request }))
     }
 
@@ -106,8 +112,14 @@ impl Orchestration for Approval {
                     "approval.escalated",
                     &serde_json::json!({ "to": request.escalate_to, "request_id": request.request_id }),
                 )?;
-                ctx.receive("approval.decision", Correlation::on("request_id", &request.request_id));
-                ctx.delay("deadline", Duration::milliseconds(request.deadline_after_ms));
+                ctx.receive(
+                    "approval.decision",
+                    Correlation::on("request_id", &request.request_id),
+                );
+                ctx.delay(
+                    "deadline",
+                    Duration::milliseconds(request.deadline_after_ms),
+                );
                 Ok(Next::Continue(State::Escalated { request }))
             }
             (State::Escalated { request }, Event::Timer { .. }) => Ok(Next::Complete(Decision {
@@ -115,6 +127,9 @@ impl Orchestration for Approval {
                 approved: false,
                 by: "nobody (deadline passed)".to_owned(),
             })),
+            (_, Event::SendFailed { port, error, .. }) => {
+                Ok(Next::Fail(format!("could not reach {port}: {error}")))
+            }
             (_, event) => Err(UnexpectedEvent(event.label()).into()),
         }
     }

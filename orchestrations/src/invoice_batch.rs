@@ -154,18 +154,31 @@ impl Orchestration for Invoice {
         Ok(Next::Continue(InvoiceState::Billing { line }))
     }
 
-    fn on_event(_ctx: &mut Context, state: InvoiceState, event: Event) -> Result<Next<Self>, Fault> {
+    fn on_event(
+        _ctx: &mut Context,
+        state: InvoiceState,
+        event: Event,
+    ) -> Result<Next<Self>, Fault> {
         let InvoiceState::Billing { line } = state;
         match event {
             Event::Reply { message, .. } => {
-                let billed = message.body.get("billed").and_then(|b| b.as_bool()).unwrap_or(false);
+                let billed = message
+                    .body
+                    .get("billed")
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(false);
                 if billed {
                     Ok(Next::Complete(line.amount))
                 } else {
-                    Ok(Next::Fail(format!("billing refused the invoice for {}", line.customer)))
+                    Ok(Next::Fail(format!(
+                        "billing refused the invoice for {}",
+                        line.customer
+                    )))
                 }
             }
-            Event::SendFailed { error, .. } => Ok(Next::Fail(format!("billing unreachable: {error}"))),
+            Event::SendFailed { error, .. } => {
+                Ok(Next::Fail(format!("billing unreachable: {error}")))
+            }
             other => Err(UnexpectedEvent(other.label()).into()),
         }
     }

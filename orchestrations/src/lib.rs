@@ -27,11 +27,16 @@ pub fn registry() -> Registry {
 /// The messages `cairn demo` publishes for its `i`-th instance: the first one activates it. Every
 /// timeout is short, so each instance ends within seconds even if what it waits for never comes.
 pub fn demo_messages(i: usize, run: &str) -> Vec<NewMessage> {
-    let published = |id: String, ty: &str, body| NewMessage::published(id, ty, body, BTreeMap::new());
+    let published =
+        |id: String, ty: &str, body| NewMessage::published(id, ty, body, BTreeMap::new());
     match i % 3 {
         0 => {
             let order_id = format!("{run}-order-{i}");
-            let amount = if i % 7 == 0 { 1500.0 } else { 10.0 + (i % 90) as f64 };
+            let amount = if i % 7 == 0 {
+                1500.0
+            } else {
+                10.0 + (i % 90) as f64
+            };
             vec![published(
                 format!("{order_id}-placed"),
                 "order.placed",

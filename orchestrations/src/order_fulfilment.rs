@@ -109,17 +109,32 @@ impl Orchestration for OrderFulfilment {
             (State::AwaitingPayment { order }, Event::Reply { message, .. }) => {
                 let reply: PaymentReply = message.body()?;
                 if !reply.authorised {
-                    return Ok(Next::Fail(format!("payment for order {} declined", order.order_id)));
+                    return Ok(Next::Fail(format!(
+                        "payment for order {} declined",
+                        order.order_id
+                    )));
                 }
                 ctx.send("warehouse", "shipment.requested", &order)?;
-                ctx.receive("shipment.confirmed", Correlation::on("order_id", &order.order_id));
-                ctx.delay("shipment-timeout", Duration::milliseconds(order.shipment_timeout_ms));
+                ctx.receive(
+                    "shipment.confirmed",
+                    Correlation::on("order_id", &order.order_id),
+                );
+                ctx.delay(
+                    "shipment-timeout",
+                    Duration::milliseconds(order.shipment_timeout_ms),
+                );
                 Ok(Next::Continue(State::AwaitingShipment {
                     order,
                     authorisation: reply.code,
                 }))
             }
-            (State::AwaitingShipment { order, authorisation }, Event::Message(message)) => {
+            (
+                State::AwaitingShipment {
+                    order,
+                    authorisation,
+                },
+                Event::Message(message),
+            ) => {
                 let shipped: ShipmentConfirmed = message.body()?;
                 Ok(Next::Complete(Receipt {
                     order_id: order.order_id,
@@ -128,13 +143,20 @@ impl Orchestration for OrderFulfilment {
                     tracking: Some(shipped.tracking),
                 }))
             }
-            (State::AwaitingShipment { order, authorisation }, Event::Timer { .. }) => {
-                Ok(Next::Complete(Receipt {
-                    order_id: order.order_id,
+            (
+                State::AwaitingShipment {
+                    order,
                     authorisation,
-                    shipped: false,
-                    tracking: None,
-                }))
+                },
+                Event::Timer { .. },
+            ) => Ok(Next::Complete(Receipt {
+                order_id: order.order_id,
+                authorisation,
+                shipped: false,
+                tracking: None,
+            })),
+            (_, Event::SendFailed { port, error, .. }) => {
+                Ok(Next::Fail(format!("could not reach {port}: {error}")))
             }
             (_, event) => Err(UnexpectedEvent(event.label()).into()),
         }

@@ -55,7 +55,9 @@ pub fn sample_ports(client: Client, ledger: Ledger) -> Ports {
                 ledger.record(&msg).await?;
                 let amount = msg.body["amount"].as_f64().unwrap_or(0.0);
                 let order = msg.body["order_id"].as_str().unwrap_or_default().to_owned();
-                Ok(Some(json!({ "authorised": amount < 1000.0, "code": format!("AUTH-{order}") })))
+                Ok(Some(
+                    json!({ "authorised": amount < 1000.0, "code": format!("AUTH-{order}") }),
+                ))
             }
         })
         .function("warehouse", move |msg: OutboundMessage| {

@@ -34,10 +34,17 @@ impl Orchestration for Collector {
         let key = input["key"].as_str().unwrap_or_default().to_owned();
         ctx.send("log", "collect.started", &key)?;
         listen(ctx, &key);
-        Ok(Next::Continue(CollectorState::Collecting { key, items: Vec::new() }))
+        Ok(Next::Continue(CollectorState::Collecting {
+            key,
+            items: Vec::new(),
+        }))
     }
 
-    fn on_event(ctx: &mut Context, state: CollectorState, event: Event) -> Result<Next<Self>, Fault> {
+    fn on_event(
+        ctx: &mut Context,
+        state: CollectorState,
+        event: Event,
+    ) -> Result<Next<Self>, Fault> {
         let CollectorState::Collecting { key, mut items } = state;
         let message = event.message()?;
         match message.message_type.as_str() {
@@ -81,7 +88,11 @@ impl Orchestration for Panicker {
         Ok(Next::Continue(PanickerState::Waiting { key }))
     }
 
-    fn on_event(_ctx: &mut Context, _state: PanickerState, event: Event) -> Result<Next<Self>, Fault> {
+    fn on_event(
+        _ctx: &mut Context,
+        _state: PanickerState,
+        event: Event,
+    ) -> Result<Next<Self>, Fault> {
         if event.message()?.message_type == "boom" {
             panic!("boom: this transition always panics");
         }
@@ -91,7 +102,9 @@ impl Orchestration for Panicker {
 
 /// Every orchestration the engine tests use.
 pub fn registry() -> Registry {
-    cairn_orchestrations::registry().register::<Collector>().register::<Panicker>()
+    cairn_orchestrations::registry()
+        .register::<Collector>()
+        .register::<Panicker>()
 }
 
 /// What the ports delivered: (port, message id, body).
@@ -107,7 +120,11 @@ impl Deliveries {
     }
     pub fn bodies(&self, port: &str, message_type_hint: &str) -> Vec<serde_json::Value> {
         let _ = message_type_hint;
-        self.all().into_iter().filter(|(p, _, _)| p == port).map(|(_, _, b)| b).collect()
+        self.all()
+            .into_iter()
+            .filter(|(p, _, _)| p == port)
+            .map(|(_, _, b)| b)
+            .collect()
     }
 }
 
@@ -117,7 +134,9 @@ pub fn ports(client: Client, deliveries: Deliveries) -> Ports {
         move |msg: OutboundMessage| {
             let d = d.clone();
             async move {
-                d.0.lock().unwrap().push((msg.port.clone(), msg.id.clone(), msg.body.clone()));
+                d.0.lock()
+                    .unwrap()
+                    .push((msg.port.clone(), msg.id.clone(), msg.body.clone()));
                 Ok::<_, PortError>(reply(&msg))
             }
         }
@@ -172,7 +191,11 @@ impl HostThread {
     /// Starts a host on the test database with `registry()` and `ports()`, on a runtime and
     /// store of its own (wrapped in a [`FaultyStore`] when a plan is given). Returns once the
     /// host's activating subscriptions are written, with a client.
-    pub async fn start(db: &super::TestDb, config: HostConfig, deliveries: Deliveries) -> (Self, Client) {
+    pub async fn start(
+        db: &super::TestDb,
+        config: HostConfig,
+        deliveries: Deliveries,
+    ) -> (Self, Client) {
         Self::start_with(db, config, deliveries, None).await
     }
 
@@ -189,7 +212,11 @@ impl HostThread {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Client>();
         let token = stop.clone();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
             let stats = rt.block_on(async move {
                 let plain = cairn::store::open(&url).await.expect("open store");
                 let store: Arc<dyn Store> = match plan {
@@ -210,13 +237,25 @@ impl HostThread {
             stats
         });
         let client = ready_rx.await.expect("host thread started");
-        (Self { stop, crash: Some(crash_tx), thread: Some(thread) }, client)
+        (
+            Self {
+                stop,
+                crash: Some(crash_tx),
+                thread: Some(thread),
+            },
+            client,
+        )
     }
 
     /// Stops the host gracefully (shutdown persistence points) and returns its stats.
     pub fn stop(mut self) -> HostStats {
         self.stop.cancel();
-        self.thread.take().unwrap().join().unwrap().expect("host stopped")
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .unwrap()
+            .expect("host stopped")
     }
 
     /// Crashes the host: its runtime is dropped mid-flight.

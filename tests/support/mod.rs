@@ -43,7 +43,10 @@ impl TestDb {
         let (url, dir) = match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                (format!("sqlite://{}", dir.path().join("test.db").display()), Some(dir))
+                (
+                    format!("sqlite://{}", dir.path().join("test.db").display()),
+                    Some(dir),
+                )
             }
             Backend::Postgres => (pg::fresh_database().await?, None),
         };
@@ -53,13 +56,26 @@ impl TestDb {
             Backend::Sqlite => url.clone(),
             Backend::Postgres => format!("{url}?options=-c%20search_path%3Dcairn"),
         };
-        let sql = AnyPoolOptions::new().max_connections(2).connect(&sql_url).await.expect("sql pool");
-        Some(Self { backend, url, store, sql, _dir: dir })
+        let sql = AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&sql_url)
+            .await
+            .expect("sql pool");
+        Some(Self {
+            backend,
+            url,
+            store,
+            sql,
+            _dir: dir,
+        })
     }
 
     /// One i64 from a query.
     pub async fn count(&self, query: &str) -> i64 {
-        sqlx::query_scalar::<_, i64>(query).fetch_one(&self.sql).await.unwrap_or_else(|e| panic!("{query}: {e}"))
+        sqlx::query_scalar::<_, i64>(query)
+            .fetch_one(&self.sql)
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e}"))
     }
 
     /// One i64 from a query with one text parameter.
@@ -82,7 +98,12 @@ impl TestDb {
 
     /// An instance's status.
     pub async fn status(&self, id: Uuid) -> Option<InstanceStatus> {
-        self.store.instance_summaries(&[id]).await.expect("summaries").first().map(|s| s.status)
+        self.store
+            .instance_summaries(&[id])
+            .await
+            .expect("summaries")
+            .first()
+            .map(|s| s.status)
     }
 
     /// Waits until `check` holds, polling; panics with `what` after `timeout`.
@@ -93,7 +114,10 @@ impl TestDb {
     {
         let deadline = tokio::time::Instant::now() + timeout;
         while !check().await {
-            assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -34,11 +34,16 @@ fn find_bin_dir() -> Option<PathBuf> {
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect();
+        let mut versions: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .collect();
         versions.sort();
         candidates.extend(versions.into_iter().rev());
     }
-    candidates.into_iter().find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())
+    candidates
+        .into_iter()
+        .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())
 }
 
 /// Runs a PostgreSQL binary, as the `postgres` user when we are root.
@@ -61,7 +66,9 @@ fn free_port() -> u16 {
 }
 
 fn start() -> Result<Cluster, String> {
-    let bin = find_bin_dir().ok_or("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql")?;
+    let bin = find_bin_dir().ok_or(
+        "PostgreSQL binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql",
+    )?;
     let as_postgres = nix::unistd::geteuid().is_root();
     let dir = tempfile::Builder::new()
         .prefix("cairn-pg-")
@@ -69,22 +76,35 @@ fn start() -> Result<Cluster, String> {
         .map_err(|e| e.to_string())?
         .keep();
     if as_postgres {
-        let status = Command::new("chown").arg("postgres").arg(&dir).status().map_err(|e| e.to_string())?;
+        let status = Command::new("chown")
+            .arg("postgres")
+            .arg(&dir)
+            .status()
+            .map_err(|e| e.to_string())?;
         if !status.success() {
             return Err("chown of the cluster folder to postgres failed".into());
         }
     }
     let data = dir.join("data");
     let out = pg_command(&bin, as_postgres, "initdb")
-        .arg("-D").arg(&data)
+        .arg("-D")
+        .arg(&data)
         .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
         .output()
         .map_err(|e| format!("initdb: {e}"))?;
     if !out.status.success() {
-        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let port = free_port();
-    let cluster = Cluster { port, dir, bin, as_postgres };
+    let cluster = Cluster {
+        port,
+        dir,
+        bin,
+        as_postgres,
+    };
     cluster.start_server()?;
     // The watchdog: stop the cluster and remove it once this process is gone.
     let script = format!(
@@ -116,14 +136,18 @@ impl Cluster {
             self.dir.display()
         );
         let out = pg_command(&self.bin, self.as_postgres, "pg_ctl")
-            .arg("-D").arg(self.data())
+            .arg("-D")
+            .arg(self.data())
             .args(["-w", "-t", "60", "-o", &opts, "-l"])
             .arg(self.dir.join("log"))
             .arg("start")
             .output()
             .map_err(|e| format!("pg_ctl start: {e}"))?;
         if !out.status.success() {
-            return Err(format!("pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "pg_ctl start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(())
     }
@@ -131,20 +155,32 @@ impl Cluster {
     /// Stops the server (fast mode: connections are cut, like a database restart).
     pub fn stop_server(&self) -> Result<(), String> {
         let out = pg_command(&self.bin, self.as_postgres, "pg_ctl")
-            .arg("-D").arg(self.data())
+            .arg("-D")
+            .arg(self.data())
             .args(["-w", "-m", "fast", "stop"])
             .output()
             .map_err(|e| format!("pg_ctl stop: {e}"))?;
         if !out.status.success() {
-            return Err(format!("pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "pg_ctl stop failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(())
     }
 
     fn stop_command_line(&self) -> String {
         let pg_ctl = self.bin.join("pg_ctl");
-        let prefix = if self.as_postgres { "runuser -u postgres -- " } else { "" };
-        format!("{prefix}{} -D '{}' -m immediate stop", pg_ctl.display(), self.data().display())
+        let prefix = if self.as_postgres {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        format!(
+            "{prefix}{} -D '{}' -m immediate stop",
+            pg_ctl.display(),
+            self.data().display()
+        )
     }
 
     /// The URL of a database in this cluster.
@@ -158,7 +194,9 @@ impl Cluster {
 pub fn cluster() -> Option<&'static Cluster> {
     match CLUSTER.get_or_init(start) {
         Ok(cluster) => Some(cluster),
-        Err(why) if required() => panic!("CAIRN_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {why}"),
+        Err(why) if required() => {
+            panic!("CAIRN_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {why}")
+        }
         Err(why) => {
             eprintln!("skipping PostgreSQL test: {why} (set CAIRN_REQUIRE_POSTGRES=1 to make this an error)");
             None
@@ -170,8 +208,13 @@ pub fn cluster() -> Option<&'static Cluster> {
 pub async fn fresh_database() -> Option<String> {
     let cluster = cluster()?;
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres")).await.expect("connect to the test cluster");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .expect("connect to the test cluster");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
     conn.close().await.ok();
     Some(cluster.url(&name))
 }

@@ -164,7 +164,11 @@ impl Dispatcher {
         let count = batch.len();
         let mut wait = Duration::from_millis(50);
         for attempt in 1.. {
-            match self.store.record_deliveries(batch.clone(), self.clock.now()).await {
+            match self
+                .store
+                .record_deliveries(batch.clone(), self.clock.now())
+                .await
+            {
                 Ok(()) => break,
                 Err(e) if e.is_retryable() && attempt < 20 => {
                     tracing::warn!(error = %e, attempt, "recording deliveries failed; retrying");
@@ -197,8 +201,12 @@ async fn loopback(
     );
     match store.publish(vec![msg], now).await {
         Ok(outcomes) => {
-            let routed = outcomes.first().map(|o| !matches!(o, PublishOutcome::Unrouted));
-            Ok(Some(serde_json::json!({ "published": message.id, "routed": routed })))
+            let routed = outcomes
+                .first()
+                .map(|o| !matches!(o, PublishOutcome::Unrouted));
+            Ok(Some(
+                serde_json::json!({ "published": message.id, "routed": routed }),
+            ))
         }
         Err(e) => Err(super::ports::PortError::transient(e.to_string())),
     }

@@ -50,11 +50,19 @@ impl Waits {
             if r.correlation.is_empty() {
                 parts.push(format!("message {}", r.message_type));
             } else {
-                parts.push(format!("message {} {{{}}}", r.message_type, r.correlation.canonical()));
+                parts.push(format!(
+                    "message {} {{{}}}",
+                    r.message_type,
+                    r.correlation.canonical()
+                ));
             }
         }
         for d in &self.delays {
-            parts.push(format!("timer {} at {}", d.name, d.at.format("%Y-%m-%dT%H:%M:%SZ")));
+            parts.push(format!(
+                "timer {} at {}",
+                d.name,
+                d.at.format("%Y-%m-%dT%H:%M:%SZ")
+            ));
         }
         for (_, port) in &self.requests {
             parts.push(format!("reply from {port}"));
@@ -171,9 +179,9 @@ impl LiveInstance {
                 Err(e) => {
                     return Err(Box::new(LoadFault {
                         error: FaultText(format!(
-                            "{e}; this build cannot run the instance (corrupt or incompatible state): \
+                        "{e}; this build cannot run the instance (corrupt or incompatible state): \
                              terminate it, or deploy a build that reads it and resume"
-                        )),
+                    )),
                         instance,
                     }))
                 }
@@ -232,7 +240,10 @@ impl LiveInstance {
         let event = match msg.kind {
             MessageKind::Start => {
                 if self.state.is_some() {
-                    return self.fault(format!("start message {} for an instance that has started", msg.id));
+                    return self.fault(format!(
+                        "start message {} for an instance that has started",
+                        msg.id
+                    ));
                 }
                 let seq = msg.seq;
                 return self.run(Some(seq), registry, ports, now, |def, ctx, _| {
@@ -254,7 +265,11 @@ impl LiveInstance {
                 Event::Message(to_message(&msg))
             }
             MessageKind::Reply => {
-                let request_id = msg.properties.get("request_id").cloned().unwrap_or_default();
+                let request_id = msg
+                    .properties
+                    .get("request_id")
+                    .cloned()
+                    .unwrap_or_default();
                 let port = msg.properties.get("port").cloned().unwrap_or_default();
                 self.waits.requests.retain(|(id, _)| *id != request_id);
                 Event::Reply {
@@ -330,7 +345,10 @@ impl LiveInstance {
         now: DateTime<Utc>,
     ) -> Delivery {
         let Some(state) = self.state.take() else {
-            return self.fault(format!("{} arrived before the instance started", event.label()));
+            return self.fault(format!(
+                "{} arrived before the instance started",
+                event.label()
+            ));
         };
         self.run(seq, registry, ports, now, move |def, ctx, _| {
             def.on_event(ctx, state, event)
@@ -352,7 +370,9 @@ impl LiveInstance {
         let next = match outcome {
             Ok(Ok(next)) => next,
             Ok(Err(e)) => return self.fault(format!("transition failed: {e}")),
-            Err(panic) => return self.fault(format!("transition panicked: {}", panic_text(&panic))),
+            Err(panic) => {
+                return self.fault(format!("transition panicked: {}", panic_text(&panic)))
+            }
         };
         if let Some(seq) = seq {
             self.consumed.push(seq);
@@ -485,11 +505,15 @@ impl LiveInstance {
         outbox_lock_until: DateTime<Utc>,
     ) -> Result<PersistencePoint, FaultText> {
         let (status, output, last_error, release) = match &self.ending {
-            Ending::Completed(output) => (InstanceStatus::Completed, Some(output.clone()), None, true),
+            Ending::Completed(output) => {
+                (InstanceStatus::Completed, Some(output.clone()), None, true)
+            }
             Ending::Failed(why) => (InstanceStatus::Failed, None, Some(why.clone()), true),
             Ending::Suspended(why) => (InstanceStatus::Suspended, None, Some(why.clone()), true),
             Ending::Running => match reason {
-                Reason::Dehydrate | Reason::Shutdown => (InstanceStatus::Dehydrated, None, None, true),
+                Reason::Dehydrate | Reason::Shutdown => {
+                    (InstanceStatus::Dehydrated, None, None, true)
+                }
                 _ => (InstanceStatus::Running, None, None, false),
             },
         };
@@ -511,7 +535,12 @@ impl LiveInstance {
             (_, None) => self.saved_step.clone(),
         };
         let engine_state = codec::encode(&self.waits).map_err(|e| FaultText(e.to_string()))?;
-        let saved_ids: BTreeSet<Uuid> = self.saved_waits.receives.iter().map(|(id, _)| *id).collect();
+        let saved_ids: BTreeSet<Uuid> = self
+            .saved_waits
+            .receives
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
         let current_ids: BTreeSet<Uuid> = self.waits.receives.iter().map(|(id, _)| *id).collect();
         let unsubscribe = saved_ids.difference(&current_ids).copied().collect();
         let subscribe = self
@@ -597,7 +626,12 @@ impl LiveInstance {
     /// The point that suspends the instance at its last persistence point after a fault: its
     /// stored state and waits stay as they were, and the messages it consumed since are not
     /// consumed (they are delivered again on resume).
-    pub fn fault_point(&mut self, error: &FaultText, host: &str, now: DateTime<Utc>) -> PersistencePoint {
+    pub fn fault_point(
+        &mut self,
+        error: &FaultText,
+        host: &str,
+        now: DateTime<Utc>,
+    ) -> PersistencePoint {
         self.history_seq += 1;
         PersistencePoint {
             instance_id: self.id,

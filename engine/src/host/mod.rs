@@ -134,7 +134,10 @@ impl Client {
     ///
     /// # Errors
     /// The store failed; nothing was published.
-    pub async fn publish_batch(&self, messages: Vec<NewMessage>) -> Result<Vec<PublishOutcome>, ClientError> {
+    pub async fn publish_batch(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<PublishOutcome>, ClientError> {
         let out = self.store.publish(messages, self.clock.now()).await?;
         self.wake.notify_one();
         Ok(out)
@@ -144,7 +147,11 @@ impl Client {
     ///
     /// # Errors
     /// [`ClientError::UnknownOrchestration`], or the store failed.
-    pub async fn start(&self, orchestration: &str, input: serde_json::Value) -> Result<Uuid, ClientError> {
+    pub async fn start(
+        &self,
+        orchestration: &str,
+        input: serde_json::Value,
+    ) -> Result<Uuid, ClientError> {
         let def = self.registry.latest(orchestration).ok_or_else(|| {
             let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
             ClientError::UnknownOrchestration(orchestration.to_owned(), names.join(", "))
@@ -157,7 +164,9 @@ impl Client {
             parent: None,
             input,
         };
-        self.store.start_instances(vec![instance], self.clock.now()).await?;
+        self.store
+            .start_instances(vec![instance], self.clock.now())
+            .await?;
         self.wake.notify_one();
         Ok(id)
     }
@@ -272,7 +281,9 @@ impl Host {
             }
         }
         let activations: Vec<_> = newest.into_values().collect();
-        self.store.sync_activations(&activations, self.clock.now()).await
+        self.store
+            .sync_activations(&activations, self.clock.now())
+            .await
     }
 
     /// Runs until `shutdown` is cancelled (or, with [`HostConfig::until_idle`], until no instance
@@ -332,7 +343,12 @@ impl Host {
         stop_workers.cancel();
         let _ = heartbeat.await;
         let _ = dispatcher.await;
-        if let Err(e) = runner.host.store.release(&runner.host.id, runner.host.clock.now()).await {
+        if let Err(e) = runner
+            .host
+            .store
+            .release(&runner.host.id, runner.host.clock.now())
+            .await
+        {
             tracing::warn!(error = %e, "could not give up leases at shutdown; they expire on their own");
         }
         tracing::info!(host.id = %runner.host.id, stats = ?runner.stats, "host stopped");
@@ -450,7 +466,11 @@ impl Runner {
         let worked = !messages.is_empty() || !timers.is_empty();
 
         let mut work: Vec<(Uuid, Work)> = Vec::with_capacity(messages.len() + timers.len());
-        work.extend(messages.into_iter().map(|m| (m.instance_id, Work::Message(m))));
+        work.extend(
+            messages
+                .into_iter()
+                .map(|m| (m.instance_id, Work::Message(m))),
+        );
         work.extend(timers.into_iter().map(|t| (t.instance_id, Work::Timer(t))));
         if worked {
             self.rehydrate(&work, now, &mut points).await?;
@@ -469,16 +489,24 @@ impl Runner {
     /// Fires due timers of instances in memory: a delay declared without a persistence point
     /// since exists only here. (A timer fires once: the first delivery cancels the wait, so the
     /// same timer claimed from the database later is dropped.)
-    fn fire_memory_timers(&mut self, now: DateTime<Utc>, points: &mut Vec<PersistencePoint>) -> bool {
+    fn fire_memory_timers(
+        &mut self,
+        now: DateTime<Utc>,
+        points: &mut Vec<PersistencePoint>,
+    ) -> bool {
         let due: Vec<DueTimer> = self
             .cache
             .values()
             .flat_map(|i| {
-                i.waits().delays.iter().filter(|d| d.at <= now).map(|d| DueTimer {
-                    instance_id: i.id,
-                    name: d.name.clone(),
-                    due_at: d.at,
-                })
+                i.waits()
+                    .delays
+                    .iter()
+                    .filter(|d| d.at <= now)
+                    .map(|d| DueTimer {
+                        instance_id: i.id,
+                        name: d.name.clone(),
+                        due_at: d.at,
+                    })
             })
             .collect();
         let fired = !due.is_empty();
@@ -510,12 +538,20 @@ impl Runner {
             .acquire(&self.host.id, &missing, now, self.lease_until(now))
             .await?;
         let acquired: HashSet<Uuid> = records.iter().map(|r| r.id).collect();
-        let not_ours: Vec<Uuid> = missing.into_iter().filter(|id| !acquired.contains(id)).collect();
+        let not_ours: Vec<Uuid> = missing
+            .into_iter()
+            .filter(|id| !acquired.contains(id))
+            .collect();
         if !not_ours.is_empty() {
             store.unlock(&self.host.id, &not_ours).await?;
         }
         for record in records {
-            let Some(def) = self.host.registry.get(&record.orchestration, record.version).cloned() else {
+            let Some(def) = self
+                .host
+                .registry
+                .get(&record.orchestration, record.version)
+                .cloned()
+            else {
                 let error = format!(
                     "orchestration {:?} version {} is not registered in host {}; deploy a build that has it \
                      (or terminate the instance)",
@@ -542,7 +578,13 @@ impl Runner {
         Ok(())
     }
 
-    fn deliver(&mut self, id: Uuid, item: Work, now: DateTime<Utc>, points: &mut Vec<PersistencePoint>) {
+    fn deliver(
+        &mut self,
+        id: Uuid,
+        item: Work,
+        now: DateTime<Utc>,
+        points: &mut Vec<PersistencePoint>,
+    ) {
         let Some(mut instance) = self.cache.remove(&id) else {
             return; // not ours, unrunnable, or ended earlier in this round
         };
@@ -596,7 +638,8 @@ impl Runner {
         reason: Reason,
         now: DateTime<Utc>,
     ) -> Result<PersistencePoint, FaultText> {
-        let lock_until = now + chrono::Duration::from_std(self.host.config.outbox_lock).unwrap_or_default();
+        let lock_until =
+            now + chrono::Duration::from_std(self.host.config.outbox_lock).unwrap_or_default();
         instance.persistence_point(reason, &self.host.id, now, lock_until)
     }
 
@@ -684,7 +727,9 @@ impl Runner {
                 }
             }
         }
-        tracing::error!("could not release claimed messages; they are released at the next host start");
+        tracing::error!(
+            "could not release claimed messages; they are released at the next host start"
+        );
     }
 
     async fn is_idle(&self) -> bool {
@@ -692,8 +737,13 @@ impl Runner {
             return false;
         }
         let now = self.host.clock.now();
-        let horizon = now + chrono::Duration::from_std(self.host.config.idle_horizon).unwrap_or_default();
-        if self.cache.values().any(|i| i.next_timer().is_some_and(|t| t <= horizon)) {
+        let horizon =
+            now + chrono::Duration::from_std(self.host.config.idle_horizon).unwrap_or_default();
+        if self
+            .cache
+            .values()
+            .any(|i| i.next_timer().is_some_and(|t| t <= horizon))
+        {
             return false;
         }
         match self.host.store.activity(now).await {
@@ -712,7 +762,9 @@ impl Runner {
         let mut points = Vec::new();
         let ids: Vec<Uuid> = self.cache.keys().copied().collect();
         for id in ids {
-            let Some(mut instance) = self.cache.remove(&id) else { continue };
+            let Some(mut instance) = self.cache.remove(&id) else {
+                continue;
+            };
             if !instance.is_dirty() {
                 continue;
             }
@@ -725,6 +777,9 @@ impl Runner {
         if !points.is_empty() {
             self.commit(points).await;
         }
-        tracing::info!(saved, "shutdown: saved the instances that changed since their last persistence point");
+        tracing::info!(
+            saved,
+            "shutdown: saved the instances that changed since their last persistence point"
+        );
     }
 }

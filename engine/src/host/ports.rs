@@ -73,7 +73,8 @@ impl PortError {
 }
 
 /// The future a port's delivery returns.
-pub type Delivering = Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>, PortError>> + Send>>;
+pub type Delivering =
+    Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>, PortError>> + Send>>;
 
 /// An adapter that delivers messages.
 pub trait SendPort: Send + Sync {

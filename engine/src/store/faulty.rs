@@ -121,7 +121,11 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.sync_activations(a, now).await
     }
-    async fn publish(&self, m: Vec<NewMessage>, now: DateTime<Utc>) -> StoreResult<Vec<PublishOutcome>> {
+    async fn publish(
+        &self,
+        m: Vec<NewMessage>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<PublishOutcome>> {
         self.gate().await;
         self.inner.publish(m, now).await
     }
@@ -129,11 +133,21 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.start_instances(i, now).await
     }
-    async fn claim_messages(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<StoredMessage>> {
+    async fn claim_messages(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
         self.gate().await;
         self.inner.claim_messages(host, now, limit).await
     }
-    async fn claim_timers(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<DueTimer>> {
+    async fn claim_timers(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<DueTimer>> {
         self.gate().await;
         self.inner.claim_timers(host, now, limit).await
     }
@@ -147,7 +161,12 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.acquire(host, ids, now, lease_until).await
     }
-    async fn heartbeat(&self, host: &str, now: DateTime<Utc>, lease_until: DateTime<Utc>) -> StoreResult<()> {
+    async fn heartbeat(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<()> {
         self.gate().await;
         self.inner.heartbeat(host, now, lease_until).await
     }
@@ -190,15 +209,28 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.claim_outbox(host, now, lock_until, limit).await
     }
-    async fn record_deliveries(&self, o: Vec<DeliveryOutcome>, now: DateTime<Utc>) -> StoreResult<()> {
+    async fn record_deliveries(
+        &self,
+        o: Vec<DeliveryOutcome>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
         self.gate().await;
         self.inner.record_deliveries(o, now).await
     }
-    async fn control(&self, id: Uuid, action: ControlAction, now: DateTime<Utc>) -> StoreResult<InstanceStatus> {
+    async fn control(
+        &self,
+        id: Uuid,
+        action: ControlAction,
+        now: DateTime<Utc>,
+    ) -> StoreResult<InstanceStatus> {
         self.gate().await;
         self.inner.control(id, action, now).await
     }
-    async fn list_instances(&self, status: Option<InstanceStatus>, limit: u32) -> StoreResult<Vec<InstanceSummary>> {
+    async fn list_instances(
+        &self,
+        status: Option<InstanceStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<InstanceSummary>> {
         self.gate().await;
         self.inner.list_instances(status, limit).await
     }

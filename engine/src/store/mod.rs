@@ -17,8 +17,8 @@
 //!   messages merely claimed stay `routed`, locked to the host, and are delivered again once the
 //!   lock is released (G3).
 
-mod model;
 pub mod faulty;
+mod model;
 pub mod postgres;
 pub mod sqlite;
 
@@ -90,8 +90,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     /// Writes the activating subscriptions of the registered definitions.
-    async fn sync_activations(&self, activations: &[Activation], now: DateTime<Utc>)
-        -> StoreResult<()>;
+    async fn sync_activations(
+        &self,
+        activations: &[Activation],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
 
     /// Publishes messages durably and routes them (G1, G5).
     async fn publish(
@@ -212,8 +215,41 @@ pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(sqlite::SqliteStore::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(std::sync::Arc::new(postgres::PostgresStore::open(url).await?))
+        Ok(std::sync::Arc::new(
+            postgres::PostgresStore::open(url).await?,
+        ))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    fn versions(backend: &str) -> BTreeSet<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../migrations")
+            .join(backend);
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| {
+                e.expect("dir entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn both_backends_have_the_same_migrations() {
+        let sqlite = versions("sqlite");
+        assert!(!sqlite.is_empty());
+        assert_eq!(
+            sqlite,
+            versions("postgres"),
+            "migrations/sqlite and migrations/postgres must hold the same files"
+        );
     }
 }

@@ -104,7 +104,10 @@ impl SqliteStore {
     }
 
     async fn write(&self) -> StoreResult<Tx> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)
     }
 }
 
@@ -201,7 +204,11 @@ async fn insert_instance(
 }
 
 /// Stores and routes one message inside `tx`.
-async fn publish_one(tx: &mut Tx, msg: &NewMessage, now: DateTime<Utc>) -> StoreResult<PublishOutcome> {
+async fn publish_one(
+    tx: &mut Tx,
+    msg: &NewMessage,
+    now: DateTime<Utc>,
+) -> StoreResult<PublishOutcome> {
     let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE id = $1")
         .bind(&msg.id)
         .fetch_optional(&mut **tx)
@@ -220,7 +227,13 @@ async fn publish_one(tx: &mut Tx, msg: &NewMessage, now: DateTime<Utc>) -> Store
             insert_instance(tx, id, &orchestration, version, None, now).await?;
             ("routed", Some(id), None, None, PublishOutcome::Routed(id))
         }
-        Route::Unrouted(reason) => ("unrouted", None, None, Some(reason), PublishOutcome::Unrouted),
+        Route::Unrouted(reason) => (
+            "unrouted",
+            None,
+            None,
+            Some(reason),
+            PublishOutcome::Unrouted,
+        ),
     };
     // An activating message is the new instance's start message.
     let kind = if msg.target.is_none() && subscription.is_none() && instance.is_some() {
@@ -299,7 +312,15 @@ async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
 }
 
 async fn start_one(tx: &mut Tx, inst: &NewInstance, now: DateTime<Utc>) -> StoreResult<()> {
-    insert_instance(tx, inst.id, &inst.orchestration, inst.version, inst.parent, now).await?;
+    insert_instance(
+        tx,
+        inst.id,
+        &inst.orchestration,
+        inst.version,
+        inst.parent,
+        now,
+    )
+    .await?;
     let start = NewMessage::to_instance(
         inst.start_message_id(),
         format!("{}.start", inst.orchestration),
@@ -465,11 +486,13 @@ async fn unlock_instance(tx: &mut Tx, id: &str) -> StoreResult<()> {
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-    sqlx::query("UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by IS NOT NULL")
-        .bind(id)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by IS NOT NULL",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
     Ok(())
 }
 
@@ -560,7 +583,11 @@ impl Store for SqliteStore {
         commit(tx).await
     }
 
-    async fn sync_activations(&self, activations: &[Activation], now: DateTime<Utc>) -> StoreResult<()> {
+    async fn sync_activations(
+        &self,
+        activations: &[Activation],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
         let mut tx = self.write().await?;
         let mut types = BTreeSet::new();
         for a in activations {
@@ -584,7 +611,11 @@ impl Store for SqliteStore {
         commit(tx).await
     }
 
-    async fn publish(&self, messages: Vec<NewMessage>, now: DateTime<Utc>) -> StoreResult<Vec<PublishOutcome>> {
+    async fn publish(
+        &self,
+        messages: Vec<NewMessage>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<PublishOutcome>> {
         let mut tx = self.write().await?;
         let mut out = Vec::with_capacity(messages.len());
         for msg in &messages {
@@ -594,7 +625,11 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn start_instances(&self, instances: Vec<NewInstance>, now: DateTime<Utc>) -> StoreResult<()> {
+    async fn start_instances(
+        &self,
+        instances: Vec<NewInstance>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
         let mut tx = self.write().await?;
         for inst in &instances {
             start_one(&mut tx, inst, now).await?;
@@ -602,7 +637,12 @@ impl Store for SqliteStore {
         commit(tx).await
     }
 
-    async fn claim_messages(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<StoredMessage>> {
+    async fn claim_messages(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
         let mut tx = self.write().await?;
         let rows = sqlx::query(&format!(
             "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
@@ -641,7 +681,12 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn claim_timers(&self, host: &str, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<DueTimer>> {
+    async fn claim_timers(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<DueTimer>> {
         let mut tx = self.write().await?;
         let rows = sqlx::query(&format!(
             "UPDATE timers SET locked_by = $1 WHERE rowid IN ( \
@@ -667,7 +712,7 @@ impl Store for SqliteStore {
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        out.sort_by(|a, b| a.due_at.cmp(&b.due_at));
+        out.sort_by_key(|t| t.due_at);
         Ok(out)
     }
 
@@ -715,7 +760,12 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn heartbeat(&self, host: &str, now: DateTime<Utc>, lease_until: DateTime<Utc>) -> StoreResult<()> {
+    async fn heartbeat(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<()> {
         let mut tx = self.write().await?;
         sqlx::query("UPDATE instances SET lease_expires_at = $2 WHERE owner = $1")
             .bind(host)
@@ -762,12 +812,14 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
-            sqlx::query("UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by = $2")
-                .bind(id.to_string())
-                .bind(host)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            sqlx::query(
+                "UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by = $2",
+            )
+            .bind(id.to_string())
+            .bind(host)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
         commit(tx).await
     }
@@ -834,7 +886,11 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn record_deliveries(&self, outcomes: Vec<DeliveryOutcome>, now: DateTime<Utc>) -> StoreResult<()> {
+    async fn record_deliveries(
+        &self,
+        outcomes: Vec<DeliveryOutcome>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
         let mut tx = self.write().await?;
         for outcome in &outcomes {
             match outcome {
@@ -861,7 +917,11 @@ impl Store for SqliteStore {
                         publish_one(&mut tx, &msg, now).await?;
                     }
                 }
-                DeliveryOutcome::Retry { row, error, retry_at } => {
+                DeliveryOutcome::Retry {
+                    row,
+                    error,
+                    retry_at,
+                } => {
                     sqlx::query(
                         "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
                          locked_by = NULL, locked_until = NULL WHERE id = $1",
@@ -912,7 +972,12 @@ impl Store for SqliteStore {
         commit(tx).await
     }
 
-    async fn control(&self, id: Uuid, action: ControlAction, now: DateTime<Utc>) -> StoreResult<InstanceStatus> {
+    async fn control(
+        &self,
+        id: Uuid,
+        action: ControlAction,
+        now: DateTime<Utc>,
+    ) -> StoreResult<InstanceStatus> {
         let mut tx = self.write().await?;
         let key = id.to_string();
         let row = sqlx::query("SELECT status, step, parent_id FROM instances WHERE id = $1")
@@ -945,7 +1010,16 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
-                insert_history(&mut tx, &key, seq, Reason::Suspend, &step, InstanceStatus::Suspended, now).await?;
+                insert_history(
+                    &mut tx,
+                    &key,
+                    seq,
+                    Reason::Suspend,
+                    &step,
+                    InstanceStatus::Suspended,
+                    now,
+                )
+                .await?;
                 InstanceStatus::Suspended
             }
             ControlAction::Resume => {
@@ -992,9 +1066,22 @@ impl Store for SqliteStore {
                     "DELETE FROM subscriptions WHERE instance_id = $1",
                     "DELETE FROM timers WHERE instance_id = $1",
                 ] {
-                    sqlx::query(sql).bind(&key).execute(&mut *tx).await.map_err(map_err)?;
+                    sqlx::query(sql)
+                        .bind(&key)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
                 }
-                insert_history(&mut tx, &key, seq, Reason::Complete, &step, InstanceStatus::Terminated, now).await?;
+                insert_history(
+                    &mut tx,
+                    &key,
+                    seq,
+                    Reason::Complete,
+                    &step,
+                    InstanceStatus::Terminated,
+                    now,
+                )
+                .await?;
                 if let Some(parent) = parent {
                     let msg = NewMessage::to_instance(
                         format!("{id}:ended"),
@@ -1013,7 +1100,11 @@ impl Store for SqliteStore {
         Ok(new_status)
     }
 
-    async fn list_instances(&self, status: Option<InstanceStatus>, limit: u32) -> StoreResult<Vec<InstanceSummary>> {
+    async fn list_instances(
+        &self,
+        status: Option<InstanceStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<InstanceSummary>> {
         let rows = sqlx::query(&format!(
             "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ($1 IS NULL OR status = $1) \
              ORDER BY updated_at DESC, id LIMIT $2"
@@ -1057,22 +1148,24 @@ impl Store for SqliteStore {
         else {
             return Ok(None);
         };
-        let history = sqlx::query("SELECT seq, reason, step, status, at FROM history WHERE instance_id = $1 ORDER BY seq")
-            .bind(&key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-            .iter()
-            .map(|h| {
-                Ok(HistoryRow {
-                    seq: h.get(0),
-                    reason: parse_word(h.get::<&str, _>(1))?,
-                    step: h.get(2),
-                    status: parse_word(h.get::<&str, _>(3))?,
-                    at: parse_ts(h.get::<&str, _>(4))?,
-                })
+        let history = sqlx::query(
+            "SELECT seq, reason, step, status, at FROM history WHERE instance_id = $1 ORDER BY seq",
+        )
+        .bind(&key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(|h| {
+            Ok(HistoryRow {
+                seq: h.get(0),
+                reason: parse_word(h.get::<&str, _>(1))?,
+                step: h.get(2),
+                status: parse_word(h.get::<&str, _>(3))?,
+                at: parse_ts(h.get::<&str, _>(4))?,
             })
-            .collect::<StoreResult<Vec<_>>>()?;
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
         let pending_messages = sqlx::query("SELECT id, message_type FROM messages WHERE instance_id = $1 AND status = 'routed' ORDER BY seq")
             .bind(&key)
             .fetch_all(&self.pool)
@@ -1114,10 +1207,11 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await
         .map_err(map_err)?;
-        activity.pending_sends = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(map_err)?;
+        activity.pending_sends =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?;
         let next: Option<String> = sqlx::query_scalar(
             "SELECT MIN(t.due_at) FROM timers t JOIN instances i ON i.id = t.instance_id \
              WHERE t.locked_by IS NULL AND i.status IN ('running', 'dehydrated')",
