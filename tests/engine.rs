@@ -1,5 +1,7 @@
 //! Behavioural tests of the engine, each run on SQLite and on PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+
 mod support;
 
 use std::collections::BTreeMap;
@@ -699,8 +701,7 @@ async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
         output: None,
         history_seq: 1,
         consumed: vec![],
-        unsubscribe: vec![],
-        subscribe: vec![],
+        subscriptions: None,
         cancel_timers: vec![],
         set_timers: vec![],
         outbox: vec![cairn::store::OutboxRow {

@@ -4,6 +4,8 @@
 //!
 //! `CAIRN_SOAK=1` runs the long version of the crash test (`just soak`).
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,7 +35,11 @@ impl Run {
         self.dir.path().join("ledger.tsv")
     }
 
-    fn spawn_host(&self, n: usize) -> Child {
+    fn spawn_host(&self, n: usize) -> HostProcess {
+        self.spawn_host_with(n, 0)
+    }
+
+    fn spawn_host_with(&self, n: usize, latency_ms: u64) -> HostProcess {
         let log = std::fs::File::create(self.dir.path().join(format!("host-{n}.log"))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_cairn"))
             .args([
@@ -49,10 +55,12 @@ impl Run {
             ])
             .env("CAIRN_PORT_LEDGER", self.ledger())
             .env("RUST_LOG", "warn")
+            .env("CAIRN_SAMPLE_LATENCY_MS", latency_ms.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
+            .map(HostProcess)
             .expect("spawn the cairn host")
     }
 
@@ -256,17 +264,37 @@ async fn check_guarantees(run: &Run, ids: &[Uuid], published: &[String]) {
     );
 }
 
-fn sigterm(child: &Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+/// A `cairn host` child process, killed if the test ends (or panics) without stopping it.
+struct HostProcess(Child);
+
+impl HostProcess {
+    fn sigkill(&mut self) {
+        self.0.kill().expect("SIGKILL");
+        self.0.wait().unwrap();
+    }
+
+    fn sigterm(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
 }
 
-fn stop(mut child: Child) {
-    sigterm(&child);
-    let _ = child.wait();
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn stop(mut host: HostProcess) {
+    host.sigterm();
+    host.wait();
 }
 
 async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
@@ -282,8 +310,7 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     let mut rng = rand::thread_rng();
     for k in 1..=kills {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..700))).await;
-        host.kill().expect("SIGKILL");
-        host.wait().unwrap();
+        host.sigkill();
         let open = run
             .db
             .count("SELECT COUNT(*) FROM instances WHERE status NOT IN ('completed', 'failed')")
@@ -311,18 +338,19 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
 
 async fn sigterm_saves_every_instance_and_a_restart_finishes_them(db: TestDb) {
     let run = new_run(db).await;
-    let host = run.spawn_host(0);
+    // Slow ports spread the children's results out in time, so batches are mid-collection.
+    let host = run.spawn_host_with(0, 300);
     let (ids, published) = feed(&run, 0, 300).await;
     // Stop while batches are collecting their children's results: those results are consumed
     // without a persistence point of their own, so the shutdown point must save them.
-    run.db.wait_for("children completing", Duration::from_secs(60), || async {
-        run.db.count("SELECT COUNT(*) FROM messages WHERE kind = 'child_completed' AND status = 'consumed'").await > 0
-            || run.db.count("SELECT COUNT(*) FROM messages WHERE kind = 'child_completed' AND locked_by IS NOT NULL").await > 0
+    // Wait until batches hold children's results in memory: taken, not yet consumed.
+    run.db.wait_for("batches holding children's results", Duration::from_secs(60), || async {
+        run.db.count("SELECT COUNT(*) FROM messages WHERE kind = 'child_completed' AND status = 'routed' AND locked_by IS NOT NULL").await >= 5
     }).await;
     let started = Instant::now();
-    sigterm(&host);
     let mut host = host;
-    let status = host.wait().unwrap();
+    host.sigterm();
+    let status = host.wait();
     let took = started.elapsed();
     assert!(
         status.success(),

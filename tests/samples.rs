@@ -1,6 +1,8 @@
 //! The sample orchestrations, tested with the kit users get (`cairn::testing`): their transitions
 //! as pure functions, and each under the real engine with a crash at every persistence point.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -1,6 +1,9 @@
 //! The sample send ports: stand-ins for a payment provider, a warehouse, a billing system and a
 //! notification service.
 //!
+//! `CAIRN_SAMPLE_LATENCY_MS`, when set, makes every delivery take a random time up to that many
+//! milliseconds, like a real remote system (the shutdown test uses it to have work in flight).
+//!
 //! Each port writes one line per delivery (`port<TAB>message id`) to the file named by
 //! `CAIRN_PORT_LEDGER`, when set: the ports' own record, which the crash tests read to check that
 //! every committed send was delivered under one id and no uncommitted one was.
@@ -22,8 +25,9 @@ impl Ledger {
         Self(std::env::var_os("CAIRN_PORT_LEDGER").map(PathBuf::from))
     }
 
-    /// Records one delivery before the port reports success.
+    /// Records one delivery before the port reports success (after the simulated latency).
     pub async fn record(&self, msg: &OutboundMessage) -> Result<(), PortError> {
+        simulated_latency().await;
         let Some(path) = &self.0 else { return Ok(()) };
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -35,6 +39,17 @@ impl Ledger {
             .await
             .map_err(|e| PortError::transient(format!("ledger {}: {e}", path.display())))?;
         Ok(())
+    }
+}
+
+async fn simulated_latency() {
+    let max: u64 = std::env::var("CAIRN_SAMPLE_LATENCY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if max > 0 {
+        let ms = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=max);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }
 

@@ -112,6 +112,8 @@ pub struct LiveInstance {
     parent: Option<Uuid>,
     state: Option<AnyState>,
     saved_waits: Waits,
+    /// Subscription ids known to be in the database.
+    written_receives: BTreeSet<Uuid>,
     saved_step: String,
     waits: Waits,
     consumed: Vec<i64>,
@@ -160,6 +162,7 @@ impl LiveInstance {
             parent: record.parent_id,
             state: None,
             saved_waits: Waits::default(),
+            written_receives: BTreeSet::new(),
             saved_step: "created".to_owned(),
             waits: Waits::default(),
             consumed: Vec::new(),
@@ -190,6 +193,7 @@ impl LiveInstance {
         if let Some(bytes) = &record.engine_state {
             match codec::decode::<Waits>(bytes) {
                 Ok(waits) => {
+                    instance.written_receives = waits.receives.iter().map(|(id, _)| *id).collect();
                     instance.saved_waits = waits.clone();
                     instance.waits = waits;
                 }
@@ -482,6 +486,22 @@ impl LiveInstance {
         &self.waits
     }
 
+    /// Receives declared since the last persistence point whose subscriptions are not yet in the
+    /// database.
+    pub fn unwritten_receives(&self) -> Vec<SubscriptionRow> {
+        self.waits
+            .receives
+            .iter()
+            .filter(|(id, _)| !self.written_receives.contains(id))
+            .map(|(id, r)| subscription_row(*id, r))
+            .collect()
+    }
+
+    /// Records that these subscriptions are in the database.
+    pub fn receives_written(&mut self, rows: &[SubscriptionRow]) {
+        self.written_receives.extend(rows.iter().map(|r| r.id));
+    }
+
     /// Messages held back because they matched no wait; they are offered again after a
     /// transition, since the waits may have changed.
     pub fn take_held(&mut self) -> Vec<StoredMessage> {
@@ -535,24 +555,11 @@ impl LiveInstance {
             (_, None) => self.saved_step.clone(),
         };
         let engine_state = codec::encode(&self.waits).map_err(|e| FaultText(e.to_string()))?;
-        let saved_ids: BTreeSet<Uuid> = self
-            .saved_waits
-            .receives
-            .iter()
-            .map(|(id, _)| *id)
-            .collect();
-        let current_ids: BTreeSet<Uuid> = self.waits.receives.iter().map(|(id, _)| *id).collect();
-        let unsubscribe = saved_ids.difference(&current_ids).copied().collect();
-        let subscribe = self
+        let subscriptions = self
             .waits
             .receives
             .iter()
-            .filter(|(id, _)| !saved_ids.contains(id))
-            .map(|(id, r)| SubscriptionRow {
-                id: *id,
-                message_type: r.message_type.clone(),
-                correlation: r.correlation.clone(),
-            })
+            .map(|(id, r)| subscription_row(*id, r))
             .collect();
         let mut cancel_timers: BTreeSet<String> = self
             .saved_waits
@@ -605,8 +612,7 @@ impl LiveInstance {
             output,
             history_seq: self.history_seq,
             consumed: std::mem::take(&mut self.consumed),
-            unsubscribe,
-            subscribe,
+            subscriptions: Some(subscriptions),
             cancel_timers: cancel_timers.into_iter().collect(),
             set_timers,
             outbox: std::mem::take(&mut self.outbox),
@@ -616,6 +622,7 @@ impl LiveInstance {
             at: now,
             outbox_lock_until,
         };
+        self.written_receives = self.waits.receives.iter().map(|(id, _)| *id).collect();
         self.saved_waits = self.waits.clone();
         self.saved_step = step;
         self.fired_timers.clear();
@@ -648,8 +655,7 @@ impl LiveInstance {
             output: None,
             history_seq: self.history_seq,
             consumed: Vec::new(),
-            unsubscribe: Vec::new(),
-            subscribe: Vec::new(),
+            subscriptions: None,
             cancel_timers: Vec::new(),
             set_timers: Vec::new(),
             outbox: Vec::new(),
@@ -659,6 +665,14 @@ impl LiveInstance {
             at: now,
             outbox_lock_until: now,
         }
+    }
+}
+
+fn subscription_row(id: Uuid, r: &Receive) -> SubscriptionRow {
+    SubscriptionRow {
+        id,
+        message_type: r.message_type.clone(),
+        correlation: r.correlation.clone(),
     }
 }
 

@@ -29,8 +29,8 @@ use self::ports::Ports;
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::Registry;
 use crate::store::{
-    Activation, CommitOutcome, DueTimer, NewInstance, NewMessage, OutboxRow, PersistencePoint,
-    PublishOutcome, Reason, Store, StoreError, StoredMessage,
+    Activation, CommitOutcome, DueTimer, NewInstance, NewMessage, NewReceives, OutboxRow,
+    PersistencePoint, PublishOutcome, Reason, Store, StoreError, StoredMessage,
 };
 
 /// Settings of a host.
@@ -333,6 +333,7 @@ impl Host {
             host: self,
             cache: HashMap::new(),
             unrunnable: HashSet::new(),
+            unwritten: HashSet::new(),
             to_dispatch,
             in_flight,
             stats: HostStats::default(),
@@ -384,6 +385,8 @@ struct Runner {
     ports: Ports,
     cache: HashMap<Uuid, LiveInstance>,
     unrunnable: HashSet<Uuid>,
+    /// Instances that may hold receives not yet written to the database.
+    unwritten: HashSet<Uuid>,
     to_dispatch: mpsc::UnboundedSender<OutboxRow>,
     in_flight: Arc<AtomicUsize>,
     stats: HostStats,
@@ -476,6 +479,7 @@ impl Runner {
             self.rehydrate(&work, now, &mut points).await?;
         }
         for (id, item) in work {
+            self.unwritten.insert(id);
             self.deliver(id, item, now, &mut points);
         }
         let fired = self.fire_memory_timers(now, &mut points);
@@ -483,7 +487,58 @@ impl Runner {
         if !points.is_empty() {
             self.commit(points).await;
         }
+        self.write_receives(now).await;
         Ok(worked || fired)
+    }
+
+    /// Writes the subscriptions of receives declared without a persistence point, so that
+    /// messages route to the instance at once rather than at its next point.
+    async fn write_receives(&mut self, now: DateTime<Utc>) {
+        if self.unwritten.is_empty() {
+            return;
+        }
+        let batch: Vec<NewReceives> = self
+            .unwritten
+            .iter()
+            .filter_map(|id| self.cache.get(id))
+            .filter_map(|i| {
+                let rows = i.unwritten_receives();
+                (!rows.is_empty()).then_some(NewReceives {
+                    instance_id: i.id,
+                    epoch: i.epoch,
+                    rows,
+                })
+            })
+            .collect();
+        if batch.is_empty() {
+            self.unwritten.clear();
+            return;
+        }
+        let store = self.host.store.clone();
+        match store.subscribe(&self.host.id, &batch, now).await {
+            Ok(outcomes) => {
+                self.unwritten.clear();
+                let mut fenced = Vec::new();
+                for (receives, outcome) in batch.iter().zip(outcomes) {
+                    match outcome {
+                        CommitOutcome::Committed => {
+                            if let Some(i) = self.cache.get_mut(&receives.instance_id) {
+                                i.receives_written(&receives.rows);
+                            }
+                        }
+                        CommitOutcome::Fenced => {
+                            self.cache.remove(&receives.instance_id);
+                            fenced.push(receives.instance_id);
+                        }
+                    }
+                }
+                if !fenced.is_empty() {
+                    self.release_after_failure(&fenced).await;
+                }
+            }
+            // Kept in `unwritten`: tried again next round.
+            Err(e) => tracing::warn!(error = %e, "writing new receives failed; retrying"),
+        }
     }
 
     /// Fires due timers of instances in memory: a delay declared without a persistence point
@@ -511,6 +566,7 @@ impl Runner {
             .collect();
         let fired = !due.is_empty();
         for timer in due {
+            self.unwritten.insert(timer.instance_id);
             self.deliver(timer.instance_id, Work::Timer(timer), now, points);
         }
         fired

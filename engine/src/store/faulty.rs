@@ -195,6 +195,15 @@ impl Store for FaultyStore {
         }
         self.inner.commit(points).await
     }
+    async fn subscribe(
+        &self,
+        host: &str,
+        r: &[NewReceives],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<CommitOutcome>> {
+        self.gate().await;
+        self.inner.subscribe(host, r, now).await
+    }
     async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()> {
         self.gate().await;
         self.inner.note_unrunnable(id, error, now).await

@@ -156,6 +156,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Writes persistence points, fenced; see the module docs.
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>>;
 
+    /// Adds subscriptions for receives instances declared since their last persistence point, so
+    /// that matching messages route to them at once (unrouted ones included). Fenced per instance
+    /// like [`Store::commit`]; adds rows only: the next persistence point sets the exact set.
+    async fn subscribe(
+        &self,
+        host: &str,
+        receives: &[NewReceives],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<CommitOutcome>>;
+
     /// Records that this host cannot run an instance (unknown definition), leaving it otherwise
     /// untouched.
     async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()>;

@@ -336,6 +336,20 @@ pub struct SubscriptionRow {
     pub correlation: Correlation,
 }
 
+/// Receives an instance declared since its last persistence point, written at once so that
+/// messages route to it without waiting for the next point (see [`Store::subscribe`]).
+///
+/// [`Store::subscribe`]: super::Store::subscribe
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReceives {
+    /// The instance.
+    pub instance_id: Uuid,
+    /// The epoch the writer holds.
+    pub epoch: i64,
+    /// The subscriptions to add.
+    pub rows: Vec<SubscriptionRow>,
+}
+
 /// A send waiting in the outbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
@@ -422,10 +436,10 @@ pub struct PersistencePoint {
     pub history_seq: i64,
     /// Messages consumed since the last point (by `seq`), now consumed for good.
     pub consumed: Vec<i64>,
-    /// Subscriptions cancelled.
-    pub unsubscribe: Vec<Uuid>,
-    /// Subscriptions added.
-    pub subscribe: Vec<SubscriptionRow>,
+    /// The instance's receives after this point: its subscription rows become exactly these
+    /// (rows written early and no longer wanted are removed, and the messages they had routed
+    /// are routed again). `None` leaves them as they are.
+    pub subscriptions: Option<Vec<SubscriptionRow>>,
     /// Timers cancelled or fired, by name.
     pub cancel_timers: Vec<String>,
     /// Timers set.

@@ -14,8 +14,8 @@
 //! * **Stale locks.** A message or timer locked by a host is claimable again when that host cannot
 //!   be holding it any more: the instance has an owner and it is not the locker, or the owner's
 //!   lease ran out; or the instance has no owner and the locker is gone (no heartbeat for two
-//!   lease durations, or stopped). A host never claims again what it already holds for an instance
-//!   it owns, even when its own lease has lapsed: the message is in its memory.
+//!   lease durations, or stopped). A host never claims again what it already holds, even when its
+//!   own lease has lapsed: the message is in its memory.
 //! * **Routing** reads subscriptions and writes messages; subscription changes read unrouted
 //!   messages and route them. Under `READ COMMITTED` a message published while a subscription for
 //!   it is being written could miss both, and stay unrouted. Each message type therefore has a
@@ -548,38 +548,8 @@ async fn write_point(
             )));
         }
     }
-    if !p.unsubscribe.is_empty() {
-        sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
-            .bind(&p.unsubscribe)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        let types: Vec<String> = sqlx::query_scalar(
-            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
-             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
-             WHERE subscription_id = ANY($1) AND status = 'routed' RETURNING message_type",
-        )
-        .bind(&p.unsubscribe)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        reroute_types.extend(types);
-    }
-    for sub in &p.subscribe {
-        sqlx::query(
-            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(sub.id)
-        .bind(&sub.message_type)
-        .bind(id)
-        .bind(sub.correlation.keys())
-        .bind(sub.correlation.canonical())
-        .bind(p.at)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        reroute_types.insert(sub.message_type.clone());
+    if let Some(subs) = &p.subscriptions {
+        set_subscriptions(tx, id, subs, p.at, reroute_types).await?;
     }
     if !p.cancel_timers.is_empty() {
         sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = ANY($2)")
@@ -631,6 +601,116 @@ async fn write_point(
         unlock_instance(tx, id).await?;
     }
     Ok(CommitOutcome::Committed)
+}
+
+/// Makes an instance's subscription rows exactly `subs`: removes the others (routing their
+/// unconsumed messages again) and adds the missing ones. The caller holds the route locks of the
+/// types involved ([`changed_subscription_types`]).
+async fn set_subscriptions(
+    tx: &mut Tx,
+    id: Uuid,
+    subs: &[SubscriptionRow],
+    at: DateTime<Utc>,
+    reroute_types: &mut BTreeSet<String>,
+) -> StoreResult<()> {
+    let existing: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, message_type FROM subscriptions WHERE instance_id = $1")
+            .bind(id)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    let wanted: BTreeSet<Uuid> = subs.iter().map(|s| s.id).collect();
+    let removed: Vec<Uuid> = existing
+        .iter()
+        .filter(|(sub, _)| !wanted.contains(sub))
+        .map(|(sub, _)| *sub)
+        .collect();
+    if !removed.is_empty() {
+        sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
+            .bind(&removed)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let types: Vec<String> = sqlx::query_scalar(
+            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
+             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
+             WHERE subscription_id = ANY($1) AND status = 'routed' RETURNING message_type",
+        )
+        .bind(&removed)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        reroute_types.extend(types);
+    }
+    let present: BTreeSet<Uuid> = existing.iter().map(|(sub, _)| *sub).collect();
+    for sub in subs.iter().filter(|s| !present.contains(&s.id)) {
+        insert_subscription(tx, id, sub, at).await?;
+        reroute_types.insert(sub.message_type.clone());
+    }
+    Ok(())
+}
+
+async fn insert_subscription(
+    tx: &mut Tx,
+    instance: Uuid,
+    sub: &SubscriptionRow,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(sub.id)
+    .bind(&sub.message_type)
+    .bind(instance)
+    .bind(sub.correlation.keys())
+    .bind(sub.correlation.canonical())
+    .bind(at)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// The message types whose subscriptions these points add or remove: they are route-locked
+/// exclusively before the points are written.
+async fn changed_subscription_types(
+    tx: &mut Tx,
+    points: &[PersistencePoint],
+) -> StoreResult<BTreeSet<String>> {
+    let ids: Vec<Uuid> = points
+        .iter()
+        .filter(|p| p.subscriptions.is_some())
+        .map(|p| p.instance_id)
+        .collect();
+    let mut changed = BTreeSet::new();
+    if ids.is_empty() {
+        return Ok(changed);
+    }
+    let existing: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+        "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    for p in points {
+        let Some(subs) = &p.subscriptions else {
+            continue;
+        };
+        let wanted: BTreeSet<Uuid> = subs.iter().map(|s| s.id).collect();
+        let mut present = BTreeSet::new();
+        for (_, sub, message_type) in existing.iter().filter(|(i, _, _)| *i == p.instance_id) {
+            present.insert(*sub);
+            if !wanted.contains(sub) {
+                changed.insert(message_type.clone());
+            }
+        }
+        for sub in subs.iter().filter(|s| !present.contains(&s.id)) {
+            changed.insert(sub.message_type.clone());
+        }
+    }
+    Ok(changed)
 }
 
 async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
@@ -710,17 +790,16 @@ const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
 /// [`CLAIMABLE`]; `$4` is the heartbeat cutoff below which a host is presumed gone.
 ///
 /// * unlocked: yes;
-/// * the instance has no owner: if `$1` itself holds the lock (left over from a failed round), or
-///   the locker is gone. A live locker is between its claim and its acquire: taking the row
-///   would deliver it twice;
+/// * the instance has no owner: if the locker is gone. A live locker (`$1` included) is between
+///   its claim and its acquire: taking the row would deliver it twice;
 /// * the instance has an owner (`$1`, or a host whose lease ran out): unless `$1` owns it and
 ///   holds the lock, i.e. already has the row in memory.
 fn lock_free(x: &str) -> String {
     format!(
         "({x}.locked_by IS NULL \
-          OR (i.owner IS NULL AND ({x}.locked_by = $1 OR NOT EXISTS ( \
+          OR (i.owner IS NULL AND {x}.locked_by <> $1 AND NOT EXISTS ( \
                 SELECT 1 FROM hosts h WHERE h.id = {x}.locked_by AND h.stopped_at IS NULL \
-                  AND h.heartbeat_at >= $4))) \
+                  AND h.heartbeat_at >= $4)) \
           OR (i.owner IS NOT NULL AND NOT (i.owner = $1 AND {x}.locked_by = $1)))"
     )
 }
@@ -811,10 +890,7 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        let types: BTreeSet<String> = activations
-            .iter()
-            .map(|a| a.message_type.clone())
-            .collect();
+        let types: BTreeSet<String> = activations.iter().map(|a| a.message_type.clone()).collect();
         lock_routes(&mut tx, [], types.iter().map(String::as_str)).await?;
         for a in activations {
             sqlx::query(
@@ -935,7 +1011,7 @@ impl Store for PostgresStore {
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        out.sort_by(|a, b| a.due_at.cmp(&b.due_at));
+        out.sort_by_key(|t| t.due_at);
         Ok(out)
     }
 
@@ -1079,24 +1155,7 @@ impl Store for PostgresStore {
         let mut tx = self.write().await?;
         // Routing locks first, all at once and in order: shared for the messages the points
         // publish, exclusive for the types whose subscriptions they add or remove.
-        let unsubscribed: Vec<Uuid> = points
-            .iter()
-            .flat_map(|p| p.unsubscribe.iter().copied())
-            .collect();
-        let mut changed: BTreeSet<String> = points
-            .iter()
-            .flat_map(|p| p.subscribe.iter().map(|s| s.message_type.clone()))
-            .collect();
-        if !unsubscribed.is_empty() {
-            let types: Vec<String> = sqlx::query_scalar(
-                "SELECT DISTINCT message_type FROM subscriptions WHERE id = ANY($1)",
-            )
-            .bind(&unsubscribed)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            changed.extend(types);
-        }
+        let changed = changed_subscription_types(&mut tx, points).await?;
         lock_routes(
             &mut tx,
             points.iter().flat_map(|p| routed_types(&p.messages)),
@@ -1116,6 +1175,49 @@ impl Store for PostgresStore {
         if out.contains(&CommitOutcome::Committed) {
             notify(&mut tx).await?;
         }
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn subscribe(
+        &self,
+        host: &str,
+        receives: &[NewReceives],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<CommitOutcome>> {
+        let mut tx = self.write().await?;
+        let types: BTreeSet<String> = receives
+            .iter()
+            .flat_map(|r| r.rows.iter().map(|s| s.message_type.clone()))
+            .collect();
+        lock_routes(
+            &mut tx,
+            std::iter::empty(),
+            types.iter().map(String::as_str),
+        )
+        .await?;
+        let mut out = Vec::with_capacity(receives.len());
+        for r in receives {
+            let owned: Option<i64> = sqlx::query_scalar(
+                "SELECT epoch FROM instances WHERE id = $1 AND epoch = $2 AND owner = $3 FOR UPDATE",
+            )
+            .bind(r.instance_id)
+            .bind(r.epoch)
+            .bind(host)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if owned.is_none() {
+                out.push(CommitOutcome::Fenced);
+                continue;
+            }
+            for sub in &r.rows {
+                insert_subscription(&mut tx, r.instance_id, sub, now).await?;
+            }
+            out.push(CommitOutcome::Committed);
+        }
+        reroute(&mut tx, &types, now).await?;
+        notify(&mut tx).await?;
         commit(tx).await?;
         Ok(out)
     }
@@ -1282,10 +1384,7 @@ impl Store for PostgresStore {
         let parent: Option<Uuid> = col(&row, "parent_id")?;
         let new_status = match &action {
             ControlAction::Suspend { reason } => {
-                if !matches!(
-                    status,
-                    InstanceStatus::Running | InstanceStatus::Dehydrated
-                ) {
+                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
                     return Err(StoreError::WrongStatus {
                         id,
                         status,
@@ -1541,15 +1640,23 @@ mod tests {
 
     async fn fresh() -> Option<PostgresStore> {
         let url = std::env::var("CAIRN_TEST_PG_URL").ok()?;
-        let mut admin = sqlx::PgConnection::connect(&url).await.expect("admin connection");
+        let mut admin = sqlx::PgConnection::connect(&url)
+            .await
+            .expect("admin connection");
         let name = format!("cairn_test_{}", Uuid::new_v4().simple());
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
             .expect("create database");
-        let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(b, q)| (b, q));
+        let (base, query) = url
+            .split_once('?')
+            .map_or((url.as_str(), ""), |(b, q)| (b, q));
         let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
-        let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
         let store = PostgresStore::open(&format!("{base}/{name}{query}"))
             .await
             .expect("open");
@@ -1561,7 +1668,13 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("valid time")
     }
 
-    fn point(id: Uuid, epoch: i64, host: &str, history_seq: i64, now: DateTime<Utc>) -> PersistencePoint {
+    fn point(
+        id: Uuid,
+        epoch: i64,
+        host: &str,
+        history_seq: i64,
+        now: DateTime<Utc>,
+    ) -> PersistencePoint {
         PersistencePoint {
             instance_id: id,
             epoch,
@@ -1577,8 +1690,7 @@ mod tests {
             output: None,
             history_seq,
             consumed: vec![],
-            unsubscribe: vec![],
-            subscribe: vec![],
+            subscriptions: None,
             cancel_timers: vec![],
             set_timers: vec![],
             outbox: vec![],
@@ -1601,7 +1713,10 @@ mod tests {
     }
 
     async fn scalar_i64(store: &PostgresStore, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(store.pool()).await.expect(sql)
+        sqlx::query_scalar(sql)
+            .fetch_one(store.pool())
+            .await
+            .expect(sql)
     }
 
     #[tokio::test]
@@ -1617,8 +1732,15 @@ mod tests {
         assert_eq!(
             tables,
             [
-                "_sqlx_migrations", "dead_letters", "history", "hosts", "instances", "messages",
-                "outbox", "subscriptions", "timers"
+                "_sqlx_migrations",
+                "dead_letters",
+                "history",
+                "hosts",
+                "instances",
+                "messages",
+                "outbox",
+                "subscriptions",
+                "timers"
             ]
         );
         assert_eq!(store.backend(), "postgres");
@@ -1628,13 +1750,24 @@ mod tests {
     async fn publish_routes_dedupes_and_reroutes() {
         let Some(store) = fresh().await else { return };
         let now = at(0);
-        let msg = NewMessage::published("m1", "order.placed", serde_json::json!({"order": "A"}), BTreeMap::new());
+        let msg = NewMessage::published(
+            "m1",
+            "order.placed",
+            serde_json::json!({"order": "A"}),
+            BTreeMap::new(),
+        );
         assert_eq!(
-            store.publish(vec![msg.clone()], now).await.expect("publish"),
+            store
+                .publish(vec![msg.clone()], now)
+                .await
+                .expect("publish"),
             [PublishOutcome::Unrouted]
         );
         assert_eq!(
-            store.publish(vec![msg.clone(), msg.clone()], now).await.expect("publish"),
+            store
+                .publish(vec![msg.clone(), msg.clone()], now)
+                .await
+                .expect("publish"),
             [PublishOutcome::Duplicate, PublishOutcome::Duplicate]
         );
         // An activating subscription routes the waiting message: a new instance, a start message.
@@ -1643,22 +1776,47 @@ mod tests {
             orchestration: "order".into(),
             version: 3,
         };
-        store.sync_activations(&[activation.clone()], now).await.expect("sync");
-        store.sync_activations(&[activation], now).await.expect("sync again");
+        store
+            .sync_activations(std::slice::from_ref(&activation), now)
+            .await
+            .expect("sync");
+        store
+            .sync_activations(&[activation], now)
+            .await
+            .expect("sync again");
         let (status, kind): (String, String) =
             sqlx::query_as("SELECT status, kind FROM messages WHERE id = 'm1'")
                 .fetch_one(store.pool())
                 .await
                 .expect("row");
         assert_eq!((status.as_str(), kind.as_str()), ("routed", "start"));
-        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM instances").await, 1);
+        assert_eq!(
+            scalar_i64(&store, "SELECT COUNT(*) FROM instances").await,
+            1
+        );
         // Publishing an activating message creates an instance; its duplicate creates none.
-        let m2 = NewMessage::published("m2", "order.placed", serde_json::json!({"order": "B"}), BTreeMap::new());
+        let m2 = NewMessage::published(
+            "m2",
+            "order.placed",
+            serde_json::json!({"order": "B"}),
+            BTreeMap::new(),
+        );
         let out = store.publish(vec![m2.clone()], now).await.expect("publish");
-        let PublishOutcome::Routed(created) = out[0] else { panic!("not routed: {out:?}") };
-        assert_eq!(store.publish(vec![m2], now).await.expect("publish"), [PublishOutcome::Duplicate]);
-        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM instances").await, 2);
-        let summaries = store.instance_summaries(&[created, Uuid::new_v4()]).await.expect("summaries");
+        let PublishOutcome::Routed(created) = out[0] else {
+            panic!("not routed: {out:?}")
+        };
+        assert_eq!(
+            store.publish(vec![m2], now).await.expect("publish"),
+            [PublishOutcome::Duplicate]
+        );
+        assert_eq!(
+            scalar_i64(&store, "SELECT COUNT(*) FROM instances").await,
+            2
+        );
+        let summaries = store
+            .instance_summaries(&[created, Uuid::new_v4()])
+            .await
+            .expect("summaries");
         assert_eq!(summaries.len(), 1);
         assert_eq!(summaries[0].version, 3);
         assert_eq!(summaries[0].status, InstanceStatus::Running);
@@ -1670,15 +1828,28 @@ mod tests {
         let now = at(0);
         store.recover("host-a", now).await.expect("recover");
         let inst = new_instance("order");
-        store.start_instances(vec![inst.clone()], now).await.expect("start");
-        let claimed = store.claim_messages("host-a", now, 10).await.expect("claim");
+        store
+            .start_instances(vec![inst.clone()], now)
+            .await
+            .expect("start");
+        let claimed = store
+            .claim_messages("host-a", now, 10)
+            .await
+            .expect("claim");
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].kind, MessageKind::Start);
         assert_eq!(claimed[0].instance_id, inst.id);
         assert_eq!(claimed[0].body, serde_json::json!({"n": 1}));
-        assert!(store.claim_messages("host-a", now, 10).await.expect("claim").is_empty());
+        assert!(store
+            .claim_messages("host-a", now, 10)
+            .await
+            .expect("claim")
+            .is_empty());
         let lease = now + chrono::Duration::seconds(30);
-        let records = store.acquire("host-a", &[inst.id], now, lease).await.expect("acquire");
+        let records = store
+            .acquire("host-a", &[inst.id], now, lease)
+            .await
+            .expect("acquire");
         assert_eq!(records.len(), 1);
         let epoch = records[0].epoch;
         assert_eq!(epoch, 1);
@@ -1692,7 +1863,7 @@ mod tests {
         let mut p = point(inst.id, epoch, "host-a", 1, now);
         p.reason = Reason::Send;
         p.consumed = vec![claimed[0].seq];
-        p.subscribe = vec![sub.clone()];
+        p.subscriptions = Some(vec![sub.clone()]);
         p.set_timers = vec![("timeout".into(), at(3600))];
         p.next_timer_at = Some(at(3600));
         p.outbox = vec![OutboxRow {
@@ -1711,72 +1882,157 @@ mod tests {
         let out = store.commit(&[stale, p.clone()]).await.expect("commit");
         assert_eq!(out, [CommitOutcome::Fenced, CommitOutcome::Committed]);
         assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM history").await, 1);
-        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM subscriptions").await, 1);
+        assert_eq!(
+            scalar_i64(&store, "SELECT COUNT(*) FROM subscriptions").await,
+            1
+        );
         // Consuming the same message again is an error, and rolls back the whole group.
         let mut again = point(inst.id, epoch, "host-a", 2, now);
         again.consumed = vec![claimed[0].seq];
-        assert!(matches!(store.commit(&[again]).await, Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            store.commit(&[again]).await,
+            Err(StoreError::Corrupt(_))
+        ));
         assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM history").await, 1);
 
         // A correlated message routes to the subscription; an uncorrelated one stays unrouted.
-        let hit = NewMessage::published("pay-A", "payment.received", serde_json::json!({"order": "A"}), BTreeMap::new());
-        let miss = NewMessage::published("pay-B", "payment.received", serde_json::json!({"order": "B"}), BTreeMap::new());
+        let hit = NewMessage::published(
+            "pay-A",
+            "payment.received",
+            serde_json::json!({"order": "A"}),
+            BTreeMap::new(),
+        );
+        let miss = NewMessage::published(
+            "pay-B",
+            "payment.received",
+            serde_json::json!({"order": "B"}),
+            BTreeMap::new(),
+        );
         assert_eq!(
             store.publish(vec![hit, miss], now).await.expect("publish"),
             [PublishOutcome::Routed(inst.id), PublishOutcome::Unrouted]
         );
         // The owner does not claim again what it holds; the outbox row is locked to it.
-        let claimed = store.claim_messages("host-a", now, 10).await.expect("claim");
+        let claimed = store
+            .claim_messages("host-a", now, 10)
+            .await
+            .expect("claim");
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].subscription_id, Some(sub.id));
-        assert!(store.claim_outbox("host-b", now, at(120), 10).await.expect("outbox").is_empty());
-        let rows = store.claim_outbox("host-b", at(61), at(120), 10).await.expect("outbox");
+        assert!(store
+            .claim_outbox("host-b", now, at(120), 10)
+            .await
+            .expect("outbox")
+            .is_empty());
+        let rows = store
+            .claim_outbox("host-b", at(61), at(120), 10)
+            .await
+            .expect("outbox");
         assert_eq!(rows.len(), 1);
         store
             .record_deliveries(
-                vec![DeliveryOutcome::Delivered { row: rows[0].clone(), reply: Some(serde_json::json!({"ok": true})) }],
+                vec![DeliveryOutcome::Delivered {
+                    row: rows[0].clone(),
+                    reply: Some(serde_json::json!({"ok": true})),
+                }],
                 at(61),
             )
             .await
             .expect("record");
-        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM messages WHERE id = 'send-1:reply' AND status = 'routed'").await, 1);
+        assert_eq!(
+            scalar_i64(
+                &store,
+                "SELECT COUNT(*) FROM messages WHERE id = 'send-1:reply' AND status = 'routed'"
+            )
+            .await,
+            1
+        );
 
         // Dropping the subscription and releasing: messages move back to unrouted / unlocked.
         let mut last = point(inst.id, epoch, "host-a", 2, at(62));
         last.consumed = vec![claimed[0].seq];
-        last.unsubscribe = vec![sub.id];
+        last.subscriptions = Some(vec![]);
         last.cancel_timers = vec!["timeout".into()];
         last.release = true;
-        assert_eq!(store.commit(&[last]).await.expect("commit"), [CommitOutcome::Committed]);
+        assert_eq!(
+            store.commit(&[last]).await.expect("commit"),
+            [CommitOutcome::Committed]
+        );
         assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM timers").await, 0);
-        let detail = store.instance_detail(inst.id).await.expect("detail").expect("exists");
+        let detail = store
+            .instance_detail(inst.id)
+            .await
+            .expect("detail")
+            .expect("exists");
         assert_eq!(detail.summary.status, InstanceStatus::Dehydrated);
         assert_eq!(detail.history.len(), 2);
         assert_eq!(detail.state, Some(vec![1, 2, 3]));
-        assert_eq!(detail.pending_messages, [("send-1:reply".to_owned(), "payment.requested.reply".to_owned())]);
+        assert_eq!(
+            detail.pending_messages,
+            [(
+                "send-1:reply".to_owned(),
+                "payment.requested.reply".to_owned()
+            )]
+        );
         let activity = store.activity(at(62)).await.expect("activity");
         assert_eq!(activity.ready_messages, 1);
         assert_eq!(activity.count(InstanceStatus::Dehydrated), 1);
 
         // Operator control bumps the epoch: the old holder is fenced.
         assert_eq!(
-            store.control(inst.id, ControlAction::Suspend { reason: "look".into() }, at(63)).await.expect("suspend"),
+            store
+                .control(
+                    inst.id,
+                    ControlAction::Suspend {
+                        reason: "look".into()
+                    },
+                    at(63)
+                )
+                .await
+                .expect("suspend"),
             InstanceStatus::Suspended
         );
-        assert!(store.claim_messages("host-a", at(63), 10).await.expect("claim").is_empty());
+        assert!(store
+            .claim_messages("host-a", at(63), 10)
+            .await
+            .expect("claim")
+            .is_empty());
         assert!(matches!(
-            store.control(inst.id, ControlAction::Suspend { reason: "again".into() }, at(63)).await,
+            store
+                .control(
+                    inst.id,
+                    ControlAction::Suspend {
+                        reason: "again".into()
+                    },
+                    at(63)
+                )
+                .await,
             Err(StoreError::WrongStatus { .. })
         ));
         assert_eq!(
-            store.control(inst.id, ControlAction::Resume, at(64)).await.expect("resume"),
+            store
+                .control(inst.id, ControlAction::Resume, at(64))
+                .await
+                .expect("resume"),
             InstanceStatus::Dehydrated
         );
         assert_eq!(
-            store.control(inst.id, ControlAction::Terminate { reason: "done".into() }, at(65)).await.expect("terminate"),
+            store
+                .control(
+                    inst.id,
+                    ControlAction::Terminate {
+                        reason: "done".into()
+                    },
+                    at(65)
+                )
+                .await
+                .expect("terminate"),
             InstanceStatus::Terminated
         );
-        let listed = store.list_instances(Some(InstanceStatus::Terminated), 10).await.expect("list");
+        let listed = store
+            .list_instances(Some(InstanceStatus::Terminated), 10)
+            .await
+            .expect("list");
         assert_eq!(listed.len(), 1);
         assert_eq!(store.list_instances(None, 10).await.expect("list").len(), 1);
         store.release("host-a", at(66)).await.expect("release");
@@ -1789,32 +2045,68 @@ mod tests {
         store.recover("host-a", now).await.expect("recover a");
         store.recover("host-b", now).await.expect("recover b");
         let inst = new_instance("order");
-        store.start_instances(vec![inst.clone()], now).await.expect("start");
+        store
+            .start_instances(vec![inst.clone()], now)
+            .await
+            .expect("start");
         let lease = now + chrono::Duration::seconds(30);
-        let a_msgs = store.claim_messages("host-a", now, 10).await.expect("claim");
+        let a_msgs = store
+            .claim_messages("host-a", now, 10)
+            .await
+            .expect("claim");
         assert_eq!(a_msgs.len(), 1);
-        let a = store.acquire("host-a", &[inst.id], now, lease).await.expect("acquire");
+        let a = store
+            .acquire("host-a", &[inst.id], now, lease)
+            .await
+            .expect("acquire");
         assert_eq!(a.len(), 1);
         // While a's lease runs, b gets nothing and cannot acquire.
-        assert!(store.claim_messages("host-b", at(10), 10).await.expect("claim").is_empty());
-        assert!(store.acquire("host-b", &[inst.id], at(10), at(40)).await.expect("acquire").is_empty());
+        assert!(store
+            .claim_messages("host-b", at(10), 10)
+            .await
+            .expect("claim")
+            .is_empty());
+        assert!(store
+            .acquire("host-b", &[inst.id], at(10), at(40))
+            .await
+            .expect("acquire")
+            .is_empty());
         // a's own lease lapsing does not make a claim again what it holds.
-        assert!(store.claim_messages("host-a", at(31), 10).await.expect("claim").is_empty());
+        assert!(store
+            .claim_messages("host-a", at(31), 10)
+            .await
+            .expect("claim")
+            .is_empty());
         // After it, b claims the message a held, and takes the instance over.
-        let b_msgs = store.claim_messages("host-b", at(31), 10).await.expect("claim");
+        let b_msgs = store
+            .claim_messages("host-b", at(31), 10)
+            .await
+            .expect("claim");
         assert_eq!(b_msgs.len(), 1);
         assert_eq!(b_msgs[0].seq, a_msgs[0].seq);
-        let b = store.acquire("host-b", &[inst.id], at(31), at(61)).await.expect("acquire");
+        let b = store
+            .acquire("host-b", &[inst.id], at(31), at(61))
+            .await
+            .expect("acquire");
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].epoch, a[0].epoch + 1);
         // a's heartbeat no longer renews it, and a's commit is fenced.
-        store.heartbeat("host-a", at(32), at(62)).await.expect("heartbeat");
+        store
+            .heartbeat("host-a", at(32), at(62))
+            .await
+            .expect("heartbeat");
         let mut pa = point(inst.id, a[0].epoch, "host-a", 1, at(32));
         pa.consumed = vec![a_msgs[0].seq];
-        assert_eq!(store.commit(&[pa]).await.expect("commit"), [CommitOutcome::Fenced]);
+        assert_eq!(
+            store.commit(&[pa]).await.expect("commit"),
+            [CommitOutcome::Fenced]
+        );
         let mut pb = point(inst.id, b[0].epoch, "host-b", 1, at(33));
         pb.consumed = vec![b_msgs[0].seq];
-        assert_eq!(store.commit(&[pb]).await.expect("commit"), [CommitOutcome::Committed]);
+        assert_eq!(
+            store.commit(&[pb]).await.expect("commit"),
+            [CommitOutcome::Committed]
+        );
         let delivered = scalar_i64(&store, "SELECT delivery_count::bigint FROM messages").await;
         assert_eq!(delivered, 2);
     }
@@ -1826,17 +2118,59 @@ mod tests {
         store.recover("host-a", now).await.expect("recover a");
         store.recover("host-b", now).await.expect("recover b");
         let inst = new_instance("order");
-        store.start_instances(vec![inst.clone()], now).await.expect("start");
+        store
+            .start_instances(vec![inst.clone()], now)
+            .await
+            .expect("start");
         // a claimed (the instance has no owner yet) and is about to acquire: b must not take it.
-        assert_eq!(store.claim_messages("host-a", now, 10).await.expect("claim").len(), 1);
-        assert!(store.claim_messages("host-b", at(1), 10).await.expect("claim").is_empty());
-        assert_eq!(store.activity(at(1)).await.expect("activity").ready_messages, 0);
-        // a failed its round without unlocking: it claims its own leftover again.
-        assert_eq!(store.claim_messages("host-a", at(2), 10).await.expect("claim").len(), 1);
+        assert_eq!(
+            store
+                .claim_messages("host-a", now, 10)
+                .await
+                .expect("claim")
+                .len(),
+            1
+        );
+        assert!(store
+            .claim_messages("host-b", at(1), 10)
+            .await
+            .expect("claim")
+            .is_empty());
+        assert_eq!(
+            store
+                .activity(at(1))
+                .await
+                .expect("activity")
+                .ready_messages,
+            0
+        );
+        // Nor does a claim it twice.
+        assert!(store
+            .claim_messages("host-a", at(2), 10)
+            .await
+            .expect("claim")
+            .is_empty());
         // a stops beating: after two lease durations (30 s by default) b takes the message.
-        store.heartbeat("host-b", at(61), at(91)).await.expect("heartbeat");
-        assert_eq!(store.activity(at(61)).await.expect("activity").ready_messages, 1);
-        assert_eq!(store.claim_messages("host-b", at(61), 10).await.expect("claim").len(), 1);
+        store
+            .heartbeat("host-b", at(61), at(91))
+            .await
+            .expect("heartbeat");
+        assert_eq!(
+            store
+                .activity(at(61))
+                .await
+                .expect("activity")
+                .ready_messages,
+            1
+        );
+        assert_eq!(
+            store
+                .claim_messages("host-b", at(61), 10)
+                .await
+                .expect("claim")
+                .len(),
+            1
+        );
         // And recovery marks a stopped, not b.
         store.recover("host-c", at(62)).await.expect("recover c");
         let stopped: Vec<String> =
@@ -1853,21 +2187,54 @@ mod tests {
         let now = at(0);
         store.recover("host-a", now).await.expect("recover");
         let inst = new_instance("order");
-        store.start_instances(vec![inst.clone()], now).await.expect("start");
-        let msgs = store.claim_messages("host-a", now, 10).await.expect("claim");
-        let rec = store.acquire("host-a", &[inst.id], now, at(30)).await.expect("acquire");
+        store
+            .start_instances(vec![inst.clone()], now)
+            .await
+            .expect("start");
+        let msgs = store
+            .claim_messages("host-a", now, 10)
+            .await
+            .expect("claim");
+        let rec = store
+            .acquire("host-a", &[inst.id], now, at(30))
+            .await
+            .expect("acquire");
         let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
         p.consumed = vec![msgs[0].seq];
         p.set_timers = vec![("t1".into(), at(10)), ("t2".into(), at(20))];
         p.release = true;
         store.commit(&[p]).await.expect("commit");
-        assert!(store.claim_timers("host-a", at(5), 10).await.expect("timers").is_empty());
-        assert_eq!(store.activity(at(5)).await.expect("activity").next_timer_at, Some(at(10)));
-        let due = store.claim_timers("host-a", at(25), 10).await.expect("timers");
-        assert_eq!(due.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
-        assert!(store.claim_timers("host-b", at(25), 10).await.expect("timers").is_empty());
+        assert!(store
+            .claim_timers("host-a", at(5), 10)
+            .await
+            .expect("timers")
+            .is_empty());
+        assert_eq!(
+            store.activity(at(5)).await.expect("activity").next_timer_at,
+            Some(at(10))
+        );
+        let due = store
+            .claim_timers("host-a", at(25), 10)
+            .await
+            .expect("timers");
+        assert_eq!(
+            due.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["t1", "t2"]
+        );
+        assert!(store
+            .claim_timers("host-b", at(25), 10)
+            .await
+            .expect("timers")
+            .is_empty());
         store.unlock("host-a", &[inst.id]).await.expect("unlock");
-        assert_eq!(store.claim_timers("host-b", at(25), 10).await.expect("timers").len(), 2);
+        assert_eq!(
+            store
+                .claim_timers("host-b", at(25), 10)
+                .await
+                .expect("timers")
+                .len(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -1879,13 +2246,21 @@ mod tests {
             orchestration: "runner".into(),
             version: 1,
         };
-        store.sync_activations(&[activation], now).await.expect("sync");
+        store
+            .sync_activations(&[activation], now)
+            .await
+            .expect("sync");
         for round in 0..20 {
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..6 {
                 let store = store.clone();
                 tasks.spawn(async move {
-                    let msg = NewMessage::published(format!("same-{round}"), "go", serde_json::json!({}), BTreeMap::new());
+                    let msg = NewMessage::published(
+                        format!("same-{round}"),
+                        "go",
+                        serde_json::json!({}),
+                        BTreeMap::new(),
+                    );
                     store.publish(vec![msg], now).await.expect("publish")
                 });
             }
@@ -1897,8 +2272,14 @@ mod tests {
             }
             assert_eq!(routed, 1);
         }
-        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM instances").await, 20);
-        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM messages").await, 20);
+        assert_eq!(
+            scalar_i64(&store, "SELECT COUNT(*) FROM instances").await,
+            20
+        );
+        assert_eq!(
+            scalar_i64(&store, "SELECT COUNT(*) FROM messages").await,
+            20
+        );
     }
 
     #[tokio::test]
@@ -1906,18 +2287,31 @@ mod tests {
         let Some(store) = fresh().await else { return };
         let now = at(0);
         store.recover("host-a", now).await.expect("recover");
-        for round in 0..30 {
+        for round in 0..100 {
             let inst = new_instance("order");
-            store.start_instances(vec![inst.clone()], now).await.expect("start");
-            let msgs = store.claim_messages("host-a", now, 10).await.expect("claim");
-            let rec = store.acquire("host-a", &[inst.id], now, at(30)).await.expect("acquire");
+            store
+                .start_instances(vec![inst.clone()], now)
+                .await
+                .expect("start");
+            let msgs = store
+                .claim_messages("host-a", now, 10)
+                .await
+                .expect("claim");
+            let rec = store
+                .acquire("host-a", &[inst.id], now, at(30))
+                .await
+                .expect("acquire");
             let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
-            p.consumed = msgs.iter().map(|m| m.seq).collect();
-            p.subscribe = vec![SubscriptionRow {
+            p.consumed = msgs
+                .iter()
+                .filter(|m| m.instance_id == inst.id)
+                .map(|m| m.seq)
+                .collect();
+            p.subscriptions = Some(vec![SubscriptionRow {
                 id: Uuid::new_v4(),
                 message_type: "paid".into(),
                 correlation: Correlation::on("order", round),
-            }];
+            }]);
             p.release = true;
             let committer = {
                 let store = store.clone();
@@ -1926,14 +2320,26 @@ mod tests {
             let publisher = {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let msg = NewMessage::published(format!("paid-{round}"), "paid", serde_json::json!({"order": round}), BTreeMap::new());
+                    let msg = NewMessage::published(
+                        format!("paid-{round}"),
+                        "paid",
+                        serde_json::json!({"order": round}),
+                        BTreeMap::new(),
+                    );
                     store.publish(vec![msg], now).await.expect("publish")
                 })
             };
             committer.await.expect("task");
             publisher.await.expect("task");
         }
-        assert_eq!(scalar_i64(&store, "SELECT COUNT(*) FROM messages WHERE status = 'unrouted'").await, 0);
+        assert_eq!(
+            scalar_i64(
+                &store,
+                "SELECT COUNT(*) FROM messages WHERE status = 'unrouted'"
+            )
+            .await,
+            0
+        );
     }
 
     #[tokio::test]

@@ -384,38 +384,8 @@ async fn write_point(
             )));
         }
     }
-    for sub in &p.unsubscribe {
-        sqlx::query("DELETE FROM subscriptions WHERE id = $1")
-            .bind(sub.to_string())
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        let types: Vec<String> = sqlx::query_scalar(
-            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
-             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
-             WHERE subscription_id = $1 AND status = 'routed' RETURNING message_type",
-        )
-        .bind(sub.to_string())
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        reroute_types.extend(types);
-    }
-    for sub in &p.subscribe {
-        sqlx::query(
-            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(sub.id.to_string())
-        .bind(&sub.message_type)
-        .bind(&id)
-        .bind(sub.correlation.keys())
-        .bind(sub.correlation.canonical())
-        .bind(ts(p.at))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        reroute_types.insert(sub.message_type.clone());
+    if let Some(subs) = &p.subscriptions {
+        set_subscriptions(tx, &id, subs, p.at, reroute_types).await?;
     }
     for name in &p.cancel_timers {
         sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = $2")
@@ -478,6 +448,74 @@ async fn write_point(
         unlock_instance(tx, &id).await?;
     }
     Ok(CommitOutcome::Committed)
+}
+
+/// Makes an instance's subscription rows exactly `subs`: removes the others (routing their
+/// unconsumed messages again) and adds the missing ones.
+async fn set_subscriptions(
+    tx: &mut Tx,
+    id: &str,
+    subs: &[SubscriptionRow],
+    at: DateTime<Utc>,
+    reroute_types: &mut BTreeSet<String>,
+) -> StoreResult<()> {
+    let existing: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, message_type FROM subscriptions WHERE instance_id = $1")
+            .bind(id)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    let wanted: BTreeSet<String> = subs.iter().map(|s| s.id.to_string()).collect();
+    for (sub, message_type) in existing.iter().filter(|(sub, _)| !wanted.contains(sub)) {
+        sqlx::query("DELETE FROM subscriptions WHERE id = $1")
+            .bind(sub)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let unrouted = sqlx::query(
+            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
+             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
+             WHERE subscription_id = $1 AND status = 'routed'",
+        )
+        .bind(sub)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if unrouted.rows_affected() > 0 {
+            reroute_types.insert(message_type.clone());
+        }
+    }
+    let present: BTreeSet<&str> = existing.iter().map(|(sub, _)| sub.as_str()).collect();
+    for sub in subs
+        .iter()
+        .filter(|s| !present.contains(s.id.to_string().as_str()))
+    {
+        insert_subscription(tx, id, sub, at).await?;
+        reroute_types.insert(sub.message_type.clone());
+    }
+    Ok(())
+}
+
+async fn insert_subscription(
+    tx: &mut Tx,
+    instance: &str,
+    sub: &SubscriptionRow,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(sub.id.to_string())
+    .bind(&sub.message_type)
+    .bind(instance)
+    .bind(sub.correlation.keys())
+    .bind(sub.correlation.canonical())
+    .bind(ts(at))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
 }
 
 async fn unlock_instance(tx: &mut Tx, id: &str) -> StoreResult<()> {
@@ -832,6 +870,41 @@ impl Store for SqliteStore {
             out.push(write_point(&mut tx, p, &mut reroute_types).await?);
         }
         reroute(&mut tx, &reroute_types).await?;
+        commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn subscribe(
+        &self,
+        host: &str,
+        receives: &[NewReceives],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<CommitOutcome>> {
+        let mut tx = self.write().await?;
+        let mut out = Vec::with_capacity(receives.len());
+        let mut types = BTreeSet::new();
+        for r in receives {
+            let id = r.instance_id.to_string();
+            let owned: Option<i64> = sqlx::query_scalar(
+                "SELECT epoch FROM instances WHERE id = $1 AND epoch = $2 AND owner = $3",
+            )
+            .bind(&id)
+            .bind(r.epoch)
+            .bind(host)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if owned.is_none() {
+                out.push(CommitOutcome::Fenced);
+                continue;
+            }
+            for sub in &r.rows {
+                insert_subscription(&mut tx, &id, sub, now).await?;
+                types.insert(sub.message_type.clone());
+            }
+            out.push(CommitOutcome::Committed);
+        }
+        reroute(&mut tx, &types).await?;
         commit(tx).await?;
         Ok(out)
     }
