@@ -101,6 +101,8 @@ CREATE TABLE cairn.history (
     step        TEXT NOT NULL,
     status      TEXT NOT NULL,
     at          TIMESTAMPTZ NOT NULL,
+    host        TEXT NOT NULL,
+    epoch       BIGINT NOT NULL,
     PRIMARY KEY (instance_id, seq)
 );
 

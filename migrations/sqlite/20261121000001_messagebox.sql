@@ -93,6 +93,8 @@ CREATE TABLE history (
     step        TEXT NOT NULL,
     status      TEXT NOT NULL,
     at          TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    epoch       INTEGER NOT NULL,
     PRIMARY KEY (instance_id, seq)
 );
 

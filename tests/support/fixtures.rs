@@ -118,8 +118,7 @@ impl Deliveries {
     pub fn ids(&self) -> Vec<String> {
         self.all().into_iter().map(|(_, id, _)| id).collect()
     }
-    pub fn bodies(&self, port: &str, message_type_hint: &str) -> Vec<serde_json::Value> {
-        let _ = message_type_hint;
+    pub fn bodies(&self, port: &str) -> Vec<serde_json::Value> {
         self.all()
             .into_iter()
             .filter(|(p, _, _)| p == port)

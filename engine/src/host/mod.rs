@@ -318,6 +318,12 @@ impl Host {
             in_flight: in_flight.clone(),
         };
         let dispatcher = tokio::spawn(dispatcher.run(rows, stop_workers.clone()));
+        let listener = {
+            let store = self.store.clone();
+            let wake = self.wake.clone();
+            let stop = stop_workers.clone();
+            tokio::spawn(async move { store.listen(wake, stop).await })
+        };
         let heartbeat = tokio::spawn(heartbeat(
             self.store.clone(),
             self.clock.clone(),
@@ -343,6 +349,7 @@ impl Host {
         runner.shutdown().await;
         stop_workers.cancel();
         let _ = heartbeat.await;
+        let _ = listener.await;
         let _ = dispatcher.await;
         if let Err(e) = runner
             .host

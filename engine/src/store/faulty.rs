@@ -255,6 +255,9 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.activity(now).await
     }
+    async fn listen(&self, wake: Arc<Notify>, stop: tokio_util::sync::CancellationToken) {
+        self.inner.listen(wake, stop).await;
+    }
     async fn close(&self) {
         self.inner.close().await;
     }

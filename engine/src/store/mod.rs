@@ -24,8 +24,12 @@ pub mod sqlite;
 
 pub use model::*;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Errors from a store. [`StoreError::is_retryable`] decides whether the host backs off and
@@ -211,6 +215,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Instance counts by status, and what is left to do.
     async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity>;
+
+    /// Wakes `wake` whenever any process commits new work, until `stop` is cancelled
+    /// (PostgreSQL: LISTEN/NOTIFY). Stores that cannot tell return at once, and hosts find new
+    /// work by polling.
+    async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {
+        let _ = (wake, stop);
+    }
 
     /// Closes the connection pool.
     async fn close(&self);

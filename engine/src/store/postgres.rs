@@ -596,7 +596,17 @@ async fn write_point(
     for msg in &p.messages {
         publish_one(tx, msg, p.at).await?;
     }
-    insert_history(tx, id, p.history_seq, p.reason, &p.step, p.status, p.at).await?;
+    insert_history(
+        tx,
+        id,
+        p.history_seq,
+        p.reason,
+        &p.step,
+        p.status,
+        p.at,
+        &p.host,
+    )
+    .await?;
     if p.release {
         unlock_instance(tx, id).await?;
     }
@@ -749,9 +759,13 @@ async fn insert_history(
     step: &str,
     status: InstanceStatus,
     now: DateTime<Utc>,
+    host: &str,
 ) -> StoreResult<()> {
+    // The epoch is the instance's current one: the writer's, checked by the fenced update
+    // before it, or the new one an operator action just took.
     sqlx::query(
-        "INSERT INTO history (instance_id, seq, reason, step, status, at) VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM instances WHERE id = $1))",
     )
     .bind(id)
     .bind(seq)
@@ -759,11 +773,15 @@ async fn insert_history(
     .bind(step)
     .bind(status.as_str())
     .bind(now)
+    .bind(host)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
     Ok(())
 }
+
+/// The `history.host` of points written by an operator's action (suspend, terminate).
+const OPERATOR: &str = "operator";
 
 fn summary_from_row(row: &PgRow) -> StoreResult<InstanceSummary> {
     Ok(InstanceSummary {
@@ -974,6 +992,7 @@ impl Store for PostgresStore {
             .map(stored_message)
             .collect::<StoreResult<Vec<_>>>()?;
         out.sort_by_key(|m| m.seq);
+        tracing::info!(target: "pgdbg", host, seqs = ?out.iter().map(|m| (m.seq, m.instance_id)).collect::<Vec<_>>(), "CLAIM");
         Ok(out)
     }
 
@@ -1053,6 +1072,7 @@ impl Store for PostgresStore {
                 parent_id: col(&row, "parent_id")?,
             });
         }
+        tracing::info!(target: "pgdbg", host, acquired = ?out.iter().map(|r| (r.id, r.epoch)).collect::<Vec<_>>(), asked = ?ids, "ACQUIRE");
         if !out.is_empty() {
             // Whatever other hosts hold of these instances they cannot commit any more (the epoch
             // moved): a previous owner whose lease ran out, or a host that claimed but lost the
@@ -1088,12 +1108,17 @@ impl Store for PostgresStore {
     ) -> StoreResult<()> {
         self.learn_lease(now, lease_until);
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE instances SET lease_expires_at = $2 WHERE owner = $1")
-            .bind(host)
-            .bind(lease_until)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        // Rows a commit of ours holds right now are skipped (renewed at the next beat); taking
+        // them in id order keeps the beat from deadlocking with commits.
+        sqlx::query(
+            "UPDATE instances SET lease_expires_at = $2 WHERE id IN ( \
+               SELECT id FROM instances WHERE owner = $1 ORDER BY id FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(host)
+        .bind(lease_until)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         // A host another one marked stopped while it was slow is back.
         sqlx::query("UPDATE hosts SET heartbeat_at = $2, stopped_at = NULL WHERE id = $1")
             .bind(host)
@@ -1130,6 +1155,7 @@ impl Store for PostgresStore {
     }
 
     async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
+        tracing::info!(target: "pgdbg", host, ?ids, "UNLOCK");
         let mut tx = self.write().await?;
         sqlx::query(
             "UPDATE messages SET locked_by = NULL \
@@ -1224,7 +1250,12 @@ impl Store for PostgresStore {
 
     async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE instances SET last_error = $2, updated_at = $3 WHERE id = $1")
+        // The lease goes (another host may have the definition); the claimed messages stay locked
+        // to this host so that it does not pick them up again and again.
+        sqlx::query(
+            "UPDATE instances SET last_error = $2, updated_at = $3, owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1",
+        )
             .bind(id)
             .bind(error)
             .bind(now)
@@ -1411,6 +1442,7 @@ impl Store for PostgresStore {
                     &step,
                     InstanceStatus::Suspended,
                     now,
+                    OPERATOR,
                 )
                 .await?;
                 InstanceStatus::Suspended
@@ -1474,6 +1506,7 @@ impl Store for PostgresStore {
                     &step,
                     InstanceStatus::Terminated,
                     now,
+                    OPERATOR,
                 )
                 .await?;
                 if let Some(parent) = parent {
@@ -1614,6 +1647,38 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         Ok(activity)
+    }
+
+    async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let listening = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+                listener.listen(WORK_CHANNEL).await?;
+                tracing::debug!("listening for new work");
+                loop {
+                    // `None`: the connection was lost and is re-established on the next call;
+                    // wake anyway, as a notification may have been missed.
+                    let _ = listener.try_recv().await?;
+                    wake.notify_one();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                result = listening => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost; polling until it is back");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
     }
 
     async fn close(&self) {

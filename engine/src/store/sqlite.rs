@@ -432,18 +432,17 @@ async fn write_point(
     for msg in &p.messages {
         publish_one(tx, msg, p.at).await?;
     }
-    sqlx::query(
-        "INSERT INTO history (instance_id, seq, reason, step, status, at) VALUES ($1, $2, $3, $4, $5, $6)",
+    insert_history(
+        tx,
+        &id,
+        p.history_seq,
+        p.reason,
+        &p.step,
+        p.status,
+        p.at,
+        &p.host,
     )
-    .bind(&id)
-    .bind(p.history_seq)
-    .bind(p.reason.as_str())
-    .bind(&p.step)
-    .bind(p.status.as_str())
-    .bind(ts(p.at))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+    .await?;
     if p.release {
         unlock_instance(tx, &id).await?;
     }
@@ -551,9 +550,13 @@ async fn insert_history(
     step: &str,
     status: InstanceStatus,
     now: DateTime<Utc>,
+    host: &str,
 ) -> StoreResult<()> {
+    // The epoch is the instance's current one: the writer's, checked by the fenced update
+    // before it, or the new one an operator action just took.
     sqlx::query(
-        "INSERT INTO history (instance_id, seq, reason, step, status, at) VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM instances WHERE id = $1))",
     )
     .bind(id)
     .bind(seq)
@@ -561,11 +564,15 @@ async fn insert_history(
     .bind(step)
     .bind(status.as_str())
     .bind(ts(now))
+    .bind(host)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
     Ok(())
 }
+
+/// The `history.host` of points written by an operator's action (suspend, terminate).
+const OPERATOR: &str = "operator";
 
 fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummary> {
     Ok(InstanceSummary {
@@ -911,7 +918,10 @@ impl Store for SqliteStore {
 
     async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE instances SET last_error = $2, updated_at = $3 WHERE id = $1")
+        sqlx::query(
+            "UPDATE instances SET last_error = $2, updated_at = $3, owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1",
+        )
             .bind(id.to_string())
             .bind(error)
             .bind(ts(now))
@@ -1091,6 +1101,7 @@ impl Store for SqliteStore {
                     &step,
                     InstanceStatus::Suspended,
                     now,
+                    OPERATOR,
                 )
                 .await?;
                 InstanceStatus::Suspended
@@ -1153,6 +1164,7 @@ impl Store for SqliteStore {
                     &step,
                     InstanceStatus::Terminated,
                     now,
+                    OPERATOR,
                 )
                 .await?;
                 if let Some(parent) = parent {
