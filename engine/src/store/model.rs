@@ -503,6 +503,23 @@ pub struct HistoryRow {
     pub at: DateTime<Utc>,
 }
 
+/// A history row to write: one persistence point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryEntry<'a> {
+    /// Its number.
+    pub seq: i64,
+    /// Why the point was written.
+    pub reason: Reason,
+    /// The step after it.
+    pub step: &'a str,
+    /// The status after it.
+    pub status: InstanceStatus,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The host that wrote it, or `operator`.
+    pub host: &'a str,
+}
+
 /// Everything `cairn show` prints.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceDetail {

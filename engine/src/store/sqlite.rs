@@ -435,12 +435,14 @@ async fn write_point(
     insert_history(
         tx,
         &id,
-        p.history_seq,
-        p.reason,
-        &p.step,
-        p.status,
-        p.at,
-        &p.host,
+        HistoryEntry {
+            seq: p.history_seq,
+            reason: p.reason,
+            step: &p.step,
+            status: p.status,
+            at: p.at,
+            host: &p.host,
+        },
     )
     .await?;
     if p.release {
@@ -542,16 +544,7 @@ async fn next_history_seq(tx: &mut Tx, id: &str) -> StoreResult<i64> {
     Ok(seq + 1)
 }
 
-async fn insert_history(
-    tx: &mut Tx,
-    id: &str,
-    seq: i64,
-    reason: Reason,
-    step: &str,
-    status: InstanceStatus,
-    now: DateTime<Utc>,
-    host: &str,
-) -> StoreResult<()> {
+async fn insert_history(tx: &mut Tx, id: &str, e: HistoryEntry<'_>) -> StoreResult<()> {
     // The epoch is the instance's current one: the writer's, checked by the fenced update
     // before it, or the new one an operator action just took.
     sqlx::query(
@@ -559,12 +552,12 @@ async fn insert_history(
          VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM instances WHERE id = $1))",
     )
     .bind(id)
-    .bind(seq)
-    .bind(reason.as_str())
-    .bind(step)
-    .bind(status.as_str())
-    .bind(ts(now))
-    .bind(host)
+    .bind(e.seq)
+    .bind(e.reason.as_str())
+    .bind(e.step)
+    .bind(e.status.as_str())
+    .bind(ts(e.at))
+    .bind(e.host)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -1096,12 +1089,14 @@ impl Store for SqliteStore {
                 insert_history(
                     &mut tx,
                     &key,
-                    seq,
-                    Reason::Suspend,
-                    &step,
-                    InstanceStatus::Suspended,
-                    now,
-                    OPERATOR,
+                    HistoryEntry {
+                        seq,
+                        reason: Reason::Suspend,
+                        step: &step,
+                        status: InstanceStatus::Suspended,
+                        at: now,
+                        host: OPERATOR,
+                    },
                 )
                 .await?;
                 InstanceStatus::Suspended
@@ -1159,12 +1154,14 @@ impl Store for SqliteStore {
                 insert_history(
                     &mut tx,
                     &key,
-                    seq,
-                    Reason::Complete,
-                    &step,
-                    InstanceStatus::Terminated,
-                    now,
-                    OPERATOR,
+                    HistoryEntry {
+                        seq,
+                        reason: Reason::Complete,
+                        step: &step,
+                        status: InstanceStatus::Terminated,
+                        at: now,
+                        host: OPERATOR,
+                    },
                 )
                 .await?;
                 if let Some(parent) = parent {
