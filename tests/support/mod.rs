@@ -8,6 +8,7 @@
 
 pub mod fixtures;
 pub mod pg;
+pub mod processes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,17 +40,20 @@ impl TestDb {
     /// A fresh database, or `None` (with one line saying why) when PostgreSQL is not available
     /// and not required.
     pub async fn new(backend: Backend) -> Option<Self> {
-        sqlx::any::install_default_drivers();
         let (url, dir) = match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                (
-                    format!("sqlite://{}", dir.path().join("test.db").display()),
-                    Some(dir),
-                )
+                let url = format!("sqlite://{}", dir.path().join("test.db").display());
+                (url, Some(dir))
             }
             Backend::Postgres => (pg::fresh_database().await?, None),
         };
+        Some(Self::at(backend, url, dir).await)
+    }
+
+    /// A migrated database at `url` (`dir` is kept alive with it).
+    pub async fn at(backend: Backend, url: String, dir: Option<tempfile::TempDir>) -> Self {
+        sqlx::any::install_default_drivers();
         let store = cairn::store::open(&url).await.expect("open store");
         store.migrate().await.expect("migrate");
         let sql_url = match backend {
@@ -61,13 +65,13 @@ impl TestDb {
             .connect(&sql_url)
             .await
             .expect("sql pool");
-        Some(Self {
+        Self {
             backend,
             url,
             store,
             sql,
             _dir: dir,
-        })
+        }
     }
 
     /// One i64 from a query.

@@ -204,6 +204,35 @@ pub fn cluster() -> Option<&'static Cluster> {
     }
 }
 
+/// A cluster of its own, for a test that stops and starts the server; stopped and removed
+/// when the test process exits.
+pub fn dedicated_cluster() -> Option<Cluster> {
+    match start() {
+        Ok(cluster) => Some(cluster),
+        Err(why) if required() => {
+            panic!("CAIRN_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipping PostgreSQL test: {why} (set CAIRN_REQUIRE_POSTGRES=1 to make this an error)");
+            None
+        }
+    }
+}
+
+/// A new, empty database in `cluster`; returns its URL.
+pub async fn database_in(cluster: &Cluster) -> String {
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .expect("connect to the test cluster");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    conn.close().await.ok();
+    cluster.url(&name)
+}
+
 /// A new, empty database; returns its URL.
 pub async fn fresh_database() -> Option<String> {
     let cluster = cluster()?;

@@ -12,15 +12,18 @@
 //!   old owner's commits are then fenced, G4) and clears the message and timer locks other hosts
 //!   hold on it, so that what the old owner had claimed is delivered again (G3).
 //! * **Stale locks.** A message or timer locked by a host is claimable again when that host cannot
-//!   be holding it any more: the instance has an owner and it is not the locker, or the owner's
-//!   lease ran out; or the instance has no owner and the locker is gone (no heartbeat for two
-//!   lease durations, or stopped). A host never claims again what it already holds, even when its
-//!   own lease has lapsed: the message is in its memory.
+//!   be delivering it any more: it is the instance's owner and its lease ran out, or it is gone
+//!   (stopped, or no heartbeat for two lease durations). A live host that is not the owner is
+//!   between its claim and its acquire, and keeps its lock; a host never claims again what it
+//!   already holds, even when its own lease has lapsed: the message is in its memory.
 //! * **Routing** reads subscriptions and writes messages; subscription changes read unrouted
 //!   messages and route them. Under `READ COMMITTED` a message published while a subscription for
 //!   it is being written could miss both, and stay unrouted. Each message type therefore has a
 //!   transaction-scoped advisory lock: publishing takes it shared, writing or removing
-//!   subscriptions of the type takes it exclusive, always in one sorted order (no deadlock).
+//!   subscriptions of the type takes it exclusive, always in one sorted pass. A commit takes them
+//!   after writing its points, so that they are held briefly, then unroutes what a concurrent
+//!   publisher routed to a subscription it removed; rerouting looks only at the unrouted messages
+//!   the new subscriptions match.
 //! * **Wake-ups.** Transactions that make work (publish, start, commit, deliveries, resume) end with
 //!   `pg_notify('cairn_work', '')`, delivered at commit.
 //!
@@ -57,6 +60,9 @@ const SCHEMA_LOCK_CLASS: i32 = 0x6361_6973;
 
 /// The lease duration assumed until a host tells the store its own (HostConfig's default).
 const DEFAULT_LEASE_MS: i64 = 30_000;
+
+/// How long a transaction may sit idle before the server aborts it (a paused host's).
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 
 /// Maps a sqlx error to a [`StoreError`], deciding what is worth retrying. The one place that
 /// decides it for this backend.
@@ -132,7 +138,17 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(StoreError::Database)?
             .application_name("cairn")
-            .options([("search_path", SCHEMA)]);
+            // A host that stops mid-transaction (paused, partitioned) must not hold its row and
+            // route locks for everyone: the server aborts its transaction, and whatever that
+            // host tries next is fenced. Cairn's own transactions never wait on anything but
+            // the database.
+            .options([
+                ("search_path", SCHEMA),
+                (
+                    "idle_in_transaction_session_timeout",
+                    IDLE_IN_TRANSACTION_TIMEOUT,
+                ),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -418,59 +434,141 @@ async fn publish_one(
     Ok(outcome)
 }
 
-/// Routes the unrouted messages of these types again (a subscription appeared or went away).
-/// The types must be locked exclusively for routing ([`lock_routes`]).
-async fn reroute(tx: &mut Tx, types: &BTreeSet<String>, now: DateTime<Utc>) -> StoreResult<()> {
-    for message_type in types {
+/// What a transaction changed that may route unrouted messages.
+#[derive(Default)]
+struct Reroute {
+    /// Activating subscriptions of these types were written: any unrouted message of the type may
+    /// route now.
+    types: BTreeSet<String>,
+    /// Instance subscriptions were written: unrouted messages of the type that match the
+    /// correlation may route now. (No other can: an unrouted message matches no subscription
+    /// that existed before, since every subscription write reroutes under the routing lock.)
+    subscriptions: Vec<(String, Correlation)>,
+    /// Messages unrouted because the receive they were routed to was cancelled.
+    seqs: BTreeSet<i64>,
+    /// Subscriptions removed, and their types.
+    cancelled: Vec<Uuid>,
+    cancelled_types: BTreeSet<String>,
+}
+
+impl Reroute {
+    /// The types whose routing this changes, to lock exclusively.
+    fn lock_types(&self) -> BTreeSet<&str> {
+        self.types
+            .iter()
+            .chain(&self.cancelled_types)
+            .map(String::as_str)
+            .chain(self.subscriptions.iter().map(|(t, _)| t.as_str()))
+            .collect()
+    }
+}
+
+/// Routes again the unrouted messages that `changes` may have made routable, oldest first (the
+/// same routing as [`publish_one`]). The types must be locked exclusively for routing
+/// ([`lock_routes`]).
+async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreResult<()> {
+    let mut candidates: BTreeMap<i64, (String, BTreeMap<String, String>)> = BTreeMap::new();
+    let scanned: BTreeSet<&str> = changes
+        .types
+        .iter()
+        .map(String::as_str)
+        .chain(changes.subscriptions.iter().map(|(t, _)| t.as_str()))
+        .collect();
+    for message_type in scanned {
         let rows = sqlx::query(
-            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1 \
-             ORDER BY seq",
+            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1",
         )
         .bind(message_type)
         .fetch_all(&mut **tx)
         .await
         .map_err(map_err)?;
+        let every = changes.types.contains(message_type);
         for row in rows {
-            let seq: i64 = col(&row, "seq")?;
             let properties: BTreeMap<String, String> =
                 parse_json(&col::<String>(&row, "properties")?)?;
-            let probe = NewMessage {
-                id: String::new(),
-                message_type: message_type.clone(),
-                kind: MessageKind::Published,
-                properties,
-                body: serde_json::Value::Null,
-                target: None,
-            };
-            let (instance, sub, kind, activate) = match find_route(tx, &probe).await? {
-                Route::Instance(id, sub) => (id, sub, MessageKind::Published, None),
-                Route::Activate {
-                    orchestration,
-                    version,
-                } => (
-                    Uuid::new_v4(),
-                    None,
-                    MessageKind::Start,
-                    Some((orchestration, version)),
-                ),
-                Route::Unrouted(_) => continue,
-            };
-            let routed = sqlx::query(
-                "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
-                 kind = $4, reason = NULL WHERE seq = $1 AND status = 'unrouted'",
-            )
-            .bind(seq)
-            .bind(instance)
-            .bind(sub)
-            .bind(kind.as_str())
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-            if let (1, Some((orchestration, version))) = (routed.rows_affected(), activate) {
-                insert_instance(tx, instance, &orchestration, version, None, now).await?;
+            let matches = every
+                || changes
+                    .subscriptions
+                    .iter()
+                    .any(|(t, corr)| t == message_type && corr.matches(&properties));
+            if matches {
+                candidates.insert(col(&row, "seq")?, (message_type.to_owned(), properties));
             }
         }
     }
+    if !changes.seqs.is_empty() {
+        let seqs: Vec<i64> = changes.seqs.iter().copied().collect();
+        let rows = sqlx::query(
+            "SELECT seq, message_type, properties FROM messages \
+             WHERE seq = ANY($1) AND status = 'unrouted'",
+        )
+        .bind(&seqs)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        for row in rows {
+            candidates.insert(
+                col(&row, "seq")?,
+                (
+                    col(&row, "message_type")?,
+                    parse_json(&col::<String>(&row, "properties")?)?,
+                ),
+            );
+        }
+    }
+    for (seq, (message_type, properties)) in candidates {
+        let probe = NewMessage {
+            id: String::new(),
+            message_type,
+            kind: MessageKind::Published,
+            properties,
+            body: serde_json::Value::Null,
+            target: None,
+        };
+        let (instance, sub, kind, activate) = match find_route(tx, &probe).await? {
+            Route::Instance(id, sub) => (id, sub, MessageKind::Published, None),
+            Route::Activate {
+                orchestration,
+                version,
+            } => (
+                Uuid::new_v4(),
+                None,
+                MessageKind::Start,
+                Some((orchestration, version)),
+            ),
+            Route::Unrouted(_) => continue,
+        };
+        let routed = sqlx::query(
+            "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
+             kind = $4, reason = NULL WHERE seq = $1 AND status = 'unrouted'",
+        )
+        .bind(seq)
+        .bind(instance)
+        .bind(sub)
+        .bind(kind.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if let (1, Some((orchestration, version))) = (routed.rows_affected(), activate) {
+            insert_instance(tx, instance, &orchestration, version, None, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves the routed, unconsumed messages of cancelled subscriptions back to unrouted, and
+/// notes them for [`reroute`].
+async fn unroute(tx: &mut Tx, subscriptions: &[Uuid], changes: &mut Reroute) -> StoreResult<()> {
+    let seqs: Vec<i64> = sqlx::query_scalar(
+        "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
+         locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
+         WHERE subscription_id = ANY($1) AND status = 'routed' RETURNING seq",
+    )
+    .bind(subscriptions)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    changes.seqs.extend(seqs);
     Ok(())
 }
 
@@ -497,10 +595,11 @@ async fn start_one(tx: &mut Tx, inst: &NewInstance, now: DateTime<Utc>) -> Store
 
 /// Writes one persistence point inside `tx`; returns `Fenced` without writing if the epoch moved
 /// or the writer no longer owns the instance.
-async fn write_point(
+async fn write_point<'p>(
     tx: &mut Tx,
-    p: &PersistencePoint,
-    reroute_types: &mut BTreeSet<String>,
+    p: &'p PersistencePoint,
+    changes: &mut Reroute,
+    messages: &mut Vec<(&'p NewMessage, DateTime<Utc>)>,
 ) -> StoreResult<CommitOutcome> {
     let id = p.instance_id;
     let updated = sqlx::query(
@@ -549,7 +648,7 @@ async fn write_point(
         }
     }
     if let Some(subs) = &p.subscriptions {
-        set_subscriptions(tx, id, subs, p.at, reroute_types).await?;
+        set_subscriptions(tx, id, subs, p.at, changes).await?;
     }
     if !p.cancel_timers.is_empty() {
         sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = ANY($2)")
@@ -593,9 +692,8 @@ async fn write_point(
     for child in &p.children {
         start_one(tx, child, p.at).await?;
     }
-    for msg in &p.messages {
-        publish_one(tx, msg, p.at).await?;
-    }
+    // Published once the group holds its routing locks (see `commit`).
+    messages.extend(p.messages.iter().map(|m| (m, p.at)));
     insert_history(
         tx,
         id,
@@ -615,15 +713,15 @@ async fn write_point(
     Ok(CommitOutcome::Committed)
 }
 
-/// Makes an instance's subscription rows exactly `subs`: removes the others (routing their
-/// unconsumed messages again) and adds the missing ones. The caller holds the route locks of the
-/// types involved ([`changed_subscription_types`]).
+/// Makes an instance's subscription rows exactly `subs`: removes the others (their unconsumed
+/// messages go back to unrouted) and adds the missing ones, noting both in `changes` for the
+/// routing locks and [`reroute`].
 async fn set_subscriptions(
     tx: &mut Tx,
     id: Uuid,
     subs: &[SubscriptionRow],
     at: DateTime<Utc>,
-    reroute_types: &mut BTreeSet<String>,
+    changes: &mut Reroute,
 ) -> StoreResult<()> {
     let existing: Vec<(Uuid, String)> =
         sqlx::query_as("SELECT id, message_type FROM subscriptions WHERE instance_id = $1")
@@ -643,21 +741,21 @@ async fn set_subscriptions(
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
-        let types: Vec<String> = sqlx::query_scalar(
-            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
-             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
-             WHERE subscription_id = ANY($1) AND status = 'routed' RETURNING message_type",
-        )
-        .bind(&removed)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        reroute_types.extend(types);
+        unroute(tx, &removed, changes).await?;
+        changes.cancelled.extend(&removed);
+        changes.cancelled_types.extend(
+            existing
+                .iter()
+                .filter(|(sub, _)| !wanted.contains(sub))
+                .map(|(_, t)| t.clone()),
+        );
     }
     let present: BTreeSet<Uuid> = existing.iter().map(|(sub, _)| *sub).collect();
     for sub in subs.iter().filter(|s| !present.contains(&s.id)) {
         insert_subscription(tx, id, sub, at).await?;
-        reroute_types.insert(sub.message_type.clone());
+        changes
+            .subscriptions
+            .push((sub.message_type.clone(), sub.correlation.clone()));
     }
     Ok(())
 }
@@ -682,47 +780,6 @@ async fn insert_subscription(
     .await
     .map_err(map_err)?;
     Ok(())
-}
-
-/// The message types whose subscriptions these points add or remove: they are route-locked
-/// exclusively before the points are written.
-async fn changed_subscription_types(
-    tx: &mut Tx,
-    points: &[PersistencePoint],
-) -> StoreResult<BTreeSet<String>> {
-    let ids: Vec<Uuid> = points
-        .iter()
-        .filter(|p| p.subscriptions.is_some())
-        .map(|p| p.instance_id)
-        .collect();
-    let mut changed = BTreeSet::new();
-    if ids.is_empty() {
-        return Ok(changed);
-    }
-    let existing: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
-        "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    for p in points {
-        let Some(subs) = &p.subscriptions else {
-            continue;
-        };
-        let wanted: BTreeSet<Uuid> = subs.iter().map(|s| s.id).collect();
-        let mut present = BTreeSet::new();
-        for (_, sub, message_type) in existing.iter().filter(|(i, _, _)| *i == p.instance_id) {
-            present.insert(*sub);
-            if !wanted.contains(sub) {
-                changed.insert(message_type.clone());
-            }
-        }
-        for sub in subs.iter().filter(|s| !present.contains(&s.id)) {
-            changed.insert(sub.message_type.clone());
-        }
-    }
-    Ok(changed)
 }
 
 async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
@@ -798,33 +855,39 @@ const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
 
 /// Whether the lock on row `x` (a message or timer of instance `i`) leaves it to host `$1`, given
-/// [`CLAIMABLE`]; `$4` is the heartbeat cutoff below which a host is presumed gone.
+/// [`CLAIMABLE`]; `$2` is the current time, `$4` the heartbeat cutoff below which a host is
+/// presumed gone. A lock is stale when:
 ///
-/// * unlocked: yes;
-/// * the instance has no owner: if the locker is gone. A live locker (`$1` included) is between
-///   its claim and its acquire: taking the row would deliver it twice;
-/// * the instance has an owner (`$1`, or a host whose lease ran out): unless `$1` owns it and
-///   holds the lock, i.e. already has the row in memory.
+/// * its holder is the instance's owner and the lease ran out (the owner is gone or too slow: its
+///   commits will be fenced once another host acquires the instance); or
+/// * its holder is gone (stopped, or no heartbeat since the cutoff).
+///
+/// Any other live holder may have the row in memory, about to deliver it: a host that claimed and
+/// has not yet acquired (it then acquires the instance, or fails to and unlocks). Taking the row
+/// from it would deliver it twice. A host never takes its own locked rows again either.
 fn lock_free(x: &str) -> String {
     format!(
-        "({x}.locked_by IS NULL \
-          OR (i.owner IS NULL AND {x}.locked_by <> $1 AND NOT EXISTS ( \
-                SELECT 1 FROM hosts h WHERE h.id = {x}.locked_by AND h.stopped_at IS NULL \
-                  AND h.heartbeat_at >= $4)) \
-          OR (i.owner IS NOT NULL AND NOT (i.owner = $1 AND {x}.locked_by = $1)))"
+        "({x}.locked_by IS NULL OR ({x}.locked_by <> $1 AND {stale}))",
+        stale = stale(x, "$2", "$4")
     )
 }
 
-/// Whether the lock on row `x` of instance `i` is held by a host that may still be working on it
-/// (`$1` is the current time, `$2` the heartbeat cutoff): the host-independent version of
-/// [`lock_free`], for [`Store::activity`].
+/// Whether the lock on row `x` of instance `i` is stale (see [`lock_free`]), the current time and
+/// the heartbeat cutoff being the parameters `now` and `cutoff`.
+fn stale(x: &str, now: &str, cutoff: &str) -> String {
+    format!(
+        "(({x}.locked_by = i.owner AND i.lease_expires_at < {now}) \
+          OR NOT EXISTS (SELECT 1 FROM hosts h WHERE h.id = {x}.locked_by \
+                           AND h.stopped_at IS NULL AND h.heartbeat_at >= {cutoff}))"
+    )
+}
+
+/// Whether row `x` of instance `i` is free for some host (`$1` is the current time, `$2` the
+/// heartbeat cutoff): the host-independent version of [`lock_free`], for [`Store::activity`].
 fn lock_stale(x: &str) -> String {
     format!(
-        "({x}.locked_by IS NULL \
-          OR (i.owner IS NULL AND NOT EXISTS ( \
-                SELECT 1 FROM hosts h WHERE h.id = {x}.locked_by AND h.stopped_at IS NULL \
-                  AND h.heartbeat_at >= $2)) \
-          OR (i.owner IS NOT NULL AND (i.owner <> {x}.locked_by OR i.lease_expires_at < $1)))"
+        "({x}.locked_by IS NULL OR {stale})",
+        stale = stale(x, "$1", "$2")
     )
 }
 
@@ -901,8 +964,11 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        let types: BTreeSet<String> = activations.iter().map(|a| a.message_type.clone()).collect();
-        lock_routes(&mut tx, [], types.iter().map(String::as_str)).await?;
+        let changes = Reroute {
+            types: activations.iter().map(|a| a.message_type.clone()).collect(),
+            ..Reroute::default()
+        };
+        lock_routes(&mut tx, [], changes.lock_types()).await?;
         for a in activations {
             sqlx::query(
                 "INSERT INTO subscriptions (id, message_type, orchestration, version, created_at) \
@@ -919,7 +985,7 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         }
-        reroute(&mut tx, &types, now).await?;
+        reroute(&mut tx, &changes, now).await?;
         commit(tx).await
     }
 
@@ -985,7 +1051,6 @@ impl Store for PostgresStore {
             .map(stored_message)
             .collect::<StoreResult<Vec<_>>>()?;
         out.sort_by_key(|m| m.seq);
-        tracing::info!(target: "pgdbg", host, seqs = ?out.iter().map(|m| (m.seq, m.instance_id)).collect::<Vec<_>>(), "CLAIM");
         Ok(out)
     }
 
@@ -1065,7 +1130,6 @@ impl Store for PostgresStore {
                 parent_id: col(&row, "parent_id")?,
             });
         }
-        tracing::info!(target: "pgdbg", host, acquired = ?out.iter().map(|r| (r.id, r.epoch)).collect::<Vec<_>>(), asked = ?ids, "ACQUIRE");
         if !out.is_empty() {
             // Whatever other hosts hold of these instances they cannot commit any more (the epoch
             // moved): a previous owner whose lease ran out, or a host that claimed but lost the
@@ -1148,7 +1212,6 @@ impl Store for PostgresStore {
     }
 
     async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
-        tracing::info!(target: "pgdbg", host, ?ids, "UNLOCK");
         let mut tx = self.write().await?;
         sqlx::query(
             "UPDATE messages SET locked_by = NULL \
@@ -1172,25 +1235,35 @@ impl Store for PostgresStore {
 
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
         let mut tx = self.write().await?;
-        // Routing locks first, all at once and in order: shared for the messages the points
-        // publish, exclusive for the types whose subscriptions they add or remove.
-        let changed = changed_subscription_types(&mut tx, points).await?;
+        let mut out = Vec::with_capacity(points.len());
+        let mut changes = Reroute::default();
+        let mut messages = Vec::new();
+        for p in points {
+            out.push(write_point(&mut tx, p, &mut changes, &mut messages).await?);
+        }
+        // The routing locks, taken last so that they are held briefly: shared for the messages
+        // the points publish, exclusive for the types whose subscriptions they added or removed.
+        // Taken in one sorted pass, after the rows: every writer orders them the same way.
         lock_routes(
             &mut tx,
-            points.iter().flat_map(|p| routed_types(&p.messages)),
-            changed.iter().map(String::as_str),
+            messages
+                .iter()
+                .filter(|(m, _)| m.target.is_none())
+                .map(|(m, _)| m.message_type.as_str()),
+            changes.lock_types(),
         )
         .await?;
-
-        let mut out = Vec::with_capacity(points.len());
-        let mut reroute_types = BTreeSet::new();
-        for p in points {
-            out.push(write_point(&mut tx, p, &mut reroute_types).await?);
+        // A publisher that read a removed subscription before it was removed has committed by
+        // now: unroute what it routed there.
+        if !changes.cancelled.is_empty() {
+            let cancelled = std::mem::take(&mut changes.cancelled);
+            unroute(&mut tx, &cancelled, &mut changes).await?;
         }
-        // Rerouting reads only types locked above: a message type is unrouted here only by
-        // removing a subscription of that type.
+        for (msg, at) in messages {
+            publish_one(&mut tx, msg, at).await?;
+        }
         let now = points.iter().map(|p| p.at).max().unwrap_or_default();
-        reroute(&mut tx, &reroute_types, now).await?;
+        reroute(&mut tx, &changes, now).await?;
         if out.contains(&CommitOutcome::Committed) {
             notify(&mut tx).await?;
         }
@@ -1205,16 +1278,7 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<CommitOutcome>> {
         let mut tx = self.write().await?;
-        let types: BTreeSet<String> = receives
-            .iter()
-            .flat_map(|r| r.rows.iter().map(|s| s.message_type.clone()))
-            .collect();
-        lock_routes(
-            &mut tx,
-            std::iter::empty(),
-            types.iter().map(String::as_str),
-        )
-        .await?;
+        let mut changes = Reroute::default();
         let mut out = Vec::with_capacity(receives.len());
         for r in receives {
             let owned: Option<i64> = sqlx::query_scalar(
@@ -1232,10 +1296,15 @@ impl Store for PostgresStore {
             }
             for sub in &r.rows {
                 insert_subscription(&mut tx, r.instance_id, sub, now).await?;
+                changes
+                    .subscriptions
+                    .push((sub.message_type.clone(), sub.correlation.clone()));
             }
             out.push(CommitOutcome::Committed);
         }
-        reroute(&mut tx, &types, now).await?;
+        // As in `commit`: the routing locks after the rows.
+        lock_routes(&mut tx, [], changes.lock_types()).await?;
+        reroute(&mut tx, &changes, now).await?;
         notify(&mut tx).await?;
         commit(tx).await?;
         Ok(out)
@@ -1268,16 +1337,19 @@ impl Store for PostgresStore {
         let mut tx = self.write().await?;
         let rows = sqlx::query(
             "UPDATE outbox SET locked_by = $1, locked_until = $3 WHERE id IN ( \
-               SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $2 \
-                 AND (locked_until IS NULL OR locked_until < $2) \
-               ORDER BY next_attempt_at LIMIT $4 \
-               FOR UPDATE SKIP LOCKED) \
+               SELECT o.id FROM outbox o WHERE o.status = 'pending' AND o.next_attempt_at <= $2 \
+                 AND (o.locked_until IS NULL OR o.locked_until < $2 OR NOT EXISTS ( \
+                   SELECT 1 FROM hosts h WHERE h.id = o.locked_by AND h.stopped_at IS NULL \
+                     AND h.heartbeat_at >= $5)) \
+               ORDER BY o.next_attempt_at LIMIT $4 \
+               FOR UPDATE OF o SKIP LOCKED) \
              RETURNING id, instance_id, port, message_type, body, expects_reply, attempts",
         )
         .bind(host)
         .bind(now)
         .bind(lock_until)
         .bind(i64::from(limit))
+        .bind(self.host_cutoff(now))
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -1653,6 +1725,9 @@ impl Store for PostgresStore {
                 let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
                 listener.listen(WORK_CHANNEL).await?;
                 tracing::debug!("listening for new work");
+                // Work may have been committed before LISTEN took effect (at start, or while the
+                // connection was down): look once.
+                wake.notify_one();
                 loop {
                     // `None`: the connection was lost and is re-established on the next call;
                     // wake anyway, as a notification may have been missed.
@@ -2244,6 +2319,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_claim_on_an_expired_instance_is_not_taken_by_a_third_host() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        for host in ["host-a", "host-b", "host-c"] {
+            store.recover(host, now).await.expect("recover");
+        }
+        let inst = new_instance("order");
+        store
+            .start_instances(vec![inst.clone()], now)
+            .await
+            .expect("start");
+        assert_eq!(
+            store
+                .claim_messages("host-a", now, 10)
+                .await
+                .expect("claim")
+                .len(),
+            1
+        );
+        let a = store
+            .acquire("host-a", &[inst.id], now, at(2))
+            .await
+            .expect("acquire");
+        // a's lease runs out with the message in its memory; b takes it over, then c polls
+        // between b's claim and b's acquire: c must leave b's claim alone.
+        for host in ["host-b", "host-c"] {
+            store
+                .heartbeat(host, at(3), at(5))
+                .await
+                .expect("heartbeat");
+        }
+        let b = store
+            .claim_messages("host-b", at(3), 10)
+            .await
+            .expect("claim");
+        assert_eq!(b.len(), 1);
+        assert!(store
+            .claim_messages("host-c", at(3), 10)
+            .await
+            .expect("claim")
+            .is_empty());
+        let acquired = store
+            .acquire("host-b", &[inst.id], at(3), at(5))
+            .await
+            .expect("acquire");
+        assert_eq!(acquired[0].epoch, a[0].epoch + 1);
+        // b holds it: neither b nor c claims it again.
+        assert!(store
+            .claim_messages("host-b", at(4), 10)
+            .await
+            .expect("claim")
+            .is_empty());
+        assert!(store
+            .claim_messages("host-c", at(4), 10)
+            .await
+            .expect("claim")
+            .is_empty());
+    }
+
+    #[tokio::test]
     async fn timers_are_claimed_when_due_once() {
         let Some(store) = fresh().await else { return };
         let now = at(0);
@@ -2405,6 +2540,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_published_while_its_subscription_is_removed_is_not_lost_to_it() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover");
+        for round in 0..100 {
+            let inst = new_instance("order");
+            store
+                .start_instances(vec![inst.clone()], now)
+                .await
+                .expect("start");
+            let msgs = store
+                .claim_messages("host-a", now, 10)
+                .await
+                .expect("claim");
+            let rec = store
+                .acquire("host-a", &[inst.id], now, at(30))
+                .await
+                .expect("acquire");
+            let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
+            p.consumed = msgs
+                .iter()
+                .filter(|m| m.instance_id == inst.id)
+                .map(|m| m.seq)
+                .collect();
+            p.subscriptions = Some(vec![SubscriptionRow {
+                id: Uuid::new_v4(),
+                message_type: "paid".into(),
+                correlation: Correlation::on("order", round),
+            }]);
+            store.commit(&[p]).await.expect("commit");
+            // The receive is cancelled while a matching message is published.
+            let mut cancel = point(inst.id, rec[0].epoch, "host-a", 2, now);
+            cancel.subscriptions = Some(vec![]);
+            cancel.release = true;
+            let committer = {
+                let store = store.clone();
+                tokio::spawn(async move { store.commit(&[cancel]).await.expect("commit") })
+            };
+            let publisher = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let msg = NewMessage::published(
+                        format!("paid-{round}"),
+                        "paid",
+                        serde_json::json!({"order": round}),
+                        BTreeMap::new(),
+                    );
+                    store.publish(vec![msg], now).await.expect("publish")
+                })
+            };
+            committer.await.expect("task");
+            publisher.await.expect("task");
+        }
+        assert_eq!(
+            scalar_i64(
+                &store,
+                "SELECT COUNT(*) FROM messages m WHERE m.status = 'routed' AND m.subscription_id IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.id = m.subscription_id)"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            scalar_i64(
+                &store,
+                "SELECT COUNT(*) FROM messages WHERE message_type = 'paid' AND status = 'unrouted'"
+            )
+            .await,
+            100
+        );
+    }
+
+    #[tokio::test]
     async fn concurrent_claims_never_share_a_message() {
         let Some(store) = fresh().await else { return };
         let now = at(0);
@@ -2434,6 +2642,27 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!((total, all.len()), (200, 200));
+    }
+
+    #[tokio::test]
+    async fn a_publish_wakes_a_listener() {
+        let Some(store) = fresh().await else { return };
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let listener = {
+            let (store, wake, stop) = (store.clone(), wake.clone(), stop.clone());
+            tokio::spawn(async move { store.listen(wake, stop).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let notified = wake.notified();
+        let msg =
+            NewMessage::published("w1", "nobody.cares", serde_json::json!({}), BTreeMap::new());
+        store.publish(vec![msg], at(0)).await.expect("publish");
+        tokio::time::timeout(Duration::from_secs(2), notified)
+            .await
+            .expect("woken by the notification");
+        stop.cancel();
+        listener.await.expect("listener");
     }
 
     #[tokio::test]
