@@ -1767,36 +1767,26 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// The throwaway-cluster harness of the integration tests, shared with this module's tests.
+#[cfg(test)]
+#[path = "../../../tests/support/pg.rs"]
+#[allow(dead_code)]
+mod pg_harness;
+
 #[cfg(test)]
 mod tests {
-    //! Checks of this backend against a real server; they run only when `CAIRN_TEST_PG_URL`
-    //! names one (each test makes its own database there).
+    //! Checks of this backend against a real server: a throwaway cluster on loopback, each test
+    //! with a database of its own.
+
+    use super::pg_harness;
 
     use super::*;
-    use sqlx::Connection;
 
     async fn fresh() -> Option<PostgresStore> {
-        let url = std::env::var("CAIRN_TEST_PG_URL").ok()?;
-        let mut admin = sqlx::PgConnection::connect(&url)
-            .await
-            .expect("admin connection");
-        let name = format!("cairn_test_{}", Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create database");
-        let (base, query) = url
-            .split_once('?')
-            .map_or((url.as_str(), ""), |(b, q)| (b, q));
-        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
-        let query = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{query}")
-        };
-        let store = PostgresStore::open(&format!("{base}/{name}{query}"))
-            .await
-            .expect("open");
+        // A database in the throwaway cluster the integration tests use (started on first use;
+        // skipped with one line when PostgreSQL is missing, unless CAIRN_REQUIRE_POSTGRES=1).
+        let url = pg_harness::fresh_database().await?;
+        let store = PostgresStore::open(&url).await.expect("open");
         store.migrate().await.expect("migrate");
         Some(store)
     }
