@@ -241,6 +241,10 @@ impl LiveInstance {
         ports: &dyn Fn(&str) -> bool,
         now: DateTime<Utc>,
     ) -> Delivery {
+        if self.consumed.contains(&msg.seq) || self.held.iter().any(|h| h.seq == msg.seq) {
+            // Claimed twice (a lock handed over between hosts): this instance already has it.
+            return Delivery::Held;
+        }
         let event = match msg.kind {
             MessageKind::Start => {
                 if self.state.is_some() {

@@ -483,7 +483,15 @@ impl Runner {
         );
         work.extend(timers.into_iter().map(|t| (t.instance_id, Work::Timer(t))));
         if worked {
-            self.rehydrate(&work, now, &mut points).await?;
+            if let Err(e) = self.rehydrate(&work, now, &mut points).await {
+                // Give back what this round claimed, so that it is not stuck locked to us.
+                let mut ids: Vec<Uuid> = work.iter().map(|(id, _)| *id).collect();
+                ids.sort();
+                ids.dedup();
+                ids.retain(|id| !self.cache.contains_key(id));
+                self.release_after_failure(&ids).await;
+                return Err(e);
+            }
         }
         for (id, item) in work {
             self.unwritten.insert(id);

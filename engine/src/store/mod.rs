@@ -89,8 +89,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
 
-    /// Makes this host the owner of the database's work after a restart: releases every lock and
-    /// lease held by hosts that are gone, so that their claimed messages are delivered again.
+    /// Registers `host` in `hosts` at start. SQLite (one host per file) also releases every
+    /// lock and lease a previous process left, so that its claimed messages are delivered again;
+    /// PostgreSQL releases nothing here, as other hosts may be alive: their leases expire and
+    /// their locks go stale on their own.
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     /// Writes the activating subscriptions of the registered definitions.

@@ -311,7 +311,7 @@ pub struct InstanceRecord {
     pub orchestration: String,
     /// The definition's version.
     pub version: u32,
-    /// Its status before it was acquired.
+    /// Its status now that it is acquired (`running`).
     pub status: InstanceStatus,
     /// The state at the last persistence point; `None` before the start transition committed.
     pub state: Option<Vec<u8>>,
