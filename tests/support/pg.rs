@@ -192,31 +192,27 @@ impl Cluster {
 /// The cluster, started on first use; `None` (after one line on stderr) when unavailable and not
 /// required.
 pub fn cluster() -> Option<&'static Cluster> {
-    match CLUSTER.get_or_init(start) {
-        Ok(cluster) => Some(cluster),
-        Err(why) if required() => {
-            panic!("CAIRN_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipping PostgreSQL test: {why} (set CAIRN_REQUIRE_POSTGRES=1 to make this an error)");
-            None
-        }
+    CLUSTER
+        .get_or_init(start)
+        .as_ref()
+        .map_err(|why| skip(why))
+        .ok()
+}
+
+/// Says why PostgreSQL tests cannot run: one line and a skip, or a failure when required.
+fn skip(why: &str) {
+    if required() {
+        panic!("CAIRN_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {why}");
     }
+    eprintln!(
+        "skipping PostgreSQL test: {why} (set CAIRN_REQUIRE_POSTGRES=1 to make this an error)"
+    );
 }
 
 /// A cluster of its own, for a test that stops and starts the server; stopped and removed
 /// when the test process exits.
 pub fn dedicated_cluster() -> Option<Cluster> {
-    match start() {
-        Ok(cluster) => Some(cluster),
-        Err(why) if required() => {
-            panic!("CAIRN_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipping PostgreSQL test: {why} (set CAIRN_REQUIRE_POSTGRES=1 to make this an error)");
-            None
-        }
-    }
+    start().map_err(|why| skip(&why)).ok()
 }
 
 /// A new, empty database in `cluster`; returns its URL.
