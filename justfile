@@ -21,6 +21,10 @@ test:
 crash:
     cargo test -p cairn-orchestrations --test process -- --nocapture
 
+# Many hosts on one PostgreSQL database: killed and frozen hosts, work spread, a database restart, NOTIFY wake-ups.
+scale:
+    cargo test -p cairn-orchestrations --test scale_out -- --nocapture
+
 # The long crash run (CAIRN_SOAK=1): more load, more kills, release build.
 soak:
     CAIRN_SOAK=1 cargo test --release -p cairn-orchestrations --test process sigkill -- --nocapture
