@@ -166,3 +166,36 @@ async fn demo_returns_when_every_instance_has_ended(db: TestDb) {
             >= 30
     );
 }
+
+/// SQLite serves one host: a second host on the same file refuses to start (it would release
+/// the first one's leases and break G4). PostgreSQL runs many hosts (see scale_out.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_host_on_one_sqlite_file_refuses_to_start() {
+    let db = TestDb::new(support::Backend::Sqlite).await.unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--database", &db.url, "host"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    db.wait_for(
+        "the first host to register",
+        Duration::from_secs(20),
+        || async {
+            db.count("SELECT COUNT(*) FROM hosts WHERE stopped_at IS NULL")
+                .await
+                == 1
+        },
+    )
+    .await;
+    let second = cairn(&db, &["host", "--until-idle"]);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another host") && err.contains("SQLite serves one host"),
+        "{err}"
+    );
+    // Once the first host is gone, a new one starts.
+    ok(&db, &["host", "--until-idle"]);
+}

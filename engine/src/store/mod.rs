@@ -58,6 +58,17 @@ pub enum StoreError {
     /// No such instance.
     #[error("no instance {0}")]
     NoSuchInstance(Uuid),
+    /// Another host process is running on this SQLite database.
+    #[error(
+        "another host ({host}, pid {pid}) is running on this SQLite database; SQLite serves one \
+         host: stop that one first, or use PostgreSQL to run many hosts"
+    )]
+    HostAlreadyRunning {
+        /// Its id.
+        host: String,
+        /// Its process id.
+        pid: i64,
+    },
     /// The instance is not in a status the operation applies to.
     #[error("instance {id} is {status}: {hint}")]
     WrongStatus {

@@ -599,6 +599,22 @@ impl Store for SqliteStore {
 
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
+        // One host per file: starting releases everything a previous host held, which is only
+        // safe if that host is gone. A host of this process (tests) or a dead process is.
+        let running: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let me = hostname();
+        for (other, pid, name) in running {
+            let alive = name == me
+                && pid != i64::from(std::process::id())
+                && std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if alive {
+                return Err(StoreError::HostAlreadyRunning { host: other, pid });
+            }
+        }
         for sql in [
             "UPDATE messages SET locked_by = NULL WHERE locked_by IS NOT NULL AND status = 'routed'",
             "UPDATE timers SET locked_by = NULL WHERE locked_by IS NOT NULL",
