@@ -471,7 +471,13 @@ impl Runner {
         let now = self.host.clock.now();
         let batch = self.host.config.batch_size;
         let messages = store.claim_messages(&host, now, batch).await?;
-        let timers = store.claim_timers(&host, now, batch).await?;
+        let timers = match store.claim_timers(&host, now, batch).await {
+            Ok(timers) => timers,
+            Err(e) => {
+                self.give_back(messages.iter().map(|m| m.instance_id)).await;
+                return Err(e);
+            }
+        };
         let mut points = Vec::new();
         let worked = !messages.is_empty() || !timers.is_empty();
 
@@ -484,12 +490,7 @@ impl Runner {
         work.extend(timers.into_iter().map(|t| (t.instance_id, Work::Timer(t))));
         if worked {
             if let Err(e) = self.rehydrate(&work, now, &mut points).await {
-                // Give back what this round claimed, so that it is not stuck locked to us.
-                let mut ids: Vec<Uuid> = work.iter().map(|(id, _)| *id).collect();
-                ids.sort();
-                ids.dedup();
-                ids.retain(|id| !self.cache.contains_key(id));
-                self.release_after_failure(&ids).await;
+                self.give_back(work.iter().map(|(id, _)| *id)).await;
                 return Err(e);
             }
         }
@@ -585,6 +586,15 @@ impl Runner {
             self.deliver(timer.instance_id, Work::Timer(timer), now, points);
         }
         fired
+    }
+
+    /// Gives back what a failed round claimed for instances not in memory, so that it is not
+    /// left locked to this host.
+    async fn give_back(&self, claimed: impl Iterator<Item = Uuid>) {
+        let mut ids: Vec<Uuid> = claimed.filter(|id| !self.cache.contains_key(id)).collect();
+        ids.sort();
+        ids.dedup();
+        self.release_after_failure(&ids).await;
     }
 
     /// Takes the leases of instances that have work and are not in memory, and loads them.
