@@ -135,34 +135,26 @@ impl Cluster {
             self.port,
             self.dir.display()
         );
-        let out = pg_command(&self.bin, self.as_postgres, "pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-w", "-t", "60", "-o", &opts, "-l"])
-            .arg(self.dir.join("log"))
-            .arg("start")
-            .output()
-            .map_err(|e| format!("pg_ctl start: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "pg_ctl start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
+        let log = self.dir.join("log");
+        let log = log.to_string_lossy();
+        self.pg_ctl(&["-w", "-t", "60", "-o", &opts, "-l", &log, "start"])
     }
 
     /// Stops the server (fast mode: connections are cut, like a database restart).
     pub fn stop_server(&self) -> Result<(), String> {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"])
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
         let out = pg_command(&self.bin, self.as_postgres, "pg_ctl")
             .arg("-D")
             .arg(self.data())
-            .args(["-w", "-m", "fast", "stop"])
+            .args(args)
             .output()
-            .map_err(|e| format!("pg_ctl stop: {e}"))?;
+            .map_err(|e| format!("pg_ctl {args:?}: {e}"))?;
         if !out.status.success() {
             return Err(format!(
-                "pg_ctl stop failed: {}",
+                "pg_ctl {args:?} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             ));
         }

@@ -2469,36 +2469,47 @@ mod tests {
         );
     }
 
+    /// An instance started, its start message consumed, and a point that subscribes it to
+    /// `paid` correlated on `order = round` (not yet committed).
+    async fn started_and_receiving(
+        store: &PostgresStore,
+        round: i32,
+        now: DateTime<Utc>,
+    ) -> (NewInstance, i64, PersistencePoint) {
+        let inst = new_instance("order");
+        store
+            .start_instances(vec![inst.clone()], now)
+            .await
+            .expect("start");
+        let msgs = store
+            .claim_messages("host-a", now, 10)
+            .await
+            .expect("claim");
+        let rec = store
+            .acquire("host-a", &[inst.id], now, at(30))
+            .await
+            .expect("acquire");
+        let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
+        p.consumed = msgs
+            .iter()
+            .filter(|m| m.instance_id == inst.id)
+            .map(|m| m.seq)
+            .collect();
+        p.subscriptions = Some(vec![SubscriptionRow {
+            id: Uuid::new_v4(),
+            message_type: "paid".into(),
+            correlation: Correlation::on("order", round),
+        }]);
+        (inst, rec[0].epoch, p)
+    }
+
     #[tokio::test]
     async fn a_message_published_while_its_subscription_is_written_is_routed() {
         let Some(store) = fresh().await else { return };
         let now = at(0);
         store.recover("host-a", now).await.expect("recover");
         for round in 0..100 {
-            let inst = new_instance("order");
-            store
-                .start_instances(vec![inst.clone()], now)
-                .await
-                .expect("start");
-            let msgs = store
-                .claim_messages("host-a", now, 10)
-                .await
-                .expect("claim");
-            let rec = store
-                .acquire("host-a", &[inst.id], now, at(30))
-                .await
-                .expect("acquire");
-            let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
-            p.consumed = msgs
-                .iter()
-                .filter(|m| m.instance_id == inst.id)
-                .map(|m| m.seq)
-                .collect();
-            p.subscriptions = Some(vec![SubscriptionRow {
-                id: Uuid::new_v4(),
-                message_type: "paid".into(),
-                correlation: Correlation::on("order", round),
-            }]);
+            let (_, _, mut p) = started_and_receiving(&store, round, now).await;
             p.release = true;
             let committer = {
                 let store = store.clone();
@@ -2535,33 +2546,10 @@ mod tests {
         let now = at(0);
         store.recover("host-a", now).await.expect("recover");
         for round in 0..100 {
-            let inst = new_instance("order");
-            store
-                .start_instances(vec![inst.clone()], now)
-                .await
-                .expect("start");
-            let msgs = store
-                .claim_messages("host-a", now, 10)
-                .await
-                .expect("claim");
-            let rec = store
-                .acquire("host-a", &[inst.id], now, at(30))
-                .await
-                .expect("acquire");
-            let mut p = point(inst.id, rec[0].epoch, "host-a", 1, now);
-            p.consumed = msgs
-                .iter()
-                .filter(|m| m.instance_id == inst.id)
-                .map(|m| m.seq)
-                .collect();
-            p.subscriptions = Some(vec![SubscriptionRow {
-                id: Uuid::new_v4(),
-                message_type: "paid".into(),
-                correlation: Correlation::on("order", round),
-            }]);
+            let (inst, epoch, p) = started_and_receiving(&store, round, now).await;
             store.commit(&[p]).await.expect("commit");
             // The receive is cancelled while a matching message is published.
-            let mut cancel = point(inst.id, rec[0].epoch, "host-a", 2, now);
+            let mut cancel = point(inst.id, epoch, "host-a", 2, now);
             cancel.subscriptions = Some(vec![]);
             cancel.release = true;
             let committer = {
