@@ -551,7 +551,7 @@ async fn operators_suspend_resume_and_terminate_instances(db: TestDb) {
     );
     let err = db
         .store
-        .control(a, ControlAction::Resume, now)
+        .control(a, ControlAction::Resume { force: false }, now)
         .await
         .unwrap_err();
     assert!(
@@ -571,7 +571,7 @@ async fn operators_suspend_resume_and_terminate_instances(db: TestDb) {
         .await
         .unwrap();
     db.store
-        .control(b, ControlAction::Resume, now)
+        .control(b, ControlAction::Resume { force: false }, now)
         .await
         .unwrap();
     publish(
@@ -700,7 +700,10 @@ async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
         epoch,
         host: host.into(),
         reason: Reason::Send,
+        detail: None,
         status: S::Running,
+        resumable: true,
+        failed: vec![],
         state: Some(vec![0x90]),
         engine_state: None,
         step: step.into(),

@@ -73,6 +73,10 @@ pub enum Command {
         /// other hosts take its instances over once their leases expire (PostgreSQL).
         #[arg(long, default_value_t = 30_000)]
         lease_ms: u64,
+        /// Poison protection: suspend an instance, naming the message, once a message has been
+        /// delivered this many times without being consumed.
+        #[arg(long, default_value_t = 10)]
+        max_deliveries: u32,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -125,10 +129,15 @@ pub enum Command {
         #[arg(long, default_value = "suspended from the command line")]
         reason: String,
     },
-    /// Resume a suspended instance from its last persistence point.
+    /// Resume a suspended instance from its last persistence point; the messages it had
+    /// received since are delivered again.
     Resume {
         /// The instance id.
         id: Uuid,
+        /// Resume even an instance suspended as not resumable (its state did not decode): for
+        /// after deploying a build that reads it.
+        #[arg(long)]
+        force: bool,
     },
     /// End an instance, cancelling its waits.
     Terminate {
@@ -252,12 +261,14 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             dehydrate_after_ms,
             poll_ms,
             lease_ms,
+            max_deliveries,
         } => {
             let config = HostConfig {
                 until_idle,
                 dehydrate_after: Duration::from_millis(dehydrate_after_ms),
                 poll_interval: Duration::from_millis(poll_ms),
                 lease_duration: Duration::from_millis(lease_ms),
+                max_deliveries,
                 ..HostConfig::default()
             };
             let host = build_host(&app, store, config);
@@ -379,7 +390,9 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         Command::Suspend { id, reason } => {
             control(&*store, id, ControlAction::Suspend { reason }).await?
         }
-        Command::Resume { id } => control(&*store, id, ControlAction::Resume).await?,
+        Command::Resume { id, force } => {
+            control(&*store, id, ControlAction::Resume { force }).await?
+        }
         Command::Terminate { id, reason } => {
             control(&*store, id, ControlAction::Terminate { reason }).await?
         }

@@ -54,6 +54,36 @@ pub enum Effect {
         /// Why, shown in `last_error`.
         reason: String,
     },
+    /// Begin a transactional scope (nested in the innermost open one).
+    BeginScope {
+        /// The scope's name, as handlers and compensation see it.
+        name: String,
+        /// Atomic or long-running.
+        kind: ScopeKind,
+    },
+    /// End the innermost open scope successfully (a `scope_end` persistence point).
+    EndScope {
+        /// What its compensation will need, recorded with it.
+        compensation: serde_json::Value,
+    },
+    /// Compensate completed scopes, newest first: `None` for every completed scope of the
+    /// instance, `Some(name)` for the scopes of that name and the scopes nested in them.
+    Compensate {
+        /// The scope to compensate.
+        scope: Option<String>,
+    },
+}
+
+/// The two kinds of transactional scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ScopeKind {
+    /// Everything inside commits together at the scope's end, or not at all: sends and child
+    /// starts are buffered with no persistence point of their own, and a fault rolls the state
+    /// back to the scope's start and drops them.
+    Atomic,
+    /// Ordinary persistence points inside; its end records it as completed together with the
+    /// data its compensation needs.
+    LongRunning,
 }
 
 /// A wait for a published message of a type, with correlation values.
@@ -197,6 +227,53 @@ impl Context {
         self.effects.push(Effect::Suspend {
             reason: reason.into(),
         });
+    }
+
+    /// Begins a transactional scope named `name`, nested in the innermost open one. The scope
+    /// covers this whole transition (the state it started from is the state this transition was
+    /// given) and every following one up to and including the one that calls
+    /// [`Context::end_scope`]. An atomic scope cannot contain other scopes or requests (the reply
+    /// could never arrive before the scope commits).
+    pub fn begin_scope(&mut self, name: &str, kind: ScopeKind) {
+        self.effects.push(Effect::BeginScope {
+            name: name.to_owned(),
+            kind,
+        });
+    }
+
+    /// Ends the innermost open scope successfully, with nothing recorded for its compensation.
+    pub fn end_scope(&mut self) {
+        self.effects.push(Effect::EndScope {
+            compensation: serde_json::Value::Null,
+        });
+    }
+
+    /// Ends the innermost open scope successfully and records `data` for its compensation
+    /// (handed back in [`Event::Compensate`](crate::Event::Compensate)).
+    ///
+    /// # Errors
+    /// If `data` does not serialize to JSON.
+    pub fn end_scope_with(&mut self, data: &impl Serialize) -> Result<(), serde_json::Error> {
+        self.effects.push(Effect::EndScope {
+            compensation: serde_json::to_value(data)?,
+        });
+        Ok(())
+    }
+
+    /// Compensates the completed scopes named `scope` and every completed scope nested in them,
+    /// newest first: the instance gets one [`Event::Compensate`](crate::Event::Compensate) per
+    /// scope, each handled in its own persistence point, then
+    /// [`Event::Compensated`](crate::Event::Compensated).
+    pub fn compensate(&mut self, scope: &str) {
+        self.effects.push(Effect::Compensate {
+            scope: Some(scope.to_owned()),
+        });
+    }
+
+    /// Compensates every completed scope of the instance, newest first (see
+    /// [`Context::compensate`]).
+    pub fn compensate_all(&mut self) {
+        self.effects.push(Effect::Compensate { scope: None });
     }
 
     /// The effects asked for so far, in order.

@@ -47,10 +47,11 @@ pub mod registry;
 pub mod store;
 pub mod testing;
 
-pub use context::{Context, Delay, Effect, Receive};
+pub use context::{Context, Delay, Effect, Receive, ScopeKind};
 pub use host::ports::{OutboundMessage, PortError, Ports, RetryPolicy, SendPort};
 pub use host::{Client, ClientError, Host, HostConfig, HostError, HostStats};
 pub use orchestration::{
-    BodyError, Correlation, Event, Fault, Message, Next, Orchestration, UnexpectedEvent,
+    BodyError, Correlation, Event, Fault, Message, Next, OnFault, Orchestration, ScopeFault,
+    UnexpectedEvent,
 };
 pub use registry::Registry;

@@ -45,11 +45,41 @@ use uuid::Uuid;
 
 use crate::context::Context;
 
-/// The error a transition returns when something unexpected happened: the engine suspends the
-/// instance at its last persistence point and records the text in `instances.last_error`.
+/// The error a transition returns (the BizTalk Throw shape). Inside a scope, the innermost scope's
+/// exception handler ([`Orchestration::on_fault`]) receives it; outside every scope,
+/// [`Orchestration::ON_UNHANDLED_FAULT`] decides what happens to the instance.
 ///
-/// Any error type converts into it with `?`.
+/// Any error type converts into it with `?`; a handler gets the typed error back with
+/// [`ScopeFault::downcast_ref`].
 pub type Fault = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What happens to an instance when a transition fails and no scope handles the fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFault {
+    /// Suspend at the last persistence point (resumable): the messages consumed since are
+    /// delivered again on resume. The default: an operator can fix the cause and resume.
+    Suspend,
+    /// End the instance as `failed` with the fault's text (a `complete` persistence point).
+    Fail,
+}
+
+/// A fault raised inside a scope, handed to the scope's exception handler.
+#[derive(Debug)]
+pub struct ScopeFault {
+    /// The name of the scope whose handler runs (the innermost scope open at the fault).
+    pub scope: String,
+    /// Whether that scope was atomic (its state was rolled back and its buffered sends dropped).
+    pub atomic: bool,
+    /// The error the transition returned.
+    pub error: Fault,
+}
+
+impl ScopeFault {
+    /// The error as the type the transition raised, if it is a `T`.
+    pub fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.error.downcast_ref::<T>()
+    }
+}
 
 /// A long-running business process written as an explicit state machine.
 ///
@@ -65,11 +95,15 @@ pub trait Orchestration: Send + Sync + 'static {
     /// Message types that start a new instance of this orchestration when published
     /// (activating subscriptions). The message body is decoded as [`Orchestration::Input`].
     const ACTIVATED_BY: &'static [&'static str] = &[];
+    /// What a fault no scope handles does to an instance: suspend it (the default) or end it
+    /// as `failed`.
+    const ON_UNHANDLED_FAULT: OnFault = OnFault::Suspend;
 
     /// What an instance starts from.
     type Input: Serialize + DeserializeOwned;
-    /// What is saved at each persistence point; usually an enum, one variant per step.
-    type State: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// What is saved at each persistence point; usually an enum, one variant per step. It is
+    /// `Clone` so that a scope can roll back to the state it started from.
+    type State: Serialize + DeserializeOwned + Clone + Send + Sync + 'static;
     /// What a completed instance returns (stored as JSON in `instances.output`).
     type Output: Serialize + DeserializeOwned;
 
@@ -85,6 +119,22 @@ pub trait Orchestration: Send + Sync + 'static {
     /// Any error suspends the instance at its last persistence point; the event is delivered again
     /// when the instance is resumed.
     fn on_event(ctx: &mut Context, state: Self::State, event: Event) -> Result<Next<Self>, Fault>;
+
+    /// The exception handler of the scope named in `fault.scope`: called when a transition inside
+    /// it failed. `state` is the state before the failing transition, or for an atomic scope the
+    /// state before the scope began. The scope has ended; whatever this returns continues after
+    /// it. The default re-raises the fault to the enclosing scope.
+    ///
+    /// # Errors
+    /// A fault the handler does not handle, raised to the enclosing scope's handler.
+    fn on_fault(
+        ctx: &mut Context,
+        state: Self::State,
+        fault: ScopeFault,
+    ) -> Result<Next<Self>, Fault> {
+        let _ = (ctx, state);
+        Err(fault.error)
+    }
 }
 
 /// What a transition decides.
@@ -149,6 +199,26 @@ pub enum Event {
         /// The last delivery error.
         error: String,
     },
+    /// Compensate one completed scope (asked for with [`Context::compensate`]): undo what it did,
+    /// using the data it recorded when it ended. One event per scope, newest first, each its
+    /// own persistence point.
+    Compensate {
+        /// The completed scope's name.
+        scope: String,
+        /// What [`Context::end_scope_with`] recorded for it.
+        data: serde_json::Value,
+        /// Compensations still to come after this one.
+        remaining: usize,
+    },
+    /// Every compensation asked for by [`Context::compensate`] has run (also sent when there was
+    /// nothing to compensate).
+    Compensated {
+        /// The scope name given to [`Context::compensate`] (empty for
+        /// [`Context::compensate_all`]).
+        scope: String,
+        /// How many scopes were compensated.
+        count: usize,
+    },
 }
 
 impl Event {
@@ -172,6 +242,8 @@ impl Event {
             Event::ChildCompleted { child, .. } => format!("child {child} completed"),
             Event::ChildFailed { child, .. } => format!("child {child} failed"),
             Event::SendFailed { port, .. } => format!("send to port {port} failed"),
+            Event::Compensate { scope, .. } => format!("compensate scope {scope}"),
+            Event::Compensated { scope, .. } => format!("compensation of {scope:?} done"),
         }
     }
 }

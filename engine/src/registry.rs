@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::codec::{self, CodecError};
 use crate::context::Context;
-use crate::orchestration::{Event, Fault, Next, Orchestration};
+use crate::orchestration::{Event, Fault, Next, OnFault, Orchestration, ScopeFault};
 
 /// A state held in memory, of whichever definition's type.
 pub type AnyState = Box<dyn Any + Send + Sync>;
@@ -44,6 +44,23 @@ pub trait Definition: Send + Sync {
     /// # Errors
     /// The transition failed.
     fn on_event(&self, ctx: &mut Context, state: AnyState, event: Event) -> Result<AnyNext, Fault>;
+    /// Runs a scope's exception handler.
+    ///
+    /// # Errors
+    /// The handler did not handle the fault.
+    fn on_fault(
+        &self,
+        ctx: &mut Context,
+        state: AnyState,
+        fault: ScopeFault,
+    ) -> Result<AnyNext, Fault>;
+    /// `Orchestration::ON_UNHANDLED_FAULT`.
+    fn on_unhandled_fault(&self) -> OnFault;
+    /// A copy of a state (a scope's rollback point).
+    ///
+    /// # Errors
+    /// The state is not of this definition's type.
+    fn clone_state(&self, state: &AnyState) -> Result<AnyState, Fault>;
     /// Decodes a stored state.
     ///
     /// # Errors
@@ -102,6 +119,26 @@ impl<O: Orchestration> Definition for Typed<O> {
             .downcast::<O::State>()
             .map_err(|_| StateTypeMismatch(std::any::type_name::<O::State>()))?;
         erase(O::on_event(ctx, *state, event)?)
+    }
+    fn on_fault(
+        &self,
+        ctx: &mut Context,
+        state: AnyState,
+        fault: ScopeFault,
+    ) -> Result<AnyNext, Fault> {
+        let state = state
+            .downcast::<O::State>()
+            .map_err(|_| StateTypeMismatch(std::any::type_name::<O::State>()))?;
+        erase(O::on_fault(ctx, *state, fault)?)
+    }
+    fn on_unhandled_fault(&self) -> OnFault {
+        O::ON_UNHANDLED_FAULT
+    }
+    fn clone_state(&self, state: &AnyState) -> Result<AnyState, Fault> {
+        let state = state
+            .downcast_ref::<O::State>()
+            .ok_or(StateTypeMismatch(std::any::type_name::<O::State>()))?;
+        Ok(Box::new(state.clone()))
     }
     fn decode_state(&self, bytes: &[u8]) -> Result<AnyState, CodecError> {
         Ok(Box::new(codec::decode::<O::State>(bytes)?))

@@ -92,6 +92,7 @@ pub struct Scenario<O: Orchestration> {
     now: DateTime<Utc>,
     seq: i64,
     points: Vec<Reason>,
+    details: Vec<String>,
     outcome: Outcome<O::Output>,
     _o: PhantomData<fn() -> O>,
 }
@@ -147,6 +148,7 @@ impl<O: Orchestration> Scenario<O> {
             now,
             seq: 0,
             points: Vec::new(),
+            details: Vec::new(),
             outcome: Outcome::Running,
             _o: PhantomData,
         };
@@ -302,6 +304,7 @@ impl<O: Orchestration> Scenario<O> {
             instance_id: self.instance.id,
             subscription_id: None,
             published_at: self.now,
+            delivery_count: 1,
         };
         let label = format!("message {message_type}");
         let delivery = self
@@ -318,12 +321,23 @@ impl<O: Orchestration> Scenario<O> {
         match delivery {
             Delivery::Held | Delivery::Ran(None) => {}
             Delivery::Faulted(text) => return Err(ScenarioError::Faulted(text.0)),
+            Delivery::Panicked { error, .. } => return Err(ScenarioError::Faulted(error.0)),
             Delivery::Ran(Some(reason)) => {
                 let point = self
                     .instance
                     .persistence_point(reason, "scenario", self.now, self.now)
                     .map_err(|e| ScenarioError::Faulted(e.0))?;
                 self.points.push(reason);
+                self.details.extend(point.detail.clone());
+                // The engine's own messages to the instance (compensation steps) arrive next.
+                let own: Vec<_> = point
+                    .messages
+                    .iter()
+                    .filter(|m| {
+                        m.target == Some(self.instance.id) && m.kind == MessageKind::Compensate
+                    })
+                    .cloned()
+                    .collect();
                 self.outcome = match point.status {
                     InstanceStatus::Completed => {
                         let output = point.output.unwrap_or_default();
@@ -338,9 +352,17 @@ impl<O: Orchestration> Scenario<O> {
                     }
                     _ => Outcome::Running,
                 };
+                for msg in own {
+                    self.deliver(msg.kind, &msg.message_type, msg.body, msg.properties)?;
+                }
             }
         }
         Ok(self)
+    }
+
+    /// What the persistence points so far said they did (`history.detail`), in order.
+    pub fn details(&self) -> &[String] {
+        &self.details
     }
 
     /// The current state.

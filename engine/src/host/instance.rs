@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::codec;
-use crate::context::{Context, Delay, Effect, Receive};
-use crate::orchestration::{Event, Message};
+use crate::context::{Context, Delay, Effect, Receive, ScopeKind};
+use crate::orchestration::{Event, Message, OnFault, ScopeFault};
 use crate::registry::{AnyNext, AnyState, Definition, Registry};
 use crate::store::{
     InstanceRecord, InstanceStatus, MessageKind, NewInstance, NewMessage, OutboxRow,
@@ -35,6 +35,58 @@ pub struct Waits {
     pub requests: Vec<(String, String)>,
     /// Children started and not ended.
     pub children: Vec<Uuid>,
+    /// Transactional scopes and compensation.
+    #[serde(default)]
+    pub scopes: Scopes,
+}
+
+/// The engine's record of an instance's transactional scopes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scopes {
+    /// Open scopes, innermost last.
+    pub open: Vec<OpenScope>,
+    /// Scopes that ended successfully and have not been compensated, oldest first.
+    pub completed: Vec<CompletedScope>,
+    /// Compensations asked for and not yet run, next first.
+    pub compensating: Vec<CompletedScope>,
+    /// The compensation request under way: (its number, the scope name asked for, done so far).
+    pub request: Option<(u64, String, usize)>,
+    /// Numbers scopes and compensation requests.
+    pub counter: u64,
+}
+
+/// An open scope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenScope {
+    /// Unique within the instance.
+    pub id: u64,
+    /// The name it was given.
+    pub name: String,
+    /// Atomic or long-running.
+    pub kind: ScopeKind,
+}
+
+/// A scope that ended successfully, with what its compensation needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletedScope {
+    /// Unique within the instance.
+    pub id: u64,
+    /// The name it was given.
+    pub name: String,
+    /// The names of the scopes it was nested in, outermost first.
+    pub within: Vec<String>,
+    /// What `end_scope_with` recorded.
+    pub data: serde_json::Value,
+}
+
+/// Where an atomic scope started: what a fault inside it rolls back to. In memory only: an
+/// atomic scope never spans a persistence point.
+struct AtomicStart {
+    state: Option<AnyState>,
+    waits: Waits,
+    outbox: usize,
+    children: usize,
+    messages: usize,
 }
 
 impl Waits {
@@ -91,6 +143,15 @@ pub enum Delivery {
     Held,
     /// The transition failed: suspend at the last persistence point.
     Faulted(FaultText),
+    /// The transition panicked on a message: drop the instance from memory (back to its last
+    /// persistence point) and deliver the message again, counting the attempt (poison
+    /// protection).
+    Panicked {
+        /// The panic's text.
+        error: FaultText,
+        /// The message whose delivery panicked.
+        seq: i64,
+    },
 }
 
 /// How a transition ended, for building the point.
@@ -121,6 +182,11 @@ pub struct LiveInstance {
     held: Vec<StoredMessage>,
     outbox: Vec<OutboxRow>,
     children: Vec<NewInstance>,
+    messages: Vec<NewMessage>,
+    atomic: Option<AtomicStart>,
+    detail: Option<String>,
+    failed: Vec<i64>,
+    compensating_now: Option<String>,
     ending: Ending,
     dirty: bool,
     last_effects: Vec<Effect>,
@@ -170,6 +236,11 @@ impl LiveInstance {
             held: Vec::new(),
             outbox: Vec::new(),
             children: Vec::new(),
+            messages: Vec::new(),
+            atomic: None,
+            detail: None,
+            failed: Vec::new(),
+            compensating_now: None,
             ending: Ending::Running,
             dirty: false,
             last_effects: Vec::new(),
@@ -254,7 +325,7 @@ impl LiveInstance {
                     ));
                 }
                 let seq = msg.seq;
-                return self.run(Some(seq), registry, ports, now, |def, ctx, _| {
+                return self.run(Some(seq), None, registry, ports, now, |def, ctx| {
                     def.start(ctx, msg.body)
                 });
             }
@@ -306,6 +377,15 @@ impl LiveInstance {
                     }
                 }
             }
+            MessageKind::Compensate => match self.compensation_event(&msg.body) {
+                Some(event) => event,
+                None => {
+                    // Already handled (a message delivered twice): nothing left to do.
+                    self.consumed.push(msg.seq);
+                    self.dirty = true;
+                    return Delivery::Ran(None);
+                }
+            },
             MessageKind::SendFailed => {
                 let message_id = text_field(&msg.body, "message_id");
                 self.waits.requests.retain(|(id, _)| *id != message_id);
@@ -358,37 +438,207 @@ impl LiveInstance {
                 event.label()
             ));
         };
-        self.run(seq, registry, ports, now, move |def, ctx, _| {
+        let before = match self.def.clone_state(&state) {
+            Ok(copy) => Some(copy),
+            Err(e) => return self.fault(e.to_string()),
+        };
+        self.run(seq, before, registry, ports, now, move |def, ctx| {
             def.on_event(ctx, state, event)
         })
     }
 
+    /// Runs a transition given `before` (a copy of the state it was given, the rollback point of
+    /// a scope it opens) and applies what it decided; a fault goes to the scopes' handlers.
     fn run(
         &mut self,
         seq: Option<i64>,
+        before: Option<AnyState>,
         registry: &Registry,
         ports: &dyn Fn(&str) -> bool,
         now: DateTime<Utc>,
-        transition: impl FnOnce(&dyn Definition, &mut Context, ()) -> Result<AnyNext, crate::Fault>,
+        transition: impl FnOnce(&dyn Definition, &mut Context) -> Result<AnyNext, crate::Fault>,
     ) -> Delivery {
         self.last_active = Instant::now();
+        let compensating = self.compensating_now.take();
         let mut ctx = Context::new(self.id, now);
         let def = self.def.clone();
-        let outcome = catch_unwind(AssertUnwindSafe(|| transition(def.as_ref(), &mut ctx, ())));
-        let next = match outcome {
-            Ok(Ok(next)) => next,
-            Ok(Err(e)) => return self.fault(format!("transition failed: {e}")),
-            Err(panic) => {
-                return self.fault(format!("transition panicked: {}", panic_text(&panic)))
+        let outcome = catch_unwind(AssertUnwindSafe(|| transition(def.as_ref(), &mut ctx)));
+        let delivery = match outcome {
+            Ok(Ok(next)) => {
+                self.accept(seq, next, ctx.into_effects(), before, compensating, registry, ports)
             }
+            Ok(Err(error)) => match self.handle_fault(error, before, now) {
+                Handled::Yes {
+                    next,
+                    effects,
+                    before,
+                    detail,
+                } => {
+                    self.note(detail);
+                    let delivery =
+                        self.accept(seq, next, effects, before, compensating, registry, ports);
+                    match delivery {
+                        Delivery::Ran(reason) => {
+                            Delivery::Ran(Some(reason.map_or(Reason::ScopeEnd, |r| {
+                                most_telling(r, Reason::ScopeEnd)
+                            })))
+                        }
+                        other => other,
+                    }
+                }
+                Handled::No(text) => self.unhandled(seq, text),
+                Handled::Panicked(text) => self.panicked(seq, text),
+            },
+            Err(panic) => self.panicked(
+                seq,
+                format!("transition panicked: {}", panic_text(&panic)),
+            ),
         };
+        if let (Delivery::Faulted(_), Some(seq)) = (&delivery, seq) {
+            self.failed.push(seq);
+        }
+        delivery
+    }
+
+    /// Offers a fault to the open scopes' handlers, innermost first. Each scope it passes
+    /// ends; an atomic one rolls the instance back to where it began.
+    fn handle_fault(
+        &mut self,
+        mut error: crate::Fault,
+        mut before: Option<AnyState>,
+        now: DateTime<Utc>,
+    ) -> Handled {
+        let mut details = Vec::new();
+        loop {
+            let Some(scope) = self.waits.scopes.open.pop() else {
+                details.push(format!("transition failed: {error}"));
+                return Handled::No(details.join("; "));
+            };
+            let atomic = scope.kind == ScopeKind::Atomic;
+            let state = match (atomic, self.atomic.take()) {
+                (true, Some(start)) => {
+                    self.waits = start.waits;
+                    self.outbox.truncate(start.outbox);
+                    self.children.truncate(start.children);
+                    self.messages.truncate(start.messages);
+                    details.push(format!(
+                        "atomic scope {} rolled back: {error}; its handler ran",
+                        scope.name
+                    ));
+                    start.state
+                }
+                _ => {
+                    details.push(format!("scope {} failed: {error}; its handler ran", scope.name));
+                    before.take()
+                }
+            };
+            let Some(state) = state else {
+                details.push("no state to hand to the handler (the fault came before the start transition ended)".to_owned());
+                return Handled::No(details.join("; "));
+            };
+            let copy = match self.def.clone_state(&state) {
+                Ok(copy) => copy,
+                Err(e) => return Handled::No(e.to_string()),
+            };
+            let mut ctx = Context::new(self.id, now);
+            let fault = ScopeFault {
+                scope: scope.name,
+                atomic,
+                error,
+            };
+            let def = self.def.clone();
+            match catch_unwind(AssertUnwindSafe(|| def.on_fault(&mut ctx, state, fault))) {
+                Ok(Ok(next)) => {
+                    return Handled::Yes {
+                        next,
+                        effects: ctx.into_effects(),
+                        before: Some(copy),
+                        detail: details.join("; "),
+                    }
+                }
+                Ok(Err(raised)) => {
+                    error = raised;
+                    before = Some(copy);
+                }
+                Err(panic) => {
+                    return Handled::Panicked(format!(
+                        "exception handler panicked: {}",
+                        panic_text(&panic)
+                    ))
+                }
+            }
+        }
+    }
+
+    /// A fault no scope handled: suspend, or end as `failed`, as the orchestration declares.
+    fn unhandled(&mut self, seq: Option<i64>, text: String) -> Delivery {
+        match self.def.on_unhandled_fault() {
+            OnFault::Suspend => self.fault(text),
+            OnFault::Fail => {
+                if let Some(seq) = seq {
+                    self.consumed.push(seq);
+                }
+                self.dirty = true;
+                self.outbox.clear();
+                self.children.clear();
+                self.messages.clear();
+                self.atomic = None;
+                self.ending = Ending::Failed(text);
+                Delivery::Ran(Some(Reason::Complete))
+            }
+        }
+    }
+
+    fn panicked(&mut self, seq: Option<i64>, text: String) -> Delivery {
+        match seq {
+            Some(seq) => Delivery::Panicked {
+                error: FaultText(text),
+                seq,
+            },
+            None => self.fault(text),
+        }
+    }
+
+    fn note(&mut self, detail: String) {
+        self.detail = Some(match self.detail.take() {
+            Some(earlier) => format!("{earlier}; {detail}"),
+            None => detail,
+        });
+    }
+
+    /// Applies what a transition (or a handler) decided: its effects, then its next state.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &mut self,
+        seq: Option<i64>,
+        next: AnyNext,
+        effects: Vec<Effect>,
+        before: Option<AnyState>,
+        compensating: Option<String>,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+    ) -> Delivery {
         if let Some(seq) = seq {
             self.consumed.push(seq);
         }
         self.dirty = true;
-        let mut reason = None;
-        self.last_effects = ctx.into_effects();
-        for effect in self.last_effects.clone() {
+        let mut reason: Option<Reason> = None;
+        let mut raise = |r: Reason| {
+            reason = Some(reason.map_or(r, |old| most_telling(old, r)));
+        };
+        let opens_atomic = effects
+            .iter()
+            .any(|e| matches!(e, Effect::BeginScope { kind: ScopeKind::Atomic, .. }));
+        let atomic_here = opens_atomic || self.in_atomic_scope();
+        let mut atomic_start = opens_atomic.then(|| AtomicStart {
+            state: before,
+            waits: self.waits.clone(),
+            outbox: self.outbox.len(),
+            children: self.children.len(),
+            messages: self.messages.len(),
+        });
+        self.last_effects = effects.clone();
+        for effect in effects {
             match effect {
                 Effect::Send {
                     id,
@@ -403,6 +653,12 @@ impl LiveInstance {
                         ));
                     }
                     if expects_reply {
+                        if atomic_here {
+                            return self.fault(format!(
+                                "request to port {port:?} inside an atomic scope: its reply could never arrive \
+                                 before the scope commits; send one-way, or use a long-running scope"
+                            ));
+                        }
                         self.waits.requests.push((id.clone(), port.clone()));
                     }
                     self.outbox.push(OutboxRow {
@@ -414,7 +670,7 @@ impl LiveInstance {
                         expects_reply,
                         attempts: 0,
                     });
-                    reason = Some(Reason::Send);
+                    raise(Reason::Send);
                 }
                 Effect::Start {
                     child,
@@ -434,7 +690,7 @@ impl LiveInstance {
                         parent: Some(self.id),
                         input,
                     });
-                    reason = reason.or(Some(Reason::Start));
+                    raise(Reason::Start);
                 }
                 Effect::Receive(receive) => {
                     if !self.waits.receives.iter().any(|(_, r)| *r == receive) {
@@ -452,27 +708,187 @@ impl LiveInstance {
                     self.waits.delays.push(delay);
                 }
                 Effect::CancelWaits => self.waits.cancel(),
-                Effect::Suspend { reason: why } => self.ending = Ending::Suspended(why),
+                Effect::Suspend { reason: why } => {
+                    if atomic_here {
+                        return self.fault(format!(
+                            "suspend inside an atomic scope ({why}): end the scope first"
+                        ));
+                    }
+                    self.ending = Ending::Suspended(why);
+                }
+                Effect::BeginScope { name, kind } => {
+                    if let Some(outer) = self.innermost_atomic() {
+                        return self.fault(format!(
+                            "scope {name:?} cannot begin inside atomic scope {outer:?}: atomic scopes do not nest"
+                        ));
+                    }
+                    let scopes = &mut self.waits.scopes;
+                    scopes.counter += 1;
+                    scopes.open.push(OpenScope {
+                        id: scopes.counter,
+                        name,
+                        kind,
+                    });
+                    if kind == ScopeKind::Atomic {
+                        self.atomic = atomic_start.take();
+                    }
+                }
+                Effect::EndScope { compensation } => {
+                    let scopes = &mut self.waits.scopes;
+                    let Some(scope) = scopes.open.pop() else {
+                        return self.fault("end_scope with no scope open".to_owned());
+                    };
+                    let within = scopes.open.iter().map(|s| s.name.clone()).collect();
+                    let detail = if scope.kind == ScopeKind::Atomic {
+                        self.atomic = None;
+                        format!("atomic scope {} committed", scope.name)
+                    } else {
+                        format!("scope {} completed", scope.name)
+                    };
+                    scopes.completed.push(CompletedScope {
+                        id: scope.id,
+                        name: scope.name,
+                        within,
+                        data: compensation,
+                    });
+                    self.note(detail);
+                    raise(Reason::ScopeEnd);
+                }
+                Effect::Compensate { scope } => {
+                    self.request_compensation(scope);
+                    raise(Reason::Compensate);
+                }
             }
+        }
+        if let Some(name) = compensating {
+            if let Some(request) = &mut self.waits.scopes.request {
+                request.2 += 1;
+            }
+            self.next_compensation_message();
+            self.note(format!("scope {name} compensated"));
+            raise(Reason::Compensate);
         }
         match next {
             AnyNext::Continue(state) => {
                 self.state = Some(state);
                 if matches!(self.ending, Ending::Suspended(_)) {
-                    reason = Some(Reason::Suspend);
+                    raise(Reason::Suspend);
                 }
             }
             AnyNext::Complete(output) => {
                 self.ending = Ending::Completed(output);
-                reason = Some(Reason::Complete);
+                raise(Reason::Complete);
             }
             AnyNext::Fail(why) => {
                 self.ending = Ending::Failed(why);
-                reason = Some(Reason::Complete);
+                raise(Reason::Complete);
             }
         }
-        // A held message may match the waits this transition declared.
+        // Inside an atomic scope, sends, starts and compensation requests wait for its end.
+        if self.in_atomic_scope()
+            && matches!(
+                reason,
+                Some(Reason::Send | Reason::Start | Reason::Compensate)
+            )
+        {
+            reason = None;
+        }
         Delivery::Ran(reason)
+    }
+
+    /// Queues the compensation of the completed scopes named `scope` (or all) and those nested
+    /// in them, newest first; the first `compensate` message goes out with the next point.
+    fn request_compensation(&mut self, scope: Option<String>) {
+        let scopes = &mut self.waits.scopes;
+        let wanted = |c: &CompletedScope| match &scope {
+            None => true,
+            Some(name) => c.name == *name || c.within.contains(name),
+        };
+        let mut chosen: Vec<CompletedScope> = Vec::new();
+        scopes.completed.retain(|c| {
+            if wanted(c) {
+                chosen.push(c.clone());
+                false
+            } else {
+                true
+            }
+        });
+        chosen.reverse();
+        let idle = scopes.compensating.is_empty() && scopes.request.is_none();
+        scopes.compensating.extend(chosen);
+        if idle {
+            scopes.counter += 1;
+            scopes.request = Some((scopes.counter, scope.unwrap_or_default(), 0));
+            self.next_compensation_message();
+        }
+    }
+
+    /// The message that drives the next step of a compensation: the next scope to compensate,
+    /// or the news that all of them are done.
+    fn next_compensation_message(&mut self) {
+        let scopes = &self.waits.scopes;
+        let message = if let Some(next) = scopes.compensating.first() {
+            NewMessage::to_instance(
+                format!("{}:compensate:{}", self.id, next.id),
+                "compensate",
+                MessageKind::Compensate,
+                serde_json::json!({ "scope_id": next.id, "scope": next.name }),
+                self.id,
+            )
+        } else if let Some((request, name, count)) = &scopes.request {
+            NewMessage::to_instance(
+                format!("{}:compensated:{request}", self.id),
+                "compensated",
+                MessageKind::Compensate,
+                serde_json::json!({ "request": request, "scope": name, "count": count }),
+                self.id,
+            )
+        } else {
+            return;
+        };
+        self.messages.push(message);
+    }
+
+    /// Whether the innermost open scope is atomic (its sends are buffered; it is never
+    /// dehydrated).
+    pub fn in_atomic_scope(&self) -> bool {
+        self.innermost_atomic().is_some()
+    }
+
+    fn innermost_atomic(&self) -> Option<&str> {
+        self.waits
+            .scopes
+            .open
+            .last()
+            .filter(|s| s.kind == ScopeKind::Atomic)
+            .map(|s| s.name.as_str())
+    }
+
+    /// The event a `compensate` message stands for, if it is still due.
+    fn compensation_event(&mut self, body: &serde_json::Value) -> Option<Event> {
+        let scopes = &mut self.waits.scopes;
+        if let Some(id) = body.get("scope_id").and_then(serde_json::Value::as_u64) {
+            if scopes.compensating.first().is_none_or(|c| c.id != id) {
+                return None;
+            }
+            let scope = scopes.compensating.remove(0);
+            self.compensating_now = Some(scope.name.clone());
+            return Some(Event::Compensate {
+                scope: scope.name,
+                data: scope.data,
+                remaining: scopes.compensating.len(),
+            });
+        }
+        let request = body.get("request").and_then(serde_json::Value::as_u64)?;
+        match scopes.request.take() {
+            Some((current, scope, count)) if current == request => {
+                Some(Event::Compensated { scope, count })
+            }
+            other => {
+                scopes.request = other;
+                None
+            }
+        }
     }
 
     /// The effects the last transition asked for.
@@ -510,6 +926,12 @@ impl LiveInstance {
     /// transition, since the waits may have changed.
     pub fn take_held(&mut self) -> Vec<StoredMessage> {
         std::mem::take(&mut self.held)
+    }
+
+    /// Records that delivering message `seq` failed the instance: the suspension that follows
+    /// keeps its delivery count (poison protection).
+    pub fn mark_failed(&mut self, seq: i64) {
+        self.failed.push(seq);
     }
 
     fn fault(&mut self, text: String) -> Delivery {
@@ -580,7 +1002,7 @@ impl LiveInstance {
             .filter(|d| !self.saved_waits.delays.contains(d) || self.fired_timers.contains(&d.name))
             .map(|d| (d.name.clone(), d.at))
             .collect();
-        let mut messages = Vec::new();
+        let mut messages = std::mem::take(&mut self.messages);
         if let Some(parent) = self.parent {
             match &self.ending {
                 Ending::Completed(output) => messages.push(NewMessage::to_instance(
@@ -606,7 +1028,10 @@ impl LiveInstance {
             epoch: self.epoch,
             host: host.to_owned(),
             reason,
+            detail: self.detail.take(),
             status,
+            resumable: true,
+            failed: Vec::new(),
             state: state_bytes,
             engine_state: Some(engine_state),
             step: step.clone(),
@@ -649,7 +1074,10 @@ impl LiveInstance {
             epoch: self.epoch,
             host: host.to_owned(),
             reason: Reason::Suspend,
+            detail: None,
             status: InstanceStatus::Suspended,
+            resumable: true,
+            failed: std::mem::take(&mut self.failed),
             state: None,
             engine_state: None,
             step: self.saved_step.clone(),
@@ -703,4 +1131,39 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic with no message".to_owned())
+}
+
+/// What the scopes' handlers made of a fault.
+enum Handled {
+    /// A handler took it: apply what it decided.
+    Yes {
+        next: AnyNext,
+        effects: Vec<Effect>,
+        before: Option<AnyState>,
+        detail: String,
+    },
+    /// No scope handled it; the text says what happened on the way out.
+    No(String),
+    /// A handler panicked.
+    Panicked(String),
+}
+
+/// Of two reasons for one point, the one history should show.
+fn most_telling(a: Reason, b: Reason) -> Reason {
+    fn rank(r: Reason) -> u8 {
+        match r {
+            Reason::Complete => 6,
+            Reason::Suspend => 5,
+            Reason::Compensate => 4,
+            Reason::ScopeEnd => 3,
+            Reason::Send => 2,
+            Reason::Start => 1,
+            Reason::Dehydrate | Reason::Shutdown => 0,
+        }
+    }
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
 }

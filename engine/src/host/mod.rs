@@ -54,6 +54,12 @@ pub struct HostConfig {
     pub idle_horizon: Duration,
     /// Stop once there is nothing left to do (see [`Host::run`]).
     pub until_idle: bool,
+    /// Poison protection: a message claimed more than this many times without being consumed
+    /// (its delivery crashed the host, panicked or failed the instance each time) suspends its
+    /// instance, naming the message, instead of being delivered again.
+    pub max_deliveries: u32,
+    /// How often to look for operators' requests in the `control` table.
+    pub control_interval: Duration,
 }
 
 impl Default for HostConfig {
@@ -68,6 +74,8 @@ impl Default for HostConfig {
             drain_timeout: Duration::from_secs(5),
             idle_horizon: Duration::from_secs(2),
             until_idle: false,
+            max_deliveries: 10,
+            control_interval: Duration::from_millis(250),
         }
     }
 }
@@ -344,6 +352,8 @@ impl Host {
             in_flight,
             stats: HostStats::default(),
             last_report: Instant::now(),
+            last_control: None,
+            panicked: Vec::new(),
         };
         let result = runner.run_loop(&shutdown).await;
         runner.shutdown().await;
@@ -398,6 +408,10 @@ struct Runner {
     in_flight: Arc<AtomicUsize>,
     stats: HostStats,
     last_report: Instant,
+    last_control: Option<Instant>,
+    /// Instances dropped from memory this round because a transition panicked on a message:
+    /// their locks go back, the message keeping its delivery count.
+    panicked: Vec<(Uuid, i64)>,
 }
 
 /// Work claimed for one instance in one round, in arrival order.
@@ -470,6 +484,7 @@ impl Runner {
         let host = self.host.id.clone();
         let now = self.host.clock.now();
         let batch = self.host.config.batch_size;
+        let controlled = self.apply_controls(now).await?;
         let messages = store.claim_messages(&host, now, batch).await?;
         let timers = match store.claim_timers(&host, now, batch).await {
             Ok(timers) => timers,
@@ -503,8 +518,55 @@ impl Runner {
         if !points.is_empty() {
             self.commit(points).await;
         }
+        self.retry_panicked().await;
         self.write_receives(now).await;
-        Ok(worked || fired)
+        Ok(worked || fired || controlled)
+    }
+
+    /// Carries out operators' requests from the `control` table (at most every
+    /// [`HostConfig::control_interval`]). An instance this host holds in memory is dropped: the
+    /// request moved its epoch, so it reloads from the database when it next has work.
+    async fn apply_controls(&mut self, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        if self
+            .last_control
+            .is_some_and(|at| at.elapsed() < self.host.config.control_interval)
+        {
+            return Ok(false);
+        }
+        self.last_control = Some(Instant::now());
+        let applied = self.host.store.apply_controls(&self.host.id, now, 100).await?;
+        let mut dropped = Vec::new();
+        for request in &applied {
+            match &request.result {
+                Ok(status) => tracing::info!(control.id = request.id, instance.id = ?request.instance_id,
+                    %status, "carried out a control request"),
+                Err(why) => tracing::warn!(control.id = request.id, instance.id = ?request.instance_id,
+                    error = %why, "rejected a control request"),
+            }
+            if let Some(id) = request.instance_id {
+                self.unrunnable.remove(&id);
+                if self.cache.remove(&id).is_some() {
+                    dropped.push(id);
+                }
+            }
+        }
+        if !dropped.is_empty() {
+            self.release_after_failure(&dropped, &[]).await;
+        }
+        Ok(!applied.is_empty())
+    }
+
+    /// Gives back the locks of instances dropped after a panic; the message that panicked keeps
+    /// its delivery count, so that it is suspended as poison after
+    /// [`HostConfig::max_deliveries`] attempts.
+    async fn retry_panicked(&mut self) {
+        if self.panicked.is_empty() {
+            return;
+        }
+        let panicked = std::mem::take(&mut self.panicked);
+        let ids: Vec<Uuid> = panicked.iter().map(|(id, _)| *id).collect();
+        let seqs: Vec<i64> = panicked.iter().map(|(_, seq)| *seq).collect();
+        self.release_after_failure(&ids, &seqs).await;
     }
 
     /// Writes the subscriptions of receives declared without a persistence point, so that
@@ -549,7 +611,7 @@ impl Runner {
                     }
                 }
                 if !fenced.is_empty() {
-                    self.release_after_failure(&fenced).await;
+                    self.release_after_failure(&fenced, &[]).await;
                 }
             }
             // Kept in `unwritten`: tried again next round.
@@ -594,7 +656,7 @@ impl Runner {
         let mut ids: Vec<Uuid> = claimed.filter(|id| !self.cache.contains_key(id)).collect();
         ids.sort();
         ids.dedup();
-        self.release_after_failure(&ids).await;
+        self.release_after_failure(&ids, &[]).await;
     }
 
     /// Takes the leases of instances that have work and are not in memory, and loads them.
@@ -624,7 +686,7 @@ impl Runner {
             .filter(|id| !acquired.contains(id))
             .collect();
         if !not_ours.is_empty() {
-            store.unlock(&self.host.id, &not_ours).await?;
+            store.unlock(&self.host.id, &not_ours, &[]).await?;
         }
         for record in records {
             let Some(def) = self
@@ -652,7 +714,9 @@ impl Runner {
                     let mut fault = *fault;
                     tracing::warn!(instance.id = %fault.instance.id, error = %fault.error.0, "instance cannot be loaded; suspending it");
                     self.stats.faults += 1;
-                    points.push(fault.instance.fault_point(&fault.error, &self.host.id, now));
+                    let mut point = fault.instance.fault_point(&fault.error, &self.host.id, now);
+                    point.resumable = false;
+                    points.push(point);
                 }
             }
         }
@@ -676,7 +740,17 @@ impl Runner {
         let mut keep = true;
         while let Some(item) = queue.pop() {
             self.stats.events += 1;
+            let max_deliveries = i64::from(self.host.config.max_deliveries);
             let delivery = match item {
+                Work::Message(msg) if msg.delivery_count > max_deliveries => {
+                    instance.mark_failed(msg.seq);
+                    Delivery::Faulted(FaultText(format!(
+                        "poison message: message {} ({}) was delivered {} times without being consumed; each \
+                         delivery crashed the host, panicked or failed the instance (the limit is {max_deliveries}). \
+                         Fix the cause and resume the instance, or terminate it",
+                        msg.id, msg.message_type, msg.delivery_count - 1
+                    )))
+                }
                 Work::Message(msg) => instance.deliver_message(msg, registry, &has_port, now),
                 Work::Timer(t) => instance.deliver_timer(&t.name, registry, &has_port, now),
             };
@@ -685,6 +759,14 @@ impl Runner {
                 Delivery::Ran(None) => None,
                 Delivery::Ran(Some(reason)) => Some(self.point(&mut instance, reason, now)),
                 Delivery::Faulted(text) => Some(Err(text)),
+                Delivery::Panicked { error, seq } => {
+                    tracing::warn!(instance.id = %instance.id, orchestration.name = instance.orchestration(),
+                        error = %error.0, "transition panicked; the message is delivered again from the last persistence point");
+                    self.stats.faults += 1;
+                    self.panicked.push((instance.id, seq));
+                    keep = false;
+                    break;
+                }
             };
             match point {
                 None => {}
@@ -729,7 +811,8 @@ impl Runner {
         let idle: Vec<Uuid> = self
             .cache
             .values()
-            .filter(|i| i.last_active.elapsed() >= threshold)
+            // An instance inside an atomic scope is never saved halfway through it.
+            .filter(|i| i.last_active.elapsed() >= threshold && !i.in_atomic_scope())
             .map(|i| i.id)
             .collect();
         for id in idle {
@@ -769,7 +852,7 @@ impl Runner {
             for id in &ids {
                 self.cache.remove(id);
             }
-            self.release_after_failure(&ids).await;
+            self.release_after_failure(&ids, &[]).await;
             return;
         };
         let mut fenced = Vec::new();
@@ -792,14 +875,14 @@ impl Runner {
         }
         if !fenced.is_empty() {
             // Whatever this host claimed for them goes back, for their current owner.
-            self.release_after_failure(&fenced).await;
+            self.release_after_failure(&fenced, &[]).await;
         }
     }
 
-    async fn release_after_failure(&self, ids: &[Uuid]) {
+    async fn release_after_failure(&self, ids: &[Uuid], failed: &[i64]) {
         let mut wait = Duration::from_millis(100);
         for _ in 0..20 {
-            match self.host.store.unlock(&self.host.id, ids).await {
+            match self.host.store.unlock(&self.host.id, ids, failed).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "releasing claimed messages failed; retrying");
@@ -846,7 +929,8 @@ impl Runner {
             let Some(mut instance) = self.cache.remove(&id) else {
                 continue;
             };
-            if !instance.is_dirty() {
+            if !instance.is_dirty() || instance.in_atomic_scope() {
+                // Unchanged, or halfway through an atomic scope: it resumes from its last point.
                 continue;
             }
             match self.point(&mut instance, Reason::Shutdown, now) {

@@ -174,9 +174,9 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.release(host, now).await
     }
-    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
+    async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()> {
         self.gate().await;
-        self.inner.unlock(host, ids).await
+        self.inner.unlock(host, ids, failed).await
     }
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
         self.gate().await;
@@ -234,6 +234,15 @@ impl Store for FaultyStore {
     ) -> StoreResult<InstanceStatus> {
         self.gate().await;
         self.inner.control(id, action, now).await
+    }
+    async fn apply_controls(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ControlApplied>> {
+        self.gate().await;
+        self.inner.apply_controls(host, now, limit).await
     }
     async fn list_instances(
         &self,

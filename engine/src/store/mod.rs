@@ -79,12 +79,35 @@ pub enum StoreError {
         /// What can be done.
         hint: &'static str,
     },
+    /// The instance was suspended as not resumable.
+    #[error(
+        "instance {id} is suspended as not resumable ({why}); terminate it, or deploy a build that \
+         reads its state and resume with --force"
+    )]
+    NotResumable {
+        /// The instance.
+        id: Uuid,
+        /// Why it was suspended.
+        why: String,
+    },
 }
 
 impl StoreError {
     /// Whether retrying the same call later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::Injected(_))
+    }
+
+    /// Whether this is the store refusing an operator's request (wrong status, no such instance,
+    /// unreadable request) rather than failing.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::WrongStatus { .. }
+                | StoreError::NoSuchInstance(_)
+                | StoreError::NotResumable { .. }
+                | StoreError::Corrupt(_)
+        )
     }
 }
 
@@ -167,8 +190,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     /// Releases message and timer locks held by `host` for these instances (they are delivered
-    /// again).
-    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()>;
+    /// again). Their claims are given back uncounted, except the messages in `failed`, whose
+    /// delivery failed (panicked) the instance: they keep their delivery count.
+    async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()>;
 
     /// Writes persistence points, fenced; see the module docs.
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>>;
@@ -212,6 +236,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         action: ControlAction,
         now: DateTime<Utc>,
     ) -> StoreResult<InstanceStatus>;
+
+    /// Carries out up to `limit` pending rows of the `control` table, oldest first, each in its
+    /// own transaction with [`Store::control`]'s rules, and marks them `done` or `rejected`.
+    async fn apply_controls(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ControlApplied>>;
 
     /// Instances, newest first, optionally of one status.
     async fn list_instances(

@@ -84,8 +84,10 @@ word_enum! {
         Send => "send",
         /// A transition started another orchestration.
         Start => "start",
-        /// A transactional scope ended.
+        /// A transactional scope ended (committed, completed, or handled its fault).
         ScopeEnd => "scope_end",
+        /// A completed scope was compensated.
+        Compensate => "compensate",
         /// The instance was suspended.
         Suspend => "suspend",
         /// The instance was idle and saved out of memory.
@@ -112,6 +114,8 @@ word_enum! {
         ChildFailed => "child_failed",
         /// A send was dead-lettered.
         SendFailed => "send_failed",
+        /// The engine asks the instance to compensate a completed scope.
+        Compensate => "compensate",
     }
 }
 
@@ -147,8 +151,12 @@ pub enum ControlAction {
         /// Shown in `last_error`.
         reason: String,
     },
-    /// Let a suspended instance run again from its last persistence point.
-    Resume,
+    /// Let a suspended instance run again from its last persistence point. A suspension marked
+    /// not resumable (state this build could not read) needs `force`.
+    Resume {
+        /// Resume even a suspension marked not resumable.
+        force: bool,
+    },
     /// End the instance, cancelling its waits.
     Terminate {
         /// Shown in `last_error`.
@@ -289,6 +297,9 @@ pub struct StoredMessage {
     pub subscription_id: Option<Uuid>,
     /// When it was published.
     pub published_at: DateTime<Utc>,
+    /// How many times it has been claimed for delivery without being consumed, this claim
+    /// included (poison protection).
+    pub delivery_count: i64,
 }
 
 /// A timer that is due.
@@ -416,8 +427,15 @@ pub struct PersistencePoint {
     pub host: String,
     /// Why.
     pub reason: Reason,
+    /// What happened, in words, for `history.detail` (a scope's name, a compensation).
+    pub detail: Option<String>,
     /// The instance's status after it.
     pub status: InstanceStatus,
+    /// For a suspension: whether it can be resumed (`false` for state this build cannot read).
+    pub resumable: bool,
+    /// Messages whose delivery failed the instance: released, they keep their delivery count
+    /// (every other message released is given back uncounted).
+    pub failed: Vec<i64>,
     /// The new state; `None` keeps the stored one (a fault suspends at the last point).
     pub state: Option<Vec<u8>>,
     /// The engine's bookkeeping; `None` keeps the stored one.
@@ -501,6 +519,8 @@ pub struct HistoryRow {
     pub status: InstanceStatus,
     /// When.
     pub at: DateTime<Utc>,
+    /// What happened, in words.
+    pub detail: Option<String>,
 }
 
 /// A history row to write: one persistence point.
@@ -518,6 +538,46 @@ pub struct HistoryEntry<'a> {
     pub at: DateTime<Utc>,
     /// The host that wrote it, or `operator`.
     pub host: &'a str,
+    /// What happened, in words.
+    pub detail: Option<&'a str>,
+}
+
+/// What became of one `control` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlApplied {
+    /// `control.id`.
+    pub id: i64,
+    /// The instance it named, if the row could be read.
+    pub instance_id: Option<Uuid>,
+    /// The instance's new status, or why the request was rejected.
+    pub result: Result<InstanceStatus, String>,
+}
+
+/// Parses a `control` row's action columns.
+///
+/// # Errors
+/// An action word other than suspend, resume or terminate.
+pub fn control_action(action: &str, reason: String, force: bool) -> Result<ControlAction, String> {
+    match action {
+        "suspend" => Ok(ControlAction::Suspend { reason }),
+        "resume" => Ok(ControlAction::Resume { force }),
+        "terminate" => Ok(ControlAction::Terminate { reason }),
+        other => Err(format!(
+            "unknown control action {other:?}; expected suspend, resume or terminate"
+        )),
+    }
+}
+
+/// A row of the `control` table: an operator's request, inserted with SQL or by the CLI, that a
+/// host carries out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlRequest {
+    /// `control.id`.
+    pub id: i64,
+    /// The instance to act on.
+    pub instance_id: Uuid,
+    /// What to do.
+    pub action: ControlAction,
 }
 
 /// Everything `cairn show` prints.

@@ -607,7 +607,7 @@ async fn write_point<'p>(
          updated_at = $7, last_error = $8, state = COALESCE($9, state), \
          engine_state = COALESCE($10, engine_state), output = COALESCE($11, output), history_seq = $12, \
          owner = CASE WHEN $13 THEN NULL ELSE owner END, \
-         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END \
+         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END, resumable = $15 \
          WHERE id = $1 AND epoch = $2 AND owner = $14",
     )
     .bind(id)
@@ -624,6 +624,7 @@ async fn write_point<'p>(
     .bind(p.history_seq)
     .bind(p.release)
     .bind(&p.host)
+    .bind(p.resumable)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -704,11 +705,12 @@ async fn write_point<'p>(
             status: p.status,
             at: p.at,
             host: &p.host,
+            detail: p.detail.as_deref(),
         },
     )
     .await?;
     if p.release {
-        unlock_instance(tx, id).await?;
+        unlock_instance(tx, id, &p.failed).await?;
     }
     Ok(CommitOutcome::Committed)
 }
@@ -782,12 +784,17 @@ async fn insert_subscription(
     Ok(())
 }
 
-async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
+/// Releases what an instance holds. Messages are given back uncounted (their claim was not a
+/// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
+/// (poison protection).
+async fn unlock_instance(tx: &mut Tx, id: Uuid, failed: &[i64]) -> StoreResult<()> {
     sqlx::query(
-        "UPDATE messages SET locked_by = NULL \
+        "UPDATE messages SET locked_by = NULL, \
+           delivery_count = CASE WHEN seq = ANY($2) THEN delivery_count ELSE GREATEST(delivery_count - 1, 0) END \
          WHERE instance_id = $1 AND status = 'routed' AND locked_by IS NOT NULL",
     )
     .bind(id)
+    .bind(failed)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -814,8 +821,8 @@ async fn insert_history(tx: &mut Tx, id: Uuid, e: HistoryEntry<'_>) -> StoreResu
     // The epoch is the instance's current one: the writer's, checked by the fenced update
     // before it, or the new one an operator action just took.
     sqlx::query(
-        "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM instances WHERE id = $1))",
+        "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM instances WHERE id = $1), $8)",
     )
     .bind(id)
     .bind(e.seq)
@@ -824,10 +831,161 @@ async fn insert_history(tx: &mut Tx, id: Uuid, e: HistoryEntry<'_>) -> StoreResu
     .bind(e.status.as_str())
     .bind(e.at)
     .bind(e.host)
+    .bind(e.detail)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
     Ok(())
+}
+
+/// Carries out an operator's action inside `tx`. Bumps the epoch so that a host holding the
+/// instance in memory is fenced and drops it.
+async fn control_in(
+    tx: &mut Tx,
+    id: Uuid,
+    action: &ControlAction,
+    now: DateTime<Utc>,
+) -> StoreResult<InstanceStatus> {
+        let row =
+            sqlx::query("SELECT status, step, parent_id, resumable, last_error FROM instances WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(map_err)?
+                .ok_or(StoreError::NoSuchInstance(id))?;
+        let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
+        let step: String = col(&row, "step")?;
+        let parent: Option<Uuid> = col(&row, "parent_id")?;
+        let new_status = match &action {
+            ControlAction::Suspend { reason } => {
+                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a running or dehydrated instance can be suspended",
+                    });
+                }
+                let seq = next_history_seq(tx, id).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(format!("suspended by operator: {reason}"))
+                .bind(now)
+                .bind(seq)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+                insert_history(
+                    tx,
+                    id,
+                    HistoryEntry {
+                        seq,
+                        reason: Reason::Suspend,
+                        step: &step,
+                        status: InstanceStatus::Suspended,
+                        at: now,
+                        host: OPERATOR,
+                        detail: Some(reason),
+                    },
+                )
+                .await?;
+                InstanceStatus::Suspended
+            }
+            ControlAction::Resume { force } => {
+                if status != InstanceStatus::Suspended {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a suspended instance can be resumed",
+                    });
+                }
+                if !col::<bool>(&row, "resumable")? && !force {
+                    return Err(StoreError::NotResumable {
+                        id,
+                        why: col::<Option<String>>(&row, "last_error")?.unwrap_or_default(),
+                    });
+                }
+                sqlx::query(
+                    "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $2, resumable = TRUE WHERE id = $1",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+                // Its messages are delivered again from scratch: poison counting starts over.
+                sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(map_err)?;
+                notify(tx).await?;
+                InstanceStatus::Dehydrated
+            }
+            ControlAction::Terminate { reason } => {
+                if status.is_final() {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "the instance has already ended",
+                    });
+                }
+                let seq = next_history_seq(tx, id).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
+                     updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(format!("terminated by operator: {reason}"))
+                .bind(now)
+                .bind(seq)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+                for sql in [
+                    "DELETE FROM subscriptions WHERE instance_id = $1",
+                    "DELETE FROM timers WHERE instance_id = $1",
+                ] {
+                    sqlx::query(sql)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(map_err)?;
+                }
+                insert_history(
+                    tx,
+                    id,
+                    HistoryEntry {
+                        seq,
+                        reason: Reason::Complete,
+                        step: &step,
+                        status: InstanceStatus::Terminated,
+                        at: now,
+                        host: OPERATOR,
+                        detail: Some(reason),
+                    },
+                )
+                .await?;
+                if let Some(parent) = parent {
+                    let msg = NewMessage::to_instance(
+                        format!("{id}:ended"),
+                        "child.failed",
+                        MessageKind::ChildFailed,
+                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
+                        parent,
+                    );
+                    publish_one(tx, &msg, now).await?;
+                    notify(tx).await?;
+                }
+                InstanceStatus::Terminated
+            }
+        };
+        unlock_instance(tx, id, &[]).await?;
+        Ok(new_status)
 }
 
 /// The `history.host` of points written by an operator's action (suspend, terminate).
@@ -902,6 +1060,7 @@ fn stored_message(row: &PgRow) -> StoreResult<StoredMessage> {
         instance_id: col(row, "instance_id")?,
         subscription_id: col(row, "subscription_id")?,
         published_at: col(row, "published_at")?,
+        delivery_count: i64::from(col::<i32>(row, "delivery_count")?),
     })
 }
 
@@ -1035,7 +1194,7 @@ impl Store for PostgresStore {
                WHERE m.status = 'routed' AND {CLAIMABLE} AND {lock_free} \
                ORDER BY m.seq LIMIT $3 \
                FOR UPDATE OF m SKIP LOCKED) \
-             RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at",
+             RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count",
             lock_free = lock_free("m"),
         ))
         .bind(host)
@@ -1189,7 +1348,8 @@ impl Store for PostgresStore {
     async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
         for sql in [
-            "UPDATE messages SET locked_by = NULL WHERE locked_by = $1 AND status = 'routed'",
+            "UPDATE messages SET locked_by = NULL, delivery_count = GREATEST(delivery_count - 1, 0) \
+             WHERE locked_by = $1 AND status = 'routed'",
             "UPDATE timers SET locked_by = NULL WHERE locked_by = $1",
             "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by = $1",
             "UPDATE instances SET owner = NULL, lease_expires_at = NULL, \
@@ -1211,14 +1371,16 @@ impl Store for PostgresStore {
         commit(tx).await
     }
 
-    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
+    async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()> {
         let mut tx = self.write().await?;
         sqlx::query(
-            "UPDATE messages SET locked_by = NULL \
+            "UPDATE messages SET locked_by = NULL, \
+               delivery_count = CASE WHEN seq = ANY($3) THEN delivery_count ELSE GREATEST(delivery_count - 1, 0) END \
              WHERE instance_id = ANY($1) AND locked_by = $2 AND status = 'routed'",
         )
         .bind(ids)
         .bind(host)
+        .bind(failed)
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -1468,133 +1630,69 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
     ) -> StoreResult<InstanceStatus> {
         let mut tx = self.write().await?;
-        let row =
-            sqlx::query("SELECT status, step, parent_id FROM instances WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?
-                .ok_or(StoreError::NoSuchInstance(id))?;
-        let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
-        let step: String = col(&row, "step")?;
-        let parent: Option<Uuid> = col(&row, "parent_id")?;
-        let new_status = match &action {
-            ControlAction::Suspend { reason } => {
-                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a running or dehydrated instance can be suspended",
-                    });
-                }
-                let seq = next_history_seq(&mut tx, id).await?;
-                sqlx::query(
-                    "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
-                     owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(format!("suspended by operator: {reason}"))
-                .bind(now)
-                .bind(seq)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                insert_history(
-                    &mut tx,
-                    id,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Suspend,
-                        step: &step,
-                        status: InstanceStatus::Suspended,
-                        at: now,
-                        host: OPERATOR,
-                    },
-                )
-                .await?;
-                InstanceStatus::Suspended
-            }
-            ControlAction::Resume => {
-                if status != InstanceStatus::Suspended {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a suspended instance can be resumed",
-                    });
-                }
-                sqlx::query(
-                    "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
-                     owner = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                notify(&mut tx).await?;
-                InstanceStatus::Dehydrated
-            }
-            ControlAction::Terminate { reason } => {
-                if status.is_final() {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "the instance has already ended",
-                    });
-                }
-                let seq = next_history_seq(&mut tx, id).await?;
-                sqlx::query(
-                    "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
-                     owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
-                     updated_at = $3, history_seq = $4 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(format!("terminated by operator: {reason}"))
-                .bind(now)
-                .bind(seq)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                for sql in [
-                    "DELETE FROM subscriptions WHERE instance_id = $1",
-                    "DELETE FROM timers WHERE instance_id = $1",
-                ] {
-                    sqlx::query(sql)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(map_err)?;
-                }
-                insert_history(
-                    &mut tx,
-                    id,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Complete,
-                        step: &step,
-                        status: InstanceStatus::Terminated,
-                        at: now,
-                        host: OPERATOR,
-                    },
-                )
-                .await?;
-                if let Some(parent) = parent {
-                    let msg = NewMessage::to_instance(
-                        format!("{id}:ended"),
-                        "child.failed",
-                        MessageKind::ChildFailed,
-                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
-                        parent,
-                    );
-                    publish_one(&mut tx, &msg, now).await?;
-                    notify(&mut tx).await?;
-                }
-                InstanceStatus::Terminated
-            }
-        };
-        unlock_instance(&mut tx, id).await?;
+        let status = control_in(&mut tx, id, &action, now).await?;
         commit(tx).await?;
-        Ok(new_status)
+        Ok(status)
+    }
+
+    async fn apply_controls(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ControlApplied>> {
+        let mut out = Vec::new();
+        for _ in 0..limit {
+            let mut tx = self.write().await?;
+            let Some(row) = sqlx::query(
+                "SELECT id, instance_id, action, reason, force FROM control WHERE status = 'pending' \
+                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+            else {
+                break;
+            };
+            let request_id: i64 = col(&row, "id")?;
+            let instance_id: Uuid = col(&row, "instance_id")?;
+            let action = control_action(
+                &col::<String>(&row, "action")?,
+                col(&row, "reason")?,
+                col(&row, "force")?,
+            )
+            .map_err(StoreError::Corrupt);
+            let result = match action {
+                Ok(action) => control_in(&mut tx, instance_id, &action, now).await,
+                Err(e) => Err(e),
+            };
+            let result = match result {
+                Err(e) if !e.is_refusal() => return Err(e),
+                other => other,
+            };
+            let (status, text) = match &result {
+                Ok(status) => ("done", format!("instance is now {status}")),
+                Err(e) => ("rejected", e.to_string()),
+            };
+            sqlx::query(
+                "UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1",
+            )
+            .bind(request_id)
+            .bind(status)
+            .bind(&text)
+            .bind(now)
+            .bind(host)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            commit(tx).await?;
+            out.push(ControlApplied {
+                id: request_id,
+                instance_id: Some(instance_id),
+                result: result.map_err(|e| e.to_string()),
+            });
+        }
+        Ok(out)
     }
 
     async fn list_instances(
@@ -1637,7 +1735,7 @@ impl Store for PostgresStore {
             return Ok(None);
         };
         let history = sqlx::query(
-            "SELECT seq, reason, step, status, at FROM history WHERE instance_id = $1 ORDER BY seq",
+            "SELECT seq, reason, step, status, at, detail FROM history WHERE instance_id = $1 ORDER BY seq",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -1651,6 +1749,7 @@ impl Store for PostgresStore {
                 step: col(h, "step")?,
                 status: parse_word(&col::<String>(h, "status")?)?,
                 at: col(h, "at")?,
+                detail: col(h, "detail")?,
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
@@ -1807,7 +1906,10 @@ mod tests {
             epoch,
             host: host.to_owned(),
             reason: Reason::Dehydrate,
+            detail: None,
             status: InstanceStatus::Dehydrated,
+            resumable: true,
+            failed: Vec::new(),
             state: Some(vec![1, 2, 3]),
             engine_state: Some(vec![4]),
             step: "Waiting".into(),
@@ -2138,7 +2240,7 @@ mod tests {
         ));
         assert_eq!(
             store
-                .control(inst.id, ControlAction::Resume, at(64))
+                .control(inst.id, ControlAction::Resume { force: false }, at(64))
                 .await
                 .expect("resume"),
             InstanceStatus::Dehydrated
@@ -2413,7 +2515,7 @@ mod tests {
             .await
             .expect("timers")
             .is_empty());
-        store.unlock("host-a", &[inst.id]).await.expect("unlock");
+        store.unlock("host-a", &[inst.id], &[]).await.expect("unlock");
         assert_eq!(
             store
                 .claim_timers("host-b", at(25), 10)

@@ -344,7 +344,7 @@ async fn write_point(
          updated_at = $7, last_error = $8, state = COALESCE($9, state), \
          engine_state = COALESCE($10, engine_state), output = COALESCE($11, output), history_seq = $12, \
          owner = CASE WHEN $13 THEN NULL ELSE owner END, \
-         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END \
+         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END, resumable = $15 \
          WHERE id = $1 AND epoch = $2 AND owner = $14",
     )
     .bind(&id)
@@ -361,6 +361,7 @@ async fn write_point(
     .bind(p.history_seq)
     .bind(p.release)
     .bind(&p.host)
+    .bind(p.resumable)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -442,11 +443,12 @@ async fn write_point(
             status: p.status,
             at: p.at,
             host: &p.host,
+            detail: p.detail.as_deref(),
         },
     )
     .await?;
     if p.release {
-        unlock_instance(tx, &id).await?;
+        unlock_instance(tx, &id, &p.failed).await?;
     }
     Ok(CommitOutcome::Committed)
 }
@@ -519,12 +521,19 @@ async fn insert_subscription(
     Ok(())
 }
 
-async fn unlock_instance(tx: &mut Tx, id: &str) -> StoreResult<()> {
-    sqlx::query("UPDATE messages SET locked_by = NULL WHERE instance_id = $1 AND status = 'routed' AND locked_by IS NOT NULL")
-        .bind(id)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
+/// Releases what an instance holds. Messages are given back uncounted (their claim was not a
+/// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
+/// (poison protection).
+async fn unlock_instance(tx: &mut Tx, id: &str, failed: &[i64]) -> StoreResult<()> {
+    release_failed(tx, failed).await?;
+    sqlx::query(&format!(
+        "UPDATE messages SET locked_by = NULL, {GIVE_BACK} \
+         WHERE instance_id = $1 AND status = 'routed' AND locked_by IS NOT NULL"
+    ))
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
     sqlx::query(
         "UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by IS NOT NULL",
     )
@@ -532,6 +541,21 @@ async fn unlock_instance(tx: &mut Tx, id: &str) -> StoreResult<()> {
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
+    Ok(())
+}
+
+/// Gives a claim back: the delivery did not fail, so it does not count.
+const GIVE_BACK: &str = "delivery_count = max(delivery_count - 1, 0)";
+
+/// Unlocks messages whose delivery failed, keeping their delivery count.
+async fn release_failed(tx: &mut Tx, failed: &[i64]) -> StoreResult<()> {
+    for seq in failed {
+        sqlx::query("UPDATE messages SET locked_by = NULL WHERE seq = $1 AND status = 'routed'")
+            .bind(seq)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -548,8 +572,8 @@ async fn insert_history(tx: &mut Tx, id: &str, e: HistoryEntry<'_>) -> StoreResu
     // The epoch is the instance's current one: the writer's, checked by the fenced update
     // before it, or the new one an operator action just took.
     sqlx::query(
-        "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM instances WHERE id = $1))",
+        "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM instances WHERE id = $1), $8)",
     )
     .bind(id)
     .bind(e.seq)
@@ -558,6 +582,7 @@ async fn insert_history(tx: &mut Tx, id: &str, e: HistoryEntry<'_>) -> StoreResu
     .bind(e.status.as_str())
     .bind(ts(e.at))
     .bind(e.host)
+    .bind(e.detail)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -566,6 +591,154 @@ async fn insert_history(tx: &mut Tx, id: &str, e: HistoryEntry<'_>) -> StoreResu
 
 /// The `history.host` of points written by an operator's action (suspend, terminate).
 const OPERATOR: &str = "operator";
+
+/// Carries out an operator's action inside `tx`. Bumps the epoch so that a host holding the
+/// instance in memory is fenced and drops it.
+async fn control_in(
+    tx: &mut Tx,
+    id: Uuid,
+    action: &ControlAction,
+    now: DateTime<Utc>,
+) -> StoreResult<InstanceStatus> {
+        let key = id.to_string();
+        let row = sqlx::query("SELECT status, step, parent_id, resumable, last_error FROM instances WHERE id = $1")
+            .bind(&key)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?
+            .ok_or(StoreError::NoSuchInstance(id))?;
+        let status: InstanceStatus = parse_word(row.get::<&str, _>(0))?;
+        let step: String = row.get(1);
+        let parent: Option<String> = row.get(2);
+        let new_status = match &action {
+            ControlAction::Suspend { reason } => {
+                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a running or dehydrated instance can be suspended",
+                    });
+                }
+                let seq = next_history_seq(tx, &key).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(&key)
+                .bind(format!("suspended by operator: {reason}"))
+                .bind(ts(now))
+                .bind(seq)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+                insert_history(
+                    tx,
+                    &key,
+                    HistoryEntry {
+                        seq,
+                        reason: Reason::Suspend,
+                        step: &step,
+                        status: InstanceStatus::Suspended,
+                        at: now,
+                        host: OPERATOR,
+                        detail: Some(reason),
+                    },
+                )
+                .await?;
+                InstanceStatus::Suspended
+            }
+            ControlAction::Resume { force } => {
+                if status != InstanceStatus::Suspended {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "only a suspended instance can be resumed",
+                    });
+                }
+                if !row.get::<bool, _>(3) && !force {
+                    return Err(StoreError::NotResumable {
+                        id,
+                        why: row.get::<Option<String>, _>(4).unwrap_or_default(),
+                    });
+                }
+                sqlx::query(
+                    "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, updated_at = $2, resumable = 1 WHERE id = $1",
+                )
+                .bind(&key)
+                .bind(ts(now))
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+                // Its messages are delivered again from scratch: poison counting starts over.
+                sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
+                    .bind(&key)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(map_err)?;
+                InstanceStatus::Dehydrated
+            }
+            ControlAction::Terminate { reason } => {
+                if status.is_final() {
+                    return Err(StoreError::WrongStatus {
+                        id,
+                        status,
+                        hint: "the instance has already ended",
+                    });
+                }
+                let seq = next_history_seq(tx, &key).await?;
+                sqlx::query(
+                    "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
+                     owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
+                     updated_at = $3, history_seq = $4 WHERE id = $1",
+                )
+                .bind(&key)
+                .bind(format!("terminated by operator: {reason}"))
+                .bind(ts(now))
+                .bind(seq)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+                for sql in [
+                    "DELETE FROM subscriptions WHERE instance_id = $1",
+                    "DELETE FROM timers WHERE instance_id = $1",
+                ] {
+                    sqlx::query(sql)
+                        .bind(&key)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(map_err)?;
+                }
+                insert_history(
+                    tx,
+                    &key,
+                    HistoryEntry {
+                        seq,
+                        reason: Reason::Complete,
+                        step: &step,
+                        status: InstanceStatus::Terminated,
+                        at: now,
+                        host: OPERATOR,
+                        detail: Some(reason),
+                    },
+                )
+                .await?;
+                if let Some(parent) = parent {
+                    let msg = NewMessage::to_instance(
+                        format!("{id}:ended"),
+                        "child.failed",
+                        MessageKind::ChildFailed,
+                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
+                        parse_uuid(&parent)?,
+                    );
+                    publish_one(tx, &msg, now).await?;
+                }
+                InstanceStatus::Terminated
+            }
+        };
+        unlock_instance(tx, &key, &[]).await?;
+        Ok(new_status)
+}
 
 fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummary> {
     Ok(InstanceSummary {
@@ -703,7 +876,7 @@ impl Store for SqliteStore {
                SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
                WHERE m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
                ORDER BY m.seq LIMIT $3) \
-             RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at"
+             RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count"
         ))
         .bind(host)
         .bind(ts(now))
@@ -728,6 +901,7 @@ impl Store for SqliteStore {
                         .map(parse_uuid)
                         .transpose()?,
                     published_at: parse_ts(row.get::<&str, _>("published_at"))?,
+                    delivery_count: row.get("delivery_count"),
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
@@ -839,7 +1013,8 @@ impl Store for SqliteStore {
     async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
         for sql in [
-            "UPDATE messages SET locked_by = NULL WHERE locked_by = $1 AND status = 'routed'",
+            "UPDATE messages SET locked_by = NULL, delivery_count = max(delivery_count - 1, 0) \
+             WHERE locked_by = $1 AND status = 'routed'",
             "UPDATE timers SET locked_by = NULL WHERE locked_by = $1",
             "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by = $1",
             "UPDATE instances SET owner = NULL, lease_expires_at = NULL, \
@@ -857,10 +1032,11 @@ impl Store for SqliteStore {
         commit(tx).await
     }
 
-    async fn unlock(&self, host: &str, ids: &[Uuid]) -> StoreResult<()> {
+    async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()> {
         let mut tx = self.write().await?;
+        release_failed(&mut tx, failed).await?;
         for id in ids {
-            sqlx::query("UPDATE messages SET locked_by = NULL WHERE instance_id = $1 AND locked_by = $2 AND status = 'routed'")
+            sqlx::query(&format!("UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE instance_id = $1 AND locked_by = $2 AND status = 'routed'"))
                 .bind(id.to_string())
                 .bind(host)
                 .execute(&mut *tx)
@@ -1071,131 +1247,69 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<InstanceStatus> {
         let mut tx = self.write().await?;
-        let key = id.to_string();
-        let row = sqlx::query("SELECT status, step, parent_id FROM instances WHERE id = $1")
-            .bind(&key)
+        let status = control_in(&mut tx, id, &action, now).await?;
+        commit(tx).await?;
+        Ok(status)
+    }
+
+    async fn apply_controls(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ControlApplied>> {
+        let mut out = Vec::new();
+        for _ in 0..limit {
+            let mut tx = self.write().await?;
+            let Some(row) = sqlx::query(
+                "SELECT id, instance_id, action, reason, force FROM control WHERE status = 'pending' ORDER BY id LIMIT 1",
+            )
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_err)?
-            .ok_or(StoreError::NoSuchInstance(id))?;
-        let status: InstanceStatus = parse_word(row.get::<&str, _>(0))?;
-        let step: String = row.get(1);
-        let parent: Option<String> = row.get(2);
-        let new_status = match &action {
-            ControlAction::Suspend { reason } => {
-                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a running or dehydrated instance can be suspended",
-                    });
+            else {
+                break;
+            };
+            let request_id: i64 = row.get(0);
+            let parsed = parse_uuid(row.get::<&str, _>(1)).and_then(|instance_id| {
+                Ok(ControlRequest {
+                    id: request_id,
+                    instance_id,
+                    action: control_action(row.get(2), row.get(3), row.get(4))
+                        .map_err(StoreError::Corrupt)?,
+                })
+            });
+            let result = match &parsed {
+                Ok(request) => {
+                    control_in(&mut tx, request.instance_id, &request.action, now).await
                 }
-                let seq = next_history_seq(&mut tx, &key).await?;
-                sqlx::query(
-                    "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
-                     owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
-                )
-                .bind(&key)
-                .bind(format!("suspended by operator: {reason}"))
+                Err(e) => Err(StoreError::Corrupt(e.to_string())),
+            };
+            let result = match result {
+                Err(e) if !e.is_refusal() => return Err(e),
+                other => other,
+            };
+            let (status, text) = match &result {
+                Ok(status) => ("done", format!("instance is now {status}")),
+                Err(e) => ("rejected", e.to_string()),
+            };
+            sqlx::query("UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1")
+                .bind(request_id)
+                .bind(status)
+                .bind(&text)
                 .bind(ts(now))
-                .bind(seq)
+                .bind(host)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
-                insert_history(
-                    &mut tx,
-                    &key,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Suspend,
-                        step: &step,
-                        status: InstanceStatus::Suspended,
-                        at: now,
-                        host: OPERATOR,
-                    },
-                )
-                .await?;
-                InstanceStatus::Suspended
-            }
-            ControlAction::Resume => {
-                if status != InstanceStatus::Suspended {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a suspended instance can be resumed",
-                    });
-                }
-                sqlx::query(
-                    "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
-                     owner = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $1",
-                )
-                .bind(&key)
-                .bind(ts(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                InstanceStatus::Dehydrated
-            }
-            ControlAction::Terminate { reason } => {
-                if status.is_final() {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "the instance has already ended",
-                    });
-                }
-                let seq = next_history_seq(&mut tx, &key).await?;
-                sqlx::query(
-                    "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
-                     owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
-                     updated_at = $3, history_seq = $4 WHERE id = $1",
-                )
-                .bind(&key)
-                .bind(format!("terminated by operator: {reason}"))
-                .bind(ts(now))
-                .bind(seq)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                for sql in [
-                    "DELETE FROM subscriptions WHERE instance_id = $1",
-                    "DELETE FROM timers WHERE instance_id = $1",
-                ] {
-                    sqlx::query(sql)
-                        .bind(&key)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(map_err)?;
-                }
-                insert_history(
-                    &mut tx,
-                    &key,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Complete,
-                        step: &step,
-                        status: InstanceStatus::Terminated,
-                        at: now,
-                        host: OPERATOR,
-                    },
-                )
-                .await?;
-                if let Some(parent) = parent {
-                    let msg = NewMessage::to_instance(
-                        format!("{id}:ended"),
-                        "child.failed",
-                        MessageKind::ChildFailed,
-                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
-                        parse_uuid(&parent)?,
-                    );
-                    publish_one(&mut tx, &msg, now).await?;
-                }
-                InstanceStatus::Terminated
-            }
-        };
-        unlock_instance(&mut tx, &key).await?;
-        commit(tx).await?;
-        Ok(new_status)
+            commit(tx).await?;
+            out.push(ControlApplied {
+                id: request_id,
+                instance_id: parsed.ok().map(|r| r.instance_id),
+                result: result.map_err(|e| e.to_string()),
+            });
+        }
+        Ok(out)
     }
 
     async fn list_instances(
@@ -1247,7 +1361,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let history = sqlx::query(
-            "SELECT seq, reason, step, status, at FROM history WHERE instance_id = $1 ORDER BY seq",
+            "SELECT seq, reason, step, status, at, detail FROM history WHERE instance_id = $1 ORDER BY seq",
         )
         .bind(&key)
         .fetch_all(&self.pool)
@@ -1261,6 +1375,7 @@ impl Store for SqliteStore {
                 step: h.get(2),
                 status: parse_word(h.get::<&str, _>(3))?,
                 at: parse_ts(h.get::<&str, _>(4))?,
+                detail: h.get(5),
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
