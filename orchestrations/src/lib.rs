@@ -8,6 +8,7 @@ pub mod approval;
 pub mod invoice_batch;
 pub mod order_fulfilment;
 pub mod ports;
+pub mod trip_booking;
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,7 @@ pub fn registry() -> Registry {
         .register::<approval::Approval>()
         .register::<invoice_batch::InvoiceBatch>()
         .register::<invoice_batch::Invoice>()
+        .register::<trip_booking::TripBooking>()
 }
 
 /// The messages `cairn demo` publishes for its `i`-th instance: the first one activates it. Every
@@ -29,7 +31,7 @@ pub fn registry() -> Registry {
 pub fn demo_messages(i: usize, run: &str) -> Vec<NewMessage> {
     let published =
         |id: String, ty: &str, body| NewMessage::published(id, ty, body, BTreeMap::new());
-    match i % 3 {
+    match i % 4 {
         0 => {
             let order_id = format!("{run}-order-{i}");
             let amount = if i % 7 == 0 {
@@ -60,6 +62,17 @@ pub fn demo_messages(i: usize, run: &str) -> Vec<NewMessage> {
                 ));
             }
             out
+        }
+        3 => {
+            // Half the trips find one service sold out, and compensate the bookings made.
+            let trip_id = format!("{run}-trip-{i}");
+            let sold_out = ["", "flight", "", "hotel", "", "car"][(i / 4) % 6];
+            vec![published(
+                format!("{trip_id}-requested"),
+                "trip.requested",
+                json!({ "trip_id": trip_id, "traveller": format!("traveller-{}", i % 13),
+                        "sold_out": (!sold_out.is_empty()).then_some(sold_out) }),
+            )]
         }
         _ => {
             let batch_id = format!("{run}-batch-{i}");

@@ -27,6 +27,11 @@ impl Ledger {
 
     /// Records one delivery before the port reports success (after the simulated latency).
     pub async fn record(&self, msg: &OutboundMessage) -> Result<(), PortError> {
+        self.record_with(msg, "").await
+    }
+
+    /// Records one delivery with more tab-separated columns after the id.
+    pub async fn record_with(&self, msg: &OutboundMessage, extra: &str) -> Result<(), PortError> {
         simulated_latency().await;
         let Some(path) = &self.0 else { return Ok(()) };
         let mut file = tokio::fs::OpenOptions::new()
@@ -35,7 +40,12 @@ impl Ledger {
             .open(path)
             .await
             .map_err(|e| PortError::transient(format!("ledger {}: {e}", path.display())))?;
-        file.write_all(format!("{}\t{}\n", msg.port, msg.id).as_bytes())
+        let line = if extra.is_empty() {
+            format!("{}\t{}\n", msg.port, msg.id)
+        } else {
+            format!("{}\t{}\t{extra}\n", msg.port, msg.id)
+        };
+        file.write_all(line.as_bytes())
             .await
             .map_err(|e| PortError::transient(format!("ledger {}: {e}", path.display())))?;
         Ok(())
@@ -58,12 +68,46 @@ pub fn warehouse_loses(order_id: &str) -> bool {
     order_id.bytes().map(u32::from).sum::<u32>() % 5 == 0
 }
 
+/// A booking service (`flights`, `hotels`, `cars`): `*.book` answers with a reference derived
+/// from the request's id (so a redelivered request books nothing twice), or refuses when the trip
+/// says the service is sold out; `*.cancel` is one-way. The ledger line carries the message type,
+/// the trip and the reference: the record the saga tests count bookings and cancellations from.
+fn booking_service(ports: Ports, port: &'static str, service: &'static str, ledger: Ledger) -> Ports {
+    ports.function(port, move |msg: OutboundMessage| {
+        let ledger = ledger.clone();
+        async move {
+            let trip = msg.body["trip_id"].as_str().unwrap_or_default().to_owned();
+            if msg.message_type.ends_with(".cancel") {
+                let reference = msg.body["reference"].as_str().unwrap_or_default();
+                ledger
+                    .record_with(&msg, &format!("{}\t{trip}\t{reference}", msg.message_type))
+                    .await?;
+                return Ok(None);
+            }
+            if msg.body["sold_out"].as_str() == Some(service) {
+                ledger
+                    .record_with(&msg, &format!("{}\t{trip}\t-", msg.message_type))
+                    .await?;
+                return Ok(Some(json!({ "booked": false, "reason": format!("no {service} left") })));
+            }
+            let reference = format!("{service}-{}", msg.id);
+            ledger
+                .record_with(&msg, &format!("{}\t{trip}\t{reference}", msg.message_type))
+                .await?;
+            Ok(Some(json!({ "booked": true, "reference": reference })))
+        }
+    })
+}
+
 /// The sample ports. The warehouse publishes `shipment.confirmed` back through `client`.
 pub fn sample_ports(client: Client, ledger: Ledger) -> Ports {
     let l1 = ledger.clone();
     let l2 = ledger.clone();
     let l3 = ledger.clone();
-    Ports::new()
+    let ports = booking_service(Ports::new(), "flights", "flight", ledger.clone());
+    let ports = booking_service(ports, "hotels", "hotel", ledger.clone());
+    let ports = booking_service(ports, "cars", "car", ledger.clone());
+    ports
         .function("payment", move |msg: OutboundMessage| {
             let ledger = l1.clone();
             async move {

@@ -1962,6 +1962,7 @@ mod tests {
             tables,
             [
                 "_sqlx_migrations",
+                "control",
                 "dead_letters",
                 "history",
                 "hosts",
