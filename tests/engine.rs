@@ -411,7 +411,7 @@ async fn bad_input_becomes_a_queryable_record_and_the_host_keeps_going(db: TestD
         .await;
     for (id, needle) in [
         (undecodable, "does not decode"),
-        (panicky, "panicked: boom"),
+        (panicky, "poison message"),
         (corrupt, "does not decode"),
     ] {
         db.wait_status(id, InstanceStatus::Suspended, WAIT).await;

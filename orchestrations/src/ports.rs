@@ -72,7 +72,12 @@ pub fn warehouse_loses(order_id: &str) -> bool {
 /// from the request's id (so a redelivered request books nothing twice), or refuses when the trip
 /// says the service is sold out; `*.cancel` is one-way. The ledger line carries the message type,
 /// the trip and the reference: the record the saga tests count bookings and cancellations from.
-fn booking_service(ports: Ports, port: &'static str, service: &'static str, ledger: Ledger) -> Ports {
+fn booking_service(
+    ports: Ports,
+    port: &'static str,
+    service: &'static str,
+    ledger: Ledger,
+) -> Ports {
     ports.function(port, move |msg: OutboundMessage| {
         let ledger = ledger.clone();
         async move {
@@ -88,7 +93,9 @@ fn booking_service(ports: Ports, port: &'static str, service: &'static str, ledg
                 ledger
                     .record_with(&msg, &format!("{}\t{trip}\t-", msg.message_type))
                     .await?;
-                return Ok(Some(json!({ "booked": false, "reason": format!("no {service} left") })));
+                return Ok(Some(
+                    json!({ "booked": false, "reason": format!("no {service} left") }),
+                ));
             }
             let reference = format!("{service}-{}", msg.id);
             ledger

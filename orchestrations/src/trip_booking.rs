@@ -151,7 +151,11 @@ fn reference(service: &str, event: &Event) -> Result<String, Fault> {
             service: service.to_owned(),
             reason: format!("unreachable: {error}"),
         })),
-        other => Err(format!("unexpected event while booking the {service}: {}", other.label()).into()),
+        other => Err(format!(
+            "unexpected event while booking the {service}: {}",
+            other.label()
+        )
+        .into()),
     }
 }
 
@@ -208,12 +212,18 @@ impl Orchestration for TripBooking {
             }
             State::Confirming { booked, .. } => match event {
                 Event::Timer { .. } => {
-                    ctx.send("notifications", "trip.confirmed", &json!({ "trip_id": booked.trip_id }))?;
+                    ctx.send(
+                        "notifications",
+                        "trip.confirmed",
+                        &json!({ "trip_id": booked.trip_id }),
+                    )?;
                     ctx.end_scope(); // confirm: both sends commit now
                     ctx.end_scope(); // trip
                     Ok(Next::Complete(booked))
                 }
-                other => Err(format!("unexpected event while confirming: {}", other.label()).into()),
+                other => {
+                    Err(format!("unexpected event while confirming: {}", other.label()).into())
+                }
             },
             State::Compensating { trip, reason } => match event {
                 Event::Compensate { scope, data, .. } => {

@@ -7,10 +7,12 @@ use std::time::Duration;
 use cairn::store::faulty::{FaultPlan, FaultyStore};
 use cairn::store::Store;
 use cairn::{
-    Client, Context, Correlation, Event, Fault, Host, HostConfig, HostStats, Next, Orchestration,
-    OutboundMessage, PortError, Ports, Registry, UnexpectedEvent,
+    Client, Context, Correlation, Event, Fault, Host, HostConfig, HostStats, Next, OnFault,
+    Orchestration, OutboundMessage, PortError, Ports, Registry, ScopeFault, ScopeKind,
+    UnexpectedEvent,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// Collects `item` messages for a key without a persistence point (only memory changes), then on
@@ -94,17 +96,156 @@ impl Orchestration for Panicker {
         event: Event,
     ) -> Result<Next<Self>, Fault> {
         if event.message()?.message_type == "boom" {
+            let PanickerState::Waiting { key } = _state;
+            *PANICS.lock().unwrap().entry(key).or_default() += 1;
             panic!("boom: this transition always panics");
         }
         Ok(Next::Complete(()))
     }
 }
 
-/// Every orchestration the engine tests use.
+/// How many times a `boom` message panicked the Panicker, by key.
+pub fn panics(key: &str) -> usize {
+    PANICS.lock().unwrap().get(key).copied().unwrap_or(0)
+}
+
+static PANICS: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+
+/// Opens an atomic scope on `pair.begin` and sends `pair.first` inside it; on `pair.go` sends
+/// `pair.second` and ends the scope (both commit together); on `pair.fail` the transition fails,
+/// the scope rolls back, and its handler sends `pair.rolled-back`.
+pub struct AtomicPair;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PairState {
+    Idle { key: String },
+    InScope { key: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("pair {0} failed on purpose")]
+pub struct PairFailed(pub String);
+
+impl Orchestration for AtomicPair {
+    const NAME: &'static str = "atomic-pair";
+    const VERSION: u32 = 1;
+    type Input = String;
+    type State = PairState;
+    type Output = String;
+
+    fn start(ctx: &mut Context, key: String) -> Result<Next<Self>, Fault> {
+        ctx.receive("pair.begin", Correlation::on("key", &key));
+        Ok(Next::Continue(PairState::Idle { key }))
+    }
+
+    fn on_event(ctx: &mut Context, state: PairState, event: Event) -> Result<Next<Self>, Fault> {
+        let ty = event.message()?.message_type.clone();
+        match (state, ty.as_str()) {
+            (PairState::Idle { key }, "pair.begin") => {
+                ctx.begin_scope("pair", ScopeKind::Atomic);
+                ctx.send("log", "pair.first", &key)?;
+                ctx.receive("pair.go", Correlation::on("key", &key));
+                ctx.receive("pair.fail", Correlation::on("key", &key));
+                Ok(Next::Continue(PairState::InScope { key }))
+            }
+            (PairState::InScope { key }, "pair.go") => {
+                ctx.send("log", "pair.second", &key)?;
+                ctx.end_scope();
+                Ok(Next::Complete("committed".into()))
+            }
+            (PairState::InScope { key }, "pair.fail") => Err(Box::new(PairFailed(key))),
+            (_, other) => Err(UnexpectedEvent(other.to_owned()).into()),
+        }
+    }
+
+    fn on_fault(
+        ctx: &mut Context,
+        state: PairState,
+        fault: ScopeFault,
+    ) -> Result<Next<Self>, Fault> {
+        let PairState::Idle { key } = state else {
+            return Err("the atomic scope did not roll back to where it began".into());
+        };
+        let failed = fault
+            .downcast_ref::<PairFailed>()
+            .ok_or("not a PairFailed")?;
+        ctx.send("log", "pair.rolled-back", &json!({ "key": key, "scope": fault.scope, "atomic": fault.atomic, "error": failed.to_string() }))?;
+        Ok(Next::Complete("rolled back".into()))
+    }
+}
+
+/// `fixable` version 1 as first deployed: fails on `fixable.go` (a bug).
+pub struct FixableBuggy;
+/// `fixable` version 1 after the fix: completes with the message's `n`.
+pub struct FixableFixed;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FixableState {
+    Waiting { key: String },
+}
+
+fn fixable_start(ctx: &mut Context, key: String) -> FixableState {
+    ctx.receive("fixable.go", Correlation::on("key", &key));
+    FixableState::Waiting { key }
+}
+
+impl Orchestration for FixableBuggy {
+    const NAME: &'static str = "fixable";
+    const VERSION: u32 = 1;
+    type Input = String;
+    type State = FixableState;
+    type Output = i64;
+    fn start(ctx: &mut Context, key: String) -> Result<Next<Self>, Fault> {
+        Ok(Next::Continue(fixable_start(ctx, key)))
+    }
+    fn on_event(_: &mut Context, _: FixableState, _: Event) -> Result<Next<Self>, Fault> {
+        Err("bug 17: n is read from the wrong field".into())
+    }
+}
+
+impl Orchestration for FixableFixed {
+    const NAME: &'static str = "fixable";
+    const VERSION: u32 = 1;
+    type Input = String;
+    type State = FixableState;
+    type Output = i64;
+    fn start(ctx: &mut Context, key: String) -> Result<Next<Self>, Fault> {
+        Ok(Next::Continue(fixable_start(ctx, key)))
+    }
+    fn on_event(_: &mut Context, _: FixableState, event: Event) -> Result<Next<Self>, Fault> {
+        Ok(Next::Complete(
+            event.message()?.body["n"].as_i64().ok_or("no n")?,
+        ))
+    }
+}
+
+/// Ends as `failed` on any fault (`ON_UNHANDLED_FAULT = Fail`): fails on every message.
+pub struct FailFast;
+
+impl Orchestration for FailFast {
+    const NAME: &'static str = "fail-fast";
+    const VERSION: u32 = 1;
+    const ON_UNHANDLED_FAULT: OnFault = OnFault::Fail;
+    type Input = String;
+    type State = FixableState;
+    type Output = ();
+    fn start(ctx: &mut Context, key: String) -> Result<Next<Self>, Fault> {
+        ctx.receive("fail-fast.go", Correlation::on("key", &key));
+        Ok(Next::Continue(FixableState::Waiting { key }))
+    }
+    fn on_event(_: &mut Context, _: FixableState, _: Event) -> Result<Next<Self>, Fault> {
+        Err("the data is bad".into())
+    }
+}
+
+/// Every orchestration the engine tests use (with the buggy `fixable`).
 pub fn registry() -> Registry {
     cairn_orchestrations::registry()
         .register::<Collector>()
         .register::<Panicker>()
+        .register::<AtomicPair>()
+        .register::<FixableBuggy>()
+        .register::<FailFast>()
 }
 
 /// What the ports delivered: (port, message id, body).
@@ -149,7 +290,10 @@ pub fn ports(client: Client, deliveries: Deliveries) -> Ports {
             Some(serde_json::json!({"billed": m.body["amount"].as_f64() <= Some(500.0)}))
         }))
         .function("notifications", rec(deliveries.clone(), |_| None))
-        .function("log", rec(deliveries, |_| None))
+        .function("log", rec(deliveries.clone(), |_| None))
+        .function("flights", rec(deliveries.clone(), |m| booking_reply(m, "flight")))
+        .function("hotels", rec(deliveries.clone(), |m| booking_reply(m, "hotel")))
+        .function("cars", rec(deliveries, |m| booking_reply(m, "car")))
         .function("warehouse", move |msg: OutboundMessage| {
             let d = warehouse.clone();
             let client = client.clone();
@@ -164,6 +308,18 @@ pub fn ports(client: Client, deliveries: Deliveries) -> Ports {
                 Ok(None)
             }
         })
+}
+
+/// A booking service's answer, as the sample's ports give it.
+fn booking_reply(msg: &OutboundMessage, service: &str) -> Option<serde_json::Value> {
+    if msg.message_type.ends_with(".cancel") {
+        return None;
+    }
+    Some(if msg.body["sold_out"].as_str() == Some(service) {
+        json!({ "booked": false, "reason": format!("no {service} left") })
+    } else {
+        json!({ "booked": true, "reference": format!("{service}-{}", msg.id) })
+    })
 }
 
 /// Fast settings for tests.
@@ -205,6 +361,17 @@ impl HostThread {
         deliveries: Deliveries,
         plan: Option<Arc<FaultPlan>>,
     ) -> (Self, Client) {
+        Self::start_registry(db, config, deliveries, plan, registry()).await
+    }
+
+    /// [`HostThread::start_with`] running the orchestrations of `registry` (another build).
+    pub async fn start_registry(
+        db: &super::TestDb,
+        config: HostConfig,
+        deliveries: Deliveries,
+        plan: Option<Arc<FaultPlan>>,
+        registry: Registry,
+    ) -> (Self, Client) {
         let url = db.url.clone();
         let stop = CancellationToken::new();
         let (crash_tx, crash_rx) = tokio::sync::oneshot::channel::<()>();
@@ -222,7 +389,7 @@ impl HostThread {
                     Some(plan) => Arc::new(FaultyStore::new(plain, plan)),
                     None => plain,
                 };
-                let host = Host::new(store, registry(), Ports::new()).with_config(config);
+                let host = Host::new(store, registry, Ports::new()).with_config(config);
                 let client = host.client();
                 let host = host.with_ports(ports(client.clone(), deliveries));
                 host.sync_activations().await.expect("activations");

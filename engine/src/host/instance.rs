@@ -464,9 +464,15 @@ impl LiveInstance {
         let def = self.def.clone();
         let outcome = catch_unwind(AssertUnwindSafe(|| transition(def.as_ref(), &mut ctx)));
         let delivery = match outcome {
-            Ok(Ok(next)) => {
-                self.accept(seq, next, ctx.into_effects(), before, compensating, registry, ports)
-            }
+            Ok(Ok(next)) => self.accept(
+                seq,
+                next,
+                ctx.into_effects(),
+                before,
+                compensating,
+                registry,
+                ports,
+            ),
             Ok(Err(error)) => match self.handle_fault(error, before, now) {
                 Handled::Yes {
                     next,
@@ -478,21 +484,18 @@ impl LiveInstance {
                     let delivery =
                         self.accept(seq, next, effects, before, compensating, registry, ports);
                     match delivery {
-                        Delivery::Ran(reason) => {
-                            Delivery::Ran(Some(reason.map_or(Reason::ScopeEnd, |r| {
-                                most_telling(r, Reason::ScopeEnd)
-                            })))
-                        }
+                        Delivery::Ran(reason) => Delivery::Ran(Some(
+                            reason.map_or(Reason::ScopeEnd, |r| most_telling(r, Reason::ScopeEnd)),
+                        )),
                         other => other,
                     }
                 }
                 Handled::No(text) => self.unhandled(seq, text),
                 Handled::Panicked(text) => self.panicked(seq, text),
             },
-            Err(panic) => self.panicked(
-                seq,
-                format!("transition panicked: {}", panic_text(&panic)),
-            ),
+            Err(panic) => {
+                self.panicked(seq, format!("transition panicked: {}", panic_text(&panic)))
+            }
         };
         if let (Delivery::Faulted(_), Some(seq)) = (&delivery, seq) {
             self.failed.push(seq);
@@ -528,7 +531,10 @@ impl LiveInstance {
                     start.state
                 }
                 _ => {
-                    details.push(format!("scope {} failed: {error}; its handler ran", scope.name));
+                    details.push(format!(
+                        "scope {} failed: {error}; its handler ran",
+                        scope.name
+                    ));
                     before.take()
                 }
             };
@@ -626,9 +632,15 @@ impl LiveInstance {
         let mut raise = |r: Reason| {
             reason = Some(reason.map_or(r, |old| most_telling(old, r)));
         };
-        let opens_atomic = effects
-            .iter()
-            .any(|e| matches!(e, Effect::BeginScope { kind: ScopeKind::Atomic, .. }));
+        let opens_atomic = effects.iter().any(|e| {
+            matches!(
+                e,
+                Effect::BeginScope {
+                    kind: ScopeKind::Atomic,
+                    ..
+                }
+            )
+        });
         let atomic_here = opens_atomic || self.in_atomic_scope();
         let mut atomic_start = opens_atomic.then(|| AtomicStart {
             state: before,

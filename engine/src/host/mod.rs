@@ -354,6 +354,7 @@ impl Host {
             last_report: Instant::now(),
             last_control: None,
             panicked: Vec::new(),
+            last_panic: HashMap::new(),
         };
         let result = runner.run_loop(&shutdown).await;
         runner.shutdown().await;
@@ -412,6 +413,8 @@ struct Runner {
     /// Instances dropped from memory this round because a transition panicked on a message:
     /// their locks go back, the message keeping its delivery count.
     panicked: Vec<(Uuid, i64)>,
+    /// The last panic of each message that panicked, named when it is suspended as poison.
+    last_panic: HashMap<i64, String>,
 }
 
 /// Work claimed for one instance in one round, in arrival order.
@@ -534,14 +537,22 @@ impl Runner {
             return Ok(false);
         }
         self.last_control = Some(Instant::now());
-        let applied = self.host.store.apply_controls(&self.host.id, now, 100).await?;
+        let applied = self
+            .host
+            .store
+            .apply_controls(&self.host.id, now, 100)
+            .await?;
         let mut dropped = Vec::new();
         for request in &applied {
             match &request.result {
-                Ok(status) => tracing::info!(control.id = request.id, instance.id = ?request.instance_id,
-                    %status, "carried out a control request"),
-                Err(why) => tracing::warn!(control.id = request.id, instance.id = ?request.instance_id,
-                    error = %why, "rejected a control request"),
+                Ok(status) => {
+                    tracing::info!(control.id = request.id, instance.id = ?request.instance_id,
+                    %status, "carried out a control request")
+                }
+                Err(why) => {
+                    tracing::warn!(control.id = request.id, instance.id = ?request.instance_id,
+                    error = %why, "rejected a control request")
+                }
             }
             if let Some(id) = request.instance_id {
                 self.unrunnable.remove(&id);
@@ -744,9 +755,14 @@ impl Runner {
             let delivery = match item {
                 Work::Message(msg) if msg.delivery_count > max_deliveries => {
                     instance.mark_failed(msg.seq);
+                    let last = self
+                        .last_panic
+                        .remove(&msg.seq)
+                        .map(|p| format!(" The last attempt: {p}."))
+                        .unwrap_or_default();
                     Delivery::Faulted(FaultText(format!(
                         "poison message: message {} ({}) was delivered {} times without being consumed; each \
-                         delivery crashed the host, panicked or failed the instance (the limit is {max_deliveries}). \
+                         delivery crashed the host, panicked or failed the instance (the limit is {max_deliveries}).{last} \
                          Fix the cause and resume the instance, or terminate it",
                         msg.id, msg.message_type, msg.delivery_count - 1
                     )))
@@ -764,6 +780,9 @@ impl Runner {
                         error = %error.0, "transition panicked; the message is delivered again from the last persistence point");
                     self.stats.faults += 1;
                     self.panicked.push((instance.id, seq));
+                    if self.last_panic.len() < 10_000 {
+                        self.last_panic.insert(seq, error.0);
+                    }
                     keep = false;
                     break;
                 }

@@ -846,27 +846,27 @@ async fn control_in(
     action: &ControlAction,
     now: DateTime<Utc>,
 ) -> StoreResult<InstanceStatus> {
-        let row =
+    let row =
             sqlx::query("SELECT status, step, parent_id, resumable, last_error FROM instances WHERE id = $1 FOR UPDATE")
                 .bind(id)
                 .fetch_optional(&mut **tx)
                 .await
                 .map_err(map_err)?
                 .ok_or(StoreError::NoSuchInstance(id))?;
-        let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
-        let step: String = col(&row, "step")?;
-        let parent: Option<Uuid> = col(&row, "parent_id")?;
-        let new_status = match &action {
-            ControlAction::Suspend { reason } => {
-                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a running or dehydrated instance can be suspended",
-                    });
-                }
-                let seq = next_history_seq(tx, id).await?;
-                sqlx::query(
+    let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
+    let step: String = col(&row, "step")?;
+    let parent: Option<Uuid> = col(&row, "parent_id")?;
+    let new_status = match &action {
+        ControlAction::Suspend { reason } => {
+            if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
+                return Err(StoreError::WrongStatus {
+                    id,
+                    status,
+                    hint: "only a running or dehydrated instance can be suspended",
+                });
+            }
+            let seq = next_history_seq(tx, id).await?;
+            sqlx::query(
                     "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
                 )
@@ -877,37 +877,37 @@ async fn control_in(
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
-                insert_history(
-                    tx,
+            insert_history(
+                tx,
+                id,
+                HistoryEntry {
+                    seq,
+                    reason: Reason::Suspend,
+                    step: &step,
+                    status: InstanceStatus::Suspended,
+                    at: now,
+                    host: OPERATOR,
+                    detail: Some(reason),
+                },
+            )
+            .await?;
+            InstanceStatus::Suspended
+        }
+        ControlAction::Resume { force } => {
+            if status != InstanceStatus::Suspended {
+                return Err(StoreError::WrongStatus {
                     id,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Suspend,
-                        step: &step,
-                        status: InstanceStatus::Suspended,
-                        at: now,
-                        host: OPERATOR,
-                        detail: Some(reason),
-                    },
-                )
-                .await?;
-                InstanceStatus::Suspended
+                    status,
+                    hint: "only a suspended instance can be resumed",
+                });
             }
-            ControlAction::Resume { force } => {
-                if status != InstanceStatus::Suspended {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a suspended instance can be resumed",
-                    });
-                }
-                if !col::<bool>(&row, "resumable")? && !force {
-                    return Err(StoreError::NotResumable {
-                        id,
-                        why: col::<Option<String>>(&row, "last_error")?.unwrap_or_default(),
-                    });
-                }
-                sqlx::query(
+            if !col::<bool>(&row, "resumable")? && !force {
+                return Err(StoreError::NotResumable {
+                    id,
+                    why: col::<Option<String>>(&row, "last_error")?.unwrap_or_default(),
+                });
+            }
+            sqlx::query(
                     "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, updated_at = $2, resumable = TRUE WHERE id = $1",
                 )
@@ -916,25 +916,25 @@ async fn control_in(
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
-                // Its messages are delivered again from scratch: poison counting starts over.
-                sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
+            // Its messages are delivered again from scratch: poison counting starts over.
+            sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
                     .bind(id)
                     .execute(&mut **tx)
                     .await
                     .map_err(map_err)?;
-                notify(tx).await?;
-                InstanceStatus::Dehydrated
+            notify(tx).await?;
+            InstanceStatus::Dehydrated
+        }
+        ControlAction::Terminate { reason } => {
+            if status.is_final() {
+                return Err(StoreError::WrongStatus {
+                    id,
+                    status,
+                    hint: "the instance has already ended",
+                });
             }
-            ControlAction::Terminate { reason } => {
-                if status.is_final() {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "the instance has already ended",
-                    });
-                }
-                let seq = next_history_seq(tx, id).await?;
-                sqlx::query(
+            let seq = next_history_seq(tx, id).await?;
+            sqlx::query(
                     "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
                      updated_at = $3, history_seq = $4 WHERE id = $1",
@@ -946,46 +946,46 @@ async fn control_in(
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
-                for sql in [
-                    "DELETE FROM subscriptions WHERE instance_id = $1",
-                    "DELETE FROM timers WHERE instance_id = $1",
-                ] {
-                    sqlx::query(sql)
-                        .bind(id)
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(map_err)?;
-                }
-                insert_history(
-                    tx,
-                    id,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Complete,
-                        step: &step,
-                        status: InstanceStatus::Terminated,
-                        at: now,
-                        host: OPERATOR,
-                        detail: Some(reason),
-                    },
-                )
-                .await?;
-                if let Some(parent) = parent {
-                    let msg = NewMessage::to_instance(
-                        format!("{id}:ended"),
-                        "child.failed",
-                        MessageKind::ChildFailed,
-                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
-                        parent,
-                    );
-                    publish_one(tx, &msg, now).await?;
-                    notify(tx).await?;
-                }
-                InstanceStatus::Terminated
+            for sql in [
+                "DELETE FROM subscriptions WHERE instance_id = $1",
+                "DELETE FROM timers WHERE instance_id = $1",
+            ] {
+                sqlx::query(sql)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(map_err)?;
             }
-        };
-        unlock_instance(tx, id, &[]).await?;
-        Ok(new_status)
+            insert_history(
+                tx,
+                id,
+                HistoryEntry {
+                    seq,
+                    reason: Reason::Complete,
+                    step: &step,
+                    status: InstanceStatus::Terminated,
+                    at: now,
+                    host: OPERATOR,
+                    detail: Some(reason),
+                },
+            )
+            .await?;
+            if let Some(parent) = parent {
+                let msg = NewMessage::to_instance(
+                    format!("{id}:ended"),
+                    "child.failed",
+                    MessageKind::ChildFailed,
+                    serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
+                    parent,
+                );
+                publish_one(tx, &msg, now).await?;
+                notify(tx).await?;
+            }
+            InstanceStatus::Terminated
+        }
+    };
+    unlock_instance(tx, id, &[]).await?;
+    Ok(new_status)
 }
 
 /// The `history.host` of points written by an operator's action (suspend, terminate).
@@ -2516,7 +2516,10 @@ mod tests {
             .await
             .expect("timers")
             .is_empty());
-        store.unlock("host-a", &[inst.id], &[]).await.expect("unlock");
+        store
+            .unlock("host-a", &[inst.id], &[])
+            .await
+            .expect("unlock");
         assert_eq!(
             store
                 .claim_timers("host-b", at(25), 10)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::*;
@@ -87,6 +87,15 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(false);
+        if !memory {
+            // Switch a new file to WAL on one connection first: that switch needs an exclusive
+            // lock the busy timeout does not wait for, so pool connections racing to make it
+            // fail with "database is locked". Once the file is in WAL, theirs is a no-op.
+            let conn = SqliteConnection::connect_with(&options)
+                .await
+                .map_err(map_err)?;
+            conn.close().await.map_err(map_err)?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(if memory { 1 } else { 4 })
             .min_connections(1)
@@ -600,27 +609,29 @@ async fn control_in(
     action: &ControlAction,
     now: DateTime<Utc>,
 ) -> StoreResult<InstanceStatus> {
-        let key = id.to_string();
-        let row = sqlx::query("SELECT status, step, parent_id, resumable, last_error FROM instances WHERE id = $1")
-            .bind(&key)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(map_err)?
-            .ok_or(StoreError::NoSuchInstance(id))?;
-        let status: InstanceStatus = parse_word(row.get::<&str, _>(0))?;
-        let step: String = row.get(1);
-        let parent: Option<String> = row.get(2);
-        let new_status = match &action {
-            ControlAction::Suspend { reason } => {
-                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a running or dehydrated instance can be suspended",
-                    });
-                }
-                let seq = next_history_seq(tx, &key).await?;
-                sqlx::query(
+    let key = id.to_string();
+    let row = sqlx::query(
+        "SELECT status, step, parent_id, resumable, last_error FROM instances WHERE id = $1",
+    )
+    .bind(&key)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?
+    .ok_or(StoreError::NoSuchInstance(id))?;
+    let status: InstanceStatus = parse_word(row.get::<&str, _>(0))?;
+    let step: String = row.get(1);
+    let parent: Option<String> = row.get(2);
+    let new_status = match &action {
+        ControlAction::Suspend { reason } => {
+            if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
+                return Err(StoreError::WrongStatus {
+                    id,
+                    status,
+                    hint: "only a running or dehydrated instance can be suspended",
+                });
+            }
+            let seq = next_history_seq(tx, &key).await?;
+            sqlx::query(
                     "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, updated_at = $3, history_seq = $4 WHERE id = $1",
                 )
@@ -631,37 +642,37 @@ async fn control_in(
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
-                insert_history(
-                    tx,
-                    &key,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Suspend,
-                        step: &step,
-                        status: InstanceStatus::Suspended,
-                        at: now,
-                        host: OPERATOR,
-                        detail: Some(reason),
-                    },
-                )
-                .await?;
-                InstanceStatus::Suspended
+            insert_history(
+                tx,
+                &key,
+                HistoryEntry {
+                    seq,
+                    reason: Reason::Suspend,
+                    step: &step,
+                    status: InstanceStatus::Suspended,
+                    at: now,
+                    host: OPERATOR,
+                    detail: Some(reason),
+                },
+            )
+            .await?;
+            InstanceStatus::Suspended
+        }
+        ControlAction::Resume { force } => {
+            if status != InstanceStatus::Suspended {
+                return Err(StoreError::WrongStatus {
+                    id,
+                    status,
+                    hint: "only a suspended instance can be resumed",
+                });
             }
-            ControlAction::Resume { force } => {
-                if status != InstanceStatus::Suspended {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "only a suspended instance can be resumed",
-                    });
-                }
-                if !row.get::<bool, _>(3) && !force {
-                    return Err(StoreError::NotResumable {
-                        id,
-                        why: row.get::<Option<String>, _>(4).unwrap_or_default(),
-                    });
-                }
-                sqlx::query(
+            if !row.get::<bool, _>(3) && !force {
+                return Err(StoreError::NotResumable {
+                    id,
+                    why: row.get::<Option<String>, _>(4).unwrap_or_default(),
+                });
+            }
+            sqlx::query(
                     "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, updated_at = $2, resumable = 1 WHERE id = $1",
                 )
@@ -670,24 +681,24 @@ async fn control_in(
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
-                // Its messages are delivered again from scratch: poison counting starts over.
-                sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
+            // Its messages are delivered again from scratch: poison counting starts over.
+            sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
                     .bind(&key)
                     .execute(&mut **tx)
                     .await
                     .map_err(map_err)?;
-                InstanceStatus::Dehydrated
+            InstanceStatus::Dehydrated
+        }
+        ControlAction::Terminate { reason } => {
+            if status.is_final() {
+                return Err(StoreError::WrongStatus {
+                    id,
+                    status,
+                    hint: "the instance has already ended",
+                });
             }
-            ControlAction::Terminate { reason } => {
-                if status.is_final() {
-                    return Err(StoreError::WrongStatus {
-                        id,
-                        status,
-                        hint: "the instance has already ended",
-                    });
-                }
-                let seq = next_history_seq(tx, &key).await?;
-                sqlx::query(
+            let seq = next_history_seq(tx, &key).await?;
+            sqlx::query(
                     "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, waiting_for = '', next_timer_at = NULL, \
                      updated_at = $3, history_seq = $4 WHERE id = $1",
@@ -699,45 +710,45 @@ async fn control_in(
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
-                for sql in [
-                    "DELETE FROM subscriptions WHERE instance_id = $1",
-                    "DELETE FROM timers WHERE instance_id = $1",
-                ] {
-                    sqlx::query(sql)
-                        .bind(&key)
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(map_err)?;
-                }
-                insert_history(
-                    tx,
-                    &key,
-                    HistoryEntry {
-                        seq,
-                        reason: Reason::Complete,
-                        step: &step,
-                        status: InstanceStatus::Terminated,
-                        at: now,
-                        host: OPERATOR,
-                        detail: Some(reason),
-                    },
-                )
-                .await?;
-                if let Some(parent) = parent {
-                    let msg = NewMessage::to_instance(
-                        format!("{id}:ended"),
-                        "child.failed",
-                        MessageKind::ChildFailed,
-                        serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
-                        parse_uuid(&parent)?,
-                    );
-                    publish_one(tx, &msg, now).await?;
-                }
-                InstanceStatus::Terminated
+            for sql in [
+                "DELETE FROM subscriptions WHERE instance_id = $1",
+                "DELETE FROM timers WHERE instance_id = $1",
+            ] {
+                sqlx::query(sql)
+                    .bind(&key)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(map_err)?;
             }
-        };
-        unlock_instance(tx, &key, &[]).await?;
-        Ok(new_status)
+            insert_history(
+                tx,
+                &key,
+                HistoryEntry {
+                    seq,
+                    reason: Reason::Complete,
+                    step: &step,
+                    status: InstanceStatus::Terminated,
+                    at: now,
+                    host: OPERATOR,
+                    detail: Some(reason),
+                },
+            )
+            .await?;
+            if let Some(parent) = parent {
+                let msg = NewMessage::to_instance(
+                    format!("{id}:ended"),
+                    "child.failed",
+                    MessageKind::ChildFailed,
+                    serde_json::json!({ "child": id, "error": format!("terminated: {reason}") }),
+                    parse_uuid(&parent)?,
+                );
+                publish_one(tx, &msg, now).await?;
+            }
+            InstanceStatus::Terminated
+        }
+    };
+    unlock_instance(tx, &key, &[]).await?;
+    Ok(new_status)
 }
 
 fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummary> {
@@ -1280,9 +1291,7 @@ impl Store for SqliteStore {
                 })
             });
             let result = match &parsed {
-                Ok(request) => {
-                    control_in(&mut tx, request.instance_id, &request.action, now).await
-                }
+                Ok(request) => control_in(&mut tx, request.instance_id, &request.action, now).await,
                 Err(e) => Err(StoreError::Corrupt(e.to_string())),
             };
             let result = match result {
