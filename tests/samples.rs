@@ -13,6 +13,7 @@ use cairn_orchestrations::approval::{self, Approval};
 use cairn_orchestrations::invoice_batch::{Invoice, InvoiceBatch};
 use cairn_orchestrations::order_fulfilment::{self, OrderFulfilment};
 use cairn_orchestrations::registry;
+use cairn_orchestrations::trip_booking::{self, TripBooking};
 use serde_json::json;
 
 fn order(amount: f64) -> order_fulfilment::Order {
@@ -192,7 +193,13 @@ fn recording_ports(client: Client, recorder: Recorder) -> Ports {
                 Some(json!({"billed": m.body["amount"].as_f64() <= Some(500.0)}))
             }),
         )
-        .function("notifications", record(recorder, |_| None))
+        .function("notifications", record(recorder.clone(), |_| None))
+        .function(
+            "flights",
+            record(recorder.clone(), |m| booking(m, "flight")),
+        )
+        .function("hotels", record(recorder.clone(), |m| booking(m, "hotel")))
+        .function("cars", record(recorder, |m| booking(m, "car")))
         .function("warehouse", move |msg: OutboundMessage| {
             let recorder = warehouse_recorder.clone();
             let client = client.clone();
@@ -261,4 +268,140 @@ fn effects_are_plain_data() {
         matches!(&s.effects()[0], Effect::Send { expects_reply: true, port, .. } if port == "payment")
     );
     let _unused: Arc<()> = Arc::new(());
+}
+
+fn trip(sold_out: Option<&str>) -> trip_booking::Trip {
+    trip_booking::Trip {
+        trip_id: "t-1".into(),
+        traveller: "ada".into(),
+        sold_out: sold_out.map(str::to_owned),
+    }
+}
+
+fn booking(msg: &OutboundMessage, service: &str) -> Option<serde_json::Value> {
+    if msg.message_type.ends_with(".cancel") {
+        return None;
+    }
+    Some(if msg.body["sold_out"].as_str() == Some(service) {
+        json!({"booked": false, "reason": "sold out"})
+    } else {
+        json!({"booked": true, "reference": format!("{service}-{}", msg.id)})
+    })
+}
+
+#[test]
+fn trip_books_three_services_and_confirms_in_an_atomic_scope() {
+    let mut s = Scenario::<TripBooking>::start(trip(None)).unwrap();
+    s.reply("flights", json!({"booked": true, "reference": "F1"}))
+        .unwrap();
+    s.reply("hotels", json!({"booked": true, "reference": "H1"}))
+        .unwrap();
+    s.reply("cars", json!({"booked": true, "reference": "C1"}))
+        .unwrap();
+    // Inside the atomic scope: the itinerary is buffered, no persistence point yet.
+    assert_eq!(s.step(), "Confirming");
+    assert_eq!(
+        s.persistence_points(),
+        [Reason::Send, Reason::ScopeEnd, Reason::ScopeEnd]
+    );
+    s.timer("settle").unwrap();
+    assert_eq!(
+        s.persistence_points(),
+        [
+            Reason::Send,
+            Reason::ScopeEnd,
+            Reason::ScopeEnd,
+            Reason::Complete
+        ]
+    );
+    assert_eq!(s.output().unwrap().car, "C1");
+    assert!(s
+        .details()
+        .iter()
+        .any(|d| d.contains("atomic scope confirm committed")));
+}
+
+#[test]
+fn a_refused_car_compensates_the_hotel_then_the_flight() {
+    let mut s = Scenario::<TripBooking>::start(trip(Some("car"))).unwrap();
+    s.reply("flights", json!({"booked": true, "reference": "F1"}))
+        .unwrap();
+    s.reply("hotels", json!({"booked": true, "reference": "H1"}))
+        .unwrap();
+    s.reply("cars", json!({"booked": false, "reason": "sold out"}))
+        .unwrap();
+    assert_eq!(
+        s.persistence_points(),
+        [
+            Reason::Send,
+            Reason::ScopeEnd,
+            Reason::ScopeEnd,
+            Reason::Compensate,
+            Reason::Compensate,
+            Reason::Compensate,
+            Reason::Complete
+        ]
+    );
+    let compensated: Vec<&String> = s
+        .details()
+        .iter()
+        .filter(|d| d.ends_with("compensated"))
+        .collect();
+    assert_eq!(
+        compensated,
+        ["scope hotel compensated", "scope flight compensated"]
+    );
+    match s.outcome() {
+        Outcome::Failed(why) => assert!(
+            why.contains("car refused the booking: sold out; 2 booking(s) cancelled"),
+            "{why}"
+        ),
+        other => panic!("expected failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_unreachable_hotel_is_a_fault_the_trip_handles() {
+    let mut s = Scenario::<TripBooking>::start(trip(None)).unwrap();
+    s.reply("flights", json!({"booked": true, "reference": "F1"}))
+        .unwrap();
+    let request = s.waits().requests[0].0.clone();
+    s.send_failed(&request, "hotels", "connection refused")
+        .unwrap();
+    match s.outcome() {
+        Outcome::Failed(why) => assert!(
+            why.contains("unreachable: connection refused; 1 booking(s) cancelled"),
+            "{why}"
+        ),
+        other => panic!("expected failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn trip_survives_a_crash_at_every_persistence_point_when_it_completes() {
+    let report = CrashTest::new(registry(), "trip-booking", json!(trip(None)))
+        .ports(recording_ports)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Completed);
+    assert!(
+        report.history.iter().any(|(r, _)| *r == Reason::ScopeEnd),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn trip_survives_a_crash_at_every_persistence_point_while_compensating() {
+    let report = CrashTest::new(registry(), "trip-booking", json!(trip(Some("car"))))
+        .ports(recording_ports)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Failed);
+    let compensations = report
+        .history
+        .iter()
+        .filter(|(r, _)| *r == Reason::Compensate)
+        .count();
+    assert_eq!(compensations, 3, "{report:?}");
+    assert!(report.crashed_runs >= 14, "{report:?}");
 }

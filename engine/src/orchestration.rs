@@ -13,7 +13,7 @@
 //!
 //! struct Greeter;
 //!
-//! #[derive(Serialize, Deserialize)]
+//! #[derive(Clone, Serialize, Deserialize)]
 //! enum State { AwaitingName }
 //!
 //! impl Orchestration for Greeter {

@@ -18,7 +18,7 @@
 //! # use cairn::{Context, Event, Fault, Next, Orchestration, Correlation};
 //! # use serde::{Deserialize, Serialize};
 //! # struct Greeter;
-//! # #[derive(Serialize, Deserialize)] enum State { AwaitingName }
+//! # #[derive(Clone, Serialize, Deserialize)] enum State { AwaitingName }
 //! # impl Orchestration for Greeter {
 //! #     const NAME: &'static str = "greeter"; const VERSION: u32 = 1;
 //! #     type Input = (); type State = State; type Output = String;

@@ -30,7 +30,7 @@ impl Ledger {
         self.record_with(msg, "").await
     }
 
-    /// Records one delivery with more tab-separated columns after the id.
+    /// Records one delivery with more tab-separated columns after the message type.
     pub async fn record_with(&self, msg: &OutboundMessage, extra: &str) -> Result<(), PortError> {
         simulated_latency().await;
         let Some(path) = &self.0 else { return Ok(()) };
@@ -41,9 +41,9 @@ impl Ledger {
             .await
             .map_err(|e| PortError::transient(format!("ledger {}: {e}", path.display())))?;
         let line = if extra.is_empty() {
-            format!("{}\t{}\n", msg.port, msg.id)
+            format!("{}\t{}\t{}\n", msg.port, msg.id, msg.message_type)
         } else {
-            format!("{}\t{}\t{extra}\n", msg.port, msg.id)
+            format!("{}\t{}\t{}\t{extra}\n", msg.port, msg.id, msg.message_type)
         };
         file.write_all(line.as_bytes())
             .await
@@ -61,6 +61,16 @@ async fn simulated_latency() {
         let ms = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=max);
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
+}
+
+/// Whether this call fails, at the rate `CAIRN_SAMPLE_FAILURE_PERCENT` sets (default 0): the
+/// booking services' simulated outages, which the send ports retry under the same message id.
+fn flaky() -> bool {
+    let percent: u32 = std::env::var("CAIRN_SAMPLE_FAILURE_PERCENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    percent > 0 && rand::Rng::gen_range(&mut rand::thread_rng(), 0..100) < percent
 }
 
 /// Whether an order's shipment is never confirmed (one in five), so the sample shows its timeout.
@@ -81,25 +91,28 @@ fn booking_service(
     ports.function(port, move |msg: OutboundMessage| {
         let ledger = ledger.clone();
         async move {
+            if flaky() {
+                return Err(PortError::transient(format!(
+                    "{service} service unavailable (simulated)"
+                )));
+            }
             let trip = msg.body["trip_id"].as_str().unwrap_or_default().to_owned();
             if msg.message_type.ends_with(".cancel") {
                 let reference = msg.body["reference"].as_str().unwrap_or_default();
                 ledger
-                    .record_with(&msg, &format!("{}\t{trip}\t{reference}", msg.message_type))
+                    .record_with(&msg, &format!("{trip}\t{reference}"))
                     .await?;
                 return Ok(None);
             }
             if msg.body["sold_out"].as_str() == Some(service) {
-                ledger
-                    .record_with(&msg, &format!("{}\t{trip}\t-", msg.message_type))
-                    .await?;
+                ledger.record_with(&msg, &format!("{trip}\t-")).await?;
                 return Ok(Some(
                     json!({ "booked": false, "reason": format!("no {service} left") }),
                 ));
             }
             let reference = format!("{service}-{}", msg.id);
             ledger
-                .record_with(&msg, &format!("{}\t{trip}\t{reference}", msg.message_type))
+                .record_with(&msg, &format!("{trip}\t{reference}"))
                 .await?;
             Ok(Some(json!({ "booked": true, "reference": reference })))
         }

@@ -52,6 +52,8 @@ impl Run {
             .env("CAIRN_PORT_LEDGER", self.ledger())
             .env("RUST_LOG", log)
             .env("CAIRN_SAMPLE_LATENCY_MS", latency_ms.to_string())
+            // The booking services fail now and then: retried under the same id.
+            .env("CAIRN_SAMPLE_FAILURE_PERCENT", "5")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -118,7 +120,17 @@ pub fn load(wave: usize, count: usize) -> (Vec<NewMessage>, Vec<NewMessage>) {
     let mut i = 0;
     while starts.len() < count {
         i += 1;
-        match i % 3 {
+        match i % 4 {
+            3 => {
+                // A trip; three in four find one service sold out and compensate.
+                let trip_id = format!("w{wave}-trip-{i}");
+                let sold_out = [None, Some("flight"), Some("hotel"), Some("car")][(i / 4) % 4];
+                starts.push(publish(
+                    format!("{trip_id}-requested"),
+                    "trip.requested",
+                    json!({"trip_id": trip_id, "traveller": "t", "sold_out": sold_out}),
+                ));
+            }
             0 => {
                 let order_id = format!("w{wave}-order-{i}");
                 if cairn_orchestrations::ports::warehouse_loses(&order_id) {
@@ -258,10 +270,87 @@ pub async fn check_guarantees(run: &Run, ids: &[Uuid], published: &[String]) {
     );
     let lost: Vec<_> = committed.difference(&delivered_ids).take(3).collect();
     assert!(lost.is_empty(), "committed but never delivered: {lost:?}");
+    check_trips(run).await;
     let redelivered = delivered.values().filter(|n| **n > 1).count();
     eprintln!(
         "{} sends delivered, {redelivered} of them more than once (at least once, same id)",
         committed.len()
+    );
+}
+
+/// The saga, from the booking services' own record: every booking a failed trip made is
+/// cancelled exactly once (never twice, never skipped), a completed trip cancels nothing and sent
+/// both messages of its atomic confirmation, and exactly the trips with a sold-out service failed.
+async fn check_trips(run: &Run) {
+    let text = std::fs::read_to_string(run.ledger()).unwrap_or_default();
+    // Deduplicated by message id, as a receiver would: port, id, type, trip, reference.
+    let mut lines: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        let cols: Vec<String> = line.split('\t').map(str::to_owned).collect();
+        if cols.len() >= 3 {
+            lines.insert(cols[1].clone(), cols);
+        }
+    }
+    let mut booked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut cancelled: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for cols in lines.values() {
+        let (ty, trip, reference) = (
+            &cols[2],
+            cols.get(3).cloned().unwrap_or_default(),
+            cols.get(4).cloned().unwrap_or_default(),
+        );
+        if cols.len() < 5 {
+            continue;
+        }
+        if ty.ends_with(".book") && reference != "-" {
+            booked.entry(trip).or_default().insert(reference);
+        } else if ty.ends_with(".cancel") {
+            cancelled.entry(trip).or_default().push(reference);
+        }
+    }
+    let trips: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT m.body, i.status, COALESCE(i.last_error, '') FROM messages m \
+         JOIN instances i ON i.id = m.instance_id WHERE m.message_type = 'trip.requested'",
+    )
+    .fetch_all(&run.db.sql)
+    .await
+    .unwrap();
+    let mut compensated = 0;
+    for (body, status, error) in &trips {
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        let trip = body["trip_id"].as_str().unwrap().to_owned();
+        let made = booked.get(&trip).cloned().unwrap_or_default();
+        let mut undone = cancelled.get(&trip).cloned().unwrap_or_default();
+        undone.sort();
+        if body["sold_out"].is_null() {
+            assert_eq!(status, "completed", "{trip}: {error}");
+            assert_eq!(made.len(), 3, "{trip}");
+            assert!(
+                undone.is_empty(),
+                "{trip} completed but cancelled {undone:?}"
+            );
+        } else {
+            assert_eq!(status, "failed", "{trip}: {error}");
+            let made: Vec<String> = made.into_iter().collect();
+            assert_eq!(undone, made, "{trip}: each booking cancelled exactly once");
+            compensated += made.len();
+        }
+    }
+    let confirmations = lines
+        .values()
+        .filter(|c| c[0] == "notifications" && c[2].starts_with("trip."))
+        .count();
+
+    let completed = trips.iter().filter(|(_, s, _)| s == "completed").count();
+    eprintln!(
+        "{} trips: {completed} completed, {} compensated ({compensated} bookings cancelled)",
+        trips.len(),
+        trips.len() - completed
+    );
+    assert_eq!(
+        confirmations,
+        2 * completed,
+        "itinerary and confirmation per completed trip"
     );
 }
 

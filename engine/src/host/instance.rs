@@ -796,13 +796,9 @@ impl LiveInstance {
                 raise(Reason::Complete);
             }
         }
-        // Inside an atomic scope, sends, starts and compensation requests wait for its end.
-        if self.in_atomic_scope()
-            && matches!(
-                reason,
-                Some(Reason::Send | Reason::Start | Reason::Compensate)
-            )
-        {
+        // An atomic scope never spans a persistence point: whatever this transition did waits for
+        // the scope's end (or is dropped with it), unless the instance ended.
+        if self.in_atomic_scope() && reason != Some(Reason::Complete) {
             reason = None;
         }
         Delivery::Ran(reason)
