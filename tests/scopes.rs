@@ -34,6 +34,23 @@ fn types(deliveries: &Deliveries, port: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until `n` subscriptions to `message_type` are written.
+async fn wait_subscribed(db: &TestDb, message_type: &str, n: i64) {
+    db.wait_for(
+        &format!("{n} receive(s) of {message_type}"),
+        WAIT,
+        || async {
+            db.count_with(
+                "SELECT COUNT(*) FROM subscriptions WHERE message_type = $1",
+                message_type,
+            )
+            .await
+                == n
+        },
+    )
+    .await;
+}
+
 /// The `detail` column of an instance's history, in order.
 async fn details(db: &TestDb, id: Uuid) -> Vec<String> {
     db.texts(
@@ -66,19 +83,9 @@ async fn an_atomic_scope_commits_its_sends_together_at_its_end(db: TestDb) {
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     let id = client.start("atomic-pair", json!("k1")).await.unwrap();
-    db.wait_for("the pair to wait", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'pair.begin'")
-            .await
-            == 1
-    })
-    .await;
+    wait_subscribed(&db, "pair.begin", 1).await;
     publish(&client, "b1", "pair.begin", json!({"key": "k1"})).await;
-    db.wait_for("the scope's receives", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'pair.go'")
-            .await
-            == 1
-    })
-    .await;
+    wait_subscribed(&db, "pair.go", 1).await;
     // Inside the scope: its first send is buffered, with no persistence point of its own.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(db.count("SELECT COUNT(*) FROM outbox").await, 0);
@@ -107,19 +114,9 @@ async fn a_fault_in_an_atomic_scope_rolls_back_and_its_handler_runs(db: TestDb) 
     let deliveries = Deliveries::default();
     let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     let id = client.start("atomic-pair", json!("k2")).await.unwrap();
-    db.wait_for("the pair to wait", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'pair.begin'")
-            .await
-            == 1
-    })
-    .await;
+    wait_subscribed(&db, "pair.begin", 1).await;
     publish(&client, "b2", "pair.begin", json!({"key": "k2"})).await;
-    db.wait_for("the scope's receives", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'pair.fail'")
-            .await
-            == 1
-    })
-    .await;
+    wait_subscribed(&db, "pair.fail", 1).await;
     publish(&client, "f2", "pair.fail", json!({"key": "k2"})).await;
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;
     db.wait_for("the handler's send", WAIT, || async {
@@ -245,12 +242,7 @@ async fn the_trip_saga_compensates_completed_bookings_newest_first(db: TestDb) {
 async fn an_unhandled_fault_fails_an_instance_that_declares_it(db: TestDb) {
     let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
     let id = client.start("fail-fast", json!("ff")).await.unwrap();
-    db.wait_for("the instance to wait", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'fail-fast.go'")
-            .await
-            == 1
-    })
-    .await;
+    wait_subscribed(&db, "fail-fast.go", 1).await;
     publish(&client, "ff-go", "fail-fast.go", json!({"key": "ff"})).await;
     db.wait_status(id, InstanceStatus::Failed, WAIT).await;
     let error = db.store.instance_summaries(&[id]).await.unwrap()[0]
@@ -274,12 +266,7 @@ async fn a_suspended_instance_resumes_on_a_fixed_build_of_the_same_version(db: T
     // persistence point, the message kept.
     let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
     let id = client.start("fixable", json!("fx")).await.unwrap();
-    db.wait_for("the instance to wait", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'fixable.go'")
-            .await
-            == 1
-    })
-    .await;
+    wait_subscribed(&db, "fixable.go", 1).await;
     publish(
         &client,
         "fx-go",
@@ -484,12 +471,7 @@ async fn a_poison_message_suspends_its_instance_after_the_configured_attempts(db
         }
         ids
     };
-    db.wait_for("every panicker to wait", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'boom'")
-            .await
-            == 6
-    })
-    .await;
+    wait_subscribed(&db, "boom", 6).await;
     publish(&client, &format!("{key}-boom"), "boom", json!({"key": key})).await;
     for i in 0..5 {
         publish(
