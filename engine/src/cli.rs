@@ -551,6 +551,9 @@ async fn demo(
     println!("Look inside:");
     println!("  {shell} \"SELECT orchestration, status, COUNT(*) FROM instances GROUP BY 1, 2\"");
     println!("  {shell} \"SELECT reason, COUNT(*) FROM history GROUP BY reason\"");
+    println!(
+        "  {shell} \"SELECT instance_id, seq, reason, detail FROM history WHERE reason IN ('scope_end', 'compensate') ORDER BY 1, 2\""
+    );
     println!("  cargo run -- list --status failed");
     Ok(())
 }
