@@ -19,6 +19,12 @@ backend_tests!(
     sigterm_saves_every_instance_and_a_restart_finishes_them
 );
 
+/// Trips whose car reply is in and not consumed by a committed point: a host killed now dies
+/// inside (or just before) their atomic confirmation scope, which must leave no trace.
+const INSIDE_ATOMIC: &str = "SELECT COUNT(*) FROM instances i WHERE i.step = 'BookingCar' \
+    AND i.status NOT IN ('completed', 'failed') AND EXISTS (SELECT 1 FROM messages m \
+    WHERE m.instance_id = i.id AND m.kind = 'reply' AND m.status = 'routed')";
+
 async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     let soak = std::env::var("CAIRN_SOAK").is_ok_and(|v| v == "1");
     let (first_wave, wave, kills) = if soak {
@@ -30,6 +36,7 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     let mut host = run.spawn_host(0);
     let (mut ids, mut published) = feed(&run, 0, first_wave).await;
     let mut rng = rand::thread_rng();
+    let mut inside_atomic = 0;
     for k in 1..=kills {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..700))).await;
         host.sigkill();
@@ -37,7 +44,11 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
             .db
             .count("SELECT COUNT(*) FROM instances WHERE status NOT IN ('completed', 'failed')")
             .await;
-        eprintln!("kill {k}: {open} instances in flight");
+        let in_atomic = run.db.count(INSIDE_ATOMIC).await;
+        inside_atomic += in_atomic;
+        eprintln!(
+            "kill {k}: {open} instances in flight, {in_atomic} trips inside their atomic scope"
+        );
         assert!(
             open > 0,
             "kill {k} hit an idle host: the test would prove nothing"
@@ -48,6 +59,20 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
         published.extend(more);
         host = run.spawn_host(k);
     }
+    // One more kill, aimed at trips inside their atomic confirmation scope (1.5 s long).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while run.db.count(INSIDE_ATOMIC).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no trip reached its atomic scope"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.sigkill();
+    let in_atomic = run.db.count(INSIDE_ATOMIC).await;
+    eprintln!("aimed kill: {in_atomic} trips inside their atomic scope");
+    inside_atomic += in_atomic;
+    host = run.spawn_host(kills + 1);
     wait_until_all_ended(
         &run,
         &ids,
@@ -55,6 +80,10 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     )
     .await;
     stop(host);
+    assert!(
+        inside_atomic > 0,
+        "no kill landed inside an atomic scope: the test would not show that one leaves no trace"
+    );
     check_guarantees(&run, &ids, &published).await;
 }
 

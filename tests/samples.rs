@@ -275,6 +275,7 @@ fn trip(sold_out: Option<&str>) -> trip_booking::Trip {
         trip_id: "t-1".into(),
         traveller: "ada".into(),
         sold_out: sold_out.map(str::to_owned),
+        settle_ms: 20,
     }
 }
 

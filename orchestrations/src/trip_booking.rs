@@ -32,6 +32,13 @@ pub struct Trip {
     /// a booking fail.
     #[serde(default)]
     pub sold_out: Option<String>,
+    /// How long the confirmation's atomic scope stays open (milliseconds; 20 by default).
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: i64,
+}
+
+fn default_settle_ms() -> i64 {
+    20
 }
 
 /// The references of a booked trip.
@@ -207,7 +214,7 @@ impl Orchestration for TripBooking {
                 // The itinerary and the confirmation leave together, at the end of this scope.
                 ctx.begin_scope("confirm", ScopeKind::Atomic);
                 ctx.send("notifications", "trip.itinerary", &booked)?;
-                ctx.delay("settle", Duration::milliseconds(20));
+                ctx.delay("settle", Duration::milliseconds(trip.settle_ms));
                 Ok(Next::Continue(State::Confirming { trip, booked }))
             }
             State::Confirming { booked, .. } => match event {

@@ -128,7 +128,7 @@ pub fn load(wave: usize, count: usize) -> (Vec<NewMessage>, Vec<NewMessage>) {
                 starts.push(publish(
                     format!("{trip_id}-requested"),
                     "trip.requested",
-                    json!({"trip_id": trip_id, "traveller": "t", "sold_out": sold_out}),
+                    json!({"trip_id": trip_id, "traveller": "t", "sold_out": sold_out, "settle_ms": 1500}),
                 ));
             }
             0 => {
