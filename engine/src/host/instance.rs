@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::scopes::Scopes;
 use crate::codec;
 use crate::context::{Context, Delay, Effect, Receive, ScopeKind};
 use crate::orchestration::{Event, Message, OnFault, ScopeFault};
@@ -38,45 +39,6 @@ pub struct Waits {
     /// Transactional scopes and compensation.
     #[serde(default)]
     pub scopes: Scopes,
-}
-
-/// The engine's record of an instance's transactional scopes.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Scopes {
-    /// Open scopes, innermost last.
-    pub open: Vec<OpenScope>,
-    /// Scopes that ended successfully and have not been compensated, oldest first.
-    pub completed: Vec<CompletedScope>,
-    /// Compensations asked for and not yet run, next first.
-    pub compensating: Vec<CompletedScope>,
-    /// The compensation request under way: (its number, the scope name asked for, done so far).
-    pub request: Option<(u64, String, usize)>,
-    /// Numbers scopes and compensation requests.
-    pub counter: u64,
-}
-
-/// An open scope.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OpenScope {
-    /// Unique within the instance.
-    pub id: u64,
-    /// The name it was given.
-    pub name: String,
-    /// Atomic or long-running.
-    pub kind: ScopeKind,
-}
-
-/// A scope that ended successfully, with what its compensation needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompletedScope {
-    /// Unique within the instance.
-    pub id: u64,
-    /// The name it was given.
-    pub name: String,
-    /// The names of the scopes it was nested in, outermost first.
-    pub within: Vec<String>,
-    /// What `end_scope_with` recorded.
-    pub data: serde_json::Value,
 }
 
 /// Where an atomic scope started: what a fault inside it rolls back to. In memory only: an
@@ -377,8 +339,13 @@ impl LiveInstance {
                     }
                 }
             }
-            MessageKind::Compensate => match self.compensation_event(&msg.body) {
-                Some(event) => event,
+            MessageKind::Compensate => match self.waits.scopes.take_event(&msg.body) {
+                Some(event) => {
+                    if let Event::Compensate { scope, .. } = &event {
+                        self.compensating_now = Some(scope.clone());
+                    }
+                    event
+                }
                 None => {
                     // Already handled (a message delivered twice): nothing left to do.
                     self.consumed.push(msg.seq);
@@ -734,49 +701,33 @@ impl LiveInstance {
                             "scope {name:?} cannot begin inside atomic scope {outer:?}: atomic scopes do not nest"
                         ));
                     }
-                    let scopes = &mut self.waits.scopes;
-                    scopes.counter += 1;
-                    scopes.open.push(OpenScope {
-                        id: scopes.counter,
-                        name,
-                        kind,
-                    });
+                    self.waits.scopes.begin(name, kind);
                     if kind == ScopeKind::Atomic {
                         self.atomic = atomic_start.take();
                     }
                 }
                 Effect::EndScope { compensation } => {
-                    let scopes = &mut self.waits.scopes;
-                    let Some(scope) = scopes.open.pop() else {
+                    let Some(ended) = self.waits.scopes.end(compensation) else {
                         return self.fault("end_scope with no scope open".to_owned());
                     };
-                    let within = scopes.open.iter().map(|s| s.name.clone()).collect();
-                    let detail = if scope.kind == ScopeKind::Atomic {
+                    let detail = if ended.kind == ScopeKind::Atomic {
                         self.atomic = None;
-                        format!("atomic scope {} committed", scope.name)
+                        format!("atomic scope {} committed", ended.name)
                     } else {
-                        format!("scope {} completed", scope.name)
+                        format!("scope {} completed", ended.name)
                     };
-                    scopes.completed.push(CompletedScope {
-                        id: scope.id,
-                        name: scope.name,
-                        within,
-                        data: compensation,
-                    });
                     self.note(detail);
                     raise(Reason::ScopeEnd);
                 }
                 Effect::Compensate { scope } => {
-                    self.request_compensation(scope);
+                    self.messages
+                        .extend(self.waits.scopes.request_compensation(scope, self.id));
                     raise(Reason::Compensate);
                 }
             }
         }
         if let Some(name) = compensating {
-            if let Some(request) = &mut self.waits.scopes.request {
-                request.2 += 1;
-            }
-            self.next_compensation_message();
+            self.messages.extend(self.waits.scopes.compensated(self.id));
             self.note(format!("scope {name} compensated"));
             raise(Reason::Compensate);
         }
@@ -804,59 +755,6 @@ impl LiveInstance {
         Delivery::Ran(reason)
     }
 
-    /// Queues the compensation of the completed scopes named `scope` (or all) and those nested
-    /// in them, newest first; the first `compensate` message goes out with the next point.
-    fn request_compensation(&mut self, scope: Option<String>) {
-        let scopes = &mut self.waits.scopes;
-        let wanted = |c: &CompletedScope| match &scope {
-            None => true,
-            Some(name) => c.name == *name || c.within.contains(name),
-        };
-        let mut chosen: Vec<CompletedScope> = Vec::new();
-        scopes.completed.retain(|c| {
-            if wanted(c) {
-                chosen.push(c.clone());
-                false
-            } else {
-                true
-            }
-        });
-        chosen.reverse();
-        let idle = scopes.compensating.is_empty() && scopes.request.is_none();
-        scopes.compensating.extend(chosen);
-        if idle {
-            scopes.counter += 1;
-            scopes.request = Some((scopes.counter, scope.unwrap_or_default(), 0));
-            self.next_compensation_message();
-        }
-    }
-
-    /// The message that drives the next step of a compensation: the next scope to compensate,
-    /// or the news that all of them are done.
-    fn next_compensation_message(&mut self) {
-        let scopes = &self.waits.scopes;
-        let message = if let Some(next) = scopes.compensating.first() {
-            NewMessage::to_instance(
-                format!("{}:compensate:{}", self.id, next.id),
-                "compensate",
-                MessageKind::Compensate,
-                serde_json::json!({ "scope_id": next.id, "scope": next.name }),
-                self.id,
-            )
-        } else if let Some((request, name, count)) = &scopes.request {
-            NewMessage::to_instance(
-                format!("{}:compensated:{request}", self.id),
-                "compensated",
-                MessageKind::Compensate,
-                serde_json::json!({ "request": request, "scope": name, "count": count }),
-                self.id,
-            )
-        } else {
-            return;
-        };
-        self.messages.push(message);
-    }
-
     /// Whether the innermost open scope is atomic (its sends are buffered; it is never
     /// dehydrated).
     pub fn in_atomic_scope(&self) -> bool {
@@ -864,39 +762,7 @@ impl LiveInstance {
     }
 
     fn innermost_atomic(&self) -> Option<&str> {
-        self.waits
-            .scopes
-            .open
-            .last()
-            .filter(|s| s.kind == ScopeKind::Atomic)
-            .map(|s| s.name.as_str())
-    }
-
-    /// The event a `compensate` message stands for, if it is still due.
-    fn compensation_event(&mut self, body: &serde_json::Value) -> Option<Event> {
-        let scopes = &mut self.waits.scopes;
-        if let Some(id) = body.get("scope_id").and_then(serde_json::Value::as_u64) {
-            if scopes.compensating.first().is_none_or(|c| c.id != id) {
-                return None;
-            }
-            let scope = scopes.compensating.remove(0);
-            self.compensating_now = Some(scope.name.clone());
-            return Some(Event::Compensate {
-                scope: scope.name,
-                data: scope.data,
-                remaining: scopes.compensating.len(),
-            });
-        }
-        let request = body.get("request").and_then(serde_json::Value::as_u64)?;
-        match scopes.request.take() {
-            Some((current, scope, count)) if current == request => {
-                Some(Event::Compensated { scope, count })
-            }
-            other => {
-                scopes.request = other;
-                None
-            }
-        }
+        self.waits.scopes.innermost_atomic()
     }
 
     /// The effects the last transition asked for.

@@ -12,6 +12,7 @@
 mod dispatcher;
 pub mod instance;
 pub mod ports;
+pub mod scopes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
