@@ -381,10 +381,16 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             }
             println!("history");
             for h in &detail.history {
-                println!(
-                    "  {:>3}  {:<10} {:<20} {:<10} {}",
-                    h.seq, h.reason, h.step, h.status, h.at
+                let line = format!(
+                    "  {:>3}  {:<10} {:<20} {:<10} {}  {}",
+                    h.seq,
+                    h.reason,
+                    h.step,
+                    h.status,
+                    h.at,
+                    h.detail.as_deref().unwrap_or_default()
                 );
+                println!("{}", line.trim_end());
             }
         }
         Command::Suspend { id, reason } => {
