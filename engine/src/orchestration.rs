@@ -95,6 +95,14 @@ pub trait Orchestration: Send + Sync + 'static {
     /// Message types that start a new instance of this orchestration when published
     /// (activating subscriptions). The message body is decoded as [`Orchestration::Input`].
     const ACTIVATED_BY: &'static [&'static str] = &[];
+    /// Convoy properties. Empty (the default): every activating message starts a new instance.
+    /// Set (for example `&["order_id"]`): a **convoy**. The first message with a value starts an
+    /// instance, which is at once subscribed to every `ACTIVATED_BY` type with that value, so
+    /// every later message with the same value goes to it, in order, and never starts a second
+    /// instance while it runs (a sequential convoy; with several types, a parallel one). The
+    /// instance starts waiting for them (cancel with [`Context::cancel_waits`]); after it ends,
+    /// the next message with the value starts a new instance.
+    const CONVOY: &'static [&'static str] = &[];
     /// What a fault no scope handles does to an instance: suspend it (the default) or end it
     /// as `failed`.
     const ON_UNHANDLED_FAULT: OnFault = OnFault::Suspend;

@@ -54,6 +54,8 @@ pub trait Definition: Send + Sync {
         state: AnyState,
         fault: ScopeFault,
     ) -> Result<AnyNext, Fault>;
+    /// `Orchestration::CONVOY`.
+    fn convoy(&self) -> &'static [&'static str];
     /// `Orchestration::ON_UNHANDLED_FAULT`.
     fn on_unhandled_fault(&self) -> OnFault;
     /// A copy of a state (a scope's rollback point).
@@ -133,6 +135,9 @@ impl<O: Orchestration> Definition for Typed<O> {
     }
     fn on_unhandled_fault(&self) -> OnFault {
         O::ON_UNHANDLED_FAULT
+    }
+    fn convoy(&self) -> &'static [&'static str] {
+        O::CONVOY
     }
     fn clone_state(&self, state: &AnyState) -> Result<AnyState, Fault> {
         let state = state

@@ -238,6 +238,93 @@ impl Orchestration for FailFast {
     }
 }
 
+/// A sequential convoy: every `line` with the same `order` goes to one instance, in order; it
+/// completes after `CONVOY_BATCH` lines, and the next line of that order starts a new instance.
+pub struct LineConvoy;
+
+/// Lines per `LineConvoy` instance.
+pub const CONVOY_BATCH: usize = 25;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LineState {
+    Collecting { order: String, seen: Vec<i64> },
+}
+
+impl LineConvoy {
+    fn take(ctx: &mut Context, order: String, mut seen: Vec<i64>, n: i64) -> Next<Self> {
+        seen.push(n);
+        if seen.len() == CONVOY_BATCH {
+            return Next::Complete(seen);
+        }
+        ctx.receive("line", Correlation::on("order", &order));
+        Next::Continue(LineState::Collecting { order, seen })
+    }
+}
+
+impl Orchestration for LineConvoy {
+    const NAME: &'static str = "line-convoy";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["line"];
+    const CONVOY: &'static [&'static str] = &["order"];
+    type Input = serde_json::Value;
+    type State = LineState;
+    type Output = Vec<i64>;
+
+    fn start(ctx: &mut Context, line: serde_json::Value) -> Result<Next<Self>, Fault> {
+        let order = line["order"]
+            .as_str()
+            .ok_or("line without order")?
+            .to_owned();
+        let n = line["n"].as_i64().ok_or("line without n")?;
+        Ok(Self::take(ctx, order, Vec::new(), n))
+    }
+
+    fn on_event(ctx: &mut Context, state: LineState, event: Event) -> Result<Next<Self>, Fault> {
+        let LineState::Collecting { order, seen } = state;
+        let n = event.message()?.body["n"]
+            .as_i64()
+            .ok_or("line without n")?;
+        Ok(Self::take(ctx, order, seen, n))
+    }
+}
+
+/// A parallel convoy: `doc.a` and `doc.b` of one `case`, in either order; whichever comes first
+/// starts the instance, which completes with both.
+pub struct DocPair;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DocPairState {
+    Waiting { case: String, first: String },
+}
+
+impl Orchestration for DocPair {
+    const NAME: &'static str = "doc-pair";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["doc.a", "doc.b"];
+    const CONVOY: &'static [&'static str] = &["case"];
+    type Input = serde_json::Value;
+    type State = DocPairState;
+    type Output = Vec<String>;
+
+    fn start(ctx: &mut Context, doc: serde_json::Value) -> Result<Next<Self>, Fault> {
+        let case = doc["case"].as_str().ok_or("doc without case")?.to_owned();
+        let first = doc["kind"].as_str().ok_or("doc without kind")?.to_owned();
+        let other = if first == "a" { "doc.b" } else { "doc.a" };
+        ctx.cancel_waits();
+        ctx.receive(other, Correlation::on("case", &case));
+        Ok(Next::Continue(DocPairState::Waiting { case, first }))
+    }
+
+    fn on_event(_: &mut Context, state: DocPairState, event: Event) -> Result<Next<Self>, Fault> {
+        let DocPairState::Waiting { first, .. } = state;
+        let second = event.message()?.body["kind"]
+            .as_str()
+            .ok_or("doc without kind")?
+            .to_owned();
+        Ok(Next::Complete(vec![first, second]))
+    }
+}
+
 /// Every orchestration the engine tests use (with the buggy `fixable`).
 pub fn registry() -> Registry {
     cairn_orchestrations::registry()
@@ -246,6 +333,8 @@ pub fn registry() -> Registry {
         .register::<AtomicPair>()
         .register::<FixableBuggy>()
         .register::<FailFast>()
+        .register::<LineConvoy>()
+        .register::<DocPair>()
 }
 
 /// What the ports delivered: (port, message id, body).

@@ -18,11 +18,11 @@ use uuid::Uuid;
 use super::scopes::Scopes;
 use crate::codec;
 use crate::context::{Context, Delay, Effect, Receive, ScopeKind};
-use crate::orchestration::{Event, Message, OnFault, ScopeFault};
+use crate::orchestration::{Correlation, Event, Message, OnFault, ScopeFault};
 use crate::registry::{AnyNext, AnyState, Definition, Registry};
 use crate::store::{
-    InstanceRecord, InstanceStatus, MessageKind, NewInstance, NewMessage, OutboxRow,
-    PersistencePoint, Reason, StoredMessage, SubscriptionRow,
+    convoy_subscription_id, InstanceRecord, InstanceStatus, MessageKind, NewInstance, NewMessage,
+    OutboxRow, PersistencePoint, Reason, StoredMessage, SubscriptionRow,
 };
 
 /// The engine's own bookkeeping for an instance, saved beside its state (`engine_state`).
@@ -39,6 +39,9 @@ pub struct Waits {
     /// Transactional scopes and compensation.
     #[serde(default)]
     pub scopes: Scopes,
+    /// For an instance a convoy started: the convoy's values.
+    #[serde(default)]
+    pub convoy: Option<Correlation>,
 }
 
 /// Where an atomic scope started: what a fault inside it rolls back to. In memory only: an
@@ -286,6 +289,7 @@ impl LiveInstance {
                         msg.id
                     ));
                 }
+                self.join_convoy(&msg);
                 let seq = msg.seq;
                 return self.run(Some(seq), None, registry, ports, now, |def, ctx| {
                     def.start(ctx, msg.body)
@@ -364,6 +368,47 @@ impl LiveInstance {
             }
         };
         self.deliver_event(Some(msg.seq), event, registry, ports, now)
+    }
+
+    /// A convoy's first message: the store subscribed the new instance to every activating type
+    /// with the message's convoy values; the instance waits for them under the same ids.
+    fn join_convoy(&mut self, start: &StoredMessage) {
+        let keys = self.def.convoy();
+        if keys.is_empty()
+            || !self
+                .def
+                .activated_by()
+                .contains(&start.message_type.as_str())
+        {
+            return;
+        }
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        let Some(values) = Correlation::from_properties(&keys.join(","), &start.properties) else {
+            return;
+        };
+        self.waits.convoy = Some(values.clone());
+        for message_type in self.def.activated_by() {
+            let id = convoy_subscription_id(self.id, message_type);
+            self.written_receives.insert(id);
+            self.waits.receives.push((
+                id,
+                Receive {
+                    message_type: (*message_type).to_owned(),
+                    correlation: values.clone(),
+                },
+            ));
+        }
+    }
+
+    /// The id a convoy receive keeps across Listen cancellations: the one the store gave it.
+    fn convoy_id(&self, receive: &Receive) -> Option<Uuid> {
+        (self.waits.convoy.as_ref() == Some(&receive.correlation)
+            && self
+                .def
+                .activated_by()
+                .contains(&receive.message_type.as_str()))
+        .then(|| convoy_subscription_id(self.id, &receive.message_type))
     }
 
     /// Delivers a due timer. A timer the instance no longer waits for is dropped.
@@ -678,7 +723,9 @@ impl LiveInstance {
                             .receives
                             .iter()
                             .find(|(_, r)| *r == receive)
-                            .map_or_else(Uuid::new_v4, |(id, _)| *id);
+                            .map(|(id, _)| *id)
+                            .or_else(|| self.convoy_id(&receive))
+                            .unwrap_or_else(Uuid::new_v4);
                         self.waits.receives.push((id, receive));
                     }
                 }

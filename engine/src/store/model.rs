@@ -274,6 +274,17 @@ pub struct Activation {
     pub orchestration: String,
     /// The version new instances start on.
     pub version: u32,
+    /// Convoy properties (sorted, comma-separated, `subscriptions.correlation_keys`): when set,
+    /// activation also subscribes the new instance to every activating type of its definition
+    /// with the activating message's values, so that later messages with the same values go to
+    /// it rather than starting another instance.
+    pub convoy: String,
+}
+
+/// The id of the subscription a convoy activation gives `instance` for `message_type`; the
+/// instance's own bookkeeping uses the same id.
+pub fn convoy_subscription_id(instance: Uuid, message_type: &str) -> Uuid {
+    Uuid::new_v5(&instance, message_type.as_bytes())
 }
 
 /// A message as stored.

@@ -55,6 +55,8 @@ pub const WORK_CHANNEL: &str = "cairn_work";
 
 /// Advisory lock class of the per-message-type routing locks ("cair").
 const ROUTE_LOCK_CLASS: i32 = 0x6361_6972;
+/// Advisory lock class of convoy activations, one lock per orchestration and values ("caic").
+const CONVOY_LOCK_CLASS: i32 = 0x6361_6963;
 /// Advisory lock class of schema creation ("cais").
 const SCHEMA_LOCK_CLASS: i32 = 0x6361_6973;
 
@@ -250,7 +252,12 @@ fn routed_types(messages: &[NewMessage]) -> impl Iterator<Item = &str> {
 /// Where a message goes.
 enum Route {
     Instance(Uuid, Option<Uuid>),
-    Activate { orchestration: String, version: u32 },
+    Activate {
+        orchestration: String,
+        version: u32,
+        /// For a convoy: the activating message's values of the convoy properties.
+        convoy: Option<Correlation>,
+    },
     Unrouted(String),
 }
 
@@ -288,7 +295,7 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
         }
     }
     let activation = sqlx::query(
-        "SELECT orchestration, version FROM subscriptions \
+        "SELECT orchestration, version, correlation_keys FROM subscriptions \
          WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
     )
     .bind(&msg.message_type)
@@ -296,9 +303,47 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
     .await
     .map_err(map_err)?;
     if let Some(row) = activation {
+        let orchestration: String = col(&row, "orchestration")?;
+        let keys: String = col(&row, "correlation_keys")?;
+        let convoy = if keys.is_empty() {
+            None
+        } else {
+            let Some(values) = Correlation::from_properties(&keys, &msg.properties) else {
+                return Ok(Route::Unrouted(format!(
+                    "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
+                    msg.message_type
+                )));
+            };
+            // Publishers of one type route side by side (shared route locks): serialise the
+            // activations of one convoy, and look again once it is ours.
+            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+                .bind(CONVOY_LOCK_CLASS)
+                .bind(format!("{orchestration}|{}", values.canonical()))
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+            let owner = sqlx::query(
+                "SELECT id, instance_id FROM subscriptions \
+                 WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
+                 ORDER BY created_at, id LIMIT 1",
+            )
+            .bind(&msg.message_type)
+            .bind(values.canonical())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?;
+            if let Some(row) = owner {
+                return Ok(Route::Instance(
+                    col(&row, "instance_id")?,
+                    Some(col(&row, "id")?),
+                ));
+            }
+            Some(values)
+        };
         return Ok(Route::Activate {
-            orchestration: col(&row, "orchestration")?,
+            orchestration,
             version: uint(col(&row, "version")?, "subscriptions.version")?,
+            convoy,
         });
     }
     let props = msg
@@ -396,9 +441,11 @@ async fn publish_one(
         Route::Activate {
             orchestration,
             version,
+            convoy,
         } => {
             let id = Uuid::new_v4();
             insert_instance(tx, id, &orchestration, version, None, now).await?;
+            subscribe_convoy(tx, id, &orchestration, convoy, now).await?;
             // An activating message is the new instance's start message.
             (
                 MessageStatus::Routed,
@@ -530,11 +577,12 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
             Route::Activate {
                 orchestration,
                 version,
+                convoy,
             } => (
                 Uuid::new_v4(),
                 None,
                 MessageKind::Start,
-                Some((orchestration, version)),
+                Some((orchestration, version, convoy)),
             ),
             Route::Unrouted(_) => continue,
         };
@@ -549,8 +597,9 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-        if let (1, Some((orchestration, version))) = (routed.rows_affected(), activate) {
+        if let (1, Some((orchestration, version, convoy))) = (routed.rows_affected(), activate) {
             insert_instance(tx, instance, &orchestration, version, None, now).await?;
+            subscribe_convoy(tx, instance, &orchestration, convoy, now).await?;
         }
     }
     Ok(())
@@ -569,6 +618,43 @@ async fn unroute(tx: &mut Tx, subscriptions: &[Uuid], changes: &mut Reroute) -> 
     .await
     .map_err(map_err)?;
     changes.seqs.extend(seqs);
+    Ok(())
+}
+
+/// For a convoy activation: subscribes the new instance to every activating type of its
+/// definition with the convoy's values, so that no second instance starts for them while it runs.
+async fn subscribe_convoy(
+    tx: &mut Tx,
+    instance: Uuid,
+    orchestration: &str,
+    convoy: Option<Correlation>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let Some(values) = convoy else {
+        return Ok(());
+    };
+    let types: Vec<String> = sqlx::query_scalar(
+        "SELECT message_type FROM subscriptions WHERE orchestration = $1 AND instance_id IS NULL",
+    )
+    .bind(orchestration)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    for message_type in types {
+        sqlx::query(
+            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(convoy_subscription_id(instance, &message_type))
+        .bind(&message_type)
+        .bind(instance)
+        .bind(values.keys())
+        .bind(values.canonical())
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -1130,15 +1216,16 @@ impl Store for PostgresStore {
         lock_routes(&mut tx, [], changes.lock_types()).await?;
         for a in activations {
             sqlx::query(
-                "INSERT INTO subscriptions (id, message_type, orchestration, version, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) \
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
-                 DO UPDATE SET version = excluded.version",
+                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
             )
             .bind(Uuid::new_v4())
             .bind(&a.message_type)
             .bind(&a.orchestration)
             .bind(int4(a.version))
+            .bind(&a.convoy)
             .bind(now)
             .execute(&mut *tx)
             .await
@@ -2005,6 +2092,7 @@ mod tests {
             message_type: "order.placed".into(),
             orchestration: "order".into(),
             version: 3,
+            convoy: String::new(),
         };
         store
             .sync_activations(std::slice::from_ref(&activation), now)
@@ -2538,6 +2626,7 @@ mod tests {
             message_type: "go".into(),
             orchestration: "runner".into(),
             version: 1,
+            convoy: String::new(),
         };
         store
             .sync_activations(&[activation], now)

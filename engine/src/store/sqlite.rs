@@ -127,7 +127,12 @@ async fn commit(tx: Tx) -> StoreResult<()> {
 /// Where a message goes.
 enum Route {
     Instance(Uuid, Option<Uuid>),
-    Activate { orchestration: String, version: u32 },
+    Activate {
+        orchestration: String,
+        version: u32,
+        /// For a convoy: the activating message's values of the convoy properties.
+        convoy: Option<Correlation>,
+    },
     Unrouted(String),
 }
 
@@ -164,7 +169,7 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
         }
     }
     let activation = sqlx::query(
-        "SELECT orchestration, version FROM subscriptions \
+        "SELECT orchestration, version, correlation_keys FROM subscriptions \
          WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
     )
     .bind(&msg.message_type)
@@ -172,9 +177,24 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
     .await
     .map_err(map_err)?;
     if let Some(row) = activation {
+        let keys: String = row.get(2);
+        let convoy = if keys.is_empty() {
+            None
+        } else {
+            match Correlation::from_properties(&keys, &msg.properties) {
+                Some(values) => Some(values),
+                None => {
+                    return Ok(Route::Unrouted(format!(
+                        "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
+                        msg.message_type
+                    )))
+                }
+            }
+        };
         return Ok(Route::Activate {
             orchestration: row.get(0),
             version: row.get::<i64, _>(1) as u32,
+            convoy,
         });
     }
     let props = msg
@@ -187,6 +207,38 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
         "no subscription matches message type {:?} with properties {{{props}}}",
         msg.message_type
     )))
+}
+
+/// Creates the instance an activating message starts. For a convoy, also subscribes it to every
+/// activating type of its definition with the convoy's values, in the same transaction as the
+/// routing decision, so that no second instance can start for those values while it runs.
+async fn activate(
+    tx: &mut Tx,
+    orchestration: &str,
+    version: u32,
+    convoy: Option<Correlation>,
+    now: DateTime<Utc>,
+) -> StoreResult<Uuid> {
+    let id = Uuid::new_v4();
+    insert_instance(tx, id, orchestration, version, None, now).await?;
+    if let Some(values) = convoy {
+        let types: Vec<String> = sqlx::query_scalar(
+            "SELECT message_type FROM subscriptions WHERE orchestration = $1 AND instance_id IS NULL",
+        )
+        .bind(orchestration)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        for message_type in types {
+            let sub = SubscriptionRow {
+                id: convoy_subscription_id(id, &message_type),
+                message_type,
+                correlation: values.clone(),
+            };
+            insert_subscription(tx, &id.to_string(), &sub, now).await?;
+        }
+    }
+    Ok(id)
 }
 
 async fn insert_instance(
@@ -231,9 +283,9 @@ async fn publish_one(
         Route::Activate {
             orchestration,
             version,
+            convoy,
         } => {
-            let id = Uuid::new_v4();
-            insert_instance(tx, id, &orchestration, version, None, now).await?;
+            let id = activate(tx, &orchestration, version, convoy, now).await?;
             ("routed", Some(id), None, None, PublishOutcome::Routed(id))
         }
         Route::Unrouted(reason) => (
@@ -297,9 +349,9 @@ async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
                 Route::Activate {
                     orchestration,
                     version,
+                    convoy,
                 } => {
-                    let id = Uuid::new_v4();
-                    insert_instance(tx, id, &orchestration, version, None, Utc::now()).await?;
+                    let id = activate(tx, &orchestration, version, convoy, Utc::now()).await?;
                     (id, None, MessageKind::Start)
                 }
                 Route::Unrouted(_) => continue,
@@ -830,15 +882,16 @@ impl Store for SqliteStore {
         let mut types = BTreeSet::new();
         for a in activations {
             sqlx::query(
-                "INSERT INTO subscriptions (id, message_type, orchestration, version, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) \
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
-                 DO UPDATE SET version = excluded.version",
+                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
             )
             .bind(Uuid::new_v4().to_string())
             .bind(&a.message_type)
             .bind(&a.orchestration)
             .bind(i64::from(a.version))
+            .bind(&a.convoy)
             .bind(ts(now))
             .execute(&mut *tx)
             .await
