@@ -77,6 +77,9 @@ pub enum Command {
         /// delivered this many times without being consumed.
         #[arg(long, default_value_t = 10)]
         max_deliveries: u32,
+        /// Dead-letter a message no subscription has matched for this many seconds.
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
+        unrouted_ttl_s: u64,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -262,6 +265,7 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             poll_ms,
             lease_ms,
             max_deliveries,
+            unrouted_ttl_s,
         } => {
             let config = HostConfig {
                 until_idle,
@@ -269,6 +273,7 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                 poll_interval: Duration::from_millis(poll_ms),
                 lease_duration: Duration::from_millis(lease_ms),
                 max_deliveries,
+                unrouted_ttl: Duration::from_secs(unrouted_ttl_s),
                 ..HostConfig::default()
             };
             let host = build_host(&app, store, config);
@@ -376,6 +381,12 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             if !detail.pending_messages.is_empty() {
                 println!("messages waiting to be consumed");
                 for (mid, ty) in &detail.pending_messages {
+                    println!("  {mid}  {ty}");
+                }
+            }
+            if !detail.zombies.is_empty() {
+                println!("zombies (arrived after it ended; kept, not consumed)");
+                for (mid, ty) in &detail.zombies {
                     println!("  {mid}  {ty}");
                 }
             }

@@ -59,8 +59,13 @@ pub struct HostConfig {
     /// (its delivery crashed the host, panicked or failed the instance each time) suspends its
     /// instance, naming the message, instead of being delivered again.
     pub max_deliveries: u32,
-    /// How often to look for operators' requests in the `control` table.
+    /// How often to look for operators' requests in the `control` table and for rows in the
+    /// `inbox` table (at once again while the inbox has rows).
     pub control_interval: Duration,
+    /// An unrouted message no subscription has matched for this long is dead-lettered.
+    pub unrouted_ttl: Duration,
+    /// How often to mark zombies and dead-letter expired unrouted messages.
+    pub housekeeping_interval: Duration,
 }
 
 impl Default for HostConfig {
@@ -77,6 +82,8 @@ impl Default for HostConfig {
             until_idle: false,
             max_deliveries: 10,
             control_interval: Duration::from_millis(250),
+            unrouted_ttl: Duration::from_secs(7 * 24 * 3600),
+            housekeeping_interval: Duration::from_secs(5),
         }
     }
 }
@@ -357,6 +364,8 @@ impl Host {
             stats: HostStats::default(),
             last_report: Instant::now(),
             last_control: None,
+            last_inbox: None,
+            last_housekeeping: None,
             panicked: Vec::new(),
             last_panic: HashMap::new(),
         };
@@ -414,6 +423,8 @@ struct Runner {
     stats: HostStats,
     last_report: Instant,
     last_control: Option<Instant>,
+    last_inbox: Option<Instant>,
+    last_housekeeping: Option<Instant>,
     /// Instances dropped from memory this round because a transition panicked on a message:
     /// their locks go back, the message keeping its delivery count.
     panicked: Vec<(Uuid, i64)>,
@@ -492,6 +503,8 @@ impl Runner {
         let now = self.host.clock.now();
         let batch = self.host.config.batch_size;
         let controlled = self.apply_controls(now).await?;
+        let received = self.take_inbox(now).await?;
+        self.housekeeping(now).await?;
         let messages = store.claim_messages(&host, now, batch).await?;
         let timers = match store.claim_timers(&host, now, batch).await {
             Ok(timers) => timers,
@@ -527,7 +540,65 @@ impl Runner {
         }
         self.retry_panicked().await;
         self.write_receives(now).await;
-        Ok(worked || fired || controlled)
+        Ok(worked || fired || controlled || received)
+    }
+
+    /// Publishes the rows of the `inbox` table (the SQL receive location): at most every
+    /// [`HostConfig::control_interval`], and at once again while it has rows.
+    async fn take_inbox(&mut self, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        if self
+            .last_inbox
+            .is_some_and(|at| at.elapsed() < self.host.config.control_interval)
+        {
+            return Ok(false);
+        }
+        let taken = self
+            .host
+            .store
+            .take_inbox(now, self.host.config.batch_size)
+            .await?;
+        // Rows taken: look again next round rather than after the interval.
+        self.last_inbox = (taken == 0).then(Instant::now);
+        if taken > 0 {
+            tracing::debug!(taken, "published rows of the inbox table");
+        }
+        Ok(taken > 0)
+    }
+
+    /// Marks zombies and dead-letters expired unrouted messages, every
+    /// [`HostConfig::housekeeping_interval`].
+    async fn housekeeping(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        if self
+            .last_housekeeping
+            .is_some_and(|at| at.elapsed() < self.host.config.housekeeping_interval)
+        {
+            return Ok(());
+        }
+        self.last_housekeeping = Some(Instant::now());
+        let ttl = chrono::Duration::from_std(self.host.config.unrouted_ttl)
+            .unwrap_or(chrono::Duration::MAX);
+        let done = self
+            .host
+            .store
+            .housekeeping(
+                now,
+                now.checked_sub_signed(ttl)
+                    .unwrap_or(DateTime::<Utc>::MIN_UTC),
+            )
+            .await?;
+        if done.zombies > 0 {
+            tracing::warn!(
+                zombies = done.zombies,
+                "messages arrived for instances that had ended; kept as zombies"
+            );
+        }
+        if done.expired > 0 {
+            tracing::warn!(
+                expired = done.expired,
+                "unrouted messages passed their time to live; dead-lettered"
+            );
+        }
+        Ok(())
     }
 
     /// Carries out operators' requests from the `control` table (at most every

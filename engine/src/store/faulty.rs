@@ -235,6 +235,18 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.control(id, action, now).await
     }
+    async fn housekeeping(
+        &self,
+        now: DateTime<Utc>,
+        unrouted_before: DateTime<Utc>,
+    ) -> StoreResult<Housekeeping> {
+        self.gate().await;
+        self.inner.housekeeping(now, unrouted_before).await
+    }
+    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        self.gate().await;
+        self.inner.take_inbox(now, limit).await
+    }
     async fn apply_controls(
         &self,
         host: &str,

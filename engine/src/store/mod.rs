@@ -246,6 +246,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: u32,
     ) -> StoreResult<Vec<ControlApplied>>;
 
+    /// Marks as `zombie` the messages routed to instances that have ended, and dead-letters the
+    /// messages unrouted since before `unrouted_before`.
+    async fn housekeeping(
+        &self,
+        now: DateTime<Utc>,
+        unrouted_before: DateTime<Utc>,
+    ) -> StoreResult<Housekeeping>;
+
+    /// Takes up to `limit` rows of the `inbox` table, oldest first, and publishes each like any
+    /// other message, in the transaction that deletes it. A row that cannot be read (a body or
+    /// properties that are not JSON) is dead-lettered with the reason. Returns how many it took.
+    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize>;
+
     /// Instances, newest first, optionally of one status.
     async fn list_instances(
         &self,

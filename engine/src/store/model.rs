@@ -128,7 +128,51 @@ word_enum! {
         Routed => "routed",
         /// Consumed by a committed persistence point.
         Consumed => "consumed",
+        /// Routed to an instance that ended before consuming it; kept, with the instance named.
+        Zombie => "zombie",
+        /// Unrouted for longer than the time to live; a copy is in `dead_letters`.
+        Dead => "dead",
     }
+}
+
+/// The message an `inbox` row stands for: its own `message_id`, or `inbox-<id>`; the body and
+/// properties parsed from JSON (property values that are not text are written as text).
+///
+/// # Errors
+/// Why the row cannot be read, for its dead letter.
+pub fn inbox_message(
+    row_id: i64,
+    message_id: Option<String>,
+    message_type: String,
+    properties: &str,
+    body: &str,
+) -> Result<NewMessage, String> {
+    let body: serde_json::Value = serde_json::from_str(body)
+        .map_err(|e| format!("inbox row {row_id}: the body is not JSON: {e}"))?;
+    let given: BTreeMap<String, serde_json::Value> = serde_json::from_str(properties)
+        .map_err(|e| format!("inbox row {row_id}: properties are not a JSON object: {e}"))?;
+    let explicit = given
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect();
+    Ok(NewMessage::published(
+        message_id.unwrap_or_else(|| format!("inbox-{row_id}")),
+        message_type,
+        body,
+        explicit,
+    ))
+}
+
+/// What a housekeeping pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Housekeeping {
+    /// Messages marked `zombie`.
+    pub zombies: u64,
+    /// Unrouted messages dead-lettered after their time to live.
+    pub expired: u64,
 }
 
 word_enum! {
@@ -608,6 +652,8 @@ pub struct InstanceDetail {
     pub history: Vec<HistoryRow>,
     /// Messages addressed to it and not consumed.
     pub pending_messages: Vec<(String, String)>,
+    /// Messages that arrived for it after it ended (zombies): id and type.
+    pub zombies: Vec<(String, String)>,
 }
 
 /// What is left to do in the database.

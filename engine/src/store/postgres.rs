@@ -1782,6 +1782,111 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
+    async fn housekeeping(
+        &self,
+        now: DateTime<Utc>,
+        unrouted_before: DateTime<Utc>,
+    ) -> StoreResult<Housekeeping> {
+        let mut tx = self.write().await?;
+        let zombies = sqlx::query(
+            "UPDATE messages m SET status = 'zombie', locked_by = NULL, \
+               reason = 'its instance ended (' || i.status || ') before consuming it' \
+             FROM instances i WHERE i.id = m.instance_id AND m.status = 'routed' \
+               AND i.status IN ('completed', 'failed', 'terminated')",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        sqlx::query(
+            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+             SELECT id, NULL, NULL, message_type, body, \
+               'unrouted for longer than its time to live: ' || COALESCE(reason, ''), 0, $2 \
+             FROM messages WHERE status = 'unrouted' AND published_at < $1 \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(unrouted_before)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let expired = sqlx::query(
+            "UPDATE messages SET status = 'dead', \
+               reason = 'dead-lettered after its time to live: ' || COALESCE(reason, '') \
+             WHERE status = 'unrouted' AND published_at < $1",
+        )
+        .bind(unrouted_before)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        commit(tx).await?;
+        Ok(Housekeeping { zombies, expired })
+    }
+
+    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "SELECT id, message_id, message_type, properties, body FROM inbox \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut parsed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = col(row, "id")?;
+            let body: String = col(row, "body")?;
+            let message_type: String = col(row, "message_type")?;
+            let message = inbox_message(
+                id,
+                col(row, "message_id")?,
+                message_type.clone(),
+                &col::<String>(row, "properties")?,
+                &body,
+            );
+            parsed.push((id, message_type, body, message));
+        }
+        let good: Vec<NewMessage> = parsed
+            .iter()
+            .filter_map(|(_, _, _, m)| m.as_ref().ok().cloned())
+            .collect();
+        lock_routes(&mut tx, routed_types(&good), []).await?;
+        for (id, message_type, body, message) in &parsed {
+            match message {
+                Ok(msg) => {
+                    publish_one(&mut tx, msg, now).await?;
+                }
+                Err(reason) => {
+                    sqlx::query(
+                        "INSERT INTO dead_letters (id, message_type, body, reason, attempts, dead_at) \
+                         VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(format!("inbox-{id}"))
+                    .bind(message_type)
+                    .bind(body)
+                    .bind(reason)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+            }
+            sqlx::query("DELETE FROM inbox WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        notify(&mut tx).await?;
+        commit(tx).await?;
+        Ok(rows.len())
+    }
+
     async fn list_instances(
         &self,
         status: Option<InstanceStatus>,
@@ -1840,16 +1945,25 @@ impl Store for PostgresStore {
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
-        let pending_messages = sqlx::query(
-            "SELECT id, message_type FROM messages WHERE instance_id = $1 AND status = 'routed' ORDER BY seq",
+        let (pending, zombies): (Vec<_>, Vec<_>) = sqlx::query(
+            "SELECT id, message_type, status FROM messages \
+             WHERE instance_id = $1 AND status IN ('routed', 'zombie') ORDER BY seq",
         )
         .bind(id)
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?
         .iter()
-        .map(|m| Ok((col(m, "id")?, col(m, "message_type")?)))
-        .collect::<StoreResult<Vec<_>>>()?;
+        .map(|m| {
+            Ok((
+                col::<String>(m, "id")?,
+                col::<String>(m, "message_type")?,
+                col::<String>(m, "status")?,
+            ))
+        })
+        .collect::<StoreResult<Vec<_>>>()?
+        .into_iter()
+        .partition(|(_, _, status)| status == "routed");
         Ok(Some(InstanceDetail {
             summary: summary_from_row(&row)?,
             state: col(&row, "state")?,
@@ -1860,7 +1974,8 @@ impl Store for PostgresStore {
             next_timer_at: col(&row, "next_timer_at")?,
             created_at: col(&row, "created_at")?,
             history,
-            pending_messages,
+            pending_messages: pending.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
+            zombies: zombies.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
         }))
     }
 
@@ -2053,6 +2168,7 @@ mod tests {
                 "dead_letters",
                 "history",
                 "hosts",
+                "inbox",
                 "instances",
                 "messages",
                 "outbox",

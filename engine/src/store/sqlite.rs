@@ -1374,6 +1374,89 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn housekeeping(
+        &self,
+        now: DateTime<Utc>,
+        unrouted_before: DateTime<Utc>,
+    ) -> StoreResult<Housekeeping> {
+        let mut tx = self.write().await?;
+        let zombies = sqlx::query(
+            "UPDATE messages SET status = 'zombie', locked_by = NULL, reason = 'its instance ended (' || \
+               (SELECT i.status FROM instances i WHERE i.id = messages.instance_id) || ') before consuming it' \
+             WHERE status = 'routed' AND instance_id IN \
+               (SELECT id FROM instances WHERE status IN ('completed', 'failed', 'terminated'))",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        sqlx::query(
+            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+             SELECT id, NULL, NULL, message_type, body, \
+               'unrouted for longer than its time to live: ' || COALESCE(reason, ''), 0, $2 \
+             FROM messages WHERE status = 'unrouted' AND published_at < $1 \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(ts(unrouted_before))
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let expired = sqlx::query(
+            "UPDATE messages SET status = 'dead', \
+               reason = 'dead-lettered after its time to live: ' || COALESCE(reason, '') \
+             WHERE status = 'unrouted' AND published_at < $1",
+        )
+        .bind(ts(unrouted_before))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        commit(tx).await?;
+        Ok(Housekeeping { zombies, expired })
+    }
+
+    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "SELECT id, message_id, message_type, properties, body FROM inbox ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let body: String = row.get(4);
+            match inbox_message(id, row.get(1), row.get(2), row.get(3), &body) {
+                Ok(msg) => {
+                    publish_one(&mut tx, &msg, now).await?;
+                }
+                Err(reason) => {
+                    sqlx::query(
+                        "INSERT INTO dead_letters (id, message_type, body, reason, attempts, dead_at) \
+                         VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(format!("inbox-{id}"))
+                    .bind(row.get::<String, _>(2))
+                    .bind(&body)
+                    .bind(reason)
+                    .bind(ts(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+            }
+            sqlx::query("DELETE FROM inbox WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        commit(tx).await?;
+        Ok(rows.len())
+    }
+
     async fn list_instances(
         &self,
         status: Option<InstanceStatus>,
@@ -1441,14 +1524,23 @@ impl Store for SqliteStore {
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
-        let pending_messages = sqlx::query("SELECT id, message_type FROM messages WHERE instance_id = $1 AND status = 'routed' ORDER BY seq")
-            .bind(&key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-            .iter()
-            .map(|m| (m.get(0), m.get(1)))
-            .collect();
+        let (pending, zombies): (Vec<_>, Vec<_>) = sqlx::query(
+            "SELECT id, message_type, status FROM messages \
+             WHERE instance_id = $1 AND status IN ('routed', 'zombie') ORDER BY seq",
+        )
+        .bind(&key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(|m| {
+            (
+                m.get::<String, _>(0),
+                m.get::<String, _>(1),
+                m.get::<String, _>(2),
+            )
+        })
+        .partition(|(_, _, status)| status == "routed");
         Ok(Some(InstanceDetail {
             summary: summary_from_row(&row)?,
             state: row.get("state"),
@@ -1462,7 +1554,8 @@ impl Store for SqliteStore {
                 .transpose()?,
             created_at: parse_ts(row.get::<&str, _>("created_at"))?,
             history,
-            pending_messages,
+            pending_messages: pending.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
+            zombies: zombies.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
         }))
     }
 
