@@ -9,6 +9,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use cairn::host::receive::ReceiveLocation;
 use cairn::store::{InstanceStatus, MessageKind, NewMessage};
 use cairn::{Client, HostConfig};
 use serde_json::json;
@@ -23,6 +24,9 @@ backend_tests!(
     an_unrouted_message_is_dead_lettered_after_its_time_to_live,
     a_message_for_an_ended_instance_is_kept_as_a_zombie,
     rows_inserted_into_the_inbox_table_are_published,
+    files_dropped_in_a_folder_are_published_then_removed,
+    http_posts_are_accepted_after_commit_and_deduplicated_by_their_key,
+    properties_set_by_the_publisher_route_and_win_over_promoted_body_fields,
 );
 
 async fn publish(client: &Client, id: String, ty: &str, body: serde_json::Value) {
@@ -334,5 +338,181 @@ async fn rows_inserted_into_the_inbox_table_are_published(db: TestDb) {
         .await;
     assert_eq!(dead.len(), 1);
     assert!(dead[0].contains("the body is not JSON"), "{dead:?}");
+    host.stop();
+}
+
+async fn files_dropped_in_a_folder_are_published_then_removed(db: TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let drop = dir.path().to_owned();
+    let files = [
+        (
+            "001-request.json",
+            r#"{"type": "approval.requested", "body": {"request_id": "file-1", "approver": "cy"}}"#,
+        ),
+        (
+            "002-decision.json",
+            r#"{"type": "approval.decision", "id": "file-decision-1", "body": {"request_id": "file-1", "approved": true, "by": "cy"}}"#,
+        ),
+        ("003-broken.json", "{ this is not json"),
+        ("ignored.txt", "not a message: wrong extension"),
+    ];
+    for (name, text) in files {
+        std::fs::write(drop.join(name), text).unwrap();
+    }
+    let location = ReceiveLocation::FileDrop {
+        dir: drop.clone(),
+        poll: Duration::from_millis(20),
+    };
+    let (host, _client) = HostThread::start_receiving(&db, fast_config(), vec![location]).await;
+    db.wait_for("the approval to complete", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'approval' AND status = 'completed'").await == 1
+    })
+    .await;
+    // Published under the file's name when it names no id; removed once committed.
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = $1",
+            "file:001-request.json"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = $1",
+            "file-decision-1"
+        )
+        .await,
+        1
+    );
+    assert!(!drop.join("001-request.json").exists() && !drop.join("002-decision.json").exists());
+    assert!(drop.join("ignored.txt").exists());
+    // The broken file is moved aside with the reason, not lost.
+    let why = std::fs::read_to_string(drop.join("rejected/003-broken.json.error.txt")).unwrap();
+    assert!(why.contains("not a message envelope"), "{why}");
+    assert!(drop.join("rejected/003-broken.json").exists());
+    // A file seen again (a crash between commit and removal) is a duplicate, stored once.
+    std::fs::write(drop.join("001-request.json"), files[0].1).unwrap();
+    db.wait_for("the file to be taken again", WAIT, || async {
+        !drop.join("001-request.json").exists()
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'approval'")
+            .await,
+        1
+    );
+    host.stop();
+}
+
+/// One HTTP/1.1 POST; returns the status code and the body.
+async fn post(addr: std::net::SocketAddr, headers: &str, body: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /messages HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let json = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (status, serde_json::from_str(json).unwrap_or_default())
+}
+
+async fn http_posts_are_accepted_after_commit_and_deduplicated_by_their_key(db: TestDb) {
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (host, _client) =
+        HostThread::start_receiving(&db, fast_config(), vec![ReceiveLocation::Http { addr }]).await;
+    let request =
+        r#"{"type": "approval.requested", "body": {"request_id": "web-1", "approver": "di"}}"#;
+    let mut first = (0, serde_json::Value::Null);
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            first = post(addr, "Idempotency-Key: web-req-1\r\n", request).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(first.0, 202, "{first:?}");
+    assert_eq!(first.1["outcome"], json!("routed"));
+    // 202 means committed: the message is in the database now.
+    assert_eq!(
+        db.count_with("SELECT COUNT(*) FROM messages WHERE id = $1", "web-req-1")
+            .await,
+        1
+    );
+    let again = post(addr, "Idempotency-Key: web-req-1\r\n", request).await;
+    assert_eq!(
+        (again.0, again.1["outcome"].clone()),
+        (202, json!("duplicate"))
+    );
+    let decision = r#"{"type": "approval.decision", "id": "web-dec-1", "body": {"request_id": "web-1", "approved": true, "by": "di"}}"#;
+    assert_eq!(post(addr, "", decision).await.0, 202);
+    let bad = post(addr, "", "{ nope").await;
+    assert_eq!(bad.0, 400);
+    assert!(
+        bad.1["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a message envelope"),
+        "{bad:?}"
+    );
+    db.wait_for("the approval to complete", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'approval' AND status = 'completed'").await == 1
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'approval'")
+            .await,
+        1
+    );
+    host.stop();
+}
+
+async fn properties_set_by_the_publisher_route_and_win_over_promoted_body_fields(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let real = client
+        .start("approval", json!({"request_id": "real", "approver": "x"}))
+        .await
+        .unwrap();
+    let decoy = client
+        .start("approval", json!({"request_id": "decoy", "approver": "x"}))
+        .await
+        .unwrap();
+    db.wait_for("both to wait", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'approval.decision'")
+            .await
+            == 2
+    })
+    .await;
+    // The body says "decoy"; the publisher's property says "real", and wins.
+    let message = NewMessage::published(
+        "decision-by-property",
+        "approval.decision",
+        json!({"request_id": "decoy", "approved": true, "by": "x"}),
+        BTreeMap::from([("request_id".to_owned(), "real".to_owned())]),
+    );
+    client.publish_batch(vec![message]).await.unwrap();
+    db.wait_status(real, InstanceStatus::Completed, WAIT).await;
+    assert_ne!(db.status(decoy).await, Some(InstanceStatus::Completed));
+    let properties = db
+        .texts(
+            "SELECT properties FROM messages WHERE id = $1",
+            "decision-by-property",
+        )
+        .await;
+    assert!(
+        properties[0].contains("\"request_id\":\"real\""),
+        "{properties:?}"
+    );
+    assert!(
+        properties[0].contains("\"approved\":\"true\""),
+        "body fields are promoted: {properties:?}"
+    );
     host.stop();
 }

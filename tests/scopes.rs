@@ -291,8 +291,15 @@ async fn a_suspended_instance_resumes_on_a_fixed_build_of_the_same_version(db: T
     host.stop();
     // The fixed build, same name and version, is deployed; the operator resumes.
     let fixed = cairn_orchestrations::registry().register::<fixtures::FixableFixed>();
-    let (host, _client) =
-        HostThread::start_registry(&db, fast_config(), Deliveries::default(), None, fixed).await;
+    let (host, _client) = HostThread::start_registry(
+        &db,
+        fast_config(),
+        Deliveries::default(),
+        None,
+        fixed,
+        Vec::new(),
+    )
+    .await;
     db.store
         .control(
             id,

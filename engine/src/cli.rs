@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::host::receive::ReceiveLocation;
 use crate::host::{Client, ClientError, Host, HostConfig, HostError};
 use crate::store::{ControlAction, InstanceStatus, NewMessage, PublishOutcome, Store, StoreError};
 use crate::{codec, Ports, Registry};
@@ -80,6 +81,13 @@ pub enum Command {
         /// Dead-letter a message no subscription has matched for this many seconds.
         #[arg(long, default_value_t = 7 * 24 * 3600)]
         unrouted_ttl_s: u64,
+        /// A folder to take messages from: each *.json file dropped there is one message
+        /// ({"type", "id"?, "properties"?, "body"}), removed once committed.
+        #[arg(long, value_name = "DIR")]
+        file_drop: Option<std::path::PathBuf>,
+        /// Listen for messages on HTTP (POST /messages with the same JSON), e.g. 127.0.0.1:8080.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -266,6 +274,8 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             lease_ms,
             max_deliveries,
             unrouted_ttl_s,
+            file_drop,
+            http,
         } => {
             let config = HostConfig {
                 until_idle,
@@ -276,7 +286,16 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                 unrouted_ttl: Duration::from_secs(unrouted_ttl_s),
                 ..HostConfig::default()
             };
-            let host = build_host(&app, store, config);
+            let mut host = build_host(&app, store, config);
+            if let Some(dir) = file_drop {
+                host = host.with_receive_location(ReceiveLocation::FileDrop {
+                    dir,
+                    poll: Duration::from_millis(poll_ms),
+                });
+            }
+            if let Some(addr) = http {
+                host = host.with_receive_location(ReceiveLocation::Http { addr });
+            }
             let stop = CancellationToken::new();
             spawn_signal_handler(stop.clone())?;
             host.run(stop).await?;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cairn::host::receive::ReceiveLocation;
 use cairn::store::faulty::{FaultPlan, FaultyStore};
 use cairn::store::Store;
 use cairn::{
@@ -450,7 +451,24 @@ impl HostThread {
         deliveries: Deliveries,
         plan: Option<Arc<FaultPlan>>,
     ) -> (Self, Client) {
-        Self::start_registry(db, config, deliveries, plan, registry()).await
+        Self::start_registry(db, config, deliveries, plan, registry(), Vec::new()).await
+    }
+
+    /// [`HostThread::start`] with receive locations.
+    pub async fn start_receiving(
+        db: &super::TestDb,
+        config: HostConfig,
+        locations: Vec<ReceiveLocation>,
+    ) -> (Self, Client) {
+        Self::start_registry(
+            db,
+            config,
+            Deliveries::default(),
+            None,
+            registry(),
+            locations,
+        )
+        .await
     }
 
     /// [`HostThread::start_with`] running the orchestrations of `registry` (another build).
@@ -460,6 +478,7 @@ impl HostThread {
         deliveries: Deliveries,
         plan: Option<Arc<FaultPlan>>,
         registry: Registry,
+        locations: Vec<ReceiveLocation>,
     ) -> (Self, Client) {
         let url = db.url.clone();
         let stop = CancellationToken::new();
@@ -478,7 +497,10 @@ impl HostThread {
                     Some(plan) => Arc::new(FaultyStore::new(plain, plan)),
                     None => plain,
                 };
-                let host = Host::new(store, registry, Ports::new()).with_config(config);
+                let mut host = Host::new(store, registry, Ports::new()).with_config(config);
+                for location in locations {
+                    host = host.with_receive_location(location);
+                }
                 let client = host.client();
                 let host = host.with_ports(ports(client.clone(), deliveries));
                 host.sync_activations().await.expect("activations");

@@ -12,6 +12,7 @@
 mod dispatcher;
 pub mod instance;
 pub mod ports;
+pub mod receive;
 pub mod scopes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -215,6 +216,7 @@ pub struct Host {
     clock: SharedClock,
     id: String,
     wake: Arc<Notify>,
+    receive: Vec<receive::ReceiveLocation>,
 }
 
 impl std::fmt::Debug for Host {
@@ -239,7 +241,16 @@ impl Host {
             clock: Arc::new(SystemClock),
             id: format!("host-{}", Uuid::new_v4()),
             wake: Arc::new(Notify::new()),
+            receive: Vec::new(),
         }
+    }
+
+    /// Adds a receive location (a file drop folder, an HTTP endpoint) the host runs while it
+    /// runs; see [`receive`].
+    #[must_use]
+    pub fn with_receive_location(mut self, location: receive::ReceiveLocation) -> Self {
+        self.receive.push(location);
+        self
     }
 
     /// Replaces the settings.
@@ -350,6 +361,16 @@ impl Host {
             self.config.lease_duration,
             stop_workers.clone(),
         ));
+        // Receive locations stop taking input as soon as the host is asked to stop.
+        let stop_receiving = shutdown.child_token();
+        let receiving: Vec<_> = self
+            .receive
+            .iter()
+            .map(|location| {
+                let location = location.clone();
+                tokio::spawn(location.run(self.client(), stop_receiving.clone()))
+            })
+            .collect();
         tracing::info!(host.id = %self.id, backend = self.store.backend(),
             definitions = ?self.registry, ports = ?self.ports, "host started");
 
@@ -370,6 +391,10 @@ impl Host {
             last_panic: HashMap::new(),
         };
         let result = runner.run_loop(&shutdown).await;
+        stop_receiving.cancel();
+        for task in receiving {
+            let _ = task.await;
+        }
         runner.shutdown().await;
         stop_workers.cancel();
         let _ = heartbeat.await;
