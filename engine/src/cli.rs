@@ -5,6 +5,9 @@
 //! `suspend`, `resume` and `terminate` against the database named by `--database` (or
 //! `CAIRN_DATABASE_URL`, default `sqlite://cairn.db`).
 
+mod send;
+pub use send::{DeadLetterCommand, OutboxCommand};
+
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -158,6 +161,12 @@ pub enum Command {
         #[arg(long, default_value = "terminated from the command line")]
         reason: String,
     },
+    /// List, show, resubmit and purge dead letters.
+    #[command(subcommand)]
+    DeadLetters(send::DeadLetterCommand),
+    /// Steer sends waiting in the outbox: resume a held one, dead-letter one.
+    #[command(subcommand)]
+    Outbox(send::OutboxCommand),
 }
 
 /// Errors the CLI reports.
@@ -197,6 +206,9 @@ pub enum CliError {
     /// No such instance.
     #[error("no instance {0}\nhint: `cairn list` shows the instances")]
     NoInstance(Uuid),
+    /// Nothing matched what the operator named.
+    #[error("{0}")]
+    NotFound(String),
     /// Setting up the runtime or signals failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -432,6 +444,8 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         Command::Terminate { id, reason } => {
             control(&*store, id, ControlAction::Terminate { reason }).await?
         }
+        Command::DeadLetters(command) => send::dead_letters(&*store, command).await?,
+        Command::Outbox(command) => send::outbox(&*store, command).await?,
     }
     Ok(())
 }

@@ -48,7 +48,9 @@ pub mod store;
 pub mod testing;
 
 pub use context::{Context, Delay, Effect, Receive, ScopeKind};
-pub use host::ports::{OutboundMessage, PortError, Ports, RetryPolicy, SendPort};
+pub use host::ports::{
+    FilePort, HttpPort, OutboundMessage, PortError, Ports, RetryPolicy, SendPort,
+};
 pub use host::{Client, ClientError, Host, HostConfig, HostError, HostStats};
 pub use orchestration::{
     BodyError, Correlation, Event, Fault, Message, Next, OnFault, Orchestration, ScopeFault,

@@ -214,9 +214,64 @@ impl Store for FaultyStore {
         now: DateTime<Utc>,
         lock_until: DateTime<Utc>,
         limit: u32,
+        ordered: &[String],
     ) -> StoreResult<Vec<OutboxRow>> {
         self.gate().await;
-        self.inner.claim_outbox(host, now, lock_until, limit).await
+        self.inner
+            .claim_outbox(host, now, lock_until, limit, ordered)
+            .await
+    }
+    async fn claim_ordered(
+        &self,
+        host: &str,
+        port: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<Option<OutboxRow>> {
+        self.gate().await;
+        self.inner.claim_ordered(host, port, now, lock_until).await
+    }
+    async fn renew_outbox(
+        &self,
+        host: &str,
+        ids: &[String],
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.renew_outbox(host, ids, lock_until).await
+    }
+    async fn give_up_sends(
+        &self,
+        ids: &[String],
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        self.gate().await;
+        self.inner.give_up_sends(ids, reason, now).await
+    }
+    async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        self.gate().await;
+        self.inner.resume_send(id, now).await
+    }
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+        self.gate().await;
+        self.inner.dead_letters(limit).await
+    }
+    async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
+        self.gate().await;
+        self.inner.dead_letter(id).await
+    }
+    async fn resubmit_dead_letter(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        self.gate().await;
+        self.inner.resubmit_dead_letter(id, now).await
+    }
+    async fn purge_dead_letters(
+        &self,
+        ids: &[String],
+        before: Option<DateTime<Utc>>,
+    ) -> StoreResult<u64> {
+        self.gate().await;
+        self.inner.purge_dead_letters(ids, before).await
     }
     async fn record_deliveries(
         &self,

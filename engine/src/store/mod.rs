@@ -211,22 +211,80 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// untouched.
     async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
-    /// Claims up to `limit` outbox rows due for delivery and locks them until `lock_until`.
+    /// Claims up to `limit` outbox rows due for delivery and locks them to `host` until
+    /// `lock_until`: pending rows whose next attempt is due and that are not locked, or whose
+    /// lock expired (its holder died mid-delivery: the row is delivered again under the same id).
+    /// Rows of the `ordered` ports are left to [`Store::claim_ordered`].
     async fn claim_outbox(
         &self,
         host: &str,
         now: DateTime<Utc>,
         lock_until: DateTime<Utc>,
         limit: u32,
+        ordered: &[String],
     ) -> StoreResult<Vec<OutboxRow>>;
 
+    /// Claims the head of an ordered port: its oldest (by `outbox.seq`) row that is neither
+    /// delivered nor dead, if that row is pending, due, and not locked by another live host.
+    /// A held head (or one another host delivers, or one waiting for its retry) yields `None`:
+    /// the port delivers nothing past it.
+    async fn claim_ordered(
+        &self,
+        host: &str,
+        port: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<Option<OutboxRow>>;
+
+    /// Extends the locks `host` holds on these outbox rows (deliveries still running).
+    async fn renew_outbox(
+        &self,
+        host: &str,
+        ids: &[String],
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
     /// Records the outcome of delivery attempts: delivered (publishing replies in the same
-    /// transaction), rescheduled, or dead-lettered (telling the instance).
+    /// transaction), rescheduled, held (an ordered port), or dead-lettered (telling the
+    /// instance). An outcome for a row that is no longer pending (another host finished it after
+    /// this one's lock expired) changes nothing.
     async fn record_deliveries(
         &self,
         outcomes: Vec<DeliveryOutcome>,
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
+
+    /// Dead-letters sends for an operator: first marks these pending or held rows `give_up`
+    /// with `reason`, then moves every `give_up` row (those marked here and those an operator
+    /// marked with SQL) to `dead_letters` and tells its instance, in one transaction. Returns
+    /// the number of rows dead-lettered.
+    async fn give_up_sends(
+        &self,
+        ids: &[String],
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+
+    /// Lets a held send (an ordered port stopped on it) be delivered again, its attempts reset.
+    /// Returns whether it was held.
+    async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool>;
+
+    /// Dead letters, newest first.
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>>;
+
+    /// One dead letter.
+    async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>>;
+
+    /// Puts a dead-lettered send back into the outbox under the same id, its attempts reset, and
+    /// removes the dead letter. Returns whether there was such a send.
+    async fn resubmit_dead_letter(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool>;
+
+    /// Deletes dead letters: these ids, or (with no ids) those dead before `before`, or all.
+    async fn purge_dead_letters(
+        &self,
+        ids: &[String],
+        before: Option<DateTime<Utc>>,
+    ) -> StoreResult<u64>;
 
     /// Operator control of an instance: suspend, resume or terminate. Bumps the epoch so that a
     /// host holding the instance in memory is fenced and drops it.

@@ -184,6 +184,10 @@ word_enum! {
         Delivered => "delivered",
         /// Given up on, and moved to `dead_letters`.
         Dead => "dead",
+        /// An ordered port stopped on it after its retries; waits for an operator.
+        Held => "held",
+        /// An operator asked that it be dead-lettered; a running host does it.
+        GiveUp => "give_up",
     }
 }
 
@@ -444,6 +448,8 @@ pub enum DeliveryOutcome {
         row: OutboxRow,
         /// The reply, for a request.
         reply: Option<serde_json::Value>,
+        /// Whether the port's backup transport took it.
+        via_backup: bool,
     },
     /// Failed; try again at `retry_at`.
     Retry {
@@ -461,6 +467,35 @@ pub enum DeliveryOutcome {
         /// The last error.
         error: String,
     },
+    /// Failed for good on an ordered port: the row is held, and the port stops behind it until
+    /// an operator resumes or dead-letters it.
+    Held {
+        /// The outbox row.
+        row: OutboxRow,
+        /// The last error.
+        error: String,
+    },
+}
+
+/// A row of `dead_letters`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The message id.
+    pub id: String,
+    /// The instance that sent it (for a send).
+    pub instance_id: Option<Uuid>,
+    /// The send port (for a send).
+    pub port: Option<String>,
+    /// The message type.
+    pub message_type: String,
+    /// The body.
+    pub body: serde_json::Value,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    /// When.
+    pub dead_at: DateTime<Utc>,
 }
 
 impl OutboxRow {

@@ -1582,14 +1582,16 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
         lock_until: DateTime<Utc>,
         limit: u32,
+        ordered: &[String],
     ) -> StoreResult<Vec<OutboxRow>> {
         let mut tx = self.write().await?;
         let rows = sqlx::query(
             "UPDATE outbox SET locked_by = $1, locked_until = $3 WHERE id IN ( \
                SELECT o.id FROM outbox o WHERE o.status = 'pending' AND o.next_attempt_at <= $2 \
-                 AND (o.locked_until IS NULL OR o.locked_until < $2 OR NOT EXISTS ( \
+                 AND (o.locked_until IS NULL OR o.locked_until < $2 OR (o.locked_by <> $1 AND NOT EXISTS ( \
                    SELECT 1 FROM hosts h WHERE h.id = o.locked_by AND h.stopped_at IS NULL \
-                     AND h.heartbeat_at >= $5)) \
+                     AND h.heartbeat_at >= $5))) \
+                 AND NOT (o.port = ANY($6)) \
                ORDER BY o.next_attempt_at LIMIT $4 \
                FOR UPDATE OF o SKIP LOCKED) \
              RETURNING id, instance_id, port, message_type, body, expects_reply, attempts",
@@ -1599,23 +1601,76 @@ impl Store for PostgresStore {
         .bind(lock_until)
         .bind(i64::from(limit))
         .bind(self.host_cutoff(now))
+        .bind(ordered)
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
         commit(tx).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(OutboxRow {
-                    id: col(row, "id")?,
-                    instance_id: col(row, "instance_id")?,
-                    port: col(row, "port")?,
-                    message_type: col(row, "message_type")?,
-                    body: parse_json(&col::<String>(row, "body")?)?,
-                    expects_reply: col(row, "expects_reply")?,
-                    attempts: uint(col(row, "attempts")?, "outbox.attempts")?,
-                })
-            })
-            .collect()
+        rows.iter().map(outbox_row).collect()
+    }
+
+    async fn claim_ordered(
+        &self,
+        host: &str,
+        port: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<Option<OutboxRow>> {
+        let mut tx = self.write().await?;
+        let head = sqlx::query(
+            "SELECT o.id, o.instance_id, o.port, o.message_type, o.body, o.expects_reply, o.attempts, \
+             o.status, o.next_attempt_at, o.locked_by, o.locked_until, EXISTS (SELECT 1 FROM hosts h \
+               WHERE h.id = o.locked_by AND h.stopped_at IS NULL AND h.heartbeat_at >= $2) AS holder_alive \
+             FROM outbox o WHERE o.port = $1 AND o.status IN ('pending', 'held', 'give_up') \
+             ORDER BY o.seq LIMIT 1 FOR UPDATE",
+        )
+        .bind(port)
+        .bind(self.host_cutoff(now))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(head) = head else { return Ok(None) };
+        let status: String = col(&head, "status")?;
+        let due = col::<DateTime<Utc>>(&head, "next_attempt_at")? <= now;
+        let locked_by: Option<String> = col(&head, "locked_by")?;
+        let locked_until: Option<DateTime<Utc>> = col(&head, "locked_until")?;
+        let alive: bool = col(&head, "holder_alive")?;
+        let locked_elsewhere = locked_by.is_some_and(|by| by != host)
+            && alive
+            && locked_until.is_some_and(|until| until >= now);
+        if status != "pending" || !due || locked_elsewhere {
+            return Ok(None);
+        }
+        let row = outbox_row(&head)?;
+        sqlx::query("UPDATE outbox SET locked_by = $2, locked_until = $3 WHERE id = $1")
+            .bind(&row.id)
+            .bind(host)
+            .bind(lock_until)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await?;
+        Ok(Some(row))
+    }
+
+    async fn renew_outbox(
+        &self,
+        host: &str,
+        ids: &[String],
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE outbox SET locked_until = $2 WHERE locked_by = $1 AND status = 'pending' \
+             AND id = ANY($3)",
+        )
+        .bind(host)
+        .bind(lock_until)
+        .bind(ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await
     }
 
     async fn record_deliveries(
@@ -1624,20 +1679,26 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        let mut published = false;
         for outcome in &outcomes {
             match outcome {
-                DeliveryOutcome::Delivered { row, reply } => {
-                    sqlx::query(
+                DeliveryOutcome::Delivered {
+                    row,
+                    reply,
+                    via_backup,
+                } => {
+                    let done = sqlx::query(
                         "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
-                         locked_by = NULL, locked_until = NULL, last_error = NULL WHERE id = $1",
+                         last_attempt_at = $2, delivered_via = $3, locked_by = NULL, locked_until = NULL, \
+                         last_error = NULL WHERE id = $1 AND status IN ('pending', 'held', 'give_up')",
                     )
                     .bind(&row.id)
                     .bind(now)
+                    .bind(if *via_backup { "backup" } else { "primary" })
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
-                    if let Some(reply) = reply {
+                    .map_err(map_err)?
+                    .rows_affected();
+                    if let (Some(reply), 1) = (reply, done) {
                         let mut msg = NewMessage::to_instance(
                             row.reply_id(),
                             format!("{}.reply", row.message_type),
@@ -1648,7 +1709,7 @@ impl Store for PostgresStore {
                         msg.properties.insert("request_id".into(), row.id.clone());
                         msg.properties.insert("port".into(), row.port.clone());
                         publish_one(&mut tx, &msg, now).await?;
-                        published = true;
+                        notify(&mut tx).await?;
                     }
                 }
                 DeliveryOutcome::Retry {
@@ -1658,56 +1719,171 @@ impl Store for PostgresStore {
                 } => {
                     sqlx::query(
                         "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
-                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                         last_attempt_at = $4, locked_by = NULL, locked_until = NULL \
+                         WHERE id = $1 AND status = 'pending'",
                     )
                     .bind(&row.id)
                     .bind(retry_at)
                     .bind(error)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+                DeliveryOutcome::Held { row, error } => {
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'held', attempts = attempts + 1, last_error = $2, \
+                         last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
+                         WHERE id = $1 AND status = 'pending'",
+                    )
+                    .bind(&row.id)
+                    .bind(error)
+                    .bind(now)
                     .execute(&mut *tx)
                     .await
                     .map_err(map_err)?;
                 }
                 DeliveryOutcome::Dead { row, error } => {
-                    sqlx::query(
+                    let done = sqlx::query(
                         "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = $2, \
-                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                         last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
+                         WHERE id = $1 AND status = 'pending'",
                     )
                     .bind(&row.id)
                     .bind(error)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                    sqlx::query(
-                        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
-                    )
-                    .bind(&row.id)
-                    .bind(row.instance_id)
-                    .bind(&row.port)
-                    .bind(&row.message_type)
-                    .bind(row.body.to_string())
-                    .bind(error)
-                    .bind(int4(row.attempts.saturating_add(1)))
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
-                    let msg = NewMessage::to_instance(
-                        format!("{}:failed", row.id),
-                        format!("{}.failed", row.message_type),
-                        MessageKind::SendFailed,
-                        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
-                        row.instance_id,
-                    );
-                    publish_one(&mut tx, &msg, now).await?;
-                    published = true;
+                    .map_err(map_err)?
+                    .rows_affected();
+                    if done == 1 {
+                        dead_letter_send(&mut tx, row, error, row.attempts + 1, now).await?;
+                    }
                 }
             }
         }
-        if published {
-            notify(&mut tx).await?;
-        }
         commit(tx).await
+    }
+
+    async fn give_up_sends(
+        &self,
+        ids: &[String],
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'give_up', last_error = $2, locked_by = NULL, locked_until = NULL \
+             WHERE status IN ('pending', 'held') AND id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let rows = sqlx::query(
+            "UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL \
+             WHERE status = 'give_up' \
+             RETURNING id, instance_id, port, message_type, body, expects_reply, attempts, last_error",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        for r in &rows {
+            let row = outbox_row(r)?;
+            let why: Option<String> = col(r, "last_error")?;
+            let why = why.unwrap_or_else(|| "dead-lettered by an operator".to_owned());
+            let attempts = row.attempts;
+            dead_letter_send(&mut tx, &row, &why, attempts, now).await?;
+        }
+        commit(tx).await?;
+        Ok(rows.len() as u64)
+    }
+
+    async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+             locked_by = NULL, locked_until = NULL WHERE id = $1 AND status = 'held'",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        commit(tx).await?;
+        Ok(done == 1)
+    }
+
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT id, instance_id, port, message_type, body, reason, attempts, dead_at \
+             FROM dead_letters ORDER BY dead_at DESC, id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(dead_letter_row).collect()
+    }
+
+    async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
+        let row = sqlx::query(
+            "SELECT id, instance_id, port, message_type, body, reason, attempts, dead_at \
+             FROM dead_letters WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(dead_letter_row).transpose()
+    }
+
+    async fn resubmit_dead_letter(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+             locked_by = NULL, locked_until = NULL, delivered_via = NULL \
+             WHERE id = $1 AND status = 'dead'",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if done == 1 {
+            sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        commit(tx).await?;
+        Ok(done == 1)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        ids: &[String],
+        before: Option<DateTime<Utc>>,
+    ) -> StoreResult<u64> {
+        let mut tx = self.write().await?;
+        let query = if !ids.is_empty() {
+            sqlx::query("DELETE FROM dead_letters WHERE id = ANY($1)").bind(ids)
+        } else if let Some(before) = before {
+            sqlx::query("DELETE FROM dead_letters WHERE dead_at < $1").bind(before)
+        } else {
+            sqlx::query("DELETE FROM dead_letters")
+        };
+        let done = query
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        commit(tx).await?;
+        Ok(done)
     }
 
     async fn control(
@@ -2068,6 +2244,68 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// An outbox row as the dispatcher sees it.
+fn outbox_row(row: &PgRow) -> StoreResult<OutboxRow> {
+    Ok(OutboxRow {
+        id: col(row, "id")?,
+        instance_id: col(row, "instance_id")?,
+        port: col(row, "port")?,
+        message_type: col(row, "message_type")?,
+        body: parse_json(&col::<String>(row, "body")?)?,
+        expects_reply: col(row, "expects_reply")?,
+        attempts: uint(col(row, "attempts")?, "outbox.attempts")?,
+    })
+}
+
+fn dead_letter_row(row: &PgRow) -> StoreResult<DeadLetter> {
+    Ok(DeadLetter {
+        id: col(row, "id")?,
+        instance_id: col(row, "instance_id")?,
+        port: col(row, "port")?,
+        message_type: col(row, "message_type")?,
+        body: parse_json(&col::<String>(row, "body")?)?,
+        reason: col(row, "reason")?,
+        attempts: uint(col(row, "attempts")?, "dead_letters.attempts")?,
+        dead_at: col(row, "dead_at")?,
+    })
+}
+
+/// Moves a send (already marked `dead` in the outbox) to `dead_letters` and tells its instance.
+async fn dead_letter_send(
+    tx: &mut Tx,
+    row: &OutboxRow,
+    error: &str,
+    attempts: u32,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, attempts = excluded.attempts, \
+         dead_at = excluded.dead_at",
+    )
+    .bind(&row.id)
+    .bind(row.instance_id)
+    .bind(&row.port)
+    .bind(&row.message_type)
+    .bind(row.body.to_string())
+    .bind(error)
+    .bind(int4(attempts))
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let msg = NewMessage::to_instance(
+        format!("{}:failed", row.id),
+        format!("{}.failed", row.message_type),
+        MessageKind::SendFailed,
+        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
+        row.instance_id,
+    );
+    publish_one(tx, &msg, now).await?;
+    notify(tx).await
+}
+
 /// The throwaway-cluster harness of the integration tests, shared with this module's tests.
 #[cfg(test)]
 #[path = "../../../tests/support/pg.rs"]
@@ -2354,12 +2592,12 @@ mod tests {
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].subscription_id, Some(sub.id));
         assert!(store
-            .claim_outbox("host-b", now, at(120), 10)
+            .claim_outbox("host-b", now, at(120), 10, &[])
             .await
             .expect("outbox")
             .is_empty());
         let rows = store
-            .claim_outbox("host-b", at(61), at(120), 10)
+            .claim_outbox("host-b", at(61), at(120), 10, &[])
             .await
             .expect("outbox");
         assert_eq!(rows.len(), 1);
@@ -2368,6 +2606,7 @@ mod tests {
                 vec![DeliveryOutcome::Delivered {
                     row: rows[0].clone(),
                     reply: Some(serde_json::json!({"ok": true})),
+                    via_backup: false,
                 }],
                 at(61),
             )

@@ -1186,12 +1186,14 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         lock_until: DateTime<Utc>,
         limit: u32,
+        ordered: &[String],
     ) -> StoreResult<Vec<OutboxRow>> {
         let mut tx = self.write().await?;
         let rows = sqlx::query(
             "UPDATE outbox SET locked_by = $1, locked_until = $3 WHERE id IN ( \
                SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $2 \
                  AND (locked_until IS NULL OR locked_until < $2) \
+                 AND port NOT IN (SELECT value FROM json_each($5)) \
                ORDER BY next_attempt_at LIMIT $4) \
              RETURNING id, instance_id, port, message_type, body, expects_reply, attempts",
         )
@@ -1199,23 +1201,74 @@ impl Store for SqliteStore {
         .bind(ts(now))
         .bind(ts(lock_until))
         .bind(i64::from(limit))
+        .bind(serde_json::json!(ordered).to_string())
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
         commit(tx).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(OutboxRow {
-                    id: row.get("id"),
-                    instance_id: parse_uuid(row.get::<&str, _>("instance_id"))?,
-                    port: row.get("port"),
-                    message_type: row.get("message_type"),
-                    body: parse_json(row.get::<&str, _>("body"))?,
-                    expects_reply: row.get("expects_reply"),
-                    attempts: row.get::<i64, _>("attempts") as u32,
-                })
-            })
-            .collect()
+        rows.iter().map(outbox_row).collect()
+    }
+
+    async fn claim_ordered(
+        &self,
+        host: &str,
+        port: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<Option<OutboxRow>> {
+        let mut tx = self.write().await?;
+        let head = sqlx::query(
+            "SELECT id, instance_id, port, message_type, body, expects_reply, attempts, status, \
+             next_attempt_at, locked_by, locked_until FROM outbox \
+             WHERE port = $1 AND status IN ('pending', 'held', 'give_up') ORDER BY seq LIMIT 1",
+        )
+        .bind(port)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(head) = head else { return Ok(None) };
+        let status: String = head.get("status");
+        let due = parse_ts(head.get::<&str, _>("next_attempt_at"))? <= now;
+        let locked_by: Option<String> = head.get("locked_by");
+        let locked_until = head
+            .get::<Option<&str>, _>("locked_until")
+            .map(parse_ts)
+            .transpose()?;
+        let locked_elsewhere = locked_by.is_some_and(|by| by != host)
+            && locked_until.is_some_and(|until| until >= now);
+        if status != "pending" || !due || locked_elsewhere {
+            return Ok(None);
+        }
+        let row = outbox_row(&head)?;
+        sqlx::query("UPDATE outbox SET locked_by = $2, locked_until = $3 WHERE id = $1")
+            .bind(&row.id)
+            .bind(host)
+            .bind(ts(lock_until))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        commit(tx).await?;
+        Ok(Some(row))
+    }
+
+    async fn renew_outbox(
+        &self,
+        host: &str,
+        ids: &[String],
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE outbox SET locked_until = $2 WHERE locked_by = $1 AND status = 'pending' \
+             AND id IN (SELECT value FROM json_each($3))",
+        )
+        .bind(host)
+        .bind(ts(lock_until))
+        .bind(serde_json::json!(ids).to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        commit(tx).await
     }
 
     async fn record_deliveries(
@@ -1226,17 +1279,24 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         for outcome in &outcomes {
             match outcome {
-                DeliveryOutcome::Delivered { row, reply } => {
-                    sqlx::query(
+                DeliveryOutcome::Delivered {
+                    row,
+                    reply,
+                    via_backup,
+                } => {
+                    let done = sqlx::query(
                         "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
-                         locked_by = NULL, locked_until = NULL, last_error = NULL WHERE id = $1",
+                         last_attempt_at = $2, delivered_via = $3, locked_by = NULL, locked_until = NULL, \
+                         last_error = NULL WHERE id = $1 AND status IN ('pending', 'held', 'give_up')",
                     )
                     .bind(&row.id)
                     .bind(ts(now))
+                    .bind(if *via_backup { "backup" } else { "primary" })
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
-                    if let Some(reply) = reply {
+                    .map_err(map_err)?
+                    .rows_affected();
+                    if let (Some(reply), 1) = (reply, done) {
                         let mut msg = NewMessage::to_instance(
                             row.reply_id(),
                             format!("{}.reply", row.message_type),
@@ -1256,52 +1316,172 @@ impl Store for SqliteStore {
                 } => {
                     sqlx::query(
                         "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
-                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                         last_attempt_at = $4, locked_by = NULL, locked_until = NULL \
+                         WHERE id = $1 AND status = 'pending'",
                     )
                     .bind(&row.id)
                     .bind(ts(*retry_at))
                     .bind(error)
+                    .bind(ts(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+                DeliveryOutcome::Held { row, error } => {
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'held', attempts = attempts + 1, last_error = $2, \
+                         last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
+                         WHERE id = $1 AND status = 'pending'",
+                    )
+                    .bind(&row.id)
+                    .bind(error)
+                    .bind(ts(now))
                     .execute(&mut *tx)
                     .await
                     .map_err(map_err)?;
                 }
                 DeliveryOutcome::Dead { row, error } => {
-                    sqlx::query(
+                    let done = sqlx::query(
                         "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = $2, \
-                         locked_by = NULL, locked_until = NULL WHERE id = $1",
+                         last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
+                         WHERE id = $1 AND status = 'pending'",
                     )
                     .bind(&row.id)
                     .bind(error)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                    sqlx::query(
-                        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
-                    )
-                    .bind(&row.id)
-                    .bind(row.instance_id.to_string())
-                    .bind(&row.port)
-                    .bind(&row.message_type)
-                    .bind(row.body.to_string())
-                    .bind(error)
-                    .bind(i64::from(row.attempts + 1))
                     .bind(ts(now))
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
-                    let msg = NewMessage::to_instance(
-                        format!("{}:failed", row.id),
-                        format!("{}.failed", row.message_type),
-                        MessageKind::SendFailed,
-                        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
-                        row.instance_id,
-                    );
-                    publish_one(&mut tx, &msg, now).await?;
+                    .map_err(map_err)?
+                    .rows_affected();
+                    if done == 1 {
+                        dead_letter_send(&mut tx, row, error, row.attempts + 1, now).await?;
+                    }
                 }
             }
         }
         commit(tx).await
+    }
+
+    async fn give_up_sends(
+        &self,
+        ids: &[String],
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'give_up', last_error = $2, locked_by = NULL, locked_until = NULL \
+             WHERE status IN ('pending', 'held') AND id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(serde_json::json!(ids).to_string())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let rows = sqlx::query(
+            "UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL \
+             WHERE status = 'give_up' \
+             RETURNING id, instance_id, port, message_type, body, expects_reply, attempts, last_error",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        for r in &rows {
+            let row = outbox_row(r)?;
+            let why: Option<String> = r.get("last_error");
+            let why = why.unwrap_or_else(|| "dead-lettered by an operator".to_owned());
+            let attempts = row.attempts;
+            dead_letter_send(&mut tx, &row, &why, attempts, now).await?;
+        }
+        commit(tx).await?;
+        Ok(rows.len() as u64)
+    }
+
+    async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+             locked_by = NULL, locked_until = NULL WHERE id = $1 AND status = 'held'",
+        )
+        .bind(id)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        commit(tx).await?;
+        Ok(done == 1)
+    }
+
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT id, instance_id, port, message_type, body, reason, attempts, dead_at \
+             FROM dead_letters ORDER BY dead_at DESC, id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(dead_letter_row).collect()
+    }
+
+    async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
+        let row = sqlx::query(
+            "SELECT id, instance_id, port, message_type, body, reason, attempts, dead_at \
+             FROM dead_letters WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(dead_letter_row).transpose()
+    }
+
+    async fn resubmit_dead_letter(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+             locked_by = NULL, locked_until = NULL, delivered_via = NULL \
+             WHERE id = $1 AND status = 'dead'",
+        )
+        .bind(id)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if done == 1 {
+            sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        commit(tx).await?;
+        Ok(done == 1)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        ids: &[String],
+        before: Option<DateTime<Utc>>,
+    ) -> StoreResult<u64> {
+        let mut tx = self.write().await?;
+        let query = if !ids.is_empty() {
+            sqlx::query("DELETE FROM dead_letters WHERE id IN (SELECT value FROM json_each($1))")
+                .bind(serde_json::json!(ids).to_string())
+        } else if let Some(before) = before {
+            sqlx::query("DELETE FROM dead_letters WHERE dead_at < $1").bind(ts(before))
+        } else {
+            sqlx::query("DELETE FROM dead_letters")
+        };
+        let done = query
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        commit(tx).await?;
+        Ok(done)
     }
 
     async fn control(
@@ -1603,4 +1783,69 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// An outbox row as the dispatcher sees it.
+fn outbox_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<OutboxRow> {
+    Ok(OutboxRow {
+        id: row.get("id"),
+        instance_id: parse_uuid(row.get::<&str, _>("instance_id"))?,
+        port: row.get("port"),
+        message_type: row.get("message_type"),
+        body: parse_json(row.get::<&str, _>("body"))?,
+        expects_reply: row.get("expects_reply"),
+        attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(0),
+    })
+}
+
+fn dead_letter_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<DeadLetter> {
+    Ok(DeadLetter {
+        id: row.get("id"),
+        instance_id: row
+            .get::<Option<&str>, _>("instance_id")
+            .map(parse_uuid)
+            .transpose()?,
+        port: row.get("port"),
+        message_type: row.get("message_type"),
+        body: parse_json(row.get::<&str, _>("body"))?,
+        reason: row.get("reason"),
+        attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(0),
+        dead_at: parse_ts(row.get::<&str, _>("dead_at"))?,
+    })
+}
+
+/// Moves a send (already marked `dead` in the outbox) to `dead_letters` and tells its instance.
+async fn dead_letter_send(
+    tx: &mut Tx,
+    row: &OutboxRow,
+    error: &str,
+    attempts: u32,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, attempts = excluded.attempts, \
+         dead_at = excluded.dead_at",
+    )
+    .bind(&row.id)
+    .bind(row.instance_id.to_string())
+    .bind(&row.port)
+    .bind(&row.message_type)
+    .bind(row.body.to_string())
+    .bind(error)
+    .bind(i64::from(attempts))
+    .bind(ts(now))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let msg = NewMessage::to_instance(
+        format!("{}:failed", row.id),
+        format!("{}.failed", row.message_type),
+        MessageKind::SendFailed,
+        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
+        row.instance_id,
+    );
+    publish_one(tx, &msg, now).await?;
+    Ok(())
 }

@@ -4,6 +4,12 @@
 //! reply. Delivery is at least once (G2): a port may see the same message id more than once after
 //! a crash or a retry, and should treat the id as an idempotency key.
 //!
+//! Ports are configured per name: the transport (an in-process function, loopback into the
+//! MessageBox, a [`FilePort`] folder, an [`HttpPort`] endpoint, or any [`SendPort`]), a
+//! [`RetryPolicy`], an optional backup transport tried once the primary's attempts are spent, and
+//! ordered delivery (one message at a time, in commit order, stopping on a message that keeps
+//! failing). See `docs/send-ports.md`.
+//!
 //! ```
 //! use cairn::{Ports, PortError};
 //! use serde_json::json;
@@ -24,6 +30,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
+
+mod file;
+mod http;
+
+pub use file::FilePort;
+pub use http::HttpPort;
 
 /// A message handed to a send port.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +152,21 @@ pub(crate) enum PortKind {
 pub(crate) struct PortConfig {
     pub kind: PortKind,
     pub retry: RetryPolicy,
+    /// Tried once the primary's attempts are spent, with as many attempts again.
+    pub backup: Option<Arc<dyn SendPort>>,
+    /// One message at a time, in commit order; stops on a message that keeps failing.
+    pub ordered: bool,
+}
+
+impl PortConfig {
+    fn new(kind: PortKind) -> Self {
+        Self {
+            kind,
+            retry: RetryPolicy::default(),
+            backup: None,
+            ordered: false,
+        }
+    }
 }
 
 /// The send ports a host delivers to, by name.
@@ -173,13 +200,8 @@ impl Ports {
     /// Any [`SendPort`].
     #[must_use]
     pub fn adapter(mut self, name: &str, port: Arc<dyn SendPort>) -> Self {
-        self.by_name.insert(
-            name.to_owned(),
-            PortConfig {
-                kind: PortKind::Adapter(port),
-                retry: RetryPolicy::default(),
-            },
-        );
+        self.by_name
+            .insert(name.to_owned(), PortConfig::new(PortKind::Adapter(port)));
         self
     }
 
@@ -187,13 +209,8 @@ impl Ports {
     /// and routed like any other message.
     #[must_use]
     pub fn loopback(mut self, name: &str) -> Self {
-        self.by_name.insert(
-            name.to_owned(),
-            PortConfig {
-                kind: PortKind::Loopback,
-                retry: RetryPolicy::default(),
-            },
-        );
+        self.by_name
+            .insert(name.to_owned(), PortConfig::new(PortKind::Loopback));
         self
     }
 
@@ -204,6 +221,48 @@ impl Ports {
             port.retry = retry;
         }
         self
+    }
+
+    /// A file port: each message is written to `dir` as `<message id>.json`, atomically.
+    #[must_use]
+    pub fn file(self, name: &str, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.adapter(name, Arc::new(FilePort::new(dir)))
+    }
+
+    /// An HTTP port: each message is POSTed to `url` with its id as the `Idempotency-Key`.
+    #[must_use]
+    pub fn http(self, name: &str, url: &str) -> Self {
+        self.adapter(name, Arc::new(HttpPort::new(url)))
+    }
+
+    /// Gives a port added before a backup transport: once the port's attempts are spent, the
+    /// message is tried on `backup`, with the same retry policy, before it is dead-lettered.
+    #[must_use]
+    pub fn backup(mut self, name: &str, backup: Arc<dyn SendPort>) -> Self {
+        if let Some(port) = self.by_name.get_mut(name) {
+            port.backup = Some(backup);
+        }
+        self
+    }
+
+    /// Marks a port added before as ordered: it delivers one message at a time in commit order,
+    /// and stops on a message whose attempts are spent (the row is `held`) until an operator
+    /// resumes it (`cairn outbox resume ID`) or dead-letters it (`cairn outbox dead-letter ID`).
+    #[must_use]
+    pub fn ordered(mut self, name: &str) -> Self {
+        if let Some(port) = self.by_name.get_mut(name) {
+            port.ordered = true;
+        }
+        self
+    }
+
+    /// The names of the ordered ports.
+    pub fn ordered_names(&self) -> Vec<String> {
+        self.by_name
+            .iter()
+            .filter(|(_, p)| p.ordered)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Whether a port of this name exists.
