@@ -138,6 +138,22 @@ pub enum Command {
         #[arg(long, default_value = "terminated from the command line")]
         reason: String,
     },
+    /// Run the benchmark workloads (see `docs/performance.md`) on a database of their own, which
+    /// is emptied before each run: without --database, a SQLite file in the temp folder.
+    Bench {
+        /// A workload to run (repeatable); all of them when none is given.
+        #[arg(long, value_enum, ignore_case = true)]
+        workload: Vec<crate::bench::Workload>,
+        /// Instances per workload (each workload has its own default).
+        #[arg(long)]
+        instances: Option<usize>,
+        /// Runs of each workload; the figures are their medians, with the spread.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// One JSON object per line per figure instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Errors the CLI reports.
@@ -177,6 +193,9 @@ pub enum CliError {
     /// No such instance.
     #[error("no instance {0}\nhint: `cairn list` shows the instances")]
     NoInstance(Uuid),
+    /// A benchmark failed.
+    #[error(transparent)]
+    Bench(#[from] crate::bench::BenchError),
     /// Setting up the runtime or signals failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -230,6 +249,9 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, CliError> {
 /// # Errors
 /// [`CliError`], naming what went wrong and what to do.
 pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
+    if let Command::Bench { .. } = cli.command {
+        return bench(cli).await;
+    }
     let store = open_store(&cli.database).await?;
     let result = execute(cli, app, store.clone()).await;
     store.close().await;
@@ -383,6 +405,48 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         Command::Terminate { id, reason } => {
             control(&*store, id, ControlAction::Terminate { reason }).await?
         }
+        Command::Bench { .. } => return bench(cli).await,
+    }
+    Ok(())
+}
+
+/// `cairn bench`: the benchmark's own orchestrations on a database it may empty.
+async fn bench(cli: Cli) -> Result<(), CliError> {
+    let Command::Bench {
+        workload,
+        instances,
+        runs,
+        json,
+    } = cli.command
+    else {
+        return Ok(());
+    };
+    let url = if cli.database == "sqlite://cairn.db"
+        && std::env::var_os("CAIRN_DATABASE_URL").is_none()
+    {
+        format!(
+            "sqlite://{}",
+            std::env::temp_dir().join("cairn-bench.db").display()
+        )
+    } else {
+        cli.database
+    };
+    let options = crate::bench::BenchOptions {
+        workloads: if workload.is_empty() {
+            crate::bench::Workload::ALL.to_vec()
+        } else {
+            workload
+        },
+        instances,
+        runs,
+    };
+    let figures = crate::bench::run(&url, &options).await?;
+    if json {
+        for f in &figures {
+            println!("{}", serde_json::to_string(f).unwrap_or_default());
+        }
+    } else {
+        print!("{}", crate::bench::table(&figures));
     }
     Ok(())
 }
