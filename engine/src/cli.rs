@@ -153,6 +153,9 @@ pub enum Command {
         /// One JSON object per line per figure instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also append the figures, one JSON object per line, to this file.
+        #[arg(long, value_name = "PATH")]
+        json_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -417,6 +420,7 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         instances,
         runs,
         json,
+        json_file,
     } = cli.command
     else {
         return Ok(());
@@ -441,6 +445,16 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         runs,
     };
     let figures = crate::bench::run(&url, &options).await?;
+    if let Some(path) = json_file {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        for f in &figures {
+            writeln!(file, "{}", serde_json::to_string(f).unwrap_or_default())?;
+        }
+    }
     if json {
         for f in &figures {
             println!("{}", serde_json::to_string(f).unwrap_or_default());

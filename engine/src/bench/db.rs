@@ -145,8 +145,7 @@ const STATE_BYTES: usize = 512;
 /// A statement failed.
 pub async fn ceiling(url: &str, points: usize) -> Result<Vec<Figure>, BenchError> {
     let backend = Backend::of(url)?;
-    let store = fresh(url).await?;
-    drop(store);
+    fresh(url).await?.close().await;
     let mut out = Vec::new();
     match backend {
         Backend::Sqlite => {

@@ -97,6 +97,7 @@ const DEADLINE: Duration = Duration::from_secs(900);
 struct Running {
     client: Client,
     store: Arc<dyn Store>,
+    stores: Vec<Arc<dyn Store>>,
     endings: mpsc::UnboundedReceiver<Ended>,
     stop: CancellationToken,
     hosts: Vec<JoinHandle<Result<HostStats, HostError>>>,
@@ -111,7 +112,7 @@ impl Running {
         let mut client = None;
         let mut hosts = Vec::new();
         let first = stores[0].clone();
-        for store in stores {
+        for store in stores.iter().cloned() {
             let host = Host::new(store, registry.clone(), orchestrations::ports())
                 .with_endings(tx.clone());
             client.get_or_insert_with(|| host.client());
@@ -120,6 +121,7 @@ impl Running {
         Self {
             client: client.unwrap_or_else(|| Client::new(first.clone(), registry)),
             store: first,
+            stores,
             endings,
             stop,
             hosts,
@@ -178,7 +180,9 @@ impl Running {
             let stats = host.await.map_err(|e| BenchError::Task(e.to_string()))??;
             points += stats.points.values().sum::<u64>();
         }
-        self.store.close().await;
+        for store in self.stores {
+            store.close().await;
+        }
         Ok(points)
     }
 }
@@ -378,7 +382,8 @@ async fn w5(url: &str, n: usize) -> Result<Figure, BenchError> {
     let (_, load_peak) = rss_mb();
     // The peak while they wait: reset the high-water mark, stay idle a while, read it.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = if n >= 10_000 { 5000 } else { 200 };
+    tokio::time::sleep(Duration::from_millis(idle)).await;
     let (rss, peak) = rss_mb();
     let wake = 1000.min(n.div_ceil(2));
     let t1 = Instant::now();
