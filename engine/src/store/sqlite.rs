@@ -68,7 +68,12 @@ fn map_err(err: sqlx::Error) -> StoreError {
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads (and migrations).
     pool: SqlitePool,
+    /// Every write transaction, on one connection: SQLite admits one writer at a time, and
+    /// writers of this process queue here in order instead of polling the file lock through
+    /// the busy handler (which sleeps up to 100 ms a try).
+    writer: SqlitePool,
 }
 
 type Tx = Transaction<'static, Sqlite>;
@@ -87,15 +92,27 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(false);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(if memory { 1 } else { 4 })
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options)
-            .await
-            .map_err(map_err)?;
-        Ok(Self { pool })
+        // Every connection is opened here, before any load: opening one later, while another
+        // writes, can fail at once with SQLITE_BUSY on the journal-mode pragma.
+        let connect = |connections: u32| {
+            SqlitePoolOptions::new()
+                .max_connections(connections)
+                .min_connections(connections)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options.clone())
+        };
+        if memory {
+            // One connection is the whole database.
+            let pool = connect(1).await.map_err(map_err)?;
+            return Ok(Self {
+                writer: pool.clone(),
+                pool,
+            });
+        }
+        let writer = connect(1).await.map_err(map_err)?;
+        let pool = connect(3).await.map_err(map_err)?;
+        Ok(Self { pool, writer })
     }
 
     /// The connection pool, for tests and tools that read the database directly.
@@ -104,7 +121,7 @@ impl SqliteStore {
     }
 
     async fn write(&self) -> StoreResult<Tx> {
-        self.pool
+        self.writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err)
@@ -583,6 +600,9 @@ fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummar
 const SUMMARY_COLUMNS: &str =
     "id, orchestration, version, status, step, waiting_for, updated_at, last_error";
 
+/// The claim order's first key: messages for instances `$1` holds (in its memory) first.
+const HOT_FIRST: &str = "CASE WHEN i.owner = $1 THEN 0 ELSE 1 END";
+
 const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
 
@@ -691,6 +711,9 @@ impl Store for SqliteStore {
         commit(tx).await
     }
 
+    // Messages for instances this host already holds come first (they are in memory, and
+    // finishing work in flight keeps it from going idle and being dehydrated only to be loaded
+    // again); the rest in publication order. One instance's messages keep their order.
     async fn claim_messages(
         &self,
         host: &str,
@@ -702,7 +725,7 @@ impl Store for SqliteStore {
             "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
                SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
                WHERE m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
-               ORDER BY m.seq LIMIT $3) \
+               ORDER BY {HOT_FIRST}, m.seq LIMIT $3) \
              RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at"
         ))
         .bind(host)
@@ -1322,6 +1345,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }
