@@ -630,20 +630,22 @@ async fn write_point<'p>(
     if updated.rows_affected() == 0 {
         return Ok(CommitOutcome::Fenced);
     }
-    for seq in &p.consumed {
+    if !p.consumed.is_empty() {
+        // One statement for all of them; each must have been routed to this instance.
         let done = sqlx::query(
             "UPDATE messages SET status = 'consumed', consumed_at = $3, locked_by = NULL \
-             WHERE seq = $1 AND instance_id = $2 AND status = 'routed'",
+             WHERE seq = ANY($1) AND instance_id = $2 AND status = 'routed'",
         )
-        .bind(seq)
+        .bind(&p.consumed)
         .bind(id)
         .bind(p.at)
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-        if done.rows_affected() != 1 {
+        if done.rows_affected() != p.consumed.len() as u64 {
             return Err(StoreError::Corrupt(format!(
-                "instance {id} consumed message seq {seq}, which is not routed to it (consumed twice?)"
+                "instance {id} consumed messages {:?}, not all routed to it (consumed twice?)",
+                p.consumed
             )));
         }
     }

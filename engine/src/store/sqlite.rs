@@ -226,6 +226,27 @@ async fn publish_one(
     msg: &NewMessage,
     now: DateTime<Utc>,
 ) -> StoreResult<PublishOutcome> {
+    if let Some(target) = msg.target {
+        // Addressed to an instance: no routing, and one statement that also deduplicates.
+        let seq: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, published_at) \
+             VALUES ($1, $2, $3, $4, $5, 'routed', $6, $7) ON CONFLICT (id) DO NOTHING RETURNING seq",
+        )
+        .bind(&msg.id)
+        .bind(&msg.message_type)
+        .bind(msg.kind.as_str())
+        .bind(serde_json::to_string(&msg.properties).unwrap_or_default())
+        .bind(msg.body.to_string())
+        .bind(target.to_string())
+        .bind(ts(now))
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        return Ok(match seq {
+            Some(_) => PublishOutcome::Routed(target),
+            None => PublishOutcome::Duplicate,
+        });
+    }
     let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE id = $1")
         .bind(&msg.id)
         .fetch_optional(&mut **tx)
@@ -384,20 +405,22 @@ async fn write_point(
     if updated.rows_affected() == 0 {
         return Ok(CommitOutcome::Fenced);
     }
-    for seq in &p.consumed {
-        let done = sqlx::query(
-            "UPDATE messages SET status = 'consumed', consumed_at = $3, locked_by = NULL \
-             WHERE seq = $1 AND instance_id = $2 AND status = 'routed'",
-        )
-        .bind(seq)
-        .bind(&id)
-        .bind(ts(p.at))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        if done.rows_affected() != 1 {
+    if !p.consumed.is_empty() {
+        // One statement for all of them; each must have been routed to this instance.
+        let marks = vec!["?"; p.consumed.len()].join(", ");
+        let sql = format!(
+            "UPDATE messages SET status = 'consumed', consumed_at = ?, locked_by = NULL \
+             WHERE instance_id = ? AND status = 'routed' AND seq IN ({marks})"
+        );
+        let mut update = sqlx::query(&sql).bind(ts(p.at)).bind(&id);
+        for seq in &p.consumed {
+            update = update.bind(seq);
+        }
+        let done = update.execute(&mut **tx).await.map_err(map_err)?;
+        if done.rows_affected() != p.consumed.len() as u64 {
             return Err(StoreError::Corrupt(format!(
-                "instance {id} consumed message seq {seq}, which is not routed to it (consumed twice?)"
+                "instance {id} consumed messages {:?}, not all routed to it (consumed twice?)",
+                p.consumed
             )));
         }
     }
