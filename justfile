@@ -29,6 +29,15 @@ scale:
 soak:
     CAIRN_SOAK=1 cargo test --release -p cairn-orchestrations --test process sigkill -- --nocapture
 
+# The benchmark table (docs/performance.md): W1-W6 and the raw ceiling on SQLite and on a throwaway
+# durable PostgreSQL cluster, 3 runs each (BENCH_RUNS), release build. ARGS go to every run.
+bench *ARGS:
+    bash .ci/bench {{ARGS}}
+
+# Criterion micro-benchmarks of the transition path (decode, transition, encode, build the commit).
+microbench:
+    cargo bench -p cairn --bench transition
+
 # Run the sample orchestrations on ./cairn.db with a progress bar and a summary.
 demo:
     cargo run -- demo

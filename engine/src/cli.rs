@@ -167,6 +167,25 @@ pub enum Command {
     /// Steer sends waiting in the outbox: resume a held one, dead-letter one.
     #[command(subcommand)]
     Outbox(send::OutboxCommand),
+    /// Run the benchmark workloads (see `docs/performance.md`) on a database of their own, which
+    /// is emptied before each run: without --database, a SQLite file in the temp folder.
+    Bench {
+        /// A workload to run (repeatable); all of them when none is given.
+        #[arg(long, value_enum, ignore_case = true)]
+        workload: Vec<crate::bench::Workload>,
+        /// Instances per workload (each workload has its own default).
+        #[arg(long)]
+        instances: Option<usize>,
+        /// Runs of each workload; the figures are their medians, with the spread.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// One JSON object per line per figure instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also append the figures, one JSON object per line, to this file.
+        #[arg(long, value_name = "PATH")]
+        json_file: Option<std::path::PathBuf>,
+    },
 }
 
 /// Errors the CLI reports.
@@ -209,6 +228,9 @@ pub enum CliError {
     /// Nothing matched what the operator named.
     #[error("{0}")]
     NotFound(String),
+    /// A benchmark failed.
+    #[error(transparent)]
+    Bench(#[from] crate::bench::BenchError),
     /// Setting up the runtime or signals failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -262,6 +284,9 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, CliError> {
 /// # Errors
 /// [`CliError`], naming what went wrong and what to do.
 pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
+    if let Command::Bench { .. } = cli.command {
+        return bench(cli).await;
+    }
     let store = open_store(&cli.database).await?;
     let result = execute(cli, app, store.clone()).await;
     store.close().await;
@@ -446,6 +471,59 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         }
         Command::DeadLetters(command) => send::dead_letters(&*store, command).await?,
         Command::Outbox(command) => send::outbox(&*store, command).await?,
+        Command::Bench { .. } => return bench(cli).await,
+    }
+    Ok(())
+}
+
+/// `cairn bench`: the benchmark's own orchestrations on a database it may empty.
+async fn bench(cli: Cli) -> Result<(), CliError> {
+    let Command::Bench {
+        workload,
+        instances,
+        runs,
+        json,
+        json_file,
+    } = cli.command
+    else {
+        return Ok(());
+    };
+    let url = if cli.database == "sqlite://cairn.db"
+        && std::env::var_os("CAIRN_DATABASE_URL").is_none()
+    {
+        format!(
+            "sqlite://{}",
+            std::env::temp_dir().join("cairn-bench.db").display()
+        )
+    } else {
+        cli.database
+    };
+    let options = crate::bench::BenchOptions {
+        workloads: if workload.is_empty() {
+            crate::bench::Workload::ALL.to_vec()
+        } else {
+            workload
+        },
+        instances,
+        runs,
+    };
+    let figures = crate::bench::run(&url, &options).await?;
+    if let Some(path) = json_file {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        for f in &figures {
+            writeln!(file, "{}", serde_json::to_string(f).unwrap_or_default())?;
+        }
+    }
+    if json {
+        for f in &figures {
+            println!("{}", serde_json::to_string(f).unwrap_or_default());
+        }
+    } else {
+        print!("{}", crate::bench::table(&figures));
     }
     Ok(())
 }

@@ -37,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod codec;

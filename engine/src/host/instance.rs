@@ -140,6 +140,9 @@ pub struct LiveInstance {
     saved_waits: Waits,
     /// Subscription ids known to be in the database.
     written_receives: BTreeSet<Uuid>,
+    /// Whether `written_receives` is exactly the database's set (true after this host wrote a
+    /// point; false after loading, as a host that died may have added rows since).
+    receives_exact: bool,
     saved_step: String,
     waits: Waits,
     consumed: Vec<i64>,
@@ -194,6 +197,7 @@ impl LiveInstance {
             state: None,
             saved_waits: Waits::default(),
             written_receives: BTreeSet::new(),
+            receives_exact: false,
             saved_step: "created".to_owned(),
             waits: Waits::default(),
             consumed: Vec::new(),
@@ -902,12 +906,21 @@ impl LiveInstance {
             (_, None) => self.saved_step.clone(),
         };
         let engine_state = codec::encode(&self.waits).map_err(|e| FaultText(e.to_string()))?;
-        let subscriptions = self
-            .waits
-            .receives
-            .iter()
-            .map(|(id, r)| subscription_row(*id, r))
-            .collect();
+        // The exact set is written only when it may differ from what the database holds.
+        let unchanged = self.receives_exact
+            && self.waits.receives.len() == self.written_receives.len()
+            && self
+                .waits
+                .receives
+                .iter()
+                .all(|(id, _)| self.written_receives.contains(id));
+        let subscriptions = (!unchanged).then(|| {
+            self.waits
+                .receives
+                .iter()
+                .map(|(id, r)| subscription_row(*id, r))
+                .collect()
+        });
         let mut cancel_timers: BTreeSet<String> = self
             .saved_waits
             .delays
@@ -962,7 +975,7 @@ impl LiveInstance {
             output,
             history_seq: self.history_seq,
             consumed: std::mem::take(&mut self.consumed),
-            subscriptions: Some(subscriptions),
+            subscriptions,
             cancel_timers: cancel_timers.into_iter().collect(),
             set_timers,
             outbox: std::mem::take(&mut self.outbox),
@@ -973,6 +986,7 @@ impl LiveInstance {
             outbox_lock_until,
         };
         self.written_receives = self.waits.receives.iter().map(|(id, _)| *id).collect();
+        self.receives_exact = true;
         self.saved_waits = self.waits.clone();
         self.saved_step = step;
         self.fired_timers.clear();

@@ -31,9 +31,19 @@ use self::ports::Ports;
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::Registry;
 use crate::store::{
-    Activation, CommitOutcome, DueTimer, NewInstance, NewMessage, NewReceives, OutboxRow,
-    PersistencePoint, PublishOutcome, Reason, Store, StoreError, StoredMessage,
+    Activation, CommitOutcome, DueTimer, InstanceStatus, NewInstance, NewMessage, NewReceives,
+    OutboxRow, PersistencePoint, PublishOutcome, Reason, Store, StoreError, StoredMessage,
 };
+
+/// An instance that ended (completed, failed, terminated or suspended) at a committed persistence
+/// point, as reported to the channel given to [`Host::with_endings`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The instance.
+    pub instance_id: Uuid,
+    /// Its status after the point.
+    pub status: InstanceStatus,
+}
 
 /// Settings of a host.
 #[derive(Debug, Clone)]
@@ -188,6 +198,37 @@ impl Client {
         Ok(id)
     }
 
+    /// Starts many instances in one transaction: `(orchestration, input)` pairs, each resolved to
+    /// the newest registered version. Returns their ids, in order.
+    ///
+    /// # Errors
+    /// [`ClientError::UnknownOrchestration`] (nothing was started), or the store failed.
+    pub async fn start_many(
+        &self,
+        starts: Vec<(String, serde_json::Value)>,
+    ) -> Result<Vec<Uuid>, ClientError> {
+        let mut instances = Vec::with_capacity(starts.len());
+        for (orchestration, input) in starts {
+            let def = self.registry.latest(&orchestration).ok_or_else(|| {
+                let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
+                ClientError::UnknownOrchestration(orchestration.clone(), names.join(", "))
+            })?;
+            instances.push(NewInstance {
+                id: Uuid::new_v4(),
+                orchestration: def.name().to_owned(),
+                version: def.version(),
+                parent: None,
+                input,
+            });
+        }
+        let ids = instances.iter().map(|i| i.id).collect();
+        self.store
+            .start_instances(instances, self.clock.now())
+            .await?;
+        self.wake.notify_one();
+        Ok(ids)
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -217,6 +258,7 @@ pub struct Host {
     id: String,
     wake: Arc<Notify>,
     receive: Vec<receive::ReceiveLocation>,
+    endings: Option<mpsc::UnboundedSender<Ended>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -242,6 +284,7 @@ impl Host {
             id: format!("host-{}", Uuid::new_v4()),
             wake: Arc::new(Notify::new()),
             receive: Vec::new(),
+            endings: None,
         }
     }
 
@@ -250,6 +293,15 @@ impl Host {
     #[must_use]
     pub fn with_receive_location(mut self, location: receive::ReceiveLocation) -> Self {
         self.receive.push(location);
+        self
+    }
+
+    /// Reports every instance that ends at a persistence point this host commits (completed,
+    /// failed, terminated or suspended) to `endings`, right after the commit. For waiting on
+    /// results in-process (benchmarks, tests); a closed channel is ignored.
+    #[must_use]
+    pub fn with_endings(mut self, endings: mpsc::UnboundedSender<Ended>) -> Self {
+        self.endings = Some(endings);
         self
     }
 
@@ -979,6 +1031,14 @@ impl Runner {
             match outcome {
                 CommitOutcome::Committed => {
                     *self.stats.points.entry(point.reason.as_str()).or_default() += 1;
+                    if let Some(endings) = &self.host.endings {
+                        if point.status.is_final() || point.status == InstanceStatus::Suspended {
+                            let _ = endings.send(Ended {
+                                instance_id: point.instance_id,
+                                status: point.status,
+                            });
+                        }
+                    }
                     for row in point.outbox {
                         // The dispatcher only goes away at shutdown; the row stays in the outbox.
                         let _ = self.to_dispatch.send(row);

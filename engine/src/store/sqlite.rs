@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::*;
@@ -68,7 +68,12 @@ fn map_err(err: sqlx::Error) -> StoreError {
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads (and migrations).
     pool: SqlitePool,
+    /// Every write transaction, on one connection: SQLite admits one writer at a time, and
+    /// writers of this process queue here in order instead of polling the file lock through
+    /// the busy handler (which sleeps up to 100 ms a try).
+    writer: SqlitePool,
 }
 
 type Tx = Transaction<'static, Sqlite>;
@@ -87,24 +92,27 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(false);
-        if !memory {
-            // Switch a new file to WAL on one connection first: that switch needs an exclusive
-            // lock the busy timeout does not wait for, so pool connections racing to make it
-            // fail with "database is locked". Once the file is in WAL, theirs is a no-op.
-            let conn = SqliteConnection::connect_with(&options)
-                .await
-                .map_err(map_err)?;
-            conn.close().await.map_err(map_err)?;
+        // Every connection is opened here, before any load: opening one later, while another
+        // writes, can fail at once with SQLITE_BUSY on the journal-mode pragma.
+        let connect = |connections: u32| {
+            SqlitePoolOptions::new()
+                .max_connections(connections)
+                .min_connections(connections)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options.clone())
+        };
+        if memory {
+            // One connection is the whole database.
+            let pool = connect(1).await.map_err(map_err)?;
+            return Ok(Self {
+                writer: pool.clone(),
+                pool,
+            });
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(if memory { 1 } else { 4 })
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options)
-            .await
-            .map_err(map_err)?;
-        Ok(Self { pool })
+        let writer = connect(1).await.map_err(map_err)?;
+        let pool = connect(3).await.map_err(map_err)?;
+        Ok(Self { pool, writer })
     }
 
     /// The connection pool, for tests and tools that read the database directly.
@@ -113,7 +121,7 @@ impl SqliteStore {
     }
 
     async fn write(&self) -> StoreResult<Tx> {
-        self.pool
+        self.writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err)
@@ -270,6 +278,27 @@ async fn publish_one(
     msg: &NewMessage,
     now: DateTime<Utc>,
 ) -> StoreResult<PublishOutcome> {
+    if let Some(target) = msg.target {
+        // Addressed to an instance: no routing, and one statement that also deduplicates.
+        let seq: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, published_at) \
+             VALUES ($1, $2, $3, $4, $5, 'routed', $6, $7) ON CONFLICT (id) DO NOTHING RETURNING seq",
+        )
+        .bind(&msg.id)
+        .bind(&msg.message_type)
+        .bind(msg.kind.as_str())
+        .bind(serde_json::to_string(&msg.properties).unwrap_or_default())
+        .bind(msg.body.to_string())
+        .bind(target.to_string())
+        .bind(ts(now))
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        return Ok(match seq {
+            Some(_) => PublishOutcome::Routed(target),
+            None => PublishOutcome::Duplicate,
+        });
+    }
     let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE id = $1")
         .bind(&msg.id)
         .fetch_optional(&mut **tx)
@@ -429,20 +458,22 @@ async fn write_point(
     if updated.rows_affected() == 0 {
         return Ok(CommitOutcome::Fenced);
     }
-    for seq in &p.consumed {
-        let done = sqlx::query(
-            "UPDATE messages SET status = 'consumed', consumed_at = $3, locked_by = NULL \
-             WHERE seq = $1 AND instance_id = $2 AND status = 'routed'",
-        )
-        .bind(seq)
-        .bind(&id)
-        .bind(ts(p.at))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        if done.rows_affected() != 1 {
+    if !p.consumed.is_empty() {
+        // One statement for all of them; each must have been routed to this instance.
+        let marks = vec!["?"; p.consumed.len()].join(", ");
+        let sql = format!(
+            "UPDATE messages SET status = 'consumed', consumed_at = ?, locked_by = NULL \
+             WHERE instance_id = ? AND status = 'routed' AND seq IN ({marks})"
+        );
+        let mut update = sqlx::query(&sql).bind(ts(p.at)).bind(&id);
+        for seq in &p.consumed {
+            update = update.bind(seq);
+        }
+        let done = update.execute(&mut **tx).await.map_err(map_err)?;
+        if done.rows_affected() != p.consumed.len() as u64 {
             return Err(StoreError::Corrupt(format!(
-                "instance {id} consumed message seq {seq}, which is not routed to it (consumed twice?)"
+                "instance {id} consumed messages {:?}, not all routed to it (consumed twice?)",
+                p.consumed
             )));
         }
     }
@@ -819,6 +850,9 @@ fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummar
 const SUMMARY_COLUMNS: &str =
     "id, orchestration, version, status, step, waiting_for, updated_at, last_error";
 
+/// The claim order's first key: messages for instances `$1` holds (in its memory) first.
+const HOT_FIRST: &str = "CASE WHEN i.owner = $1 THEN 0 ELSE 1 END";
+
 const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
 
@@ -928,6 +962,9 @@ impl Store for SqliteStore {
         commit(tx).await
     }
 
+    // Messages for instances this host already holds come first (they are in memory, and
+    // finishing work in flight keeps it from going idle and being dehydrated only to be loaded
+    // again); the rest in publication order. One instance's messages keep their order.
     async fn claim_messages(
         &self,
         host: &str,
@@ -939,7 +976,7 @@ impl Store for SqliteStore {
             "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
                SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
                WHERE m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
-               ORDER BY m.seq LIMIT $3) \
+               ORDER BY {HOT_FIRST}, m.seq LIMIT $3) \
              RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count"
         ))
         .bind(host)
@@ -1772,6 +1809,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

@@ -1,0 +1,435 @@
+//! The workloads: each starts a fresh database and an engine host in this process, drives it,
+//! and measures from the first start (or publish) to the last completion.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::orchestrations::{self, Chain, FanOut, Waiter, GO_TYPE};
+use super::{db, percentile, BenchError, Figure};
+use crate::host::{Ended, HostStats};
+use crate::store::{InstanceStatus, NewMessage, Store};
+use crate::{Client, Host, HostError, Orchestration};
+
+/// A benchmark workload; see the [module docs](super).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// N orchestrations of 3 (and of 5) sequential request-response calls.
+    #[value(name = "W1", alias = "w1")]
+    W1,
+    /// One 3-call orchestration at a time: latency.
+    #[value(name = "W2", alias = "w2")]
+    W2,
+    /// Fan-out of 100 requests joined on all replies.
+    #[value(name = "W3", alias = "w3")]
+    W3,
+    /// Correlated wake-ups of dehydrated instances.
+    #[value(name = "W4", alias = "w4")]
+    W4,
+    /// Idle scale: memory with many waiting instances, and waking 1,000.
+    #[value(name = "W5", alias = "w5")]
+    W5,
+    /// W1 with 1, 2 and 3 hosts (PostgreSQL).
+    #[value(name = "W6", alias = "w6")]
+    W6,
+    /// The raw ceiling of the database for what a persistence point writes.
+    #[value(name = "ceiling")]
+    Ceiling,
+}
+
+impl Workload {
+    /// Every workload, ceiling first.
+    pub const ALL: [Workload; 7] = [
+        Workload::Ceiling,
+        Workload::W1,
+        Workload::W2,
+        Workload::W3,
+        Workload::W4,
+        Workload::W5,
+        Workload::W6,
+    ];
+
+    /// Its size when `--instances` is not given.
+    pub fn default_instances(self) -> usize {
+        match self {
+            Workload::W1 | Workload::W4 | Workload::W6 => 10_000,
+            Workload::W2 => 500,
+            Workload::W3 => 50,
+            Workload::W5 => 100_000,
+            Workload::Ceiling => 20_000,
+        }
+    }
+
+    /// Runs it once on a fresh database at `url`.
+    ///
+    /// # Errors
+    /// See [`BenchError`].
+    pub async fn run(self, url: &str, instances: Option<usize>) -> Result<Vec<Figure>, BenchError> {
+        let n = instances.unwrap_or(self.default_instances()).max(1);
+        let backend = db::Backend::of(url)?.name();
+        let mut figures = match self {
+            Workload::W1 => vec![w1(url, n, 3, 1).await?, w1(url, n, 5, 1).await?],
+            Workload::W2 => vec![w2(url, n).await?],
+            Workload::W3 => vec![w3(url, n, 100).await?],
+            Workload::W4 => vec![w4(url, n).await?],
+            Workload::W5 => vec![w5(url, n).await?],
+            Workload::W6 => w6(url, n).await?,
+            Workload::Ceiling => db::ceiling(url, n).await?,
+        };
+        for f in &mut figures {
+            f.backend = backend;
+            f.runs = 1;
+        }
+        Ok(figures)
+    }
+}
+
+/// How long a workload may take before it is called stalled.
+const DEADLINE: Duration = Duration::from_secs(900);
+
+/// Hosts running in this process, all reporting endings to one channel.
+struct Running {
+    client: Client,
+    store: Arc<dyn Store>,
+    stores: Vec<Arc<dyn Store>>,
+    endings: mpsc::UnboundedReceiver<Ended>,
+    stop: CancellationToken,
+    hosts: Vec<JoinHandle<Result<HostStats, HostError>>>,
+}
+
+impl Running {
+    /// One host per store.
+    fn start(stores: Vec<Arc<dyn Store>>) -> Self {
+        let (tx, endings) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let registry = orchestrations::registry();
+        let mut client = None;
+        let mut hosts = Vec::new();
+        let first = stores[0].clone();
+        for store in stores.iter().cloned() {
+            let host = Host::new(store, registry.clone(), orchestrations::ports())
+                .with_endings(tx.clone());
+            client.get_or_insert_with(|| host.client());
+            hosts.push(tokio::spawn(host.run(stop.clone())));
+        }
+        Self {
+            client: client.unwrap_or_else(|| Client::new(first.clone(), registry)),
+            store: first,
+            stores,
+            endings,
+            stop,
+            hosts,
+        }
+    }
+
+    /// Waits for `n` instances to end; returns when each ended. Any that did not complete is an
+    /// error.
+    async fn wait(&mut self, n: usize) -> Result<HashMap<Uuid, Instant>, BenchError> {
+        let mut out = HashMap::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while out.len() < n {
+            let ended = tokio::time::timeout_at(deadline, self.endings.recv())
+                .await
+                .map_err(|_| {
+                    BenchError::Stalled(format!(
+                        "only {} of {n} instances ended within {DEADLINE:?}",
+                        out.len()
+                    ))
+                })?
+                .ok_or_else(|| BenchError::Stalled("every host stopped".to_owned()))?;
+            if ended.status != InstanceStatus::Completed {
+                return Err(BenchError::Stalled(format!(
+                    "instance {} ended {}; see `cairn show {}`",
+                    ended.instance_id, ended.status, ended.instance_id
+                )));
+            }
+            out.insert(ended.instance_id, Instant::now());
+        }
+        Ok(out)
+    }
+
+    /// Waits until `n` instances are dehydrated (saved and out of memory).
+    async fn wait_dehydrated(&self, n: usize) -> Result<(), BenchError> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let activity = self.store.activity(chrono::Utc::now()).await?;
+            if activity.count(InstanceStatus::Dehydrated) as usize >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Stalled(format!(
+                    "only {} of {n} instances dehydrated within {DEADLINE:?}",
+                    activity.count(InstanceStatus::Dehydrated)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Stops the hosts; returns the persistence points they committed.
+    async fn stop(self) -> Result<u64, BenchError> {
+        self.stop.cancel();
+        let mut points = 0;
+        for host in self.hosts {
+            let stats = host.await.map_err(|e| BenchError::Task(e.to_string()))??;
+            points += stats.points.values().sum::<u64>();
+        }
+        for store in self.stores {
+            store.close().await;
+        }
+        Ok(points)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Starts instances in batches of `batch` (one transaction each); returns when each was started.
+async fn start_batches(
+    client: &Client,
+    inputs: impl Iterator<Item = (String, serde_json::Value)>,
+    batch: usize,
+) -> Result<HashMap<Uuid, Instant>, BenchError> {
+    let mut started = HashMap::new();
+    let mut pending = Vec::with_capacity(batch);
+    let mut inputs = inputs.peekable();
+    while inputs.peek().is_some() {
+        pending.extend(inputs.by_ref().take(batch));
+        let at = Instant::now();
+        for id in client.start_many(std::mem::take(&mut pending)).await? {
+            started.insert(id, at);
+        }
+    }
+    Ok(started)
+}
+
+/// Latencies from start to end, in milliseconds, and the last end.
+fn latencies(
+    started: &HashMap<Uuid, Instant>,
+    ended: &HashMap<Uuid, Instant>,
+) -> (Vec<f64>, Option<Instant>) {
+    let lat = ended
+        .iter()
+        .filter_map(|(id, end)| started.get(id).map(|s| ms(end.duration_since(*s))))
+        .collect();
+    (lat, ended.values().max().copied())
+}
+
+async fn w1(url: &str, n: usize, calls: u32, hosts: usize) -> Result<Figure, BenchError> {
+    let mut stores = vec![db::fresh(url).await?];
+    for _ in 1..hosts {
+        stores.push(db::open(url).await?);
+    }
+    let mut running = Running::start(stores);
+    let t0 = Instant::now();
+    let inputs = (0..n).map(|_| (Chain::NAME.to_owned(), json!({ "calls": calls })));
+    let started = start_batches(&running.client, inputs, 500).await?;
+    let ended = running.wait(n).await?;
+    let (lat, last) = latencies(&started, &ended);
+    let wall = last.unwrap_or(t0).duration_since(t0).as_secs_f64();
+    let points = running.stop().await?;
+    let mut extra = BTreeMap::from([("calls".to_owned(), f64::from(calls))]);
+    if hosts > 1 || url.starts_with("postgres") {
+        extra.insert("hosts".to_owned(), hosts as f64);
+    }
+    Ok(timed("W1", n, wall, Some(points), lat, extra))
+}
+
+/// Runs `n` instances one after the other; returns each one's latency and the whole.
+async fn one_at_a_time(
+    url: &str,
+    n: usize,
+    name: &str,
+    input: serde_json::Value,
+) -> Result<(Vec<f64>, f64, u64), BenchError> {
+    let store = db::fresh(url).await?;
+    let mut running = Running::start(vec![store]);
+    let mut lat = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        running.client.start(name, input.clone()).await?;
+        running.wait(1).await?;
+        lat.push(ms(t.elapsed()));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let points = running.stop().await?;
+    Ok((lat, wall, points))
+}
+
+async fn w2(url: &str, n: usize) -> Result<Figure, BenchError> {
+    let (lat, wall, points) = one_at_a_time(url, n, Chain::NAME, json!({ "calls": 3 })).await?;
+    let extra = BTreeMap::from([("calls".to_owned(), 3.0)]);
+    Ok(timed("W2", n, wall, Some(points), lat, extra))
+}
+
+/// A figure of `n` orchestrations in `wall` seconds with these latencies.
+fn timed(
+    workload: &str,
+    n: usize,
+    wall: f64,
+    points: Option<u64>,
+    mut lat: Vec<f64>,
+    extra: BTreeMap<String, f64>,
+) -> Figure {
+    Figure {
+        workload: workload.to_owned(),
+        instances: n as u64,
+        wall_s: wall,
+        orchestrations_per_s: Some(n as f64 / wall),
+        persistence_points_per_s: points.map(|p| p as f64 / wall),
+        p50_ms: percentile(&mut lat, 0.50),
+        p99_ms: percentile(&mut lat, 0.99),
+        extra,
+        ..Figure::default()
+    }
+}
+
+async fn w3(url: &str, n: usize, width: u32) -> Result<Figure, BenchError> {
+    let (lat, wall, points) =
+        one_at_a_time(url, n, FanOut::NAME, json!({ "width": width })).await?;
+    let extra = BTreeMap::from([
+        ("width".to_owned(), f64::from(width)),
+        ("per_fanout_ms".to_owned(), wall * 1000.0 / n as f64),
+    ]);
+    Ok(timed("W3", n, wall, Some(points), lat, extra))
+}
+
+fn waiter(key: Option<String>, timer_s: Option<i64>) -> (String, serde_json::Value) {
+    (
+        Waiter::NAME.to_owned(),
+        json!({ "key": key, "timer_s": timer_s }),
+    )
+}
+
+/// Publishes `bench.go` for these keys in batches of 500; returns when each batch was durable.
+async fn publish_go(
+    client: &Client,
+    keys: impl Iterator<Item = String>,
+) -> Result<Vec<Instant>, BenchError> {
+    let keys: Vec<String> = keys.collect();
+    let mut at = Vec::new();
+    for chunk in keys.chunks(500) {
+        let batch = chunk
+            .iter()
+            .map(|k| {
+                NewMessage::published(
+                    format!("go-{k}"),
+                    GO_TYPE,
+                    json!({ "key": k }),
+                    BTreeMap::new(),
+                )
+            })
+            .collect();
+        client.publish_batch(batch).await?;
+        at.push(Instant::now());
+    }
+    Ok(at)
+}
+
+async fn w4(url: &str, n: usize) -> Result<Figure, BenchError> {
+    let store = db::fresh(url).await?;
+    let mut running = Running::start(vec![store]);
+    let inputs = (0..n).map(|i| waiter(Some(format!("k{i}")), None));
+    start_batches(&running.client, inputs, 1000).await?;
+    running.wait_dehydrated(n).await?;
+    let t0 = Instant::now();
+    publish_go(&running.client, (0..n).map(|i| format!("k{i}"))).await?;
+    let ended = running.wait(n).await?;
+    let last = ended.values().max().copied().unwrap_or(t0);
+    let wall = last.duration_since(t0).as_secs_f64();
+    let lat: Vec<f64> = ended.values().map(|e| ms(e.duration_since(t0))).collect();
+    running.stop().await?;
+    Ok(timed("W4", n, wall, None, lat, BTreeMap::new()))
+}
+
+/// (current, peak) resident set size of this process in MB, from `/proc/self/status`.
+fn rss_mb() -> (Option<f64>, Option<f64>) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn w5(url: &str, n: usize) -> Result<Figure, BenchError> {
+    let store = db::fresh(url).await?;
+    let mut running = Running::start(vec![store]);
+    let t0 = Instant::now();
+    // Even instances wait for a message, odd ones for a timer an hour away.
+    let inputs = (0..n).map(|i| {
+        if i % 2 == 0 {
+            waiter(Some(format!("k{i}")), None)
+        } else {
+            waiter(None, Some(3600))
+        }
+    });
+    start_batches(&running.client, inputs, 1000).await?;
+    running.wait_dehydrated(n).await?;
+    let setup = t0.elapsed().as_secs_f64();
+    let (_, load_peak) = rss_mb();
+    // The peak while they wait: reset the high-water mark, stay idle a while, read it.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let idle = if n >= 10_000 { 5000 } else { 200 };
+    tokio::time::sleep(Duration::from_millis(idle)).await;
+    let (rss, peak) = rss_mb();
+    let wake = 1000.min(n.div_ceil(2));
+    let t1 = Instant::now();
+    publish_go(&running.client, (0..wake).map(|i| format!("k{}", 2 * i))).await?;
+    let ended = running.wait(wake).await?;
+    let last = ended.values().max().copied().unwrap_or(t1);
+    let wake_s = last.duration_since(t1).as_secs_f64();
+    let lat: Vec<f64> = ended.values().map(|e| ms(e.duration_since(t1))).collect();
+    running.stop().await?;
+    let mut extra = BTreeMap::from([
+        ("setup_s".to_owned(), setup),
+        ("woken".to_owned(), wake as f64),
+        ("wake_s".to_owned(), wake_s),
+    ]);
+    for (k, v) in [
+        ("rss_mb", rss),
+        ("peak_rss_mb", peak),
+        ("load_peak_rss_mb", load_peak),
+    ] {
+        if let Some(v) = v {
+            extra.insert(k.to_owned(), v);
+        }
+    }
+    let mut figure = timed("W5", wake, wake_s, None, lat, extra);
+    figure.instances = n as u64;
+    Ok(figure)
+}
+
+async fn w6(url: &str, n: usize) -> Result<Vec<Figure>, BenchError> {
+    if db::Backend::of(url)? != db::Backend::Postgres {
+        return Err(BenchError::NotApplicable(
+            "W6 (many hosts on one database) needs PostgreSQL".to_owned(),
+        ));
+    }
+    let mut out = Vec::new();
+    for hosts in 1..=3 {
+        let mut f = w1(url, n, 3, hosts).await?;
+        f.workload = "W6".to_owned();
+        out.push(f);
+    }
+    let one = out[0].orchestrations_per_s.unwrap_or(0.0);
+    if one > 0.0 {
+        for f in &mut out {
+            let share = f.orchestrations_per_s.unwrap_or(0.0) / one;
+            f.extra.insert("vs_one_host".to_owned(), share);
+        }
+    }
+    Ok(out)
+}
