@@ -8,15 +8,19 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use cairn::store::NewMessage;
 use rand::Rng;
+use serde_json::json;
 use support::processes::{check_guarantees, feed, new_run, stop, wait_until_all_ended};
 use support::TestDb;
 
 backend_tests!(
     sigkill_at_random_moments_loses_nothing,
-    sigterm_saves_every_instance_and_a_restart_finishes_them
+    sigterm_saves_every_instance_and_a_restart_finishes_them,
+    an_ordered_port_delivers_in_commit_order_across_a_sigkill_and_a_failing_message,
 );
 
 /// Trips whose car reply is in and not consumed by a committed point: a host killed now dies
@@ -33,10 +37,13 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
         (500, 150, 6)
     };
     let run = new_run(db).await;
-    let mut host = run.spawn_host(0);
+    // Every delivery takes up to 30 ms, like a remote system: kills land mid-delivery.
+    const LATENCY_MS: u64 = 30;
+    let mut host = run.spawn_host_with(0, LATENCY_MS);
     let (mut ids, mut published) = feed(&run, 0, first_wave).await;
     let mut rng = rand::thread_rng();
     let mut inside_atomic = 0;
+    let mut sends_in_flight = 0;
     for k in 1..=kills {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..700))).await;
         host.sigkill();
@@ -46,8 +53,15 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
             .await;
         let in_atomic = run.db.count(INSIDE_ATOMIC).await;
         inside_atomic += in_atomic;
+        // Sends a host had leased for delivery and not recorded: delivered or not, they must
+        // be delivered (again) under the same id.
+        let leased = run
+            .db
+            .count("SELECT COUNT(*) FROM outbox WHERE status = 'pending' AND locked_by IS NOT NULL")
+            .await;
+        sends_in_flight += leased;
         eprintln!(
-            "kill {k}: {open} instances in flight, {in_atomic} trips inside their atomic scope"
+            "kill {k}: {open} instances in flight, {leased} sends being delivered, {in_atomic} trips inside their atomic scope"
         );
         assert!(
             open > 0,
@@ -57,7 +71,7 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
         let (more_ids, more) = feed(&run, k, wave).await;
         ids.extend(more_ids);
         published.extend(more);
-        host = run.spawn_host(k);
+        host = run.spawn_host_with(k, LATENCY_MS);
     }
     // One more kill, aimed at trips inside their atomic confirmation scope (1.5 s long).
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -72,7 +86,7 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     let in_atomic = run.db.count(INSIDE_ATOMIC).await;
     eprintln!("aimed kill: {in_atomic} trips inside their atomic scope");
     inside_atomic += in_atomic;
-    host = run.spawn_host(kills + 1);
+    host = run.spawn_host_with(kills + 1, LATENCY_MS);
     wait_until_all_ended(
         &run,
         &ids,
@@ -80,6 +94,7 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     )
     .await;
     stop(host);
+    assert!(sends_in_flight > 0, "no kill landed during a delivery");
     assert!(
         inside_atomic > 0,
         "no kill landed inside an atomic scope: the test would not show that one leaves no trace"
@@ -144,4 +159,150 @@ async fn sigterm_saves_every_instance_and_a_restart_finishes_them(db: TestDb) {
     wait_until_all_ended(&run, &ids, Duration::from_secs(120)).await;
     stop(host);
     check_guarantees(&run, &ids, &published).await;
+}
+
+/// The audit trail's ordered file port, with 1,000 entries: the host is killed with SIGKILL while
+/// it delivers them, entry 500 keeps failing (the port must stop on it, not skip it), and an
+/// operator resumes it once the target is fixed. The port's own record (the ledger, in arrival
+/// order, and the files) must show every entry exactly once (deduplicated by id) in commit order.
+async fn an_ordered_port_delivers_in_commit_order_across_a_sigkill_and_a_failing_message(
+    db: TestDb,
+) {
+    const ENTRIES: i64 = 1_000;
+    const FAILING: i64 = 500;
+    let run = new_run(db).await;
+    let audit = run.dir.path().join("audit");
+    let recovered = run.dir.path().join("audit-recovered");
+    let env = [
+        ("CAIRN_AUDIT_DIR", audit.display().to_string()),
+        ("CAIRN_AUDIT_FAIL_N", FAILING.to_string()),
+        ("CAIRN_AUDIT_RECOVERED", recovered.display().to_string()),
+    ];
+    let spawn = |n: usize| run.spawn_env(n, 0, support::processes::HOST_ARGS, "warn", &env);
+    let mut host = spawn(0);
+    let client = run.client();
+    let events: Vec<NewMessage> = (0..ENTRIES)
+        .map(|n| {
+            NewMessage::published(
+                format!("audit-{n}"),
+                "audit.event",
+                json!({"n": n, "text": format!("entry {n}")}),
+                BTreeMap::new(),
+            )
+        })
+        .collect();
+    for chunk in events.chunks(100) {
+        client.publish_batch(chunk.to_vec()).await.unwrap();
+    }
+    // Kill the host while it delivers.
+    run.db
+        .wait_for("deliveries under way", Duration::from_secs(60), || async {
+            run.db
+                .count("SELECT COUNT(*) FROM outbox WHERE port = 'audit' AND status = 'delivered'")
+                .await
+                > 50
+        })
+        .await;
+    host.sigkill();
+    let delivered_at_kill = run
+        .db
+        .count("SELECT COUNT(*) FROM outbox WHERE port = 'audit' AND status = 'delivered'")
+        .await;
+    eprintln!("killed with {delivered_at_kill} audit entries delivered");
+    assert!(
+        delivered_at_kill < ENTRIES,
+        "the kill came after every delivery"
+    );
+    host = spawn(1);
+    // Every entry committed before the failing one arrives; then the port stops on it.
+    run.db
+        .wait_for(
+            "the port to hold the failing entry",
+            Duration::from_secs(120),
+            || async {
+                run.db
+                    .count("SELECT COUNT(*) FROM outbox WHERE port = 'audit' AND status = 'held'")
+                    .await
+                    == 1
+            },
+        )
+        .await;
+    let held: String =
+        sqlx::query_scalar("SELECT id FROM outbox WHERE port = 'audit' AND status = 'held'")
+            .fetch_one(&run.db.sql)
+            .await
+            .unwrap();
+    let order: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM outbox WHERE port = 'audit' ORDER BY seq")
+            .fetch_all(&run.db.sql)
+            .await
+            .unwrap();
+    let held_at = order.iter().position(|id| *id == held).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let arrived = first_arrivals(&run, "audit");
+    assert_eq!(
+        arrived,
+        order[..held_at],
+        "before the held entry: everything, in commit order, nothing after it"
+    );
+    // The target is fixed; the operator resumes the held entry with the CLI.
+    std::fs::write(&recovered, "fixed").unwrap();
+    let resumed = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--database", &run.db.url, "outbox", "resume", &held])
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    run.db
+        .wait_for(
+            "every entry delivered",
+            Duration::from_secs(120),
+            || async {
+                run.db
+                    .count(
+                        "SELECT COUNT(*) FROM outbox WHERE port = 'audit' AND status = 'delivered'",
+                    )
+                    .await
+                    == ENTRIES
+            },
+        )
+        .await;
+    stop(host);
+    let arrived = first_arrivals(&run, "audit");
+    assert_eq!(
+        arrived, order,
+        "all 1,000 entries, each once, in commit order"
+    );
+    let files = std::fs::read_dir(&audit)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .count();
+    assert_eq!(
+        files as i64, ENTRIES,
+        "one file per entry in the audit folder"
+    );
+    let redelivered = run
+        .ledger_ids()
+        .into_iter()
+        .filter(|(id, n)| order.contains(id) && *n > 1)
+        .count();
+    eprintln!("{ENTRIES} audit entries in commit order; {redelivered} delivered more than once (same id); entry {FAILING} held until resumed");
+}
+
+/// The ids a port received, in arrival order, each counted at its first arrival (a receiver
+/// deduplicating by id).
+fn first_arrivals(run: &support::processes::Run, port: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(run.ledger()).unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    text.lines()
+        .filter_map(|line| {
+            let mut cols = line.split('\t');
+            (cols.next() == Some(port)).then(|| cols.next().unwrap_or_default().to_owned())
+        })
+        .filter(|id| seen.insert(id.clone()))
+        .collect()
 }

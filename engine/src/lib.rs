@@ -50,7 +50,7 @@ pub mod testing;
 
 pub use context::{Context, Delay, Effect, Receive, ScopeKind};
 pub use host::ports::{
-    FilePort, HttpPort, OutboundMessage, PortError, Ports, RetryPolicy, SendPort,
+    Delivering, FilePort, HttpPort, OutboundMessage, PortError, Ports, RetryPolicy, SendPort,
 };
 pub use host::{Client, ClientError, Host, HostConfig, HostError, HostStats};
 pub use orchestration::{

@@ -5,6 +5,7 @@
 //! both to [`cairn::cli`].
 
 pub mod approval;
+pub mod audit_trail;
 pub mod invoice_batch;
 pub mod order_fulfilment;
 pub mod ports;
@@ -24,6 +25,7 @@ pub fn registry() -> Registry {
         .register::<invoice_batch::InvoiceBatch>()
         .register::<invoice_batch::Invoice>()
         .register::<trip_booking::TripBooking>()
+        .register::<audit_trail::AuditTrail>()
 }
 
 /// The messages `cairn demo` publishes for its `i`-th instance: the first one activates it. Every

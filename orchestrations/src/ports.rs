@@ -11,7 +11,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use cairn::{Client, OutboundMessage, PortError, Ports};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn::{
+    Client, Delivering, FilePort, OutboundMessage, PortError, Ports, RetryPolicy, SendPort,
+};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -119,6 +124,37 @@ fn booking_service(
     })
 }
 
+/// The audit trail's port: an ordered file port writing `<dir>/<message id>.json` (the folder
+/// named by `CAIRN_AUDIT_DIR`, `cairn-audit` by default), which also records each delivery in
+/// the ledger. For the crash tests, `CAIRN_AUDIT_FAIL_N=N` makes the entry numbered N fail until
+/// the file named by `CAIRN_AUDIT_RECOVERED` exists (a target that is down, then fixed).
+struct AuditPort {
+    file: FilePort,
+    ledger: Ledger,
+}
+
+impl SendPort for AuditPort {
+    fn deliver(&self, message: OutboundMessage) -> Delivering {
+        let file = self.file.clone();
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            let failing = std::env::var("CAIRN_AUDIT_FAIL_N")
+                .ok()
+                .and_then(|n| n.parse::<i64>().ok());
+            let recovered = std::env::var_os("CAIRN_AUDIT_RECOVERED")
+                .is_some_and(|path| std::path::Path::new(&path).exists());
+            if failing.is_some() && message.body["n"].as_i64() == failing && !recovered {
+                return Err(PortError::transient(
+                    "the audit store refuses this entry (simulated)",
+                ));
+            }
+            let reply = file.deliver(message.clone()).await?;
+            ledger.record(&message).await?;
+            Ok(reply)
+        })
+    }
+}
+
 /// The sample ports. The warehouse publishes `shipment.confirmed` back through `client`.
 pub fn sample_ports(client: Client, ledger: Ledger) -> Ports {
     let l1 = ledger.clone();
@@ -127,6 +163,26 @@ pub fn sample_ports(client: Client, ledger: Ledger) -> Ports {
     let ports = booking_service(Ports::new(), "flights", "flight", ledger.clone());
     let ports = booking_service(ports, "hotels", "hotel", ledger.clone());
     let ports = booking_service(ports, "cars", "car", ledger.clone());
+    let audit_dir =
+        std::env::var_os("CAIRN_AUDIT_DIR").map_or_else(|| "cairn-audit".into(), PathBuf::from);
+    let ports = ports
+        .adapter(
+            "audit",
+            Arc::new(AuditPort {
+                file: FilePort::new(audit_dir),
+                ledger: ledger.clone(),
+            }),
+        )
+        .ordered("audit")
+        .retry(
+            "audit",
+            RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_millis(50),
+                factor: 2.0,
+                cap: Duration::from_secs(5),
+            },
+        );
     ports
         .function("payment", move |msg: OutboundMessage| {
             let ledger = l1.clone();

@@ -45,8 +45,21 @@ impl Run {
     /// A `cairn host` child with these host arguments and a log level; its log goes to
     /// `host-N.log` in the run's folder.
     pub fn spawn(&self, n: usize, latency_ms: u64, args: &[&str], log: &str) -> HostProcess {
+        self.spawn_env(n, latency_ms, args, log, &[])
+    }
+
+    /// [`Run::spawn`] with more environment variables.
+    pub fn spawn_env(
+        &self,
+        n: usize,
+        latency_ms: u64,
+        args: &[&str],
+        log: &str,
+        env: &[(&str, String)],
+    ) -> HostProcess {
         let out = std::fs::File::create(self.dir.path().join(format!("host-{n}.log"))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["--database", &self.db.url, "host"])
             .args(args)
             .env("CAIRN_PORT_LEDGER", self.ledger())
