@@ -266,8 +266,7 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
         return Ok(Route::Instance(target, None));
     }
     let key_sets: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT correlation_keys FROM subscriptions \
-         WHERE message_type = $1 AND instance_id IS NOT NULL",
+        "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
     )
     .bind(&msg.message_type)
     .fetch_all(&mut **tx)
@@ -2418,6 +2417,7 @@ mod tests {
                 "instances",
                 "messages",
                 "outbox",
+                "subscription_keys",
                 "subscriptions",
                 "timers"
             ]
