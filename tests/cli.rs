@@ -33,7 +33,8 @@ fn ok(db: &TestDb, args: &[&str]) -> String {
 
 backend_tests!(
     every_verb_works_from_the_command_line,
-    demo_returns_when_every_instance_has_ended
+    demo_returns_when_every_instance_has_ended,
+    dead_letters_are_listed_shown_resubmitted_and_purged,
 );
 
 async fn every_verb_works_from_the_command_line(db: TestDb) {
@@ -198,4 +199,82 @@ async fn a_second_host_on_one_sqlite_file_refuses_to_start() {
     );
     // Once the first host is gone, a new one starts.
     ok(&db, &["host", "--until-idle"]);
+}
+
+/// `cairn host --until-idle` with the sample booking services failing `percent`% of calls.
+fn host_until_idle(db: &TestDb, percent: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args([
+            "--database",
+            &db.url,
+            "host",
+            "--until-idle",
+            "--poll-ms",
+            "20",
+        ])
+        .env("RUST_LOG", "warn")
+        .env("CAIRN_SAMPLE_FAILURE_PERCENT", percent)
+        .output()
+        .expect("run cairn host");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn dead_letters_are_listed_shown_resubmitted_and_purged(db: TestDb) {
+    // Two trips whose airline is down: each flight booking is tried, then dead-lettered.
+    for trip in ["dl-1", "dl-2"] {
+        let body = format!(r#"{{"trip_id": "{trip}", "traveller": "ada"}}"#);
+        ok(
+            &db,
+            &["publish", "trip.requested", "--body", &body, "--id", trip],
+        );
+    }
+    host_until_idle(&db, "100");
+    let dead: Vec<String> = sqlx::query_scalar("SELECT id FROM dead_letters ORDER BY id")
+        .fetch_all(&db.sql)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let listed = ok(&db, &["dead-letters", "list"]);
+    for id in &dead {
+        assert!(listed.contains(id.as_str()), "{listed}");
+    }
+    let shown = ok(&db, &["dead-letters", "show", &dead[0]]);
+    assert!(
+        shown.contains("flights") && shown.contains("simulated"),
+        "{shown}"
+    );
+    // The airline is back: resubmit one, purge the other.
+    ok(&db, &["dead-letters", "resubmit", &dead[0]]);
+    ok(&db, &["dead-letters", "purge", &dead[1]]);
+    host_until_idle(&db, "0");
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM outbox WHERE id = $1 AND status = 'delivered'",
+            &dead[0]
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM outbox WHERE id = $1 AND status = 'dead'",
+            &dead[1]
+        )
+        .await,
+        1
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
+    // Its trip had already failed and compensated: the late reply is kept as a zombie.
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = $1 AND status IN ('zombie', 'routed')",
+            &format!("{}:reply", dead[0])
+        )
+        .await,
+        1
+    );
 }
