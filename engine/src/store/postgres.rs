@@ -1096,8 +1096,6 @@ const SUMMARY_COLUMNS: &str =
 
 /// Instances host `$1` may run at `$2`: runnable, and unowned, owned by it, or with a lease
 /// that ran out.
-/// The claim order's first key: messages for instances `$1` holds (in its memory) first.
-const HOT_FIRST: &str = "CASE WHEN i.owner = $1 THEN 0 ELSE 1 END";
 
 const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
@@ -1272,9 +1270,9 @@ impl Store for PostgresStore {
         commit(tx).await
     }
 
-    // Messages for instances this host already holds come first (they are in memory, and
-    // finishing work in flight keeps it from going idle and being dehydrated only to be loaded
-    // again); the rest in publication order. One instance's messages keep their order.
+    // Up to half the batch: messages for instances this host already holds (they are in memory,
+    // and finishing work in flight keeps it from going idle and being dehydrated only to be
+    // loaded again); the rest in publication order. One instance's messages keep their order.
     async fn claim_messages(
         &self,
         host: &str,
@@ -1282,12 +1280,22 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
         let mut tx = self.write().await?;
+        // Half the batch at most for instances this host holds, so that a busy host still takes
+        // its share of new work and hosts keep splitting it.
         let rows = sqlx::query(&format!(
-            "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
+            "WITH hot AS ( \
+               SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
+               WHERE m.status = 'routed' AND {CLAIMABLE} AND {lock_free} AND i.owner = $1 \
+               ORDER BY m.seq LIMIT ($3 + 1) / 2 \
+               FOR UPDATE OF m SKIP LOCKED), \
+             cold AS ( \
                SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
                WHERE m.status = 'routed' AND {CLAIMABLE} AND {lock_free} \
-               ORDER BY {HOT_FIRST}, m.seq LIMIT $3 \
+                 AND m.seq NOT IN (SELECT seq FROM hot) \
+               ORDER BY m.seq LIMIT $3 / 2 \
                FOR UPDATE OF m SKIP LOCKED) \
+             UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 \
+             WHERE seq IN (SELECT seq FROM hot UNION ALL SELECT seq FROM cold) \
              RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count",
             lock_free = lock_free("m"),
         ))
