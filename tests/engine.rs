@@ -725,6 +725,7 @@ async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
             expects_reply: false,
             attempts: 0,
         }],
+        delivered: vec![],
         messages: vec![],
         children: vec![],
         release: false,

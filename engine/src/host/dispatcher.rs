@@ -54,6 +54,9 @@ pub(crate) struct Dispatcher {
     pub wake_host: Arc<Notify>,
     /// Rows taken and not yet recorded.
     pub in_flight: Arc<AtomicUsize>,
+    /// Replies handed to the host loop rather than recorded: an instance it holds takes the
+    /// reply in memory, and its next persistence point marks the request delivered.
+    pub replies: mpsc::UnboundedSender<(OutboxRow, serde_json::Value)>,
 }
 
 /// Ids of the rows whose delivery is running: their locks are renewed.
@@ -262,8 +265,35 @@ impl Dispatcher {
         if done.is_empty() {
             return;
         }
-        let batch = std::mem::take(done);
-        let count = batch.len();
+        let count = done.len();
+        // A reply goes straight to the host loop: one transaction less per call. Until the
+        // instance's next point commits, the request stays pending under its lock; if the host
+        // dies first, it is delivered again under the same id (G2).
+        let mut batch = Vec::with_capacity(count);
+        for outcome in std::mem::take(done) {
+            match outcome {
+                DeliveryOutcome::Delivered {
+                    row,
+                    reply: Some(reply),
+                    via_backup,
+                } if !via_backup && !self.replies.is_closed() => {
+                    if let Err(returned) = self.replies.send((row, reply)) {
+                        let (row, reply) = returned.0;
+                        batch.push(DeliveryOutcome::Delivered {
+                            row,
+                            reply: Some(reply),
+                            via_backup,
+                        });
+                    }
+                }
+                other => batch.push(other),
+            }
+        }
+        if batch.is_empty() {
+            self.in_flight.fetch_sub(count, Ordering::SeqCst);
+            self.wake_host.notify_one();
+            return;
+        }
         let mut wait = Duration::from_millis(50);
         for attempt in 1.. {
             match self

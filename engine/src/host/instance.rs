@@ -155,6 +155,8 @@ pub struct LiveInstance {
     detail: Option<String>,
     failed: Vec<i64>,
     compensating_now: Option<String>,
+    /// Requests whose replies were handed over in memory: the next point marks them delivered.
+    delivered: Vec<String>,
     ending: Ending,
     dirty: bool,
     last_effects: Vec<Effect>,
@@ -210,6 +212,7 @@ impl LiveInstance {
             detail: None,
             failed: Vec::new(),
             compensating_now: None,
+            delivered: Vec::new(),
             ending: Ending::Running,
             dirty: false,
             last_effects: Vec::new(),
@@ -320,6 +323,13 @@ impl LiveInstance {
                     .cloned()
                     .unwrap_or_default();
                 let port = msg.properties.get("port").cloned().unwrap_or_default();
+                if !self.waits.requests.iter().any(|(id, _)| *id == request_id) {
+                    // Answered already (the reply was handed over in memory, then the request
+                    // was sent again): nothing left to do with this copy.
+                    self.consumed.push(msg.seq);
+                    self.dirty = true;
+                    return Delivery::Ran(None);
+                }
                 self.waits.requests.retain(|(id, _)| *id != request_id);
                 Event::Reply {
                     request_id,
@@ -372,6 +382,43 @@ impl LiveInstance {
             }
         };
         self.deliver_event(Some(msg.seq), event, registry, ports, now)
+    }
+
+    /// Delivers the reply to request `row`, handed over by this host's dispatcher rather than
+    /// stored as a message. The next persistence point marks the request delivered; until then,
+    /// a crash leaves it pending, and it is sent again under the same id (G2). A second reply
+    /// to a request already answered is dropped.
+    pub fn deliver_reply(
+        &mut self,
+        row: &OutboxRow,
+        body: serde_json::Value,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+        now: DateTime<Utc>,
+    ) -> Delivery {
+        self.delivered.push(row.id.clone());
+        self.dirty = true;
+        if !self.waits.requests.iter().any(|(id, _)| *id == row.id) {
+            return Delivery::Ran(None);
+        }
+        self.waits.requests.retain(|(id, _)| *id != row.id);
+        let message = Message {
+            id: row.reply_id(),
+            message_type: format!("{}.reply", row.message_type),
+            properties: [
+                ("request_id".to_owned(), row.id.clone()),
+                ("port".to_owned(), row.port.clone()),
+            ]
+            .into(),
+            body,
+            published_at: now,
+        };
+        let event = Event::Reply {
+            request_id: row.id.clone(),
+            port: row.port.clone(),
+            message,
+        };
+        self.deliver_event(None, event, registry, ports, now)
     }
 
     /// A convoy's first message: the store subscribed the new instance to every activating type
@@ -979,6 +1026,7 @@ impl LiveInstance {
             cancel_timers: cancel_timers.into_iter().collect(),
             set_timers,
             outbox: std::mem::take(&mut self.outbox),
+            delivered: std::mem::take(&mut self.delivered),
             messages,
             children: std::mem::take(&mut self.children),
             release,
@@ -1026,6 +1074,7 @@ impl LiveInstance {
             cancel_timers: Vec::new(),
             set_timers: Vec::new(),
             outbox: Vec::new(),
+            delivered: Vec::new(),
             messages: Vec::new(),
             children: Vec::new(),
             release: true,

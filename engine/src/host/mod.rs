@@ -384,6 +384,7 @@ impl Host {
 
         let stop_workers = CancellationToken::new();
         let (to_dispatch, rows) = mpsc::unbounded_channel();
+        let (replies_tx, replies) = mpsc::unbounded_channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let dispatcher = Dispatcher {
             store: self.store.clone(),
@@ -398,6 +399,7 @@ impl Host {
             },
             wake_host: self.wake.clone(),
             in_flight: in_flight.clone(),
+            replies: replies_tx,
         };
         let dispatcher = tokio::spawn(dispatcher.run(rows, stop_workers.clone()));
         let listener = {
@@ -433,6 +435,7 @@ impl Host {
             unrunnable: HashSet::new(),
             unwritten: HashSet::new(),
             to_dispatch,
+            replies,
             in_flight,
             stats: HostStats::default(),
             last_report: Instant::now(),
@@ -496,6 +499,8 @@ struct Runner {
     /// Instances that may hold receives not yet written to the database.
     unwritten: HashSet<Uuid>,
     to_dispatch: mpsc::UnboundedSender<OutboxRow>,
+    /// Replies of requests delivered by this host's dispatcher, for the instances in memory.
+    replies: mpsc::UnboundedReceiver<(OutboxRow, serde_json::Value)>,
     in_flight: Arc<AtomicUsize>,
     stats: HostStats,
     last_report: Instant,
@@ -513,6 +518,8 @@ struct Runner {
 enum Work {
     Message(StoredMessage),
     Timer(DueTimer),
+    /// A reply the dispatcher handed over, not stored as a message.
+    Reply(OutboxRow, serde_json::Value),
 }
 
 impl Runner {
@@ -610,6 +617,7 @@ impl Runner {
             self.unwritten.insert(id);
             self.deliver(id, item, now, &mut points);
         }
+        let replied = self.take_replies(now, &mut points).await;
         let fired = self.fire_memory_timers(now, &mut points);
         self.dehydrate_idle(now, &mut points);
         if !points.is_empty() {
@@ -617,7 +625,38 @@ impl Runner {
         }
         self.retry_panicked().await;
         self.write_receives(now).await;
-        Ok(worked || fired || controlled || received)
+        Ok(worked || fired || controlled || received || replied)
+    }
+
+    /// Hands replies the dispatcher took to the instances in memory; a reply for an instance
+    /// this host does not hold is recorded as a message, as any reply used to be.
+    async fn take_replies(
+        &mut self,
+        now: DateTime<Utc>,
+        points: &mut Vec<PersistencePoint>,
+    ) -> bool {
+        let mut elsewhere = Vec::new();
+        let mut any = false;
+        while let Ok((row, reply)) = self.replies.try_recv() {
+            any = true;
+            if self.cache.contains_key(&row.instance_id) {
+                self.unwritten.insert(row.instance_id);
+                self.deliver(row.instance_id, Work::Reply(row, reply), now, points);
+            } else {
+                elsewhere.push(crate::store::DeliveryOutcome::Delivered {
+                    row,
+                    reply: Some(reply),
+                    via_backup: false,
+                });
+            }
+        }
+        if !elsewhere.is_empty() {
+            if let Err(e) = self.host.store.record_deliveries(elsewhere, now).await {
+                // The requests stay pending under their locks and are delivered again.
+                tracing::warn!(error = %e, "recording replies failed; the requests will be sent again");
+            }
+        }
+        any
     }
 
     /// Publishes the rows of the `inbox` table (the SQL receive location): at most every
@@ -921,6 +960,9 @@ impl Runner {
                 }
                 Work::Message(msg) => instance.deliver_message(msg, registry, &has_port, now),
                 Work::Timer(t) => instance.deliver_timer(&t.name, registry, &has_port, now),
+                Work::Reply(row, body) => {
+                    instance.deliver_reply(&row, body, registry, &has_port, now)
+                }
             };
             let point = match delivery {
                 Delivery::Held => continue,
@@ -1076,7 +1118,7 @@ impl Runner {
     }
 
     async fn is_idle(&self) -> bool {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
+        if self.in_flight.load(Ordering::SeqCst) > 0 || !self.replies.is_empty() {
             return false;
         }
         let now = self.host.clock.now();

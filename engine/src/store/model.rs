@@ -554,6 +554,9 @@ pub struct PersistencePoint {
     pub set_timers: Vec<(String, DateTime<Utc>)>,
     /// Sends, locked to `host` for immediate delivery after commit.
     pub outbox: Vec<OutboxRow>,
+    /// Requests whose replies the instance took in memory (handed over by the dispatcher):
+    /// marked delivered with this point.
+    pub delivered: Vec<String>,
     /// Messages to publish with the point (a child's end, addressed to its parent).
     pub messages: Vec<NewMessage>,
     /// Children to start.

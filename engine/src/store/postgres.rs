@@ -777,6 +777,30 @@ async fn write_point<'p>(
         .await
         .map_err(map_err)?;
     }
+    if !p.delivered.is_empty() {
+        sqlx::query(
+            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
+             last_attempt_at = $2, delivered_via = 'primary', locked_by = NULL, locked_until = NULL, \
+             last_error = NULL WHERE id = ANY($1) AND status IN ('pending', 'held', 'give_up')",
+        )
+        .bind(&p.delivered)
+        .bind(p.at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        // Another host may have delivered the request too and stored its reply: the instance
+        // has its answer, so that copy is consumed with this point.
+        let replies: Vec<String> = p.delivered.iter().map(|r| format!("{r}:reply")).collect();
+        sqlx::query(
+            "UPDATE messages SET status = 'consumed', consumed_at = $2, locked_by = NULL \
+             WHERE id = ANY($1) AND status = 'routed'",
+        )
+        .bind(&replies)
+        .bind(p.at)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
     for child in &p.children {
         start_one(tx, child, p.at).await?;
     }
@@ -1096,7 +1120,6 @@ const SUMMARY_COLUMNS: &str =
 
 /// Instances host `$1` may run at `$2`: runnable, and unowned, owned by it, or with a lease
 /// that ran out.
-
 const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
 
@@ -2378,6 +2401,7 @@ mod tests {
             cancel_timers: vec![],
             set_timers: vec![],
             outbox: vec![],
+            delivered: vec![],
             messages: vec![],
             children: vec![],
             release: false,

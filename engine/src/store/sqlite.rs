@@ -518,6 +518,29 @@ async fn write_point(
         .await
         .map_err(map_err)?;
     }
+    for request in &p.delivered {
+        sqlx::query(
+            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
+             last_attempt_at = $2, delivered_via = 'primary', locked_by = NULL, locked_until = NULL, \
+             last_error = NULL WHERE id = $1 AND status IN ('pending', 'held', 'give_up')",
+        )
+        .bind(request)
+        .bind(ts(p.at))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        // Another host may have delivered the request too and stored its reply: the instance
+        // has its answer, so that copy is consumed with this point.
+        sqlx::query(
+            "UPDATE messages SET status = 'consumed', consumed_at = $2, locked_by = NULL \
+             WHERE id = $1 AND status = 'routed'",
+        )
+        .bind(format!("{request}:reply"))
+        .bind(ts(p.at))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
     for child in &p.children {
         start_one(tx, child, p.at).await?;
     }
