@@ -12,7 +12,7 @@ use std::time::Duration;
 use cairn::store::{ControlAction, InstanceStatus, NewMessage, StoreError};
 use cairn::{Client, HostConfig};
 use serde_json::json;
-use support::fixtures::{self, fast_config, Deliveries, HostThread};
+use support::fixtures::{self, fast_config, Deliveries, HostSetup, HostThread};
 use support::TestDb;
 use uuid::Uuid;
 
@@ -291,15 +291,11 @@ async fn a_suspended_instance_resumes_on_a_fixed_build_of_the_same_version(db: T
     host.stop();
     // The fixed build, same name and version, is deployed; the operator resumes.
     let fixed = cairn_orchestrations::registry().register::<fixtures::FixableFixed>();
-    let (host, _client) = HostThread::start_registry(
-        &db,
-        fast_config(),
-        Deliveries::default(),
-        None,
-        fixed,
-        Vec::new(),
-    )
-    .await;
+    let setup = HostSetup {
+        registry: fixed,
+        ..HostSetup::new(fast_config(), Deliveries::default())
+    };
+    let (host, _client) = HostThread::launch(&db, setup).await;
     db.store
         .control(
             id,

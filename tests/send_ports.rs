@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use cairn::store::InstanceStatus;
 use cairn::{
-    Client, Context, Correlation, Event, Fault, Host, HostConfig, Next, Orchestration,
-    OutboundMessage, PortError, Ports, Registry, RetryPolicy, UnexpectedEvent,
+    Client, Context, Correlation, Event, Fault, HostConfig, Next, Orchestration, OutboundMessage,
+    PortError, Ports, Registry, RetryPolicy, UnexpectedEvent,
 };
 use serde_json::json;
+use support::fixtures::{Deliveries, HostSetup, HostThread};
 use support::TestDb;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 backend_tests!(
@@ -92,60 +92,15 @@ fn fast_retry(max_attempts: u32) -> RetryPolicy {
     }
 }
 
-/// A host on a runtime of its own: dropping the runtime kills it with nothing saved.
-struct TestHost {
-    stop: CancellationToken,
-    crash: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TestHost {
-    async fn start(db: &TestDb, config: HostConfig, ports: Ports) -> (Self, Client) {
-        let url = db.url.clone();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let (crash_tx, crash_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Client>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let store = cairn::store::open(&url).await.unwrap();
-                let host = Host::new(store, registry(), ports).with_config(config);
-                host.sync_activations().await.unwrap();
-                let _ = ready_tx.send(host.client());
-                tokio::select! {
-                    result = host.run(token) => { result.unwrap(); }
-                    _ = crash_rx => {}
-                }
-            });
-            rt.shutdown_background();
-        });
-        let client = ready_rx.await.unwrap();
-        let host = Self {
-            stop,
-            crash: Some(crash_tx),
-            thread: Some(thread),
-        };
-        (host, client)
-    }
-
-    fn crash(mut self) {
-        let _ = self.crash.take().unwrap().send(());
-        let _ = self.thread.take().unwrap().join();
-    }
-}
-
-impl Drop for TestHost {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// A host with the `Sender` orchestration and `ports`, on a runtime of its own
+/// ([`HostThread::crash`] drops the runtime: a kill with nothing saved).
+async fn start_host(db: &TestDb, config: HostConfig, ports: Ports) -> (HostThread, Client) {
+    let setup = HostSetup {
+        registry: registry(),
+        ports: Box::new(move |_| ports),
+        ..HostSetup::new(config, Deliveries::default())
+    };
+    HostThread::launch(db, setup).await
 }
 
 /// A target's own record: every call, and the ids it accepted (deduplicated).
@@ -231,7 +186,7 @@ async fn a_flaky_target_gets_each_message_once_after_retries_with_backoff(db: Te
             }
         })
         .retry("flaky", fast_retry(6));
-    let (host, client) = TestHost::start(&db, config(), ports).await;
+    let (host, client) = start_host(&db, config(), ports).await;
     let instance = client
         .start("sender", json!({ "key": "k", "port": "flaky", "count": 5 }))
         .await
@@ -309,7 +264,7 @@ async fn a_target_that_never_succeeds_falls_back_to_the_backup_transport(db: Tes
                 }
             }),
         );
-    let (host, client) = TestHost::start(&db, config(), ports).await;
+    let (host, client) = start_host(&db, config(), ports).await;
     let instance = client
         .start("sender", json!({ "key": "b", "port": "down", "count": 2 }))
         .await
@@ -352,7 +307,7 @@ async fn without_a_backup_the_send_is_dead_lettered_the_instance_told_and_a_resu
             }
         })
         .retry("fragile", fast_retry(3));
-    let (host, client) = TestHost::start(&db, config(), ports).await;
+    let (host, client) = start_host(&db, config(), ports).await;
     let instance = client
         .start(
             "sender",
@@ -420,7 +375,7 @@ async fn a_delivery_lease_is_renewed_while_a_slow_delivery_runs(db: TestDb) {
         outbox_lock: Duration::from_millis(300),
         ..config()
     };
-    let (host, client) = TestHost::start(&db, config, ports).await;
+    let (host, client) = start_host(&db, config, ports).await;
     let instance = client
         .start("sender", json!({ "key": "s", "port": "slow", "count": 3 }))
         .await
@@ -452,7 +407,7 @@ async fn an_expired_delivery_lease_makes_the_send_deliverable_again_under_the_sa
         outbox_lock: Duration::from_millis(500),
         ..config()
     };
-    let (host, client) = TestHost::start(&db, config.clone(), hangs).await;
+    let (host, client) = start_host(&db, config.clone(), hangs).await;
     let instance = client
         .start(
             "sender",
@@ -481,7 +436,7 @@ async fn an_expired_delivery_lease_makes_the_send_deliverable_again_under_the_sa
             Ok(None)
         }
     });
-    let (host, _) = TestHost::start(&db, config, works).await;
+    let (host, _) = start_host(&db, config, works).await;
     wait_all_delivered(&db, instance, "the send delivered after the lease expired").await;
     drop(host);
     assert_eq!(first.calls_of(&id), 1);
@@ -496,7 +451,7 @@ async fn the_file_port_writes_each_message_atomically_named_by_its_id(db: TestDb
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let ports = Ports::new().file("files", &out);
-    let (host, client) = TestHost::start(&db, config(), ports).await;
+    let (host, client) = start_host(&db, config(), ports).await;
     let instance = client
         .start(
             "sender",
@@ -598,7 +553,7 @@ async fn the_http_port_posts_with_an_idempotency_key_retries_5xx_and_dead_letter
     let target = Target::default();
     let url = http_target(target.clone()).await;
     let ports = Ports::new().http("web", &url).retry("web", fast_retry(4));
-    let (host, client) = TestHost::start(&db, config(), ports).await;
+    let (host, client) = start_host(&db, config(), ports).await;
     let instance = client
         .start("sender", json!({ "key": "h", "port": "web", "count": 4 }))
         .await
@@ -662,7 +617,7 @@ async fn an_ordered_port_stops_on_a_failing_message_until_an_operator_resumes_it
         })
         .retry("ledger", fast_retry(3))
         .ordered("ledger");
-    let (host, client) = TestHost::start(&db, config(), ports).await;
+    let (host, client) = start_host(&db, config(), ports).await;
     let instance = client
         .start(
             "sender",

@@ -432,16 +432,40 @@ pub struct HostThread {
     thread: Option<std::thread::JoinHandle<Option<HostStats>>>,
 }
 
+/// What a [`HostThread`] runs: settings, definitions, ports, receive locations, faults.
+pub struct HostSetup {
+    pub config: HostConfig,
+    pub registry: Registry,
+    /// Builds the send ports from the host's client.
+    pub ports: Box<dyn FnOnce(Client) -> Ports + Send>,
+    pub locations: Vec<ReceiveLocation>,
+    /// Wraps the store in a [`FaultyStore`] with this plan.
+    pub plan: Option<Arc<FaultPlan>>,
+}
+
+impl HostSetup {
+    /// `registry()` and `ports()` recording into `deliveries`, no faults, no receive locations.
+    pub fn new(config: HostConfig, deliveries: Deliveries) -> Self {
+        Self {
+            config,
+            registry: registry(),
+            ports: Box::new(move |client| ports(client, deliveries)),
+            locations: Vec::new(),
+            plan: None,
+        }
+    }
+}
+
 impl HostThread {
     /// Starts a host on the test database with `registry()` and `ports()`, on a runtime and
-    /// store of its own (wrapped in a [`FaultyStore`] when a plan is given). Returns once the
-    /// host's activating subscriptions are written, with a client.
+    /// store of its own. Returns once the host's activating subscriptions are written, with a
+    /// client.
     pub async fn start(
         db: &super::TestDb,
         config: HostConfig,
         deliveries: Deliveries,
     ) -> (Self, Client) {
-        Self::start_with(db, config, deliveries, None).await
+        Self::launch(db, HostSetup::new(config, deliveries)).await
     }
 
     /// [`HostThread::start`] with injected faults.
@@ -451,7 +475,11 @@ impl HostThread {
         deliveries: Deliveries,
         plan: Option<Arc<FaultPlan>>,
     ) -> (Self, Client) {
-        Self::start_registry(db, config, deliveries, plan, registry(), Vec::new()).await
+        let setup = HostSetup {
+            plan,
+            ..HostSetup::new(config, deliveries)
+        };
+        Self::launch(db, setup).await
     }
 
     /// [`HostThread::start`] with receive locations.
@@ -460,26 +488,15 @@ impl HostThread {
         config: HostConfig,
         locations: Vec<ReceiveLocation>,
     ) -> (Self, Client) {
-        Self::start_registry(
-            db,
-            config,
-            Deliveries::default(),
-            None,
-            registry(),
+        let setup = HostSetup {
             locations,
-        )
-        .await
+            ..HostSetup::new(config, Deliveries::default())
+        };
+        Self::launch(db, setup).await
     }
 
-    /// [`HostThread::start_with`] running the orchestrations of `registry` (another build).
-    pub async fn start_registry(
-        db: &super::TestDb,
-        config: HostConfig,
-        deliveries: Deliveries,
-        plan: Option<Arc<FaultPlan>>,
-        registry: Registry,
-        locations: Vec<ReceiveLocation>,
-    ) -> (Self, Client) {
+    /// Starts a host as `setup` says, on a runtime and store of its own.
+    pub async fn launch(db: &super::TestDb, setup: HostSetup) -> (Self, Client) {
         let url = db.url.clone();
         let stop = CancellationToken::new();
         let (crash_tx, crash_rx) = tokio::sync::oneshot::channel::<()>();
@@ -493,16 +510,17 @@ impl HostThread {
                 .unwrap();
             let stats = rt.block_on(async move {
                 let plain = cairn::store::open(&url).await.expect("open store");
-                let store: Arc<dyn Store> = match plan {
+                let store: Arc<dyn Store> = match setup.plan {
                     Some(plan) => Arc::new(FaultyStore::new(plain, plan)),
                     None => plain,
                 };
-                let mut host = Host::new(store, registry, Ports::new()).with_config(config);
-                for location in locations {
+                let mut host =
+                    Host::new(store, setup.registry, Ports::new()).with_config(setup.config);
+                for location in setup.locations {
                     host = host.with_receive_location(location);
                 }
                 let client = host.client();
-                let host = host.with_ports(ports(client.clone(), deliveries));
+                let host = host.with_ports((setup.ports)(client.clone()));
                 host.sync_activations().await.expect("activations");
                 let _ = ready_tx.send(client);
                 tokio::select! {
