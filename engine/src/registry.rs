@@ -56,6 +56,13 @@ pub trait Definition: Send + Sync {
     ) -> Result<AnyNext, Fault>;
     /// `Orchestration::CONVOY`.
     fn convoy(&self) -> &'static [&'static str];
+    /// The convoy properties sorted and comma-separated, as `subscriptions.correlation_keys`
+    /// stores them (empty for no convoy).
+    fn convoy_keys(&self) -> String {
+        let mut keys = self.convoy().to_vec();
+        keys.sort_unstable();
+        keys.join(",")
+    }
     /// `Orchestration::ON_UNHANDLED_FAULT`.
     fn on_unhandled_fault(&self) -> OnFault;
     /// A copy of a state (a scope's rollback point).

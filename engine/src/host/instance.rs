@@ -424,7 +424,7 @@ impl LiveInstance {
     /// A convoy's first message: the store subscribed the new instance to every activating type
     /// with the message's convoy values; the instance waits for them under the same ids.
     fn join_convoy(&mut self, start: &StoredMessage) {
-        let keys = self.def.convoy();
+        let keys = self.def.convoy_keys();
         if keys.is_empty()
             || !self
                 .def
@@ -433,9 +433,7 @@ impl LiveInstance {
         {
             return;
         }
-        let mut keys = keys.to_vec();
-        keys.sort_unstable();
-        let Some(values) = Correlation::from_properties(&keys.join(","), &start.properties) else {
+        let Some(values) = Correlation::from_properties(&keys, &start.properties) else {
             return;
         };
         self.waits.convoy = Some(values.clone());

@@ -351,13 +351,11 @@ impl Host {
         let mut newest: BTreeMap<(String, String), Activation> = BTreeMap::new();
         for d in self.registry.definitions() {
             for t in d.activated_by() {
-                let mut convoy: Vec<&str> = d.convoy().to_vec();
-                convoy.sort_unstable();
                 let a = Activation {
                     message_type: (*t).to_owned(),
                     orchestration: d.name().to_owned(),
                     version: d.version(),
-                    convoy: convoy.join(","),
+                    convoy: d.convoy_keys(),
                 };
                 newest.insert((a.message_type.clone(), a.orchestration.clone()), a);
             }

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::Client;
-use crate::store::{NewMessage, PublishOutcome};
+use crate::store::{text_properties, NewMessage, PublishOutcome};
 
 /// Where a host takes messages from, besides the publish API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,19 +73,11 @@ impl Envelope {
     }
 
     fn into_message(self, default_id: impl FnOnce() -> String) -> NewMessage {
-        let properties = self
-            .properties
-            .into_iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(s) => (k, s),
-                other => (k, other.to_string()),
-            })
-            .collect();
         NewMessage::published(
             self.id.unwrap_or_else(default_id),
             self.message_type,
             self.body,
-            properties,
+            text_properties(self.properties),
         )
     }
 }

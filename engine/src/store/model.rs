@@ -151,19 +151,24 @@ pub fn inbox_message(
         .map_err(|e| format!("inbox row {row_id}: the body is not JSON: {e}"))?;
     let given: BTreeMap<String, serde_json::Value> = serde_json::from_str(properties)
         .map_err(|e| format!("inbox row {row_id}: properties are not a JSON object: {e}"))?;
-    let explicit = given
+    Ok(NewMessage::published(
+        message_id.unwrap_or_else(|| format!("inbox-{row_id}")),
+        message_type,
+        body,
+        text_properties(given),
+    ))
+}
+
+/// Routing properties given as JSON values (an inbox row, a file or HTTP envelope), as text:
+/// strings as they are, anything else as its JSON text.
+pub fn text_properties(given: BTreeMap<String, serde_json::Value>) -> BTreeMap<String, String> {
+    given
         .into_iter()
         .map(|(k, v)| match v {
             serde_json::Value::String(s) => (k, s),
             other => (k, other.to_string()),
         })
-        .collect();
-    Ok(NewMessage::published(
-        message_id.unwrap_or_else(|| format!("inbox-{row_id}")),
-        message_type,
-        body,
-        explicit,
-    ))
+        .collect()
 }
 
 /// What a housekeeping pass did.

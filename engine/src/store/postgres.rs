@@ -919,6 +919,14 @@ async fn unlock_instance(tx: &mut Tx, id: Uuid, failed: &[i64]) -> StoreResult<(
     Ok(())
 }
 
+/// Whether a query's single boolean answer is true.
+async fn exists(pool: &PgPool, sql: &str) -> StoreResult<bool> {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)
+}
+
 async fn next_history_seq(tx: &mut Tx, id: Uuid) -> StoreResult<i64> {
     let seq: i64 = sqlx::query_scalar("SELECT history_seq FROM instances WHERE id = $1")
         .bind(id)
@@ -1943,6 +1951,15 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> StoreResult<Vec<ControlApplied>> {
         let mut out = Vec::new();
+        // A read first: most polls find nothing, and need not queue behind the writers.
+        if !exists(
+            &self.pool,
+            "SELECT EXISTS (SELECT 1 FROM control WHERE status = 'pending')",
+        )
+        .await?
+        {
+            return Ok(out);
+        }
         for _ in 0..limit {
             let mut tx = self.write().await?;
             let Some(row) = sqlx::query(
@@ -2039,6 +2056,9 @@ impl Store for PostgresStore {
     }
 
     async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        if !exists(&self.pool, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
+            return Ok(0);
+        }
         let mut tx = self.write().await?;
         let rows = sqlx::query(
             "SELECT id, message_id, message_type, properties, body FROM inbox \

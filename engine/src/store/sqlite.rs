@@ -673,6 +673,14 @@ async fn release_failed(tx: &mut Tx, failed: &[i64]) -> StoreResult<()> {
     Ok(())
 }
 
+/// Whether a query's single boolean answer is true.
+async fn exists(pool: &SqlitePool, sql: &str) -> StoreResult<bool> {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)
+}
+
 async fn next_history_seq(tx: &mut Tx, id: &str) -> StoreResult<i64> {
     let seq: i64 = sqlx::query_scalar("SELECT history_seq FROM instances WHERE id = $1")
         .bind(id)
@@ -1562,6 +1570,15 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<ControlApplied>> {
         let mut out = Vec::new();
+        // A read first: most polls find nothing, and need not queue behind the writers.
+        if !exists(
+            &self.pool,
+            "SELECT EXISTS (SELECT 1 FROM control WHERE status = 'pending')",
+        )
+        .await?
+        {
+            return Ok(out);
+        }
         for _ in 0..limit {
             let mut tx = self.write().await?;
             let Some(row) = sqlx::query(
@@ -1656,6 +1673,9 @@ impl Store for SqliteStore {
     }
 
     async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        if !exists(&self.pool, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
+            return Ok(0);
+        }
         let mut tx = self.write().await?;
         let rows = sqlx::query(
             "SELECT id, message_id, message_type, properties, body FROM inbox ORDER BY id LIMIT $1",
