@@ -370,15 +370,7 @@ async fn bad_input_becomes_a_queryable_record_and_the_host_keeps_going(db: TestD
         .start("approval", json!({"request_id": "rc", "approver": "x"}))
         .await
         .unwrap();
-    db.wait_for("the approval's first point", WAIT, || async {
-        db.count_with(
-            "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
-            &corrupt.to_string(),
-        )
-        .await
-            == 1
-    })
-    .await;
+    db.wait_first_point(corrupt, WAIT).await;
     host.stop();
     sqlx::query("UPDATE instances SET state = $1 WHERE CAST(id AS TEXT) = $2")
         .bind(vec![0xc1u8, 0xff, 0x00, 0x13])
@@ -499,15 +491,7 @@ async fn operators_suspend_resume_and_terminate_instances(db: TestDb) {
         .await
         .unwrap();
     for id in [a, b] {
-        db.wait_for("first point", WAIT, || async {
-            db.count_with(
-                "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
-                &id.to_string(),
-            )
-            .await
-                == 1
-        })
-        .await;
+        db.wait_first_point(id, WAIT).await;
     }
     let now = chrono::Utc::now();
     assert_eq!(

@@ -241,15 +241,7 @@ async fn a_message_for_an_ended_instance_is_kept_as_a_zombie(db: TestDb) {
         .start("collector", json!({"key": "z1"}))
         .await
         .unwrap();
-    db.wait_for("the instance's first point", WAIT, || async {
-        db.count_with(
-            "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
-            &id.to_string(),
-        )
-        .await
-            == 1
-    })
-    .await;
+    db.wait_first_point(id, WAIT).await;
     db.store
         .control(
             id,

@@ -259,21 +259,7 @@ async fn an_idle_host_wakes_on_notify_not_on_its_poll() {
         let cairn::store::PublishOutcome::Routed(id) = outcome else {
             panic!("{outcome:?}")
         };
-        run.db
-            .wait_for(
-                "the first persistence point",
-                Duration::from_secs(10),
-                || async {
-                    run.db
-                        .count_with(
-                            "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
-                            &id.to_string(),
-                        )
-                        .await
-                        > 0
-                },
-            )
-            .await;
+        run.db.wait_first_point(id, Duration::from_secs(10)).await;
         latencies.push(started.elapsed());
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

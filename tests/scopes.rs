@@ -317,15 +317,7 @@ async fn an_instance_with_unreadable_state_is_not_resumable_without_force(db: Te
         .start("collector", json!({"key": "nr"}))
         .await
         .unwrap();
-    db.wait_for("the first point", WAIT, || async {
-        db.count_with(
-            "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
-            &id.to_string(),
-        )
-        .await
-            >= 1
-    })
-    .await;
+    db.wait_first_point(id, WAIT).await;
     host.stop();
     sqlx::query("UPDATE instances SET state = $1 WHERE CAST(id AS TEXT) = $2")
         .bind(vec![0xc1u8, 0x00])

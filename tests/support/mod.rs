@@ -126,6 +126,23 @@ impl TestDb {
         }
     }
 
+    /// Waits until the instance has written its first persistence point.
+    pub async fn wait_first_point(&self, id: Uuid, timeout: Duration) {
+        self.wait_for(
+            "the instance's first persistence point",
+            timeout,
+            || async {
+                self.count_with(
+                    "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1",
+                    &id.to_string(),
+                )
+                .await
+                    >= 1
+            },
+        )
+        .await;
+    }
+
     /// Waits until the instance has this status.
     pub async fn wait_status(&self, id: Uuid, status: InstanceStatus, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
