@@ -114,6 +114,42 @@ impl StoreError {
 /// Result of a store call.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+impl ControlAction {
+    /// Whether this action applies to instance `id` as it stands: its status, whether a
+    /// suspension is resumable, and the error it was suspended with. The same rules on every
+    /// backend.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongStatus`] or [`StoreError::NotResumable`], saying what can be done.
+    pub fn check(
+        &self,
+        id: Uuid,
+        status: InstanceStatus,
+        resumable: bool,
+        last_error: Option<String>,
+    ) -> StoreResult<()> {
+        let wrong = |hint| Err(StoreError::WrongStatus { id, status, hint });
+        match self {
+            ControlAction::Suspend { .. }
+                if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) =>
+            {
+                wrong("only a running or dehydrated instance can be suspended")
+            }
+            ControlAction::Resume { .. } if status != InstanceStatus::Suspended => {
+                wrong("only a suspended instance can be resumed")
+            }
+            ControlAction::Resume { force: false } if !resumable => Err(StoreError::NotResumable {
+                id,
+                why: last_error.unwrap_or_default(),
+            }),
+            ControlAction::Terminate { .. } if status.is_final() => {
+                wrong("the instance has already ended")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The storage boundary; see the module docs for the contract.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {

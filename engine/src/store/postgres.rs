@@ -975,15 +975,14 @@ async fn control_in(
     let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
     let step: String = col(&row, "step")?;
     let parent: Option<Uuid> = col(&row, "parent_id")?;
+    action.check(
+        id,
+        status,
+        col::<bool>(&row, "resumable")?,
+        col::<Option<String>>(&row, "last_error")?,
+    )?;
     let new_status = match &action {
         ControlAction::Suspend { reason } => {
-            if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
-                return Err(StoreError::WrongStatus {
-                    id,
-                    status,
-                    hint: "only a running or dehydrated instance can be suspended",
-                });
-            }
             let seq = next_history_seq(tx, id).await?;
             sqlx::query(
                     "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
@@ -1012,20 +1011,7 @@ async fn control_in(
             .await?;
             InstanceStatus::Suspended
         }
-        ControlAction::Resume { force } => {
-            if status != InstanceStatus::Suspended {
-                return Err(StoreError::WrongStatus {
-                    id,
-                    status,
-                    hint: "only a suspended instance can be resumed",
-                });
-            }
-            if !col::<bool>(&row, "resumable")? && !force {
-                return Err(StoreError::NotResumable {
-                    id,
-                    why: col::<Option<String>>(&row, "last_error")?.unwrap_or_default(),
-                });
-            }
+        ControlAction::Resume { .. } => {
             sqlx::query(
                     "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, updated_at = $2, resumable = TRUE WHERE id = $1",
@@ -1045,13 +1031,6 @@ async fn control_in(
             InstanceStatus::Dehydrated
         }
         ControlAction::Terminate { reason } => {
-            if status.is_final() {
-                return Err(StoreError::WrongStatus {
-                    id,
-                    status,
-                    hint: "the instance has already ended",
-                });
-            }
             let seq = next_history_seq(tx, id).await?;
             sqlx::query(
                     "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \

@@ -734,15 +734,14 @@ async fn control_in(
     let status: InstanceStatus = parse_word(row.get::<&str, _>(0))?;
     let step: String = row.get(1);
     let parent: Option<String> = row.get(2);
+    action.check(
+        id,
+        status,
+        row.get::<bool, _>(3),
+        row.get::<Option<String>, _>(4),
+    )?;
     let new_status = match &action {
         ControlAction::Suspend { reason } => {
-            if !matches!(status, InstanceStatus::Running | InstanceStatus::Dehydrated) {
-                return Err(StoreError::WrongStatus {
-                    id,
-                    status,
-                    hint: "only a running or dehydrated instance can be suspended",
-                });
-            }
             let seq = next_history_seq(tx, &key).await?;
             sqlx::query(
                     "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
@@ -771,20 +770,7 @@ async fn control_in(
             .await?;
             InstanceStatus::Suspended
         }
-        ControlAction::Resume { force } => {
-            if status != InstanceStatus::Suspended {
-                return Err(StoreError::WrongStatus {
-                    id,
-                    status,
-                    hint: "only a suspended instance can be resumed",
-                });
-            }
-            if !row.get::<bool, _>(3) && !force {
-                return Err(StoreError::NotResumable {
-                    id,
-                    why: row.get::<Option<String>, _>(4).unwrap_or_default(),
-                });
-            }
+        ControlAction::Resume { .. } => {
             sqlx::query(
                     "UPDATE instances SET status = 'dehydrated', last_error = NULL, epoch = epoch + 1, \
                      owner = NULL, lease_expires_at = NULL, updated_at = $2, resumable = 1 WHERE id = $1",
@@ -803,13 +789,6 @@ async fn control_in(
             InstanceStatus::Dehydrated
         }
         ControlAction::Terminate { reason } => {
-            if status.is_final() {
-                return Err(StoreError::WrongStatus {
-                    id,
-                    status,
-                    hint: "the instance has already ended",
-                });
-            }
             let seq = next_history_seq(tx, &key).await?;
             sqlx::query(
                     "UPDATE instances SET status = 'terminated', last_error = $2, epoch = epoch + 1, \
