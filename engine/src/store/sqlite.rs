@@ -18,6 +18,8 @@ use uuid::Uuid;
 use super::*;
 use crate::orchestration::Correlation;
 
+mod points;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
 const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
@@ -419,152 +421,6 @@ async fn start_one(tx: &mut Tx, inst: &NewInstance, now: DateTime<Utc>) -> Store
     );
     publish_one(tx, &start, now).await?;
     Ok(())
-}
-
-/// Writes one persistence point inside `tx`; returns `Fenced` without writing if the epoch moved.
-async fn write_point(
-    tx: &mut Tx,
-    p: &PersistencePoint,
-    reroute_types: &mut BTreeSet<String>,
-) -> StoreResult<CommitOutcome> {
-    let id = p.instance_id.to_string();
-    let updated = sqlx::query(
-        "UPDATE instances SET status = $3, step = $4, waiting_for = $5, next_timer_at = $6, \
-         updated_at = $7, last_error = $8, state = COALESCE($9, state), \
-         engine_state = COALESCE($10, engine_state), output = COALESCE($11, output), history_seq = $12, \
-         owner = CASE WHEN $13 THEN NULL ELSE owner END, \
-         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END, resumable = $15 \
-         WHERE id = $1 AND epoch = $2 AND owner = $14",
-    )
-    .bind(&id)
-    .bind(p.epoch)
-    .bind(p.status.as_str())
-    .bind(&p.step)
-    .bind(&p.waiting_for)
-    .bind(p.next_timer_at.map(ts))
-    .bind(ts(p.at))
-    .bind(&p.last_error)
-    .bind(&p.state)
-    .bind(&p.engine_state)
-    .bind(p.output.as_ref().map(|o| o.to_string()))
-    .bind(p.history_seq)
-    .bind(p.release)
-    .bind(&p.host)
-    .bind(p.resumable)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    if updated.rows_affected() == 0 {
-        return Ok(CommitOutcome::Fenced);
-    }
-    if !p.consumed.is_empty() {
-        // One statement for all of them; each must have been routed to this instance.
-        let marks = vec!["?"; p.consumed.len()].join(", ");
-        let sql = format!(
-            "UPDATE messages SET status = 'consumed', consumed_at = ?, locked_by = NULL \
-             WHERE instance_id = ? AND status = 'routed' AND seq IN ({marks})"
-        );
-        let mut update = sqlx::query(&sql).bind(ts(p.at)).bind(&id);
-        for seq in &p.consumed {
-            update = update.bind(seq);
-        }
-        let done = update.execute(&mut **tx).await.map_err(map_err)?;
-        if done.rows_affected() != p.consumed.len() as u64 {
-            return Err(StoreError::Corrupt(format!(
-                "instance {id} consumed messages {:?}, not all routed to it (consumed twice?)",
-                p.consumed
-            )));
-        }
-    }
-    if let Some(subs) = &p.subscriptions {
-        set_subscriptions(tx, &id, subs, p.at, reroute_types).await?;
-    }
-    for name in &p.cancel_timers {
-        sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = $2")
-            .bind(&id)
-            .bind(name)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-    }
-    for (name, at) in &p.set_timers {
-        sqlx::query(
-            "INSERT INTO timers (instance_id, name, due_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (instance_id, name) DO UPDATE SET due_at = excluded.due_at, locked_by = NULL",
-        )
-        .bind(&id)
-        .bind(name)
-        .bind(ts(*at))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    }
-    for row in &p.outbox {
-        sqlx::query(
-            "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
-             next_attempt_at, locked_by, locked_until, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $7)",
-        )
-        .bind(&row.id)
-        .bind(&id)
-        .bind(&row.port)
-        .bind(&row.message_type)
-        .bind(row.body.to_string())
-        .bind(row.expects_reply)
-        .bind(ts(p.at))
-        .bind(&p.host)
-        .bind(ts(p.outbox_lock_until))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    }
-    for request in &p.delivered {
-        sqlx::query(
-            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
-             last_attempt_at = $2, delivered_via = 'primary', locked_by = NULL, locked_until = NULL, \
-             last_error = NULL WHERE id = $1 AND status IN ('pending', 'held', 'give_up')",
-        )
-        .bind(request)
-        .bind(ts(p.at))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        // Another host may have delivered the request too and stored its reply: the instance
-        // has its answer, so that copy is consumed with this point.
-        sqlx::query(
-            "UPDATE messages SET status = 'consumed', consumed_at = $2, locked_by = NULL \
-             WHERE id = $1 AND status = 'routed'",
-        )
-        .bind(format!("{request}:reply"))
-        .bind(ts(p.at))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    }
-    for child in &p.children {
-        start_one(tx, child, p.at).await?;
-    }
-    for msg in &p.messages {
-        publish_one(tx, msg, p.at).await?;
-    }
-    insert_history(
-        tx,
-        &id,
-        HistoryEntry {
-            seq: p.history_seq,
-            reason: p.reason,
-            step: &p.step,
-            status: p.status,
-            at: p.at,
-            host: &p.host,
-            detail: p.detail.as_deref(),
-        },
-    )
-    .await?;
-    if p.release {
-        unlock_instance(tx, &id, &p.failed).await?;
-    }
-    Ok(CommitOutcome::Committed)
 }
 
 /// Makes an instance's subscription rows exactly `subs`: removes the others (routing their
@@ -1166,11 +1022,8 @@ impl Store for SqliteStore {
 
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
         let mut tx = self.write().await?;
-        let mut out = Vec::with_capacity(points.len());
         let mut reroute_types = BTreeSet::new();
-        for p in points {
-            out.push(write_point(&mut tx, p, &mut reroute_types).await?);
-        }
+        let out = points::write_points(&mut tx, points, &mut reroute_types).await?;
         reroute(&mut tx, &reroute_types).await?;
         commit(tx).await?;
         Ok(out)
