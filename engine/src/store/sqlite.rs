@@ -5,20 +5,20 @@
 //! snapshot, and `busy_timeout` lets a second process (the CLI beside a running host) wait its turn.
 //! Times are stored as fixed-width ISO-8601 UTC text so that they compare correctly as text.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::*;
 use crate::orchestration::Correlation;
 
-mod points;
+mod batch;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -402,73 +402,6 @@ async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
     Ok(())
 }
 
-async fn start_one(tx: &mut Tx, inst: &NewInstance, now: DateTime<Utc>) -> StoreResult<()> {
-    insert_instance(
-        tx,
-        inst.id,
-        &inst.orchestration,
-        inst.version,
-        inst.parent,
-        now,
-    )
-    .await?;
-    let start = NewMessage::to_instance(
-        inst.start_message_id(),
-        format!("{}.start", inst.orchestration),
-        MessageKind::Start,
-        inst.input.clone(),
-        inst.id,
-    );
-    publish_one(tx, &start, now).await?;
-    Ok(())
-}
-
-/// Makes an instance's subscription rows exactly `subs`: removes the others (routing their
-/// unconsumed messages again) and adds the missing ones.
-async fn set_subscriptions(
-    tx: &mut Tx,
-    id: &str,
-    subs: &[SubscriptionRow],
-    at: DateTime<Utc>,
-    reroute_types: &mut BTreeSet<String>,
-) -> StoreResult<()> {
-    let existing: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, message_type FROM subscriptions WHERE instance_id = $1")
-            .bind(id)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
-    let wanted: BTreeSet<String> = subs.iter().map(|s| s.id.to_string()).collect();
-    for (sub, message_type) in existing.iter().filter(|(sub, _)| !wanted.contains(sub)) {
-        sqlx::query("DELETE FROM subscriptions WHERE id = $1")
-            .bind(sub)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        let unrouted = sqlx::query(
-            "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
-             locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
-             WHERE subscription_id = $1 AND status = 'routed'",
-        )
-        .bind(sub)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        if unrouted.rows_affected() > 0 {
-            reroute_types.insert(message_type.clone());
-        }
-    }
-    let present: BTreeSet<&str> = existing.iter().map(|(sub, _)| sub.as_str()).collect();
-    for sub in subs
-        .iter()
-        .filter(|s| !present.contains(s.id.to_string().as_str()))
-    {
-        insert_subscription(tx, id, sub, at).await?;
-        reroute_types.insert(sub.message_type.clone());
-    }
-    Ok(())
-}
-
 async fn insert_subscription(
     tx: &mut Tx,
     instance: &str,
@@ -821,9 +754,8 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        for inst in &instances {
-            start_one(&mut tx, inst, now).await?;
-        }
+        let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
+        batch::start_instances(&mut tx, &starts).await?;
         commit(tx).await
     }
 
@@ -919,38 +851,54 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<InstanceRecord>> {
         let mut tx = self.write().await?;
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let row = sqlx::query(
-                "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
-                 status = 'running' \
-                 WHERE id = $4 AND status IN ('running', 'dehydrated') \
-                   AND (owner IS NULL OR owner = $1 OR lease_expires_at < $2) \
-                 RETURNING id, orchestration, version, status, state, engine_state, epoch, history_seq, parent_id",
-            )
-            .bind(host)
-            .bind(ts(now))
-            .bind(ts(lease_until))
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            let Some(row) = row else { continue };
-            out.push(InstanceRecord {
-                id: *id,
-                orchestration: row.get("orchestration"),
-                version: row.get::<i64, _>("version") as u32,
-                status: parse_word(row.get::<&str, _>("status"))?,
-                state: row.get("state"),
-                engine_state: row.get("engine_state"),
-                epoch: row.get("epoch"),
-                history_seq: row.get("history_seq"),
-                parent_id: row
-                    .get::<Option<&str>, _>("parent_id")
-                    .map(parse_uuid)
-                    .transpose()?,
-            });
+        for chunk in ids.chunks(batch::ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::new("UPDATE instances SET owner = ");
+            q.push_bind(host)
+                .push(", lease_expires_at = ")
+                .push_bind(ts(lease_until))
+                .push(
+                    ", epoch = epoch + 1, status = 'running' \
+                     WHERE status IN ('running', 'dehydrated') AND (owner IS NULL OR owner = ",
+                )
+                .push_bind(host)
+                .push(" OR lease_expires_at < ")
+                .push_bind(ts(now))
+                .push(") AND id IN (");
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            q.push(
+                ") RETURNING id, orchestration, version, status, state, engine_state, epoch, \
+                 history_seq, parent_id",
+            );
+            let rows = q
+                .build()
+                .persistent(false)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            for row in rows {
+                out.push(InstanceRecord {
+                    id: parse_uuid(row.get::<&str, _>("id"))?,
+                    orchestration: row.get("orchestration"),
+                    version: row.get::<i64, _>("version") as u32,
+                    status: parse_word(row.get::<&str, _>("status"))?,
+                    state: row.get("state"),
+                    engine_state: row.get("engine_state"),
+                    epoch: row.get("epoch"),
+                    history_seq: row.get("history_seq"),
+                    parent_id: row
+                        .get::<Option<&str>, _>("parent_id")
+                        .map(parse_uuid)
+                        .transpose()?,
+                });
+            }
         }
         commit(tx).await?;
+        // In the order asked for.
+        let order: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        out.sort_by_key(|r| order.get(&r.id).copied());
         Ok(out)
     }
 
@@ -1023,7 +971,7 @@ impl Store for SqliteStore {
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
         let mut tx = self.write().await?;
         let mut reroute_types = BTreeSet::new();
-        let out = points::write_points(&mut tx, points, &mut reroute_types).await?;
+        let out = batch::write_points(&mut tx, points, &mut reroute_types).await?;
         reroute(&mut tx, &reroute_types).await?;
         commit(tx).await?;
         Ok(out)

@@ -1,24 +1,27 @@
-//! Writing a group of persistence points in one transaction, a few statements per group.
+//! Multi-row writes: a group of persistence points in one transaction with a few statements
+//! per group, and starts in batches.
 //!
 //! sqlx runs each SQLite statement on the connection's worker thread, so every statement costs
 //! two thread hand-offs: a group of 256 points written one statement per row was ~1,300
 //! statements. Here the parts every point has (the fenced state update, consumed messages,
-//! sends, replies taken, history, releases) are one multi-row statement each for the whole
-//! group; only the rare parts (subscriptions changed, timers, children, publishes) go point by
-//! point. Each point is still all-or-nothing and fenced: its rows are written only if the fenced
-//! update of its instance row matched, and the whole group is one transaction.
+//! sends, replies taken, history, subscriptions, children, releases) are one multi-row
+//! statement each for the whole group; only the rare parts (a removed subscription, timers,
+//! publishes) go point by point. Each point is still all-or-nothing and fenced: its rows are
+//! written only if the fenced update of its instance row matched, and the whole group is one
+//! transaction.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use sqlx::QueryBuilder;
 
 use super::{
-    map_err, publish_one, set_subscriptions, start_one, ts, CommitOutcome, PersistencePoint,
+    map_err, publish_one, ts, CommitOutcome, MessageKind, NewInstance, PersistencePoint,
     StoreError, StoreResult, Tx, GIVE_BACK,
 };
 
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
-const ROWS_PER_STATEMENT: usize = 1_000;
+pub(super) const ROWS_PER_STATEMENT: usize = 1_000;
 
 /// Writes `points` in order; a point whose epoch or owner moved is `Fenced` and writes nothing.
 pub(super) async fn write_points(
@@ -46,8 +49,14 @@ pub(super) async fn write_points(
         insert_sends(tx, &written).await?;
         mark_delivered(tx, &written).await?;
         insert_history(tx, &written).await?;
+        sync_subscriptions(tx, &written, reroute_types).await?;
+        let children: Vec<_> = written
+            .iter()
+            .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
+            .collect();
+        start_instances(tx, &children).await?;
         for p in &written {
-            write_rare_parts(tx, p, reroute_types).await?;
+            write_rare_parts(tx, p).await?;
         }
         release(tx, &written).await?;
         outcomes.extend(run.iter().map(|p| {
@@ -246,17 +255,9 @@ async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
     Ok(())
 }
 
-/// What few points have, point by point: a changed subscription set, timers, children,
-/// messages to publish.
-async fn write_rare_parts(
-    tx: &mut Tx,
-    p: &PersistencePoint,
-    reroute_types: &mut BTreeSet<String>,
-) -> StoreResult<()> {
+/// What few points have, point by point: timers and messages to publish.
+async fn write_rare_parts(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> {
     let id = p.instance_id.to_string();
-    if let Some(subs) = &p.subscriptions {
-        set_subscriptions(tx, &id, subs, p.at, reroute_types).await?;
-    }
     for name in &p.cancel_timers {
         sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = $2")
             .bind(&id)
@@ -276,9 +277,6 @@ async fn write_rare_parts(
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-    }
-    for child in &p.children {
-        start_one(tx, child, p.at).await?;
     }
     for msg in &p.messages {
         publish_one(tx, msg, p.at).await?;
@@ -331,6 +329,149 @@ async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
                 .await
                 .map_err(map_err)?;
         }
+    }
+    Ok(())
+}
+
+/// Makes the subscription rows of each point that gives them exactly its set: removes the
+/// others (routing their unconsumed messages again) and adds the missing ones.
+async fn sync_subscriptions(
+    tx: &mut Tx,
+    written: &[&PersistencePoint],
+    reroute_types: &mut BTreeSet<String>,
+) -> StoreResult<()> {
+    let giving: Vec<&PersistencePoint> = written
+        .iter()
+        .copied()
+        .filter(|p| p.subscriptions.is_some())
+        .collect();
+    let mut existing: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for chunk in giving.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new(
+            "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN (",
+        );
+        let mut list = q.separated(", ");
+        for p in chunk {
+            list.push_bind(p.instance_id.to_string());
+        }
+        q.push(")");
+        let rows: Vec<(String, String, String)> = q
+            .build_query_as()
+            .persistent(false)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        for (instance, sub, message_type) in rows {
+            existing
+                .entry(instance)
+                .or_default()
+                .push((sub, message_type));
+        }
+    }
+    let mut added = Vec::new();
+    for p in giving {
+        let id = p.instance_id.to_string();
+        let wanted = p.subscriptions.as_deref().unwrap_or_default();
+        let present = existing.remove(&id).unwrap_or_default();
+        for (sub, message_type) in &present {
+            if wanted.iter().any(|w| w.id.to_string() == *sub) {
+                continue;
+            }
+            sqlx::query("DELETE FROM subscriptions WHERE id = $1")
+                .bind(sub)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+            let unrouted = sqlx::query(
+                "UPDATE messages SET status = 'unrouted', instance_id = NULL, \
+                 subscription_id = NULL, locked_by = NULL, \
+                 reason = 'the receive it was routed to was cancelled' \
+                 WHERE subscription_id = $1 AND status = 'routed'",
+            )
+            .bind(sub)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+            if unrouted.rows_affected() > 0 {
+                reroute_types.insert(message_type.clone());
+            }
+        }
+        for sub in wanted {
+            let sub_id = sub.id.to_string();
+            if !present.iter().any(|(s, _)| *s == sub_id) {
+                reroute_types.insert(sub.message_type.clone());
+                added.push((id.clone(), sub_id, sub, ts(p.at)));
+            }
+        }
+    }
+    for chunk in added.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new(
+            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, \
+             correlation, created_at) ",
+        );
+        q.push_values(chunk, |mut row, (instance, id, sub, at)| {
+            row.push_bind(id)
+                .push_bind(&sub.message_type)
+                .push_bind(instance)
+                .push_bind(sub.correlation.keys())
+                .push_bind(sub.correlation.canonical())
+                .push_bind(at);
+        });
+        q.push(" ON CONFLICT (id) DO NOTHING");
+        q.build()
+            .persistent(false)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// Inserts instances and their start messages (addressed to them), each started at its time.
+pub(super) async fn start_instances(
+    tx: &mut Tx,
+    starts: &[(&NewInstance, DateTime<Utc>)],
+) -> StoreResult<()> {
+    for chunk in starts.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new(
+            "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
+             updated_at, parent_id) ",
+        );
+        q.push_values(chunk, |mut row, (inst, at)| {
+            row.push_bind(inst.id.to_string())
+                .push_bind(&inst.orchestration)
+                .push_bind(i64::from(inst.version))
+                .push_bind("running")
+                .push_bind("created")
+                .push_bind(ts(*at))
+                .push_bind(ts(*at))
+                .push_bind(inst.parent.map(|p| p.to_string()));
+        });
+        q.build()
+            .persistent(false)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let mut q = QueryBuilder::new(
+            "INSERT INTO messages (id, message_type, kind, properties, body, status, \
+             instance_id, published_at) ",
+        );
+        q.push_values(chunk, |mut row, (inst, at)| {
+            row.push_bind(inst.start_message_id())
+                .push_bind(format!("{}.start", inst.orchestration))
+                .push_bind(MessageKind::Start.as_str())
+                .push_bind("{}")
+                .push_bind(inst.input.to_string())
+                .push_bind("routed")
+                .push_bind(inst.id.to_string())
+                .push_bind(ts(*at));
+        });
+        q.push(" ON CONFLICT (id) DO NOTHING");
+        q.build()
+            .persistent(false)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
     }
     Ok(())
 }
