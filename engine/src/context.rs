@@ -166,7 +166,7 @@ impl Context {
         body: &impl Serialize,
         expects_reply: bool,
     ) -> Result<String, serde_json::Error> {
-        let id = Uuid::new_v4().to_string();
+        let id = Uuid::now_v7().to_string();
         self.effects.push(Effect::Send {
             id: id.clone(),
             port: port.to_owned(),
@@ -213,7 +213,7 @@ impl Context {
         orchestration: &str,
         input: &impl Serialize,
     ) -> Result<Uuid, serde_json::Error> {
-        let child = Uuid::new_v4();
+        let child = Uuid::now_v7();
         self.effects.push(Effect::Start {
             child,
             orchestration: orchestration.to_owned(),

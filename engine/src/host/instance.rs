@@ -774,7 +774,7 @@ impl LiveInstance {
                             .find(|(_, r)| *r == receive)
                             .map(|(id, _)| *id)
                             .or_else(|| self.convoy_id(&receive))
-                            .unwrap_or_else(Uuid::new_v4);
+                            .unwrap_or_else(Uuid::now_v7);
                         self.waits.receives.push((id, receive));
                     }
                 }

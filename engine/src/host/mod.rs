@@ -151,7 +151,7 @@ impl Client {
         id: Option<String>,
         properties: BTreeMap<String, String>,
     ) -> Result<(String, PublishOutcome), ClientError> {
-        let id = id.unwrap_or_else(|| Uuid::new_v4().to_string());
+        let id = id.unwrap_or_else(|| Uuid::now_v7().to_string());
         let msg = NewMessage::published(id.clone(), message_type, body, properties);
         let outcome = self.publish_batch(vec![msg]).await?.pop();
         Ok((id, outcome.unwrap_or(PublishOutcome::Duplicate)))
@@ -183,7 +183,7 @@ impl Client {
             let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
             ClientError::UnknownOrchestration(orchestration.to_owned(), names.join(", "))
         })?;
-        let id = Uuid::new_v4();
+        let id = Uuid::now_v7();
         let instance = NewInstance {
             id,
             orchestration: def.name().to_owned(),
@@ -214,7 +214,7 @@ impl Client {
                 ClientError::UnknownOrchestration(orchestration.clone(), names.join(", "))
             })?;
             instances.push(NewInstance {
-                id: Uuid::new_v4(),
+                id: Uuid::now_v7(),
                 orchestration: def.name().to_owned(),
                 version: def.version(),
                 parent: None,

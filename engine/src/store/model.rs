@@ -583,6 +583,39 @@ pub enum CommitOutcome {
     Fenced,
 }
 
+/// Cuts a group of points into runs of distinct instances, in order. A store fences a whole
+/// run with one statement; an instance's later point is fenced against the row its earlier point
+/// wrote, so it starts the next run.
+pub(crate) fn distinct_runs(points: &[PersistencePoint]) -> Vec<&[PersistencePoint]> {
+    let mut runs = Vec::new();
+    let mut rest = points;
+    while !rest.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        let len = rest
+            .iter()
+            .position(|p| !seen.insert(p.instance_id))
+            .unwrap_or(rest.len());
+        let (run, next) = rest.split_at(len);
+        runs.push(run);
+        rest = next;
+    }
+    runs
+}
+
+/// What became of each point of a run whose fenced update matched the instances `committed`.
+pub(crate) fn run_outcomes<'a>(
+    run: &'a [PersistencePoint],
+    committed: &'a std::collections::HashSet<Uuid>,
+) -> impl Iterator<Item = CommitOutcome> + 'a {
+    run.iter().map(|p| {
+        if committed.contains(&p.instance_id) {
+            CommitOutcome::Committed
+        } else {
+            CommitOutcome::Fenced
+        }
+    })
+}
+
 /// One line of `cairn list`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InstanceSummary {

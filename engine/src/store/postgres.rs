@@ -45,6 +45,8 @@ use uuid::Uuid;
 use super::*;
 use crate::orchestration::Correlation;
 
+mod batch;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 /// The schema every table lives in.
@@ -442,7 +444,7 @@ async fn publish_one(
             version,
             convoy,
         } => {
-            let id = Uuid::new_v4();
+            let id = Uuid::now_v7();
             insert_instance(tx, id, &orchestration, version, None, now).await?;
             subscribe_convoy(tx, id, &orchestration, convoy, now).await?;
             // An activating message is the new instance's start message.
@@ -578,7 +580,7 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
                 version,
                 convoy,
             } => (
-                Uuid::new_v4(),
+                Uuid::now_v7(),
                 None,
                 MessageKind::Start,
                 Some((orchestration, version, convoy)),
@@ -653,222 +655,6 @@ async fn subscribe_convoy(
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-    }
-    Ok(())
-}
-
-async fn start_one(tx: &mut Tx, inst: &NewInstance, now: DateTime<Utc>) -> StoreResult<()> {
-    insert_instance(
-        tx,
-        inst.id,
-        &inst.orchestration,
-        inst.version,
-        inst.parent,
-        now,
-    )
-    .await?;
-    let start = NewMessage::to_instance(
-        inst.start_message_id(),
-        format!("{}.start", inst.orchestration),
-        MessageKind::Start,
-        inst.input.clone(),
-        inst.id,
-    );
-    publish_one(tx, &start, now).await?;
-    Ok(())
-}
-
-/// Writes one persistence point inside `tx`; returns `Fenced` without writing if the epoch moved
-/// or the writer no longer owns the instance.
-async fn write_point<'p>(
-    tx: &mut Tx,
-    p: &'p PersistencePoint,
-    changes: &mut Reroute,
-    messages: &mut Vec<(&'p NewMessage, DateTime<Utc>)>,
-) -> StoreResult<CommitOutcome> {
-    let id = p.instance_id;
-    let updated = sqlx::query(
-        "UPDATE instances SET status = $3, step = $4, waiting_for = $5, next_timer_at = $6, \
-         updated_at = $7, last_error = $8, state = COALESCE($9, state), \
-         engine_state = COALESCE($10, engine_state), output = COALESCE($11, output), history_seq = $12, \
-         owner = CASE WHEN $13 THEN NULL ELSE owner END, \
-         lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END, resumable = $15 \
-         WHERE id = $1 AND epoch = $2 AND owner = $14",
-    )
-    .bind(id)
-    .bind(p.epoch)
-    .bind(p.status.as_str())
-    .bind(&p.step)
-    .bind(&p.waiting_for)
-    .bind(p.next_timer_at)
-    .bind(p.at)
-    .bind(&p.last_error)
-    .bind(&p.state)
-    .bind(&p.engine_state)
-    .bind(p.output.as_ref().map(|o| o.to_string()))
-    .bind(p.history_seq)
-    .bind(p.release)
-    .bind(&p.host)
-    .bind(p.resumable)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    if updated.rows_affected() == 0 {
-        return Ok(CommitOutcome::Fenced);
-    }
-    if !p.consumed.is_empty() {
-        // One statement for all of them; each must have been routed to this instance.
-        let done = sqlx::query(
-            "UPDATE messages SET status = 'consumed', consumed_at = $3, locked_by = NULL \
-             WHERE seq = ANY($1) AND instance_id = $2 AND status = 'routed'",
-        )
-        .bind(&p.consumed)
-        .bind(id)
-        .bind(p.at)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        if done.rows_affected() != p.consumed.len() as u64 {
-            return Err(StoreError::Corrupt(format!(
-                "instance {id} consumed messages {:?}, not all routed to it (consumed twice?)",
-                p.consumed
-            )));
-        }
-    }
-    if let Some(subs) = &p.subscriptions {
-        set_subscriptions(tx, id, subs, p.at, changes).await?;
-    }
-    if !p.cancel_timers.is_empty() {
-        sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = ANY($2)")
-            .bind(id)
-            .bind(&p.cancel_timers)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-    }
-    for (name, at) in &p.set_timers {
-        sqlx::query(
-            "INSERT INTO timers (instance_id, name, due_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (instance_id, name) DO UPDATE SET due_at = excluded.due_at, locked_by = NULL",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(at)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    }
-    for row in &p.outbox {
-        sqlx::query(
-            "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
-             next_attempt_at, locked_by, locked_until, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $7)",
-        )
-        .bind(&row.id)
-        .bind(id)
-        .bind(&row.port)
-        .bind(&row.message_type)
-        .bind(row.body.to_string())
-        .bind(row.expects_reply)
-        .bind(p.at)
-        .bind(&p.host)
-        .bind(p.outbox_lock_until)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    }
-    if !p.delivered.is_empty() {
-        sqlx::query(
-            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
-             last_attempt_at = $2, delivered_via = 'primary', locked_by = NULL, locked_until = NULL, \
-             last_error = NULL WHERE id = ANY($1) AND status IN ('pending', 'held', 'give_up')",
-        )
-        .bind(&p.delivered)
-        .bind(p.at)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        // Another host may have delivered the request too and stored its reply: the instance
-        // has its answer, so that copy is consumed with this point.
-        let replies: Vec<String> = p.delivered.iter().map(|r| format!("{r}:reply")).collect();
-        sqlx::query(
-            "UPDATE messages SET status = 'consumed', consumed_at = $2, locked_by = NULL \
-             WHERE id = ANY($1) AND status = 'routed'",
-        )
-        .bind(&replies)
-        .bind(p.at)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    }
-    for child in &p.children {
-        start_one(tx, child, p.at).await?;
-    }
-    // Published once the group holds its routing locks (see `commit`).
-    messages.extend(p.messages.iter().map(|m| (m, p.at)));
-    insert_history(
-        tx,
-        id,
-        HistoryEntry {
-            seq: p.history_seq,
-            reason: p.reason,
-            step: &p.step,
-            status: p.status,
-            at: p.at,
-            host: &p.host,
-            detail: p.detail.as_deref(),
-        },
-    )
-    .await?;
-    if p.release {
-        unlock_instance(tx, id, &p.failed).await?;
-    }
-    Ok(CommitOutcome::Committed)
-}
-
-/// Makes an instance's subscription rows exactly `subs`: removes the others (their unconsumed
-/// messages go back to unrouted) and adds the missing ones, noting both in `changes` for the
-/// routing locks and [`reroute`].
-async fn set_subscriptions(
-    tx: &mut Tx,
-    id: Uuid,
-    subs: &[SubscriptionRow],
-    at: DateTime<Utc>,
-    changes: &mut Reroute,
-) -> StoreResult<()> {
-    let existing: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT id, message_type FROM subscriptions WHERE instance_id = $1")
-            .bind(id)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
-    let wanted: BTreeSet<Uuid> = subs.iter().map(|s| s.id).collect();
-    let removed: Vec<Uuid> = existing
-        .iter()
-        .filter(|(sub, _)| !wanted.contains(sub))
-        .map(|(sub, _)| *sub)
-        .collect();
-    if !removed.is_empty() {
-        sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
-            .bind(&removed)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        unroute(tx, &removed, changes).await?;
-        changes.cancelled.extend(&removed);
-        changes.cancelled_types.extend(
-            existing
-                .iter()
-                .filter(|(sub, _)| !wanted.contains(sub))
-                .map(|(_, t)| t.clone()),
-        );
-    }
-    let present: BTreeSet<Uuid> = existing.iter().map(|(sub, _)| *sub).collect();
-    for sub in subs.iter().filter(|s| !present.contains(&s.id)) {
-        insert_subscription(tx, id, sub, at).await?;
-        changes
-            .subscriptions
-            .push((sub.message_type.clone(), sub.correlation.clone()));
     }
     Ok(())
 }
@@ -1271,9 +1057,8 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        for inst in &instances {
-            start_one(&mut tx, inst, now).await?;
-        }
+        let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
+        batch::start_instances(&mut tx, &starts).await?;
         if !instances.is_empty() {
             notify(&mut tx).await?;
         }
@@ -1373,24 +1158,24 @@ impl Store for PostgresStore {
         self.learn_lease(now, lease_until);
         let mut tx = self.write().await?;
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let row = sqlx::query(
-                "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
-                 status = 'running' \
-                 WHERE id = $4 AND status IN ('running', 'dehydrated') \
-                   AND (owner IS NULL OR owner = $1 OR lease_expires_at < $2) \
-                 RETURNING id, orchestration, version, status, state, engine_state, epoch, history_seq, parent_id",
-            )
-            .bind(host)
-            .bind(now)
-            .bind(lease_until)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            let Some(row) = row else { continue };
+        // One statement; its rows are locked in index order, the same in every host.
+        let rows = sqlx::query(
+            "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
+             status = 'running' \
+             WHERE id = ANY($4) AND status IN ('running', 'dehydrated') \
+               AND (owner IS NULL OR owner = $1 OR lease_expires_at < $2) \
+             RETURNING id, orchestration, version, status, state, engine_state, epoch, history_seq, parent_id",
+        )
+        .bind(host)
+        .bind(now)
+        .bind(lease_until)
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        for row in rows {
             out.push(InstanceRecord {
-                id: *id,
+                id: col(&row, "id")?,
                 orchestration: col(&row, "orchestration")?,
                 version: uint(col(&row, "version")?, "instances.version")?,
                 status: parse_word(&col::<String>(&row, "status")?)?,
@@ -1509,12 +1294,15 @@ impl Store for PostgresStore {
 
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
         let mut tx = self.write().await?;
-        let mut out = Vec::with_capacity(points.len());
         let mut changes = Reroute::default();
-        let mut messages = Vec::new();
-        for p in points {
-            out.push(write_point(&mut tx, p, &mut changes, &mut messages).await?);
-        }
+        let out = batch::write_points(&mut tx, points, &mut changes).await?;
+        // Published once the group holds its routing locks (below).
+        let messages: Vec<(&NewMessage, DateTime<Utc>)> = points
+            .iter()
+            .zip(&out)
+            .filter(|(_, outcome)| **outcome == CommitOutcome::Committed)
+            .flat_map(|(p, _)| p.messages.iter().map(|m| (m, p.at)))
+            .collect();
         // The routing locks, taken last so that they are held briefly: shared for the messages
         // the points publish, exclusive for the types whose subscriptions they added or removed.
         // Taken in one sorted pass, after the rows: every writer orders them the same way.

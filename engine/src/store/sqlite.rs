@@ -5,7 +5,7 @@
 //! snapshot, and `busy_timeout` lets a second process (the CLI beside a running host) wait its turn.
 //! Times are stored as fixed-width ISO-8601 UTC text so that they compare correctly as text.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -228,7 +228,7 @@ async fn activate(
     convoy: Option<Correlation>,
     now: DateTime<Utc>,
 ) -> StoreResult<Uuid> {
-    let id = Uuid::new_v4();
+    let id = Uuid::now_v7();
     insert_instance(tx, id, orchestration, version, None, now).await?;
     if let Some(values) = convoy {
         let types: Vec<String> = sqlx::query_scalar(
@@ -896,9 +896,6 @@ impl Store for SqliteStore {
             }
         }
         commit(tx).await?;
-        // In the order asked for.
-        let order: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        out.sort_by_key(|r| order.get(&r.id).copied());
         Ok(out)
     }
 

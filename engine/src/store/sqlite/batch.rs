@@ -15,9 +15,11 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sqlx::QueryBuilder;
 
+use uuid::Uuid;
+
 use super::{
-    map_err, publish_one, ts, CommitOutcome, MessageKind, NewInstance, PersistencePoint,
-    StoreError, StoreResult, Tx, GIVE_BACK,
+    distinct_runs, map_err, parse_uuid, publish_one, run_outcomes, ts, CommitOutcome, MessageKind,
+    NewInstance, PersistencePoint, StoreError, StoreResult, Tx, GIVE_BACK,
 };
 
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
@@ -30,20 +32,11 @@ pub(super) async fn write_points(
     reroute_types: &mut BTreeSet<String>,
 ) -> StoreResult<Vec<CommitOutcome>> {
     let mut outcomes = Vec::with_capacity(points.len());
-    let mut rest = points;
-    while !rest.is_empty() {
-        // A run of points of distinct instances: one instance's later point is fenced against
-        // the row its earlier point wrote, so it goes in the next run.
-        let mut seen = HashSet::new();
-        let len = rest
-            .iter()
-            .position(|p| !seen.insert(p.instance_id))
-            .unwrap_or(rest.len());
-        let (run, next) = rest.split_at(len);
+    for run in distinct_runs(points) {
         let committed = fence(tx, run).await?;
         let written: Vec<&PersistencePoint> = run
             .iter()
-            .filter(|p| committed.contains(&p.instance_id.to_string()))
+            .filter(|p| committed.contains(&p.instance_id))
             .collect();
         consume(tx, &written).await?;
         insert_sends(tx, &written).await?;
@@ -59,20 +52,13 @@ pub(super) async fn write_points(
             write_rare_parts(tx, p).await?;
         }
         release(tx, &written).await?;
-        outcomes.extend(run.iter().map(|p| {
-            if committed.contains(&p.instance_id.to_string()) {
-                CommitOutcome::Committed
-            } else {
-                CommitOutcome::Fenced
-            }
-        }));
-        rest = next;
+        outcomes.extend(run_outcomes(run, &committed));
     }
     Ok(outcomes)
 }
 
 /// The fenced update of every instance row of the run: the ids it matched.
-async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<String>> {
+async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uuid>> {
     let mut committed = HashSet::with_capacity(run.len());
     for chunk in run.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new(
@@ -114,7 +100,9 @@ async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Str
             .fetch_all(&mut **tx)
             .await
             .map_err(map_err)?;
-        committed.extend(ids);
+        for id in ids {
+            committed.insert(parse_uuid(&id)?);
+        }
     }
     Ok(committed)
 }
