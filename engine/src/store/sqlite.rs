@@ -185,37 +185,47 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
     .fetch_optional(&mut **tx)
     .await
     .map_err(map_err)?;
-    if let Some(row) = activation {
-        let keys: String = row.get(2);
-        let convoy = if keys.is_empty() {
-            None
-        } else {
-            match Correlation::from_properties(&keys, &msg.properties) {
-                Some(values) => Some(values),
-                None => {
-                    return Ok(Route::Unrouted(format!(
-                        "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
-                        msg.message_type
-                    )))
-                }
+    Ok(match activation {
+        Some(row) => activation_route(msg, row.get(0), row.get::<i64, _>(1) as u32, row.get(2)),
+        None => unrouted(msg),
+    })
+}
+
+/// The route of a message of a type that activates `orchestration`; for a convoy, the message
+/// must carry every convoy property.
+fn activation_route(msg: &NewMessage, orchestration: String, version: u32, keys: &str) -> Route {
+    let convoy = if keys.is_empty() {
+        None
+    } else {
+        match Correlation::from_properties(keys, &msg.properties) {
+            Some(values) => Some(values),
+            None => {
+                return Route::Unrouted(format!(
+                    "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
+                    msg.message_type
+                ))
             }
-        };
-        return Ok(Route::Activate {
-            orchestration: row.get(0),
-            version: row.get::<i64, _>(1) as u32,
-            convoy,
-        });
+        }
+    };
+    Route::Activate {
+        orchestration,
+        version,
+        convoy,
     }
+}
+
+/// The route of a message nothing subscribes to.
+fn unrouted(msg: &NewMessage) -> Route {
     let props = msg
         .properties
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    Ok(Route::Unrouted(format!(
+    Route::Unrouted(format!(
         "no subscription matches message type {:?} with properties {{{props}}}",
         msg.message_type
-    )))
+    ))
 }
 
 /// Creates the instance an activating message starts. For a convoy, also subscribes it to every
@@ -279,77 +289,8 @@ async fn publish_one(
     msg: &NewMessage,
     now: DateTime<Utc>,
 ) -> StoreResult<PublishOutcome> {
-    if let Some(target) = msg.target {
-        // Addressed to an instance: no routing, and one statement that also deduplicates.
-        let seq: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, published_at) \
-             VALUES ($1, $2, $3, $4, $5, 'routed', $6, $7) ON CONFLICT (id) DO NOTHING RETURNING seq",
-        )
-        .bind(&msg.id)
-        .bind(&msg.message_type)
-        .bind(msg.kind.as_str())
-        .bind(serde_json::to_string(&msg.properties).unwrap_or_default())
-        .bind(msg.body.to_string())
-        .bind(target.to_string())
-        .bind(ts(now))
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        return Ok(match seq {
-            Some(_) => PublishOutcome::Routed(target),
-            None => PublishOutcome::Duplicate,
-        });
-    }
-    let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM messages WHERE id = $1")
-        .bind(&msg.id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    if exists.is_some() {
-        return Ok(PublishOutcome::Duplicate);
-    }
-    let (status, instance, subscription, reason, outcome) = match find_route(tx, msg).await? {
-        Route::Instance(id, sub) => ("routed", Some(id), sub, None, PublishOutcome::Routed(id)),
-        Route::Activate {
-            orchestration,
-            version,
-            convoy,
-        } => {
-            let id = activate(tx, &orchestration, version, convoy, now).await?;
-            ("routed", Some(id), None, None, PublishOutcome::Routed(id))
-        }
-        Route::Unrouted(reason) => (
-            "unrouted",
-            None,
-            None,
-            Some(reason),
-            PublishOutcome::Unrouted,
-        ),
-    };
-    // An activating message is the new instance's start message.
-    let kind = if msg.target.is_none() && subscription.is_none() && instance.is_some() {
-        MessageKind::Start
-    } else {
-        msg.kind
-    };
-    sqlx::query(
-        "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
-         subscription_id, reason, published_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(&msg.id)
-    .bind(&msg.message_type)
-    .bind(kind.as_str())
-    .bind(serde_json::to_string(&msg.properties).unwrap_or_default())
-    .bind(msg.body.to_string())
-    .bind(status)
-    .bind(instance.map(|i| i.to_string()))
-    .bind(subscription.map(|s| s.to_string()))
-    .bind(reason)
-    .bind(ts(now))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(outcome)
+    let mut out = batch::publish_all(tx, &[(msg, now)]).await?;
+    Ok(out.pop().unwrap_or(PublishOutcome::Duplicate))
 }
 
 /// Routes the unrouted messages of these types again (a subscription appeared or went away).
@@ -649,7 +590,6 @@ const SUMMARY_COLUMNS: &str =
     "id, orchestration, version, status, step, waiting_for, updated_at, last_error";
 
 /// The claim order's first key: messages for instances `$1` holds (in its memory) first.
-const HOT_FIRST: &str = "CASE WHEN i.owner = $1 THEN 0 ELSE 1 END";
 
 const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
@@ -740,10 +680,8 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<PublishOutcome>> {
         let mut tx = self.write().await?;
-        let mut out = Vec::with_capacity(messages.len());
-        for msg in &messages {
-            out.push(publish_one(&mut tx, msg, now).await?);
-        }
+        let batch: Vec<_> = messages.iter().map(|msg| (msg, now)).collect();
+        let out = batch::publish_all(&mut tx, &batch).await?;
         commit(tx).await?;
         Ok(out)
     }
@@ -771,9 +709,17 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         let rows = sqlx::query(&format!(
             "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
-               SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
-               WHERE m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
-               ORDER BY {HOT_FIRST}, m.seq LIMIT $3) \
+               SELECT seq FROM ( \
+                 SELECT * FROM (SELECT m.seq, 0 AS cold FROM instances i \
+                   JOIN messages m ON m.instance_id = i.id \
+                   WHERE i.owner = $1 AND m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
+                   ORDER BY m.seq LIMIT $3) \
+                 UNION ALL \
+                 SELECT * FROM (SELECT m.seq, 1 AS cold FROM messages m \
+                   JOIN instances i ON i.id = m.instance_id \
+                   WHERE m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
+                   ORDER BY m.seq LIMIT $3)) \
+               GROUP BY seq ORDER BY min(cold), seq LIMIT $3) \
              RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count"
         ))
         .bind(host)

@@ -18,8 +18,9 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::{
-    distinct_runs, map_err, parse_uuid, publish_one, run_outcomes, ts, CommitOutcome, MessageKind,
-    NewInstance, PersistencePoint, StoreError, StoreResult, Tx, GIVE_BACK,
+    activate, activation_route, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts,
+    unrouted, CommitOutcome, Correlation, MessageKind, NewInstance, NewMessage, PersistencePoint,
+    PublishOutcome, Route, StoreError, StoreResult, Tx, GIVE_BACK,
 };
 
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
@@ -49,8 +50,13 @@ pub(super) async fn write_points(
             .collect();
         start_instances(tx, &children).await?;
         for p in &written {
-            write_rare_parts(tx, p).await?;
+            write_timers(tx, p).await?;
         }
+        let messages: Vec<_> = written
+            .iter()
+            .flat_map(|p| p.messages.iter().map(|m| (m, p.at)))
+            .collect();
+        publish_all(tx, &messages).await?;
         release(tx, &written).await?;
         outcomes.extend(run_outcomes(run, &committed));
     }
@@ -243,8 +249,8 @@ async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
     Ok(())
 }
 
-/// What few points have, point by point: timers and messages to publish.
-async fn write_rare_parts(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> {
+/// Timers cancelled, fired or set by a point.
+async fn write_timers(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> {
     let id = p.instance_id.to_string();
     for name in &p.cancel_timers {
         sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = $2")
@@ -265,9 +271,6 @@ async fn write_rare_parts(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> 
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-    }
-    for msg in &p.messages {
-        publish_one(tx, msg, p.at).await?;
     }
     Ok(())
 }
@@ -462,4 +465,214 @@ pub(super) async fn start_instances(
             .map_err(map_err)?;
     }
     Ok(())
+}
+
+/// Stores and routes messages in order, each published at its time: duplicates (of a stored
+/// message or of one earlier in the batch) are reported and not written.
+///
+/// The routing reads are made per message type for the whole batch: the key sets the type is
+/// correlated on, then every subscription matching one of the batch's values. A convoy's
+/// activation subscribes its new instance at once, which can change where the next messages go,
+/// so after one the rest of the batch is routed message by message.
+pub(super) async fn publish_all(
+    tx: &mut Tx,
+    messages: &[(&NewMessage, DateTime<Utc>)],
+) -> StoreResult<Vec<PublishOutcome>> {
+    let stored = stored_ids(tx, messages).await?;
+    let mut routes = RouteCache::read(tx, messages).await?;
+    let mut seen = HashSet::new();
+    let mut rows = Vec::with_capacity(messages.len());
+    let mut out = Vec::with_capacity(messages.len());
+    for (msg, at) in messages {
+        if stored.contains(msg.id.as_str()) || !seen.insert(msg.id.as_str()) {
+            out.push(PublishOutcome::Duplicate);
+            continue;
+        }
+        let route = match routes.as_mut() {
+            Some(cache) => cache.route(msg),
+            None => find_route(tx, msg).await?,
+        };
+        let (instance, subscription, reason, outcome) = match route {
+            Route::Instance(id, sub) => (Some(id), sub, None, PublishOutcome::Routed(id)),
+            Route::Activate {
+                orchestration,
+                version,
+                convoy,
+            } => {
+                if convoy.is_some() {
+                    routes = None;
+                }
+                let id = activate(tx, &orchestration, version, convoy, *at).await?;
+                (Some(id), None, None, PublishOutcome::Routed(id))
+            }
+            Route::Unrouted(reason) => (None, None, Some(reason), PublishOutcome::Unrouted),
+        };
+        // An activating message is the new instance's start message.
+        let kind = if msg.target.is_none() && subscription.is_none() && instance.is_some() {
+            MessageKind::Start
+        } else {
+            msg.kind
+        };
+        rows.push((*msg, kind, instance, subscription, reason, *at));
+        out.push(outcome);
+    }
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new(
+            "INSERT INTO messages (id, message_type, kind, properties, body, status, \
+             instance_id, subscription_id, reason, published_at) ",
+        );
+        q.push_values(chunk, |mut row, (msg, kind, instance, sub, reason, at)| {
+            row.push_bind(&msg.id)
+                .push_bind(&msg.message_type)
+                .push_bind(kind.as_str())
+                .push_bind(serde_json::to_string(&msg.properties).unwrap_or_default())
+                .push_bind(msg.body.to_string())
+                .push_bind(if instance.is_some() {
+                    "routed"
+                } else {
+                    "unrouted"
+                })
+                .push_bind(instance.map(|i| i.to_string()))
+                .push_bind(sub.map(|s| s.to_string()))
+                .push_bind(reason.as_deref())
+                .push_bind(ts(*at));
+        });
+        q.build()
+            .persistent(false)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(out)
+}
+
+/// The ids of these messages already stored.
+async fn stored_ids(
+    tx: &mut Tx,
+    messages: &[(&NewMessage, DateTime<Utc>)],
+) -> StoreResult<HashSet<String>> {
+    let mut stored = HashSet::new();
+    for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new("SELECT id FROM messages WHERE id IN (");
+        let mut list = q.separated(", ");
+        for (msg, _) in chunk {
+            list.push_bind(&msg.id);
+        }
+        q.push(")");
+        let ids: Vec<String> = q
+            .build_query_scalar()
+            .persistent(false)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        stored.extend(ids);
+    }
+    Ok(stored)
+}
+
+/// What the routing reads of [`super::find_route`] answer for a batch, read once per type.
+struct RouteCache {
+    /// Per message type: the correlation key sets, in the order `find_route` tries them.
+    key_sets: HashMap<String, Vec<String>>,
+    /// Per (type, canonical correlation): the oldest instance subscription.
+    subscriptions: HashMap<(String, String), (Uuid, Uuid)>,
+    /// Per type: the activating subscription (definition, version, convoy keys), if any.
+    activations: HashMap<String, Option<(String, u32, String)>>,
+}
+
+impl RouteCache {
+    /// Reads what routing the batch's published (not addressed) messages needs.
+    async fn read(
+        tx: &mut Tx,
+        messages: &[(&NewMessage, DateTime<Utc>)],
+    ) -> StoreResult<Option<Self>> {
+        let mut by_type: HashMap<&str, Vec<&NewMessage>> = HashMap::new();
+        for (msg, _) in messages.iter().filter(|(m, _)| m.target.is_none()) {
+            by_type.entry(&msg.message_type).or_default().push(msg);
+        }
+        let mut cache = Self {
+            key_sets: HashMap::new(),
+            subscriptions: HashMap::new(),
+            activations: HashMap::new(),
+        };
+        for (message_type, msgs) in by_type {
+            let key_sets: Vec<String> = sqlx::query_scalar(
+                "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
+            )
+            .bind(message_type)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+            let values: BTreeSet<String> = msgs
+                .iter()
+                .flat_map(|m| {
+                    key_sets
+                        .iter()
+                        .filter_map(|keys| Correlation::from_properties(keys, &m.properties))
+                })
+                .map(|c| c.canonical())
+                .collect();
+            let values: Vec<String> = values.into_iter().collect();
+            for chunk in values.chunks(ROWS_PER_STATEMENT) {
+                let mut q = QueryBuilder::new(
+                    "SELECT correlation, id, instance_id FROM subscriptions WHERE message_type = ",
+                );
+                q.push_bind(message_type)
+                    .push(" AND instance_id IS NOT NULL AND correlation IN (");
+                let mut list = q.separated(", ");
+                for value in chunk {
+                    list.push_bind(value);
+                }
+                q.push(") ORDER BY created_at, id");
+                let rows: Vec<(String, String, String)> = q
+                    .build_query_as()
+                    .persistent(false)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(map_err)?;
+                for (correlation, sub, instance) in rows {
+                    cache
+                        .subscriptions
+                        .entry((message_type.to_owned(), correlation))
+                        .or_insert((parse_uuid(&sub)?, parse_uuid(&instance)?));
+                }
+            }
+            let activation: Option<(String, i64, String)> = sqlx::query_as(
+                "SELECT orchestration, version, correlation_keys FROM subscriptions \
+                 WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
+            )
+            .bind(message_type)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)?;
+            cache.activations.insert(
+                message_type.to_owned(),
+                activation.map(|(o, v, k)| (o, v as u32, k)),
+            );
+            cache.key_sets.insert(message_type.to_owned(), key_sets);
+        }
+        Ok(Some(cache))
+    }
+
+    /// Where `msg` goes: the same answer as [`super::find_route`] from the rows read.
+    fn route(&self, msg: &NewMessage) -> Route {
+        if let Some(target) = msg.target {
+            return Route::Instance(target, None);
+        }
+        for keys in self.key_sets.get(&msg.message_type).into_iter().flatten() {
+            let Some(corr) = Correlation::from_properties(keys, &msg.properties) else {
+                continue;
+            };
+            let key = (msg.message_type.clone(), corr.canonical());
+            if let Some((sub, instance)) = self.subscriptions.get(&key) {
+                return Route::Instance(*instance, Some(*sub));
+            }
+        }
+        match self.activations.get(&msg.message_type).cloned().flatten() {
+            Some((orchestration, version, keys)) => {
+                activation_route(msg, orchestration, version, &keys)
+            }
+            None => unrouted(msg),
+        }
+    }
 }
