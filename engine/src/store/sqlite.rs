@@ -589,8 +589,7 @@ fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummar
 const SUMMARY_COLUMNS: &str =
     "id, orchestration, version, status, step, waiting_for, updated_at, last_error";
 
-/// The claim order's first key: messages for instances `$1` holds (in its memory) first.
-
+/// Whether instance `i` may be worked on by host `$1` at time `$2`.
 const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
 
