@@ -20,6 +20,7 @@
 pub mod faulty;
 mod model;
 pub mod postgres;
+mod routing;
 pub mod sqlite;
 
 pub use model::*;

@@ -42,6 +42,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use super::routing::{unrouted, Route};
 use super::*;
 use crate::orchestration::Correlation;
 
@@ -251,18 +252,6 @@ fn routed_types(messages: &[NewMessage]) -> impl Iterator<Item = &str> {
         .map(|m| m.message_type.as_str())
 }
 
-/// Where a message goes.
-enum Route {
-    Instance(Uuid, Option<Uuid>),
-    Activate {
-        orchestration: String,
-        version: u32,
-        /// For a convoy: the activating message's values of the convoy properties.
-        convoy: Option<Correlation>,
-    },
-    Unrouted(String),
-}
-
 async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
     if let Some(target) = msg.target {
         return Ok(Route::Instance(target, None));
@@ -347,16 +336,7 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
             convoy,
         });
     }
-    let props = msg
-        .properties
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    Ok(Route::Unrouted(format!(
-        "no subscription matches message type {:?} with properties {{{props}}}",
-        msg.message_type
-    )))
+    Ok(unrouted(msg))
 }
 
 async fn insert_instance(
@@ -382,104 +362,14 @@ async fn insert_instance(
     Ok(())
 }
 
-/// Stores and routes one message inside `tx`. An untargeted message's type must be locked for
-/// routing ([`lock_routes`]).
-///
-/// The message is inserted first (`ON CONFLICT (id) DO NOTHING`): the unique id, not a read, is
-/// what makes a second publisher of the same id store nothing, and nothing is routed (no instance
-/// is activated) for a message that turned out to be a duplicate.
+/// Stores and routes one message inside `tx`; see [`batch::publish_all`].
 async fn publish_one(
     tx: &mut Tx,
     msg: &NewMessage,
     now: DateTime<Utc>,
 ) -> StoreResult<PublishOutcome> {
-    let properties = serde_json::to_string(&msg.properties).unwrap_or_default();
-    if let Some(target) = msg.target {
-        let seq: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, published_at) \
-             VALUES ($1, $2, $3, $4, $5, 'routed', $6, $7) ON CONFLICT (id) DO NOTHING RETURNING seq",
-        )
-        .bind(&msg.id)
-        .bind(&msg.message_type)
-        .bind(msg.kind.as_str())
-        .bind(&properties)
-        .bind(msg.body.to_string())
-        .bind(target)
-        .bind(now)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        return Ok(match seq {
-            Some(_) => PublishOutcome::Routed(target),
-            None => PublishOutcome::Duplicate,
-        });
-    }
-    let seq: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO messages (id, message_type, kind, properties, body, status, published_at) \
-         VALUES ($1, $2, $3, $4, $5, 'unrouted', $6) ON CONFLICT (id) DO NOTHING RETURNING seq",
-    )
-    .bind(&msg.id)
-    .bind(&msg.message_type)
-    .bind(msg.kind.as_str())
-    .bind(&properties)
-    .bind(msg.body.to_string())
-    .bind(now)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    let Some(seq) = seq else {
-        return Ok(PublishOutcome::Duplicate);
-    };
-    let (status, instance, subscription, reason, kind, outcome) = match find_route(tx, msg).await? {
-        Route::Instance(id, sub) => (
-            MessageStatus::Routed,
-            Some(id),
-            sub,
-            None,
-            msg.kind,
-            PublishOutcome::Routed(id),
-        ),
-        Route::Activate {
-            orchestration,
-            version,
-            convoy,
-        } => {
-            let id = Uuid::now_v7();
-            insert_instance(tx, id, &orchestration, version, None, now).await?;
-            subscribe_convoy(tx, id, &orchestration, convoy, now).await?;
-            // An activating message is the new instance's start message.
-            (
-                MessageStatus::Routed,
-                Some(id),
-                None,
-                None,
-                MessageKind::Start,
-                PublishOutcome::Routed(id),
-            )
-        }
-        Route::Unrouted(reason) => (
-            MessageStatus::Unrouted,
-            None,
-            None,
-            Some(reason),
-            msg.kind,
-            PublishOutcome::Unrouted,
-        ),
-    };
-    sqlx::query(
-        "UPDATE messages SET status = $2, instance_id = $3, subscription_id = $4, reason = $5, \
-         kind = $6 WHERE seq = $1",
-    )
-    .bind(seq)
-    .bind(status.as_str())
-    .bind(instance)
-    .bind(subscription)
-    .bind(reason)
-    .bind(kind.as_str())
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(outcome)
+    let mut out = batch::publish_all(tx, &[(msg, now)]).await?;
+    Ok(out.pop().unwrap_or(PublishOutcome::Duplicate))
 }
 
 /// What a transaction changed that may route unrouted messages.
@@ -1040,10 +930,8 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<PublishOutcome>> {
         let mut tx = self.write().await?;
         lock_routes(&mut tx, routed_types(&messages), []).await?;
-        let mut out = Vec::with_capacity(messages.len());
-        for msg in &messages {
-            out.push(publish_one(&mut tx, msg, now).await?);
-        }
+        let batch: Vec<_> = messages.iter().map(|msg| (msg, now)).collect();
+        let out = batch::publish_all(&mut tx, &batch).await?;
         if out.iter().any(|o| !matches!(o, PublishOutcome::Duplicate)) {
             notify(&mut tx).await?;
         }
@@ -1321,9 +1209,7 @@ impl Store for PostgresStore {
             let cancelled = std::mem::take(&mut changes.cancelled);
             unroute(&mut tx, &cancelled, &mut changes).await?;
         }
-        for (msg, at) in messages {
-            publish_one(&mut tx, msg, at).await?;
-        }
+        batch::publish_all(&mut tx, &messages).await?;
         let now = points.iter().map(|p| p.at).max().unwrap_or_default();
         reroute(&mut tx, &changes, now).await?;
         if out.contains(&CommitOutcome::Committed) {

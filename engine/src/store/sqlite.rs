@@ -15,6 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
+use super::routing::{activation_route, unrouted, Route};
 use super::*;
 use crate::orchestration::Correlation;
 
@@ -134,18 +135,6 @@ async fn commit(tx: Tx) -> StoreResult<()> {
     tx.commit().await.map_err(map_err)
 }
 
-/// Where a message goes.
-enum Route {
-    Instance(Uuid, Option<Uuid>),
-    Activate {
-        orchestration: String,
-        version: u32,
-        /// For a convoy: the activating message's values of the convoy properties.
-        convoy: Option<Correlation>,
-    },
-    Unrouted(String),
-}
-
 async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
     if let Some(target) = msg.target {
         return Ok(Route::Instance(target, None));
@@ -189,43 +178,6 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
         Some(row) => activation_route(msg, row.get(0), row.get::<i64, _>(1) as u32, row.get(2)),
         None => unrouted(msg),
     })
-}
-
-/// The route of a message of a type that activates `orchestration`; for a convoy, the message
-/// must carry every convoy property.
-fn activation_route(msg: &NewMessage, orchestration: String, version: u32, keys: &str) -> Route {
-    let convoy = if keys.is_empty() {
-        None
-    } else {
-        match Correlation::from_properties(keys, &msg.properties) {
-            Some(values) => Some(values),
-            None => {
-                return Route::Unrouted(format!(
-                    "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
-                    msg.message_type
-                ))
-            }
-        }
-    };
-    Route::Activate {
-        orchestration,
-        version,
-        convoy,
-    }
-}
-
-/// The route of a message nothing subscribes to.
-fn unrouted(msg: &NewMessage) -> Route {
-    let props = msg
-        .properties
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    Route::Unrouted(format!(
-        "no subscription matches message type {:?} with properties {{{props}}}",
-        msg.message_type
-    ))
 }
 
 /// Creates the instance an activating message starts. For a convoy, also subscribes it to every

@@ -15,9 +15,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::store::routing::{Route, RouteCache};
+
 use super::{
-    distinct_runs, int4, map_err, run_outcomes, unroute, CommitOutcome, MessageKind, NewInstance,
-    PersistencePoint, Reroute, StoreError, StoreResult, Tx,
+    distinct_runs, find_route, insert_instance, int4, map_err, run_outcomes, subscribe_convoy,
+    uint, unroute, CommitOutcome, MessageKind, NewInstance, NewMessage, PersistencePoint,
+    PublishOutcome, Reroute, StoreError, StoreResult, Tx,
 };
 
 /// Writes `points` in order (all but their publishes, which the caller makes under the routing
@@ -457,4 +460,218 @@ pub(super) async fn start_instances(
     .await
     .map_err(map_err)?;
     Ok(())
+}
+
+/// Stores and routes messages in order, each published at its time. The types of the published
+/// (not addressed) ones must be locked for routing ([`super::lock_routes`]).
+///
+/// The messages are inserted first, in one statement (`ON CONFLICT (id) DO NOTHING`): the
+/// unique id, not a read, is what makes a second publisher of the same id store nothing, and
+/// nothing is routed (no instance is activated) for a duplicate. The routing reads are then
+/// made once per type for the batch, and the routes written in one statement. A convoy's
+/// activation takes the convoy's lock and looks again ([`super::find_route`]), and subscribes
+/// its new instance, which can change where the next messages go: after one, the rest of the
+/// batch is routed message by message.
+pub(super) async fn publish_all(
+    tx: &mut Tx,
+    messages: &[(&NewMessage, DateTime<Utc>)],
+) -> StoreResult<Vec<PublishOutcome>> {
+    let mut seen = HashSet::new();
+    let first: Vec<bool> = messages
+        .iter()
+        .map(|(m, _)| seen.insert(m.id.as_str()))
+        .collect();
+    let fresh: Vec<&(&NewMessage, DateTime<Utc>)> = messages
+        .iter()
+        .zip(&first)
+        .filter(|(_, first)| **first)
+        .map(|(m, _)| m)
+        .collect();
+    let stored = insert_messages(tx, &fresh).await?;
+    let published: Vec<&NewMessage> = fresh
+        .iter()
+        .map(|(m, _)| *m)
+        .filter(|m| m.target.is_none() && stored.contains_key(&m.id))
+        .collect();
+    let mut cache = Some(read_routes(tx, &published).await?);
+    let mut routes = RouteRows::default();
+    let mut out = Vec::with_capacity(messages.len());
+    for ((msg, at), first) in messages.iter().zip(first) {
+        let Some(seq) = stored.get(&msg.id).filter(|_| first) else {
+            out.push(PublishOutcome::Duplicate);
+            continue;
+        };
+        if let Some(target) = msg.target {
+            out.push(PublishOutcome::Routed(target));
+            continue;
+        }
+        let route = match &cache {
+            Some(c) => match c.route(msg) {
+                Route::Activate {
+                    convoy: Some(_), ..
+                } => {
+                    cache = None;
+                    find_route(tx, msg).await?
+                }
+                route => route,
+            },
+            None => find_route(tx, msg).await?,
+        };
+        out.push(match route {
+            Route::Instance(id, sub) => {
+                routes.push(*seq, "routed", Some(id), sub, None, msg.kind);
+                PublishOutcome::Routed(id)
+            }
+            Route::Activate {
+                orchestration,
+                version,
+                convoy,
+            } => {
+                let id = Uuid::now_v7();
+                insert_instance(tx, id, &orchestration, version, None, *at).await?;
+                subscribe_convoy(tx, id, &orchestration, convoy, *at).await?;
+                // An activating message is the new instance's start message.
+                routes.push(*seq, "routed", Some(id), None, None, MessageKind::Start);
+                PublishOutcome::Routed(id)
+            }
+            Route::Unrouted(reason) => {
+                routes.push(*seq, "unrouted", None, None, Some(reason), msg.kind);
+                PublishOutcome::Unrouted
+            }
+        });
+    }
+    routes.write(tx).await?;
+    Ok(out)
+}
+
+/// Inserts messages, addressed ones routed to their instance and the others unrouted: the
+/// `seq` of each one stored (a duplicate of a stored id is not).
+async fn insert_messages(
+    tx: &mut Tx,
+    messages: &[&(&NewMessage, DateTime<Utc>)],
+) -> StoreResult<HashMap<String, i64>> {
+    if messages.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let text =
+        |f: fn(&NewMessage) -> String| messages.iter().map(|(m, _)| f(m)).collect::<Vec<_>>();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
+         published_at) \
+         SELECT id, message_type, kind, properties, body, \
+           CASE WHEN instance_id IS NULL THEN 'unrouted' ELSE 'routed' END, instance_id, at \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], \
+           $7::timestamptz[]) AS s(id, message_type, kind, properties, body, instance_id, at) \
+         ON CONFLICT (id) DO NOTHING RETURNING id, seq",
+    )
+    .bind(text(|m| m.id.clone()))
+    .bind(text(|m| m.message_type.clone()))
+    .bind(text(|m| m.kind.as_str().to_owned()))
+    .bind(text(|m| {
+        serde_json::to_string(&m.properties).unwrap_or_default()
+    }))
+    .bind(text(|m| m.body.to_string()))
+    .bind(messages.iter().map(|(m, _)| m.target).collect::<Vec<_>>())
+    .bind(messages.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Reads the routing rows of the messages' types, once per type.
+async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreResult<RouteCache> {
+    let mut cache = RouteCache::default();
+    for (message_type, msgs) in RouteCache::by_type(messages.iter().copied()) {
+        let key_sets: Vec<String> = sqlx::query_scalar(
+            "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
+        )
+        .bind(message_type)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        let values = cache.key_sets(message_type, key_sets, &msgs);
+        if !values.is_empty() {
+            let rows: Vec<(String, Uuid, Uuid)> = sqlx::query_as(
+                "SELECT correlation, id, instance_id FROM subscriptions \
+                 WHERE message_type = $1 AND instance_id IS NOT NULL AND correlation = ANY($2) \
+                 ORDER BY created_at, id",
+            )
+            .bind(message_type)
+            .bind(&values)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+            for (correlation, sub, instance) in rows {
+                cache.subscription(message_type, correlation, sub, instance);
+            }
+        }
+        let activation: Option<(String, i32, String)> = sqlx::query_as(
+            "SELECT orchestration, version, correlation_keys FROM subscriptions \
+             WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
+        )
+        .bind(message_type)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        let activation = match activation {
+            Some((o, v, k)) => Some((o, uint(v, "subscriptions.version")?, k)),
+            None => None,
+        };
+        cache.activation(message_type, activation);
+    }
+    Ok(cache)
+}
+
+/// The routes of a batch's published messages, written in one statement.
+#[derive(Default)]
+struct RouteRows {
+    seqs: Vec<i64>,
+    statuses: Vec<&'static str>,
+    instances: Vec<Option<Uuid>>,
+    subscriptions: Vec<Option<Uuid>>,
+    reasons: Vec<Option<String>>,
+    kinds: Vec<&'static str>,
+}
+
+impl RouteRows {
+    fn push(
+        &mut self,
+        seq: i64,
+        status: &'static str,
+        instance: Option<Uuid>,
+        subscription: Option<Uuid>,
+        reason: Option<String>,
+        kind: MessageKind,
+    ) {
+        self.seqs.push(seq);
+        self.statuses.push(status);
+        self.instances.push(instance);
+        self.subscriptions.push(subscription);
+        self.reasons.push(reason);
+        self.kinds.push(kind.as_str());
+    }
+
+    async fn write(self, tx: &mut Tx) -> StoreResult<()> {
+        if self.seqs.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE messages m SET status = r.status, instance_id = r.instance_id, \
+             subscription_id = r.subscription_id, reason = r.reason, kind = r.kind \
+             FROM UNNEST($1::int8[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[]) \
+               AS r(seq, status, instance_id, subscription_id, reason, kind) \
+             WHERE m.seq = r.seq",
+        )
+        .bind(&self.seqs)
+        .bind(&self.statuses)
+        .bind(&self.instances)
+        .bind(&self.subscriptions)
+        .bind(&self.reasons)
+        .bind(&self.kinds)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
 }

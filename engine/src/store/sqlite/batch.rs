@@ -17,10 +17,12 @@ use sqlx::QueryBuilder;
 
 use uuid::Uuid;
 
+use crate::store::routing::{Route, RouteCache};
+
 use super::{
-    activate, activation_route, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts,
-    unrouted, CommitOutcome, Correlation, MessageKind, NewInstance, NewMessage, PersistencePoint,
-    PublishOutcome, Route, StoreError, StoreResult, Tx, GIVE_BACK,
+    activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
+    MessageKind, NewInstance, NewMessage, PersistencePoint, PublishOutcome, StoreError,
+    StoreResult, Tx, GIVE_BACK,
 };
 
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
@@ -479,7 +481,7 @@ pub(super) async fn publish_all(
     messages: &[(&NewMessage, DateTime<Utc>)],
 ) -> StoreResult<Vec<PublishOutcome>> {
     let stored = stored_ids(tx, messages).await?;
-    let mut routes = RouteCache::read(tx, messages).await?;
+    let mut routes = Some(read_routes(tx, messages).await?);
     let mut seen = HashSet::new();
     let mut rows = Vec::with_capacity(messages.len());
     let mut out = Vec::with_capacity(messages.len());
@@ -570,109 +572,56 @@ async fn stored_ids(
     Ok(stored)
 }
 
-/// What the routing reads of [`super::find_route`] answer for a batch, read once per type.
-struct RouteCache {
-    /// Per message type: the correlation key sets, in the order `find_route` tries them.
-    key_sets: HashMap<String, Vec<String>>,
-    /// Per (type, canonical correlation): the oldest instance subscription.
-    subscriptions: HashMap<(String, String), (Uuid, Uuid)>,
-    /// Per type: the activating subscription (definition, version, convoy keys), if any.
-    activations: HashMap<String, Option<(String, u32, String)>>,
-}
-
-impl RouteCache {
-    /// Reads what routing the batch's published (not addressed) messages needs.
-    async fn read(
-        tx: &mut Tx,
-        messages: &[(&NewMessage, DateTime<Utc>)],
-    ) -> StoreResult<Option<Self>> {
-        let mut by_type: HashMap<&str, Vec<&NewMessage>> = HashMap::new();
-        for (msg, _) in messages.iter().filter(|(m, _)| m.target.is_none()) {
-            by_type.entry(&msg.message_type).or_default().push(msg);
-        }
-        let mut cache = Self {
-            key_sets: HashMap::new(),
-            subscriptions: HashMap::new(),
-            activations: HashMap::new(),
-        };
-        for (message_type, msgs) in by_type {
-            let key_sets: Vec<String> = sqlx::query_scalar(
-                "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
-            )
-            .bind(message_type)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
-            let values: BTreeSet<String> = msgs
-                .iter()
-                .flat_map(|m| {
-                    key_sets
-                        .iter()
-                        .filter_map(|keys| Correlation::from_properties(keys, &m.properties))
-                })
-                .map(|c| c.canonical())
-                .collect();
-            let values: Vec<String> = values.into_iter().collect();
-            for chunk in values.chunks(ROWS_PER_STATEMENT) {
-                let mut q = QueryBuilder::new(
-                    "SELECT correlation, id, instance_id FROM subscriptions WHERE message_type = ",
-                );
-                q.push_bind(message_type)
-                    .push(" AND instance_id IS NOT NULL AND correlation IN (");
-                let mut list = q.separated(", ");
-                for value in chunk {
-                    list.push_bind(value);
-                }
-                q.push(") ORDER BY created_at, id");
-                let rows: Vec<(String, String, String)> = q
-                    .build_query_as()
-                    .persistent(false)
-                    .fetch_all(&mut **tx)
-                    .await
-                    .map_err(map_err)?;
-                for (correlation, sub, instance) in rows {
-                    cache
-                        .subscriptions
-                        .entry((message_type.to_owned(), correlation))
-                        .or_insert((parse_uuid(&sub)?, parse_uuid(&instance)?));
-                }
-            }
-            let activation: Option<(String, i64, String)> = sqlx::query_as(
-                "SELECT orchestration, version, correlation_keys FROM subscriptions \
-                 WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
-            )
-            .bind(message_type)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(map_err)?;
-            cache.activations.insert(
-                message_type.to_owned(),
-                activation.map(|(o, v, k)| (o, v as u32, k)),
+/// Reads the routing rows of a batch's message types, once per type.
+async fn read_routes(
+    tx: &mut Tx,
+    messages: &[(&NewMessage, DateTime<Utc>)],
+) -> StoreResult<RouteCache> {
+    let mut cache = RouteCache::default();
+    for (message_type, msgs) in RouteCache::by_type(messages.iter().map(|(m, _)| *m)) {
+        let key_sets: Vec<String> = sqlx::query_scalar(
+            "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
+        )
+        .bind(message_type)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        let values = cache.key_sets(message_type, key_sets, &msgs);
+        for chunk in values.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::new(
+                "SELECT correlation, id, instance_id FROM subscriptions WHERE message_type = ",
             );
-            cache.key_sets.insert(message_type.to_owned(), key_sets);
-        }
-        Ok(Some(cache))
-    }
-
-    /// Where `msg` goes: the same answer as [`super::find_route`] from the rows read.
-    fn route(&self, msg: &NewMessage) -> Route {
-        if let Some(target) = msg.target {
-            return Route::Instance(target, None);
-        }
-        for keys in self.key_sets.get(&msg.message_type).into_iter().flatten() {
-            let Some(corr) = Correlation::from_properties(keys, &msg.properties) else {
-                continue;
-            };
-            let key = (msg.message_type.clone(), corr.canonical());
-            if let Some((sub, instance)) = self.subscriptions.get(&key) {
-                return Route::Instance(*instance, Some(*sub));
+            q.push_bind(message_type)
+                .push(" AND instance_id IS NOT NULL AND correlation IN (");
+            let mut list = q.separated(", ");
+            for value in chunk {
+                list.push_bind(value);
+            }
+            q.push(") ORDER BY created_at, id");
+            let rows: Vec<(String, String, String)> = q
+                .build_query_as()
+                .persistent(false)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(map_err)?;
+            for (correlation, sub, instance) in rows {
+                cache.subscription(
+                    message_type,
+                    correlation,
+                    parse_uuid(&sub)?,
+                    parse_uuid(&instance)?,
+                );
             }
         }
-        match self.activations.get(&msg.message_type).cloned().flatten() {
-            Some((orchestration, version, keys)) => {
-                activation_route(msg, orchestration, version, &keys)
-            }
-            None => unrouted(msg),
-        }
+        let activation: Option<(String, i64, String)> = sqlx::query_as(
+            "SELECT orchestration, version, correlation_keys FROM subscriptions \
+             WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
+        )
+        .bind(message_type)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        cache.activation(message_type, activation.map(|(o, v, k)| (o, v as u32, k)));
     }
+    Ok(cache)
 }

@@ -1,0 +1,159 @@
+//! Routing decisions both stores share: where a published message goes, given the
+//! subscription rows a store read for it.
+//!
+//! A store reads, per message type, the correlation key sets (`subscription_keys`), the
+//! instance subscriptions matching the values a message carries for each set, and the
+//! activating subscription. Publishing one message reads them for that message
+//! (`find_route` in each store); publishing a batch reads them once per type for the whole batch
+//! into a [`RouteCache`], which answers the same way.
+
+use std::collections::{BTreeSet, HashMap};
+
+use uuid::Uuid;
+
+use super::NewMessage;
+use crate::orchestration::Correlation;
+
+/// Where a message goes.
+pub(crate) enum Route {
+    /// To this instance, through this subscription (none for a message addressed to it).
+    Instance(Uuid, Option<Uuid>),
+    /// It starts a new instance of this definition.
+    Activate {
+        orchestration: String,
+        version: u32,
+        /// For a convoy: the activating message's values of the convoy properties.
+        convoy: Option<Correlation>,
+    },
+    /// Nowhere yet, for this reason.
+    Unrouted(String),
+}
+
+/// The route of a message of a type that activates `orchestration`, whose activating
+/// subscription is correlated on `keys` (a convoy) or not (empty): a convoy's message must carry
+/// every convoy property.
+pub(crate) fn activation_route(
+    msg: &NewMessage,
+    orchestration: String,
+    version: u32,
+    keys: &str,
+) -> Route {
+    let convoy = if keys.is_empty() {
+        None
+    } else {
+        match Correlation::from_properties(keys, &msg.properties) {
+            Some(values) => Some(values),
+            None => {
+                return Route::Unrouted(format!(
+                    "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
+                    msg.message_type
+                ))
+            }
+        }
+    };
+    Route::Activate {
+        orchestration,
+        version,
+        convoy,
+    }
+}
+
+/// The route of a message nothing subscribes to.
+pub(crate) fn unrouted(msg: &NewMessage) -> Route {
+    let props = msg
+        .properties
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Route::Unrouted(format!(
+        "no subscription matches message type {:?} with properties {{{props}}}",
+        msg.message_type
+    ))
+}
+
+/// The routing rows of a batch's message types, read once per type.
+#[derive(Default)]
+pub(crate) struct RouteCache {
+    /// Per message type: the correlation key sets, in the order routing tries them.
+    key_sets: HashMap<String, Vec<String>>,
+    /// Per (type, canonical correlation): the oldest instance subscription and its instance.
+    subscriptions: HashMap<(String, String), (Uuid, Uuid)>,
+    /// Per type: the activating subscription (definition, version, convoy keys), if any.
+    activations: HashMap<String, Option<(String, u32, String)>>,
+}
+
+impl RouteCache {
+    /// The published (not addressed) messages of a batch, by type.
+    pub(crate) fn by_type<'m>(
+        messages: impl IntoIterator<Item = &'m NewMessage>,
+    ) -> HashMap<&'m str, Vec<&'m NewMessage>> {
+        let mut by_type: HashMap<&str, Vec<&NewMessage>> = HashMap::new();
+        for msg in messages.into_iter().filter(|m| m.target.is_none()) {
+            by_type.entry(&msg.message_type).or_default().push(msg);
+        }
+        by_type
+    }
+
+    /// Records a type's key sets; returns the canonical values `msgs` carry for them, which
+    /// are the correlations to read subscriptions for.
+    pub(crate) fn key_sets(
+        &mut self,
+        message_type: &str,
+        key_sets: Vec<String>,
+        msgs: &[&NewMessage],
+    ) -> Vec<String> {
+        let values: BTreeSet<String> = msgs
+            .iter()
+            .flat_map(|m| {
+                key_sets
+                    .iter()
+                    .filter_map(|keys| Correlation::from_properties(keys, &m.properties))
+            })
+            .map(|c| c.canonical())
+            .collect();
+        self.key_sets.insert(message_type.to_owned(), key_sets);
+        values.into_iter().collect()
+    }
+
+    /// Records a matching instance subscription; rows must come oldest first (`ORDER BY
+    /// created_at, id`), as the first one per correlation is the one routed to.
+    pub(crate) fn subscription(
+        &mut self,
+        message_type: &str,
+        correlation: String,
+        subscription: Uuid,
+        instance: Uuid,
+    ) {
+        self.subscriptions
+            .entry((message_type.to_owned(), correlation))
+            .or_insert((subscription, instance));
+    }
+
+    /// Records a type's activating subscription (definition, version, convoy keys), or none.
+    pub(crate) fn activation(&mut self, message_type: &str, row: Option<(String, u32, String)>) {
+        self.activations.insert(message_type.to_owned(), row);
+    }
+
+    /// Where `msg` goes, from the rows recorded.
+    pub(crate) fn route(&self, msg: &NewMessage) -> Route {
+        if let Some(target) = msg.target {
+            return Route::Instance(target, None);
+        }
+        for keys in self.key_sets.get(&msg.message_type).into_iter().flatten() {
+            let Some(corr) = Correlation::from_properties(keys, &msg.properties) else {
+                continue;
+            };
+            let key = (msg.message_type.clone(), corr.canonical());
+            if let Some((sub, instance)) = self.subscriptions.get(&key) {
+                return Route::Instance(*instance, Some(*sub));
+            }
+        }
+        match self.activations.get(&msg.message_type).cloned().flatten() {
+            Some((orchestration, version, keys)) => {
+                activation_route(msg, orchestration, version, &keys)
+            }
+            None => unrouted(msg),
+        }
+    }
+}
