@@ -291,10 +291,12 @@ impl LiveInstance {
         let event = match msg.kind {
             MessageKind::Start => {
                 if self.state.is_some() {
-                    return self.fault(format!(
-                        "start message {} for an instance that has started",
-                        msg.id
-                    ));
+                    // The first persistence point consumed the start message with the first
+                    // state, so this is a stale copy: a claim another host also made (it took
+                    // the lock as stale, started the instance) before this one acquired it.
+                    tracing::debug!(instance.id = %self.id, message.id = %msg.id,
+                        "start message for an instance that has started: a stale copy, dropped");
+                    return Delivery::Held;
                 }
                 self.join_convoy(&msg);
                 let seq = msg.seq;

@@ -42,7 +42,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::routing::{unrouted, Route};
+use super::routing::Route;
 use super::*;
 use crate::orchestration::Correlation;
 
@@ -252,91 +252,39 @@ fn routed_types(messages: &[NewMessage]) -> impl Iterator<Item = &str> {
         .map(|m| m.message_type.as_str())
 }
 
+/// Where `msg` goes. A convoy's activation is decided under the convoy's lock: publishers of
+/// one type route side by side (shared route locks), so the activations of one convoy are
+/// serialised, and the convoy's instance is looked for again once the lock is ours.
 async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
-    if let Some(target) = msg.target {
-        return Ok(Route::Instance(target, None));
-    }
-    let key_sets: Vec<String> = sqlx::query_scalar(
-        "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
-    )
-    .bind(&msg.message_type)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    for keys in key_sets {
-        let Some(corr) = Correlation::from_properties(&keys, &msg.properties) else {
-            continue;
-        };
-        let row = sqlx::query(
-            "SELECT id, instance_id FROM subscriptions \
-             WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
-             ORDER BY created_at, id LIMIT 1",
-        )
-        .bind(&msg.message_type)
-        .bind(corr.canonical())
-        .fetch_optional(&mut **tx)
+    let route = batch::read_routes(tx, &[msg]).await?.route(msg);
+    let Route::Activate {
+        orchestration,
+        convoy: Some(values),
+        ..
+    } = &route
+    else {
+        return Ok(route);
+    };
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(CONVOY_LOCK_CLASS)
+        .bind(format!("{orchestration}|{}", values.canonical()))
+        .execute(&mut **tx)
         .await
         .map_err(map_err)?;
-        if let Some(row) = row {
-            return Ok(Route::Instance(
-                col(&row, "instance_id")?,
-                Some(col(&row, "id")?),
-            ));
-        }
-    }
-    let activation = sqlx::query(
-        "SELECT orchestration, version, correlation_keys FROM subscriptions \
-         WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
+    let owner: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT id, instance_id FROM subscriptions \
+         WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
+         ORDER BY created_at, id LIMIT 1",
     )
     .bind(&msg.message_type)
+    .bind(values.canonical())
     .fetch_optional(&mut **tx)
     .await
     .map_err(map_err)?;
-    if let Some(row) = activation {
-        let orchestration: String = col(&row, "orchestration")?;
-        let keys: String = col(&row, "correlation_keys")?;
-        let convoy = if keys.is_empty() {
-            None
-        } else {
-            let Some(values) = Correlation::from_properties(&keys, &msg.properties) else {
-                return Ok(Route::Unrouted(format!(
-                    "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
-                    msg.message_type
-                )));
-            };
-            // Publishers of one type route side by side (shared route locks): serialise the
-            // activations of one convoy, and look again once it is ours.
-            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-                .bind(CONVOY_LOCK_CLASS)
-                .bind(format!("{orchestration}|{}", values.canonical()))
-                .execute(&mut **tx)
-                .await
-                .map_err(map_err)?;
-            let owner = sqlx::query(
-                "SELECT id, instance_id FROM subscriptions \
-                 WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
-                 ORDER BY created_at, id LIMIT 1",
-            )
-            .bind(&msg.message_type)
-            .bind(values.canonical())
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(map_err)?;
-            if let Some(row) = owner {
-                return Ok(Route::Instance(
-                    col(&row, "instance_id")?,
-                    Some(col(&row, "id")?),
-                ));
-            }
-            Some(values)
-        };
-        return Ok(Route::Activate {
-            orchestration,
-            version: uint(col(&row, "version")?, "subscriptions.version")?,
-            convoy,
-        });
-    }
-    Ok(unrouted(msg))
+    Ok(match owner {
+        Some((sub, instance)) => Route::Instance(instance, Some(sub)),
+        None => route,
+    })
 }
 
 async fn insert_instance(

@@ -2,10 +2,9 @@
 //! subscription rows a store read for it.
 //!
 //! A store reads, per message type, the correlation key sets (`subscription_keys`), the
-//! instance subscriptions matching the values a message carries for each set, and the
-//! activating subscription. Publishing one message reads them for that message
-//! (`find_route` in each store); publishing a batch reads them once per type for the whole batch
-//! into a [`RouteCache`], which answers the same way.
+//! instance subscriptions matching the values the messages carry for each set, and the
+//! activating subscription, into a [`RouteCache`]: once per type for a batch of messages, or
+//! for one message alone.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -32,12 +31,7 @@ pub(crate) enum Route {
 /// The route of a message of a type that activates `orchestration`, whose activating
 /// subscription is correlated on `keys` (a convoy) or not (empty): a convoy's message must carry
 /// every convoy property.
-pub(crate) fn activation_route(
-    msg: &NewMessage,
-    orchestration: String,
-    version: u32,
-    keys: &str,
-) -> Route {
+fn activation_route(msg: &NewMessage, orchestration: String, version: u32, keys: &str) -> Route {
     let convoy = if keys.is_empty() {
         None
     } else {
@@ -59,7 +53,7 @@ pub(crate) fn activation_route(
 }
 
 /// The route of a message nothing subscribes to.
-pub(crate) fn unrouted(msg: &NewMessage) -> Route {
+fn unrouted(msg: &NewMessage) -> Route {
     let props = msg
         .properties
         .iter()

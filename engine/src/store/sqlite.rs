@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
-use super::routing::{activation_route, unrouted, Route};
+use super::routing::Route;
 use super::*;
 use crate::orchestration::Correlation;
 
@@ -135,49 +135,9 @@ async fn commit(tx: Tx) -> StoreResult<()> {
     tx.commit().await.map_err(map_err)
 }
 
+/// Where `msg` goes.
 async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
-    if let Some(target) = msg.target {
-        return Ok(Route::Instance(target, None));
-    }
-    let key_sets: Vec<String> = sqlx::query_scalar(
-        "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
-    )
-    .bind(&msg.message_type)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    for keys in key_sets {
-        let Some(corr) = Correlation::from_properties(&keys, &msg.properties) else {
-            continue;
-        };
-        let row = sqlx::query(
-            "SELECT id, instance_id FROM subscriptions \
-             WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
-             ORDER BY created_at, id LIMIT 1",
-        )
-        .bind(&msg.message_type)
-        .bind(corr.canonical())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        if let Some(row) = row {
-            let sub = parse_uuid(row.get::<&str, _>(0))?;
-            let instance = parse_uuid(row.get::<&str, _>(1))?;
-            return Ok(Route::Instance(instance, Some(sub)));
-        }
-    }
-    let activation = sqlx::query(
-        "SELECT orchestration, version, correlation_keys FROM subscriptions \
-         WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
-    )
-    .bind(&msg.message_type)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(match activation {
-        Some(row) => activation_route(msg, row.get(0), row.get::<i64, _>(1) as u32, row.get(2)),
-        None => unrouted(msg),
-    })
+    Ok(batch::read_routes(tx, &[msg]).await?.route(msg))
 }
 
 /// Creates the instance an activating message starts. For a convoy, also subscribes it to every

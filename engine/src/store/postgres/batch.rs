@@ -580,7 +580,7 @@ async fn insert_messages(
 }
 
 /// Reads the routing rows of the messages' types, once per type.
-async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreResult<RouteCache> {
+pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreResult<RouteCache> {
     let mut cache = RouteCache::default();
     for (message_type, msgs) in RouteCache::by_type(messages.iter().copied()) {
         let key_sets: Vec<String> = sqlx::query_scalar(

@@ -481,7 +481,8 @@ pub(super) async fn publish_all(
     messages: &[(&NewMessage, DateTime<Utc>)],
 ) -> StoreResult<Vec<PublishOutcome>> {
     let stored = stored_ids(tx, messages).await?;
-    let mut routes = Some(read_routes(tx, messages).await?);
+    let published: Vec<&NewMessage> = messages.iter().map(|(m, _)| *m).collect();
+    let mut routes = Some(read_routes(tx, &published).await?);
     let mut seen = HashSet::new();
     let mut rows = Vec::with_capacity(messages.len());
     let mut out = Vec::with_capacity(messages.len());
@@ -573,12 +574,9 @@ async fn stored_ids(
 }
 
 /// Reads the routing rows of a batch's message types, once per type.
-async fn read_routes(
-    tx: &mut Tx,
-    messages: &[(&NewMessage, DateTime<Utc>)],
-) -> StoreResult<RouteCache> {
+pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreResult<RouteCache> {
     let mut cache = RouteCache::default();
-    for (message_type, msgs) in RouteCache::by_type(messages.iter().map(|(m, _)| *m)) {
+    for (message_type, msgs) in RouteCache::by_type(messages.iter().copied()) {
         let key_sets: Vec<String> = sqlx::query_scalar(
             "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
         )
