@@ -673,9 +673,11 @@ impl Runner {
         };
         let mut points = Vec::new();
         let worked = !messages.is_empty() || !timers.is_empty();
-        if messages.len() >= batch as usize || timers.len() >= batch as usize {
-            // A full batch: there may be more. (Less than a batch is all there was; what is
-            // published since wakes the host.)
+        // A full batch: there may be more. Half a batch counts as full, as a PostgreSQL claim
+        // takes at most half a batch of instances it does not hold. (Less is all there was;
+        // what is published since wakes the host.)
+        let full = (batch as usize / 2).max(1);
+        if messages.len() >= full || timers.len() >= full {
             self.claim = true;
         }
 
