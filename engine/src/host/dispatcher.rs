@@ -290,8 +290,8 @@ impl Dispatcher {
             }
         }
         if batch.is_empty() {
+            // Only replies handed over: their channel wakes the host, with nothing to claim.
             self.in_flight.fetch_sub(count, Ordering::SeqCst);
-            self.wake_host.notify_one();
             return;
         }
         let mut wait = Duration::from_millis(50);

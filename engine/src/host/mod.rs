@@ -434,12 +434,18 @@ impl Host {
             unwritten: HashSet::new(),
             to_dispatch,
             replies,
+            early_reply: None,
             in_flight,
             stats: HostStats::default(),
             last_report: Instant::now(),
             last_control: None,
             last_inbox: None,
             last_housekeeping: None,
+            last_claim: None,
+            last_timer_claim: None,
+            timer_due: None,
+            claim: true,
+            claim_timers: true,
             panicked: Vec::new(),
             last_panic: HashMap::new(),
         };
@@ -499,12 +505,28 @@ struct Runner {
     to_dispatch: mpsc::UnboundedSender<OutboxRow>,
     /// Replies of requests delivered by this host's dispatcher, for the instances in memory.
     replies: mpsc::UnboundedReceiver<(OutboxRow, serde_json::Value)>,
+    /// A reply taken off `replies` while waiting for work, handed over first next round.
+    early_reply: Option<(OutboxRow, serde_json::Value)>,
     in_flight: Arc<AtomicUsize>,
     stats: HostStats,
     last_report: Instant,
     last_control: Option<Instant>,
     last_inbox: Option<Instant>,
     last_housekeeping: Option<Instant>,
+    /// When messages were last claimed from the store: at least every poll interval, whatever
+    /// else keeps the host busy.
+    last_claim: Option<Instant>,
+    /// When timers were last claimed from the store.
+    last_timer_claim: Option<Instant>,
+    /// The earliest timer this host wrote to the store since it last claimed timers.
+    timer_due: Option<DateTime<Utc>>,
+    /// Whether the store may hold work for this host that the next round must claim: set by a
+    /// wake-up (a publish, a start, a recorded delivery, a NOTIFY), by a round that claimed
+    /// something or wrote something a claim could find, and by the poll interval.
+    claim: bool,
+    /// Whether timers must be claimed at the next claim (an operator's request applied, or
+    /// instances given back).
+    claim_timers: bool,
     /// Instances dropped from memory this round because a transition panicked on a message:
     /// their locks go back, the message keeping its delivery count.
     panicked: Vec<(Uuid, i64)>,
@@ -523,9 +545,14 @@ enum Work {
 impl Runner {
     async fn run_loop(&mut self, shutdown: &CancellationToken) -> Result<(), HostError> {
         let mut backoff = Duration::from_millis(100);
+        let wake = self.host.wake.clone();
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
+            }
+            // A wake-up that came while the last round ran: the store may have work.
+            if woken(&wake).await {
+                self.claim = true;
             }
             match self.round().await {
                 Ok(worked) => {
@@ -538,14 +565,24 @@ impl Runner {
                         tracing::info!("no work left; stopping (--until-idle)");
                         return Ok(());
                     }
-                    let wake = self.host.wake.clone();
+                    // A reply handed over in memory needs no claim: it wakes the host through
+                    // its channel. Anything else that may have put work in the store notifies.
                     tokio::select! {
+                        biased;
                         _ = shutdown.cancelled() => return Ok(()),
-                        _ = wake.notified() => {}
-                        _ = tokio::time::sleep(self.host.config.poll_interval) => {}
+                        Some(reply) = self.replies.recv() => {
+                            self.early_reply = Some(reply);
+                        }
+                        _ = wake.notified() => {
+                            self.claim = true;
+                        }
+                        _ = tokio::time::sleep(self.host.config.poll_interval) => {
+                            self.claim = true;
+                        }
                     }
                 }
                 Err(e) if e.is_retryable() => {
+                    self.claim = true;
                     tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; backing off");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
@@ -554,6 +591,7 @@ impl Runner {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
+                    self.claim = true;
                     tracing::error!(error = %e, "store error; backing off");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
@@ -587,16 +625,61 @@ impl Runner {
         let controlled = self.apply_controls(now).await?;
         let received = self.take_inbox(now).await?;
         self.housekeeping(now).await?;
-        let messages = store.claim_messages(&host, now, batch).await?;
-        let timers = match store.claim_timers(&host, now, batch).await {
-            Ok(timers) => timers,
-            Err(e) => {
-                self.give_back(messages.iter().map(|m| m.instance_id)).await;
-                return Err(e);
-            }
+        let poll = self.host.config.poll_interval;
+        if controlled {
+            // An instance resumed may have a timer due.
+            self.claim_timers = true;
+        }
+        if controlled
+            || received
+            || self.last_claim.is_none_or(|at| at.elapsed() >= poll)
+            || self.timer_due.is_some_and(|t| t <= now)
+        {
+            self.claim = true;
+        }
+        let (messages, timers) = if self.claim {
+            self.claim = false;
+            self.last_claim = Some(Instant::now());
+            let messages = match store.claim_messages(&host, now, batch).await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    self.claim = true;
+                    return Err(e);
+                }
+            };
+            let timers = if self.claim_timers
+                || self.last_timer_claim.is_none_or(|at| at.elapsed() >= poll)
+                || self.timer_due.is_some_and(|t| t <= now)
+            {
+                match store.claim_timers(&host, now, batch).await {
+                    Ok(timers) => {
+                        self.claim_timers = false;
+                        self.last_timer_claim = Some(Instant::now());
+                        self.timer_due = self.timer_due.filter(|t| *t > now);
+                        timers
+                    }
+                    Err(e) => {
+                        self.claim = true;
+                        self.give_back(messages.iter().map(|m| m.instance_id)).await;
+                        return Err(e);
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            (messages, timers)
+        } else {
+            (Vec::new(), Vec::new())
         };
         let mut points = Vec::new();
         let worked = !messages.is_empty() || !timers.is_empty();
+        // A full batch: there may be more. Half a batch counts as full, as a PostgreSQL claim
+        // takes at most half a batch of instances it does not hold. (Less is all there was;
+        // what is published since wakes the host.)
+        let full = (batch as usize / 2).max(1);
+        if messages.len() >= full || timers.len() >= full {
+            self.claim = true;
+        }
 
         let mut work: Vec<(Uuid, Work)> = Vec::with_capacity(messages.len() + timers.len());
         work.extend(
@@ -607,6 +690,7 @@ impl Runner {
         work.extend(timers.into_iter().map(|t| (t.instance_id, Work::Timer(t))));
         if worked {
             if let Err(e) = self.rehydrate(&work, now, &mut points).await {
+                self.claim = true;
                 self.give_back(work.iter().map(|(id, _)| *id)).await;
                 return Err(e);
             }
@@ -635,7 +719,11 @@ impl Runner {
     ) -> bool {
         let mut elsewhere = Vec::new();
         let mut any = false;
-        while let Ok((row, reply)) = self.replies.try_recv() {
+        while let Some((row, reply)) = self
+            .early_reply
+            .take()
+            .or_else(|| self.replies.try_recv().ok())
+        {
             any = true;
             if self.cache.contains_key(&row.instance_id) {
                 self.unwritten.insert(row.instance_id);
@@ -649,6 +737,8 @@ impl Runner {
             }
         }
         if !elsewhere.is_empty() {
+            // Recorded as messages, to be claimed.
+            self.claim = true;
             if let Err(e) = self.host.store.record_deliveries(elsewhere, now).await {
                 // The requests stay pending under their locks and are delivered again.
                 tracing::warn!(error = %e, "recording replies failed; the requests will be sent again");
@@ -764,6 +854,8 @@ impl Runner {
             return;
         }
         let panicked = std::mem::take(&mut self.panicked);
+        // The messages go back to the store, to be claimed again.
+        self.claim = true;
         let ids: Vec<Uuid> = panicked.iter().map(|(id, _)| *id).collect();
         let seqs: Vec<i64> = panicked.iter().map(|(_, seq)| *seq).collect();
         self.release_after_failure(&ids, &seqs).await;
@@ -795,6 +887,8 @@ impl Runner {
         let store = self.host.store.clone();
         match store.subscribe(&self.host.id, &batch, now).await {
             Ok(outcomes) => {
+                // New subscriptions route the unrouted messages they match.
+                self.claim = true;
                 self.unwritten.clear();
                 let mut fenced = Vec::new();
                 for (receives, outcome) in batch.iter().zip(outcomes) {
@@ -1040,6 +1134,18 @@ impl Runner {
     /// rehydrated from their last persistence point and their messages delivered again.
     async fn commit(&mut self, points: Vec<PersistencePoint>) {
         let store = self.host.store.clone();
+        // What the points write that a claim may find: claim at the next round, or when the
+        // earliest timer they set is due.
+        if points.iter().any(makes_claimable_work) {
+            self.claim = true;
+        }
+        if let Some(due) = points
+            .iter()
+            .flat_map(|p| p.set_timers.iter().map(|(_, at)| *at))
+            .min()
+        {
+            self.timer_due = Some(self.timer_due.map_or(due, |t| t.min(due)));
+        }
         let mut wait = Duration::from_millis(50);
         let mut attempt = 0;
         let outcomes = loop {
@@ -1059,6 +1165,7 @@ impl Runner {
             }
         };
         let Some(outcomes) = outcomes else {
+            self.claim = true;
             let ids: Vec<Uuid> = points.iter().map(|p| p.instance_id).collect();
             for id in &ids {
                 self.cache.remove(id);
@@ -1094,6 +1201,7 @@ impl Runner {
         }
         if !fenced.is_empty() {
             // Whatever this host claimed for them goes back, for their current owner.
+            self.claim = true;
             self.release_after_failure(&fenced, &[]).await;
         }
     }
@@ -1116,7 +1224,10 @@ impl Runner {
     }
 
     async fn is_idle(&self) -> bool {
-        if self.in_flight.load(Ordering::SeqCst) > 0 || !self.replies.is_empty() {
+        if self.in_flight.load(Ordering::SeqCst) > 0
+            || !self.replies.is_empty()
+            || self.early_reply.is_some()
+        {
             return false;
         }
         let now = self.host.clock.now();
@@ -1165,5 +1276,27 @@ impl Runner {
             saved,
             "shutdown: saved the instances that changed since their last persistence point"
         );
+    }
+}
+
+/// Whether committing `point` may leave work in the store that this host claims: messages
+/// published with it (a child's end), children started, subscriptions written (they route the
+/// unrouted messages they match), messages given back (released with a failure, or with the
+/// instance saved out of memory). A point that only sends, consumes and marks replies delivered
+/// leaves nothing to claim. Timers are followed apart, by their due time.
+fn makes_claimable_work(point: &PersistencePoint) -> bool {
+    !point.messages.is_empty()
+        || !point.children.is_empty()
+        || !point.failed.is_empty()
+        || point.subscriptions.as_ref().is_some_and(|s| !s.is_empty())
+        || (point.release && !point.status.is_final())
+}
+
+/// Takes a wake-up that came while the host was busy, without waiting for one.
+async fn woken(wake: &Notify) -> bool {
+    tokio::select! {
+        biased;
+        _ = wake.notified() => true,
+        _ = std::future::ready(()) => false,
     }
 }
