@@ -94,6 +94,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
+            // Room for the multi-row statements of small groups (`batch::reuse`).
+            .statement_cache_capacity(512)
             .foreign_keys(false);
         // Every connection is opened here, before any load: opening one later, while another
         // writes, can fail at once with SQLITE_BUSY on the journal-mode pragma.
@@ -731,7 +733,7 @@ impl Store for SqliteStore {
             );
             let rows = q
                 .build()
-                .persistent(false)
+                .persistent(batch::reuse(chunk.len()))
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(map_err)?;

@@ -25,6 +25,13 @@ use super::{
     StoreResult, Tx, GIVE_BACK,
 };
 
+/// Whether to keep a multi-row statement prepared: small groups (one point, a few) recur with
+/// the same text, so preparing each once saves a parse per commit on the latency path; large
+/// groups vary in size and would only churn the statement cache.
+pub(super) fn reuse(rows: usize) -> bool {
+    rows <= 8
+}
+
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
 pub(super) const ROWS_PER_STATEMENT: usize = 1_000;
 
@@ -104,7 +111,7 @@ async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uui
         );
         let ids: Vec<String> = q
             .build_query_scalar()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .fetch_all(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -139,7 +146,7 @@ async fn consume(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
         );
         let done = q
             .build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -183,7 +190,7 @@ async fn insert_sends(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
                 .push_bind(at);
         });
         q.build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -216,7 +223,7 @@ async fn mark_delivered(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
             });
             q.push(") ").push(update);
             q.build()
-                .persistent(false)
+                .persistent(reuse(chunk.len()))
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
@@ -243,7 +250,7 @@ async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
                 .push_bind(p.detail.as_deref());
         });
         q.build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -299,7 +306,7 @@ async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
         }
         q.push(") AND status = 'routed'");
         q.build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -317,7 +324,7 @@ async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
             }
             q.push(")");
             q.build()
-                .persistent(false)
+                .persistent(reuse(chunk.len()))
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
@@ -350,7 +357,7 @@ async fn sync_subscriptions(
         q.push(")");
         let rows: Vec<(String, String, String)> = q
             .build_query_as()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .fetch_all(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -412,7 +419,7 @@ async fn sync_subscriptions(
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
         q.build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -441,7 +448,7 @@ pub(super) async fn start_instances(
                 .push_bind(inst.parent.map(|p| p.to_string()));
         });
         q.build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -461,7 +468,7 @@ pub(super) async fn start_instances(
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
         q.build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -541,7 +548,7 @@ pub(super) async fn publish_all(
                 .push_bind(ts(*at));
         });
         q.build()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -564,7 +571,7 @@ async fn stored_ids(
         q.push(")");
         let ids: Vec<String> = q
             .build_query_scalar()
-            .persistent(false)
+            .persistent(reuse(chunk.len()))
             .fetch_all(&mut **tx)
             .await
             .map_err(map_err)?;
@@ -598,7 +605,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
             q.push(") ORDER BY created_at, id");
             let rows: Vec<(String, String, String)> = q
                 .build_query_as()
-                .persistent(false)
+                .persistent(reuse(chunk.len()))
                 .fetch_all(&mut **tx)
                 .await
                 .map_err(map_err)?;
