@@ -1136,7 +1136,7 @@ impl Runner {
         let store = self.host.store.clone();
         // What the points write that a claim may find: claim at the next round, or when the
         // earliest timer they set is due.
-        if points.iter().any(makes_claimable_work) {
+        if points.iter().any(PersistencePoint::makes_claimable_work) {
             self.claim = true;
         }
         if let Some(due) = points
@@ -1277,19 +1277,6 @@ impl Runner {
             "shutdown: saved the instances that changed since their last persistence point"
         );
     }
-}
-
-/// Whether committing `point` may leave work in the store that this host claims: messages
-/// published with it (a child's end), children started, subscriptions written (they route the
-/// unrouted messages they match), messages given back (released with a failure, or with the
-/// instance saved out of memory). A point that only sends, consumes and marks replies delivered
-/// leaves nothing to claim. Timers are followed apart, by their due time.
-fn makes_claimable_work(point: &PersistencePoint) -> bool {
-    !point.messages.is_empty()
-        || !point.children.is_empty()
-        || !point.failed.is_empty()
-        || point.subscriptions.as_ref().is_some_and(|s| !s.is_empty())
-        || (point.release && !point.status.is_final())
 }
 
 /// Takes a wake-up that came while the host was busy, without waiting for one.

@@ -574,6 +574,21 @@ pub struct PersistencePoint {
     pub outbox_lock_until: DateTime<Utc>,
 }
 
+impl PersistencePoint {
+    /// Whether committing it may leave work in the store for a host to claim: messages
+    /// published with it (a child's end), children started, subscriptions written (they route
+    /// the unrouted messages they match), messages given back (released with a failure, or with
+    /// the instance saved out of memory). A point that only sends, consumes and marks replies
+    /// delivered leaves nothing to claim. Timers are followed apart, by their due time.
+    pub fn makes_claimable_work(&self) -> bool {
+        !self.messages.is_empty()
+            || !self.children.is_empty()
+            || !self.failed.is_empty()
+            || self.subscriptions.as_ref().is_some_and(|s| !s.is_empty())
+            || (self.release && !self.status.is_final())
+    }
+}
+
 /// What [`Store::commit`](super::Store::commit) did with one point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {

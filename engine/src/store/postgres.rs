@@ -1160,7 +1160,13 @@ impl Store for PostgresStore {
         batch::publish_all(&mut tx, &messages).await?;
         let now = points.iter().map(|p| p.at).max().unwrap_or_default();
         reroute(&mut tx, &changes, now).await?;
-        if out.contains(&CommitOutcome::Committed) {
+        // Other hosts are woken only for work they may claim; the committing host follows its
+        // own (a NOTIFY for every commit woke it for an empty claim after each point).
+        let claimable = points
+            .iter()
+            .zip(&out)
+            .any(|(p, o)| *o == CommitOutcome::Committed && p.makes_claimable_work());
+        if claimable || !changes.seqs.is_empty() {
             notify(&mut tx).await?;
         }
         commit(tx).await?;
