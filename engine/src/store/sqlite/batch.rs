@@ -13,7 +13,8 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sqlx::QueryBuilder;
+use sqlx::sqlite::SqliteQueryResult;
+use sqlx::{QueryBuilder, Sqlite};
 
 use uuid::Uuid;
 
@@ -30,6 +31,19 @@ use super::{
 /// groups vary in size and would only churn the statement cache.
 pub(super) fn reuse(rows: usize) -> bool {
     rows <= 8
+}
+
+/// Runs a multi-row statement, kept prepared when small ([`reuse`]).
+async fn execute(
+    tx: &mut Tx,
+    mut q: QueryBuilder<'_, Sqlite>,
+    rows: usize,
+) -> StoreResult<SqliteQueryResult> {
+    q.build()
+        .persistent(reuse(rows))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)
 }
 
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
@@ -144,12 +158,7 @@ async fn consume(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
              FROM c WHERE messages.seq = c.seq AND messages.instance_id = c.instance_id \
              AND messages.status = 'routed'",
         );
-        let done = q
-            .build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        let done = execute(tx, q, chunk.len()).await?;
         if done.rows_affected() != chunk.len() as u64 {
             return Err(StoreError::Corrupt(format!(
                 "persistence points consumed messages {:?} (instance, seq), not all routed to \
@@ -189,11 +198,7 @@ async fn insert_sends(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
                 .push_bind(ts(p.outbox_lock_until))
                 .push_bind(at);
         });
-        q.build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        execute(tx, q, chunk.len()).await?;
     }
     Ok(())
 }
@@ -222,11 +227,7 @@ async fn mark_delivered(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
                 row.push_bind(*id).push_bind(at);
             });
             q.push(") ").push(update);
-            q.build()
-                .persistent(reuse(chunk.len()))
-                .execute(&mut **tx)
-                .await
-                .map_err(map_err)?;
+            execute(tx, q, chunk.len()).await?;
         }
     }
     Ok(())
@@ -249,11 +250,7 @@ async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
                 .push_bind(p.epoch)
                 .push_bind(p.detail.as_deref());
         });
-        q.build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        execute(tx, q, chunk.len()).await?;
     }
     Ok(())
 }
@@ -305,11 +302,7 @@ async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
             list.push_bind(*seq);
         }
         q.push(") AND status = 'routed'");
-        q.build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        execute(tx, q, chunk.len()).await?;
     }
     for chunk in released.chunks(ROWS_PER_STATEMENT) {
         for update in [
@@ -323,11 +316,7 @@ async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
                 list.push_bind(id);
             }
             q.push(")");
-            q.build()
-                .persistent(reuse(chunk.len()))
-                .execute(&mut **tx)
-                .await
-                .map_err(map_err)?;
+            execute(tx, q, chunk.len()).await?;
         }
     }
     Ok(())
@@ -418,11 +407,7 @@ async fn sync_subscriptions(
                 .push_bind(at);
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
-        q.build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        execute(tx, q, chunk.len()).await?;
     }
     Ok(())
 }
@@ -447,11 +432,7 @@ pub(super) async fn start_instances(
                 .push_bind(ts(*at))
                 .push_bind(inst.parent.map(|p| p.to_string()));
         });
-        q.build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        execute(tx, q, chunk.len()).await?;
         let mut q = QueryBuilder::new(
             "INSERT INTO messages (id, message_type, kind, properties, body, status, \
              instance_id, published_at) ",
@@ -467,11 +448,7 @@ pub(super) async fn start_instances(
                 .push_bind(ts(*at));
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
-        q.build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        execute(tx, q, chunk.len()).await?;
     }
     Ok(())
 }
@@ -547,11 +524,7 @@ pub(super) async fn publish_all(
                 .push_bind(reason.as_deref())
                 .push_bind(ts(*at));
         });
-        q.build()
-            .persistent(reuse(chunk.len()))
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        execute(tx, q, chunk.len()).await?;
     }
     Ok(out)
 }
