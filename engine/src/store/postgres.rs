@@ -926,7 +926,7 @@ impl Store for PostgresStore {
                ORDER BY m.seq LIMIT $3 / 2 \
                FOR UPDATE OF m SKIP LOCKED) \
              UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 \
-             WHERE seq IN (SELECT seq FROM hot UNION ALL SELECT seq FROM cold) \
+             WHERE seq = ANY(ARRAY(SELECT seq FROM hot UNION ALL SELECT seq FROM cold)) \
              RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count",
             lock_free = lock_free("m"),
         ))
