@@ -48,6 +48,7 @@ backend_tests!(
     operators_suspend_resume_and_terminate_instances,
     idle_instances_dehydrate_and_rehydrate_on_their_next_message,
     a_commit_by_a_host_that_lost_the_lease_is_fenced,
+    a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -633,7 +634,7 @@ async fn idle_instances_dehydrate_and_rehydrate_on_their_next_message(db: TestDb
 }
 
 async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
-    use cairn::store::{CommitOutcome, InstanceStatus as S, PersistencePoint, Reason};
+    use cairn::store::CommitOutcome;
     let store = db.store.clone();
     let now = chrono::Utc::now();
     let id = Uuid::new_v4();
@@ -679,45 +680,8 @@ async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
         .unwrap();
     assert_eq!(b.len(), 1);
     assert!(b[0].epoch > a[0].epoch);
-    let point = |host: &str, epoch: i64, step: &str| PersistencePoint {
-        instance_id: id,
-        epoch,
-        host: host.into(),
-        reason: Reason::Send,
-        detail: None,
-        status: S::Running,
-        resumable: true,
-        failed: vec![],
-        state: Some(vec![0x90]),
-        engine_state: None,
-        step: step.into(),
-        waiting_for: String::new(),
-        next_timer_at: None,
-        last_error: None,
-        output: None,
-        history_seq: 1,
-        consumed: vec![],
-        subscriptions: None,
-        cancel_timers: vec![],
-        set_timers: vec![],
-        outbox: vec![cairn::store::OutboxRow {
-            id: format!("zombie-send-{host}"),
-            instance_id: id,
-            port: "p".into(),
-            message_type: "t".into(),
-            body: json!({}),
-            expects_reply: false,
-            attempts: 0,
-        }],
-        delivered: vec![],
-        messages: vec![],
-        children: vec![],
-        release: false,
-        at: later,
-        outbox_lock_until: later,
-    };
     let out = store
-        .commit(&[point("host-a", a[0].epoch, "zombie")])
+        .commit(&[send_point(id, "host-a", a[0].epoch, "zombie", 1, later)])
         .await
         .unwrap();
     assert_eq!(out, vec![CommitOutcome::Fenced]);
@@ -732,9 +696,128 @@ async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
         "a fenced point writes nothing"
     );
     let out = store
-        .commit(&[point("host-b", b[0].epoch, "owner")])
+        .commit(&[send_point(id, "host-b", b[0].epoch, "owner", 1, later)])
         .await
         .unwrap();
     assert_eq!(out, vec![CommitOutcome::Committed]);
     assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 1);
+}
+
+/// A persistence point of instance `id` that sends one message (`send-<step>`), written by `host`
+/// holding `epoch`.
+fn send_point(
+    id: Uuid,
+    host: &str,
+    epoch: i64,
+    step: &str,
+    history_seq: i64,
+    at: chrono::DateTime<chrono::Utc>,
+) -> cairn::store::PersistencePoint {
+    cairn::store::PersistencePoint {
+        instance_id: id,
+        epoch,
+        host: host.into(),
+        reason: cairn::store::Reason::Send,
+        detail: None,
+        status: InstanceStatus::Running,
+        resumable: true,
+        failed: vec![],
+        state: Some(vec![0x90]),
+        engine_state: None,
+        step: step.into(),
+        waiting_for: String::new(),
+        next_timer_at: None,
+        last_error: None,
+        output: None,
+        history_seq,
+        consumed: vec![],
+        subscriptions: None,
+        cancel_timers: vec![],
+        set_timers: vec![],
+        outbox: vec![cairn::store::OutboxRow {
+            id: format!("send-{step}"),
+            instance_id: id,
+            port: "p".into(),
+            message_type: "t".into(),
+            body: json!({}),
+            expects_reply: false,
+            attempts: 0,
+        }],
+        delivered: vec![],
+        messages: vec![],
+        children: vec![],
+        release: false,
+        at,
+        outbox_lock_until: at,
+    }
+}
+
+/// One group commit of several points (G4): each point is fenced on its own, a fenced one writes
+/// nothing while the others commit, and each point of an instance is fenced against the row its
+/// earlier point in the group wrote.
+async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_order(db: TestDb) {
+    use cairn::store::CommitOutcome;
+    let store = db.store.clone();
+    let now = chrono::Utc::now();
+    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+    let instance = |id| NewInstance {
+        id,
+        orchestration: "approval".into(),
+        version: 1,
+        parent: None,
+        input: json!({}),
+    };
+    store
+        .start_instances(vec![instance(x), instance(y)], now)
+        .await
+        .unwrap();
+    let held = store
+        .acquire("host-a", &[x, y], now, now + chrono::Duration::seconds(30))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2);
+    let epoch = held[0].epoch;
+    // x2 gives the instance up, so x3, after it, no longer holds it.
+    let mut x2 = send_point(x, "host-a", epoch, "x2", 2, now);
+    x2.release = true;
+    let out = store
+        .commit(&[
+            send_point(x, "host-a", epoch, "x1", 1, now),
+            send_point(y, "host-a", epoch + 5, "y1", 1, now),
+            x2,
+            send_point(x, "host-a", epoch, "x3", 3, now),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            CommitOutcome::Committed,
+            CommitOutcome::Fenced,
+            CommitOutcome::Committed,
+            CommitOutcome::Fenced,
+        ]
+    );
+    let summary = |id: Uuid| {
+        let store = store.clone();
+        async move { store.instance_detail(id).await.unwrap().unwrap() }
+    };
+    let x_detail = summary(x).await;
+    assert_eq!(
+        x_detail.summary.step, "x2",
+        "x's points are written in order, to x2"
+    );
+    let steps: Vec<_> = x_detail.history.iter().map(|h| h.step.clone()).collect();
+    assert_eq!(steps, ["x1", "x2"]);
+    let y_detail = summary(y).await;
+    assert_eq!(
+        y_detail.summary.step, "created",
+        "the fenced point wrote nothing"
+    );
+    assert!(y_detail.history.is_empty());
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM outbox").await,
+        2,
+        "the fenced points (y1, x3) send nothing"
+    );
 }
