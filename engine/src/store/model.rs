@@ -589,6 +589,56 @@ impl PersistencePoint {
     }
 }
 
+/// How the subscription rows of points that give their set (`subscriptions: Some`) differ from
+/// the rows stored for their instances.
+pub(crate) struct SubscriptionChanges<'p> {
+    /// Stored rows no point wants any more: (subscription id, message type).
+    pub removed: Vec<(Uuid, String)>,
+    /// Rows to add, each with the point that wants it.
+    pub added: Vec<(&'p PersistencePoint, &'p SubscriptionRow)>,
+}
+
+impl<'p> SubscriptionChanges<'p> {
+    /// Compares the sets `points` give with `stored`: (instance id, subscription id, message
+    /// type) rows read for their instances.
+    pub(crate) fn between(
+        points: &[&'p PersistencePoint],
+        stored: impl IntoIterator<Item = (Uuid, Uuid, String)>,
+    ) -> Self {
+        let mut present: std::collections::HashMap<Uuid, Vec<(Uuid, String)>> =
+            std::collections::HashMap::new();
+        for (instance, sub, message_type) in stored {
+            present
+                .entry(instance)
+                .or_default()
+                .push((sub, message_type));
+        }
+        let mut changes = Self {
+            removed: Vec::new(),
+            added: Vec::new(),
+        };
+        for p in points {
+            let Some(wanted) = p.subscriptions.as_deref() else {
+                continue;
+            };
+            let present = present.remove(&p.instance_id).unwrap_or_default();
+            changes.removed.extend(
+                present
+                    .iter()
+                    .filter(|(sub, _)| !wanted.iter().any(|w| w.id == *sub))
+                    .cloned(),
+            );
+            changes.added.extend(
+                wanted
+                    .iter()
+                    .filter(|w| !present.iter().any(|(sub, _)| *sub == w.id))
+                    .map(|w| (*p, w)),
+            );
+        }
+        changes
+    }
+}
+
 /// What [`Store::commit`](super::Store::commit) did with one point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {

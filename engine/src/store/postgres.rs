@@ -519,30 +519,6 @@ async fn insert_subscription(
     Ok(())
 }
 
-/// Releases what an instance holds. Messages are given back uncounted (their claim was not a
-/// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
-/// (poison protection).
-async fn unlock_instance(tx: &mut Tx, id: Uuid, failed: &[i64]) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE messages SET locked_by = NULL, \
-           delivery_count = CASE WHEN seq = ANY($2) THEN delivery_count ELSE GREATEST(delivery_count - 1, 0) END \
-         WHERE instance_id = $1 AND status = 'routed' AND locked_by IS NOT NULL",
-    )
-    .bind(id)
-    .bind(failed)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    sqlx::query(
-        "UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by IS NOT NULL",
-    )
-    .bind(id)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
-}
-
 /// Whether a query's single boolean answer is true.
 async fn exists(pool: &PgPool, sql: &str) -> StoreResult<bool> {
     sqlx::query_scalar(sql)
@@ -706,7 +682,7 @@ async fn control_in(
             InstanceStatus::Terminated
         }
     };
-    unlock_instance(tx, id, &[]).await?;
+    batch::unlock_instances(tx, &[id], &[]).await?;
     Ok(new_status)
 }
 

@@ -279,43 +279,8 @@ async fn insert_subscription(
     Ok(())
 }
 
-/// Releases what an instance holds. Messages are given back uncounted (their claim was not a
-/// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
-/// (poison protection).
-async fn unlock_instance(tx: &mut Tx, id: &str, failed: &[i64]) -> StoreResult<()> {
-    release_failed(tx, failed).await?;
-    sqlx::query(&format!(
-        "UPDATE messages SET locked_by = NULL, {GIVE_BACK} \
-         WHERE instance_id = $1 AND status = 'routed' AND locked_by IS NOT NULL"
-    ))
-    .bind(id)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    sqlx::query(
-        "UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by IS NOT NULL",
-    )
-    .bind(id)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
-}
-
 /// Gives a claim back: the delivery did not fail, so it does not count.
 const GIVE_BACK: &str = "delivery_count = max(delivery_count - 1, 0)";
-
-/// Unlocks messages whose delivery failed, keeping their delivery count.
-async fn release_failed(tx: &mut Tx, failed: &[i64]) -> StoreResult<()> {
-    for seq in failed {
-        sqlx::query("UPDATE messages SET locked_by = NULL WHERE seq = $1 AND status = 'routed'")
-            .bind(seq)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-    }
-    Ok(())
-}
 
 /// Whether a query's single boolean answer is true.
 async fn exists(pool: &SqlitePool, sql: &str) -> StoreResult<bool> {
@@ -483,7 +448,7 @@ async fn control_in(
             InstanceStatus::Terminated
         }
     };
-    unlock_instance(tx, &key, &[]).await?;
+    batch::unlock_instances(tx, &[key], &[]).await?;
     Ok(new_status)
 }
 
@@ -804,7 +769,7 @@ impl Store for SqliteStore {
 
     async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        release_failed(&mut tx, failed).await?;
+        batch::release_failed(&mut tx, failed).await?;
         for id in ids {
             sqlx::query(&format!("UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE instance_id = $1 AND locked_by = $2 AND status = 'routed'"))
                 .bind(id.to_string())

@@ -10,7 +10,7 @@
 //! first. Each point is still all-or-nothing and fenced: its rows are written only if the fenced
 //! update of its instance row matched, and the whole group is one transaction.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -20,7 +20,7 @@ use crate::store::routing::{Route, RouteCache};
 use super::{
     distinct_runs, find_route, insert_instance, int4, map_err, run_outcomes, subscribe_convoy,
     uint, unroute, CommitOutcome, MessageKind, NewInstance, NewMessage, PersistencePoint,
-    PublishOutcome, Reroute, StoreError, StoreResult, Tx,
+    PublishOutcome, Reroute, StoreError, StoreResult, SubscriptionChanges, Tx,
 };
 
 /// Writes `points` in order (all but their publishes, which the caller makes under the routing
@@ -299,32 +299,16 @@ async fn sync_subscriptions(
     .fetch_all(&mut **tx)
     .await
     .map_err(map_err)?;
-    let mut existing: HashMap<Uuid, Vec<(Uuid, String)>> = HashMap::new();
-    for (instance, sub, message_type) in rows {
-        existing
-            .entry(instance)
-            .or_default()
-            .push((sub, message_type));
-    }
-    let mut removed = Vec::new();
-    let mut added = Vec::new();
-    for p in giving {
-        let wanted = p.subscriptions.as_deref().unwrap_or_default();
-        let present = existing.remove(&p.instance_id).unwrap_or_default();
-        for (sub, message_type) in &present {
-            if !wanted.iter().any(|w| w.id == *sub) {
-                removed.push(*sub);
-                changes.cancelled_types.insert(message_type.clone());
-            }
-        }
-        let present: BTreeSet<Uuid> = present.iter().map(|(sub, _)| *sub).collect();
-        for sub in wanted.iter().filter(|s| !present.contains(&s.id)) {
-            changes
-                .subscriptions
-                .push((sub.message_type.clone(), sub.correlation.clone()));
-            added.push((p, sub));
-        }
-    }
+    let SubscriptionChanges { removed, added } = SubscriptionChanges::between(&giving, rows);
+    changes
+        .cancelled_types
+        .extend(removed.iter().map(|(_, message_type)| message_type.clone()));
+    let removed: Vec<Uuid> = removed.into_iter().map(|(sub, _)| sub).collect();
+    changes.subscriptions.extend(
+        added
+            .iter()
+            .map(|(_, sub)| (sub.message_type.clone(), sub.correlation.clone())),
+    );
     if !removed.is_empty() {
         sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
             .bind(&removed)
@@ -362,34 +346,37 @@ async fn sync_subscriptions(
 /// uncounted (their claim was not a failed delivery), except the points' `failed` ones, whose
 /// delivery failed the instance: they keep their count (poison protection).
 async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let released: Vec<Uuid> = written
+    let released: Vec<&PersistencePoint> = written.iter().copied().filter(|p| p.release).collect();
+    let ids: Vec<Uuid> = released.iter().map(|p| p.instance_id).collect();
+    let failed: Vec<i64> = released
         .iter()
-        .filter(|p| p.release)
-        .map(|p| p.instance_id)
-        .collect();
-    if released.is_empty() {
-        return Ok(());
-    }
-    let failed: Vec<i64> = written
-        .iter()
-        .filter(|p| p.release)
         .flat_map(|p| p.failed.iter().copied())
         .collect();
+    unlock_instances(tx, &ids, &failed).await
+}
+
+/// Releases what instances hold. Messages are given back uncounted (their claim was not a
+/// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
+/// (poison protection).
+pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) -> StoreResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "UPDATE messages SET locked_by = NULL, \
            delivery_count = CASE WHEN seq = ANY($2) THEN delivery_count \
                                  ELSE GREATEST(delivery_count - 1, 0) END \
          WHERE instance_id = ANY($1) AND status = 'routed' AND locked_by IS NOT NULL",
     )
-    .bind(&released)
-    .bind(&failed)
+    .bind(ids)
+    .bind(failed)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
     sqlx::query(
         "UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by IS NOT NULL",
     )
-    .bind(&released)
+    .bind(ids)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;

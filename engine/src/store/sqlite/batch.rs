@@ -10,7 +10,7 @@
 //! written only if the fenced update of its instance row matched, and the whole group is one
 //! transaction.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteQueryResult;
@@ -23,7 +23,7 @@ use crate::store::routing::{Route, RouteCache};
 use super::{
     activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
     MessageKind, NewInstance, NewMessage, PersistencePoint, PublishOutcome, StoreError,
-    StoreResult, Tx, GIVE_BACK,
+    StoreResult, SubscriptionChanges, Tx, GIVE_BACK,
 };
 
 /// Whether to keep a multi-row statement prepared: small groups (one point, a few) recur with
@@ -285,26 +285,25 @@ async fn write_timers(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> {
 /// uncounted (their claim was not a failed delivery), except the points' `failed` ones, whose
 /// delivery failed the instance: they keep their count (poison protection).
 async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let released: Vec<String> = written
+    let released: Vec<&PersistencePoint> = written.iter().copied().filter(|p| p.release).collect();
+    let ids: Vec<String> = released.iter().map(|p| p.instance_id.to_string()).collect();
+    let failed: Vec<i64> = released
         .iter()
-        .filter(|p| p.release)
-        .map(|p| p.instance_id.to_string())
-        .collect();
-    let failed: Vec<i64> = written
-        .iter()
-        .filter(|p| p.release)
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    for chunk in failed.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new("UPDATE messages SET locked_by = NULL WHERE seq IN (");
-        let mut list = q.separated(", ");
-        for seq in chunk {
-            list.push_bind(*seq);
-        }
-        q.push(") AND status = 'routed'");
-        execute(tx, q, chunk.len()).await?;
-    }
-    for chunk in released.chunks(ROWS_PER_STATEMENT) {
+    unlock_instances(tx, &ids, &failed).await
+}
+
+/// Releases what instances hold. Messages are given back uncounted (their claim was not a
+/// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
+/// (poison protection).
+pub(super) async fn unlock_instances(
+    tx: &mut Tx,
+    ids: &[String],
+    failed: &[i64],
+) -> StoreResult<()> {
+    release_failed(tx, failed).await?;
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         for update in [
             format!("UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE status = 'routed' AND locked_by IS NOT NULL AND instance_id IN ("),
             "UPDATE timers SET locked_by = NULL WHERE locked_by IS NOT NULL AND instance_id IN ("
@@ -322,6 +321,20 @@ async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
     Ok(())
 }
 
+/// Unlocks messages whose delivery failed, keeping their delivery count.
+pub(super) async fn release_failed(tx: &mut Tx, failed: &[i64]) -> StoreResult<()> {
+    for chunk in failed.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new("UPDATE messages SET locked_by = NULL WHERE seq IN (");
+        let mut list = q.separated(", ");
+        for seq in chunk {
+            list.push_bind(*seq);
+        }
+        q.push(") AND status = 'routed'");
+        execute(tx, q, chunk.len()).await?;
+    }
+    Ok(())
+}
+
 /// Makes the subscription rows of each point that gives them exactly its set: removes the
 /// others (routing their unconsumed messages again) and adds the missing ones.
 async fn sync_subscriptions(
@@ -334,7 +347,7 @@ async fn sync_subscriptions(
         .copied()
         .filter(|p| p.subscriptions.is_some())
         .collect();
-    let mut existing: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    let mut stored = Vec::new();
     for chunk in giving.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new(
             "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN (",
@@ -351,60 +364,48 @@ async fn sync_subscriptions(
             .await
             .map_err(map_err)?;
         for (instance, sub, message_type) in rows {
-            existing
-                .entry(instance)
-                .or_default()
-                .push((sub, message_type));
+            stored.push((parse_uuid(&instance)?, parse_uuid(&sub)?, message_type));
         }
     }
-    let mut added = Vec::new();
-    for p in giving {
-        let id = p.instance_id.to_string();
-        let wanted = p.subscriptions.as_deref().unwrap_or_default();
-        let present = existing.remove(&id).unwrap_or_default();
-        for (sub, message_type) in &present {
-            if wanted.iter().any(|w| w.id.to_string() == *sub) {
-                continue;
-            }
-            sqlx::query("DELETE FROM subscriptions WHERE id = $1")
-                .bind(sub)
-                .execute(&mut **tx)
-                .await
-                .map_err(map_err)?;
-            let unrouted = sqlx::query(
-                "UPDATE messages SET status = 'unrouted', instance_id = NULL, \
-                 subscription_id = NULL, locked_by = NULL, \
-                 reason = 'the receive it was routed to was cancelled' \
-                 WHERE subscription_id = $1 AND status = 'routed'",
-            )
-            .bind(sub)
+    let changes = SubscriptionChanges::between(&giving, stored);
+    for (sub, message_type) in &changes.removed {
+        sqlx::query("DELETE FROM subscriptions WHERE id = $1")
+            .bind(sub.to_string())
             .execute(&mut **tx)
             .await
             .map_err(map_err)?;
-            if unrouted.rows_affected() > 0 {
-                reroute_types.insert(message_type.clone());
-            }
-        }
-        for sub in wanted {
-            let sub_id = sub.id.to_string();
-            if !present.iter().any(|(s, _)| *s == sub_id) {
-                reroute_types.insert(sub.message_type.clone());
-                added.push((id.clone(), sub_id, sub, ts(p.at)));
-            }
+        let unrouted = sqlx::query(
+            "UPDATE messages SET status = 'unrouted', instance_id = NULL, \
+             subscription_id = NULL, locked_by = NULL, \
+             reason = 'the receive it was routed to was cancelled' \
+             WHERE subscription_id = $1 AND status = 'routed'",
+        )
+        .bind(sub.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if unrouted.rows_affected() > 0 {
+            reroute_types.insert(message_type.clone());
         }
     }
-    for chunk in added.chunks(ROWS_PER_STATEMENT) {
+    reroute_types.extend(
+        changes
+            .added
+            .iter()
+            .map(|(_, sub)| sub.message_type.clone()),
+    );
+    for chunk in changes.added.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new(
             "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, \
              correlation, created_at) ",
         );
-        q.push_values(chunk, |mut row, (instance, id, sub, at)| {
-            row.push_bind(id)
+        q.push_values(chunk, |mut row, (p, sub)| {
+            row.push_bind(sub.id.to_string())
                 .push_bind(&sub.message_type)
-                .push_bind(instance)
+                .push_bind(p.instance_id.to_string())
                 .push_bind(sub.correlation.keys())
                 .push_bind(sub.correlation.canonical())
-                .push_bind(at);
+                .push_bind(ts(p.at));
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
         execute(tx, q, chunk.len()).await?;
