@@ -21,6 +21,7 @@ const WAIT: Duration = Duration::from_secs(120);
 backend_tests!(
     a_sequential_convoy_gets_every_message_of_its_value_in_order_one_instance_at_a_time,
     a_parallel_convoy_is_started_by_whichever_message_comes_first,
+    one_publish_batch_of_convoy_messages_starts_one_instance_per_value,
     an_unrouted_message_is_dead_lettered_after_its_time_to_live,
     a_message_for_an_ended_instance_is_kept_as_a_zombie,
     rows_inserted_into_the_inbox_table_are_published,
@@ -132,6 +133,41 @@ async fn a_sequential_convoy_gets_every_message_of_its_value_in_order_one_instan
                 "{order}: an instance started before the previous one ended: {pair:?}"
             );
         }
+    }
+    host.stop();
+}
+
+/// A batch is routed with one read per type, but a convoy's activation in it changes where the
+/// rest of the batch goes: the next lines of that order join the instance just started.
+async fn one_publish_batch_of_convoy_messages_starts_one_instance_per_value(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let batch: Vec<NewMessage> = (0..CONVOY_BATCH)
+        .flat_map(|n| {
+            ["a", "b"].map(|order| {
+                NewMessage::published(
+                    format!("batch-{order}-{n}"),
+                    "line",
+                    json!({"order": order, "n": n}),
+                    BTreeMap::new(),
+                )
+            })
+        })
+        .collect();
+    let outcomes = client.publish_batch(batch).await.expect("publish");
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, cairn::store::PublishOutcome::Routed(_))));
+    db.wait_for("both convoy instances ended", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'line-convoy' AND status = 'completed'")
+            .await
+            == 2
+    })
+    .await;
+    let runs = instances(&db, "line-convoy").await;
+    assert_eq!(runs.len(), 2, "one instance per order: {runs:?}");
+    for (_, _, _, output) in runs {
+        let seen: Vec<i64> = serde_json::from_str(&output).unwrap();
+        assert_eq!(seen, (0..CONVOY_BATCH as i64).collect::<Vec<_>>());
     }
     host.stop();
 }
