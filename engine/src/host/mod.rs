@@ -674,8 +674,9 @@ impl Runner {
         let mut points = Vec::new();
         let worked = !messages.is_empty() || !timers.is_empty();
         // A full batch: there may be more. Half a batch counts as full, as a PostgreSQL claim
-        // takes at most half a batch of instances it does not hold. (Less is all there was;
-        // what is published since wakes the host.)
+        // takes at most half a batch for instances the host holds and fills the rest with
+        // others' only as far as there are any. (Less is all there was; what is published since
+        // wakes the host.)
         let full = (batch as usize / 2).max(1);
         if messages.len() >= full || timers.len() >= full {
             self.claim = true;

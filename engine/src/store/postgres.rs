@@ -888,18 +888,21 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<StoredMessage>> {
         let mut tx = self.write().await?;
         // Half the batch at most for instances this host holds, so that a busy host still takes
-        // its share of new work and hosts keep splitting it.
+        // its share of new work and hosts keep splitting it; the rest of the batch is the oldest
+        // claimable messages. An instance the host holds has started, so the first part reads
+        // no start messages (`messages_routed_after_start`).
         let rows = sqlx::query(&format!(
             "WITH hot AS ( \
                SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
-               WHERE m.status = 'routed' AND {CLAIMABLE} AND {lock_free} AND i.owner = $1 \
+               WHERE m.status = 'routed' AND m.kind <> 'start' AND {CLAIMABLE} AND {lock_free} \
+                 AND i.owner = $1 \
                ORDER BY m.seq LIMIT ($3 + 1) / 2 \
                FOR UPDATE OF m SKIP LOCKED), \
              cold AS ( \
                SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
                WHERE m.status = 'routed' AND {CLAIMABLE} AND {lock_free} \
                  AND m.seq NOT IN (SELECT seq FROM hot) \
-               ORDER BY m.seq LIMIT $3 / 2 \
+               ORDER BY m.seq LIMIT $3 - (SELECT count(*) FROM hot) \
                FOR UPDATE OF m SKIP LOCKED) \
              UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 \
              WHERE seq = ANY(ARRAY(SELECT seq FROM hot UNION ALL SELECT seq FROM cold)) \
