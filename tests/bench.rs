@@ -94,7 +94,20 @@ fn the_bench_command_prints_one_json_object_per_figure() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(figures.len(), 3, "{stdout}"); // W2, ceiling-single, ceiling-batch100
+    let names: Vec<&str> = figures
+        .iter()
+        .map(|f| f["workload"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "W2",
+            "ceiling-single",
+            "ceiling-batch100",
+            "ceiling-batch100-multirow"
+        ],
+        "{stdout}"
+    );
     for f in &figures {
         for key in [
             "workload",

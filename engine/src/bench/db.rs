@@ -138,60 +138,113 @@ const STATE_BYTES: usize = 512;
 
 /// The raw ceiling: what one persistence point writes (upsert a 512-byte state row, insert a
 /// message, delete the message the point before inserted), by a bare sqlx loop with no engine,
-/// with the durable settings the store uses. `single`: one transaction per point; `batched`:
-/// 100 points per transaction, each statement multi-row (PostgreSQL: over 4 connections).
+/// with the durable settings the store uses:
+///
+/// * `ceiling-single`: one point per transaction;
+/// * `ceiling-batch100`: 100 points per transaction, each point its three statements (the
+///   issue's "bare sqlx loop in batches");
+/// * `ceiling-batch100-multirow`: 100 points per transaction as three multi-row statements, the
+///   way the engine writes a group commit: what the database can take at most.
+///
+/// The batched ones run over one connection on SQLite (it has one writer) and over 4 at once on
+/// PostgreSQL, each connection on rows of its own.
 ///
 /// # Errors
 /// A statement failed.
 pub async fn ceiling(url: &str, points: usize) -> Result<Vec<Figure>, BenchError> {
     let backend = Backend::of(url)?;
     fresh(url).await?.close().await;
-    let mut out = Vec::new();
-    match backend {
+    let single = points.min(3000);
+    let mut lat = Vec::with_capacity(single);
+    let mut out = match backend {
         Backend::Sqlite => {
             let store = SqliteStore::open(url).await?;
             let pool = store.pool().clone();
-            for sql in setup_sql("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT") {
-                sqlx::query(&sql)
-                    .execute(&pool)
-                    .await
-                    .map_err(BenchError::Sql)?;
-            }
-            let single = points.min(3000);
-            out.push(single_loop_sqlite(&pool, single).await?);
-            out.push(batched_sqlite(&pool, points).await?);
+            setup(&pool, "BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT").await?;
+            let t0 = Instant::now();
+            points_sqlite(pool.clone(), 0, single, 1, Some(&mut lat)).await?;
+            let single = figure("ceiling-single", single, t0.elapsed(), &mut lat);
+            let t0 = Instant::now();
+            points_sqlite(pool.clone(), SPAN, points, 100, None).await?;
+            let rowwise = figure("ceiling-batch100", points, t0.elapsed(), &mut []);
+            let t0 = Instant::now();
+            multirow_sqlite(pool.clone(), 2 * SPAN, points).await?;
+            let multirow = figure("ceiling-batch100-multirow", points, t0.elapsed(), &mut []);
             store.close().await;
+            vec![single, rowwise, multirow]
         }
         Backend::Postgres => {
             let store = PostgresStore::open(url).await?;
             let pool = store.pool().clone();
-            for sql in setup_sql("BYTEA", "BIGSERIAL PRIMARY KEY") {
-                sqlx::query(&sql)
-                    .execute(&pool)
-                    .await
-                    .map_err(BenchError::Sql)?;
+            setup(&pool, "BYTEA", "BIGSERIAL PRIMARY KEY").await?;
+            let t0 = Instant::now();
+            points_pg(pool.clone(), 0, single, 1, Some(&mut lat)).await?;
+            let single = figure("ceiling-single", single, t0.elapsed(), &mut lat);
+            let per = points / PG_CONNECTIONS;
+            let t0 = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for c in 1..=PG_CONNECTIONS {
+                tasks.spawn(points_pg(pool.clone(), c * SPAN, per, 100, None));
             }
-            let single = points.min(3000);
-            out.push(single_loop_pg(&pool, single).await?);
-            out.push(batched_pg(&pool, points, 4).await?);
+            join(tasks).await?;
+            let rowwise = figure(
+                "ceiling-batch100",
+                per * PG_CONNECTIONS,
+                t0.elapsed(),
+                &mut [],
+            );
+            let t0 = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for c in 1..=PG_CONNECTIONS {
+                tasks.spawn(multirow_pg(pool.clone(), (PG_CONNECTIONS + c) * SPAN, per));
+            }
+            join(tasks).await?;
+            let multirow = figure(
+                "ceiling-batch100-multirow",
+                per * PG_CONNECTIONS,
+                t0.elapsed(),
+                &mut [],
+            );
             store.close().await;
+            vec![single, rowwise, multirow]
         }
-    }
+    };
     for f in &mut out {
         f.backend = backend.name();
     }
     Ok(out)
 }
 
-/// The ceiling's two tables, with the backend's blob and serial types.
-fn setup_sql(blob: &str, serial: &str) -> [String; 2] {
-    [
-        format!("CREATE TABLE IF NOT EXISTS bench_raw_state (id BIGINT PRIMARY KEY, state {blob} NOT NULL, updated_at TEXT NOT NULL)"),
-        format!("CREATE TABLE IF NOT EXISTS bench_raw_messages (seq {serial}, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL)"),
-    ]
+/// Connections the batched PostgreSQL ceilings write over at once.
+const PG_CONNECTIONS: usize = 4;
+
+/// Points of one loop are numbered from a multiple of `SPAN`: loops of different starts write
+/// different rows (state ids `first..first + 1000`, message ids from `first`).
+const SPAN: usize = 1_000_000;
+
+async fn join(mut tasks: tokio::task::JoinSet<Result<(), BenchError>>) -> Result<(), BenchError> {
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| BenchError::Task(e.to_string()))??;
+    }
+    Ok(())
 }
 
-fn figure(name: &str, points: usize, wall: f64, lat: &mut [f64]) -> Figure {
+/// Creates the ceiling's two tables, with the backend's blob and serial types.
+async fn setup<'c, E>(pool: E, blob: &str, serial: &str) -> Result<(), BenchError>
+where
+    E: sqlx::Executor<'c> + Copy,
+{
+    for sql in [
+        format!("CREATE TABLE IF NOT EXISTS bench_raw_state (id BIGINT PRIMARY KEY, state {blob} NOT NULL, updated_at TEXT NOT NULL)"),
+        format!("CREATE TABLE IF NOT EXISTS bench_raw_messages (seq {serial}, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL)"),
+    ] {
+        pool.execute(sql.as_str()).await.map_err(BenchError::Sql)?;
+    }
+    Ok(())
+}
+
+fn figure(name: &str, points: usize, wall: std::time::Duration, lat: &mut [f64]) -> Figure {
+    let wall = wall.as_secs_f64();
     Figure {
         workload: name.to_owned(),
         instances: points as u64,
@@ -206,47 +259,60 @@ fn figure(name: &str, points: usize, wall: f64, lat: &mut [f64]) -> Figure {
 const BODY: &str =
     "a message body of about one hundred bytes, as the echo port replies with, padded";
 
-macro_rules! single_loop {
+/// Writes points `first..first + points`, `per_tx` to a transaction, each point its three
+/// statements; with `lat`, the time of every transaction in ms. Loops of different `first`
+/// (a multiple of [`SPAN`]) write different rows.
+macro_rules! point_loop {
     ($name:ident, $pool:ty) => {
-        async fn $name(pool: &$pool, points: usize) -> Result<Figure, BenchError> {
+        async fn $name(
+            pool: $pool,
+            first: usize,
+            points: usize,
+            per_tx: usize,
+            mut lat: Option<&mut Vec<f64>>,
+        ) -> Result<(), BenchError> {
             let state = vec![7u8; STATE_BYTES];
-            let mut lat = Vec::with_capacity(points);
-            let t0 = Instant::now();
-            for k in 0..points {
+            let mut k = first;
+            while k < first + points {
                 let t = Instant::now();
+                let n = per_tx.min(first + points - k);
                 let mut tx = pool.begin().await.map_err(BenchError::Sql)?;
-                sqlx::query(
-                    "INSERT INTO bench_raw_state (id, state, updated_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-                )
-                .bind((k % 1000) as i64)
-                .bind(&state)
-                .bind("2026-01-01T00:00:00.000000Z")
-                .execute(&mut *tx)
-                .await
-                .map_err(BenchError::Sql)?;
-                sqlx::query("INSERT INTO bench_raw_messages (id, body) VALUES ($1, $2)")
-                    .bind(format!("s-{k}"))
-                    .bind(BODY)
+                for k in k..k + n {
+                    sqlx::query(
+                        "INSERT INTO bench_raw_state (id, state, updated_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                    )
+                    .bind((first + k % 1000) as i64)
+                    .bind(&state)
+                    .bind("2026-01-01T00:00:00.000000Z")
                     .execute(&mut *tx)
                     .await
                     .map_err(BenchError::Sql)?;
-                sqlx::query("DELETE FROM bench_raw_messages WHERE id = $1")
-                    .bind(format!("s-{}", k.wrapping_sub(1)))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(BenchError::Sql)?;
+                    sqlx::query("INSERT INTO bench_raw_messages (id, body) VALUES ($1, $2)")
+                        .bind(format!("p-{k}"))
+                        .bind(BODY)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(BenchError::Sql)?;
+                    sqlx::query("DELETE FROM bench_raw_messages WHERE id = $1")
+                        .bind(format!("p-{}", k.wrapping_sub(1)))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(BenchError::Sql)?;
+                }
                 tx.commit().await.map_err(BenchError::Sql)?;
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                if let Some(lat) = lat.as_deref_mut() {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                k += n;
             }
-            let wall = t0.elapsed().as_secs_f64();
-            Ok(figure("ceiling-single", points, wall, &mut lat))
+            Ok(())
         }
     };
 }
 
-single_loop!(single_loop_sqlite, sqlx::SqlitePool);
-single_loop!(single_loop_pg, sqlx::PgPool);
+point_loop!(points_sqlite, sqlx::SqlitePool);
+point_loop!(points_pg, sqlx::PgPool);
 
 /// One batch of 100 points: three multi-row statements in one transaction.
 fn batch_sql(n: usize, first: usize) -> [String; 3] {
@@ -271,81 +337,37 @@ fn batch_sql(n: usize, first: usize) -> [String; 3] {
     [upsert, insert, delete]
 }
 
-async fn batch_loop_sqlite(pool: &sqlx::SqlitePool, points: usize) -> Result<f64, BenchError> {
-    let state = vec![7u8; STATE_BYTES];
-    let t0 = Instant::now();
-    let mut k = 0;
-    while k < points {
-        let n = 100.min(points - k);
-        let [upsert, insert, delete] = batch_sql(n, k);
-        let mut tx = pool.begin().await.map_err(BenchError::Sql)?;
-        let mut q = sqlx::query(&upsert);
-        for i in 0..n {
-            q = q
-                .bind(((k + i) % 1000) as i64)
-                .bind(&state)
-                .bind("2026-01-01T00:00:00.000000Z");
-        }
-        q.execute(&mut *tx).await.map_err(BenchError::Sql)?;
-        sqlx::query(&insert)
-            .execute(&mut *tx)
-            .await
-            .map_err(BenchError::Sql)?;
-        sqlx::query(&delete)
-            .execute(&mut *tx)
-            .await
-            .map_err(BenchError::Sql)?;
-        tx.commit().await.map_err(BenchError::Sql)?;
-        k += n;
-    }
-    Ok(t0.elapsed().as_secs_f64())
-}
-
-async fn batched_sqlite(pool: &sqlx::SqlitePool, points: usize) -> Result<Figure, BenchError> {
-    let wall = batch_loop_sqlite(pool, points).await?;
-    Ok(figure("ceiling-batch100", points, wall, &mut []))
-}
-
-/// Each connection writes its own id range, so the batches do not contend on rows.
-async fn batched_pg(
-    pool: &sqlx::PgPool,
-    points: usize,
-    connections: usize,
-) -> Result<Figure, BenchError> {
-    let per = points / connections;
-    let t0 = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..connections {
-        let pool = pool.clone();
-        tasks.spawn(async move {
-            // Offsetting the ids keeps the connections on separate rows.
+/// Writes points `first..first + points`, 100 to a transaction as three multi-row statements.
+macro_rules! multirow_loop {
+    ($name:ident, $pool:ty) => {
+        async fn $name(pool: $pool, first: usize, points: usize) -> Result<(), BenchError> {
             let state = vec![7u8; STATE_BYTES];
-            let mut k = 0;
-            while k < per {
-                let n = 100.min(per - k);
-                let base = c * 1_000_000 + k;
-                let [upsert, insert, delete] = batch_sql(n, base);
-                let mut tx = pool.begin().await?;
+            let mut k = first;
+            while k < first + points {
+                let n = 100.min(first + points - k);
+                let [upsert, insert, delete] = batch_sql(n, k);
+                let mut tx = pool.begin().await.map_err(BenchError::Sql)?;
                 let mut q = sqlx::query(&upsert);
-                for i in 0..n {
+                for k in k..k + n {
                     q = q
-                        .bind((c * 1000 + (k + i) % 1000) as i64)
+                        .bind((first + k % 1000) as i64)
                         .bind(&state)
                         .bind("2026-01-01T00:00:00.000000Z");
                 }
-                q.execute(&mut *tx).await?;
-                sqlx::query(&insert).execute(&mut *tx).await?;
-                sqlx::query(&delete).execute(&mut *tx).await?;
-                tx.commit().await?;
+                q.execute(&mut *tx).await.map_err(BenchError::Sql)?;
+                for sql in [insert, delete] {
+                    sqlx::query(&sql)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(BenchError::Sql)?;
+                }
+                tx.commit().await.map_err(BenchError::Sql)?;
                 k += n;
             }
-            Ok::<(), sqlx::Error>(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.map_err(|e| BenchError::Task(e.to_string()))?
-            .map_err(BenchError::Sql)?;
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    Ok(figure("ceiling-batch100", per * connections, wall, &mut []))
+            Ok(())
+        }
+    };
 }
+
+multirow_loop!(multirow_sqlite, sqlx::SqlitePool);
+multirow_loop!(multirow_pg, sqlx::PgPool);

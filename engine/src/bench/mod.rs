@@ -14,7 +14,7 @@
 //! | W4 | N instances wait dehydrated for a correlated message; N messages published |
 //! | W5 | N instances wait (half on messages, half on timers): memory, then waking 1,000 |
 //! | W6 | W1 with 1, 2 and 3 hosts on one PostgreSQL database |
-//! | ceiling | what a persistence point writes, by a bare sqlx loop: one at a time, and 100 per transaction |
+//! | ceiling | what a persistence point writes, by a bare sqlx loop: one at a time, 100 per transaction, and 100 per transaction as multi-row statements |
 //!
 //! `docs/performance.md` has the figures and how to reproduce them (`just bench`).
 
@@ -70,7 +70,7 @@ pub enum BenchError {
 /// One measured figure (or, after [`summarise`], the median of several runs).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Figure {
-    /// `W1`..`W6`, `ceiling-single`, `ceiling-batch100`.
+    /// `W1`..`W6`, `ceiling-single`, `ceiling-batch100`, `ceiling-batch100-multirow`.
     pub workload: String,
     /// `sqlite` or `postgres`.
     pub backend: &'static str,
@@ -232,15 +232,21 @@ pub async fn run(url: &str, options: &BenchOptions) -> Result<Vec<Figure>, Bench
         }
     }
     let mut out = summarise(all);
-    // W1 as a share of the batched ceiling, when both ran.
-    let ceiling = out
-        .iter()
-        .find(|f| f.workload == "ceiling-batch100")
-        .and_then(|f| f.persistence_points_per_s);
-    if let Some(ceiling) = ceiling {
+    // W1 as a share of each batched ceiling that ran.
+    for (ceiling, share) in [
+        ("ceiling-batch100", "ceiling_share"),
+        ("ceiling-batch100-multirow", "ceiling_share_multirow"),
+    ] {
+        let Some(ceiling) = out
+            .iter()
+            .find(|f| f.workload == ceiling)
+            .and_then(|f| f.persistence_points_per_s)
+        else {
+            continue;
+        };
         for f in out.iter_mut().filter(|f| f.workload == "W1") {
             if let Some(pps) = f.persistence_points_per_s {
-                f.extra.insert("ceiling_share".to_owned(), pps / ceiling);
+                f.extra.insert(share.to_owned(), pps / ceiling);
             }
         }
     }
@@ -270,7 +276,7 @@ fn row(f: &Figure, spread: bool) -> String {
         }
     }
     format!(
-        "{:<17} {:<8} {:>7} {:>9.3} {:>9} {:>10} {:>8} {:>8}  {}",
+        "{:<25} {:<8} {:>7} {:>9.3} {:>9} {:>10} {:>8} {:>8}  {}",
         f.workload,
         f.backend,
         f.instances,
@@ -306,7 +312,7 @@ pub fn table(figures: &[Figure]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<17} {:<8} {:>7} {:>9} {:>9} {:>10} {:>8} {:>8}  other (median of runs; [min..max])",
+        "{:<25} {:<8} {:>7} {:>9} {:>9} {:>10} {:>8} {:>8}  other (median of runs; [min..max])",
         "workload", "backend", "n", "wall s", "orch/s", "points/s", "p50 ms", "p99 ms",
     );
     for f in figures {
