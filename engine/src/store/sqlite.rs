@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use super::routing::Route;
@@ -20,6 +20,7 @@ use super::*;
 use crate::orchestration::Correlation;
 
 mod batch;
+mod writer;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -76,10 +77,10 @@ pub struct SqliteStore {
     /// Every write transaction, on one connection: SQLite admits one writer at a time, and
     /// writers of this process queue here in order instead of polling the file lock through
     /// the busy handler (which sleeps up to 100 ms a try).
-    writer: SqlitePool,
+    writer: Writer,
 }
 
-type Tx = Transaction<'static, Sqlite>;
+use writer::{Tx, Writer};
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` (`sqlite://PATH` or `sqlite::memory:`).
@@ -105,17 +106,18 @@ impl SqliteStore {
                 .min_connections(connections)
                 .idle_timeout(None)
                 .max_lifetime(None)
+                .test_before_acquire(false)
                 .connect_with(options.clone())
         };
         if memory {
             // One connection is the whole database.
             let pool = connect(1).await.map_err(map_err)?;
             return Ok(Self {
-                writer: pool.clone(),
+                writer: Writer::Pooled(pool.clone()),
                 pool,
             });
         }
-        let writer = connect(1).await.map_err(map_err)?;
+        let writer = Writer::connect(&options).await.map_err(map_err)?;
         let pool = connect(3).await.map_err(map_err)?;
         Ok(Self { pool, writer })
     }
@@ -126,15 +128,12 @@ impl SqliteStore {
     }
 
     async fn write(&self) -> StoreResult<Tx> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)
+        self.writer.begin().await
     }
 }
 
 async fn commit(tx: Tx) -> StoreResult<()> {
-    tx.commit().await.map_err(map_err)
+    tx.commit().await
 }
 
 /// Where `msg` goes.

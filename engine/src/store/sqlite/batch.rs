@@ -1,14 +1,14 @@
 //! Multi-row writes: a group of persistence points in one transaction with a few statements
 //! per group, and starts in batches.
 //!
-//! sqlx runs each SQLite statement on the connection's worker thread, so every statement costs
-//! two thread hand-offs: a group of 256 points written one statement per row was ~1,300
-//! statements. Here the parts every point has (the fenced state update, consumed messages,
-//! sends, replies taken, history, subscriptions, children, releases) are one multi-row
-//! statement each for the whole group; only the rare parts (a removed subscription, timers,
-//! publishes) go point by point. Each point is still all-or-nothing and fenced: its rows are
-//! written only if the fenced update of its instance row matched, and the whole group is one
-//! transaction.
+//! sqlx runs each SQLite query on the connection's worker thread, so every query costs two
+//! thread hand-offs: a group of 256 points written one statement per row was ~1,300 of them.
+//! Here the parts every point has (the fenced state update, consumed messages, sends, replies
+//! taken, history, subscriptions, children, releases) are one multi-row statement each for the
+//! whole group; only the rare parts (a removed subscription, timers, publishes) go point by
+//! point. The statements that need nothing read back go to the worker together, as one
+//! [`Script`]. Each point is still all-or-nothing and fenced: its rows are written only if the
+//! fenced update of its instance row matched, and the whole group is one transaction.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -49,6 +49,46 @@ async fn execute(
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
 pub(super) const ROWS_PER_STATEMENT: usize = 1_000;
 
+/// Statements sent to the connection's worker as one query, one round trip for all of them, for
+/// writes that need nothing read back. (sqlx 0.8 runs every statement of a SQLite query in turn,
+/// binding the parameters in order; its issue 3108 discusses dropping that in a later version,
+/// where `run` would send them one by one.)
+struct Script<'a> {
+    q: QueryBuilder<'a, Sqlite>,
+    statements: usize,
+    /// The most rows of any statement: a script of small ones is kept prepared ([`reuse`]).
+    rows: usize,
+}
+
+impl<'a> Script<'a> {
+    fn new() -> Self {
+        Script {
+            q: QueryBuilder::new(""),
+            statements: 0,
+            rows: 0,
+        }
+    }
+
+    /// Starts the next statement, of `rows` rows, and returns the builder to write it with.
+    fn next(&mut self, rows: usize) -> &mut QueryBuilder<'a, Sqlite> {
+        if self.statements > 0 {
+            self.q.push("; ");
+        }
+        self.statements += 1;
+        self.rows = self.rows.max(rows);
+        &mut self.q
+    }
+
+    /// Runs the statements in order.
+    async fn run(self, tx: &mut Tx) -> StoreResult<()> {
+        if self.statements == 0 {
+            return Ok(());
+        }
+        let rows = self.rows;
+        execute(tx, self.q, rows).await.map(drop)
+    }
+}
+
 /// Writes `points` in order; a point whose epoch or owner moved is `Fenced` and writes nothing.
 pub(super) async fn write_points(
     tx: &mut Tx,
@@ -62,10 +102,16 @@ pub(super) async fn write_points(
             .iter()
             .filter(|p| committed.contains(&p.instance_id))
             .collect();
+        // What every point writes, in one round trip. Releasing comes last in a point's
+        // writes but touches nothing the parts below write (their timers and messages are
+        // new and unlocked), so it goes with the rest.
         consume(tx, &written).await?;
-        insert_sends(tx, &written).await?;
-        mark_delivered(tx, &written).await?;
-        insert_history(tx, &written).await?;
+        let mut script = Script::new();
+        insert_sends(&mut script, &written);
+        mark_delivered(&mut script, &written);
+        insert_history(&mut script, &written);
+        release(&mut script, &written);
+        script.run(tx).await?;
         sync_subscriptions(tx, &written, reroute_types).await?;
         let children: Vec<_> = written
             .iter()
@@ -80,7 +126,6 @@ pub(super) async fn write_points(
             .flat_map(|p| p.messages.iter().map(|m| (m, p.at)))
             .collect();
         publish_all(tx, &messages).await?;
-        release(tx, &written).await?;
         outcomes.extend(run_outcomes(run, &committed));
     }
     Ok(outcomes)
@@ -174,13 +219,14 @@ async fn consume(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> 
 }
 
 /// The points' sends, locked to the writing host for delivery right after commit.
-async fn insert_sends(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
+fn insert_sends<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint]) {
     let rows: Vec<_> = written
         .iter()
         .flat_map(|p| p.outbox.iter().map(move |row| (*p, row)))
         .collect();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new(
+        let q = script.next(chunk.len());
+        q.push(
             "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, \
              status, next_attempt_at, locked_by, locked_until, created_at) ",
         );
@@ -198,14 +244,12 @@ async fn insert_sends(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
                 .push_bind(ts(p.outbox_lock_until))
                 .push_bind(at);
         });
-        execute(tx, q, chunk.len()).await?;
     }
-    Ok(())
 }
 
 /// Requests whose replies the instances took in memory: delivered, and any copy of a reply
 /// another host stored is consumed (the instance has its answer).
-async fn mark_delivered(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
+fn mark_delivered<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint]) {
     let rows: Vec<(&str, String)> = written
         .iter()
         .flat_map(|p| {
@@ -222,21 +266,21 @@ async fn mark_delivered(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
             "UPDATE messages SET status = 'consumed', consumed_at = d.at, locked_by = NULL \
              FROM d WHERE messages.id = d.id || ':reply' AND messages.status = 'routed'",
         ] {
-            let mut q = QueryBuilder::new("WITH d (id, at) AS (");
+            let q = script.next(chunk.len());
+            q.push("WITH d (id, at) AS (");
             q.push_values(chunk, |mut row, (id, at)| {
-                row.push_bind(*id).push_bind(at);
+                row.push_bind(*id).push_bind(at.clone());
             });
             q.push(") ").push(update);
-            execute(tx, q, chunk.len()).await?;
         }
     }
-    Ok(())
 }
 
 /// One history row per point, under the epoch its fenced update matched.
-async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
+fn insert_history<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint]) {
     for chunk in written.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new(
+        let q = script.next(chunk.len());
+        q.push(
             "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) ",
         );
         q.push_values(chunk, |mut row, p| {
@@ -250,9 +294,7 @@ async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
                 .push_bind(p.epoch)
                 .push_bind(p.detail.as_deref());
         });
-        execute(tx, q, chunk.len()).await?;
     }
-    Ok(())
 }
 
 /// Timers cancelled, fired or set by a point.
@@ -284,14 +326,14 @@ async fn write_timers(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> {
 /// Releases what the points giving up their instances held. Messages are given back
 /// uncounted (their claim was not a failed delivery), except the points' `failed` ones, whose
 /// delivery failed the instance: they keep their count (poison protection).
-async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
+fn release(script: &mut Script<'_>, written: &[&PersistencePoint]) {
     let released: Vec<&PersistencePoint> = written.iter().copied().filter(|p| p.release).collect();
     let ids: Vec<String> = released.iter().map(|p| p.instance_id.to_string()).collect();
     let failed: Vec<i64> = released
         .iter()
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    unlock_instances(tx, &ids, &failed).await
+    push_unlock(script, &ids, &failed);
 }
 
 /// Releases what instances hold. Messages are given back uncounted (their claim was not a
@@ -302,37 +344,44 @@ pub(super) async fn unlock_instances(
     ids: &[String],
     failed: &[i64],
 ) -> StoreResult<()> {
-    release_failed(tx, failed).await?;
+    let mut script = Script::new();
+    push_unlock(&mut script, ids, failed);
+    script.run(tx).await
+}
+
+/// Unlocks messages whose delivery failed, keeping their delivery count.
+pub(super) async fn release_failed(tx: &mut Tx, failed: &[i64]) -> StoreResult<()> {
+    let mut script = Script::new();
+    push_unlock(&mut script, &[], failed);
+    script.run(tx).await
+}
+
+/// The statements of [`unlock_instances`].
+fn push_unlock(script: &mut Script<'_>, ids: &[String], failed: &[i64]) {
+    for chunk in failed.chunks(ROWS_PER_STATEMENT) {
+        let q = script.next(chunk.len());
+        q.push("UPDATE messages SET locked_by = NULL WHERE seq IN (");
+        let mut list = q.separated(", ");
+        for seq in chunk {
+            list.push_bind(*seq);
+        }
+        q.push(") AND status = 'routed'");
+    }
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         for update in [
             format!("UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE status = 'routed' AND locked_by IS NOT NULL AND instance_id IN ("),
             "UPDATE timers SET locked_by = NULL WHERE locked_by IS NOT NULL AND instance_id IN ("
                 .to_string(),
         ] {
-            let mut q = QueryBuilder::new(update);
+            let q = script.next(chunk.len());
+            q.push(update);
             let mut list = q.separated(", ");
             for id in chunk {
-                list.push_bind(id);
+                list.push_bind(id.clone());
             }
             q.push(")");
-            execute(tx, q, chunk.len()).await?;
         }
     }
-    Ok(())
-}
-
-/// Unlocks messages whose delivery failed, keeping their delivery count.
-pub(super) async fn release_failed(tx: &mut Tx, failed: &[i64]) -> StoreResult<()> {
-    for chunk in failed.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new("UPDATE messages SET locked_by = NULL WHERE seq IN (");
-        let mut list = q.separated(", ");
-        for seq in chunk {
-            list.push_bind(*seq);
-        }
-        q.push(") AND status = 'routed'");
-        execute(tx, q, chunk.len()).await?;
-    }
-    Ok(())
 }
 
 /// Makes the subscription rows of each point that gives them exactly its set: removes the

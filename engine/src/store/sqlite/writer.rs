@@ -1,0 +1,226 @@
+//! The write side of the SQLite store: one connection that every write transaction of the
+//! process runs on, and the transaction type over it.
+//!
+//! SQLite admits one writer at a time. Writers of one process queue here, in order, rather than
+//! polling the file lock through `busy_timeout`. The connection is held here rather than in a
+//! pool: a pool pings a connection when it hands it out and again when it takes it back, and on
+//! SQLite each ping is a round trip to the connection's worker thread, three of them per
+//! transaction on the latency path.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Executor, Sqlite, SqliteConnection, SqlitePool};
+use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
+
+use super::map_err;
+use crate::store::{StoreError, StoreResult};
+
+/// The dedicated connection; `None` once the store is closed.
+type Slot = Option<SqliteConnection>;
+
+/// Where write transactions run.
+#[derive(Debug, Clone)]
+pub(super) enum Writer {
+    /// A connection of its own (a database file).
+    Dedicated(Arc<Mutex<Slot>>),
+    /// The pool's only connection (an in-memory database, which is that one connection).
+    Pooled(SqlitePool),
+}
+
+/// A connection taken for one write transaction.
+enum Held {
+    Dedicated(OwnedMappedMutexGuard<Slot, SqliteConnection>),
+    Pooled(PoolConnection<Sqlite>),
+}
+
+impl Deref for Held {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        match self {
+            Held::Dedicated(conn) => conn,
+            Held::Pooled(conn) => conn,
+        }
+    }
+}
+
+impl DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        match self {
+            Held::Dedicated(conn) => conn,
+            Held::Pooled(conn) => conn,
+        }
+    }
+}
+
+impl Writer {
+    /// Opens the dedicated connection.
+    pub(super) async fn connect(
+        options: &sqlx::sqlite::SqliteConnectOptions,
+    ) -> Result<Self, sqlx::Error> {
+        let conn = SqliteConnection::connect_with(options).await?;
+        Ok(Writer::Dedicated(Arc::new(Mutex::new(Some(conn)))))
+    }
+
+    /// Waits for the connection and starts a write transaction (`BEGIN IMMEDIATE`: it takes the
+    /// database's write lock now, so it cannot fail later for want of it).
+    pub(super) async fn begin(&self) -> StoreResult<Tx> {
+        let conn = match self {
+            Writer::Dedicated(slot) => {
+                let slot = slot.clone().lock_owned().await;
+                let conn = OwnedMutexGuard::try_map(slot, Option::as_mut)
+                    .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
+                Held::Dedicated(conn)
+            }
+            Writer::Pooled(pool) => Held::Pooled(pool.acquire().await.map_err(map_err)?),
+        };
+        let mut tx = Tx {
+            conn: Some(conn),
+            open: false,
+        };
+        tx.execute("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        tx.open = true;
+        Ok(tx)
+    }
+
+    /// Closes the connection (the store is closing).
+    pub(super) async fn close(&self) {
+        match self {
+            Writer::Dedicated(slot) => {
+                if let Some(conn) = slot.lock().await.take() {
+                    if let Err(e) = conn.close().await {
+                        tracing::warn!(error = %e, "closing the SQLite write connection failed");
+                    }
+                }
+            }
+            Writer::Pooled(pool) => pool.close().await,
+        }
+    }
+}
+
+/// A write transaction. Statements run on it as on a connection (`&mut **tx`); it is committed
+/// by [`Tx::commit`] and rolled back when dropped without.
+pub(super) struct Tx {
+    conn: Option<Held>,
+    /// A transaction is open on the connection: dropping rolls it back.
+    open: bool,
+}
+
+impl Tx {
+    /// Commits the transaction.
+    pub(super) async fn commit(mut self) -> StoreResult<()> {
+        self.execute("COMMIT").await.map_err(map_err)?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Deref for Tx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        self.conn
+            .as_deref()
+            .expect("a transaction holds its connection until dropped")
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_deref_mut()
+            .expect("a transaction holds its connection until dropped")
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !self.open {
+            return;
+        }
+        // Rolled back before anyone else gets the connection: the task holds it until then.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = conn.execute("ROLLBACK").await {
+                        tracing::warn!(error = %e, "rolling back a write transaction failed");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                "a write transaction was dropped outside the runtime; it is not rolled back"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use sqlx::sqlite::SqliteConnectOptions;
+
+    use super::*;
+
+    async fn writer(dir: &tempfile::TempDir) -> Writer {
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .expect("a SQLite URL")
+            .create_if_missing(true);
+        let writer = Writer::connect(&options)
+            .await
+            .expect("the connection opens");
+        let mut tx = writer.begin().await.expect("a transaction starts");
+        tx.execute("CREATE TABLE t (x INTEGER)")
+            .await
+            .expect("created");
+        tx.commit().await.expect("committed");
+        writer
+    }
+
+    async fn count(writer: &Writer) -> i64 {
+        let mut tx = writer.begin().await.expect("a transaction starts");
+        let n = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("counted");
+        tx.commit().await.expect("committed");
+        n
+    }
+
+    #[tokio::test]
+    async fn a_transaction_dropped_without_commit_is_rolled_back_before_the_next_one() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        {
+            let mut tx = writer.begin().await.expect("a transaction starts");
+            tx.execute("INSERT INTO t VALUES (1)")
+                .await
+                .expect("inserted");
+        }
+        // The next transaction waits for the rollback, then starts on a clean connection.
+        assert_eq!(count(&writer).await, 0);
+        let mut tx = writer.begin().await.expect("a transaction starts");
+        tx.execute("INSERT INTO t VALUES (2)")
+            .await
+            .expect("inserted");
+        tx.commit().await.expect("committed");
+        assert_eq!(count(&writer).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_writer_refuses_new_transactions() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        writer.close().await;
+        assert!(matches!(
+            writer.begin().await,
+            Err(StoreError::Unavailable(sqlx::Error::PoolClosed))
+        ));
+    }
+}
