@@ -49,6 +49,7 @@ backend_tests!(
     idle_instances_dehydrate_and_rehydrate_on_their_next_message,
     a_commit_by_a_host_that_lost_the_lease_is_fenced,
     a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
+    unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -755,20 +756,24 @@ fn send_point(
 /// One group commit of several points (G4): each point is fenced on its own, a fenced one writes
 /// nothing while the others commit, and each point of an instance is fenced against the row its
 /// earlier point in the group wrote.
-async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_order(db: TestDb) {
-    use cairn::store::CommitOutcome;
-    let store = db.store.clone();
-    let now = chrono::Utc::now();
-    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
-    let instance = |id| NewInstance {
+/// A new `approval` instance, for tests that drive the store by hand.
+fn approval(id: Uuid) -> NewInstance {
+    NewInstance {
         id,
         orchestration: "approval".into(),
         version: 1,
         parent: None,
         input: json!({}),
-    };
+    }
+}
+
+async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_order(db: TestDb) {
+    use cairn::store::CommitOutcome;
+    let store = db.store.clone();
+    let now = chrono::Utc::now();
+    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
     store
-        .start_instances(vec![instance(x), instance(y)], now)
+        .start_instances(vec![approval(x), approval(y)], now)
         .await
         .unwrap();
     let held = store
@@ -819,5 +824,59 @@ async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_orde
         db.count("SELECT COUNT(*) FROM outbox").await,
         2,
         "the fenced points (y1, x3) send nothing"
+    );
+}
+
+/// `Store::unlock` (a host giving back what it claimed but will not run): its locks are released
+/// and their claims given back uncounted, except the messages whose delivery failed, which keep
+/// their count (poison protection); another host's locks stay.
+async fn unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks(db: TestDb) {
+    let store = db.store.clone();
+    let now = chrono::Utc::now();
+    let (x, y, z) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    store
+        .start_instances(vec![approval(x), approval(y), approval(z)], now)
+        .await
+        .unwrap();
+    let claimed = store.claim_messages("host-a", now, 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let seq_of = |id| claimed.iter().find(|m| m.instance_id == id).unwrap().seq;
+    // y's start message is another host's now (it took the claim over).
+    let moved = sqlx::query("UPDATE messages SET locked_by = 'host-b' WHERE seq = $1")
+        .bind(seq_of(y))
+        .execute(&db.sql)
+        .await
+        .unwrap();
+    assert_eq!(moved.rows_affected(), 1);
+    store
+        .unlock("host-a", &[x, y, z], &[seq_of(z)])
+        .await
+        .unwrap();
+    let state = |id: Uuid| {
+        let sql = db.sql.clone();
+        async move {
+            sqlx::query_as::<_, (Option<String>, i32)>(
+                "SELECT locked_by, delivery_count FROM messages WHERE CAST(instance_id AS TEXT) = $1",
+            )
+            .bind(id.to_string())
+            .fetch_one(&sql)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        state(x).await,
+        (None, 0),
+        "x: released, its claim given back"
+    );
+    assert_eq!(
+        state(y).await,
+        (Some("host-b".to_owned()), 1),
+        "y: another host's lock stays"
+    );
+    assert_eq!(
+        state(z).await,
+        (None, 1),
+        "z: released, its failed delivery counted"
     );
 }

@@ -447,7 +447,7 @@ async fn control_in(
             InstanceStatus::Terminated
         }
     };
-    batch::unlock_instances(tx, &[key], &[]).await?;
+    batch::unlock_instances(tx, None, &[key], &[]).await?;
     Ok(new_status)
 }
 
@@ -768,23 +768,8 @@ impl Store for SqliteStore {
 
     async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        batch::release_failed(&mut tx, failed).await?;
-        for id in ids {
-            sqlx::query(&format!("UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE instance_id = $1 AND locked_by = $2 AND status = 'routed'"))
-                .bind(id.to_string())
-                .bind(host)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            sqlx::query(
-                "UPDATE timers SET locked_by = NULL WHERE instance_id = $1 AND locked_by = $2",
-            )
-            .bind(id.to_string())
-            .bind(host)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        batch::unlock_instances(&mut tx, Some(host), &ids, failed).await?;
         commit(tx).await
     }
 

@@ -333,31 +333,25 @@ fn release(script: &mut Script<'_>, written: &[&PersistencePoint]) {
         .iter()
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    push_unlock(script, &ids, &failed);
+    push_unlock(script, None, &ids, &failed);
 }
 
-/// Releases what instances hold. Messages are given back uncounted (their claim was not a
-/// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
-/// (poison protection).
+/// Releases what instances hold (with a `holder`, only what it holds; others' locks stay).
+/// Messages are given back uncounted (their claim was not a failed delivery), except `failed`,
+/// whose delivery failed the instance: they keep their count (poison protection).
 pub(super) async fn unlock_instances(
     tx: &mut Tx,
+    holder: Option<&str>,
     ids: &[String],
     failed: &[i64],
 ) -> StoreResult<()> {
     let mut script = Script::new();
-    push_unlock(&mut script, ids, failed);
-    script.run(tx).await
-}
-
-/// Unlocks messages whose delivery failed, keeping their delivery count.
-pub(super) async fn release_failed(tx: &mut Tx, failed: &[i64]) -> StoreResult<()> {
-    let mut script = Script::new();
-    push_unlock(&mut script, &[], failed);
+    push_unlock(&mut script, holder, ids, failed);
     script.run(tx).await
 }
 
 /// The statements of [`unlock_instances`].
-fn push_unlock(script: &mut Script<'_>, ids: &[String], failed: &[i64]) {
+fn push_unlock(script: &mut Script<'_>, holder: Option<&str>, ids: &[String], failed: &[i64]) {
     for chunk in failed.chunks(ROWS_PER_STATEMENT) {
         let q = script.next(chunk.len());
         q.push("UPDATE messages SET locked_by = NULL WHERE seq IN (");
@@ -369,12 +363,18 @@ fn push_unlock(script: &mut Script<'_>, ids: &[String], failed: &[i64]) {
     }
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         for update in [
-            format!("UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE status = 'routed' AND locked_by IS NOT NULL AND instance_id IN ("),
-            "UPDATE timers SET locked_by = NULL WHERE locked_by IS NOT NULL AND instance_id IN ("
-                .to_string(),
+            format!(
+                "UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE status = 'routed' AND "
+            ),
+            "UPDATE timers SET locked_by = NULL WHERE ".to_string(),
         ] {
             let q = script.next(chunk.len());
             q.push(update);
+            match holder {
+                Some(holder) => q.push("locked_by = ").push_bind(holder.to_owned()),
+                None => q.push("locked_by IS NOT NULL"),
+            };
+            q.push(" AND instance_id IN (");
             let mut list = q.separated(", ");
             for id in chunk {
                 list.push_bind(id.clone());
