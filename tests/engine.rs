@@ -50,6 +50,7 @@ backend_tests!(
     a_commit_by_a_host_that_lost_the_lease_is_fenced,
     a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
+    a_message_of_a_cancelled_receive_is_routed_again,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -879,4 +880,59 @@ async fn unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks(d
         (None, 1),
         "z: released, its failed delivery counted"
     );
+}
+
+/// A receive cancelled while a message routed to it waits unconsumed (a Listen decided by its
+/// other branch): the message goes back to unrouted and is routed again, here to another
+/// instance that waits for the same values. Fails if a point's removed subscriptions do not
+/// route their messages again.
+async fn a_message_of_a_cancelled_receive_is_routed_again(db: TestDb) {
+    use cairn::store::SubscriptionRow;
+    use cairn::Correlation;
+    let store = db.store.clone();
+    let now = chrono::Utc::now();
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    store
+        .start_instances(vec![approval(x), approval(y)], now)
+        .await
+        .unwrap();
+    let held = store
+        .acquire("host-a", &[x, y], now, now + chrono::Duration::seconds(30))
+        .await
+        .unwrap();
+    let epoch = |id| held.iter().find(|r| r.id == id).unwrap().epoch;
+    let waiting = |id, seq, receives: usize| {
+        let mut p = send_point(id, "host-a", epoch(id), "waiting", seq, now);
+        p.outbox.clear();
+        p.subscriptions = Some(
+            (0..receives)
+                .map(|_| SubscriptionRow {
+                    id: Uuid::now_v7(),
+                    message_type: "approval.decision".into(),
+                    correlation: Correlation::on("request_id", "r1"),
+                })
+                .collect(),
+        );
+        p
+    };
+    let routed_to = |id: Uuid| {
+        format!(
+            "SELECT COUNT(*) FROM messages WHERE id = 'd1' AND status = 'routed' \
+             AND CAST(instance_id AS TEXT) = '{id}'"
+        )
+    };
+    // x waits for the decision on r1 and gets it: routed to x, not consumed yet.
+    store.commit(&[waiting(x, 1, 1)]).await.unwrap();
+    let properties = BTreeMap::from([("request_id".to_owned(), "r1".to_owned())]);
+    let decision = NewMessage::published("d1", "approval.decision", json!({}), properties);
+    assert_eq!(
+        store.publish(vec![decision], now).await.unwrap(),
+        [PublishOutcome::Routed(x)]
+    );
+    // y waits for the same decision: the message stays with x.
+    store.commit(&[waiting(y, 1, 1)]).await.unwrap();
+    assert_eq!(db.count(&routed_to(x)).await, 1);
+    // x's receive is cancelled: the message goes to y.
+    store.commit(&[waiting(x, 2, 0)]).await.unwrap();
+    assert_eq!(db.count(&routed_to(y)).await, 1);
 }

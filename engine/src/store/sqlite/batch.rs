@@ -417,25 +417,34 @@ async fn sync_subscriptions(
         }
     }
     let changes = SubscriptionChanges::between(&giving, stored);
-    for (sub, message_type) in &changes.removed {
-        sqlx::query("DELETE FROM subscriptions WHERE id = $1")
-            .bind(sub.to_string())
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        let unrouted = sqlx::query(
+    // Removed subscriptions: their unconsumed messages go back to unrouted, and their types
+    // are routed again (a message routed through a subscription has its type).
+    for chunk in changes.removed.chunks(ROWS_PER_STATEMENT) {
+        let ids = |q: &mut QueryBuilder<'_, Sqlite>| {
+            let mut list = q.separated(", ");
+            for (sub, _) in chunk {
+                list.push_bind(sub.to_string());
+            }
+            q.push(")");
+        };
+        let mut q = QueryBuilder::new("DELETE FROM subscriptions WHERE id IN (");
+        ids(&mut q);
+        execute(tx, q, chunk.len()).await?;
+        let mut q = QueryBuilder::new(
             "UPDATE messages SET status = 'unrouted', instance_id = NULL, \
              subscription_id = NULL, locked_by = NULL, \
              reason = 'the receive it was routed to was cancelled' \
-             WHERE subscription_id = $1 AND status = 'routed'",
-        )
-        .bind(sub.to_string())
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-        if unrouted.rows_affected() > 0 {
-            reroute_types.insert(message_type.clone());
-        }
+             WHERE status = 'routed' AND subscription_id IN (",
+        );
+        ids(&mut q);
+        q.push(" RETURNING message_type");
+        let unrouted: Vec<String> = q
+            .build_query_scalar()
+            .persistent(reuse(chunk.len()))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        reroute_types.extend(unrouted);
     }
     reroute_types.extend(
         changes
