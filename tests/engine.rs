@@ -768,20 +768,31 @@ fn approval(id: Uuid) -> NewInstance {
     }
 }
 
+/// Starts `approval` instances `ids` and leases them all to `host-a`.
+async fn started_and_held(
+    db: &TestDb,
+    ids: &[Uuid],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<cairn::store::InstanceRecord> {
+    db.store
+        .start_instances(ids.iter().copied().map(approval).collect(), now)
+        .await
+        .unwrap();
+    let held = db
+        .store
+        .acquire("host-a", ids, now, now + chrono::Duration::seconds(30))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), ids.len());
+    held
+}
+
 async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_order(db: TestDb) {
     use cairn::store::CommitOutcome;
     let store = db.store.clone();
     let now = chrono::Utc::now();
     let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
-    store
-        .start_instances(vec![approval(x), approval(y)], now)
-        .await
-        .unwrap();
-    let held = store
-        .acquire("host-a", &[x, y], now, now + chrono::Duration::seconds(30))
-        .await
-        .unwrap();
-    assert_eq!(held.len(), 2);
+    let held = started_and_held(&db, &[x, y], now).await;
     let epoch = held[0].epoch;
     // x2 gives the instance up, so x3, after it, no longer holds it.
     let mut x2 = send_point(x, "host-a", epoch, "x2", 2, now);
@@ -892,14 +903,7 @@ async fn a_message_of_a_cancelled_receive_is_routed_again(db: TestDb) {
     let store = db.store.clone();
     let now = chrono::Utc::now();
     let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
-    store
-        .start_instances(vec![approval(x), approval(y)], now)
-        .await
-        .unwrap();
-    let held = store
-        .acquire("host-a", &[x, y], now, now + chrono::Duration::seconds(30))
-        .await
-        .unwrap();
+    let held = started_and_held(&db, &[x, y], now).await;
     let epoch = |id| held.iter().find(|r| r.id == id).unwrap().epoch;
     let waiting = |id, seq, receives: usize| {
         let mut p = send_point(id, "host-a", epoch(id), "waiting", seq, now);
