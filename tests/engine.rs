@@ -51,6 +51,7 @@ backend_tests!(
     a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_message_of_a_cancelled_receive_is_routed_again,
+    receives_declared_between_points_are_fenced_like_points,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -939,4 +940,67 @@ async fn a_message_of_a_cancelled_receive_is_routed_again(db: TestDb) {
     // x's receive is cancelled: the message goes to y.
     store.commit(&[waiting(x, 2, 0)]).await.unwrap();
     assert_eq!(db.count(&routed_to(y)).await, 1);
+}
+
+/// `Store::subscribe` (receives an instance declares between points, written at once): the
+/// holder's are written and route the messages that waited for them; those of a writer whose
+/// epoch moved are fenced and write nothing.
+async fn receives_declared_between_points_are_fenced_like_points(db: TestDb) {
+    use cairn::store::{CommitOutcome, NewReceives, SubscriptionRow};
+    use cairn::Correlation;
+    let now = chrono::Utc::now();
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    let held = started_and_held(&db, &[x, y], now).await;
+    let epoch = |id| held.iter().find(|r| r.id == id).unwrap().epoch;
+    let receives = |id: Uuid, epoch: i64, value: &str| NewReceives {
+        instance_id: id,
+        epoch,
+        rows: vec![SubscriptionRow {
+            id: Uuid::now_v7(),
+            message_type: "approval.decision".into(),
+            correlation: Correlation::on("request_id", value),
+        }],
+    };
+    let decision = |id: &str, value: &str| {
+        let properties = BTreeMap::from([("request_id".to_owned(), value.to_owned())]);
+        NewMessage::published(id, "approval.decision", json!({}), properties)
+    };
+    // Both decisions are published before anyone waits for them: unrouted.
+    let outcomes = db
+        .store
+        .publish(vec![decision("dx", "rx"), decision("dy", "ry")], now)
+        .await
+        .unwrap();
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, PublishOutcome::Unrouted)));
+    let out = db
+        .store
+        .subscribe(
+            "host-a",
+            &[receives(x, epoch(x), "rx"), receives(y, epoch(y) - 1, "ry")],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, [CommitOutcome::Committed, CommitOutcome::Fenced]);
+    let routed_to = |message: &str, id: Uuid| {
+        format!(
+            "SELECT COUNT(*) FROM messages WHERE id = '{message}' AND status = 'routed' \
+             AND CAST(instance_id AS TEXT) = '{id}'"
+        )
+    };
+    assert_eq!(db.count(&routed_to("dx", x)).await, 1);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM subscriptions WHERE CAST(instance_id AS TEXT) = '{y}'"
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE id = 'dy' AND status = 'unrouted'")
+            .await,
+        1
+    );
 }

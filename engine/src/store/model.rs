@@ -591,11 +591,39 @@ impl PersistencePoint {
 
 /// How the subscription rows of points that give their set (`subscriptions: Some`) differ from
 /// the rows stored for their instances.
+/// A subscription row to write for an instance: (instance, row, when).
+pub(crate) type NewSubscription<'a> = (Uuid, &'a SubscriptionRow, DateTime<Utc>);
+
+/// Of `receives` (declared between points), the rows of those whose writer still holds the
+/// instance (`held`), written `at`, and each receive's outcome, in order.
+pub(crate) fn held_receives<'a>(
+    receives: &'a [NewReceives],
+    held: &std::collections::HashSet<Uuid>,
+    at: DateTime<Utc>,
+) -> (Vec<NewSubscription<'a>>, Vec<CommitOutcome>) {
+    let rows = receives
+        .iter()
+        .filter(|r| held.contains(&r.instance_id))
+        .flat_map(|r| r.rows.iter().map(move |sub| (r.instance_id, sub, at)))
+        .collect();
+    let outcomes = receives
+        .iter()
+        .map(|r| {
+            if held.contains(&r.instance_id) {
+                CommitOutcome::Committed
+            } else {
+                CommitOutcome::Fenced
+            }
+        })
+        .collect();
+    (rows, outcomes)
+}
+
 pub(crate) struct SubscriptionChanges<'p> {
     /// Stored rows no point wants any more: (subscription id, message type).
     pub removed: Vec<(Uuid, String)>,
-    /// Rows to add, each with the point that wants it.
-    pub added: Vec<(&'p PersistencePoint, &'p SubscriptionRow)>,
+    /// Rows to add: (instance, row, the time of the point that wants it).
+    pub added: Vec<NewSubscription<'p>>,
 }
 
 impl<'p> SubscriptionChanges<'p> {
@@ -632,7 +660,7 @@ impl<'p> SubscriptionChanges<'p> {
                 wanted
                     .iter()
                     .filter(|w| !present.iter().any(|(sub, _)| *sub == w.id))
-                    .map(|w| (*p, w)),
+                    .map(|w| (p.instance_id, w, p.at)),
             );
         }
         changes

@@ -497,28 +497,6 @@ async fn subscribe_convoy(
     Ok(())
 }
 
-async fn insert_subscription(
-    tx: &mut Tx,
-    instance: Uuid,
-    sub: &SubscriptionRow,
-    at: DateTime<Utc>,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(sub.id)
-    .bind(&sub.message_type)
-    .bind(instance)
-    .bind(sub.correlation.keys())
-    .bind(sub.correlation.canonical())
-    .bind(at)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
-}
-
 /// Whether a query's single boolean answer is true.
 async fn exists(pool: &PgPool, sql: &str) -> StoreResult<bool> {
     sqlx::query_scalar(sql)
@@ -1160,29 +1138,15 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<CommitOutcome>> {
         let mut tx = self.write().await?;
         let mut changes = Reroute::default();
-        let mut out = Vec::with_capacity(receives.len());
-        for r in receives {
-            let owned: Option<i64> = sqlx::query_scalar(
-                "SELECT epoch FROM instances WHERE id = $1 AND epoch = $2 AND owner = $3 FOR UPDATE",
-            )
-            .bind(r.instance_id)
-            .bind(r.epoch)
-            .bind(host)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if owned.is_none() {
-                out.push(CommitOutcome::Fenced);
-                continue;
-            }
-            for sub in &r.rows {
-                insert_subscription(&mut tx, r.instance_id, sub, now).await?;
-                changes
-                    .subscriptions
-                    .push((sub.message_type.clone(), sub.correlation.clone()));
-            }
-            out.push(CommitOutcome::Committed);
-        }
+        let asked: Vec<(Uuid, i64)> = receives.iter().map(|r| (r.instance_id, r.epoch)).collect();
+        let held = batch::still_held(&mut tx, host, &asked).await?;
+        let (rows, out) = held_receives(receives, &held, now);
+        batch::insert_subscriptions(&mut tx, &rows).await?;
+        changes.subscriptions.extend(
+            rows.iter()
+                .map(|(_, sub, _)| (sub.message_type.clone(), sub.correlation.clone())),
+        );
+
         // As in `commit`: the routing locks after the rows.
         lock_routes(&mut tx, [], changes.lock_types()).await?;
         reroute(&mut tx, &changes, now).await?;

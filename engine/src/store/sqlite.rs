@@ -789,29 +789,14 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<CommitOutcome>> {
         let mut tx = self.write().await?;
-        let mut out = Vec::with_capacity(receives.len());
-        let mut types = BTreeSet::new();
-        for r in receives {
-            let id = r.instance_id.to_string();
-            let owned: Option<i64> = sqlx::query_scalar(
-                "SELECT epoch FROM instances WHERE id = $1 AND epoch = $2 AND owner = $3",
-            )
-            .bind(&id)
-            .bind(r.epoch)
-            .bind(host)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if owned.is_none() {
-                out.push(CommitOutcome::Fenced);
-                continue;
-            }
-            for sub in &r.rows {
-                insert_subscription(&mut tx, &id, sub, now).await?;
-                types.insert(sub.message_type.clone());
-            }
-            out.push(CommitOutcome::Committed);
-        }
+        let asked: Vec<(Uuid, i64)> = receives.iter().map(|r| (r.instance_id, r.epoch)).collect();
+        let held = batch::still_held(&mut tx, host, &asked).await?;
+        let (rows, out) = held_receives(receives, &held, now);
+        batch::insert_subscriptions(&mut tx, &rows).await?;
+        let types: BTreeSet<String> = rows
+            .iter()
+            .map(|(_, sub, _)| sub.message_type.clone())
+            .collect();
         reroute(&mut tx, &types).await?;
         commit(tx).await?;
         Ok(out)

@@ -19,8 +19,8 @@ use crate::store::routing::{Route, RouteCache};
 
 use super::{
     distinct_runs, find_route, insert_instance, int4, map_err, run_outcomes, subscribe_convoy,
-    uint, unroute, CommitOutcome, MessageKind, NewInstance, NewMessage, PersistencePoint,
-    PublishOutcome, Reroute, StoreError, StoreResult, SubscriptionChanges, Tx,
+    uint, unroute, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
+    PersistencePoint, PublishOutcome, Reroute, StoreError, StoreResult, SubscriptionChanges, Tx,
 };
 
 /// Writes `points` in order (all but their publishes, which the caller makes under the routing
@@ -307,7 +307,7 @@ async fn sync_subscriptions(
     changes.subscriptions.extend(
         added
             .iter()
-            .map(|(_, sub)| (sub.message_type.clone(), sub.correlation.clone())),
+            .map(|(_, sub, _)| (sub.message_type.clone(), sub.correlation.clone())),
     );
     if !removed.is_empty() {
         sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
@@ -318,28 +318,61 @@ async fn sync_subscriptions(
         unroute(tx, &removed, changes).await?;
         changes.cancelled.extend(&removed);
     }
-    if !added.is_empty() {
-        let text = |f: fn(&(&PersistencePoint, &super::SubscriptionRow)) -> String| {
-            added.iter().map(f).collect::<Vec<_>>()
-        };
-        sqlx::query(
-            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, \
-             correlation, created_at) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], \
-               $6::timestamptz[]) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(added.iter().map(|(_, s)| s.id).collect::<Vec<_>>())
-        .bind(text(|(_, s)| s.message_type.clone()))
-        .bind(added.iter().map(|(p, _)| p.instance_id).collect::<Vec<_>>())
-        .bind(text(|(_, s)| s.correlation.keys()))
-        .bind(text(|(_, s)| s.correlation.canonical()))
-        .bind(added.iter().map(|(p, _)| p.at).collect::<Vec<_>>())
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
+    insert_subscriptions(tx, &added).await
+}
+
+/// Inserts instances' subscription rows: (instance, row, when).
+pub(super) async fn insert_subscriptions(
+    tx: &mut Tx,
+    rows: &[NewSubscription<'_>],
+) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
     }
+    let text = |f: fn(&NewSubscription<'_>) -> String| rows.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, \
+         correlation, created_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], \
+           $6::timestamptz[]) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(rows.iter().map(|(_, s, _)| s.id).collect::<Vec<_>>())
+    .bind(text(|(_, s, _)| s.message_type.clone()))
+    .bind(rows.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+    .bind(text(|(_, s, _)| s.correlation.keys()))
+    .bind(text(|(_, s, _)| s.correlation.canonical()))
+    .bind(rows.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
     Ok(())
+}
+
+/// Which of `(instance, epoch)` `host` still holds under that epoch, their rows locked (in id
+/// order, the same in every host) until the transaction ends.
+pub(super) async fn still_held(
+    tx: &mut Tx,
+    host: &str,
+    instances: &[(Uuid, i64)],
+) -> StoreResult<HashSet<Uuid>> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT i.id FROM instances i \
+         JOIN UNNEST($1::uuid[], $2::int8[]) AS r(id, epoch) ON i.id = r.id AND i.epoch = r.epoch \
+         WHERE i.owner = $3 ORDER BY i.id FOR UPDATE OF i",
+    )
+    .bind(instances.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(
+        instances
+            .iter()
+            .map(|(_, epoch)| *epoch)
+            .collect::<Vec<_>>(),
+    )
+    .bind(host)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(ids.into_iter().collect())
 }
 
 /// Releases what the points giving up their instances held. Messages are given back

@@ -22,8 +22,8 @@ use crate::store::routing::{Route, RouteCache};
 
 use super::{
     activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
-    MessageKind, NewInstance, NewMessage, PersistencePoint, PublishOutcome, StoreError,
-    StoreResult, SubscriptionChanges, Tx, GIVE_BACK,
+    MessageKind, NewInstance, NewMessage, NewSubscription, PersistencePoint, PublishOutcome,
+    StoreError, StoreResult, SubscriptionChanges, Tx, GIVE_BACK,
 };
 
 /// Whether to keep a multi-row statement prepared: small groups (one point, a few) recur with
@@ -168,17 +168,29 @@ async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uui
              FROM p WHERE instances.id = p.id AND instances.epoch = p.epoch AND instances.owner = p.host \
              RETURNING id",
         );
-        let ids: Vec<String> = q
-            .build_query_scalar()
-            .persistent(reuse(chunk.len()))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        for id in ids {
-            committed.insert(parse_uuid(&id)?);
-        }
+        fetch_ids(tx, q, chunk.len(), &mut committed).await?;
     }
     Ok(committed)
+}
+
+/// Runs a statement that returns instance ids, kept prepared when small ([`reuse`]), and adds
+/// them to `into`.
+async fn fetch_ids(
+    tx: &mut Tx,
+    mut q: QueryBuilder<'_, Sqlite>,
+    rows: usize,
+    into: &mut HashSet<Uuid>,
+) -> StoreResult<()> {
+    let ids: Vec<String> = q
+        .build_query_scalar()
+        .persistent(reuse(rows))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    for id in ids {
+        into.insert(parse_uuid(&id)?);
+    }
+    Ok(())
 }
 
 /// Marks the messages the points consumed; each must have been routed to its instance.
@@ -450,25 +462,55 @@ async fn sync_subscriptions(
         changes
             .added
             .iter()
-            .map(|(_, sub)| sub.message_type.clone()),
+            .map(|(_, sub, _)| sub.message_type.clone()),
     );
-    for chunk in changes.added.chunks(ROWS_PER_STATEMENT) {
+    insert_subscriptions(tx, &changes.added).await
+}
+
+/// Inserts instances' subscription rows: (instance, row, when).
+pub(super) async fn insert_subscriptions(
+    tx: &mut Tx,
+    rows: &[NewSubscription<'_>],
+) -> StoreResult<()> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new(
             "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, \
              correlation, created_at) ",
         );
-        q.push_values(chunk, |mut row, (p, sub)| {
+        q.push_values(chunk, |mut row, (instance, sub, at)| {
             row.push_bind(sub.id.to_string())
                 .push_bind(&sub.message_type)
-                .push_bind(p.instance_id.to_string())
+                .push_bind(instance.to_string())
                 .push_bind(sub.correlation.keys())
                 .push_bind(sub.correlation.canonical())
-                .push_bind(ts(p.at));
+                .push_bind(ts(*at));
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
         execute(tx, q, chunk.len()).await?;
     }
     Ok(())
+}
+
+/// Which of `(instance, epoch)` `host` still holds under that epoch.
+pub(super) async fn still_held(
+    tx: &mut Tx,
+    host: &str,
+    instances: &[(Uuid, i64)],
+) -> StoreResult<HashSet<Uuid>> {
+    let mut held = HashSet::with_capacity(instances.len());
+    for chunk in instances.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new("WITH r (id, epoch) AS (");
+        q.push_values(chunk, |mut row, (id, epoch)| {
+            row.push_bind(id.to_string()).push_bind(*epoch);
+        });
+        q.push(
+            ") SELECT instances.id FROM instances JOIN r \
+             ON instances.id = r.id AND instances.epoch = r.epoch WHERE instances.owner = ",
+        )
+        .push_bind(host.to_owned());
+        fetch_ids(tx, q, chunk.len(), &mut held).await?;
+    }
+    Ok(held)
 }
 
 /// Inserts instances and their start messages (addressed to them), each started at its time.
