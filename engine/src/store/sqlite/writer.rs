@@ -4,14 +4,20 @@
 //! SQLite admits one writer at a time. Writers of one process queue here, in order, rather than
 //! polling the file lock through `busy_timeout`. The connection is held here rather than in a
 //! pool: a pool pings a connection when it hands it out and again when it takes it back, and on
-//! SQLite each ping is a round trip to the connection's worker thread, three of them per
-//! transaction on the latency path.
+//! SQLite each ping is a round trip to the connection's worker thread.
+//!
+//! Transactions begin, commit and roll back through sqlx's own transaction manager, as sqlx's
+//! `Transaction` does: a transaction dropped without commit queues its rollback on the
+//! connection's worker thread at once, with no async runtime needed (a host whose runtime is
+//! torn down mid-transaction must not leave the database locked).
 
+use std::borrow::Cow;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, Executor, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::sqlite::SqliteTransactionManager;
+use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool, TransactionManager};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
 use super::map_err;
@@ -80,7 +86,9 @@ impl Writer {
             conn: Some(conn),
             open: false,
         };
-        tx.execute("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        SqliteTransactionManager::begin(&mut tx, Some(Cow::Borrowed("BEGIN IMMEDIATE")))
+            .await
+            .map_err(map_err)?;
         tx.open = true;
         Ok(tx)
     }
@@ -111,7 +119,9 @@ pub(super) struct Tx {
 impl Tx {
     /// Commits the transaction.
     pub(super) async fn commit(mut self) -> StoreResult<()> {
-        self.execute("COMMIT").await.map_err(map_err)?;
+        SqliteTransactionManager::commit(&mut self)
+            .await
+            .map_err(map_err)?;
         self.open = false;
         Ok(())
     }
@@ -137,24 +147,9 @@ impl DerefMut for Tx {
 
 impl Drop for Tx {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        if !self.open {
-            return;
-        }
-        // Rolled back before anyone else gets the connection: the task holds it until then.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if let Err(e) = conn.execute("ROLLBACK").await {
-                        tracing::warn!(error = %e, "rolling back a write transaction failed");
-                    }
-                });
-            }
-            Err(_) => tracing::warn!(
-                "a write transaction was dropped outside the runtime; it is not rolled back"
-            ),
+        if let (Some(conn), true) = (self.conn.as_deref_mut(), self.open) {
+            // Queued on the worker now; it runs before the connection's next command.
+            SqliteTransactionManager::start_rollback(conn);
         }
     }
 }
@@ -164,6 +159,7 @@ mod tests {
     use std::str::FromStr;
 
     use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::Executor;
 
     use super::*;
 
@@ -211,6 +207,26 @@ mod tests {
             .expect("inserted");
         tx.commit().await.expect("committed");
         assert_eq!(count(&writer).await, 1);
+    }
+
+    #[test]
+    fn a_transaction_dropped_after_its_runtime_is_gone_is_rolled_back_too() {
+        // A host torn down mid-transaction (its runtime dropped, as in a crash test) must not
+        // leave the database locked for the next host.
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let (writer, tx) = runtime.block_on(async {
+            let writer = writer(&dir).await;
+            let mut tx = writer.begin().await.expect("a transaction starts");
+            tx.execute("INSERT INTO t VALUES (1)")
+                .await
+                .expect("inserted");
+            (writer, tx)
+        });
+        drop(runtime);
+        drop(tx);
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        assert_eq!(runtime.block_on(count(&writer)), 0);
     }
 
     #[tokio::test]
