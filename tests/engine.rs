@@ -52,6 +52,7 @@ backend_tests!(
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_message_of_a_cancelled_receive_is_routed_again,
     receives_declared_between_points_are_fenced_like_points,
+    a_group_commit_cancels_re_arms_and_sets_each_instances_timers,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -1003,4 +1004,51 @@ async fn receives_declared_between_points_are_fenced_like_points(db: TestDb) {
             .await,
         1
     );
+}
+
+/// Timers in a group commit: each instance's cancellations go before its new due times (a timer
+/// fired and set again in one point stays, at its new time), and instances' timers do not mix.
+/// Fails if a group's timers are deleted after they are set, or written to the wrong instance.
+async fn a_group_commit_cancels_re_arms_and_sets_each_instances_timers(db: TestDb) {
+    let now = chrono::Utc::now();
+    let at = |s: i64| now + chrono::Duration::seconds(s);
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    let held = started_and_held(&db, &[x, y], now).await;
+    let epoch = |id| held.iter().find(|r| r.id == id).unwrap().epoch;
+    let point = |id, seq, cancel: &[&str], set: &[(&str, i64)]| {
+        let mut p = send_point(id, "host-a", epoch(id), "timers", seq, now);
+        p.outbox.clear();
+        p.cancel_timers = cancel.iter().map(|n| n.to_string()).collect();
+        p.set_timers = set.iter().map(|(n, s)| (n.to_string(), at(*s))).collect();
+        p
+    };
+    db.store
+        .commit(&[
+            point(x, 1, &[], &[("t1", 10), ("t2", 20)]),
+            point(y, 1, &[], &[("t1", 30)]),
+        ])
+        .await
+        .unwrap();
+    // x's t1 fired and is set again for later; its t2 is cancelled.
+    db.store
+        .commit(&[
+            point(x, 2, &["t1", "t2"], &[("t1", 40)]),
+            point(y, 2, &[], &[]),
+        ])
+        .await
+        .unwrap();
+    let due = |s| {
+        let store = db.store.clone();
+        async move {
+            store
+                .claim_timers("host-a", at(s), 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.instance_id, t.name))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(due(35).await, [(y, "t1".to_owned())]);
+    assert_eq!(due(45).await, [(x, "t1".to_owned())]);
 }

@@ -591,6 +591,34 @@ impl PersistencePoint {
 
 /// How the subscription rows of points that give their set (`subscriptions: Some`) differ from
 /// the rows stored for their instances.
+/// A timer of an instance: (instance, name).
+pub(crate) type TimerName<'a> = (Uuid, &'a str);
+
+/// A timer of an instance and when it is due: (instance, name, due).
+pub(crate) type TimerDue<'a> = (Uuid, &'a str, DateTime<Utc>);
+
+/// The timers a group of points cancels (or fired) and sets: (instance, name) to delete, then
+/// (instance, name, due) to write, one per timer (a point's last due time for it wins). A point
+/// that re-arms a timer it fired has its name in both: deletes go first.
+pub(crate) fn timer_writes<'a>(
+    points: &[&'a PersistencePoint],
+) -> (Vec<TimerName<'a>>, Vec<TimerDue<'a>>) {
+    let cancelled = points
+        .iter()
+        .flat_map(|p| p.cancel_timers.iter().map(|n| (p.instance_id, n.as_str())))
+        .collect();
+    let set: std::collections::BTreeMap<(Uuid, &str), DateTime<Utc>> = points
+        .iter()
+        .flat_map(|p| {
+            p.set_timers
+                .iter()
+                .map(|(n, at)| ((p.instance_id, n.as_str()), *at))
+        })
+        .collect();
+    let set = set.into_iter().map(|((id, n), at)| (id, n, at)).collect();
+    (cancelled, set)
+}
+
 /// A subscription row to write for an instance: (instance, row, when).
 pub(crate) type NewSubscription<'a> = (Uuid, &'a SubscriptionRow, DateTime<Utc>);
 

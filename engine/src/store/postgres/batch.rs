@@ -22,6 +22,7 @@ use super::{
     uint, unroute, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
     PersistencePoint, PublishOutcome, Reroute, StoreError, StoreResult, SubscriptionChanges, Tx,
 };
+use crate::store::model::timer_writes;
 
 /// Writes `points` in order (all but their publishes, which the caller makes under the routing
 /// locks); a point whose epoch or owner moved is `Fenced` and writes nothing.
@@ -48,9 +49,7 @@ pub(super) async fn write_points(
                 .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
                 .collect();
             start_instances(tx, &children).await?;
-            for p in &written {
-                write_timers(tx, p).await?;
-            }
+            write_timers(tx, &written).await?;
             release(tx, &written).await?;
         }
         outcomes.extend(run_outcomes(run, &committed));
@@ -251,24 +250,29 @@ async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
     Ok(())
 }
 
-/// Timers cancelled, fired or set by a point.
-async fn write_timers(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> {
-    if !p.cancel_timers.is_empty() {
-        sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = ANY($2)")
-            .bind(p.instance_id)
-            .bind(&p.cancel_timers)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-    }
-    for (name, at) in &p.set_timers {
+/// Timers the points cancelled, fired or set ([`timer_writes`]).
+async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
+    let (cancelled, set) = timer_writes(written);
+    if !cancelled.is_empty() {
         sqlx::query(
-            "INSERT INTO timers (instance_id, name, due_at) VALUES ($1, $2, $3) \
+            "DELETE FROM timers t USING UNNEST($1::uuid[], $2::text[]) AS c(instance_id, name) \
+             WHERE t.instance_id = c.instance_id AND t.name = c.name",
+        )
+        .bind(cancelled.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(cancelled.iter().map(|(_, name)| *name).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    if !set.is_empty() {
+        sqlx::query(
+            "INSERT INTO timers (instance_id, name, due_at) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) \
              ON CONFLICT (instance_id, name) DO UPDATE SET due_at = excluded.due_at, locked_by = NULL",
         )
-        .bind(p.instance_id)
-        .bind(name)
-        .bind(at)
+        .bind(set.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+        .bind(set.iter().map(|(_, name, _)| *name).collect::<Vec<_>>())
+        .bind(set.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await
         .map_err(map_err)?;

@@ -25,6 +25,7 @@ use super::{
     MessageKind, NewInstance, NewMessage, NewSubscription, PersistencePoint, PublishOutcome,
     StoreError, StoreResult, SubscriptionChanges, Tx, GIVE_BACK,
 };
+use crate::store::model::timer_writes;
 
 /// Whether to keep a multi-row statement prepared: small groups (one point, a few) recur with
 /// the same text, so preparing each once saves a parse per commit on the latency path; large
@@ -118,9 +119,7 @@ pub(super) async fn write_points(
             .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
             .collect();
         start_instances(tx, &children).await?;
-        for p in &written {
-            write_timers(tx, p).await?;
-        }
+        write_timers(tx, &written).await?;
         let messages: Vec<_> = written
             .iter()
             .flat_map(|p| p.messages.iter().map(|m| (m, p.at)))
@@ -309,28 +308,31 @@ fn insert_history<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint])
     }
 }
 
-/// Timers cancelled, fired or set by a point.
-async fn write_timers(tx: &mut Tx, p: &PersistencePoint) -> StoreResult<()> {
-    let id = p.instance_id.to_string();
-    for name in &p.cancel_timers {
-        sqlx::query("DELETE FROM timers WHERE instance_id = $1 AND name = $2")
-            .bind(&id)
-            .bind(name)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
+/// Timers the points cancelled, fired or set ([`timer_writes`]).
+async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
+    let (cancelled, set) = timer_writes(written);
+    for chunk in cancelled.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new("WITH c (instance_id, name) AS (");
+        q.push_values(chunk, |mut row, (id, name)| {
+            row.push_bind(id.to_string()).push_bind(*name);
+        });
+        q.push(
+            ") DELETE FROM timers WHERE (instance_id, name) IN (SELECT instance_id, name FROM c)",
+        );
+        execute(tx, q, chunk.len()).await?;
     }
-    for (name, at) in &p.set_timers {
-        sqlx::query(
-            "INSERT INTO timers (instance_id, name, due_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (instance_id, name) DO UPDATE SET due_at = excluded.due_at, locked_by = NULL",
-        )
-        .bind(&id)
-        .bind(name)
-        .bind(ts(*at))
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
+    for chunk in set.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::new("INSERT INTO timers (instance_id, name, due_at) ");
+        q.push_values(chunk, |mut row, (id, name, at)| {
+            row.push_bind(id.to_string())
+                .push_bind(*name)
+                .push_bind(ts(*at));
+        });
+        q.push(
+            " ON CONFLICT (instance_id, name) DO UPDATE SET due_at = excluded.due_at, \
+             locked_by = NULL",
+        );
+        execute(tx, q, chunk.len()).await?;
     }
     Ok(())
 }
