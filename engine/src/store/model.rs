@@ -340,6 +340,23 @@ pub fn convoy_subscription_id(instance: Uuid, message_type: &str) -> Uuid {
     Uuid::new_v5(&instance, message_type.as_bytes())
 }
 
+/// The subscriptions a convoy's new instance takes: each of its definition's activating
+/// `types`, with the convoy's `values`.
+pub(crate) fn convoy_subscriptions(
+    instance: Uuid,
+    types: Vec<String>,
+    values: &Correlation,
+) -> Vec<SubscriptionRow> {
+    types
+        .into_iter()
+        .map(|message_type| SubscriptionRow {
+            id: convoy_subscription_id(instance, &message_type),
+            message_type,
+            correlation: values.clone(),
+        })
+        .collect()
+}
+
 /// A message as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
@@ -589,8 +606,6 @@ impl PersistencePoint {
     }
 }
 
-/// How the subscription rows of points that give their set (`subscriptions: Some`) differ from
-/// the rows stored for their instances.
 /// A timer of an instance: (instance, name).
 pub(crate) type TimerName<'a> = (Uuid, &'a str);
 
@@ -647,6 +662,8 @@ pub(crate) fn held_receives<'a>(
     (rows, outcomes)
 }
 
+/// How the subscription rows of points that give their set (`subscriptions: Some`) differ from
+/// the rows stored for their instances.
 pub(crate) struct SubscriptionChanges<'p> {
     /// Stored rows no point wants any more: (subscription id, message type).
     pub removed: Vec<(Uuid, String)>,

@@ -479,22 +479,9 @@ async fn subscribe_convoy(
     .fetch_all(&mut **tx)
     .await
     .map_err(map_err)?;
-    for message_type in types {
-        sqlx::query(
-            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(convoy_subscription_id(instance, &message_type))
-        .bind(&message_type)
-        .bind(instance)
-        .bind(values.keys())
-        .bind(values.canonical())
-        .bind(now)
-        .execute(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    }
-    Ok(())
+    let subs = convoy_subscriptions(instance, types, &values);
+    let rows: Vec<_> = subs.iter().map(|sub| (instance, sub, now)).collect();
+    batch::insert_subscriptions(tx, &rows).await
 }
 
 /// Whether a query's single boolean answer is true.
@@ -1146,7 +1133,6 @@ impl Store for PostgresStore {
             rows.iter()
                 .map(|(_, sub, _)| (sub.message_type.clone(), sub.correlation.clone())),
         );
-
         // As in `commit`: the routing locks after the rows.
         lock_routes(&mut tx, [], changes.lock_types()).await?;
         reroute(&mut tx, &changes, now).await?;

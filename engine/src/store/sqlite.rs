@@ -161,14 +161,9 @@ async fn activate(
         .fetch_all(&mut **tx)
         .await
         .map_err(map_err)?;
-        for message_type in types {
-            let sub = SubscriptionRow {
-                id: convoy_subscription_id(id, &message_type),
-                message_type,
-                correlation: values.clone(),
-            };
-            insert_subscription(tx, &id.to_string(), &sub, now).await?;
-        }
+        let subs = convoy_subscriptions(id, types, &values);
+        let rows: Vec<_> = subs.iter().map(|sub| (id, sub, now)).collect();
+        batch::insert_subscriptions(tx, &rows).await?;
     }
     Ok(id)
 }
@@ -253,28 +248,6 @@ async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
             .map_err(map_err)?;
         }
     }
-    Ok(())
-}
-
-async fn insert_subscription(
-    tx: &mut Tx,
-    instance: &str,
-    sub: &SubscriptionRow,
-    at: DateTime<Utc>,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(sub.id.to_string())
-    .bind(&sub.message_type)
-    .bind(instance)
-    .bind(sub.correlation.keys())
-    .bind(sub.correlation.canonical())
-    .bind(ts(at))
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
     Ok(())
 }
 
