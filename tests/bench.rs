@@ -58,7 +58,7 @@ async fn the_benchmark_refuses_a_database_with_real_instances(db: TestDb) {
         input: serde_json::json!({}),
     };
     db.store
-        .start_instances(vec![real], chrono::Utc::now())
+        .start_instances(vec![real], None, chrono::Utc::now())
         .await
         .unwrap();
     db.store.close().await;

@@ -53,6 +53,8 @@ backend_tests!(
     a_message_of_a_cancelled_receive_is_routed_again,
     receives_declared_between_points_are_fenced_like_points,
     a_group_commit_cancels_re_arms_and_sets_each_instances_timers,
+    an_eager_start_is_held_by_its_host_until_its_lease_runs_out,
+    an_eager_start_survives_its_hosts_crash_before_the_first_point,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -357,6 +359,7 @@ async fn bad_input_becomes_a_queryable_record_and_the_host_keeps_going(db: TestD
                     input: json!(null),
                 },
             ],
+            None,
             now,
         )
         .await
@@ -651,6 +654,7 @@ async fn a_commit_by_a_host_that_lost_the_lease_is_fenced(db: TestDb) {
                 parent: None,
                 input: json!({}),
             }],
+            None,
             now,
         )
         .await
@@ -777,7 +781,7 @@ async fn started_and_held(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Vec<cairn::store::InstanceRecord> {
     db.store
-        .start_instances(ids.iter().copied().map(approval).collect(), now)
+        .start_instances(ids.iter().copied().map(approval).collect(), None, now)
         .await
         .unwrap();
     let held = db
@@ -849,7 +853,7 @@ async fn unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks(d
     let now = chrono::Utc::now();
     let (x, y, z) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     store
-        .start_instances(vec![approval(x), approval(y), approval(z)], now)
+        .start_instances(vec![approval(x), approval(y), approval(z)], None, now)
         .await
         .unwrap();
     let claimed = store.claim_messages("host-a", now, 10).await.unwrap();
@@ -1051,4 +1055,140 @@ async fn a_group_commit_cancels_re_arms_and_sets_each_instances_timers(db: TestD
     };
     assert_eq!(due(35).await, [(y, "t1".to_owned())]);
     assert_eq!(due(45).await, [(x, "t1".to_owned())]);
+}
+
+/// The row of instance `id`'s start message: `(locked_by, delivery_count, seq, status)`.
+async fn start_message(db: &TestDb, id: Uuid) -> (Option<String>, i32, i64, String) {
+    sqlx::query_as(
+        "SELECT locked_by, delivery_count, seq, status FROM messages \
+         WHERE kind = 'start' AND CAST(instance_id AS TEXT) = $1",
+    )
+    .bind(id.to_string())
+    .fetch_one(&db.sql)
+    .await
+    .unwrap()
+}
+
+/// An eager start (a host's own client starting instances, G3 and G4): the start transaction
+/// leases each instance to the host and claims its start message for it, as acquiring and
+/// claiming would. While the lease holds, no host claims or acquires them, the holder included
+/// (it has them). Once the holder is gone and its lease has run out, another host claims the
+/// start messages and acquires the instances with a newer epoch, and the holder's points are
+/// fenced.
+async fn an_eager_start_is_held_by_its_host_until_its_lease_runs_out(db: TestDb) {
+    use cairn::store::{CommitOutcome, Holder, MessageKind, FIRST_EPOCH};
+    let store = db.store.clone();
+    let now = chrono::Utc::now();
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    let holder = Holder {
+        host: "host-a",
+        lease_until: now + chrono::Duration::seconds(2),
+    };
+    let held = store
+        .start_instances(vec![approval(x), approval(y)], Some(holder), now)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2);
+    for (h, id) in held.iter().zip([x, y]) {
+        assert_eq!((h.record.id, h.record.epoch), (id, FIRST_EPOCH));
+        assert_eq!(h.record.status, InstanceStatus::Running);
+        assert_eq!(
+            (h.message.instance_id, h.message.kind),
+            (id, MessageKind::Start)
+        );
+        assert_eq!(h.message.body, json!({}));
+        let row: (Option<String>, i64) =
+            sqlx::query_as("SELECT owner, epoch FROM instances WHERE CAST(id AS TEXT) = $1")
+                .bind(id.to_string())
+                .fetch_one(&db.sql)
+                .await
+                .unwrap();
+        assert_eq!(row, (Some("host-a".to_owned()), FIRST_EPOCH));
+        assert_eq!(
+            start_message(&db, id).await,
+            (
+                Some("host-a".to_owned()),
+                1,
+                h.message.seq,
+                "routed".to_owned()
+            ),
+            "the start message is claimed by the holder, once"
+        );
+    }
+    assert!(store
+        .claim_messages("host-a", now, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .claim_messages("host-b", now, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let lease = now + chrono::Duration::seconds(30);
+    assert!(store
+        .acquire("host-b", &[x, y], now, lease)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // host-a is gone and its lease ran out; host-b starts (on SQLite its recovery releases what
+    // the last host held; on PostgreSQL the locks of a host with no heartbeat are stale).
+    let later = now + chrono::Duration::seconds(3);
+    store.recover("host-b", later).await.unwrap();
+    let claimed = store.claim_messages("host-b", later, 10).await.unwrap();
+    let seqs = |m: &[cairn::store::StoredMessage]| m.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let held_messages: Vec<_> = held.iter().map(|h| h.message.clone()).collect();
+    assert_eq!(seqs(&claimed), seqs(&held_messages));
+    assert!(claimed.iter().all(|m| m.delivery_count == 2));
+    let lease = later + chrono::Duration::seconds(30);
+    let taken = store
+        .acquire("host-b", &[x, y], later, lease)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 2);
+    assert!(taken.iter().all(|r| r.epoch > FIRST_EPOCH));
+    let out = store
+        .commit(&[send_point(x, "host-a", FIRST_EPOCH, "zombie", 1, later)])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![CommitOutcome::Fenced]);
+    assert_eq!(db.count("SELECT COUNT(*) FROM outbox").await, 0);
+}
+
+/// A host crashes after its client started an instance and before the instance's first
+/// persistence point (G1, G3): the start is durable, held by the dead host, and the next host
+/// runs the instance from its start message, delivered a second time.
+async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: TestDb) {
+    use cairn::store::faulty::CrashPoint;
+    let plan = FaultPlan::new();
+    let deliveries = Deliveries::default();
+    let (host, client) =
+        HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
+    plan.crash_at_commit(1, CrashPoint::BeforeCommit);
+    let id = client
+        .start("approval", json!({"request_id": "r9", "approver": "bob"}))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, plan.crashed())
+        .await
+        .expect("the first point was attempted");
+    host.crash();
+    assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 0);
+    let (locked_by, count, _, status) = start_message(&db, id).await;
+    assert!(locked_by.is_some(), "held by the crashed host");
+    assert_eq!((count, status.as_str()), (1, "routed"));
+
+    let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
+    publish(
+        &client,
+        "d9",
+        "approval.decision",
+        json!({"request_id": "r9", "approved": true, "by": "bob"}),
+    )
+    .await;
+    db.wait_status(id, InstanceStatus::Completed, WAIT).await;
+    let (_, count, _, status) = start_message(&db, id).await;
+    assert_eq!((count, status.as_str()), (2, "consumed"));
+    host.stop();
 }

@@ -118,6 +118,10 @@ impl Running {
             client.get_or_insert_with(|| host.client());
             hosts.push(tokio::spawn(host.run(stop.clone())));
         }
+        // One host runs what its own client starts; many share what a store's client starts.
+        if hosts.len() > 1 {
+            client = None;
+        }
         Self {
             client: client.unwrap_or_else(|| Client::new(first.clone(), registry)),
             store: first,

@@ -31,8 +31,9 @@ use self::ports::Ports;
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::Registry;
 use crate::store::{
-    Activation, CommitOutcome, DueTimer, InstanceStatus, NewInstance, NewMessage, NewReceives,
-    OutboxRow, PersistencePoint, PublishOutcome, Reason, Store, StoreError, StoredMessage,
+    Activation, CommitOutcome, DueTimer, HeldStart, Holder, InstanceRecord, InstanceStatus,
+    NewInstance, NewMessage, NewReceives, OutboxRow, PersistencePoint, PublishOutcome, Reason,
+    Store, StoreError, StoredMessage,
 };
 
 /// An instance that ended (completed, failed, terminated or suspended) at a committed persistence
@@ -121,12 +122,25 @@ pub enum ClientError {
 }
 
 /// Publishes messages and starts instances, in-process or from the CLI.
+///
+/// A host's own client ([`Host::client`]) starts instances eagerly: the start transaction leases
+/// them to that host, which runs them at once without claiming them. A client made with
+/// [`Client::new`] leaves them to whichever host claims them first.
 #[derive(Clone, Debug)]
 pub struct Client {
     store: Arc<dyn Store>,
     registry: Registry,
     clock: SharedClock,
     wake: Arc<Notify>,
+    eager: Option<Eager>,
+}
+
+/// How a host's own client hands the instances it starts to the host.
+#[derive(Clone, Debug)]
+struct Eager {
+    host: String,
+    lease: Duration,
+    to_host: mpsc::UnboundedSender<Vec<HeldStart>>,
 }
 
 impl Client {
@@ -137,6 +151,7 @@ impl Client {
             registry,
             clock: Arc::new(SystemClock),
             wake: Arc::new(Notify::new()),
+            eager: None,
         }
     }
 
@@ -191,10 +206,7 @@ impl Client {
             parent: None,
             input,
         };
-        self.store
-            .start_instances(vec![instance], self.clock.now())
-            .await?;
-        self.wake.notify_one();
+        self.start_instances(vec![instance]).await?;
         Ok(id)
     }
 
@@ -222,11 +234,35 @@ impl Client {
             });
         }
         let ids = instances.iter().map(|i| i.id).collect();
-        self.store
-            .start_instances(instances, self.clock.now())
-            .await?;
-        self.wake.notify_one();
+        self.start_instances(instances).await?;
         Ok(ids)
+    }
+
+    /// Writes the instances; a host's own client hands them to its host, held (see [`Client`]).
+    async fn start_instances(&self, instances: Vec<NewInstance>) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let Some(eager) = self.eager.as_ref().filter(|e| !e.to_host.is_closed()) else {
+            self.store.start_instances(instances, None, now).await?;
+            self.wake.notify_one();
+            return Ok(());
+        };
+        let holder = Holder {
+            host: &eager.host,
+            lease_until: now + chrono::Duration::from_std(eager.lease).unwrap_or_default(),
+        };
+        let held = self
+            .store
+            .start_instances(instances, Some(holder), now)
+            .await?;
+        if let Err(mpsc::error::SendError(held)) = eager.to_host.send(held) {
+            // The host stopped since: give the start messages back. The instances' leases run
+            // out, and then any host claims them.
+            let ids: Vec<Uuid> = held.iter().map(|h| h.record.id).collect();
+            tracing::warn!(host.id = %eager.host, instances = ids.len(),
+                "the host stopped while starting instances for it; they run once its leases expire");
+            self.store.unlock(&eager.host, &ids, &[]).await?;
+        }
+        Ok(())
     }
 
     /// The store.
@@ -259,6 +295,10 @@ pub struct Host {
     wake: Arc<Notify>,
     receive: Vec<receive::ReceiveLocation>,
     endings: Option<mpsc::UnboundedSender<Ended>>,
+    /// Where its clients hand the instances they started for it (see [`Client`]), and where
+    /// [`Host::run`] takes them.
+    held_tx: mpsc::UnboundedSender<Vec<HeldStart>>,
+    held_rx: Option<mpsc::UnboundedReceiver<Vec<HeldStart>>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -275,6 +315,7 @@ impl std::fmt::Debug for Host {
 impl Host {
     /// A host running the definitions in `registry` with the send ports in `ports`.
     pub fn new(store: Arc<dyn Store>, registry: Registry, ports: Ports) -> Self {
+        let (held_tx, held_rx) = mpsc::unbounded_channel();
         Self {
             store,
             registry,
@@ -285,6 +326,8 @@ impl Host {
             wake: Arc::new(Notify::new()),
             receive: Vec::new(),
             endings: None,
+            held_tx,
+            held_rx: Some(held_rx),
         }
     }
 
@@ -331,13 +374,20 @@ impl Host {
         &self.id
     }
 
-    /// A client whose publishes wake this host at once.
+    /// A client whose publishes wake this host at once, and whose starts this host runs (see
+    /// [`Client`]). Take it once the host is configured: its starts are leased for
+    /// [`HostConfig::lease_duration`] as it is then.
     pub fn client(&self) -> Client {
         Client {
             store: self.store.clone(),
             registry: self.registry.clone(),
             clock: self.clock.clone(),
             wake: self.wake.clone(),
+            eager: Some(Eager {
+                host: self.id.clone(),
+                lease: self.config.lease_duration,
+                to_host: self.held_tx.clone(),
+            }),
         }
     }
 
@@ -375,7 +425,10 @@ impl Host {
     /// # Cancel safety
     /// Cancel through `shutdown`, not by dropping the future: dropping skips the shutdown
     /// persistence points (which is safe, like a crash, but slower to recover from).
-    pub async fn run(self, shutdown: CancellationToken) -> Result<HostStats, HostError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<HostStats, HostError> {
+        let Some(held_starts) = self.held_rx.take() else {
+            unreachable!("run takes the host, so its receiver is taken once");
+        };
         let now = self.clock.now();
         self.store.recover(&self.id, now).await?;
         self.sync_activations().await?;
@@ -435,6 +488,8 @@ impl Host {
             to_dispatch,
             replies,
             early_reply: None,
+            held_starts,
+            early_starts: Vec::new(),
             in_flight,
             stats: HostStats::default(),
             last_report: Instant::now(),
@@ -450,6 +505,9 @@ impl Host {
             last_panic: HashMap::new(),
         };
         let result = runner.run_loop(&shutdown).await;
+        // Clients start no more instances for this host; those it was handed and did not run
+        // are given up with the rest of its leases below.
+        runner.held_starts.close();
         stop_receiving.cancel();
         for task in receiving {
             let _ = task.await;
@@ -507,6 +565,10 @@ struct Runner {
     replies: mpsc::UnboundedReceiver<(OutboxRow, serde_json::Value)>,
     /// A reply taken off `replies` while waiting for work, handed over first next round.
     early_reply: Option<(OutboxRow, serde_json::Value)>,
+    /// Instances this host's clients started for it, leased to it, start messages claimed.
+    held_starts: mpsc::UnboundedReceiver<Vec<HeldStart>>,
+    /// Held starts taken off `held_starts` while waiting for work, run first next round.
+    early_starts: Vec<HeldStart>,
     in_flight: Arc<AtomicUsize>,
     stats: HostStats,
     last_report: Instant,
@@ -572,6 +634,9 @@ impl Runner {
                         _ = shutdown.cancelled() => return Ok(()),
                         Some(reply) = self.replies.recv() => {
                             self.early_reply = Some(reply);
+                        }
+                        Some(starts) = self.held_starts.recv() => {
+                            self.early_starts = starts;
                         }
                         _ = wake.notified() => {
                             self.claim = true;
@@ -672,7 +737,8 @@ impl Runner {
             (Vec::new(), Vec::new())
         };
         let mut points = Vec::new();
-        let worked = !messages.is_empty() || !timers.is_empty();
+        let mut work: Vec<(Uuid, Work)> = self.take_held_starts(now, &mut points);
+        let worked = !messages.is_empty() || !timers.is_empty() || !work.is_empty();
         // A full batch: there may be more. Half a batch counts as full, as a PostgreSQL claim
         // takes at most half a batch for instances the host holds and fills the rest with
         // others' only as far as there are any. (Less is all there was; what is published since
@@ -682,15 +748,16 @@ impl Runner {
             self.claim = true;
         }
 
-        let mut work: Vec<(Uuid, Work)> = Vec::with_capacity(messages.len() + timers.len());
+        work.reserve(messages.len() + timers.len());
+        let held = work.len();
         work.extend(
             messages
                 .into_iter()
                 .map(|m| (m.instance_id, Work::Message(m))),
         );
         work.extend(timers.into_iter().map(|t| (t.instance_id, Work::Timer(t))));
-        if worked {
-            if let Err(e) = self.rehydrate(&work, now, &mut points).await {
+        if work.len() > held {
+            if let Err(e) = self.rehydrate(&work[held..], now, &mut points).await {
                 self.claim = true;
                 self.give_back(work.iter().map(|(id, _)| *id)).await;
                 return Err(e);
@@ -984,35 +1051,76 @@ impl Runner {
             store.unlock(&self.host.id, &not_ours, &[]).await?;
         }
         for record in records {
-            let Some(def) = self
-                .host
-                .registry
-                .get(&record.orchestration, record.version)
-                .cloned()
-            else {
-                let error = format!(
-                    "orchestration {:?} version {} is not registered in host {}; deploy a build that has it \
-                     (or terminate the instance)",
-                    record.orchestration, record.version, self.host.id
-                );
-                tracing::warn!(instance.id = %record.id, orchestration.name = %record.orchestration,
-                    orchestration.version = record.version, "{error}");
-                store.note_unrunnable(record.id, &error, now).await?;
-                self.unrunnable.insert(record.id);
+            if let Err(error) = self.adopt(record, now, points) {
+                store.note_unrunnable(error.0, &error.1, now).await?;
+                self.unrunnable.insert(error.0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the instances this host's clients started for it (they are leased to it, their
+    /// start messages claimed) into memory; returns their start messages, to be delivered.
+    fn take_held_starts(
+        &mut self,
+        now: DateTime<Utc>,
+        points: &mut Vec<PersistencePoint>,
+    ) -> Vec<(Uuid, Work)> {
+        let mut starts = std::mem::take(&mut self.early_starts);
+        while let Ok(more) = self.held_starts.try_recv() {
+            starts.extend(more);
+        }
+        let mut work = Vec::with_capacity(starts.len());
+        for HeldStart { record, message } in starts {
+            // Already in memory: claimed since, after a recovery gave the lease back.
+            if self.cache.contains_key(&record.id) {
                 continue;
-            };
-            match LiveInstance::load(record, def) {
-                Ok(instance) => {
-                    self.cache.insert(instance.id, instance);
-                }
-                Err(fault) => {
-                    let mut fault = *fault;
-                    tracing::warn!(instance.id = %fault.instance.id, error = %fault.error.0, "instance cannot be loaded; suspending it");
-                    self.stats.faults += 1;
-                    let mut point = fault.instance.fault_point(&fault.error, &self.host.id, now);
-                    point.resumable = false;
-                    points.push(point);
-                }
+            }
+            let id = record.id;
+            match self.adopt(record, now, points) {
+                Ok(()) => work.push((id, Work::Message(message))),
+                // The client resolved the definition in this host's registry.
+                Err((id, error)) => tracing::warn!(instance.id = %id, "{error}"),
+            }
+        }
+        work
+    }
+
+    /// Loads an instance this host holds into memory, or, if it cannot be read, makes the point
+    /// that suspends it. An instance of a definition this host does not have is returned with
+    /// the error to record.
+    fn adopt(
+        &mut self,
+        record: InstanceRecord,
+        now: DateTime<Utc>,
+        points: &mut Vec<PersistencePoint>,
+    ) -> Result<(), (Uuid, String)> {
+        let Some(def) = self
+            .host
+            .registry
+            .get(&record.orchestration, record.version)
+            .cloned()
+        else {
+            let error = format!(
+                "orchestration {:?} version {} is not registered in host {}; deploy a build that has it \
+                 (or terminate the instance)",
+                record.orchestration, record.version, self.host.id
+            );
+            tracing::warn!(instance.id = %record.id, orchestration.name = %record.orchestration,
+                orchestration.version = record.version, "{error}");
+            return Err((record.id, error));
+        };
+        match LiveInstance::load(record, def) {
+            Ok(instance) => {
+                self.cache.insert(instance.id, instance);
+            }
+            Err(fault) => {
+                let mut fault = *fault;
+                tracing::warn!(instance.id = %fault.instance.id, error = %fault.error.0, "instance cannot be loaded; suspending it");
+                self.stats.faults += 1;
+                let mut point = fault.instance.fault_point(&fault.error, &self.host.id, now);
+                point.resumable = false;
+                points.push(point);
             }
         }
         Ok(())
@@ -1228,6 +1336,8 @@ impl Runner {
         if self.in_flight.load(Ordering::SeqCst) > 0
             || !self.replies.is_empty()
             || self.early_reply.is_some()
+            || !self.held_starts.is_empty()
+            || !self.early_starts.is_empty()
         {
             return false;
         }

@@ -129,9 +129,14 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.publish(m, now).await
     }
-    async fn start_instances(&self, i: Vec<NewInstance>, now: DateTime<Utc>) -> StoreResult<()> {
+    async fn start_instances(
+        &self,
+        i: Vec<NewInstance>,
+        holder: Option<Holder<'_>>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<HeldStart>> {
         self.gate().await;
-        self.inner.start_instances(i, now).await
+        self.inner.start_instances(i, holder, now).await
     }
     async fn claim_messages(
         &self,

@@ -180,12 +180,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<PublishOutcome>>;
 
-    /// Creates instances with their start messages.
+    /// Creates instances with their start messages. With a `holder` (an eager start), the same
+    /// transaction leases each instance to that host ([`FIRST_EPOCH`]) and claims its start
+    /// message for it, and the instances are returned ready to run: the host neither claims nor
+    /// acquires them. Without one, nothing is returned and any host may claim them.
     async fn start_instances(
         &self,
         instances: Vec<NewInstance>,
+        holder: Option<Holder<'_>>,
         now: DateTime<Utc>,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<Vec<HeldStart>>;
 
     /// Claims up to `limit` routed messages, oldest first, for instances this host may run, and
     /// locks them to `host`.

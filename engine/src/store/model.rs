@@ -316,6 +316,90 @@ impl NewInstance {
     pub fn start_message_id(&self) -> String {
         format!("{}:start", self.id)
     }
+
+    /// The type of this instance's start message.
+    pub fn start_message_type(&self) -> String {
+        format!("{}.start", self.orchestration)
+    }
+}
+
+/// The host that runs the instances it starts itself (an eager start): the start transaction
+/// leases each new instance to it and claims its start message for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    /// The host.
+    pub host: &'a str,
+    /// Until when it holds the new instances' leases (its heartbeat renews them).
+    pub lease_until: DateTime<Utc>,
+}
+
+/// The epoch of an instance started held: the one an [`InstanceRecord`] acquired first has.
+pub const FIRST_EPOCH: i64 = 1;
+
+/// An instance started held by its host, ready to run: what acquiring it and claiming its start
+/// message would have returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldStart {
+    /// The instance, leased to the host.
+    pub record: InstanceRecord,
+    /// Its start message, claimed by the host.
+    pub message: StoredMessage,
+}
+
+impl HeldStart {
+    /// The instances `starts` (each with its start time), their start messages stored at the
+    /// `seqs` the insert returned as `(instance id, seq)` pairs.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`](super::StoreError::Corrupt) if an instance's start message was
+    /// not stored.
+    pub fn all(
+        starts: &[(&NewInstance, DateTime<Utc>)],
+        seqs: impl IntoIterator<Item = (Uuid, i64)>,
+    ) -> super::StoreResult<Vec<Self>> {
+        let seqs: std::collections::HashMap<Uuid, i64> = seqs.into_iter().collect();
+        starts
+            .iter()
+            .map(|(inst, at)| {
+                let seq = seqs.get(&inst.id).ok_or_else(|| {
+                    super::StoreError::Corrupt(format!(
+                        "the start message of new instance {} was not stored",
+                        inst.id
+                    ))
+                })?;
+                Ok(Self::new(inst, *seq, *at))
+            })
+            .collect()
+    }
+
+    /// The instance `inst` started at `now`, its start message stored at `seq`.
+    pub fn new(inst: &NewInstance, seq: i64, now: DateTime<Utc>) -> Self {
+        Self {
+            record: InstanceRecord {
+                id: inst.id,
+                orchestration: inst.orchestration.clone(),
+                version: inst.version,
+                status: InstanceStatus::Running,
+                state: None,
+                engine_state: None,
+                epoch: FIRST_EPOCH,
+                history_seq: 0,
+                parent_id: inst.parent,
+            },
+            message: StoredMessage {
+                seq,
+                id: inst.start_message_id(),
+                message_type: inst.start_message_type(),
+                kind: MessageKind::Start,
+                properties: BTreeMap::new(),
+                body: inst.input.clone(),
+                instance_id: inst.id,
+                subscription_id: None,
+                published_at: now,
+                delivery_count: 1,
+            },
+        }
+    }
 }
 
 /// An activating subscription: a message type that starts instances of a definition.

@@ -831,15 +831,18 @@ impl Store for PostgresStore {
     async fn start_instances(
         &self,
         instances: Vec<NewInstance>,
+        holder: Option<Holder<'_>>,
         now: DateTime<Utc>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Vec<HeldStart>> {
         let mut tx = self.write().await?;
         let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
-        batch::start_instances(&mut tx, &starts).await?;
-        if !instances.is_empty() {
+        let held = batch::start_instances(&mut tx, &starts, holder).await?;
+        // Held starts leave nothing for other hosts to claim.
+        if !instances.is_empty() && holder.is_none() {
             notify(&mut tx).await?;
         }
-        commit(tx).await
+        commit(tx).await?;
+        Ok(held)
     }
 
     // Up to half the batch: messages for instances this host already holds (they are in memory,
@@ -2097,7 +2100,7 @@ mod tests {
         store.recover("host-a", now).await.expect("recover");
         let inst = new_instance("order");
         store
-            .start_instances(vec![inst.clone()], now)
+            .start_instances(vec![inst.clone()], None, now)
             .await
             .expect("start");
         let claimed = store
@@ -2315,7 +2318,7 @@ mod tests {
         store.recover("host-b", now).await.expect("recover b");
         let inst = new_instance("order");
         store
-            .start_instances(vec![inst.clone()], now)
+            .start_instances(vec![inst.clone()], None, now)
             .await
             .expect("start");
         let lease = now + chrono::Duration::seconds(30);
@@ -2388,7 +2391,7 @@ mod tests {
         store.recover("host-b", now).await.expect("recover b");
         let inst = new_instance("order");
         store
-            .start_instances(vec![inst.clone()], now)
+            .start_instances(vec![inst.clone()], None, now)
             .await
             .expect("start");
         // a claimed (the instance has no owner yet) and is about to acquire: b must not take it.
@@ -2459,7 +2462,7 @@ mod tests {
         }
         let inst = new_instance("order");
         store
-            .start_instances(vec![inst.clone()], now)
+            .start_instances(vec![inst.clone()], None, now)
             .await
             .expect("start");
         assert_eq!(
@@ -2517,7 +2520,7 @@ mod tests {
         store.recover("host-a", now).await.expect("recover");
         let inst = new_instance("order");
         store
-            .start_instances(vec![inst.clone()], now)
+            .start_instances(vec![inst.clone()], None, now)
             .await
             .expect("start");
         let msgs = store
@@ -2624,7 +2627,7 @@ mod tests {
     ) -> (NewInstance, i64, PersistencePoint) {
         let inst = new_instance("order");
         store
-            .start_instances(vec![inst.clone()], now)
+            .start_instances(vec![inst.clone()], None, now)
             .await
             .expect("start");
         let msgs = store
@@ -2741,7 +2744,10 @@ mod tests {
         let Some(store) = fresh().await else { return };
         let now = at(0);
         let instances: Vec<NewInstance> = (0..200).map(|_| new_instance("order")).collect();
-        store.start_instances(instances, now).await.expect("start");
+        store
+            .start_instances(instances, None, now)
+            .await
+            .expect("start");
         let mut tasks = tokio::task::JoinSet::new();
         for h in 0..4 {
             let store = store.clone();

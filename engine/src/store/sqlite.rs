@@ -539,12 +539,14 @@ impl Store for SqliteStore {
     async fn start_instances(
         &self,
         instances: Vec<NewInstance>,
+        holder: Option<Holder<'_>>,
         now: DateTime<Utc>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Vec<HeldStart>> {
         let mut tx = self.write().await?;
         let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
-        batch::start_instances(&mut tx, &starts).await?;
-        commit(tx).await
+        let held = batch::start_instances(&mut tx, &starts, holder).await?;
+        commit(tx).await?;
+        Ok(held)
     }
 
     // Messages for instances this host already holds come first (they are in memory, and

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
+use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
 use super::{
     distinct_runs, find_route, insert_instance, int4, map_err, run_outcomes, subscribe_convoy,
@@ -48,7 +49,7 @@ pub(super) async fn write_points(
                 .iter()
                 .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
                 .collect();
-            start_instances(tx, &children).await?;
+            start_instances(tx, &children, None).await?;
             write_timers(tx, &written).await?;
             release(tx, &written).await?;
         }
@@ -421,13 +422,17 @@ pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) 
 }
 
 /// Inserts instances and their start messages (addressed to them), each started at its time.
+/// With a `holder`, each instance is leased to it and its start message claimed by it, and they
+/// are returned ready to run (see [`Store::start_instances`](crate::store::Store::start_instances)).
 pub(super) async fn start_instances(
     tx: &mut Tx,
     starts: &[(&NewInstance, DateTime<Utc>)],
-) -> StoreResult<()> {
+    holder: Option<Holder<'_>>,
+) -> StoreResult<Vec<HeldStart>> {
     if starts.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    let owner = holder.map(|h| h.host);
     let ids: Vec<Uuid> = starts.iter().map(|(inst, _)| inst.id).collect();
     let ats: Vec<DateTime<Utc>> = starts.iter().map(|(_, at)| *at).collect();
     let names: Vec<&str> = starts
@@ -438,8 +443,8 @@ pub(super) async fn start_instances(
     let parents: Vec<Option<Uuid>> = starts.iter().map(|(inst, _)| inst.parent).collect();
     sqlx::query(
         "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
-         updated_at, parent_id) \
-         SELECT id, orchestration, version, 'running', 'created', at, at, parent_id \
+         updated_at, parent_id, owner, lease_expires_at, epoch) \
+         SELECT id, orchestration, version, 'running', 'created', at, at, parent_id, $6, $7, $8 \
          FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::uuid[]) \
            AS s(id, orchestration, version, at, parent_id)",
     )
@@ -448,16 +453,20 @@ pub(super) async fn start_instances(
     .bind(&versions)
     .bind(&ats)
     .bind(&parents)
+    .bind(owner)
+    .bind(holder.map(|h| h.lease_until))
+    .bind(if holder.is_some() { FIRST_EPOCH } else { 0 })
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
-    sqlx::query(
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
         "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
-         published_at) \
-         SELECT id, message_type, $3, '{}', body, 'routed', instance_id, at \
+         published_at, locked_by, delivery_count) \
+         SELECT id, message_type, $3, '{}', body, 'routed', instance_id, at, $7, $8 \
          FROM UNNEST($1::text[], $2::text[], $4::text[], $5::uuid[], $6::timestamptz[]) \
            AS s(id, message_type, body, instance_id, at) \
-         ON CONFLICT (id) DO NOTHING",
+         ON CONFLICT (id) DO NOTHING \
+         RETURNING instance_id, seq",
     )
     .bind(
         starts
@@ -468,7 +477,7 @@ pub(super) async fn start_instances(
     .bind(
         starts
             .iter()
-            .map(|(inst, _)| format!("{}.start", inst.orchestration))
+            .map(|(inst, _)| inst.start_message_type())
             .collect::<Vec<_>>(),
     )
     .bind(MessageKind::Start.as_str())
@@ -480,10 +489,15 @@ pub(super) async fn start_instances(
     )
     .bind(&ids)
     .bind(&ats)
-    .execute(&mut **tx)
+    .bind(owner)
+    .bind(i32::from(holder.is_some()))
+    .fetch_all(&mut **tx)
     .await
     .map_err(map_err)?;
-    Ok(())
+    match holder {
+        Some(_) => HeldStart::all(starts, rows),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Stores and routes messages in order, each published at its time. The types of the published

@@ -19,6 +19,7 @@ use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
+use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
 use super::{
     activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
@@ -118,7 +119,7 @@ pub(super) async fn write_points(
             .iter()
             .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
             .collect();
-        start_instances(tx, &children).await?;
+        start_instances(tx, &children, None).await?;
         write_timers(tx, &written).await?;
         let messages: Vec<_> = written
             .iter()
@@ -516,14 +517,21 @@ pub(super) async fn still_held(
 }
 
 /// Inserts instances and their start messages (addressed to them), each started at its time.
+/// With a `holder`, each instance is leased to it and its start message claimed by it, and they
+/// are returned ready to run (see [`Store::start_instances`](crate::store::Store::start_instances)).
 pub(super) async fn start_instances(
     tx: &mut Tx,
     starts: &[(&NewInstance, DateTime<Utc>)],
-) -> StoreResult<()> {
+    holder: Option<Holder<'_>>,
+) -> StoreResult<Vec<HeldStart>> {
+    let owner = holder.map(|h| h.host);
+    let lease = holder.map(|h| ts(h.lease_until));
+    let epoch = if holder.is_some() { FIRST_EPOCH } else { 0 };
+    let mut held = Vec::new();
     for chunk in starts.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new(
             "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
-             updated_at, parent_id) ",
+             updated_at, parent_id, owner, lease_expires_at, epoch) ",
         );
         q.push_values(chunk, |mut row, (inst, at)| {
             row.push_bind(inst.id.to_string())
@@ -533,27 +541,47 @@ pub(super) async fn start_instances(
                 .push_bind("created")
                 .push_bind(ts(*at))
                 .push_bind(ts(*at))
-                .push_bind(inst.parent.map(|p| p.to_string()));
+                .push_bind(inst.parent.map(|p| p.to_string()))
+                .push_bind(owner)
+                .push_bind(lease.clone())
+                .push_bind(epoch);
         });
         execute(tx, q, chunk.len()).await?;
         let mut q = QueryBuilder::new(
             "INSERT INTO messages (id, message_type, kind, properties, body, status, \
-             instance_id, published_at) ",
+             instance_id, published_at, locked_by, delivery_count) ",
         );
         q.push_values(chunk, |mut row, (inst, at)| {
             row.push_bind(inst.start_message_id())
-                .push_bind(format!("{}.start", inst.orchestration))
+                .push_bind(inst.start_message_type())
                 .push_bind(MessageKind::Start.as_str())
                 .push_bind("{}")
                 .push_bind(inst.input.to_string())
                 .push_bind("routed")
                 .push_bind(inst.id.to_string())
-                .push_bind(ts(*at));
+                .push_bind(ts(*at))
+                .push_bind(owner)
+                .push_bind(i64::from(holder.is_some()));
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
-        execute(tx, q, chunk.len()).await?;
+        if holder.is_none() {
+            execute(tx, q, chunk.len()).await?;
+            continue;
+        }
+        q.push(" RETURNING instance_id, seq");
+        let rows: Vec<(String, i64)> = q
+            .build_query_as()
+            .persistent(reuse(chunk.len()))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let seqs = rows
+            .iter()
+            .map(|(id, seq)| Ok((parse_uuid(id)?, *seq)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        held.extend(HeldStart::all(chunk, seqs)?);
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Stores and routes messages in order, each published at its time: duplicates (of a stored
