@@ -55,6 +55,7 @@ backend_tests!(
     a_group_commit_cancels_re_arms_and_sets_each_instances_timers,
     an_eager_start_is_held_by_its_host_until_its_lease_runs_out,
     an_eager_start_survives_its_hosts_crash_before_the_first_point,
+    a_hosts_client_leaves_starts_to_claims_once_a_batch_waits,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -1165,6 +1166,15 @@ async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: Test
     let deliveries = Deliveries::default();
     let (host, client) =
         HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
+    // A first instance's first point: the host runs, so it takes what its client starts.
+    client
+        .start("approval", json!({"request_id": "r8", "approver": "bob"}))
+        .await
+        .unwrap();
+    db.wait_for("the first instance's first point", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM history").await == 1
+    })
+    .await;
     plan.crash_at_commit(1, CrashPoint::BeforeCommit);
     let id = client
         .start("approval", json!({"request_id": "r9", "approver": "bob"}))
@@ -1174,7 +1184,7 @@ async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: Test
         .await
         .expect("the first point was attempted");
     host.crash();
-    assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 1);
     let (locked_by, count, _, status) = start_message(&db, id).await;
     assert!(locked_by.is_some(), "held by the crashed host");
     assert_eq!((count, status.as_str()), (1, "routed"));
@@ -1191,4 +1201,78 @@ async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: Test
     let (_, count, _, status) = start_message(&db, id).await;
     assert_eq!((count, status.as_str()), (2, "consumed"));
     host.stop();
+}
+
+/// A host's own client hands its starts to the host only while it runs and fewer than a batch
+/// wait for it (memory stays bounded when a client starts faster than the host runs): otherwise
+/// instances are stored for any host to claim, and they all run.
+async fn a_hosts_client_leaves_starts_to_claims_once_a_batch_waits(db: TestDb) {
+    use support::fixtures::{ports, registry};
+    let config = cairn::HostConfig {
+        batch_size: 2,
+        ..fast_config()
+    };
+    let plan = FaultPlan::new();
+    let store = std::sync::Arc::new(cairn::store::faulty::FaultyStore::new(
+        db.store.clone(),
+        plan.clone(),
+    ));
+    let host = cairn::Host::new(store, registry(), cairn::Ports::new()).with_config(config);
+    let host_id = host.id().to_owned();
+    let client = host.client();
+    let host = host.with_ports(ports(client.clone(), Deliveries::default()));
+    let request = |n: u32| json!({"request_id": format!("w{n}"), "approver": "eve"});
+    let owner = |id: Uuid| {
+        let sql = db.sql.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT owner FROM instances WHERE CAST(id AS TEXT) = $1",
+            )
+            .bind(id.to_string())
+            .fetch_one(&sql)
+            .await
+            .unwrap()
+        }
+    };
+    // Not running yet: left to the claims.
+    let before = client.start("approval", request(0)).await.unwrap();
+    assert_eq!(owner(before).await, None);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(host.run(stop.clone()));
+    db.wait_status(before, InstanceStatus::Running, WAIT).await;
+    db.wait_for("the first point", WAIT, || async { plan.commits() >= 1 })
+        .await;
+    // The host retries failing commits for seconds, taking no starts meanwhile: the first three
+    // are handed over (none waited), the fourth is not (three wait, a batch is two).
+    plan.fail_next_commits(6);
+    let first = client.start("approval", request(1)).await.unwrap();
+    db.wait_for("the host busy committing", WAIT, || async {
+        plan.commits() >= 2
+    })
+    .await;
+    let eager = client
+        .start_many(
+            (2..=4)
+                .map(|n| ("approval".to_owned(), request(n)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let shared = client.start("approval", request(5)).await.unwrap();
+    for id in eager.iter().chain([&first]) {
+        assert_eq!(owner(*id).await.as_deref(), Some(host_id.as_str()));
+    }
+    assert_eq!(owner(shared).await, None, "left to the claims");
+    assert_eq!(start_message(&db, shared).await.0, None);
+
+    for n in 0..=5 {
+        let decision = json!({"request_id": format!("w{n}"), "approved": true, "by": "eve"});
+        publish(&client, &format!("wd{n}"), "approval.decision", decision).await;
+    }
+    for id in [before, first, shared].iter().chain(&eager) {
+        db.wait_status(*id, InstanceStatus::Completed, WAIT).await;
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
 }

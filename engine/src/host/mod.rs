@@ -16,7 +16,7 @@ pub mod receive;
 pub mod scopes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,9 +123,12 @@ pub enum ClientError {
 
 /// Publishes messages and starts instances, in-process or from the CLI.
 ///
-/// A host's own client ([`Host::client`]) starts instances eagerly: the start transaction leases
-/// them to that host, which runs them at once without claiming them. A client made with
-/// [`Client::new`] leaves them to whichever host claims them first.
+/// A host's own client ([`Host::client`]) starts instances eagerly while the host runs and keeps
+/// up: the start transaction leases them to that host, which runs them at once without claiming
+/// them.
+/// When a batch ([`HostConfig::batch_size`]) of such starts is still waiting for the host, and
+/// always with a client made with [`Client::new`], instances are left to whichever host claims
+/// them first.
 #[derive(Clone, Debug)]
 pub struct Client {
     store: Arc<dyn Store>,
@@ -141,6 +144,21 @@ struct Eager {
     host: String,
     lease: Duration,
     to_host: mpsc::UnboundedSender<Vec<HeldStart>>,
+    /// Set once the host has recovered and runs (a SQLite host's recovery releases every lease).
+    running: Arc<AtomicBool>,
+    /// Instances handed over that the host has not taken yet (see [`Client`]).
+    waiting: Arc<AtomicUsize>,
+    /// Up to how many may wait before starts are left to the claims.
+    most_waiting: usize,
+}
+
+impl Eager {
+    /// Whether the host runs and keeps up with what it is handed.
+    fn takes_more(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+            && !self.to_host.is_closed()
+            && self.waiting.load(Ordering::SeqCst) < self.most_waiting
+    }
 }
 
 impl Client {
@@ -241,7 +259,7 @@ impl Client {
     /// Writes the instances; a host's own client hands them to its host, held (see [`Client`]).
     async fn start_instances(&self, instances: Vec<NewInstance>) -> Result<(), StoreError> {
         let now = self.clock.now();
-        let Some(eager) = self.eager.as_ref().filter(|e| !e.to_host.is_closed()) else {
+        let Some(eager) = self.eager.as_ref().filter(|e| e.takes_more()) else {
             self.store.start_instances(instances, None, now).await?;
             self.wake.notify_one();
             return Ok(());
@@ -254,7 +272,10 @@ impl Client {
             .store
             .start_instances(instances, Some(holder), now)
             .await?;
+        let count = held.len();
+        eager.waiting.fetch_add(count, Ordering::SeqCst);
         if let Err(mpsc::error::SendError(held)) = eager.to_host.send(held) {
+            eager.waiting.fetch_sub(count, Ordering::SeqCst);
             // The host stopped since: give the start messages back. The instances' leases run
             // out, and then any host claims them.
             let ids: Vec<Uuid> = held.iter().map(|h| h.record.id).collect();
@@ -299,6 +320,10 @@ pub struct Host {
     /// [`Host::run`] takes them.
     held_tx: mpsc::UnboundedSender<Vec<HeldStart>>,
     held_rx: Option<mpsc::UnboundedReceiver<Vec<HeldStart>>>,
+    /// How many of them wait in `held_rx`.
+    held_waiting: Arc<AtomicUsize>,
+    /// Whether it has recovered and runs, so takes held starts.
+    running: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Host {
@@ -328,6 +353,8 @@ impl Host {
             endings: None,
             held_tx,
             held_rx: Some(held_rx),
+            held_waiting: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -387,6 +414,9 @@ impl Host {
                 host: self.id.clone(),
                 lease: self.config.lease_duration,
                 to_host: self.held_tx.clone(),
+                running: self.running.clone(),
+                waiting: self.held_waiting.clone(),
+                most_waiting: self.config.batch_size as usize,
             }),
         }
     }
@@ -429,9 +459,13 @@ impl Host {
         let Some(held_starts) = self.held_rx.take() else {
             unreachable!("run takes the host, so its receiver is taken once");
         };
+        let runner_waiting = self.held_waiting.clone();
         let now = self.clock.now();
         self.store.recover(&self.id, now).await?;
         self.sync_activations().await?;
+        // From now on what this host's clients start is leased to it (and no recovery of its own
+        // can release it).
+        self.running.store(true, Ordering::SeqCst);
 
         let stop_workers = CancellationToken::new();
         let (to_dispatch, rows) = mpsc::unbounded_channel();
@@ -489,6 +523,7 @@ impl Host {
             replies,
             early_reply: None,
             held_starts,
+            held_waiting: runner_waiting,
             early_starts: Vec::new(),
             in_flight,
             stats: HostStats::default(),
@@ -567,6 +602,8 @@ struct Runner {
     early_reply: Option<(OutboxRow, serde_json::Value)>,
     /// Instances this host's clients started for it, leased to it, start messages claimed.
     held_starts: mpsc::UnboundedReceiver<Vec<HeldStart>>,
+    /// How many wait in `held_starts` (its clients stop handing over more past a batch).
+    held_waiting: Arc<AtomicUsize>,
     /// Held starts taken off `held_starts` while waiting for work, run first next round.
     early_starts: Vec<HeldStart>,
     in_flight: Arc<AtomicUsize>,
@@ -636,7 +673,8 @@ impl Runner {
                             self.early_reply = Some(reply);
                         }
                         Some(starts) = self.held_starts.recv() => {
-                            self.early_starts = starts;
+                            self.held_waiting.fetch_sub(starts.len(), Ordering::SeqCst);
+                            self.early_starts.extend(starts);
                         }
                         _ = wake.notified() => {
                             self.claim = true;
@@ -1060,15 +1098,27 @@ impl Runner {
     }
 
     /// Takes the instances this host's clients started for it (they are leased to it, their
-    /// start messages claimed) into memory; returns their start messages, to be delivered.
+    /// start messages claimed) into memory; returns their start messages, to be delivered. At
+    /// most a batch ([`HostConfig::batch_size`]) a round, as claims, so that one `start_many`
+    /// of many instances does not make one huge group commit; the rest wait for the next round.
     fn take_held_starts(
         &mut self,
         now: DateTime<Utc>,
         points: &mut Vec<PersistencePoint>,
     ) -> Vec<(Uuid, Work)> {
+        let limit = (self.host.config.batch_size as usize).max(1);
         let mut starts = std::mem::take(&mut self.early_starts);
-        while let Ok(more) = self.held_starts.try_recv() {
-            starts.extend(more);
+        while starts.len() < limit {
+            match self.held_starts.try_recv() {
+                Ok(more) => {
+                    self.held_waiting.fetch_sub(more.len(), Ordering::SeqCst);
+                    starts.extend(more);
+                }
+                Err(_) => break,
+            }
+        }
+        if starts.len() > limit {
+            self.early_starts = starts.split_off(limit);
         }
         let mut work = Vec::with_capacity(starts.len());
         for HeldStart { record, message } in starts {
