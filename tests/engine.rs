@@ -1203,9 +1203,9 @@ async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: Test
     host.stop();
 }
 
-/// A host's own client hands its starts to the host only while it runs and fewer than a batch
-/// wait for it (memory stays bounded when a client starts faster than the host runs): otherwise
-/// instances are stored for any host to claim, and they all run.
+/// A host's own client hands its starts to the host only while it runs and no more than a batch
+/// would wait for it (memory stays bounded when a client starts faster than the host runs):
+/// otherwise instances are stored for any host to claim, and they all run.
 async fn a_hosts_client_leaves_starts_to_claims_once_a_batch_waits(db: TestDb) {
     use support::fixtures::{ports, registry};
     let config = cairn::HostConfig {
@@ -1243,34 +1243,36 @@ async fn a_hosts_client_leaves_starts_to_claims_once_a_batch_waits(db: TestDb) {
     db.wait_status(before, InstanceStatus::Running, WAIT).await;
     db.wait_for("the first point", WAIT, || async { plan.commits() >= 1 })
         .await;
-    // The host retries failing commits for seconds, taking no starts meanwhile: the first three
-    // are handed over (none waited), the fourth is not (three wait, a batch is two).
+    // The host retries failing commits for seconds, taking no starts meanwhile. Three at once
+    // are not handed over (more than a batch of two), the next two are (none waited), the one
+    // after is not (two wait).
     plan.fail_next_commits(6);
     let first = client.start("approval", request(1)).await.unwrap();
     db.wait_for("the host busy committing", WAIT, || async {
         plan.commits() >= 2
     })
     .await;
-    let eager = client
-        .start_many(
-            (2..=4)
-                .map(|n| ("approval".to_owned(), request(n)))
-                .collect(),
-        )
-        .await
-        .unwrap();
-    let shared = client.start("approval", request(5)).await.unwrap();
+    let many = |from: u32, to: u32| {
+        (from..=to)
+            .map(|n| ("approval".to_owned(), request(n)))
+            .collect()
+    };
+    let mut shared = client.start_many(many(2, 4)).await.unwrap();
+    let eager = client.start_many(many(5, 6)).await.unwrap();
+    shared.push(client.start("approval", request(7)).await.unwrap());
     for id in eager.iter().chain([&first]) {
         assert_eq!(owner(*id).await.as_deref(), Some(host_id.as_str()));
     }
-    assert_eq!(owner(shared).await, None, "left to the claims");
-    assert_eq!(start_message(&db, shared).await.0, None);
+    for id in &shared {
+        assert_eq!(owner(*id).await, None, "left to the claims");
+        assert_eq!(start_message(&db, *id).await.0, None);
+    }
 
-    for n in 0..=5 {
+    for n in 0..=7 {
         let decision = json!({"request_id": format!("w{n}"), "approved": true, "by": "eve"});
         publish(&client, &format!("wd{n}"), "approval.decision", decision).await;
     }
-    for id in [before, first, shared].iter().chain(&eager) {
+    for id in [before, first].iter().chain(&eager).chain(&shared) {
         db.wait_status(*id, InstanceStatus::Completed, WAIT).await;
     }
     stop.cancel();

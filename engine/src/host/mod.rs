@@ -126,9 +126,9 @@ pub enum ClientError {
 /// A host's own client ([`Host::client`]) starts instances eagerly while the host runs and keeps
 /// up: the start transaction leases them to that host, which runs them at once without claiming
 /// them.
-/// When a batch ([`HostConfig::batch_size`]) of such starts is still waiting for the host, and
-/// always with a client made with [`Client::new`], instances are left to whichever host claims
-/// them first.
+/// Starts that would leave more than a batch ([`HostConfig::batch_size`]) waiting for the host,
+/// and all starts of a client made with [`Client::new`], are left to whichever host claims them
+/// first.
 #[derive(Clone, Debug)]
 pub struct Client {
     store: Arc<dyn Store>,
@@ -153,11 +153,12 @@ struct Eager {
 }
 
 impl Eager {
-    /// Whether the host runs and keeps up with what it is handed.
-    fn takes_more(&self) -> bool {
+    /// Whether the host runs and can take `count` more instances without more than a batch
+    /// waiting.
+    fn takes(&self, count: usize) -> bool {
         self.running.load(Ordering::SeqCst)
             && !self.to_host.is_closed()
-            && self.waiting.load(Ordering::SeqCst) < self.most_waiting
+            && self.waiting.load(Ordering::SeqCst) + count <= self.most_waiting
     }
 }
 
@@ -259,7 +260,8 @@ impl Client {
     /// Writes the instances; a host's own client hands them to its host, held (see [`Client`]).
     async fn start_instances(&self, instances: Vec<NewInstance>) -> Result<(), StoreError> {
         let now = self.clock.now();
-        let Some(eager) = self.eager.as_ref().filter(|e| e.takes_more()) else {
+        let count = instances.len();
+        let Some(eager) = self.eager.as_ref().filter(|e| e.takes(count)) else {
             self.store.start_instances(instances, None, now).await?;
             self.wake.notify_one();
             return Ok(());
@@ -272,7 +274,6 @@ impl Client {
             .store
             .start_instances(instances, Some(holder), now)
             .await?;
-        let count = held.len();
         eager.waiting.fetch_add(count, Ordering::SeqCst);
         if let Err(mpsc::error::SendError(held)) = eager.to_host.send(held) {
             eager.waiting.fetch_sub(count, Ordering::SeqCst);
