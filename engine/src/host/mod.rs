@@ -673,10 +673,7 @@ impl Runner {
                         Some(reply) = self.replies.recv() => {
                             self.early_reply = Some(reply);
                         }
-                        Some(starts) = self.held_starts.recv() => {
-                            self.held_waiting.fetch_sub(starts.len(), Ordering::SeqCst);
-                            self.early_starts.extend(starts);
-                        }
+                        Some(starts) = self.held_starts.recv() => self.took_starts(starts),
                         _ = wake.notified() => {
                             self.claim = true;
                         }
@@ -1108,25 +1105,18 @@ impl Runner {
         points: &mut Vec<PersistencePoint>,
     ) -> Vec<(Uuid, Work)> {
         let limit = (self.host.config.batch_size as usize).max(1);
-        let mut starts = std::mem::take(&mut self.early_starts);
-        while starts.len() < limit {
+        while self.early_starts.len() < limit {
             match self.held_starts.try_recv() {
-                Ok(more) => {
-                    self.held_waiting.fetch_sub(more.len(), Ordering::SeqCst);
-                    starts.extend(more);
-                }
+                Ok(more) => self.took_starts(more),
                 Err(_) => break,
             }
         }
+        let mut starts = std::mem::take(&mut self.early_starts);
         if starts.len() > limit {
             self.early_starts = starts.split_off(limit);
         }
         let mut work = Vec::with_capacity(starts.len());
         for HeldStart { record, message } in starts {
-            // Already in memory: claimed since, after a recovery gave the lease back.
-            if self.cache.contains_key(&record.id) {
-                continue;
-            }
             let id = record.id;
             match self.adopt(record, now, points) {
                 Ok(()) => work.push((id, Work::Message(message))),
@@ -1135,6 +1125,13 @@ impl Runner {
             }
         }
         work
+    }
+
+    /// Keeps held starts taken off the channel for the next round; its clients may hand over
+    /// as many more.
+    fn took_starts(&mut self, starts: Vec<HeldStart>) {
+        self.held_waiting.fetch_sub(starts.len(), Ordering::SeqCst);
+        self.early_starts.extend(starts);
     }
 
     /// Loads an instance this host holds into memory, or, if it cannot be read, makes the point

@@ -48,6 +48,35 @@ async fn execute(
         .map_err(map_err)
 }
 
+/// Runs `q` (kept prepared as [`execute`] does) and returns its rows.
+async fn fetch_as<T>(
+    tx: &mut Tx,
+    mut q: QueryBuilder<'_, Sqlite>,
+    rows: usize,
+) -> StoreResult<Vec<T>>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+{
+    q.build_query_as()
+        .persistent(reuse(rows))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)
+}
+
+/// Runs `q` (kept prepared as [`execute`] does) and returns its one text column.
+async fn fetch_texts(
+    tx: &mut Tx,
+    mut q: QueryBuilder<'_, Sqlite>,
+    rows: usize,
+) -> StoreResult<Vec<String>> {
+    q.build_query_scalar()
+        .persistent(reuse(rows))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(map_err)
+}
+
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
 pub(super) const ROWS_PER_STATEMENT: usize = 1_000;
 
@@ -177,17 +206,11 @@ async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uui
 /// them to `into`.
 async fn fetch_ids(
     tx: &mut Tx,
-    mut q: QueryBuilder<'_, Sqlite>,
+    q: QueryBuilder<'_, Sqlite>,
     rows: usize,
     into: &mut HashSet<Uuid>,
 ) -> StoreResult<()> {
-    let ids: Vec<String> = q
-        .build_query_scalar()
-        .persistent(reuse(rows))
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(map_err)?;
-    for id in ids {
+    for id in fetch_texts(tx, q, rows).await? {
         into.insert(parse_uuid(&id)?);
     }
     Ok(())
@@ -421,12 +444,7 @@ async fn sync_subscriptions(
             list.push_bind(p.instance_id.to_string());
         }
         q.push(")");
-        let rows: Vec<(String, String, String)> = q
-            .build_query_as()
-            .persistent(reuse(chunk.len()))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        let rows: Vec<(String, String, String)> = fetch_as(tx, q, chunk.len()).await?;
         for (instance, sub, message_type) in rows {
             stored.push((parse_uuid(&instance)?, parse_uuid(&sub)?, message_type));
         }
@@ -453,13 +471,7 @@ async fn sync_subscriptions(
         );
         ids(&mut q);
         q.push(" RETURNING message_type");
-        let unrouted: Vec<String> = q
-            .build_query_scalar()
-            .persistent(reuse(chunk.len()))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        reroute_types.extend(unrouted);
+        reroute_types.extend(fetch_texts(tx, q, chunk.len()).await?);
     }
     reroute_types.extend(
         changes
@@ -569,12 +581,7 @@ pub(super) async fn start_instances(
             continue;
         }
         q.push(" RETURNING instance_id, seq");
-        let rows: Vec<(String, i64)> = q
-            .build_query_as()
-            .persistent(reuse(chunk.len()))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
+        let rows: Vec<(String, i64)> = fetch_as(tx, q, chunk.len()).await?;
         let seqs = rows
             .iter()
             .map(|(id, seq)| Ok((parse_uuid(id)?, *seq)))
@@ -673,13 +680,7 @@ async fn stored_ids(
             list.push_bind(&msg.id);
         }
         q.push(")");
-        let ids: Vec<String> = q
-            .build_query_scalar()
-            .persistent(reuse(chunk.len()))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(map_err)?;
-        stored.extend(ids);
+        stored.extend(fetch_texts(tx, q, chunk.len()).await?);
     }
     Ok(stored)
 }
@@ -707,12 +708,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
                 list.push_bind(value);
             }
             q.push(") ORDER BY created_at, id");
-            let rows: Vec<(String, String, String)> = q
-                .build_query_as()
-                .persistent(reuse(chunk.len()))
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(map_err)?;
+            let rows: Vec<(String, String, String)> = fetch_as(tx, q, chunk.len()).await?;
             for (correlation, sub, instance) in rows {
                 cache.subscription(
                     message_type,
