@@ -49,6 +49,7 @@ backend_tests!(
     idle_instances_dehydrate_and_rehydrate_on_their_next_message,
     a_commit_by_a_host_that_lost_the_lease_is_fenced,
     a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
+    a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_message_of_a_cancelled_receive_is_routed_again,
     receives_declared_between_points_are_fenced_like_points,
@@ -795,7 +796,8 @@ async fn started_and_held(
 }
 
 async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_order(db: TestDb) {
-    use cairn::store::CommitOutcome;
+    use cairn::store::{CommitOutcome, SubscriptionRow};
+    use cairn::Correlation;
     let store = db.store.clone();
     let now = chrono::Utc::now();
     let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
@@ -804,13 +806,23 @@ async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_orde
     // x2 gives the instance up, so x3, after it, no longer holds it.
     let mut x2 = send_point(x, "host-a", epoch, "x2", 2, now);
     x2.release = true;
+    // Both first points consume their start message and subscribe; y1's must not.
+    let subscribing = |id: Uuid, step: &str| {
+        let mut point = send_point(id, "host-a", epoch, step, 1, now);
+        point.subscriptions = Some(vec![SubscriptionRow {
+            id: Uuid::now_v7(),
+            message_type: "approval.decision".into(),
+            correlation: Correlation::on("request_id", step),
+        }]);
+        point
+    };
+    let mut x1 = subscribing(x, "x1");
+    x1.consumed = vec![start_message(&db, x).await.2];
+    let mut y1 = subscribing(y, "y1");
+    y1.epoch = epoch + 5;
+    y1.consumed = vec![start_message(&db, y).await.2];
     let out = store
-        .commit(&[
-            send_point(x, "host-a", epoch, "x1", 1, now),
-            send_point(y, "host-a", epoch + 5, "y1", 1, now),
-            x2,
-            send_point(x, "host-a", epoch, "x3", 3, now),
-        ])
+        .commit(&[x1, y1, x2, send_point(x, "host-a", epoch, "x3", 3, now)])
         .await
         .unwrap();
     assert_eq!(
@@ -843,6 +855,74 @@ async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_orde
         db.count("SELECT COUNT(*) FROM outbox").await,
         2,
         "the fenced points (y1, x3) send nothing"
+    );
+    assert_eq!(start_message(&db, x).await.3, "consumed");
+    assert_eq!(
+        start_message(&db, y).await.3,
+        "routed",
+        "the fenced point consumed nothing"
+    );
+    let subscribed = "SELECT COUNT(*) FROM subscriptions WHERE CAST(instance_id AS TEXT) = $1";
+    assert_eq!(db.count_with(subscribed, &x.to_string()).await, 1);
+    assert_eq!(
+        db.count_with(subscribed, &y.to_string()).await,
+        0,
+        "the fenced point subscribed to nothing"
+    );
+}
+
+/// A reply the holder took in memory, for a request another host delivered too (its lock on the
+/// outbox row had run out): that host marks the request delivered and stores a copy of the reply
+/// for the instance in one transaction. The holder's point marks the same request delivered and
+/// must consume the copy (G1: nothing left routed to a completed instance), also when the other
+/// transaction commits while the point waits for its lock on the outbox row.
+async fn a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited(db: TestDb) {
+    use cairn::store::CommitOutcome;
+    let now = chrono::Utc::now();
+    let x = Uuid::now_v7();
+    let epoch = started_and_held(&db, &[x], now).await[0].epoch;
+    let sent = db
+        .store
+        .commit(&[send_point(x, "host-a", epoch, "x1", 1, now)])
+        .await
+        .unwrap();
+    assert_eq!(sent, [CommitOutcome::Committed]);
+    // The other host's delivery, held open.
+    let mut other = db.sql.begin().await.unwrap();
+    sqlx::query("UPDATE outbox SET status = 'delivered' WHERE id = 'send-x1'")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
+         published_at) SELECT 'send-x1:reply', 't.reply', 'reply', properties, body, 'routed', \
+         instance_id, published_at FROM messages WHERE kind = 'start' \
+         AND CAST(instance_id AS TEXT) = $1",
+    )
+    .bind(x.to_string())
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let mut took_reply = send_point(x, "host-a", epoch, "x2", 2, now);
+    took_reply.delivered = vec!["send-x1".into()];
+    let store = db.store.clone();
+    let point = tokio::spawn(async move { store.commit(&[took_reply]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !point.is_finished(),
+        "the point waits for the other host's transaction"
+    );
+    other.commit().await.unwrap();
+    assert_eq!(point.await.unwrap().unwrap(), [CommitOutcome::Committed]);
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = 'send-x1:reply' AND status = 'consumed' \
+             AND CAST(instance_id AS TEXT) = $1",
+            &x.to_string()
+        )
+        .await,
+        1,
+        "the copy of the reply is consumed"
     );
 }
 

@@ -97,7 +97,9 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             // Room for the multi-row statements of small groups (`batch::reuse`).
             .statement_cache_capacity(512)
-            .foreign_keys(false);
+            .foreign_keys(false)
+            // The temporary table a group commit fences its points with (`batch::push_fence`).
+            .pragma("temp_store", "memory");
         // Every connection is opened here, before any load: opening one later, while another
         // writes, can fail at once with SQLITE_BUSY on the journal-mode pragma.
         let connect = |connections: u32| {

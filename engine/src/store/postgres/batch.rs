@@ -34,17 +34,18 @@ pub(super) async fn write_points(
 ) -> StoreResult<Vec<CommitOutcome>> {
     let mut outcomes = Vec::with_capacity(points.len());
     for run in distinct_runs(points) {
-        let committed = fence(tx, run).await?;
+        let Written {
+            committed,
+            stored,
+            marked,
+        } = write_common(tx, run).await?;
         let written: Vec<&PersistencePoint> = run
             .iter()
             .filter(|p| committed.contains(&p.instance_id))
             .collect();
         if !written.is_empty() {
-            consume(tx, &written).await?;
-            insert_sends(tx, &written).await?;
-            mark_delivered(tx, &written).await?;
-            insert_history(tx, &written).await?;
-            sync_subscriptions(tx, &written, changes).await?;
+            consume_reply_copies(tx, &written, &marked).await?;
+            sync_subscriptions(tx, &written, stored, changes).await?;
             let children: Vec<_> = written
                 .iter()
                 .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
@@ -58,8 +59,15 @@ pub(super) async fn write_points(
     Ok(outcomes)
 }
 
-/// The fenced update of every instance row of the run: the ids it matched.
-async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uuid>> {
+/// What every point of a run writes, in one statement (one round trip): the fenced update of
+/// its instance row and, for the points it matched, consumed messages, sends, replies taken and
+/// history; and the subscriptions stored for the points that give their set.
+///
+/// The parts are data-modifying `WITH` queries, each conditioned on the fence (`f`) and each
+/// writing rows no other part writes. They all read the database as it was when the statement
+/// began, so the copies of replies taken that another host stored are consumed by a statement
+/// of their own, after this one, where there can be any ([`consume_reply_copies`]).
+async fn write_common(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<Written> {
     let column = |f: fn(&PersistencePoint) -> String| run.iter().map(f).collect::<Vec<_>>();
     let ids: Vec<Uuid> = run.iter().map(|p| p.instance_id).collect();
     let epochs: Vec<i64> = run.iter().map(|p| p.epoch).collect();
@@ -75,21 +83,64 @@ async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uui
     let seqs: Vec<i64> = run.iter().map(|p| p.history_seq).collect();
     let releases: Vec<bool> = run.iter().map(|p| p.release).collect();
     let resumable: Vec<bool> = run.iter().map(|p| p.resumable).collect();
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE instances i SET status = p.status, step = p.step, waiting_for = p.waiting_for, \
-         next_timer_at = p.next_timer_at, updated_at = p.at, last_error = p.last_error, \
-         state = COALESCE(p.state, i.state), engine_state = COALESCE(p.engine_state, i.engine_state), \
-         output = COALESCE(p.output, i.output), history_seq = p.history_seq, \
-         owner = CASE WHEN p.release THEN NULL ELSE i.owner END, \
-         lease_expires_at = CASE WHEN p.release THEN NULL ELSE i.lease_expires_at END, \
-         resumable = p.resumable \
-         FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
-           $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::bytea[], \
-           $12::text[], $13::int8[], $14::bool[], $15::bool[]) \
-           AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
-                state, engine_state, output, history_seq, release, resumable) \
-         WHERE i.id = p.id AND i.epoch = p.epoch AND i.owner = p.host \
-         RETURNING i.id",
+    let consumed = Consumed::of(run);
+    let sends = Sends::of(run);
+    let delivered = Delivered::of(run);
+    let giving: Vec<Uuid> = run
+        .iter()
+        .filter(|p| p.subscriptions.is_some())
+        .map(|p| p.instance_id)
+        .collect();
+    let rows: Vec<WrittenRow> = sqlx::query_as(
+        "WITH f AS ( \
+           UPDATE instances i SET status = p.status, step = p.step, waiting_for = p.waiting_for, \
+           next_timer_at = p.next_timer_at, updated_at = p.at, last_error = p.last_error, \
+           state = COALESCE(p.state, i.state), engine_state = COALESCE(p.engine_state, i.engine_state), \
+           output = COALESCE(p.output, i.output), history_seq = p.history_seq, \
+           owner = CASE WHEN p.release THEN NULL ELSE i.owner END, \
+           lease_expires_at = CASE WHEN p.release THEN NULL ELSE i.lease_expires_at END, \
+           resumable = p.resumable \
+           FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::bytea[], \
+             $12::text[], $13::int8[], $14::bool[], $15::bool[]) \
+             AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
+                  state, engine_state, output, history_seq, release, resumable) \
+           WHERE i.id = p.id AND i.epoch = p.epoch AND i.owner = p.host \
+           RETURNING i.id), \
+         c AS ( \
+           UPDATE messages m SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
+           FROM UNNEST($16::uuid[], $17::int8[], $18::timestamptz[]) AS c(instance_id, seq, at) \
+           WHERE m.seq = c.seq AND m.instance_id = c.instance_id AND m.status = 'routed' \
+             AND c.instance_id IN (SELECT id FROM f) \
+           RETURNING m.seq), \
+         s AS ( \
+           INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+             next_attempt_at, locked_by, locked_until, created_at) \
+           SELECT id, instance_id, port, message_type, body, expects_reply, 'pending', at, host, \
+             lock_until, at \
+           FROM UNNEST($19::text[], $20::uuid[], $21::text[], $22::text[], $23::text[], \
+             $24::bool[], $25::timestamptz[], $26::text[], $27::timestamptz[]) \
+             AS s(id, instance_id, port, message_type, body, expects_reply, at, host, lock_until) \
+           WHERE s.instance_id IN (SELECT id FROM f)), \
+         d AS ( \
+           UPDATE outbox o SET status = 'delivered', attempts = attempts + 1, delivered_at = d.at, \
+             last_attempt_at = d.at, delivered_via = 'primary', locked_by = NULL, \
+             locked_until = NULL, last_error = NULL \
+           FROM UNNEST($28::text[], $29::timestamptz[], $30::uuid[]) AS d(id, at, instance_id) \
+           WHERE o.id = d.id AND o.status IN ('pending', 'held', 'give_up') \
+             AND d.instance_id IN (SELECT id FROM f) \
+           RETURNING o.id), \
+         h AS ( \
+           INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) \
+           SELECT * FROM UNNEST($1::uuid[], $13::int8[], $31::text[], $5::text[], $4::text[], \
+             $8::timestamptz[], $3::text[], $2::int8[], $32::text[]) \
+             AS h(instance_id, seq, reason, step, status, at, host, epoch, detail) \
+           WHERE h.instance_id IN (SELECT id FROM f)) \
+         SELECT 'fenced', id, NULL::uuid, NULL::text, 0::int8 FROM f \
+         UNION ALL SELECT 'consumed', NULL, NULL, NULL, count(*) FROM c \
+         UNION ALL SELECT 'delivered', NULL, NULL, id, 0 FROM d \
+         UNION ALL SELECT 'subscription', instance_id, id, message_type, 0 FROM subscriptions \
+           WHERE instance_id = ANY($33) AND instance_id IN (SELECT id FROM f)",
     )
     .bind(&ids)
     .bind(&epochs)
@@ -106,96 +157,98 @@ async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uui
     .bind(&seqs)
     .bind(&releases)
     .bind(&resumable)
+    .bind(&consumed.instances)
+    .bind(&consumed.seqs)
+    .bind(&consumed.ats)
+    .bind(&sends.ids)
+    .bind(&sends.instances)
+    .bind(&sends.ports)
+    .bind(&sends.types)
+    .bind(&sends.bodies)
+    .bind(&sends.expects_reply)
+    .bind(&sends.ats)
+    .bind(&sends.hosts)
+    .bind(&sends.lock_until)
+    .bind(&delivered.ids)
+    .bind(&delivered.ats)
+    .bind(&delivered.instances)
+    .bind(column(|p| p.reason.as_str().to_owned()))
+    .bind(run.iter().map(|p| p.detail.as_deref()).collect::<Vec<_>>())
+    .bind(&giving)
     .fetch_all(&mut **tx)
     .await
     .map_err(map_err)?;
-    Ok(ids.into_iter().collect())
-}
 
-/// Marks the messages the points consumed; each must have been routed to its instance.
-async fn consume(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let (mut ids, mut seqs, mut ats) = (Vec::new(), Vec::new(), Vec::new());
-    for p in written {
-        for seq in &p.consumed {
-            ids.push(p.instance_id);
-            seqs.push(*seq);
-            ats.push(p.at);
+    let mut committed = HashSet::with_capacity(run.len());
+    let mut stored = Vec::new();
+    let mut consumed_rows = 0;
+    let mut marked = HashSet::new();
+    for (part, instance, sub, text, count) in rows {
+        match (part.as_str(), instance, sub, text) {
+            ("fenced", Some(id), _, _) => {
+                committed.insert(id);
+            }
+            ("consumed", ..) => consumed_rows = count,
+            ("delivered", _, _, Some(request)) => {
+                marked.insert(request);
+            }
+            ("subscription", Some(id), Some(sub), Some(message_type)) => {
+                stored.push((id, sub, message_type));
+            }
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "a persistence point's write returned an unexpected row ({part})"
+                )))
+            }
         }
     }
-    if seqs.is_empty() {
-        return Ok(());
-    }
-    let done = sqlx::query(
-        "UPDATE messages m SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
-         FROM UNNEST($1::uuid[], $2::int8[], $3::timestamptz[]) AS c(instance_id, seq, at) \
-         WHERE m.seq = c.seq AND m.instance_id = c.instance_id AND m.status = 'routed'",
-    )
-    .bind(&ids)
-    .bind(&seqs)
-    .bind(&ats)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    if done.rows_affected() != seqs.len() as u64 {
+    let expected: Vec<(&Uuid, &i64)> = consumed
+        .instances
+        .iter()
+        .zip(&consumed.seqs)
+        .filter(|(id, _)| committed.contains(id))
+        .collect();
+    if consumed_rows != expected.len() as i64 {
         return Err(StoreError::Corrupt(format!(
-            "persistence points consumed messages {:?} (instance, seq), not all routed to their \
-             instance (consumed twice?)",
-            ids.iter().zip(&seqs).collect::<Vec<_>>()
+            "persistence points consumed messages {expected:?} (instance, seq), not all routed \
+             to their instance (consumed twice?)"
         )));
     }
-    Ok(())
+    Ok(Written {
+        committed,
+        stored,
+        marked,
+    })
 }
 
-/// The points' sends, locked to the writing host for delivery right after commit.
-async fn insert_sends(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let rows: Vec<_> = written
-        .iter()
-        .flat_map(|p| p.outbox.iter().map(move |row| (*p, row)))
-        .collect();
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let text = |f: fn(&(&PersistencePoint, &super::OutboxRow)) -> String| {
-        rows.iter().map(f).collect::<Vec<_>>()
-    };
-    sqlx::query(
-        "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
-         next_attempt_at, locked_by, locked_until, created_at) \
-         SELECT id, instance_id, port, message_type, body, expects_reply, 'pending', at, host, \
-           lock_until, at \
-         FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[], \
-           $7::timestamptz[], $8::text[], $9::timestamptz[]) \
-           AS s(id, instance_id, port, message_type, body, expects_reply, at, host, lock_until)",
-    )
-    .bind(text(|(_, row)| row.id.clone()))
-    .bind(rows.iter().map(|(p, _)| p.instance_id).collect::<Vec<_>>())
-    .bind(text(|(_, row)| row.port.clone()))
-    .bind(text(|(_, row)| row.message_type.clone()))
-    .bind(text(|(_, row)| row.body.to_string()))
-    .bind(
-        rows.iter()
-            .map(|(_, row)| row.expects_reply)
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|(p, _)| p.at).collect::<Vec<_>>())
-    .bind(text(|(p, _)| p.host.clone()))
-    .bind(
-        rows.iter()
-            .map(|(p, _)| p.outbox_lock_until)
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    Ok(())
+/// A row of [`write_common`]'s result: (part, instance, subscription, text, count).
+type WrittenRow = (String, Option<Uuid>, Option<Uuid>, Option<String>, i64);
+
+/// What [`write_common`] wrote and read.
+struct Written {
+    /// The instances whose points were written.
+    committed: HashSet<Uuid>,
+    /// The subscriptions stored for the points that give their set.
+    stored: Vec<(Uuid, Uuid, String)>,
+    /// The requests whose outbox rows the points marked delivered (the others were delivered
+    /// already, by another host, which may have stored a copy of the reply).
+    marked: HashSet<String>,
 }
 
-/// Requests whose replies the instances took in memory: delivered, and any copy of a reply
-/// another host stored is consumed (the instance has its answer).
-async fn mark_delivered(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
+/// Consumes the copies of replies the points took in memory that another host stored when it
+/// delivered the same request (the instance has its answer). Only a host that marks a request
+/// delivered stores a copy, so only requests the points did not mark (`marked`) can have one.
+/// A statement of its own, after the points' outbox rows are marked: a host that marked one
+/// first and stored its copy has committed by then (the mark waited for its row lock), and a
+/// statement sees what was committed before it began.
+async fn consume_reply_copies(
+    tx: &mut Tx,
+    written: &[&PersistencePoint],
+    marked: &HashSet<String>,
+) -> StoreResult<()> {
     let (mut ids, mut ats) = (Vec::new(), Vec::new());
     for p in written {
-        for id in &p.delivered {
+        for id in p.delivered.iter().filter(|id| !marked.contains(*id)) {
             ids.push(id.as_str());
             ats.push(p.at);
         }
@@ -203,52 +256,97 @@ async fn mark_delivered(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResu
     if ids.is_empty() {
         return Ok(());
     }
-    for update in [
-        "UPDATE outbox o SET status = 'delivered', attempts = attempts + 1, delivered_at = d.at, \
-         last_attempt_at = d.at, delivered_via = 'primary', locked_by = NULL, \
-         locked_until = NULL, last_error = NULL \
-         FROM UNNEST($1::text[], $2::timestamptz[]) AS d(id, at) \
-         WHERE o.id = d.id AND o.status IN ('pending', 'held', 'give_up')",
+    sqlx::query(
         "UPDATE messages m SET status = 'consumed', consumed_at = d.at, locked_by = NULL \
          FROM UNNEST($1::text[], $2::timestamptz[]) AS d(id, at) \
          WHERE m.id = d.id || ':reply' AND m.status = 'routed'",
-    ] {
-        sqlx::query(update)
-            .bind(&ids)
-            .bind(&ats)
-            .execute(&mut **tx)
-            .await
-            .map_err(map_err)?;
-    }
-    Ok(())
-}
-
-/// One history row per point, under the epoch its fenced update matched.
-async fn insert_history(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let text = |f: fn(&&PersistencePoint) -> String| written.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) \
-         SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], \
-           $6::timestamptz[], $7::text[], $8::int8[], $9::text[])",
     )
-    .bind(written.iter().map(|p| p.instance_id).collect::<Vec<_>>())
-    .bind(written.iter().map(|p| p.history_seq).collect::<Vec<_>>())
-    .bind(text(|p| p.reason.as_str().to_owned()))
-    .bind(text(|p| p.step.clone()))
-    .bind(text(|p| p.status.as_str().to_owned()))
-    .bind(written.iter().map(|p| p.at).collect::<Vec<_>>())
-    .bind(text(|p| p.host.clone()))
-    .bind(written.iter().map(|p| p.epoch).collect::<Vec<_>>())
-    .bind(
-        written
-            .iter()
-            .map(|p| p.detail.as_deref())
-            .collect::<Vec<_>>(),
-    )
+    .bind(&ids)
+    .bind(&ats)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
     Ok(())
+}
+
+/// The messages a run's points consumed, as columns.
+#[derive(Default)]
+struct Consumed {
+    instances: Vec<Uuid>,
+    seqs: Vec<i64>,
+    ats: Vec<DateTime<Utc>>,
+}
+
+impl Consumed {
+    fn of(run: &[PersistencePoint]) -> Self {
+        let mut c = Consumed::default();
+        for p in run {
+            for seq in &p.consumed {
+                c.instances.push(p.instance_id);
+                c.seqs.push(*seq);
+                c.ats.push(p.at);
+            }
+        }
+        c
+    }
+}
+
+/// A run's sends, as columns; each is locked to the writing host for delivery right after
+/// commit.
+#[derive(Default)]
+struct Sends {
+    ids: Vec<String>,
+    instances: Vec<Uuid>,
+    ports: Vec<String>,
+    types: Vec<String>,
+    bodies: Vec<String>,
+    expects_reply: Vec<bool>,
+    ats: Vec<DateTime<Utc>>,
+    hosts: Vec<String>,
+    lock_until: Vec<DateTime<Utc>>,
+}
+
+impl Sends {
+    fn of(run: &[PersistencePoint]) -> Self {
+        let mut s = Sends::default();
+        for p in run {
+            for row in &p.outbox {
+                s.ids.push(row.id.clone());
+                s.instances.push(p.instance_id);
+                s.ports.push(row.port.clone());
+                s.types.push(row.message_type.clone());
+                s.bodies.push(row.body.to_string());
+                s.expects_reply.push(row.expects_reply);
+                s.ats.push(p.at);
+                s.hosts.push(p.host.clone());
+                s.lock_until.push(p.outbox_lock_until);
+            }
+        }
+        s
+    }
+}
+
+/// Requests whose replies a run's points took in memory, as columns: they are marked
+/// delivered.
+#[derive(Default)]
+struct Delivered<'a> {
+    ids: Vec<&'a str>,
+    ats: Vec<DateTime<Utc>>,
+    instances: Vec<Uuid>,
+}
+
+impl<'a> Delivered<'a> {
+    fn of(run: &'a [PersistencePoint]) -> Self {
+        let mut d = Delivered::default();
+        for p in run {
+            for id in &p.delivered {
+                d.ids.push(id.as_str());
+                d.ats.push(p.at);
+                d.instances.push(p.instance_id);
+            }
+        }
+        d
+    }
 }
 
 /// Timers the points cancelled, fired or set ([`timer_writes`]).
@@ -284,9 +382,11 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
 /// Makes the subscription rows of each point that gives them exactly its set: removes the
 /// others (their unconsumed messages go back to unrouted) and adds the missing ones, noting both
 /// in `changes` for the routing locks and the reroute.
+/// `stored` is what [`write_common`] read.
 async fn sync_subscriptions(
     tx: &mut Tx,
     written: &[&PersistencePoint],
+    stored: Vec<(Uuid, Uuid, String)>,
     changes: &mut Reroute,
 ) -> StoreResult<()> {
     let giving: Vec<&PersistencePoint> = written
@@ -297,14 +397,7 @@ async fn sync_subscriptions(
     if giving.is_empty() {
         return Ok(());
     }
-    let rows: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
-        "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id = ANY($1)",
-    )
-    .bind(giving.iter().map(|p| p.instance_id).collect::<Vec<_>>())
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    let SubscriptionChanges { removed, added } = SubscriptionChanges::between(&giving, rows);
+    let SubscriptionChanges { removed, added } = SubscriptionChanges::between(&giving, stored);
     changes
         .cancelled_types
         .extend(removed.iter().map(|(_, message_type)| message_type.clone()));
@@ -401,20 +494,15 @@ pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) 
         return Ok(());
     }
     sqlx::query(
-        "UPDATE messages SET locked_by = NULL, \
-           delivery_count = CASE WHEN seq = ANY($2) THEN delivery_count \
-                                 ELSE GREATEST(delivery_count - 1, 0) END \
-         WHERE instance_id = ANY($1) AND status = 'routed' AND locked_by IS NOT NULL",
+        "WITH m AS ( \
+           UPDATE messages SET locked_by = NULL, \
+             delivery_count = CASE WHEN seq = ANY($2) THEN delivery_count \
+                                   ELSE GREATEST(delivery_count - 1, 0) END \
+           WHERE instance_id = ANY($1) AND status = 'routed' AND locked_by IS NOT NULL) \
+         UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by IS NOT NULL",
     )
     .bind(ids)
     .bind(failed)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    sqlx::query(
-        "UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by IS NOT NULL",
-    )
-    .bind(ids)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -441,26 +529,15 @@ pub(super) async fn start_instances(
         .collect();
     let versions: Vec<i32> = starts.iter().map(|(inst, _)| int4(inst.version)).collect();
     let parents: Vec<Option<Uuid>> = starts.iter().map(|(inst, _)| inst.parent).collect();
-    sqlx::query(
-        "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
-         updated_at, parent_id, owner, lease_expires_at, epoch) \
-         SELECT id, orchestration, version, 'running', 'created', at, at, parent_id, $6, $7, $8 \
-         FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::uuid[]) \
-           AS s(id, orchestration, version, at, parent_id)",
-    )
-    .bind(&ids)
-    .bind(&names)
-    .bind(&versions)
-    .bind(&ats)
-    .bind(&parents)
-    .bind(owner)
-    .bind(holder.map(|h| h.lease_until))
-    .bind(if holder.is_some() { FIRST_EPOCH } else { 0 })
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+    // Both inserts in one statement (one round trip).
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-        "INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
+        "WITH i AS ( \
+           INSERT INTO instances (id, orchestration, version, status, step, created_at, \
+             updated_at, parent_id, owner, lease_expires_at, epoch) \
+           SELECT id, orchestration, version, 'running', 'created', at, at, parent_id, $7, $9, $10 \
+           FROM UNNEST($5::uuid[], $11::text[], $12::int4[], $6::timestamptz[], $13::uuid[]) \
+             AS s(id, orchestration, version, at, parent_id)) \
+         INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
          published_at, locked_by, delivery_count) \
          SELECT id, message_type, $3, '{}', body, 'routed', instance_id, at, $7, $8 \
          FROM UNNEST($1::text[], $2::text[], $4::text[], $5::uuid[], $6::timestamptz[]) \
@@ -491,6 +568,11 @@ pub(super) async fn start_instances(
     .bind(&ats)
     .bind(owner)
     .bind(i32::from(holder.is_some()))
+    .bind(holder.map(|h| h.lease_until))
+    .bind(if holder.is_some() { FIRST_EPOCH } else { 0 })
+    .bind(&names)
+    .bind(&versions)
+    .bind(&parents)
     .fetch_all(&mut **tx)
     .await
     .map_err(map_err)?;

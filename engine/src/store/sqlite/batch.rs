@@ -13,8 +13,9 @@
 use std::collections::{BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteQueryResult;
-use sqlx::{QueryBuilder, Sqlite};
+use futures_util::TryStreamExt;
+use sqlx::sqlite::{SqliteQueryResult, SqliteRow};
+use sqlx::{Either, Executor, QueryBuilder, Sqlite};
 
 use uuid::Uuid;
 
@@ -110,6 +111,11 @@ impl<'a> Script<'a> {
         &mut self.q
     }
 
+    /// The position of the next statement among the script's results ([`Script::run_each`]).
+    fn position(&self) -> usize {
+        self.statements
+    }
+
     /// Runs the statements in order.
     async fn run(self, tx: &mut Tx) -> StoreResult<()> {
         if self.statements == 0 {
@@ -117,6 +123,50 @@ impl<'a> Script<'a> {
         }
         let rows = self.rows;
         execute(tx, self.q, rows).await.map(drop)
+    }
+
+    /// Runs the statements in order; returns each one's result, in order.
+    async fn run_each(mut self, tx: &mut Tx) -> StoreResult<Vec<Ran>> {
+        let mut results = Vec::with_capacity(self.statements);
+        let mut rows = Vec::new();
+        let query = self.q.build().persistent(reuse(self.rows));
+        let mut stream = (&mut **tx).fetch_many(query);
+        while let Some(item) = stream.try_next().await.map_err(map_err)? {
+            match item {
+                Either::Left(done) => results.push(Ran {
+                    rows: std::mem::take(&mut rows),
+                    affected: done.rows_affected(),
+                }),
+                Either::Right(row) => rows.push(row),
+            }
+        }
+        if results.len() != self.statements {
+            return Err(StoreError::Corrupt(format!(
+                "a script of {} statements reported {} results",
+                self.statements,
+                results.len()
+            )));
+        }
+        Ok(results)
+    }
+}
+
+/// What one statement of a [`Script`] did.
+struct Ran {
+    rows: Vec<SqliteRow>,
+    affected: u64,
+}
+
+impl Ran {
+    /// The rows, each decoded as `T`.
+    fn decode<T>(&self) -> StoreResult<Vec<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, SqliteRow>,
+    {
+        self.rows
+            .iter()
+            .map(|row| T::from_row(row).map_err(map_err))
+            .collect()
     }
 }
 
@@ -128,22 +178,12 @@ pub(super) async fn write_points(
 ) -> StoreResult<Vec<CommitOutcome>> {
     let mut outcomes = Vec::with_capacity(points.len());
     for run in distinct_runs(points) {
-        let committed = fence(tx, run).await?;
+        let (committed, stored) = write_common(tx, run).await?;
         let written: Vec<&PersistencePoint> = run
             .iter()
             .filter(|p| committed.contains(&p.instance_id))
             .collect();
-        // What every point writes, in one round trip. Releasing comes last in a point's
-        // writes but touches nothing the parts below write (their timers and messages are
-        // new and unlocked), so it goes with the rest.
-        consume(tx, &written).await?;
-        let mut script = Script::new();
-        insert_sends(&mut script, &written);
-        mark_delivered(&mut script, &written);
-        insert_history(&mut script, &written);
-        release(&mut script, &written);
-        script.run(tx).await?;
-        sync_subscriptions(tx, &written, reroute_types).await?;
+        sync_subscriptions(tx, &written, stored, reroute_types).await?;
         let children: Vec<_> = written
             .iter()
             .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
@@ -160,18 +200,99 @@ pub(super) async fn write_points(
     Ok(outcomes)
 }
 
-/// The fenced update of every instance row of the run: the ids it matched.
-async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uuid>> {
+/// What every point of a run writes, in one round trip to the worker: its fence, the fenced
+/// update of its instance row, consumed messages, sends, replies taken, history and releases,
+/// and a read of the subscriptions stored for the
+/// points that give their set. Returns the instances whose points were written and those
+/// subscriptions. Releasing comes last in a point's writes but touches nothing the later parts
+/// write (their timers and messages are new and unlocked), so it goes with the rest.
+async fn write_common(
+    tx: &mut Tx,
+    run: &[PersistencePoint],
+) -> StoreResult<(HashSet<Uuid>, Vec<StoredSubscription>)> {
+    let points: Vec<&PersistencePoint> = run.iter().collect();
+    let mut script = Script::new();
+    script
+        .next(0)
+        .push("CREATE TEMP TABLE IF NOT EXISTS fenced (id TEXT PRIMARY KEY)");
+    push_fence(&mut script, run);
+    let updates = push_update(&mut script, run);
+    let consumes = push_consume(&mut script, &points);
+    insert_sends(&mut script, &points);
+    mark_delivered(&mut script, &points);
+    insert_history(&mut script, &points);
+    release(&mut script, &points);
+    let reads = push_read_subscriptions(&mut script, &points);
+    script.next(0).push("DELETE FROM fenced");
+    let results = script.run_each(tx).await?;
+
     let mut committed = HashSet::with_capacity(run.len());
+    for at in updates {
+        for id in results[at].decode::<(String,)>()? {
+            committed.insert(parse_uuid(&id.0)?);
+        }
+    }
+    for (at, chunk) in consumes {
+        let expected = chunk
+            .iter()
+            .filter(|(id, _, _)| committed.contains(id))
+            .count();
+        if results[at].affected != expected as u64 {
+            return Err(StoreError::Corrupt(format!(
+                "persistence points consumed messages {:?} (instance, seq), not all routed to \
+                 their instance (consumed twice?)",
+                chunk
+                    .iter()
+                    .filter(|(id, _, _)| committed.contains(id))
+                    .map(|(id, seq, _)| (id, seq))
+                    .collect::<Vec<_>>()
+            )));
+        }
+    }
+    let mut stored = Vec::new();
+    for at in reads {
+        for (instance, sub, message_type) in results[at].decode::<(String, String, String)>()? {
+            stored.push((parse_uuid(&instance)?, parse_uuid(&sub)?, message_type));
+        }
+    }
+    Ok((committed, stored))
+}
+
+/// A subscription row read back: (instance, subscription, message type).
+type StoredSubscription = (Uuid, Uuid, String);
+
+/// Fills the temporary table `fenced` with the run's instances whose rows still hold the
+/// points' epochs and hosts. Every other write of the run is conditioned on it, so the run's
+/// writes go to the worker as one script and each point stays all-or-nothing.
+fn push_fence<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
     for chunk in run.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new(
-            "WITH p (id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
+        let q = script.next(chunk.len());
+        q.push("WITH p (id, epoch, host) AS (");
+        q.push_values(chunk, |mut row, p| {
+            row.push_bind(p.instance_id.to_string())
+                .push_bind(p.epoch)
+                .push_bind(&p.host);
+        });
+        q.push(
+            ") INSERT INTO fenced (id) SELECT instances.id FROM instances JOIN p \
+             ON instances.id = p.id AND instances.epoch = p.epoch AND instances.owner = p.host",
+        );
+    }
+}
+
+/// The update of every fenced instance row of the run, returning the ids it matched: the
+/// positions of its statements.
+fn push_update<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) -> Vec<usize> {
+    let mut positions = Vec::new();
+    for chunk in run.chunks(ROWS_PER_STATEMENT) {
+        positions.push(script.position());
+        let q = script.next(chunk.len());
+        q.push(
+            "WITH p (id, status, step, waiting_for, next_timer_at, at, last_error, \
              state, engine_state, output, history_seq, release, resumable) AS (",
         );
         q.push_values(chunk, |mut row, p| {
             row.push_bind(p.instance_id.to_string())
-                .push_bind(p.epoch)
-                .push_bind(&p.host)
                 .push_bind(p.status.as_str())
                 .push_bind(&p.step)
                 .push_bind(&p.waiting_for)
@@ -194,12 +315,11 @@ async fn fence(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<HashSet<Uui
              owner = CASE WHEN p.release THEN NULL ELSE instances.owner END, \
              lease_expires_at = CASE WHEN p.release THEN NULL ELSE instances.lease_expires_at END, \
              resumable = p.resumable \
-             FROM p WHERE instances.id = p.id AND instances.epoch = p.epoch AND instances.owner = p.host \
+             FROM p WHERE instances.id = p.id AND instances.id IN (SELECT id FROM fenced) \
              RETURNING id",
         );
-        fetch_ids(tx, q, chunk.len(), &mut committed).await?;
     }
-    Ok(committed)
+    positions
 }
 
 /// Runs a statement that returns instance ids, kept prepared when small ([`reuse`]), and adds
@@ -216,41 +336,39 @@ async fn fetch_ids(
     Ok(())
 }
 
-/// Marks the messages the points consumed; each must have been routed to its instance.
-async fn consume(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let rows: Vec<(String, i64, String)> = written
+/// A chunk of consumed messages: (instance, seq, when).
+type Consumed = Vec<(Uuid, i64, String)>;
+
+/// Marks the messages the fenced points consumed; each must have been routed to its
+/// instance. Returns each statement's position and rows, to check that every one was marked.
+fn push_consume(script: &mut Script<'_>, points: &[&PersistencePoint]) -> Vec<(usize, Consumed)> {
+    let rows: Consumed = points
         .iter()
         .flat_map(|p| {
-            let id = p.instance_id.to_string();
             let at = ts(p.at);
             p.consumed
                 .iter()
-                .map(move |seq| (id.clone(), *seq, at.clone()))
+                .map(move |seq| (p.instance_id, *seq, at.clone()))
         })
         .collect();
+    let mut statements = Vec::new();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new("WITH c (instance_id, seq, at) AS (");
+        let at = script.position();
+        let q = script.next(chunk.len());
+        q.push("WITH c (instance_id, seq, at) AS (");
         q.push_values(chunk, |mut row, (id, seq, at)| {
-            row.push_bind(id).push_bind(seq).push_bind(at);
+            row.push_bind(id.to_string())
+                .push_bind(*seq)
+                .push_bind(at.clone());
         });
         q.push(
             ") UPDATE messages SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
              FROM c WHERE messages.seq = c.seq AND messages.instance_id = c.instance_id \
-             AND messages.status = 'routed'",
+             AND messages.status = 'routed' AND c.instance_id IN (SELECT id FROM fenced)",
         );
-        let done = execute(tx, q, chunk.len()).await?;
-        if done.rows_affected() != chunk.len() as u64 {
-            return Err(StoreError::Corrupt(format!(
-                "persistence points consumed messages {:?} (instance, seq), not all routed to \
-                 their instance (consumed twice?)",
-                chunk
-                    .iter()
-                    .map(|(id, seq, _)| (id, seq))
-                    .collect::<Vec<_>>()
-            )));
-        }
+        statements.push((at, chunk.to_vec()));
     }
-    Ok(())
+    statements
 }
 
 /// The points' sends, locked to the writing host for delivery right after commit.
@@ -262,8 +380,8 @@ fn insert_sends<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint]) {
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let q = script.next(chunk.len());
         q.push(
-            "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, \
-             status, next_attempt_at, locked_by, locked_until, created_at) ",
+            "WITH s (id, instance_id, port, message_type, body, expects_reply, status, \
+             next_attempt_at, locked_by, locked_until, created_at) AS (",
         );
         q.push_values(chunk, |mut b, (p, row)| {
             let at = ts(p.at);
@@ -279,17 +397,25 @@ fn insert_sends<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint]) {
                 .push_bind(ts(p.outbox_lock_until))
                 .push_bind(at);
         });
+        q.push(
+            ") INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, \
+             status, next_attempt_at, locked_by, locked_until, created_at) \
+             SELECT * FROM s WHERE instance_id IN (SELECT id FROM fenced)",
+        );
     }
 }
 
 /// Requests whose replies the instances took in memory: delivered, and any copy of a reply
 /// another host stored is consumed (the instance has its answer).
 fn mark_delivered<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint]) {
-    let rows: Vec<(&str, String)> = written
+    let rows: Vec<(&str, String, String)> = written
         .iter()
         .flat_map(|p| {
             let at = ts(p.at);
-            p.delivered.iter().map(move |id| (id.as_str(), at.clone()))
+            let instance = p.instance_id.to_string();
+            p.delivered
+                .iter()
+                .map(move |id| (id.as_str(), at.clone(), instance.clone()))
         })
         .collect();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -302,11 +428,15 @@ fn mark_delivered<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint])
              FROM d WHERE messages.id = d.id || ':reply' AND messages.status = 'routed'",
         ] {
             let q = script.next(chunk.len());
-            q.push("WITH d (id, at) AS (");
-            q.push_values(chunk, |mut row, (id, at)| {
-                row.push_bind(*id).push_bind(at.clone());
+            q.push("WITH d (id, at, instance_id) AS (");
+            q.push_values(chunk, |mut row, (id, at, instance)| {
+                row.push_bind(*id)
+                    .push_bind(at.clone())
+                    .push_bind(instance.clone());
             });
-            q.push(") ").push(update);
+            q.push(") ")
+                .push(update)
+                .push(" AND d.instance_id IN (SELECT id FROM fenced)");
         }
     }
 }
@@ -315,9 +445,7 @@ fn mark_delivered<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint])
 fn insert_history<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint]) {
     for chunk in written.chunks(ROWS_PER_STATEMENT) {
         let q = script.next(chunk.len());
-        q.push(
-            "INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) ",
-        );
+        q.push("WITH h (instance_id, seq, reason, step, status, at, host, epoch, detail) AS (");
         q.push_values(chunk, |mut row, p| {
             row.push_bind(p.instance_id.to_string())
                 .push_bind(p.history_seq)
@@ -329,6 +457,10 @@ fn insert_history<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint])
                 .push_bind(p.epoch)
                 .push_bind(p.detail.as_deref());
         });
+        q.push(
+            ") INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, \
+             detail) SELECT * FROM h WHERE instance_id IN (SELECT id FROM fenced)",
+        );
     }
 }
 
@@ -371,7 +503,7 @@ fn release(script: &mut Script<'_>, written: &[&PersistencePoint]) {
         .iter()
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    push_unlock(script, None, &ids, &failed);
+    push_unlock(script, None, &ids, &failed, true);
 }
 
 /// Releases what instances hold (with a `holder`, only what it holds; others' locks stay).
@@ -384,12 +516,24 @@ pub(super) async fn unlock_instances(
     failed: &[i64],
 ) -> StoreResult<()> {
     let mut script = Script::new();
-    push_unlock(&mut script, holder, ids, failed);
+    push_unlock(&mut script, holder, ids, failed, false);
     script.run(tx).await
 }
 
-/// The statements of [`unlock_instances`].
-fn push_unlock(script: &mut Script<'_>, holder: Option<&str>, ids: &[String], failed: &[i64]) {
+/// The statements of [`unlock_instances`]; with `fenced`, only for the instances in the
+/// temporary table `fenced` ([`push_fence`]).
+fn push_unlock(
+    script: &mut Script<'_>,
+    holder: Option<&str>,
+    ids: &[String],
+    failed: &[i64],
+    fenced: bool,
+) {
+    let only_fenced = if fenced {
+        " AND instance_id IN (SELECT id FROM fenced)"
+    } else {
+        ""
+    };
     for chunk in failed.chunks(ROWS_PER_STATEMENT) {
         let q = script.next(chunk.len());
         q.push("UPDATE messages SET locked_by = NULL WHERE seq IN (");
@@ -397,7 +541,7 @@ fn push_unlock(script: &mut Script<'_>, holder: Option<&str>, ids: &[String], fa
         for seq in chunk {
             list.push_bind(*seq);
         }
-        q.push(") AND status = 'routed'");
+        q.push(") AND status = 'routed'").push(only_fenced);
     }
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         for update in [
@@ -417,16 +561,18 @@ fn push_unlock(script: &mut Script<'_>, holder: Option<&str>, ids: &[String], fa
             for id in chunk {
                 list.push_bind(id.clone());
             }
-            q.push(")");
+            q.push(")").push(only_fenced);
         }
     }
 }
 
 /// Makes the subscription rows of each point that gives them exactly its set: removes the
 /// others (routing their unconsumed messages again) and adds the missing ones.
+/// `stored` is what [`push_read_subscriptions`] read.
 async fn sync_subscriptions(
     tx: &mut Tx,
     written: &[&PersistencePoint],
+    stored: Vec<StoredSubscription>,
     reroute_types: &mut BTreeSet<String>,
 ) -> StoreResult<()> {
     let giving: Vec<&PersistencePoint> = written
@@ -434,21 +580,6 @@ async fn sync_subscriptions(
         .copied()
         .filter(|p| p.subscriptions.is_some())
         .collect();
-    let mut stored = Vec::new();
-    for chunk in giving.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new(
-            "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN (",
-        );
-        let mut list = q.separated(", ");
-        for p in chunk {
-            list.push_bind(p.instance_id.to_string());
-        }
-        q.push(")");
-        let rows: Vec<(String, String, String)> = fetch_as(tx, q, chunk.len()).await?;
-        for (instance, sub, message_type) in rows {
-            stored.push((parse_uuid(&instance)?, parse_uuid(&sub)?, message_type));
-        }
-    }
     let changes = SubscriptionChanges::between(&giving, stored);
     // Removed subscriptions: their unconsumed messages go back to unrouted, and their types
     // are routed again (a message routed through a subscription has its type).
@@ -480,6 +611,28 @@ async fn sync_subscriptions(
             .map(|(_, sub, _)| sub.message_type.clone()),
     );
     insert_subscriptions(tx, &changes.added).await
+}
+
+/// Reads the subscriptions stored for the fenced points that give their set: the positions of
+/// its statements.
+fn push_read_subscriptions(script: &mut Script<'_>, points: &[&PersistencePoint]) -> Vec<usize> {
+    let giving: Vec<String> = points
+        .iter()
+        .filter(|p| p.subscriptions.is_some())
+        .map(|p| p.instance_id.to_string())
+        .collect();
+    let mut positions = Vec::new();
+    for chunk in giving.chunks(ROWS_PER_STATEMENT) {
+        positions.push(script.position());
+        let q = script.next(chunk.len());
+        q.push("SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN (");
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(id.clone());
+        }
+        q.push(") AND instance_id IN (SELECT id FROM fenced)");
+    }
+    positions
 }
 
 /// Inserts instances' subscription rows: (instance, row, when).
@@ -540,8 +693,11 @@ pub(super) async fn start_instances(
     let lease = holder.map(|h| ts(h.lease_until));
     let epoch = if holder.is_some() { FIRST_EPOCH } else { 0 };
     let mut held = Vec::new();
+    // Both inserts of a chunk in one round trip to the worker.
     for chunk in starts.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new(
+        let mut script = Script::new();
+        let q = script.next(chunk.len());
+        q.push(
             "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
              updated_at, parent_id, owner, lease_expires_at, epoch) ",
         );
@@ -558,8 +714,8 @@ pub(super) async fn start_instances(
                 .push_bind(lease.clone())
                 .push_bind(epoch);
         });
-        execute(tx, q, chunk.len()).await?;
-        let mut q = QueryBuilder::new(
+        let q = script.next(chunk.len());
+        q.push(
             "INSERT INTO messages (id, message_type, kind, properties, body, status, \
              instance_id, published_at, locked_by, delivery_count) ",
         );
@@ -577,11 +733,12 @@ pub(super) async fn start_instances(
         });
         q.push(" ON CONFLICT (id) DO NOTHING");
         if holder.is_none() {
-            execute(tx, q, chunk.len()).await?;
+            script.run(tx).await?;
             continue;
         }
         q.push(" RETURNING instance_id, seq");
-        let rows: Vec<(String, i64)> = fetch_as(tx, q, chunk.len()).await?;
+        let ran = script.run_each(tx).await?;
+        let rows: Vec<(String, i64)> = ran[1].decode()?;
         let seqs = rows
             .iter()
             .map(|(id, seq)| Ok((parse_uuid(id)?, *seq)))
