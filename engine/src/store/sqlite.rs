@@ -109,6 +109,7 @@ impl SqliteStore {
                 .idle_timeout(None)
                 .max_lifetime(None)
                 .test_before_acquire(false)
+                .after_connect(|conn, _| Box::pin(writer::prepare(conn)))
                 .connect_with(options.clone())
         };
         if memory {

@@ -35,6 +35,15 @@ pub(super) enum Writer {
     Pooled(SqlitePool),
 }
 
+/// Readies a connection for write transactions: the temporary table a group commit fences its
+/// points with (`batch::push_fence`).
+pub(super) async fn prepare(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("CREATE TEMP TABLE IF NOT EXISTS fenced (id TEXT PRIMARY KEY)")
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
 /// A connection taken for one write transaction.
 enum Held {
     Dedicated(OwnedMappedMutexGuard<Slot, SqliteConnection>),
@@ -66,7 +75,8 @@ impl Writer {
     pub(super) async fn connect(
         options: &sqlx::sqlite::SqliteConnectOptions,
     ) -> Result<Self, sqlx::Error> {
-        let conn = SqliteConnection::connect_with(options).await?;
+        let mut conn = SqliteConnection::connect_with(options).await?;
+        prepare(&mut conn).await?;
         Ok(Writer::Dedicated(Arc::new(Mutex::new(Some(conn)))))
     }
 
