@@ -49,6 +49,7 @@ backend_tests!(
     idle_instances_dehydrate_and_rehydrate_on_their_next_message,
     a_commit_by_a_host_that_lost_the_lease_is_fenced,
     a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
+    a_large_group_commit_fences_each_point_too,
     a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_message_of_a_cancelled_receive_is_routed_again,
@@ -869,6 +870,57 @@ async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_orde
         0,
         "the fenced point subscribed to nothing"
     );
+}
+
+/// A group commit of many points is fenced point by point like a small one (G4): the SQLite
+/// store fences a run of up to eight points in SQL, in the same round trip as its writes, and a
+/// larger one by reading the fence first. Here twelve points, one of them under an old epoch:
+/// that one consumes, sends and subscribes to nothing; the others do all three.
+async fn a_large_group_commit_fences_each_point_too(db: TestDb) {
+    use cairn::store::{CommitOutcome, SubscriptionRow};
+    use cairn::Correlation;
+    let now = chrono::Utc::now();
+    let ids: Vec<Uuid> = (0..12).map(|_| Uuid::now_v7()).collect();
+    let epoch = started_and_held(&db, &ids, now).await[0].epoch;
+    let stale = ids[4];
+    let mut points = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let mut point = send_point(*id, "host-a", epoch, &format!("p{n}"), 1, now);
+        if *id == stale {
+            point.epoch = epoch - 1;
+        }
+        point.consumed = vec![start_message(&db, *id).await.2];
+        point.subscriptions = Some(vec![SubscriptionRow {
+            id: Uuid::now_v7(),
+            message_type: "approval.decision".into(),
+            correlation: Correlation::on("request_id", format!("r{n}")),
+        }]);
+        points.push(point);
+    }
+    let out = db.store.commit(&points).await.unwrap();
+    for (id, outcome) in ids.iter().zip(&out) {
+        let expected = if *id == stale {
+            CommitOutcome::Fenced
+        } else {
+            CommitOutcome::Committed
+        };
+        assert_eq!(*outcome, expected, "instance {id}");
+    }
+    for id in &ids {
+        let written = i64::from(*id != stale);
+        let rows = |table: &str| {
+            format!("SELECT COUNT(*) FROM {table} WHERE CAST(instance_id AS TEXT) = $1")
+        };
+        let id_text = id.to_string();
+        assert_eq!(db.count_with(&rows("outbox"), &id_text).await, written);
+        assert_eq!(db.count_with(&rows("history"), &id_text).await, written);
+        assert_eq!(
+            db.count_with(&rows("subscriptions"), &id_text).await,
+            written
+        );
+        let status = start_message(&db, *id).await.3;
+        assert_eq!(status == "consumed", *id != stale, "{id}: {status}");
+    }
 }
 
 /// A reply the holder took in memory, for a request another host delivered too (its lock on the

@@ -6,9 +6,11 @@
 //! Here the parts every point has (the fenced state update, consumed messages, sends, replies
 //! taken, history, subscriptions, children, releases) are one multi-row statement each for the
 //! whole group; only the rare parts (a removed subscription, timers, publishes) go point by
-//! point. The statements that need nothing read back go to the worker together, as one
-//! [`Script`]. Each point is still all-or-nothing and fenced: its rows are written only if the
-//! fenced update of its instance row matched, and the whole group is one transaction.
+//! point. The common parts of a run of points go to the worker together, as one [`Script`]
+//! (statements in one query, each one's result read back). Each point is still all-or-nothing
+//! and fenced: its rows are written only if its instance row is still held under its epoch
+//! (checked in SQL for a small run, read first for a large one), and the whole group is one
+//! transaction.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -200,10 +202,10 @@ pub(super) async fn write_points(
     Ok(outcomes)
 }
 
-/// What every point of a run writes, in one round trip to the worker: its fence, the fenced
-/// update of its instance row, consumed messages, sends, replies taken, history and releases,
-/// and a read of the subscriptions stored for the
-/// points that give their set. Returns the instances whose points were written and those
+/// What every point of a run writes: the fenced update of its instance row, consumed messages,
+/// sends, replies taken, history and releases, and a read of the subscriptions stored for the
+/// points that give their set, as one script (one round trip to the worker; a large run reads
+/// its fence in one before). Returns the instances whose points were written and those
 /// subscriptions. Releasing comes last in a point's writes but touches nothing the later parts
 /// write (their timers and messages are new and unlocked), so it goes with the rest.
 async fn write_common(
@@ -291,9 +293,9 @@ fn only_fenced(in_sql: bool, column: &str) -> String {
 type StoredSubscription = (Uuid, Uuid, String);
 
 /// Fills the temporary table `fenced` with the run's instances whose rows still hold the
-/// points' epochs and hosts (`CROSS JOIN` keeps the points as the outer loop: SQLite's planner
-/// otherwise scanned every instance row). Every other write of the run is conditioned on it, so the run's
-/// writes go to the worker as one script and each point stays all-or-nothing.
+/// points' epochs and hosts (`CROSS JOIN` keeps the points as the outer loop). Every other
+/// write of the run is conditioned on it, so the run's writes go to the worker as one script
+/// and each point stays all-or-nothing.
 fn push_fence<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
     for chunk in run.chunks(ROWS_PER_STATEMENT) {
         let q = script.next(chunk.len());
