@@ -98,7 +98,8 @@ impl SqliteStore {
             // Room for the multi-row statements of small groups (`batch::reuse`).
             .statement_cache_capacity(512)
             .foreign_keys(false)
-            // The temporary table a group commit fences its points with (`batch::push_fence`).
+            // The temporary table a group commit fences its points with (`batch::push_fence`)
+            // stays in memory.
             .pragma("temp_store", "memory");
         // Every connection is opened here, before any load: opening one later, while another
         // writes, can fail at once with SQLITE_BUSY on the journal-mode pragma.
@@ -109,7 +110,7 @@ impl SqliteStore {
                 .idle_timeout(None)
                 .max_lifetime(None)
                 .test_before_acquire(false)
-                .after_connect(|conn, _| Box::pin(writer::prepare(conn)))
+                .after_connect(|conn, _| Box::pin(writer::add_fence_table(conn)))
                 .connect_with(options.clone())
         };
         if memory {

@@ -3,12 +3,13 @@
 //!
 //! A statement is a round trip to the server, so a group of 256 points written one statement
 //! per row was ~1,300 round trips. Here the parts every point has (the fenced state update,
-//! consumed messages, sends, replies taken, history, subscriptions, children, releases) are one
-//! statement each for the whole group, its rows passed as arrays and expanded with `UNNEST` (one
-//! fixed text per statement, so each is prepared once per connection). Only the rare parts
-//! (timers) go point by point; publishes are left to the caller, which takes the routing locks
-//! first. Each point is still all-or-nothing and fenced: its rows are written only if the fenced
-//! update of its instance row matched, and the whole group is one transaction.
+//! consumed messages, sends, replies taken, history, the read of its subscriptions) are one
+//! statement for the whole group ([`write_common`]), and the less common ones (subscription
+//! changes, children, timers, releases) one statement each; rows are passed as arrays and
+//! expanded with `UNNEST` (one fixed text per statement, so each is prepared once per
+//! connection). Publishes are left to the caller, which takes the routing locks first. Each
+//! point is still all-or-nothing and fenced: its rows are written only if the fenced update of
+//! its instance row matched, and the whole group is one transaction.
 
 use std::collections::{HashMap, HashSet};
 

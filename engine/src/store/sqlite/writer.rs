@@ -35,9 +35,10 @@ pub(super) enum Writer {
     Pooled(SqlitePool),
 }
 
-/// Readies a connection for write transactions: the temporary table a group commit fences its
-/// points with (`batch::push_fence`).
-pub(super) async fn prepare(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+/// Creates the connection's temporary table `fenced`, which a group commit fences its points
+/// with (`batch::push_fence`). The read pool's connections get one too: an in-memory database's
+/// only connection is both.
+pub(super) async fn add_fence_table(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     sqlx::query("CREATE TEMP TABLE IF NOT EXISTS fenced (id TEXT PRIMARY KEY)")
         .execute(conn)
         .await
@@ -76,7 +77,7 @@ impl Writer {
         options: &sqlx::sqlite::SqliteConnectOptions,
     ) -> Result<Self, sqlx::Error> {
         let mut conn = SqliteConnection::connect_with(options).await?;
-        prepare(&mut conn).await?;
+        add_fence_table(&mut conn).await?;
         Ok(Writer::Dedicated(Arc::new(Mutex::new(Some(conn)))))
     }
 
