@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{SqliteQueryResult, SqliteRow};
 use sqlx::{Either, Executor, QueryBuilder, Sqlite};
 
@@ -425,34 +426,54 @@ fn insert_sends<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint], i
         .iter()
         .flat_map(|p| p.outbox.iter().map(move |row| (*p, row)))
         .collect();
+    let columns = "(id, instance_id, port, message_type, body, expects_reply, status, \
+         next_attempt_at, locked_by, locked_until, created_at)";
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let q = script.next(chunk.len());
-        let columns = "(id, instance_id, port, message_type, body, expects_reply, status, \
-             next_attempt_at, locked_by, locked_until, created_at)";
-        match in_sql {
-            true => q.push(format_args!("WITH s {columns} AS (")),
-            false => q.push(format_args!("INSERT INTO outbox {columns} ")),
-        };
-        q.push_values(chunk, |mut b, (p, row)| {
-            let at = ts(p.at);
-            b.push_bind(&row.id)
-                .push_bind(p.instance_id.to_string())
-                .push_bind(&row.port)
-                .push_bind(&row.message_type)
-                .push_bind(row.body.to_string())
-                .push_bind(row.expects_reply)
-                .push_bind("pending")
-                .push_bind(at.clone())
-                .push_bind(&p.host)
-                .push_bind(ts(p.outbox_lock_until))
-                .push_bind(at);
-        });
-        if in_sql {
-            q.push(format_args!(
-                ") INSERT INTO outbox {columns} SELECT * FROM s WHERE true{}",
-                only_fenced(in_sql, "instance_id")
-            ));
-        }
+        push_insert(
+            script,
+            "outbox",
+            columns,
+            chunk,
+            in_sql,
+            |mut b, (p, row)| {
+                let at = ts(p.at);
+                b.push_bind(&row.id)
+                    .push_bind(p.instance_id.to_string())
+                    .push_bind(&row.port)
+                    .push_bind(&row.message_type)
+                    .push_bind(row.body.to_string())
+                    .push_bind(row.expects_reply)
+                    .push_bind("pending")
+                    .push_bind(at.clone())
+                    .push_bind(&p.host)
+                    .push_bind(ts(p.outbox_lock_until))
+                    .push_bind(at);
+            },
+        );
+    }
+}
+
+/// One multi-row insert of `rows` into `table`; when the run is fenced in SQL, of the rows of
+/// fenced points only ([`only_fenced`] on their `instance_id`).
+fn push_insert<'a, T: Copy>(
+    script: &mut Script<'a>,
+    table: &str,
+    columns: &str,
+    rows: &[T],
+    in_sql: bool,
+    bind: impl FnMut(Separated<'_, 'a, Sqlite, &'static str>, T),
+) {
+    let q = script.next(rows.len());
+    match in_sql {
+        true => q.push(format_args!("WITH v {columns} AS (")),
+        false => q.push(format_args!("INSERT INTO {table} {columns} ")),
+    };
+    q.push_values(rows.iter().copied(), bind);
+    if in_sql {
+        q.push(format_args!(
+            ") INSERT INTO {table} {columns} SELECT * FROM v WHERE true{}",
+            only_fenced(in_sql, "instance_id")
+        ));
     }
 }
 
@@ -494,14 +515,9 @@ fn mark_delivered<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint],
 
 /// One history row per point, under the epoch its fenced update matched.
 fn insert_history<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint], in_sql: bool) {
+    let columns = "(instance_id, seq, reason, step, status, at, host, epoch, detail)";
     for chunk in written.chunks(ROWS_PER_STATEMENT) {
-        let q = script.next(chunk.len());
-        let columns = "(instance_id, seq, reason, step, status, at, host, epoch, detail)";
-        match in_sql {
-            true => q.push(format_args!("WITH h {columns} AS (")),
-            false => q.push(format_args!("INSERT INTO history {columns} ")),
-        };
-        q.push_values(chunk, |mut row, p| {
+        push_insert(script, "history", columns, chunk, in_sql, |mut row, p| {
             row.push_bind(p.instance_id.to_string())
                 .push_bind(p.history_seq)
                 .push_bind(p.reason.as_str())
@@ -512,12 +528,6 @@ fn insert_history<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint],
                 .push_bind(p.epoch)
                 .push_bind(p.detail.as_deref());
         });
-        if in_sql {
-            q.push(format_args!(
-                ") INSERT INTO history {columns} SELECT * FROM h WHERE true{}",
-                only_fenced(in_sql, "instance_id")
-            ));
-        }
     }
 }
 
