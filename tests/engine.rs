@@ -50,6 +50,7 @@ backend_tests!(
     a_commit_by_a_host_that_lost_the_lease_is_fenced,
     a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
     a_large_group_commit_fences_each_point_too,
+    a_point_consuming_a_message_not_routed_to_its_instance_fails_and_writes_nothing,
     a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_message_of_a_cancelled_receive_is_routed_again,
@@ -921,6 +922,85 @@ async fn a_large_group_commit_fences_each_point_too(db: TestDb) {
         let status = start_message(&db, *id).await.3;
         assert_eq!(status == "consumed", *id != stale, "{id}: {status}");
     }
+}
+
+/// A point that consumes a message not routed to its instance (here one an earlier point
+/// consumed already) is a bug, not a race: its commit fails as corrupt and writes nothing, nor
+/// does any point of its group (each commit is one transaction). Checked for a point on its
+/// own, one in a group that also writes subscriptions, and one in a large group, which the
+/// SQLite store writes three different ways (one script with its `COMMIT`, a script in a
+/// transaction, and statements after a fence read first).
+async fn a_point_consuming_a_message_not_routed_to_its_instance_fails_and_writes_nothing(
+    db: TestDb,
+) {
+    use cairn::store::{StoreError, SubscriptionRow};
+    use cairn::Correlation;
+    let now = chrono::Utc::now();
+    let ids: Vec<Uuid> = (0..12).map(|_| Uuid::now_v7()).collect();
+    let epoch = started_and_held(&db, &ids, now).await[0].epoch;
+    let twice = ids[0];
+    let mut first = send_point(twice, "host-a", epoch, "first", 1, now);
+    first.consumed = vec![start_message(&db, twice).await.2];
+    db.store.commit(std::slice::from_ref(&first)).await.unwrap();
+    let mut again = send_point(twice, "host-a", epoch, "again", 2, now);
+    again.consumed = first.consumed.clone();
+    let others = |n: usize| {
+        let db = &db;
+        let ids = &ids;
+        async move {
+            let mut points = Vec::new();
+            for (k, id) in ids[1..=n].iter().enumerate() {
+                let mut point = send_point(*id, "host-a", epoch, &format!("p{k}"), 1, now);
+                point.consumed = vec![start_message(db, *id).await.2];
+                point.subscriptions = Some(vec![SubscriptionRow {
+                    id: Uuid::now_v7(),
+                    message_type: "approval.decision".into(),
+                    correlation: Correlation::on("request_id", format!("r{k}")),
+                }]);
+                points.push(point);
+            }
+            points
+        }
+    };
+    let alone = vec![again.clone()];
+    let mut subscribing = others(2).await;
+    subscribing.push(again.clone());
+    let mut large = others(11).await;
+    large.push(again);
+    for (shape, points) in [
+        ("alone", alone),
+        ("with subscriptions", subscribing),
+        ("in a large group", large),
+    ] {
+        let err = db.store.commit(&points).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(text) if text.contains("consumed twice")),
+            "{shape}: {err}"
+        );
+        assert_eq!(
+            db.count("SELECT COUNT(*) FROM history").await,
+            1,
+            "{shape}: no point of the group wrote history"
+        );
+        assert_eq!(db.count("SELECT COUNT(*) FROM outbox").await, 1, "{shape}");
+        assert_eq!(
+            db.count("SELECT COUNT(*) FROM subscriptions").await,
+            0,
+            "{shape}"
+        );
+        assert_eq!(
+            db.count("SELECT COUNT(*) FROM messages WHERE status = 'consumed'")
+                .await,
+            1,
+            "{shape}: no point of the group consumed its message"
+        );
+        let detail = db.store.instance_detail(twice).await.unwrap().unwrap();
+        assert_eq!(detail.summary.step, "first", "{shape}");
+    }
+    // The store still writes after the failures.
+    let next = send_point(twice, "host-a", epoch, "next", 2, now);
+    db.store.commit(&[next]).await.unwrap();
+    assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 2);
 }
 
 /// A reply the holder took in memory, for a request another host delivered too (its lock on the

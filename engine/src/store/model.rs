@@ -688,6 +688,17 @@ impl PersistencePoint {
             || self.subscriptions.as_ref().is_some_and(|s| !s.is_empty())
             || (self.release && !self.status.is_final())
     }
+
+    /// Whether it writes only the parts every point has (its instance row, consumed messages,
+    /// sends, replies taken, history, a release): no subscription set, children, timers or
+    /// messages, which each take statements of their own.
+    pub(crate) fn writes_only_common_parts(&self) -> bool {
+        self.subscriptions.is_none()
+            && self.children.is_empty()
+            && self.cancel_timers.is_empty()
+            && self.set_timers.is_empty()
+            && self.messages.is_empty()
+    }
 }
 
 /// A timer of an instance: (instance, name).

@@ -110,7 +110,7 @@ impl SqliteStore {
                 .idle_timeout(None)
                 .max_lifetime(None)
                 .test_before_acquire(false)
-                .after_connect(|conn, _| Box::pin(writer::add_fence_table(conn)))
+                .after_connect(|conn, _| Box::pin(writer::add_temp_tables(conn)))
                 .connect_with(options.clone())
         };
         if memory {
@@ -546,8 +546,11 @@ impl Store for SqliteStore {
         holder: Option<Holder<'_>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<HeldStart>> {
-        let mut tx = self.write().await?;
         let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
+        if let Some(held) = batch::start_alone(&self.writer, &starts, holder).await? {
+            return Ok(held);
+        }
+        let mut tx = self.write().await?;
         let held = batch::start_instances(&mut tx, &starts, holder).await?;
         commit(tx).await?;
         Ok(held)
@@ -753,6 +756,9 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
+        if let Some(out) = batch::write_alone(&self.writer, points).await? {
+            return Ok(out);
+        }
         let mut tx = self.write().await?;
         let mut reroute_types = BTreeSet::new();
         let out = batch::write_points(&mut tx, points, &mut reroute_types).await?;

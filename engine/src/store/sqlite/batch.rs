@@ -18,17 +18,18 @@ use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use sqlx::query_builder::Separated;
 use sqlx::sqlite::{SqliteQueryResult, SqliteRow};
-use sqlx::{Either, Executor, QueryBuilder, Sqlite};
+use sqlx::{Either, Executor, QueryBuilder, Sqlite, SqliteConnection};
 
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
+use super::writer::{Alone, CHECK_FAILED};
 use super::{
     activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
     MessageKind, NewInstance, NewMessage, NewSubscription, PersistencePoint, PublishOutcome,
-    StoreError, StoreResult, SubscriptionChanges, Tx, GIVE_BACK,
+    StoreError, StoreResult, SubscriptionChanges, Tx, Writer, GIVE_BACK,
 };
 use crate::store::model::timer_writes;
 
@@ -128,12 +129,39 @@ impl<'a> Script<'a> {
         execute(tx, self.q, rows).await.map(drop)
     }
 
+    /// A script that is a whole write transaction: `BEGIN IMMEDIATE` first, and run by
+    /// [`Script::run_alone`], which ends it with `COMMIT`.
+    fn transaction() -> Self {
+        let mut script = Script::new();
+        script.next(0).push("BEGIN IMMEDIATE");
+        script
+    }
+
+    /// Runs a [`Script::transaction`] on `conn` and commits it, in one round trip to the
+    /// worker; returns each statement's result, in order (`BEGIN` first). A script that fails
+    /// is rolled back.
+    async fn run_alone(mut self, mut conn: Alone) -> StoreResult<Vec<Ran>> {
+        self.next(0).push("COMMIT");
+        match self.run_each(&mut conn).await {
+            Ok(results) => {
+                conn.finished();
+                Ok(results)
+            }
+            Err(e) => {
+                if let Err(rollback) = conn.failed().await {
+                    tracing::warn!(error = %rollback, "rolling back a failed write failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Runs the statements in order; returns each one's result, in order.
-    async fn run_each(mut self, tx: &mut Tx) -> StoreResult<Vec<Ran>> {
+    async fn run_each(mut self, conn: &mut SqliteConnection) -> StoreResult<Vec<Ran>> {
         let mut results = Vec::with_capacity(self.statements);
         let mut rows = Vec::new();
         let query = self.q.build().persistent(reuse(self.rows));
-        let mut stream = (&mut **tx).fetch_many(query);
+        let mut stream = conn.fetch_many(query);
         while let Some(item) = stream.try_next().await.map_err(map_err)? {
             match item {
                 Either::Left(done) => results.push(Ran {
@@ -203,6 +231,48 @@ pub(super) async fn write_points(
     Ok(outcomes)
 }
 
+/// Writes `points` as one transaction sent in one round trip ([`Script::run_alone`]), if they
+/// can be: a small run (at most one point per instance, fenced in SQL) that writes only the
+/// parts every point has, on a database file. Returns `None`, having done nothing, otherwise.
+pub(super) async fn write_alone(
+    writer: &Writer,
+    points: &[PersistencePoint],
+) -> StoreResult<Option<Vec<CommitOutcome>>> {
+    let alone = distinct_runs(points).len() == 1
+        && fenced_in_sql(points)
+        && points
+            .iter()
+            .all(PersistencePoint::writes_only_common_parts);
+    if !alone {
+        return Ok(None);
+    }
+    let Some(conn) = writer.alone().await? else {
+        return Ok(None);
+    };
+    let mut script = Script::transaction();
+    let all: Vec<&PersistencePoint> = points.iter().collect();
+    let common = push_common(&mut script, points, &all, true);
+    let results = script
+        .run_alone(conn)
+        .await
+        .map_err(|e| consumed_not_routed(e, points))?;
+    let (committed, _) = common.read(&results)?;
+    Ok(Some(run_outcomes(points, &committed).collect()))
+}
+
+/// Whether a run is fenced in SQL, in the same round trip as its writes: a small one (the
+/// latency path: a few points of a few rows each). A large one reads its fence first and
+/// writes only the points it matched: conditioning every row on the table costs SQLite more
+/// than the round trip saves (~20% more work for a group of 256 points; W3's points of 100
+/// sends each took 0.7 ms longer).
+fn fenced_in_sql(run: &[PersistencePoint]) -> bool {
+    let rows: usize = run
+        .iter()
+        .map(|p| p.consumed.len() + p.outbox.len() + p.delivered.len())
+        .sum();
+    reuse(run.len()) && reuse(rows)
+}
+
 /// What every point of a run writes: the fenced update of its instance row, consumed messages,
 /// sends, replies taken, history and releases, and a read of the subscriptions stored for the
 /// points that give their set, as one script (one round trip to the worker; a large run reads
@@ -213,22 +283,9 @@ async fn write_common(
     tx: &mut Tx,
     run: &[PersistencePoint],
 ) -> StoreResult<(HashSet<Uuid>, Vec<StoredSubscription>)> {
-    // A small run (the latency path: a few points of a few rows each) is fenced in SQL, in the
-    // same round trip. A large one reads its fence first and writes only the points it
-    // matched: conditioning every row on the table costs SQLite more than the round trip saves
-    // (~20% more work for a group of 256 points; W3's points of 100 sends each took 0.7 ms
-    // longer).
-    let rows: usize = run
-        .iter()
-        .map(|p| p.consumed.len() + p.outbox.len() + p.delivered.len())
-        .sum();
-    let in_sql = reuse(run.len()) && reuse(rows);
+    let in_sql = fenced_in_sql(run);
     let mut committed = HashSet::with_capacity(run.len());
-    let mut script = Script::new();
-    let mut updates = Vec::new();
     let points: Vec<&PersistencePoint> = if in_sql {
-        push_fence(&mut script, run);
-        updates = push_update(&mut script, run);
         run.iter().collect()
     } else {
         let mut fence = Script::new();
@@ -238,41 +295,114 @@ async fn write_common(
             .filter(|p| committed.contains(&p.instance_id))
             .collect()
     };
-    let consumes = push_consume(&mut script, &points, in_sql);
-    insert_sends(&mut script, &points, in_sql);
-    mark_delivered(&mut script, &points, in_sql);
-    insert_history(&mut script, &points, in_sql);
-    release(&mut script, &points, in_sql);
-    let reads = push_read_subscriptions(&mut script, &points, in_sql);
+    let mut script = Script::new();
+    let common = push_common(&mut script, run, &points, in_sql);
+    let results = script
+        .run_each(tx)
+        .await
+        .map_err(|e| consumed_not_routed(e, run))?;
+    let (fenced, stored) = common.read(&results)?;
+    committed.extend(fenced);
+    if !in_sql {
+        check_consumed(&results, &common.consumes, &committed)?;
+    }
+    Ok((committed, stored))
+}
+
+/// Adds the common parts of `points` (of `run`) to `script`: with `in_sql`, fenced in SQL
+/// (the fence and the fenced update first); without, `points` are those whose fence matched.
+fn push_common<'a>(
+    script: &mut Script<'a>,
+    run: &'a [PersistencePoint],
+    points: &[&'a PersistencePoint],
+    in_sql: bool,
+) -> Common {
+    let mut updates = Vec::new();
+    if in_sql {
+        push_fence(script, run);
+        updates = push_update(script, run);
+    }
+    let consumes = push_consume(script, points, in_sql);
+    insert_sends(script, points, in_sql);
+    mark_delivered(script, points, in_sql);
+    insert_history(script, points, in_sql);
+    release(script, points, in_sql);
+    let reads = push_read_subscriptions(script, points, in_sql);
     if in_sql {
         script.next(0).push("DELETE FROM fenced");
     }
-    let results = script.run_each(tx).await?;
-    collect_ids(&results, &updates, &mut committed)?;
+    Common {
+        updates,
+        consumes,
+        reads,
+    }
+}
+
+/// Where the common parts of a run are among a script's results ([`push_common`]).
+struct Common {
+    /// The fenced updates (fenced in SQL only).
+    updates: Vec<usize>,
+    /// The consumed messages' statements, with their rows.
+    consumes: Vec<(usize, Consumed)>,
+    /// The reads of stored subscriptions.
+    reads: Vec<usize>,
+}
+
+impl Common {
+    /// The instances the fenced updates matched, and the subscriptions read.
+    fn read(&self, results: &[Ran]) -> StoreResult<(HashSet<Uuid>, Vec<StoredSubscription>)> {
+        let mut committed = HashSet::new();
+        collect_ids(results, &self.updates, &mut committed)?;
+        let mut stored = Vec::new();
+        for at in &self.reads {
+            for (instance, sub, message_type) in
+                results[*at].decode::<(String, String, String)>()?
+            {
+                stored.push((parse_uuid(&instance)?, parse_uuid(&sub)?, message_type));
+            }
+        }
+        Ok((committed, stored))
+    }
+}
+
+/// Every message a point of `committed` consumed was routed to its instance; checked in Rust
+/// for a run fenced before its writes (in SQL otherwise, [`push_consume`]).
+fn check_consumed(
+    results: &[Ran],
+    consumes: &[(usize, Consumed)],
+    committed: &HashSet<Uuid>,
+) -> StoreResult<()> {
     for (at, chunk) in consumes {
-        let expected = chunk
+        let expected: Vec<(&Uuid, &i64)> = chunk
             .iter()
             .filter(|(id, _, _)| committed.contains(id))
-            .count();
-        if results[at].affected != expected as u64 {
-            return Err(StoreError::Corrupt(format!(
-                "persistence points consumed messages {:?} (instance, seq), not all routed to \
-                 their instance (consumed twice?)",
-                chunk
-                    .iter()
-                    .filter(|(id, _, _)| committed.contains(id))
-                    .map(|(id, seq, _)| (id, seq))
-                    .collect::<Vec<_>>()
-            )));
+            .map(|(id, seq, _)| (id, seq))
+            .collect();
+        if results[*at].affected != expected.len() as u64 {
+            return Err(not_routed(&expected));
         }
     }
-    let mut stored = Vec::new();
-    for at in reads {
-        for (instance, sub, message_type) in results[at].decode::<(String, String, String)>()? {
-            stored.push((parse_uuid(&instance)?, parse_uuid(&sub)?, message_type));
-        }
+    Ok(())
+}
+
+/// The error for points that consumed messages not all routed to their instance.
+fn not_routed(consumed: &[(&Uuid, &i64)]) -> StoreError {
+    StoreError::Corrupt(format!(
+        "persistence points consumed messages {consumed:?} (instance, seq), not all routed to \
+         their instance (consumed twice?)"
+    ))
+}
+
+/// `err`, or, if it is the check in SQL of [`push_consume`] failing, the error saying so.
+fn consumed_not_routed(err: StoreError, run: &[PersistencePoint]) -> StoreError {
+    if !matches!(&err, StoreError::Database(e) if e.to_string().contains(CHECK_FAILED)) {
+        return err;
     }
-    Ok((committed, stored))
+    let consumed: Vec<(&Uuid, &i64)> = run
+        .iter()
+        .flat_map(|p| p.consumed.iter().map(move |seq| (&p.instance_id, seq)))
+        .collect();
+    not_routed(&consumed)
 }
 
 /// Adds the instance ids the statements at `positions` returned to `into`.
@@ -384,7 +514,10 @@ async fn fetch_ids(
 type Consumed = Vec<(Uuid, i64, String)>;
 
 /// Marks the messages the fenced points consumed; each must have been routed to its
-/// instance. Returns each statement's position and rows, to check that every one was marked.
+/// instance. Returns each statement's position and rows, to check that every one was marked:
+/// fenced in SQL, the script checks it itself (each statement is followed by a check, through
+/// the temporary table `checks`, that fails the script unless it marked every message of the
+/// points in `fenced`).
 fn push_consume(
     script: &mut Script<'_>,
     points: &[&PersistencePoint],
@@ -415,6 +548,17 @@ fn push_consume(
              AND messages.status = 'routed'",
         )
         .push(only_fenced(in_sql, "c.instance_id"));
+        if in_sql {
+            let q = script.next(chunk.len());
+            q.push("WITH c (instance_id) AS (");
+            q.push_values(chunk, |mut row, (id, _, _)| {
+                row.push_bind(id.to_string());
+            });
+            q.push(
+                ") INSERT INTO checks (ok) SELECT changes() = (SELECT COUNT(*) FROM c \
+                 WHERE instance_id IN (SELECT id FROM fenced))",
+            );
+        }
         statements.push((at, chunk.to_vec()));
     }
     statements
@@ -756,63 +900,104 @@ pub(super) async fn start_instances(
     starts: &[(&NewInstance, DateTime<Utc>)],
     holder: Option<Holder<'_>>,
 ) -> StoreResult<Vec<HeldStart>> {
-    let owner = holder.map(|h| h.host);
-    let lease = holder.map(|h| ts(h.lease_until));
-    let epoch = if holder.is_some() { FIRST_EPOCH } else { 0 };
     let mut held = Vec::new();
     // Both inserts of a chunk in one round trip to the worker.
     for chunk in starts.chunks(ROWS_PER_STATEMENT) {
         let mut script = Script::new();
-        let q = script.next(chunk.len());
-        q.push(
-            "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
-             updated_at, parent_id, owner, lease_expires_at, epoch) ",
-        );
-        q.push_values(chunk, |mut row, (inst, at)| {
-            row.push_bind(inst.id.to_string())
-                .push_bind(&inst.orchestration)
-                .push_bind(i64::from(inst.version))
-                .push_bind("running")
-                .push_bind("created")
-                .push_bind(ts(*at))
-                .push_bind(ts(*at))
-                .push_bind(inst.parent.map(|p| p.to_string()))
-                .push_bind(owner)
-                .push_bind(lease.clone())
-                .push_bind(epoch);
-        });
-        let q = script.next(chunk.len());
-        q.push(
-            "INSERT INTO messages (id, message_type, kind, properties, body, status, \
-             instance_id, published_at, locked_by, delivery_count) ",
-        );
-        q.push_values(chunk, |mut row, (inst, at)| {
-            row.push_bind(inst.start_message_id())
-                .push_bind(inst.start_message_type())
-                .push_bind(MessageKind::Start.as_str())
-                .push_bind("{}")
-                .push_bind(inst.input.to_string())
-                .push_bind("routed")
-                .push_bind(inst.id.to_string())
-                .push_bind(ts(*at))
-                .push_bind(owner)
-                .push_bind(i64::from(holder.is_some()));
-        });
-        q.push(" ON CONFLICT (id) DO NOTHING");
-        if holder.is_none() {
-            script.run(tx).await?;
-            continue;
-        }
-        q.push(" RETURNING instance_id, seq");
-        let ran = script.run_each(tx).await?;
-        let rows: Vec<(String, i64)> = ran[1].decode()?;
-        let seqs = rows
-            .iter()
-            .map(|(id, seq)| Ok((parse_uuid(id)?, *seq)))
-            .collect::<StoreResult<Vec<_>>>()?;
-        held.extend(HeldStart::all(chunk, seqs)?);
+        let returned = push_start(&mut script, chunk, holder);
+        held.extend(read_held(&script.run_each(tx).await?, returned, chunk)?);
     }
     Ok(held)
+}
+
+/// Starts instances as [`start_instances`] does, as one transaction sent in one round trip
+/// ([`Script::run_alone`]), if they fit in one statement each and the database is a file.
+/// Returns `None`, having done nothing, otherwise.
+pub(super) async fn start_alone(
+    writer: &Writer,
+    starts: &[(&NewInstance, DateTime<Utc>)],
+    holder: Option<Holder<'_>>,
+) -> StoreResult<Option<Vec<HeldStart>>> {
+    if starts.len() > ROWS_PER_STATEMENT {
+        return Ok(None);
+    }
+    let Some(conn) = writer.alone().await? else {
+        return Ok(None);
+    };
+    let mut script = Script::transaction();
+    let returned = push_start(&mut script, starts, holder);
+    let results = script.run_alone(conn).await?;
+    read_held(&results, returned, starts).map(Some)
+}
+
+/// Adds the inserts of instances and their start messages to `script`; with a `holder`, the
+/// position of the statement that returns the start messages' `seq`.
+fn push_start<'a>(
+    script: &mut Script<'a>,
+    starts: &'a [(&'a NewInstance, DateTime<Utc>)],
+    holder: Option<Holder<'a>>,
+) -> Option<usize> {
+    let owner = holder.map(|h| h.host);
+    let lease = holder.map(|h| ts(h.lease_until));
+    let epoch = if holder.is_some() { FIRST_EPOCH } else { 0 };
+    let q = script.next(starts.len());
+    q.push(
+        "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
+         updated_at, parent_id, owner, lease_expires_at, epoch) ",
+    );
+    q.push_values(starts, |mut row, (inst, at)| {
+        row.push_bind(inst.id.to_string())
+            .push_bind(&inst.orchestration)
+            .push_bind(i64::from(inst.version))
+            .push_bind("running")
+            .push_bind("created")
+            .push_bind(ts(*at))
+            .push_bind(ts(*at))
+            .push_bind(inst.parent.map(|p| p.to_string()))
+            .push_bind(owner)
+            .push_bind(lease.clone())
+            .push_bind(epoch);
+    });
+    let returned = script.position();
+    let q = script.next(starts.len());
+    q.push(
+        "INSERT INTO messages (id, message_type, kind, properties, body, status, \
+         instance_id, published_at, locked_by, delivery_count) ",
+    );
+    q.push_values(starts, |mut row, (inst, at)| {
+        row.push_bind(inst.start_message_id())
+            .push_bind(inst.start_message_type())
+            .push_bind(MessageKind::Start.as_str())
+            .push_bind("{}")
+            .push_bind(inst.input.to_string())
+            .push_bind("routed")
+            .push_bind(inst.id.to_string())
+            .push_bind(ts(*at))
+            .push_bind(owner)
+            .push_bind(i64::from(holder.is_some()));
+    });
+    q.push(" ON CONFLICT (id) DO NOTHING");
+    holder.map(|_| {
+        q.push(" RETURNING instance_id, seq");
+        returned
+    })
+}
+
+/// The instances started held ([`push_start`] returned `returned`), ready to run.
+fn read_held(
+    results: &[Ran],
+    returned: Option<usize>,
+    starts: &[(&NewInstance, DateTime<Utc>)],
+) -> StoreResult<Vec<HeldStart>> {
+    let Some(at) = returned else {
+        return Ok(Vec::new());
+    };
+    let seqs = results[at]
+        .decode::<(String, i64)>()?
+        .iter()
+        .map(|(id, seq)| Ok((parse_uuid(id)?, *seq)))
+        .collect::<StoreResult<Vec<_>>>()?;
+    HeldStart::all(starts, seqs)
 }
 
 /// Stores and routes messages in order, each published at its time: duplicates (of a stored
