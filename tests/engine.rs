@@ -51,6 +51,7 @@ backend_tests!(
     a_group_commit_fences_each_point_and_writes_an_instances_points_in_order,
     a_large_group_commit_fences_each_point_too,
     a_point_consuming_a_message_not_routed_to_its_instance_fails_and_writes_nothing,
+    a_point_giving_up_its_instance_releases_what_it_held_and_consumes_the_rest,
     a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_message_of_a_cancelled_receive_is_routed_again,
@@ -1001,6 +1002,79 @@ async fn a_point_consuming_a_message_not_routed_to_its_instance_fails_and_writes
     let next = send_point(twice, "host-a", epoch, "next", 2, now);
     db.store.commit(&[next]).await.unwrap();
     assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 2);
+}
+
+/// A point that gives up its instance (dehydration) releases what the host held for it: the
+/// messages it claimed and did not consume go back uncounted (the claim was no failed
+/// delivery), one whose delivery failed the instance keeps its count (poison protection), its
+/// timers are unlocked; a message the same point consumes is consumed, not released.
+async fn a_point_giving_up_its_instance_releases_what_it_held_and_consumes_the_rest(db: TestDb) {
+    let now = chrono::Utc::now();
+    let x = Uuid::now_v7();
+    let epoch = started_and_held(&db, &[x], now).await[0].epoch;
+    // Three more messages for x, claimed by the host (locked, delivered once), and a timer.
+    for id in ["kept", "failed", "consumed"] {
+        sqlx::query(
+            "INSERT INTO messages (id, message_type, kind, properties, body, status, \
+             instance_id, published_at, locked_by, delivery_count) \
+             SELECT $1, 't.item', 'published', properties, body, 'routed', instance_id, \
+             published_at, 'host-a', 1 FROM messages WHERE kind = 'start' \
+             AND CAST(instance_id AS TEXT) = $2",
+        )
+        .bind(id)
+        .bind(x.to_string())
+        .execute(&db.sql)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO timers (instance_id, name, due_at, locked_by) SELECT instance_id, \
+         'reminder', published_at, 'host-a' FROM messages WHERE id = 'kept'",
+    )
+    .execute(&db.sql)
+    .await
+    .unwrap();
+    let seq = |id: &'static str| {
+        let db = &db;
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT seq FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db.sql)
+                .await
+                .unwrap()
+        }
+    };
+    let mut point = send_point(x, "host-a", epoch, "saved", 1, now);
+    point.outbox.clear();
+    point.status = InstanceStatus::Dehydrated;
+    point.reason = cairn::store::Reason::Dehydrate;
+    point.release = true;
+    point.consumed = vec![seq("consumed").await];
+    point.failed = vec![seq("failed").await];
+    let out = db.store.commit(&[point]).await.unwrap();
+    assert_eq!(out, [cairn::store::CommitOutcome::Committed]);
+    let message = |id: &'static str| {
+        let db = &db;
+        async move {
+            sqlx::query_as::<_, (String, Option<String>, i32)>(
+                "SELECT status, locked_by, delivery_count FROM messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db.sql)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(message("kept").await, ("routed".into(), None, 0));
+    assert_eq!(message("failed").await, ("routed".into(), None, 1));
+    assert_eq!(message("consumed").await, ("consumed".into(), None, 1));
+    let timer_lock: Option<String> = sqlx::query_scalar("SELECT locked_by FROM timers")
+        .fetch_one(&db.sql)
+        .await
+        .unwrap();
+    assert_eq!(timer_lock, None);
+    let detail = db.store.instance_detail(x).await.unwrap().unwrap();
+    assert_eq!(detail.summary.status, InstanceStatus::Dehydrated);
 }
 
 /// A reply the holder took in memory, for a request another host delivered too (its lock on the

@@ -834,13 +834,15 @@ impl Store for PostgresStore {
         holder: Option<Holder<'_>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<HeldStart>> {
-        let mut tx = self.write().await?;
         let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
-        let held = batch::start_instances(&mut tx, &starts, holder).await?;
-        // Held starts leave nothing for other hosts to claim.
-        if !instances.is_empty() && holder.is_none() {
-            notify(&mut tx).await?;
+        // Held starts leave nothing for other hosts to claim: no `NOTIFY`, so the one statement
+        // needs no transaction.
+        if instances.is_empty() || holder.is_some() {
+            return batch::start_instances(&self.pool, &starts, holder).await;
         }
+        let mut tx = self.write().await?;
+        let held = batch::start_instances(&mut *tx, &starts, holder).await?;
+        notify(&mut tx).await?;
         commit(tx).await?;
         Ok(held)
     }
@@ -1076,6 +1078,9 @@ impl Store for PostgresStore {
     }
 
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
+        if let Some(out) = batch::write_alone(&self.pool, points).await? {
+            return Ok(out);
+        }
         let mut tx = self.write().await?;
         let mut changes = Reroute::default();
         let out = batch::write_points(&mut tx, points, &mut changes).await?;

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
@@ -39,7 +40,7 @@ pub(super) async fn write_points(
             committed,
             stored,
             marked,
-        } = write_common(tx, run).await?;
+        } = write_common(&mut **tx, run, false).await?;
         let written: Vec<&PersistencePoint> = run
             .iter()
             .filter(|p| committed.contains(&p.instance_id))
@@ -51,24 +52,66 @@ pub(super) async fn write_points(
                 .iter()
                 .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
                 .collect();
-            start_instances(tx, &children, None).await?;
+            start_instances(&mut **tx, &children, None).await?;
             write_timers(tx, &written).await?;
-            release(tx, &written).await?;
         }
         outcomes.extend(run_outcomes(run, &committed));
     }
     Ok(outcomes)
 }
 
+/// Writes `points` as one statement outside a transaction (one round trip; a statement is
+/// all-or-nothing on its own), if they can be: at most one point per instance, writing only the
+/// parts every point has and nothing another host may claim (which would need a `NOTIFY`).
+/// Returns `None`, having written nothing, otherwise, and when a request a point marks
+/// delivered was delivered already: another host may have stored a copy of its reply, which
+/// only a statement after this one can see ([`consume_reply_copies`]), so those points go
+/// through a transaction.
+pub(super) async fn write_alone(
+    pool: &PgPool,
+    points: &[PersistencePoint],
+) -> StoreResult<Option<Vec<CommitOutcome>>> {
+    let alone = distinct_runs(points).len() == 1
+        && points
+            .iter()
+            .all(|p| p.writes_only_common_parts() && !p.makes_claimable_work());
+    if !alone {
+        return Ok(None);
+    }
+    match write_common(pool, points, true).await {
+        Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
+        Err(StoreError::Database(e)) if e.to_string().contains(DELIVERED_ALREADY) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The failure [`write_common`] raises, outside a transaction, for a request a point marks
+/// delivered that was delivered already.
+const DELIVERED_ALREADY: &str = "cairn: a request a point marks delivered was delivered already";
+
+/// The failure [`write_common`] raises for a point that consumed a message not routed to its
+/// instance.
+const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all routed to their \
+     instance (consumed twice?)";
+
 /// What every point of a run writes, in one statement (one round trip): the fenced update of
-/// its instance row and, for the points it matched, consumed messages, sends, replies taken and
-/// history; and the subscriptions stored for the points that give their set.
+/// its instance row and, for the points it matched, consumed messages, sends, replies taken,
+/// history and releases; and the subscriptions stored for the points that give their set.
 ///
 /// The parts are data-modifying `WITH` queries, each conditioned on the fence (`f`) and each
-/// writing rows no other part writes. They all read the database as it was when the statement
-/// began, so the copies of replies taken that another host stored are consumed by a statement
-/// of their own, after this one, where there can be any ([`consume_reply_copies`]).
-async fn write_common(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<Written> {
+/// writing rows no other part writes (a release leaves alone the messages the point consumes).
+/// They all read the database as it was when the statement began, so the copies of replies
+/// taken that another host stored are consumed by a statement of their own, after this one,
+/// where there can be any ([`consume_reply_copies`]); `alone` (a statement outside a
+/// transaction, where there is no after) fails instead where there can be any.
+///
+/// The statement checks that every message a fenced point consumed was routed to its instance
+/// (`point_check`, migration `20261122000008_point_checks`): a failed check undoes it all.
+async fn write_common(
+    conn: impl PgExecutor<'_>,
+    run: &[PersistencePoint],
+    alone: bool,
+) -> StoreResult<Written> {
     let column = |f: fn(&PersistencePoint) -> String| run.iter().map(f).collect::<Vec<_>>();
     let ids: Vec<Uuid> = run.iter().map(|p| p.instance_id).collect();
     let epochs: Vec<i64> = run.iter().map(|p| p.epoch).collect();
@@ -91,6 +134,16 @@ async fn write_common(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<Writ
         .iter()
         .filter(|p| p.subscriptions.is_some())
         .map(|p| p.instance_id)
+        .collect();
+    let released: Vec<Uuid> = run
+        .iter()
+        .filter(|p| p.release)
+        .map(|p| p.instance_id)
+        .collect();
+    let failed: Vec<i64> = run
+        .iter()
+        .filter(|p| p.release)
+        .flat_map(|p| p.failed.iter().copied())
         .collect();
     let rows: Vec<WrittenRow> = sqlx::query_as(
         "WITH f AS ( \
@@ -136,12 +189,26 @@ async fn write_common(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<Writ
            SELECT * FROM UNNEST($1::uuid[], $13::int8[], $31::text[], $5::text[], $4::text[], \
              $8::timestamptz[], $3::text[], $2::int8[], $32::text[]) \
              AS h(instance_id, seq, reason, step, status, at, host, epoch, detail) \
-           WHERE h.instance_id IN (SELECT id FROM f)) \
-         SELECT 'fenced', id, NULL::uuid, NULL::text, 0::int8 FROM f \
-         UNION ALL SELECT 'consumed', NULL, NULL, NULL, count(*) FROM c \
-         UNION ALL SELECT 'delivered', NULL, NULL, id, 0 FROM d \
-         UNION ALL SELECT 'subscription', instance_id, id, message_type, 0 FROM subscriptions \
-           WHERE instance_id = ANY($33) AND instance_id IN (SELECT id FROM f)",
+           WHERE h.instance_id IN (SELECT id FROM f)), \
+         r AS ( \
+           UPDATE messages SET locked_by = NULL, \
+             delivery_count = CASE WHEN seq = ANY($35) THEN delivery_count \
+                                   ELSE GREATEST(delivery_count - 1, 0) END \
+           WHERE instance_id = ANY($34) AND instance_id IN (SELECT id FROM f) \
+             AND status = 'routed' AND locked_by IS NOT NULL AND seq <> ALL($17)), \
+         t AS ( \
+           UPDATE timers SET locked_by = NULL \
+           WHERE instance_id = ANY($34) AND instance_id IN (SELECT id FROM f) \
+             AND locked_by IS NOT NULL) \
+         SELECT 'fenced', id, NULL::uuid, NULL::text FROM f \
+         UNION ALL SELECT 'delivered', NULL, NULL, id FROM d \
+         UNION ALL SELECT 'subscription', instance_id, id, message_type FROM subscriptions \
+           WHERE instance_id = ANY($33) AND instance_id IN (SELECT id FROM f) \
+         UNION ALL SELECT 'checked', NULL, NULL, NULL \
+           WHERE point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) \
+             AS x(id) WHERE x.id IN (SELECT id FROM f)), $37) \
+           AND point_check(NOT $36 OR (SELECT count(*) FROM d) = (SELECT count(*) \
+             FROM UNNEST($30) AS x(id) WHERE x.id IN (SELECT id FROM f)), $38)",
     )
     .bind(&ids)
     .bind(&epochs)
@@ -176,20 +243,33 @@ async fn write_common(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<Writ
     .bind(column(|p| p.reason.as_str().to_owned()))
     .bind(run.iter().map(|p| p.detail.as_deref()).collect::<Vec<_>>())
     .bind(&giving)
-    .fetch_all(&mut **tx)
+    .bind(&released)
+    .bind(&failed)
+    .bind(alone)
+    .bind(NOT_ROUTED)
+    .bind(DELIVERED_ALREADY)
+    .fetch_all(conn)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| match map_err(e) {
+        StoreError::Database(e) if e.to_string().contains(NOT_ROUTED) => {
+            let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
+            StoreError::Corrupt(format!(
+                "persistence points consumed messages {consumed:?} (instance, seq), not all \
+                 routed to their instance (consumed twice?)"
+            ))
+        }
+        other => other,
+    })?;
 
     let mut committed = HashSet::with_capacity(run.len());
     let mut stored = Vec::new();
-    let mut consumed_rows = 0;
     let mut marked = HashSet::new();
-    for (part, instance, sub, text, count) in rows {
+    for (part, instance, sub, text) in rows {
         match (part.as_str(), instance, sub, text) {
             ("fenced", Some(id), _, _) => {
                 committed.insert(id);
             }
-            ("consumed", ..) => consumed_rows = count,
+            ("checked", ..) => {}
             ("delivered", _, _, Some(request)) => {
                 marked.insert(request);
             }
@@ -203,18 +283,6 @@ async fn write_common(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<Writ
             }
         }
     }
-    let expected: Vec<(&Uuid, &i64)> = consumed
-        .instances
-        .iter()
-        .zip(&consumed.seqs)
-        .filter(|(id, _)| committed.contains(id))
-        .collect();
-    if consumed_rows != expected.len() as i64 {
-        return Err(StoreError::Corrupt(format!(
-            "persistence points consumed messages {expected:?} (instance, seq), not all routed \
-             to their instance (consumed twice?)"
-        )));
-    }
     Ok(Written {
         committed,
         stored,
@@ -222,8 +290,8 @@ async fn write_common(tx: &mut Tx, run: &[PersistencePoint]) -> StoreResult<Writ
     })
 }
 
-/// A row of [`write_common`]'s result: (part, instance, subscription, text, count).
-type WrittenRow = (String, Option<Uuid>, Option<Uuid>, Option<String>, i64);
+/// A row of [`write_common`]'s result: (part, instance, subscription, text).
+type WrittenRow = (String, Option<Uuid>, Option<Uuid>, Option<String>);
 
 /// What [`write_common`] wrote and read.
 struct Written {
@@ -474,19 +542,6 @@ pub(super) async fn still_held(
     Ok(ids.into_iter().collect())
 }
 
-/// Releases what the points giving up their instances held. Messages are given back
-/// uncounted (their claim was not a failed delivery), except the points' `failed` ones, whose
-/// delivery failed the instance: they keep their count (poison protection).
-async fn release(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let released: Vec<&PersistencePoint> = written.iter().copied().filter(|p| p.release).collect();
-    let ids: Vec<Uuid> = released.iter().map(|p| p.instance_id).collect();
-    let failed: Vec<i64> = released
-        .iter()
-        .flat_map(|p| p.failed.iter().copied())
-        .collect();
-    unlock_instances(tx, &ids, &failed).await
-}
-
 /// Releases what instances hold. Messages are given back uncounted (their claim was not a
 /// failed delivery), except `failed`, whose delivery failed the instance: they keep their count
 /// (poison protection).
@@ -514,7 +569,7 @@ pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) 
 /// With a `holder`, each instance is leased to it and its start message claimed by it, and they
 /// are returned ready to run (see [`Store::start_instances`](crate::store::Store::start_instances)).
 pub(super) async fn start_instances(
-    tx: &mut Tx,
+    conn: impl PgExecutor<'_>,
     starts: &[(&NewInstance, DateTime<Utc>)],
     holder: Option<Holder<'_>>,
 ) -> StoreResult<Vec<HeldStart>> {
@@ -574,7 +629,7 @@ pub(super) async fn start_instances(
     .bind(&names)
     .bind(&versions)
     .bind(&parents)
-    .fetch_all(&mut **tx)
+    .fetch_all(conn)
     .await
     .map_err(map_err)?;
     match holder {
