@@ -100,6 +100,9 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 ///
 /// The parts are data-modifying `WITH` queries, each conditioned on the fence (`f`) and each
 /// writing rows no other part writes (a release leaves alone the messages the point consumes).
+/// Each starts from its rows' arrays (`UNNEST`), so that the plan, prepared once for any
+/// arrays, looks rows up by key: a release written as `instance_id = ANY($34)` was planned as
+/// a scan of every routed message.
 /// They all read the database as it was when the statement began, so the copies of replies
 /// taken that another host stored are consumed by a statement of their own, after this one,
 /// where there can be any ([`consume_reply_copies`]); `alone` (a statement outside a
@@ -191,15 +194,16 @@ async fn write_common(
              AS h(instance_id, seq, reason, step, status, at, host, epoch, detail) \
            WHERE h.instance_id IN (SELECT id FROM f)), \
          r AS ( \
-           UPDATE messages SET locked_by = NULL, \
-             delivery_count = CASE WHEN seq = ANY($35) THEN delivery_count \
-                                   ELSE GREATEST(delivery_count - 1, 0) END \
-           WHERE instance_id = ANY($34) AND instance_id IN (SELECT id FROM f) \
-             AND status = 'routed' AND locked_by IS NOT NULL AND seq <> ALL($17)), \
+           UPDATE messages m SET locked_by = NULL, \
+             delivery_count = CASE WHEN m.seq = ANY($35) THEN m.delivery_count \
+                                   ELSE GREATEST(m.delivery_count - 1, 0) END \
+           FROM UNNEST($34::uuid[]) AS r(id) \
+           WHERE m.instance_id = r.id AND m.status = 'routed' AND m.locked_by IS NOT NULL \
+             AND m.seq <> ALL($17) AND r.id IN (SELECT id FROM f)), \
          t AS ( \
-           UPDATE timers SET locked_by = NULL \
-           WHERE instance_id = ANY($34) AND instance_id IN (SELECT id FROM f) \
-             AND locked_by IS NOT NULL) \
+           UPDATE timers SET locked_by = NULL FROM UNNEST($34::uuid[]) AS t(id) \
+           WHERE timers.instance_id = t.id AND timers.locked_by IS NOT NULL \
+             AND t.id IN (SELECT id FROM f)) \
          SELECT 'fenced', id, NULL::uuid, NULL::text FROM f \
          UNION ALL SELECT 'delivered', NULL, NULL, id FROM d \
          UNION ALL SELECT 'subscription', instance_id, id, message_type FROM subscriptions \
