@@ -103,6 +103,7 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 /// Each starts from its rows' arrays (`UNNEST`), so that the plan, prepared once for any
 /// arrays, looks rows up by key: a release written as `instance_id = ANY($34)` was planned as
 /// a scan of every routed message.
+///
 /// They all read the database as it was when the statement began, so the copies of replies
 /// taken that another host stored are consumed by a statement of their own, after this one,
 /// where there can be any ([`consume_reply_copies`]); `alone` (a statement outside a
