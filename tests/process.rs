@@ -21,6 +21,7 @@ backend_tests!(
     sigkill_at_random_moments_loses_nothing,
     sigterm_saves_every_instance_and_a_restart_finishes_them,
     an_ordered_port_delivers_in_commit_order_across_a_sigkill_and_a_failing_message,
+    a_host_whose_log_cannot_be_written_keeps_running,
 );
 
 /// Trips whose car reply is in and not consumed by a committed point: a host killed now dies
@@ -158,6 +159,21 @@ async fn sigterm_saves_every_instance_and_a_restart_finishes_them(db: TestDb) {
     let host = run.spawn_host(1);
     wait_until_all_ended(&run, &ids, Duration::from_secs(120)).await;
     stop(host);
+    check_guarantees(&run, &ids, &published).await;
+}
+
+/// A host whose log cannot be written (its stderr is a pipe whose reader has gone, as when a log
+/// shipper dies) keeps running: a failed log line is dropped, not a panic in whatever thread
+/// logged it (a host task, a database connection's worker thread). Logging at `debug`, every
+/// part of the host logs.
+async fn a_host_whose_log_cannot_be_written_keeps_running(db: TestDb) {
+    let run = new_run(db).await;
+    let mut host = run.spawn_with_broken_log("debug");
+    let (ids, published) = feed(&run, 0, 30).await;
+    wait_until_all_ended(&run, &ids, Duration::from_secs(60)).await;
+    host.sigterm();
+    let status = host.wait();
+    assert!(status.success(), "host exit status {status}");
     check_guarantees(&run, &ids, &published).await;
 }
 

@@ -248,6 +248,10 @@ pub fn main(app: App) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr is a pipe whose reader has gone) is dropped.
+        // Reporting it would write to stderr too, and panic in whatever thread logged: a host
+        // task, or a database connection's worker thread, which would stop the host.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -58,8 +58,33 @@ impl Run {
         env: &[(&str, String)],
     ) -> HostProcess {
         let out = std::fs::File::create(self.dir.path().join(format!("host-{n}.log"))).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_cairn"))
+        self.host_command(latency_ms, args, log)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .map(HostProcess)
+            .expect("spawn the cairn host")
+    }
+
+    /// A `cairn host` child with the default host arguments whose output goes to pipes nobody
+    /// reads: their read ends are closed at once, so every line it writes fails (a log shipper
+    /// that died).
+    pub fn spawn_with_broken_log(&self, log: &str) -> HostProcess {
+        let mut child = self
+            .host_command(0, HOST_ARGS, log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the cairn host");
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        HostProcess(child)
+    }
+
+    fn host_command(&self, latency_ms: u64, args: &[&str], log: &str) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command
             .args(["--database", &self.db.url, "host"])
             .args(args)
             .env("CAIRN_PORT_LEDGER", self.ledger())
@@ -67,12 +92,8 @@ impl Run {
             .env("CAIRN_SAMPLE_LATENCY_MS", latency_ms.to_string())
             // The booking services fail now and then: retried under the same id.
             .env("CAIRN_SAMPLE_FAILURE_PERCENT", "5")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .map(HostProcess)
-            .expect("spawn the cairn host")
+            .stdin(Stdio::null());
+        command
     }
 
     /// One host's log.
