@@ -406,6 +406,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_script_that_failed_before_its_begin_has_nothing_to_roll_back() {
+        // A script whose `BEGIN IMMEDIATE` itself failed (the database busy past the timeout)
+        // left no transaction: rolling back is not an error.
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        let conn = writer.alone().await.expect("the connection").unwrap();
+        conn.failed()
+            .await
+            .expect("nothing to roll back is no error");
+        assert_eq!(count(&writer).await, 0);
+    }
+
+    #[tokio::test]
     async fn a_closed_writer_refuses_new_transactions() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let writer = writer(&dir).await;
