@@ -690,10 +690,12 @@ impl PersistencePoint {
     }
 
     /// Whether it writes only the parts every point has (its instance row, consumed messages,
-    /// sends, replies taken, history, a release): no subscription set, children, timers or
-    /// messages, which each take statements of their own.
+    /// sends, replies taken, history, a release): no children, timers or messages, which each
+    /// take statements of their own, and no subscription set but an empty one (an instance's
+    /// first point gives one), which changes nothing where none is stored: a store that writes
+    /// such a point in one round trip checks that, and otherwise writes it in a transaction.
     pub(crate) fn writes_only_common_parts(&self) -> bool {
-        self.subscriptions.is_none()
+        self.subscriptions.as_ref().is_none_or(Vec::is_empty)
             && self.children.is_empty()
             && self.cancel_timers.is_empty()
             && self.set_timers.is_empty()

@@ -63,10 +63,11 @@ pub(super) async fn write_points(
 /// Writes `points` as one statement outside a transaction (one round trip; a statement is
 /// all-or-nothing on its own), if they can be: at most one point per instance, writing only the
 /// parts every point has and nothing another host may claim (which would need a `NOTIFY`).
-/// Returns `None`, having written nothing, otherwise, and when a request a point marks
-/// delivered was delivered already: another host may have stored a copy of its reply, which
-/// only a statement after this one can see ([`consume_reply_copies`]), so those points go
-/// through a transaction.
+/// Returns `None`, having written nothing, otherwise, and when the points need a transaction
+/// after all: a request a point marks delivered was delivered already (another host may have
+/// stored a copy of its reply, which only a statement after this one can see,
+/// [`consume_reply_copies`]), or a point that gives an empty subscription set has some stored
+/// (they are removed in the transaction).
 pub(super) async fn write_alone(
     pool: &PgPool,
     points: &[PersistencePoint],
@@ -80,14 +81,15 @@ pub(super) async fn write_alone(
     }
     match write_common(pool, points, true).await {
         Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
-        Err(StoreError::Database(e)) if e.to_string().contains(DELIVERED_ALREADY) => Ok(None),
+        Err(StoreError::Database(e)) if e.to_string().contains(NEEDS_TRANSACTION) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// The failure [`write_common`] raises, outside a transaction, for a request a point marks
-/// delivered that was delivered already.
-const DELIVERED_ALREADY: &str = "cairn: a request a point marks delivered was delivered already";
+/// The failure [`write_common`] raises, outside a transaction, for points that need one
+/// ([`write_alone`]).
+const NEEDS_TRANSACTION: &str = "cairn: a request a point marks delivered was delivered \
+     already, or a point that gives an empty subscription set has some stored";
 
 /// The failure [`write_common`] raises for a point that consumed a message not routed to its
 /// instance.
@@ -107,7 +109,9 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 /// They all read the database as it was when the statement began, so the copies of replies
 /// taken that another host stored are consumed by a statement of their own, after this one,
 /// where there can be any ([`consume_reply_copies`]); `alone` (a statement outside a
-/// transaction, where there is no after) fails instead where there can be any.
+/// transaction, where there is no after) fails instead where there can be any, and where a
+/// point that gives an empty subscription set has some stored (removing them takes more
+/// statements).
 ///
 /// The statement checks that every message a fenced point consumed was routed to its instance
 /// (`point_check`, migration `20261122000008_point_checks`): a failed check undoes it all.
@@ -212,8 +216,10 @@ async fn write_common(
          UNION ALL SELECT 'checked', NULL, NULL, NULL \
            WHERE point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) \
              AS x(id) WHERE x.id IN (SELECT id FROM f)), $37) \
-           AND point_check(NOT $36 OR (SELECT count(*) FROM d) = (SELECT count(*) \
-             FROM UNNEST($30) AS x(id) WHERE x.id IN (SELECT id FROM f)), $38)",
+           AND point_check(NOT $36 OR ((SELECT count(*) FROM d) = (SELECT count(*) \
+             FROM UNNEST($30) AS x(id) WHERE x.id IN (SELECT id FROM f)) \
+             AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE instance_id = ANY($33) \
+               AND instance_id IN (SELECT id FROM f))), $38)",
     )
     .bind(&ids)
     .bind(&epochs)
@@ -252,7 +258,7 @@ async fn write_common(
     .bind(&failed)
     .bind(alone)
     .bind(NOT_ROUTED)
-    .bind(DELIVERED_ALREADY)
+    .bind(NEEDS_TRANSACTION)
     .fetch_all(conn)
     .await
     .map_err(|e| match map_err(e) {

@@ -233,7 +233,10 @@ pub(super) async fn write_points(
 
 /// Writes `points` as one transaction sent in one round trip ([`Script::run_alone`]), if they
 /// can be: a small run (at most one point per instance, fenced in SQL) that writes only the
-/// parts every point has, on a database file. Returns `None`, having done nothing, otherwise.
+/// parts every point has, on a database file. Returns `None`, having done nothing, otherwise,
+/// and when a check of the script failed: the points then go through a transaction, which
+/// makes every check again and reports what failed (a subscription stored for a point that
+/// gives an empty set is no failure there: it is removed).
 pub(super) async fn write_alone(
     writer: &Writer,
     points: &[PersistencePoint],
@@ -251,11 +254,12 @@ pub(super) async fn write_alone(
     };
     let mut script = Script::transaction();
     let all: Vec<&PersistencePoint> = points.iter().collect();
-    let common = push_common(&mut script, points, &all, true);
-    let results = script
-        .run_alone(conn)
-        .await
-        .map_err(|e| consumed_not_routed(e, points))?;
+    let common = push_common(&mut script, points, &all, Fenced::Alone);
+    let results = match script.run_alone(conn).await {
+        Ok(results) => results,
+        Err(e) if failed_check(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let (committed, _) = common.read(&results)?;
     Ok(Some(run_outcomes(points, &committed).collect()))
 }
@@ -296,7 +300,12 @@ async fn write_common(
             .collect()
     };
     let mut script = Script::new();
-    let common = push_common(&mut script, run, &points, in_sql);
+    let fenced = if in_sql {
+        Fenced::InSql
+    } else {
+        Fenced::Before
+    };
+    let common = push_common(&mut script, run, &points, fenced);
     let results = script
         .run_each(tx)
         .await
@@ -309,14 +318,27 @@ async fn write_common(
     Ok((committed, stored))
 }
 
-/// Adds the common parts of `points` (of `run`) to `script`: with `in_sql`, fenced in SQL
-/// (the fence and the fenced update first); without, `points` are those whose fence matched.
+/// How a run's common parts are fenced.
+#[derive(Clone, Copy, PartialEq)]
+enum Fenced {
+    /// Its fence was read before; `points` are those it matched.
+    Before,
+    /// In SQL, in the same script (the fence and the fenced update first).
+    InSql,
+    /// In SQL, in a script that is the whole transaction ([`write_alone`]): its points give no
+    /// subscription set but an empty one, and the script checks that none is stored for them
+    /// instead of reading them.
+    Alone,
+}
+
+/// Adds the common parts of `points` (of `run`) to `script`, fenced as `fenced` says.
 fn push_common<'a>(
     script: &mut Script<'a>,
     run: &'a [PersistencePoint],
     points: &[&'a PersistencePoint],
-    in_sql: bool,
+    fenced: Fenced,
 ) -> Common {
+    let in_sql = fenced != Fenced::Before;
     let mut updates = Vec::new();
     if in_sql {
         push_fence(script, run);
@@ -327,7 +349,12 @@ fn push_common<'a>(
     mark_delivered(script, points, in_sql);
     insert_history(script, points, in_sql);
     release(script, points, in_sql);
-    let reads = push_read_subscriptions(script, points, in_sql);
+    let mut reads = Vec::new();
+    if fenced == Fenced::Alone {
+        push_none_subscribed(script, points);
+    } else {
+        reads = push_read_subscriptions(script, points, in_sql);
+    }
     if in_sql {
         script.next(0).push("DELETE FROM fenced");
     }
@@ -393,9 +420,14 @@ fn not_routed(consumed: &[(&Uuid, &i64)]) -> StoreError {
     ))
 }
 
+/// Whether `err` is a check made in SQL failing (the temporary table `checks`).
+fn failed_check(err: &StoreError) -> bool {
+    matches!(err, StoreError::Database(e) if e.to_string().contains(CHECK_FAILED))
+}
+
 /// `err`, or, if it is the check in SQL of [`push_consume`] failing, the error saying so.
 fn consumed_not_routed(err: StoreError, run: &[PersistencePoint]) -> StoreError {
-    if !matches!(&err, StoreError::Database(e) if e.to_string().contains(CHECK_FAILED)) {
+    if !failed_check(&err) {
         return err;
     }
     let consumed: Vec<(&Uuid, &i64)> = run
@@ -818,6 +850,28 @@ async fn sync_subscriptions(
             .map(|(_, sub, _)| sub.message_type.clone()),
     );
     insert_subscriptions(tx, &changes.added).await
+}
+
+/// Checks that no subscription is stored for the fenced points that give their set, all of
+/// them an empty one ([`Fenced::Alone`]): giving it then changes nothing.
+fn push_none_subscribed(script: &mut Script<'_>, points: &[&PersistencePoint]) {
+    let giving: Vec<String> = points
+        .iter()
+        .filter(|p| p.subscriptions.is_some())
+        .map(|p| p.instance_id.to_string())
+        .collect();
+    for chunk in giving.chunks(ROWS_PER_STATEMENT) {
+        let q = script.next(chunk.len());
+        q.push(
+            "INSERT INTO checks (ok) SELECT NOT EXISTS (SELECT 1 FROM subscriptions \
+             WHERE instance_id IN (",
+        );
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(id.clone());
+        }
+        q.push(")").push(only_fenced(true, "instance_id")).push(")");
+    }
 }
 
 /// Reads the subscriptions stored for the fenced points that give their set: the positions of
