@@ -72,10 +72,11 @@ pub(super) async fn write_alone(
     pool: &PgPool,
     points: &[PersistencePoint],
 ) -> StoreResult<Option<Vec<CommitOutcome>>> {
-    let alone = distinct_runs(points).len() == 1
-        && points
-            .iter()
-            .all(|p| p.writes_only_common_parts() && !p.makes_claimable_work());
+    // The cheap check first: `distinct_runs` hashes every point.
+    let alone = points
+        .iter()
+        .all(|p| p.writes_only_common_parts() && !p.makes_claimable_work())
+        && distinct_runs(points).len() == 1;
     if !alone {
         return Ok(None);
     }

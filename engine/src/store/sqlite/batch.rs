@@ -241,11 +241,12 @@ pub(super) async fn write_alone(
     writer: &Writer,
     points: &[PersistencePoint],
 ) -> StoreResult<Option<Vec<CommitOutcome>>> {
-    let alone = distinct_runs(points).len() == 1
-        && fenced_in_sql(points)
+    // The cheap checks first: a large group commit is never sent alone.
+    let alone = fenced_in_sql(points)
         && points
             .iter()
-            .all(PersistencePoint::writes_only_common_parts);
+            .all(PersistencePoint::writes_only_common_parts)
+        && distinct_runs(points).len() == 1;
     if !alone {
         return Ok(None);
     }
