@@ -60,6 +60,7 @@ backend_tests!(
     an_eager_start_is_held_by_its_host_until_its_lease_runs_out,
     an_eager_start_survives_its_hosts_crash_before_the_first_point,
     a_hosts_client_leaves_starts_to_claims_once_a_batch_waits,
+    a_first_point_writes_its_instance_with_its_start,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -762,6 +763,7 @@ fn send_point(
         release: false,
         at,
         outbox_lock_until: at,
+        start: None,
     }
 }
 
@@ -1563,4 +1565,127 @@ async fn a_hosts_client_leaves_starts_to_claims_once_a_batch_waits(db: TestDb) {
     }
     stop.cancel();
     running.await.unwrap().unwrap();
+}
+
+/// An instance's first point written with its start (an eager start; G1, G4, G5): one commit
+/// stores the instance, held by the point's host under the first epoch, its start message
+/// consumed, and everything the point writes, whether the point is small (one round trip) or
+/// writes more (a subscription and a timer, through a transaction). A second copy of the point
+/// fails and writes nothing, and the instance's next points are fenced as any other's.
+async fn a_first_point_writes_its_instance_with_its_start(db: TestDb) {
+    use cairn::store::{CommitOutcome, FirstPoint, SubscriptionRow, FIRST_EPOCH};
+    use cairn::Correlation;
+    let store = db.store.clone();
+    let now = chrono::Utc::now();
+    let lease_until = now + chrono::Duration::seconds(30);
+    let first = |id: Uuid, step: &str| {
+        let mut point = send_point(id, "host-a", FIRST_EPOCH, step, 1, now);
+        point.subscriptions = Some(vec![]);
+        point.start = Some(Box::new(FirstPoint {
+            instance: NewInstance {
+                input: json!({"request_id": step}),
+                ..approval(id)
+            },
+            lease_until,
+        }));
+        point
+    };
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    let small = first(x, "x1");
+    let mut large = first(y, "y1");
+    large.subscriptions = Some(vec![SubscriptionRow {
+        id: Uuid::now_v7(),
+        message_type: "approval.decision".into(),
+        correlation: Correlation::on("request_id", "y1"),
+    }]);
+    large.set_timers = vec![("reminder".into(), now + chrono::Duration::hours(1))];
+    for point in [&small, &large] {
+        let out = store.commit(std::slice::from_ref(point)).await.unwrap();
+        assert_eq!(out, vec![CommitOutcome::Committed]);
+    }
+    for (id, step) in [(x, "x1"), (y, "y1")] {
+        let id = id.to_string();
+        let instance = "SELECT COUNT(*) FROM instances WHERE CAST(id AS TEXT) = $1 \
+            AND status = 'running' AND owner = 'host-a' AND epoch = 1 AND history_seq = 1 \
+            AND lease_expires_at IS NOT NULL AND orchestration = 'approval'";
+        assert_eq!(
+            db.count_with(instance, &id).await,
+            1,
+            "{step}: the instance, held"
+        );
+        assert_eq!(
+            db.texts(
+                "SELECT step FROM instances WHERE CAST(id AS TEXT) = $1",
+                &id
+            )
+            .await,
+            [step]
+        );
+        let start = "SELECT COUNT(*) FROM messages WHERE CAST(instance_id AS TEXT) = $1 \
+            AND kind = 'start' AND status = 'consumed' AND locked_by IS NULL \
+            AND delivery_count = 1 AND consumed_at IS NOT NULL";
+        assert_eq!(
+            db.count_with(start, &id).await,
+            1,
+            "{step}: its start, consumed"
+        );
+        assert_eq!(
+            db.texts(
+                "SELECT body FROM messages WHERE CAST(instance_id AS TEXT) = $1",
+                &id
+            )
+            .await
+            .iter()
+            .map(|b| serde_json::from_str::<serde_json::Value>(b).unwrap())
+            .collect::<Vec<_>>(),
+            [json!({"request_id": step})]
+        );
+        let history = "SELECT COUNT(*) FROM history WHERE CAST(instance_id AS TEXT) = $1 \
+            AND seq = 1 AND reason = 'send' AND epoch = 1";
+        assert_eq!(db.count_with(history, &id).await, 1, "{step}: its history");
+        let sent = "SELECT COUNT(*) FROM outbox WHERE CAST(instance_id AS TEXT) = $1 \
+            AND status = 'pending' AND locked_by = 'host-a'";
+        assert_eq!(db.count_with(sent, &id).await, 1, "{step}: its send");
+    }
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM subscriptions WHERE instance_id IS NOT NULL")
+            .await,
+        1
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM timers").await, 1);
+    assert!(store
+        .claim_messages("host-b", now, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The same first point again: the instance is stored, so it fails and writes nothing.
+    for point in [&small, &large] {
+        let mut again = point.clone();
+        again.outbox[0].id.push_str("-again");
+        assert!(store.commit(&[again]).await.is_err());
+    }
+    for (table, rows) in [
+        ("instances", 2),
+        ("messages", 2),
+        ("outbox", 2),
+        ("history", 2),
+    ] {
+        assert_eq!(
+            db.count(&format!("SELECT COUNT(*) FROM {table}")).await,
+            rows,
+            "{table}"
+        );
+    }
+    // The instance's next point is fenced like any other's.
+    let later = now + chrono::Duration::seconds(1);
+    let out = store
+        .commit(&[
+            send_point(x, "host-a", FIRST_EPOCH, "x2", 2, later),
+            send_point(y, "host-b", FIRST_EPOCH, "y2", 2, later),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![CommitOutcome::Committed, CommitOutcome::Fenced]);
+    assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 3);
 }

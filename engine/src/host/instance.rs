@@ -1032,6 +1032,7 @@ impl LiveInstance {
             release,
             at: now,
             outbox_lock_until,
+            start: None,
         };
         self.written_receives = self.waits.receives.iter().map(|(id, _)| *id).collect();
         self.receives_exact = true;
@@ -1080,6 +1081,7 @@ impl LiveInstance {
             release: true,
             at: now,
             outbox_lock_until: now,
+            start: None,
         }
     }
 }

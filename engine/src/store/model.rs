@@ -375,17 +375,7 @@ impl HeldStart {
     /// The instance `inst` started at `now`, its start message stored at `seq`.
     pub fn new(inst: &NewInstance, seq: i64, now: DateTime<Utc>) -> Self {
         Self {
-            record: InstanceRecord {
-                id: inst.id,
-                orchestration: inst.orchestration.clone(),
-                version: inst.version,
-                status: InstanceStatus::Running,
-                state: None,
-                engine_state: None,
-                epoch: FIRST_EPOCH,
-                history_seq: 0,
-                parent_id: inst.parent,
-            },
+            record: InstanceRecord::started(inst),
             message: StoredMessage {
                 seq,
                 id: inst.start_message_id(),
@@ -400,6 +390,36 @@ impl HeldStart {
             },
         }
     }
+}
+
+impl InstanceRecord {
+    /// The record of `inst` just started, held under [`FIRST_EPOCH`], before its first
+    /// transition.
+    pub fn started(inst: &NewInstance) -> Self {
+        Self {
+            id: inst.id,
+            orchestration: inst.orchestration.clone(),
+            version: inst.version,
+            status: InstanceStatus::Running,
+            state: None,
+            engine_state: None,
+            epoch: FIRST_EPOCH,
+            history_seq: 0,
+            parent_id: inst.parent,
+        }
+    }
+}
+
+/// An instance written by its own first persistence point ([`PersistencePoint::start`]): an
+/// eager start whose first transition ran before anything was stored, so that the start and
+/// the point are one transaction. The instance is leased to the point's host under
+/// [`FIRST_EPOCH`], and its start message is stored consumed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstPoint {
+    /// The instance and its input.
+    pub instance: NewInstance,
+    /// Until when the point's host holds the lease (its heartbeat renews it).
+    pub lease_until: DateTime<Utc>,
 }
 
 /// An activating subscription: a message type that starts instances of a definition.
@@ -673,6 +693,9 @@ pub struct PersistencePoint {
     pub at: DateTime<Utc>,
     /// Until when the sends stay locked to `host`.
     pub outbox_lock_until: DateTime<Utc>,
+    /// For an instance's first point written with its start: the instance, created by the
+    /// point (it is not stored before). `None` for every other point.
+    pub start: Option<Box<FirstPoint>>,
 }
 
 impl PersistencePoint {

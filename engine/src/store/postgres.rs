@@ -1971,6 +1971,7 @@ mod tests {
             release: false,
             at: now,
             outbox_lock_until: now + chrono::Duration::seconds(60),
+            start: None,
         }
     }
 

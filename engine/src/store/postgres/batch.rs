@@ -12,13 +12,14 @@
 //! its instance row matched, and the whole group is one transaction.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
-use crate::store::{HeldStart, Holder, FIRST_EPOCH};
+use crate::store::{FirstPoint, HeldStart, Holder, FIRST_EPOCH};
 
 use super::{
     distinct_runs, find_route, insert_instance, int4, map_err, run_outcomes, subscribe_convoy,
@@ -154,115 +155,71 @@ async fn write_common(
         .filter(|p| p.release)
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    let rows: Vec<WrittenRow> = sqlx::query_as(
-        "WITH f AS ( \
-           UPDATE instances i SET status = p.status, step = p.step, waiting_for = p.waiting_for, \
-           next_timer_at = p.next_timer_at, updated_at = p.at, last_error = p.last_error, \
-           state = COALESCE(p.state, i.state), engine_state = COALESCE(p.engine_state, i.engine_state), \
-           output = COALESCE(p.output, i.output), history_seq = p.history_seq, \
-           owner = CASE WHEN p.release THEN NULL ELSE i.owner END, \
-           lease_expires_at = CASE WHEN p.release THEN NULL ELSE i.lease_expires_at END, \
-           resumable = p.resumable \
-           FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::bytea[], \
-             $12::text[], $13::int8[], $14::bool[], $15::bool[]) \
-             AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
-                  state, engine_state, output, history_seq, release, resumable) \
-           WHERE i.id = p.id AND i.epoch = p.epoch AND i.owner = p.host \
-           RETURNING i.id), \
-         c AS ( \
-           UPDATE messages m SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
-           FROM UNNEST($16::uuid[], $17::int8[], $18::timestamptz[]) AS c(instance_id, seq, at) \
-           WHERE m.seq = c.seq AND m.instance_id = c.instance_id AND m.status = 'routed' \
-             AND c.instance_id IN (SELECT id FROM f) \
-           RETURNING m.seq), \
-         s AS ( \
-           INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
-             next_attempt_at, locked_by, locked_until, created_at) \
-           SELECT id, instance_id, port, message_type, body, expects_reply, 'pending', at, host, \
-             lock_until, at \
-           FROM UNNEST($19::text[], $20::uuid[], $21::text[], $22::text[], $23::text[], \
-             $24::bool[], $25::timestamptz[], $26::text[], $27::timestamptz[]) \
-             AS s(id, instance_id, port, message_type, body, expects_reply, at, host, lock_until) \
-           WHERE s.instance_id IN (SELECT id FROM f)), \
-         d AS ( \
-           UPDATE outbox o SET status = 'delivered', attempts = attempts + 1, delivered_at = d.at, \
-             last_attempt_at = d.at, delivered_via = 'primary', locked_by = NULL, \
-             locked_until = NULL, last_error = NULL \
-           FROM UNNEST($28::text[], $29::timestamptz[], $30::uuid[]) AS d(id, at, instance_id) \
-           WHERE o.id = d.id AND o.status IN ('pending', 'held', 'give_up') \
-             AND d.instance_id IN (SELECT id FROM f) \
-           RETURNING o.id), \
-         h AS ( \
-           INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) \
-           SELECT * FROM UNNEST($1::uuid[], $13::int8[], $31::text[], $5::text[], $4::text[], \
-             $8::timestamptz[], $3::text[], $2::int8[], $32::text[]) \
-             AS h(instance_id, seq, reason, step, status, at, host, epoch, detail) \
-           WHERE h.instance_id IN (SELECT id FROM f)), \
-         r AS ( \
-           UPDATE messages m SET locked_by = NULL, \
-             delivery_count = CASE WHEN m.seq = ANY($35) THEN m.delivery_count \
-                                   ELSE GREATEST(m.delivery_count - 1, 0) END \
-           FROM UNNEST($34::uuid[]) AS r(id) \
-           WHERE m.instance_id = r.id AND m.status = 'routed' AND m.locked_by IS NOT NULL \
-             AND m.seq <> ALL($17) AND r.id IN (SELECT id FROM f)), \
-         t AS ( \
-           UPDATE timers SET locked_by = NULL FROM UNNEST($34::uuid[]) AS t(id) \
-           WHERE timers.instance_id = t.id AND timers.locked_by IS NOT NULL \
-             AND t.id IN (SELECT id FROM f)) \
-         SELECT 'fenced', id, NULL::uuid, NULL::text FROM f \
-         UNION ALL SELECT 'delivered', NULL, NULL, id FROM d \
-         UNION ALL SELECT 'subscription', instance_id, id, message_type FROM subscriptions \
-           WHERE instance_id = ANY($33) AND instance_id IN (SELECT id FROM f) \
-         UNION ALL SELECT 'checked', NULL, NULL, NULL \
-           WHERE point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) \
-             AS x(id) WHERE x.id IN (SELECT id FROM f)), $37) \
-           AND point_check(NOT $36 OR ((SELECT count(*) FROM d) = (SELECT count(*) \
-             FROM UNNEST($30) AS x(id) WHERE x.id IN (SELECT id FROM f)) \
-             AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE instance_id = ANY($33) \
-               AND instance_id IN (SELECT id FROM f))), $38)",
-    )
-    .bind(&ids)
-    .bind(&epochs)
-    .bind(column(|p| p.host.clone()))
-    .bind(column(|p| p.status.as_str().to_owned()))
-    .bind(column(|p| p.step.clone()))
-    .bind(column(|p| p.waiting_for.clone()))
-    .bind(&timers)
-    .bind(&ats)
-    .bind(&errors)
-    .bind(&states)
-    .bind(&engine)
-    .bind(&outputs)
-    .bind(&seqs)
-    .bind(&releases)
-    .bind(&resumable)
-    .bind(&consumed.instances)
-    .bind(&consumed.seqs)
-    .bind(&consumed.ats)
-    .bind(&sends.ids)
-    .bind(&sends.instances)
-    .bind(&sends.ports)
-    .bind(&sends.types)
-    .bind(&sends.bodies)
-    .bind(&sends.expects_reply)
-    .bind(&sends.ats)
-    .bind(&sends.hosts)
-    .bind(&sends.lock_until)
-    .bind(&delivered.ids)
-    .bind(&delivered.ats)
-    .bind(&delivered.instances)
-    .bind(column(|p| p.reason.as_str().to_owned()))
-    .bind(run.iter().map(|p| p.detail.as_deref()).collect::<Vec<_>>())
-    .bind(&giving)
-    .bind(&released)
-    .bind(&failed)
-    .bind(alone)
-    .bind(NOT_ROUTED)
-    .bind(NEEDS_TRANSACTION)
-    .fetch_all(conn)
-    .await
-    .map_err(|e| match map_err(e) {
+    let firsts: Vec<&FirstPoint> = run.iter().filter_map(|p| p.start.as_deref()).collect();
+    let mut query = sqlx::query_as(common_statement(!firsts.is_empty()))
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(column(|p| p.host.clone()))
+        .bind(column(|p| p.status.as_str().to_owned()))
+        .bind(column(|p| p.step.clone()))
+        .bind(column(|p| p.waiting_for.clone()))
+        .bind(&timers)
+        .bind(&ats)
+        .bind(&errors)
+        .bind(&states)
+        .bind(&engine)
+        .bind(&outputs)
+        .bind(&seqs)
+        .bind(&releases)
+        .bind(&resumable)
+        .bind(&consumed.instances)
+        .bind(&consumed.seqs)
+        .bind(&consumed.ats)
+        .bind(&sends.ids)
+        .bind(&sends.instances)
+        .bind(&sends.ports)
+        .bind(&sends.types)
+        .bind(&sends.bodies)
+        .bind(&sends.expects_reply)
+        .bind(&sends.ats)
+        .bind(&sends.hosts)
+        .bind(&sends.lock_until)
+        .bind(&delivered.ids)
+        .bind(&delivered.ats)
+        .bind(&delivered.instances)
+        .bind(column(|p| p.reason.as_str().to_owned()))
+        .bind(run.iter().map(|p| p.detail.as_deref()).collect::<Vec<_>>())
+        .bind(&giving)
+        .bind(&released)
+        .bind(&failed)
+        .bind(alone)
+        .bind(NOT_ROUTED)
+        .bind(NEEDS_TRANSACTION);
+    if !firsts.is_empty() {
+        let instances = || firsts.iter().map(|f| &f.instance);
+        query = query
+            .bind(instances().map(|i| i.id).collect::<Vec<_>>())
+            .bind(
+                instances()
+                    .map(|i| i.orchestration.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(instances().map(|i| int4(i.version)).collect::<Vec<_>>())
+            .bind(instances().map(|i| i.parent).collect::<Vec<_>>())
+            .bind(firsts.iter().map(|f| f.lease_until).collect::<Vec<_>>())
+            .bind(
+                instances()
+                    .map(NewInstance::start_message_id)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                instances()
+                    .map(NewInstance::start_message_type)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(instances().map(|i| i.input.to_string()).collect::<Vec<_>>());
+    }
+    let rows: Vec<WrittenRow> = query.fetch_all(conn).await.map_err(|e| match map_err(e) {
         StoreError::Database(e) if e.to_string().contains(NOT_ROUTED) => {
             let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
             StoreError::Corrupt(format!(
@@ -301,6 +258,128 @@ async fn write_common(
         marked,
     })
 }
+
+/// The text of [`write_common`]'s statement; with `first`, for a run with first points
+/// ([`FirstPoint`]). Their instances are inserted (`n`) as the points leave them, and count as
+/// fenced (`fa`): the fenced update cannot see rows inserted by the same statement. Their start
+/// messages are inserted consumed (`sm`).
+fn common_statement(first: bool) -> &'static str {
+    static PLAIN: LazyLock<String> = LazyLock::new(|| common_text(false));
+    static FIRST: LazyLock<String> = LazyLock::new(|| common_text(true));
+    if first {
+        &FIRST
+    } else {
+        &PLAIN
+    }
+}
+
+fn common_text(first: bool) -> String {
+    let (first, union, fenced) = if first {
+        (
+            FIRST_PARTS,
+            ", fa AS (SELECT id FROM f UNION ALL SELECT id FROM n)",
+            "fa",
+        )
+    } else {
+        ("", "", "f")
+    };
+    format!(
+        "WITH {first} f AS ( \
+           UPDATE instances i SET status = p.status, step = p.step, waiting_for = p.waiting_for, \
+           next_timer_at = p.next_timer_at, updated_at = p.at, last_error = p.last_error, \
+           state = COALESCE(p.state, i.state), engine_state = COALESCE(p.engine_state, i.engine_state), \
+           output = COALESCE(p.output, i.output), history_seq = p.history_seq, \
+           owner = CASE WHEN p.release THEN NULL ELSE i.owner END, \
+           lease_expires_at = CASE WHEN p.release THEN NULL ELSE i.lease_expires_at END, \
+           resumable = p.resumable \
+           FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::bytea[], \
+             $12::text[], $13::int8[], $14::bool[], $15::bool[]) \
+             AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
+                  state, engine_state, output, history_seq, release, resumable) \
+           WHERE i.id = p.id AND i.epoch = p.epoch AND i.owner = p.host \
+           RETURNING i.id){union}, \
+         c AS ( \
+           UPDATE messages m SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
+           FROM UNNEST($16::uuid[], $17::int8[], $18::timestamptz[]) AS c(instance_id, seq, at) \
+           WHERE m.seq = c.seq AND m.instance_id = c.instance_id AND m.status = 'routed' \
+             AND c.instance_id IN (SELECT id FROM {fenced}) \
+           RETURNING m.seq), \
+         s AS ( \
+           INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+             next_attempt_at, locked_by, locked_until, created_at) \
+           SELECT id, instance_id, port, message_type, body, expects_reply, 'pending', at, host, \
+             lock_until, at \
+           FROM UNNEST($19::text[], $20::uuid[], $21::text[], $22::text[], $23::text[], \
+             $24::bool[], $25::timestamptz[], $26::text[], $27::timestamptz[]) \
+             AS s(id, instance_id, port, message_type, body, expects_reply, at, host, lock_until) \
+           WHERE s.instance_id IN (SELECT id FROM {fenced})), \
+         d AS ( \
+           UPDATE outbox o SET status = 'delivered', attempts = attempts + 1, delivered_at = d.at, \
+             last_attempt_at = d.at, delivered_via = 'primary', locked_by = NULL, \
+             locked_until = NULL, last_error = NULL \
+           FROM UNNEST($28::text[], $29::timestamptz[], $30::uuid[]) AS d(id, at, instance_id) \
+           WHERE o.id = d.id AND o.status IN ('pending', 'held', 'give_up') \
+             AND d.instance_id IN (SELECT id FROM {fenced}) \
+           RETURNING o.id), \
+         h AS ( \
+           INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) \
+           SELECT * FROM UNNEST($1::uuid[], $13::int8[], $31::text[], $5::text[], $4::text[], \
+             $8::timestamptz[], $3::text[], $2::int8[], $32::text[]) \
+             AS h(instance_id, seq, reason, step, status, at, host, epoch, detail) \
+           WHERE h.instance_id IN (SELECT id FROM {fenced})), \
+         r AS ( \
+           UPDATE messages m SET locked_by = NULL, \
+             delivery_count = CASE WHEN m.seq = ANY($35) THEN m.delivery_count \
+                                   ELSE GREATEST(m.delivery_count - 1, 0) END \
+           FROM UNNEST($34::uuid[]) AS r(id) \
+           WHERE m.instance_id = r.id AND m.status = 'routed' AND m.locked_by IS NOT NULL \
+             AND m.seq <> ALL($17) AND r.id IN (SELECT id FROM {fenced})), \
+         t AS ( \
+           UPDATE timers SET locked_by = NULL FROM UNNEST($34::uuid[]) AS t(id) \
+           WHERE timers.instance_id = t.id AND timers.locked_by IS NOT NULL \
+             AND t.id IN (SELECT id FROM {fenced})) \
+         SELECT 'fenced', id, NULL::uuid, NULL::text FROM {fenced} \
+         UNION ALL SELECT 'delivered', NULL, NULL, id FROM d \
+         UNION ALL SELECT 'subscription', instance_id, id, message_type FROM subscriptions \
+           WHERE instance_id = ANY($33) AND instance_id IN (SELECT id FROM {fenced}) \
+         UNION ALL SELECT 'checked', NULL, NULL, NULL \
+           WHERE point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) \
+             AS x(id) WHERE x.id IN (SELECT id FROM {fenced})), $37) \
+           AND point_check(NOT $36 OR ((SELECT count(*) FROM d) = (SELECT count(*) \
+             FROM UNNEST($30) AS x(id) WHERE x.id IN (SELECT id FROM {fenced})) \
+             AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE instance_id = ANY($33) \
+               AND instance_id IN (SELECT id FROM {fenced}))), $38)",
+    )
+}
+
+/// The parts of [`write_common`]'s statement that insert the instances of first points and
+/// their start messages ([`common_statement`]).
+const FIRST_PARTS: &str = "n AS ( \
+       INSERT INTO instances (id, orchestration, version, status, step, waiting_for, \
+         next_timer_at, created_at, updated_at, last_error, state, engine_state, output, \
+         history_seq, parent_id, owner, lease_expires_at, epoch, resumable) \
+       SELECT p.id, s.orchestration, s.version, p.status, p.step, p.waiting_for, \
+         p.next_timer_at, p.at, p.at, p.last_error, p.state, p.engine_state, p.output, \
+         p.history_seq, s.parent_id, CASE WHEN p.release THEN NULL ELSE p.host END, \
+         CASE WHEN p.release THEN NULL ELSE s.lease_until END, p.epoch, p.resumable \
+       FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::bytea[], \
+         $12::text[], $13::int8[], $14::bool[], $15::bool[]) \
+         AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
+              state, engine_state, output, history_seq, release, resumable) \
+       JOIN UNNEST($39::uuid[], $40::text[], $41::int4[], $42::uuid[], $43::timestamptz[]) \
+         AS s(id, orchestration, version, parent_id, lease_until) ON s.id = p.id \
+       RETURNING id), \
+     sm AS ( \
+       INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
+         published_at, consumed_at, delivery_count) \
+       SELECT s.message_id, s.message_type, 'start', '{}', s.body, 'consumed', s.id, p.at, \
+         p.at, 1 \
+       FROM UNNEST($39::uuid[], $44::text[], $45::text[], $46::text[]) \
+         AS s(id, message_id, message_type, body) \
+       JOIN UNNEST($1::uuid[], $8::timestamptz[]) AS p(id, at) ON p.id = s.id \
+       WHERE s.id IN (SELECT id FROM n)), ";
 
 /// A row of [`write_common`]'s result: (part, instance, subscription, text).
 type WrittenRow = (String, Option<Uuid>, Option<Uuid>, Option<String>);

@@ -23,7 +23,7 @@ use sqlx::{Either, Executor, QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
-use crate::store::{HeldStart, Holder, FIRST_EPOCH};
+use crate::store::{FirstPoint, HeldStart, Holder, FIRST_EPOCH};
 
 use super::writer::{Alone, CHECK_FAILED};
 use super::{
@@ -255,6 +255,7 @@ pub(super) async fn write_alone(
     };
     let mut script = Script::transaction();
     let all: Vec<&PersistencePoint> = points.iter().collect();
+    push_first_points(&mut script, points);
     let common = push_common(&mut script, points, &all, Fenced::Alone);
     let results = match script.run_alone(conn).await {
         Ok(results) => results,
@@ -290,17 +291,19 @@ async fn write_common(
 ) -> StoreResult<(HashSet<Uuid>, Vec<StoredSubscription>)> {
     let in_sql = fenced_in_sql(run);
     let mut committed = HashSet::with_capacity(run.len());
+    let mut script = Script::new();
     let points: Vec<&PersistencePoint> = if in_sql {
+        push_first_points(&mut script, run);
         run.iter().collect()
     } else {
         let mut fence = Script::new();
+        push_first_points(&mut fence, run);
         let positions = push_update(&mut fence, run);
         collect_ids(&fence.run_each(tx).await?, &positions, &mut committed)?;
         run.iter()
             .filter(|p| committed.contains(&p.instance_id))
             .collect()
     };
-    let mut script = Script::new();
     let fenced = if in_sql {
         Fenced::InSql
     } else {
@@ -480,6 +483,56 @@ fn push_fence<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
              WHERE instances.id = p.id AND instances.epoch = p.epoch \
              AND instances.owner = p.host",
         );
+    }
+}
+
+/// Inserts the instances the run's first points create ([`FirstPoint`]), started and held by
+/// each point's host under its epoch, and their start messages, consumed by the points: the
+/// fence and the fenced update then find them as any instance held. An instance that is stored
+/// already fails the script (its id is the key).
+fn push_first_points<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
+    let firsts: Vec<(&PersistencePoint, &FirstPoint)> = run
+        .iter()
+        .filter_map(|p| p.start.as_deref().map(|first| (p, first)))
+        .collect();
+    for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
+        let q = script.next(chunk.len());
+        q.push(
+            "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
+             updated_at, parent_id, owner, lease_expires_at, epoch) ",
+        );
+        q.push_values(chunk, |mut row, (p, first)| {
+            let inst = &first.instance;
+            row.push_bind(inst.id.to_string())
+                .push_bind(&inst.orchestration)
+                .push_bind(i64::from(inst.version))
+                .push_bind("running")
+                .push_bind("created")
+                .push_bind(ts(p.at))
+                .push_bind(ts(p.at))
+                .push_bind(inst.parent.map(|p| p.to_string()))
+                .push_bind(&p.host)
+                .push_bind(ts(first.lease_until))
+                .push_bind(p.epoch);
+        });
+        let q = script.next(chunk.len());
+        q.push(
+            "INSERT INTO messages (id, message_type, kind, properties, body, status, \
+             instance_id, published_at, consumed_at, delivery_count) ",
+        );
+        q.push_values(chunk, |mut row, (p, first)| {
+            let inst = &first.instance;
+            row.push_bind(inst.start_message_id())
+                .push_bind(inst.start_message_type())
+                .push_bind(MessageKind::Start.as_str())
+                .push_bind("{}")
+                .push_bind(inst.input.to_string())
+                .push_bind("consumed")
+                .push_bind(inst.id.to_string())
+                .push_bind(ts(p.at))
+                .push_bind(ts(p.at))
+                .push_bind(1_i64);
+        });
     }
 }
 
