@@ -61,6 +61,7 @@ backend_tests!(
     an_eager_start_survives_its_hosts_crash_before_the_first_point,
     a_hosts_client_leaves_starts_to_claims_once_a_batch_waits,
     a_first_point_writes_its_instance_with_its_start,
+    an_eager_start_is_written_with_its_first_point_in_one_commit,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -1446,8 +1447,9 @@ async fn an_eager_start_is_held_by_its_host_until_its_lease_runs_out(db: TestDb)
 }
 
 /// A host crashes after its client started an instance and before the instance's first
-/// persistence point (G1, G3): the start is durable, held by the dead host, and the next host
-/// runs the instance from its start message, delivered a second time.
+/// persistence point (G1, G3). The instance's first transition only waits, so it makes no point:
+/// the start is written on its own, held by the host, and the next host runs the instance from
+/// its start message, delivered a second time, and then the message it had received.
 async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: TestDb) {
     use cairn::store::faulty::CrashPoint;
     let plan = FaultPlan::new();
@@ -1463,11 +1465,18 @@ async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: Test
         db.count("SELECT COUNT(*) FROM history").await == 1
     })
     .await;
-    plan.crash_at_commit(1, CrashPoint::BeforeCommit);
-    let id = client
-        .start("approval", json!({"request_id": "r9", "approver": "bob"}))
+    let id = client.start("panicker", json!("k9")).await.unwrap();
+    db.wait_for("the waiting instance's receives", WAIT, || async {
+        db.count_with(
+            "SELECT COUNT(*) FROM subscriptions WHERE CAST(instance_id AS TEXT) = $1",
+            &id.to_string(),
+        )
         .await
-        .unwrap();
+            == 2
+    })
+    .await;
+    plan.crash_at_commit(1, CrashPoint::BeforeCommit);
+    publish(&client, "fine9", "fine", json!({"key": "k9"})).await;
     tokio::time::timeout(WAIT, plan.crashed())
         .await
         .expect("the first point was attempted");
@@ -1477,17 +1486,106 @@ async fn an_eager_start_survives_its_hosts_crash_before_the_first_point(db: Test
     assert!(locked_by.is_some(), "held by the crashed host");
     assert_eq!((count, status.as_str()), (1, "routed"));
 
-    let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
-    publish(
-        &client,
-        "d9",
-        "approval.decision",
-        json!({"request_id": "r9", "approved": true, "by": "bob"}),
-    )
-    .await;
+    let (host, _client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;
     let (_, count, _, status) = start_message(&db, id).await;
     assert_eq!((count, status.as_str()), (2, "consumed"));
+    host.stop();
+}
+
+/// An eager start whose first transition makes a point is written with that point, in one
+/// commit (G1, G2, G3). A host that crashes before that commit leaves no trace of the instance
+/// (and its client's `start` never returned); one that crashes after it leaves the instance
+/// at its first point, its start message consumed and its send pending, and the next host
+/// delivers the send and runs the instance on.
+async fn an_eager_start_is_written_with_its_first_point_in_one_commit(db: TestDb) {
+    use cairn::store::faulty::CrashPoint;
+    let deliveries = Deliveries::default();
+    let mut ids = Vec::new();
+    for (n, crash) in [(1, CrashPoint::BeforeCommit), (2, CrashPoint::AfterCommit)] {
+        let plan = FaultPlan::new();
+        let (host, client) =
+            HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone()))
+                .await;
+        // A first start, so that the host runs and takes what its client starts.
+        let running = format!("run{n}");
+        ids.push(
+            client
+                .start(
+                    "approval",
+                    json!({"request_id": running, "approver": "bob"}),
+                )
+                .await
+                .unwrap(),
+        );
+        db.wait_for("the first start's request sent", WAIT, || async {
+            deliveries.ids().len() == ids.len()
+        })
+        .await;
+        plan.crash_at_commit(1, crash);
+        let crashing = tokio::spawn(async move {
+            let request = json!({"request_id": format!("crash{n}"), "approver": "bob"});
+            client.start("approval", request).await
+        });
+        tokio::time::timeout(WAIT, plan.crashed())
+            .await
+            .expect("the start was attempted");
+        host.crash();
+        crashing.abort();
+        assert!(
+            crashing.await.unwrap_err().is_cancelled(),
+            "start never returned"
+        );
+    }
+    let starts = "SELECT COUNT(*) FROM messages WHERE kind = 'start' AND body LIKE $1";
+    assert_eq!(
+        db.count_with(starts, "%crash1%").await,
+        0,
+        "no trace before the commit"
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM instances").await, 3);
+    assert_eq!(db.count_with(starts, "%crash2%").await, 1);
+    let crashed: Vec<String> = db
+        .texts(
+            "SELECT CAST(instance_id AS TEXT) FROM messages WHERE kind = 'start' AND body LIKE $1",
+            "%crash2%",
+        )
+        .await;
+    let crashed = crashed[0].clone();
+    assert_eq!(
+        start_message(&db, crashed.parse().unwrap()).await.3,
+        "consumed"
+    );
+    for (table, rows) in [("history", 1), ("outbox", 1)] {
+        let query = format!("SELECT COUNT(*) FROM {table} WHERE CAST(instance_id AS TEXT) = $1");
+        assert_eq!(db.count_with(&query, &crashed).await, rows, "{table}");
+    }
+    assert!(!deliveries
+        .bodies("notifications")
+        .iter()
+        .any(|b| b["request_id"] == "crash2"));
+
+    let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
+    db.wait_for("the crashed start's request sent", WAIT, || async {
+        deliveries
+            .bodies("notifications")
+            .iter()
+            .any(|b| b["request_id"] == "crash2")
+    })
+    .await;
+    for request in ["run1", "run2", "crash2"] {
+        let decision = json!({"request_id": request, "approved": true, "by": "bob"});
+        publish(
+            &client,
+            &format!("d-{request}"),
+            "approval.decision",
+            decision,
+        )
+        .await;
+    }
+    for id in ids.iter().copied().chain([crashed.parse().unwrap()]) {
+        db.wait_status(id, InstanceStatus::Completed, WAIT).await;
+    }
     host.stop();
 }
 
@@ -1533,11 +1631,12 @@ async fn a_hosts_client_leaves_starts_to_claims_once_a_batch_waits(db: TestDb) {
         .await;
     // The host retries failing commits for seconds, taking no starts meanwhile. Three at once
     // are not handed over (more than a batch of two), the next two are (none waited), the one
-    // after is not (two wait).
+    // after is not (two wait). The client's own commits of first points fail too (one each),
+    // and it writes those instances held instead; the host's first attempt is the third commit.
     plan.fail_next_commits(6);
     let first = client.start("approval", request(1)).await.unwrap();
     db.wait_for("the host busy committing", WAIT, || async {
-        plan.commits() >= 2
+        plan.commits() >= 3
     })
     .await;
     let many = |from: u32, to: u32| {

@@ -276,6 +276,21 @@ impl LiveInstance {
         self.waits.next_timer()
     }
 
+    /// Runs the first transition of an instance not stored yet (an eager start, whose first
+    /// point writes it: [`FirstPoint`](crate::store::FirstPoint)), given its input. It consumes
+    /// no stored message: the point stores the start message consumed.
+    pub fn start_new(
+        &mut self,
+        input: serde_json::Value,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+        now: DateTime<Utc>,
+    ) -> Delivery {
+        self.run(None, None, registry, ports, now, |def, ctx| {
+            def.start(ctx, input)
+        })
+    }
+
     /// Delivers a message claimed for this instance.
     pub fn deliver_message(
         &mut self,

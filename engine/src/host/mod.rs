@@ -10,6 +10,7 @@
 //! while, and gives up its leases.
 
 mod dispatcher;
+mod eager;
 pub mod instance;
 pub mod ports;
 pub mod receive;
@@ -17,7 +18,7 @@ pub mod scopes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -26,14 +27,15 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use self::dispatcher::{DispatchSettings, Dispatcher};
+use self::eager::{Eager, Handed, Written};
 use self::instance::{Delivery, FaultText, LiveInstance};
 use self::ports::Ports;
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::Registry;
 use crate::store::{
-    Activation, CommitOutcome, DueTimer, HeldStart, Holder, InstanceRecord, InstanceStatus,
-    NewInstance, NewMessage, NewReceives, OutboxRow, PersistencePoint, PublishOutcome, Reason,
-    Store, StoreError, StoredMessage,
+    Activation, CommitOutcome, DueTimer, HeldStart, InstanceRecord, InstanceStatus, NewInstance,
+    NewMessage, NewReceives, OutboxRow, PersistencePoint, PublishOutcome, Reason, Store,
+    StoreError, StoredMessage,
 };
 
 /// An instance that ended (completed, failed, terminated or suspended) at a committed persistence
@@ -138,30 +140,6 @@ pub struct Client {
     eager: Option<Eager>,
 }
 
-/// How a host's own client hands the instances it starts to the host.
-#[derive(Clone, Debug)]
-struct Eager {
-    host: String,
-    lease: Duration,
-    to_host: mpsc::UnboundedSender<Vec<HeldStart>>,
-    /// Set once the host has recovered and runs (a SQLite host's recovery releases every lease).
-    running: Arc<AtomicBool>,
-    /// Instances handed over that the host has not taken yet (see [`Client`]).
-    waiting: Arc<AtomicUsize>,
-    /// Up to how many may wait before starts are left to the claims.
-    most_waiting: usize,
-}
-
-impl Eager {
-    /// Whether the host runs and can take `count` more instances without more than a batch
-    /// waiting.
-    fn takes(&self, count: usize) -> bool {
-        self.running.load(Ordering::SeqCst)
-            && !self.to_host.is_closed()
-            && self.waiting.load(Ordering::SeqCst) + count <= self.most_waiting
-    }
-}
-
 impl Client {
     /// A client on `store` that resolves orchestration names in `registry`.
     pub fn new(store: Arc<dyn Store>, registry: Registry) -> Self {
@@ -257,34 +235,21 @@ impl Client {
         Ok(ids)
     }
 
-    /// Writes the instances; a host's own client hands them to its host, held (see [`Client`]).
+    /// Writes the instances; a host's own client hands them to its host (see [`Client`]).
     async fn start_instances(&self, instances: Vec<NewInstance>) -> Result<(), StoreError> {
         let now = self.clock.now();
-        let count = instances.len();
-        let Some(eager) = self.eager.as_ref().filter(|e| e.takes(count)) else {
-            self.store.start_instances(instances, None, now).await?;
-            self.wake.notify_one();
-            return Ok(());
-        };
-        let holder = Holder {
-            host: &eager.host,
-            lease_until: now + chrono::Duration::from_std(eager.lease).unwrap_or_default(),
-        };
-        let held = self
-            .store
-            .start_instances(instances, Some(holder), now)
-            .await?;
-        eager.waiting.fetch_add(count, Ordering::SeqCst);
-        if let Err(mpsc::error::SendError(held)) = eager.to_host.send(held) {
-            eager.waiting.fetch_sub(count, Ordering::SeqCst);
-            // The host stopped since: give the start messages back. The instances' leases run
-            // out, and then any host claims them.
-            let ids: Vec<Uuid> = held.iter().map(|h| h.record.id).collect();
-            tracing::warn!(host.id = %eager.host, instances = ids.len(),
-                "the host stopped while starting instances for it; they run once its leases expire");
-            self.store.unlock(&eager.host, &ids, &[]).await?;
+        match self.eager.as_ref().filter(|e| e.takes(instances.len())) {
+            Some(eager) => {
+                eager
+                    .start(&self.store, &self.registry, instances, now)
+                    .await
+            }
+            None => {
+                self.store.start_instances(instances, None, now).await?;
+                self.wake.notify_one();
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// The store.
@@ -319,12 +284,14 @@ pub struct Host {
     endings: Option<mpsc::UnboundedSender<Ended>>,
     /// Where its clients hand the instances they started for it (see [`Client`]), and where
     /// [`Host::run`] takes them.
-    held_tx: mpsc::UnboundedSender<Vec<HeldStart>>,
-    held_rx: Option<mpsc::UnboundedReceiver<Vec<HeldStart>>>,
+    held_tx: mpsc::UnboundedSender<Vec<Handed>>,
+    held_rx: Option<mpsc::UnboundedReceiver<Vec<Handed>>>,
     /// How many of them wait in `held_rx`.
     held_waiting: Arc<AtomicUsize>,
     /// Whether it has recovered and runs, so takes held starts.
     running: Arc<AtomicBool>,
+    /// Its send ports, for its clients' first transitions; set when it runs.
+    client_ports: Arc<OnceLock<Ports>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -356,6 +323,7 @@ impl Host {
             held_rx: Some(held_rx),
             held_waiting: Arc::new(AtomicUsize::new(0)),
             running: Arc::new(AtomicBool::new(false)),
+            client_ports: Arc::new(OnceLock::new()),
         }
     }
 
@@ -414,6 +382,8 @@ impl Host {
             eager: Some(Eager {
                 host: self.id.clone(),
                 lease: self.config.lease_duration,
+                outbox_lock: self.config.outbox_lock,
+                ports: self.client_ports.clone(),
                 to_host: self.held_tx.clone(),
                 running: self.running.clone(),
                 waiting: self.held_waiting.clone(),
@@ -466,6 +436,7 @@ impl Host {
         self.sync_activations().await?;
         // From now on what this host's clients start is leased to it (and no recovery of its own
         // can release it).
+        let _ = self.client_ports.set(self.ports.clone());
         self.running.store(true, Ordering::SeqCst);
 
         let stop_workers = CancellationToken::new();
@@ -602,11 +573,11 @@ struct Runner {
     /// A reply taken off `replies` while waiting for work, handed over first next round.
     early_reply: Option<(OutboxRow, serde_json::Value)>,
     /// Instances this host's clients started for it, leased to it, start messages claimed.
-    held_starts: mpsc::UnboundedReceiver<Vec<HeldStart>>,
+    held_starts: mpsc::UnboundedReceiver<Vec<Handed>>,
     /// How many wait in `held_starts` (its clients stop handing over more past a batch).
     held_waiting: Arc<AtomicUsize>,
     /// Held starts taken off `held_starts` while waiting for work, run first next round.
-    early_starts: Vec<HeldStart>,
+    early_starts: Vec<Handed>,
     in_flight: Arc<AtomicUsize>,
     stats: HostStats,
     last_report: Instant,
@@ -1116,12 +1087,25 @@ impl Runner {
             self.early_starts = starts.split_off(limit);
         }
         let mut work = Vec::with_capacity(starts.len());
-        for HeldStart { record, message } in starts {
-            let id = record.id;
-            match self.adopt(record, now, points) {
-                Ok(()) => work.push((id, Work::Message(message))),
-                // The client resolved the definition in this host's registry.
-                Err((id, error)) => tracing::warn!(instance.id = %id, "{error}"),
+        for handed in starts {
+            match handed {
+                Handed::Held(held) => {
+                    let HeldStart { record, message } = *held;
+                    let id = record.id;
+                    match self.adopt(record, now, points) {
+                        Ok(()) => work.push((id, Work::Message(message))),
+                        // The client resolved the definition in this host's registry.
+                        Err((id, error)) => tracing::warn!(instance.id = %id, "{error}"),
+                    }
+                }
+                Handed::Written(written) => {
+                    let Written { instance, point } = *written;
+                    self.stats.events += 1;
+                    if let Some(instance) = instance {
+                        self.cache.insert(instance.id, instance);
+                    }
+                    self.committed(point);
+                }
             }
         }
         work
@@ -1129,7 +1113,7 @@ impl Runner {
 
     /// Keeps held starts taken off the channel for the next round; its clients may hand over
     /// as many more.
-    fn took_starts(&mut self, starts: Vec<HeldStart>) {
+    fn took_starts(&mut self, starts: Vec<Handed>) {
         self.held_waiting.fetch_sub(starts.len(), Ordering::SeqCst);
         self.early_starts.extend(starts);
     }
@@ -1333,21 +1317,7 @@ impl Runner {
         let mut fenced = Vec::new();
         for (point, outcome) in points.into_iter().zip(outcomes) {
             match outcome {
-                CommitOutcome::Committed => {
-                    *self.stats.points.entry(point.reason.as_str()).or_default() += 1;
-                    if let Some(endings) = &self.host.endings {
-                        if point.status.is_final() || point.status == InstanceStatus::Suspended {
-                            let _ = endings.send(Ended {
-                                instance_id: point.instance_id,
-                                status: point.status,
-                            });
-                        }
-                    }
-                    for row in point.outbox {
-                        // The dispatcher only goes away at shutdown; the row stays in the outbox.
-                        let _ = self.to_dispatch.send(row);
-                    }
-                }
+                CommitOutcome::Committed => self.committed(point),
                 CommitOutcome::Fenced => {
                     tracing::debug!(instance.id = %point.instance_id, "fenced: another writer holds the instance; dropping it");
                     self.stats.fenced += 1;
@@ -1360,6 +1330,24 @@ impl Runner {
             // Whatever this host claimed for them goes back, for their current owner.
             self.claim = true;
             self.release_after_failure(&fenced, &[]).await;
+        }
+    }
+
+    /// Counts a committed point, reports its instance's end, and hands its sends to the
+    /// dispatcher.
+    fn committed(&mut self, point: PersistencePoint) {
+        *self.stats.points.entry(point.reason.as_str()).or_default() += 1;
+        if let Some(endings) = &self.host.endings {
+            if point.status.is_final() || point.status == InstanceStatus::Suspended {
+                let _ = endings.send(Ended {
+                    instance_id: point.instance_id,
+                    status: point.status,
+                });
+            }
+        }
+        for row in point.outbox {
+            // The dispatcher only goes away at shutdown; the row stays in the outbox.
+            let _ = self.to_dispatch.send(row);
         }
     }
 
