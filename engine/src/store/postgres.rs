@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -125,6 +126,8 @@ fn uint(value: i32, what: &str) -> StoreResult<u32> {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// One connection for persistence points written as one statement ([`Self::point_connection`]).
+    points: PgPool,
     /// The lease duration this store's host uses, in milliseconds, learnt from `acquire` and
     /// `heartbeat`; a host whose heartbeat is older than two of them is presumed gone.
     lease_ms: Arc<AtomicI64>,
@@ -157,11 +160,16 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(map_err)?;
+        let points = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options);
         Ok(Self {
             pool,
+            points,
             lease_ms: Arc::new(AtomicI64::new(DEFAULT_LEASE_MS)),
         })
     }
@@ -169,6 +177,23 @@ impl PostgresStore {
     /// The connection pool, for tests and tools that read the database directly.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A connection for a persistence point's one statement: the store's own for them, or one
+    /// of the pool's while that one is busy (or being connected). A pool hands out its idle
+    /// connections in turn, so each point would go to the next server process, and pay for its
+    /// colder caches and, per connection, for preparing and planning the statement anew; the
+    /// one connection keeps the points of a host's latency path on one warm process.
+    async fn point_connection(&self) -> StoreResult<PoolConnection<Postgres>> {
+        if let Some(conn) = self.points.try_acquire() {
+            return Ok(conn);
+        }
+        if self.points.size() == 0 {
+            // Not connected yet, or its connection was lost: connect it for the next point.
+            let points = self.points.clone();
+            tokio::spawn(async move { drop(points.acquire().await) });
+        }
+        self.pool.acquire().await.map_err(map_err)
     }
 
     async fn write(&self) -> StoreResult<Tx> {
@@ -1078,7 +1103,7 @@ impl Store for PostgresStore {
     }
 
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
-        if let Some(out) = batch::write_alone(&self.pool, points).await? {
+        if let Some(out) = batch::write_alone(self, points).await? {
             return Ok(out);
         }
         let mut tx = self.write().await?;
@@ -1833,6 +1858,7 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
+        self.points.close().await;
         self.pool.close().await;
     }
 }

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgExecutor, PgPool};
+use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
@@ -70,7 +70,7 @@ pub(super) async fn write_points(
 /// [`consume_reply_copies`]), or a point that gives an empty subscription set has some stored
 /// (they are removed in the transaction).
 pub(super) async fn write_alone(
-    pool: &PgPool,
+    store: &super::PostgresStore,
     points: &[PersistencePoint],
 ) -> StoreResult<Option<Vec<CommitOutcome>>> {
     // The cheap check first: `distinct_runs` hashes every point.
@@ -81,7 +81,8 @@ pub(super) async fn write_alone(
     if !alone {
         return Ok(None);
     }
-    match write_common(pool, points, true).await {
+    let mut conn = store.point_connection().await?;
+    match write_common(&mut *conn, points, true).await {
         Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
         Err(StoreError::Database(e)) if e.to_string().contains(NEEDS_TRANSACTION) => Ok(None),
         Err(e) => Err(e),
@@ -155,8 +156,7 @@ async fn write_common(
         .filter(|p| p.release)
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    let firsts: Vec<&FirstPoint> = run.iter().filter_map(|p| p.start.as_deref()).collect();
-    let mut query = sqlx::query_as(common_statement(!firsts.is_empty()))
+    let mut query = sqlx::query_as(common_statement(run.iter().any(|p| p.start.is_some())))
         .bind(&ids)
         .bind(&epochs)
         .bind(column(|p| p.host.clone()))
@@ -195,29 +195,33 @@ async fn write_common(
         .bind(alone)
         .bind(NOT_ROUTED)
         .bind(NEEDS_TRANSACTION);
-    if !firsts.is_empty() {
-        let instances = || firsts.iter().map(|f| &f.instance);
+    if run.iter().any(|p| p.start.is_some()) {
+        // One entry per point, as the point's own arrays: NULL for a point that starts nothing.
+        let firsts = |f: fn(&FirstPoint) -> String| {
+            run.iter()
+                .map(|p| p.start.as_deref().map(f))
+                .collect::<Vec<_>>()
+        };
         query = query
-            .bind(instances().map(|i| i.id).collect::<Vec<_>>())
+            .bind(firsts(|f| f.instance.orchestration.clone()))
             .bind(
-                instances()
-                    .map(|i| i.orchestration.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(instances().map(|i| int4(i.version)).collect::<Vec<_>>())
-            .bind(instances().map(|i| i.parent).collect::<Vec<_>>())
-            .bind(firsts.iter().map(|f| f.lease_until).collect::<Vec<_>>())
-            .bind(
-                instances()
-                    .map(NewInstance::start_message_id)
+                run.iter()
+                    .map(|p| p.start.as_ref().map(|f| int4(f.instance.version)))
                     .collect::<Vec<_>>(),
             )
             .bind(
-                instances()
-                    .map(NewInstance::start_message_type)
+                run.iter()
+                    .map(|p| p.start.as_ref().and_then(|f| f.instance.parent))
                     .collect::<Vec<_>>(),
             )
-            .bind(instances().map(|i| i.input.to_string()).collect::<Vec<_>>());
+            .bind(
+                run.iter()
+                    .map(|p| p.start.as_ref().map(|f| f.lease_until))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(firsts(|f| f.instance.start_message_id()))
+            .bind(firsts(|f| f.instance.start_message_type()))
+            .bind(firsts(|f| f.instance.input.to_string()));
     }
     let rows: Vec<WrittenRow> = query.fetch_all(conn).await.map_err(|e| match map_err(e) {
         StoreError::Database(e) if e.to_string().contains(NOT_ROUTED) => {
@@ -359,27 +363,26 @@ const FIRST_PARTS: &str = "n AS ( \
        INSERT INTO instances (id, orchestration, version, status, step, waiting_for, \
          next_timer_at, created_at, updated_at, last_error, state, engine_state, output, \
          history_seq, parent_id, owner, lease_expires_at, epoch, resumable) \
-       SELECT p.id, s.orchestration, s.version, p.status, p.step, p.waiting_for, \
-         p.next_timer_at, p.at, p.at, p.last_error, p.state, p.engine_state, p.output, \
-         p.history_seq, s.parent_id, CASE WHEN p.release THEN NULL ELSE p.host END, \
-         CASE WHEN p.release THEN NULL ELSE s.lease_until END, p.epoch, p.resumable \
+       SELECT id, orchestration, version, status, step, waiting_for, next_timer_at, at, at, \
+         last_error, state, engine_state, output, history_seq, parent_id, \
+         CASE WHEN release THEN NULL ELSE host END, \
+         CASE WHEN release THEN NULL ELSE lease_until END, epoch, resumable \
        FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::bytea[], \
-         $12::text[], $13::int8[], $14::bool[], $15::bool[]) \
+         $12::text[], $13::int8[], $14::bool[], $15::bool[], $39::text[], $40::int4[], \
+         $41::uuid[], $42::timestamptz[]) \
          AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
-              state, engine_state, output, history_seq, release, resumable) \
-       JOIN UNNEST($39::uuid[], $40::text[], $41::int4[], $42::uuid[], $43::timestamptz[]) \
-         AS s(id, orchestration, version, parent_id, lease_until) ON s.id = p.id \
+              state, engine_state, output, history_seq, release, resumable, orchestration, \
+              version, parent_id, lease_until) \
+       WHERE orchestration IS NOT NULL \
        RETURNING id), \
      sm AS ( \
        INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
          published_at, consumed_at, delivery_count) \
-       SELECT s.message_id, s.message_type, 'start', '{}', s.body, 'consumed', s.id, p.at, \
-         p.at, 1 \
-       FROM UNNEST($39::uuid[], $44::text[], $45::text[], $46::text[]) \
-         AS s(id, message_id, message_type, body) \
-       JOIN UNNEST($1::uuid[], $8::timestamptz[]) AS p(id, at) ON p.id = s.id \
-       WHERE s.id IN (SELECT id FROM n)), ";
+       SELECT message_id, message_type, 'start', '{}', body, 'consumed', id, at, at, 1 \
+       FROM UNNEST($1::uuid[], $8::timestamptz[], $43::text[], $44::text[], $45::text[]) \
+         AS s(id, at, message_id, message_type, body) \
+       WHERE id IN (SELECT id FROM n)), ";
 
 /// A row of [`write_common`]'s result: (part, instance, subscription, text).
 type WrittenRow = (String, Option<Uuid>, Option<Uuid>, Option<String>);
