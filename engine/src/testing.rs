@@ -625,8 +625,13 @@ impl CrashTest {
                 .0
                 .status;
         }
-        let status =
-            status.ok_or_else(|| format!("instance did not end within {:?}", self.timeout))?;
+        let Some(status) = status else {
+            return Err(format!(
+                "instance did not end within {:?}; {}",
+                self.timeout,
+                self.describe(&url, id)
+            ));
+        };
         let commits = plan.commits();
         self.check(&url, id, &recorder).map(|history| CrashReport {
             commits,
@@ -731,6 +736,50 @@ impl CrashTest {
         });
         runtime.shutdown_background();
         result
+    }
+
+    /// Where the instance stands in the database, for an error.
+    fn describe(&self, url: &str, id: Uuid) -> String {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return "its state could not be read".into();
+        };
+        runtime.block_on(async {
+            let store = match SqliteStore::open(url).await {
+                Ok(store) => store,
+                Err(e) => return format!("its state could not be read: {e}"),
+            };
+            let read = async {
+                let instance: (String, String, Option<String>, i64) = sqlx::query_as(
+                    "SELECT status, step, owner, epoch FROM instances WHERE id = $1",
+                )
+                .bind(id.to_string())
+                .fetch_one(store.pool())
+                .await?;
+                let messages: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
+                    "SELECT id, status, locked_by, delivery_count FROM messages \
+                     WHERE status <> 'consumed'",
+                )
+                .fetch_all(store.pool())
+                .await?;
+                let sends: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                    "SELECT id, status, locked_by FROM outbox WHERE status <> 'delivered'",
+                )
+                .fetch_all(store.pool())
+                .await?;
+                Ok::<_, sqlx::Error>(format!(
+                    "instance (status, step, owner, epoch) {instance:?}; messages not consumed \
+                     {messages:?}; sends not delivered {sends:?}"
+                ))
+            };
+            let described = read
+                .await
+                .unwrap_or_else(|e| format!("its state could not be read: {e}"));
+            store.close().await;
+            described
+        })
     }
 
     /// Checks G1, G2, G3 and G5 from the database and the ports' record.
