@@ -126,8 +126,10 @@ pub enum ClientError {
 /// Publishes messages and starts instances, in-process or from the CLI.
 ///
 /// A host's own client ([`Host::client`]) starts instances eagerly while the host runs and keeps
-/// up: the start transaction leases them to that host, which runs them at once without claiming
-/// them.
+/// up: it runs each new instance's first transition and writes the instance with its first
+/// persistence point, leased to that host, which takes it from memory without claiming it (an
+/// instance whose first transition makes no point is written leased, and the host runs it); see
+/// `host/eager.rs`.
 /// Starts that would leave more than a batch ([`HostConfig::batch_size`]) waiting for the host,
 /// and all starts of a client made with [`Client::new`], are left to whichever host claims them
 /// first.
