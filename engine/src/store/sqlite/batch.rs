@@ -23,7 +23,7 @@ use sqlx::{Either, Executor, QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use crate::store::routing::{Route, RouteCache};
-use crate::store::{FirstPoint, HeldStart, Holder, FIRST_EPOCH};
+use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
 use super::writer::{Alone, CHECK_FAILED};
 use super::{
@@ -486,53 +486,26 @@ fn push_fence<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
     }
 }
 
-/// Inserts the instances the run's first points create ([`FirstPoint`]), started and held by
+/// Inserts the instances the run's first points create ([`crate::store::FirstPoint`]), started and held by
 /// each point's host under its epoch, and their start messages, consumed by the points: the
 /// fence and the fenced update then find them as any instance held. An instance that is stored
 /// already fails the script (its id is the key).
 fn push_first_points<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
-    let firsts: Vec<(&PersistencePoint, &FirstPoint)> = run
+    let rows: Vec<StartRow<'a>> = run
         .iter()
-        .filter_map(|p| p.start.as_deref().map(|first| (p, first)))
+        .filter_map(|p| {
+            p.start.as_deref().map(|first| StartRow {
+                instance: &first.instance,
+                at: p.at,
+                owner: Some(&p.host),
+                lease_until: Some(first.lease_until),
+                epoch: p.epoch,
+                message: StartMessage::Consumed,
+            })
+        })
         .collect();
-    for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
-        let q = script.next(chunk.len());
-        q.push(
-            "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
-             updated_at, parent_id, owner, lease_expires_at, epoch) ",
-        );
-        q.push_values(chunk, |mut row, (p, first)| {
-            let inst = &first.instance;
-            row.push_bind(inst.id.to_string())
-                .push_bind(&inst.orchestration)
-                .push_bind(i64::from(inst.version))
-                .push_bind("running")
-                .push_bind("created")
-                .push_bind(ts(p.at))
-                .push_bind(ts(p.at))
-                .push_bind(inst.parent.map(|p| p.to_string()))
-                .push_bind(&p.host)
-                .push_bind(ts(first.lease_until))
-                .push_bind(p.epoch);
-        });
-        let q = script.next(chunk.len());
-        q.push(
-            "INSERT INTO messages (id, message_type, kind, properties, body, status, \
-             instance_id, published_at, consumed_at, delivery_count) ",
-        );
-        q.push_values(chunk, |mut row, (p, first)| {
-            let inst = &first.instance;
-            row.push_bind(inst.start_message_id())
-                .push_bind(inst.start_message_type())
-                .push_bind(MessageKind::Start.as_str())
-                .push_bind("{}")
-                .push_bind(inst.input.to_string())
-                .push_bind("consumed")
-                .push_bind(inst.id.to_string())
-                .push_bind(ts(p.at))
-                .push_bind(ts(p.at))
-                .push_bind(1_i64);
-        });
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        push_start_rows(script, chunk, "");
     }
 }
 
@@ -1045,50 +1018,90 @@ fn push_start<'a>(
     starts: &'a [(&'a NewInstance, DateTime<Utc>)],
     holder: Option<Holder<'a>>,
 ) -> Option<usize> {
-    let owner = holder.map(|h| h.host);
-    let lease = holder.map(|h| ts(h.lease_until));
-    let epoch = if holder.is_some() { FIRST_EPOCH } else { 0 };
-    let q = script.next(starts.len());
+    let rows: Vec<StartRow<'a>> = starts
+        .iter()
+        .map(|(instance, at)| StartRow {
+            instance,
+            at: *at,
+            owner: holder.map(|h| h.host),
+            lease_until: holder.map(|h| h.lease_until),
+            epoch: if holder.is_some() { FIRST_EPOCH } else { 0 },
+            message: StartMessage::Routed,
+        })
+        .collect();
+    let suffix = match holder {
+        Some(_) => " ON CONFLICT (id) DO NOTHING RETURNING instance_id, seq",
+        None => " ON CONFLICT (id) DO NOTHING",
+    };
+    let returned = push_start_rows(script, &rows, suffix);
+    holder.map(|_| returned)
+}
+
+/// A new instance to insert, with its start message.
+struct StartRow<'a> {
+    instance: &'a NewInstance,
+    at: DateTime<Utc>,
+    /// The host holding it (and its start message, unless consumed), until `lease_until`.
+    owner: Option<&'a str>,
+    lease_until: Option<DateTime<Utc>>,
+    epoch: i64,
+    message: StartMessage,
+}
+
+/// How a start message is stored.
+#[derive(Clone, Copy, PartialEq)]
+enum StartMessage {
+    /// Routed to its instance; claimed by the instance's owner, if it has one.
+    Routed,
+    /// Consumed already, by the instance's first point.
+    Consumed,
+}
+
+/// Adds the inserts of `rows` (instances, then their start messages, `suffix` ending the
+/// latter) to `script`; returns the position of the start messages' insert.
+fn push_start_rows<'a>(script: &mut Script<'a>, rows: &[StartRow<'a>], suffix: &str) -> usize {
+    let q = script.next(rows.len());
     q.push(
         "INSERT INTO instances (id, orchestration, version, status, step, created_at, \
          updated_at, parent_id, owner, lease_expires_at, epoch) ",
     );
-    q.push_values(starts, |mut row, (inst, at)| {
+    q.push_values(rows, |mut row, r| {
+        let inst = r.instance;
         row.push_bind(inst.id.to_string())
             .push_bind(&inst.orchestration)
             .push_bind(i64::from(inst.version))
             .push_bind("running")
             .push_bind("created")
-            .push_bind(ts(*at))
-            .push_bind(ts(*at))
+            .push_bind(ts(r.at))
+            .push_bind(ts(r.at))
             .push_bind(inst.parent.map(|p| p.to_string()))
-            .push_bind(owner)
-            .push_bind(lease.clone())
-            .push_bind(epoch);
+            .push_bind(r.owner)
+            .push_bind(r.lease_until.map(ts))
+            .push_bind(r.epoch);
     });
     let returned = script.position();
-    let q = script.next(starts.len());
+    let q = script.next(rows.len());
     q.push(
         "INSERT INTO messages (id, message_type, kind, properties, body, status, \
-         instance_id, published_at, locked_by, delivery_count) ",
+         instance_id, published_at, locked_by, consumed_at, delivery_count) ",
     );
-    q.push_values(starts, |mut row, (inst, at)| {
+    q.push_values(rows, |mut row, r| {
+        let inst = r.instance;
+        let consumed = r.message == StartMessage::Consumed;
         row.push_bind(inst.start_message_id())
             .push_bind(inst.start_message_type())
             .push_bind(MessageKind::Start.as_str())
             .push_bind("{}")
             .push_bind(inst.input.to_string())
-            .push_bind("routed")
+            .push_bind(if consumed { "consumed" } else { "routed" })
             .push_bind(inst.id.to_string())
-            .push_bind(ts(*at))
-            .push_bind(owner)
-            .push_bind(i64::from(holder.is_some()));
+            .push_bind(ts(r.at))
+            .push_bind(r.owner.filter(|_| !consumed))
+            .push_bind(consumed.then(|| ts(r.at)))
+            .push_bind(i64::from(r.owner.is_some()));
     });
-    q.push(" ON CONFLICT (id) DO NOTHING");
-    holder.map(|_| {
-        q.push(" RETURNING instance_id, seq");
-        returned
-    })
+    q.push(suffix.to_owned());
+    returned
 }
 
 /// The instances started held ([`push_start`] returned `returned`), ready to run.
