@@ -118,14 +118,18 @@ impl Writer {
             Writer::Dedicated(slot) => Held::Dedicated(Self::dedicated(slot).await?),
             Writer::Pooled(pool) => Held::Pooled(pool.acquire().await.map_err(map_err)?),
         };
+        // Open from before the `BEGIN`: a caller that goes away while it runs (its task
+        // cancelled, its runtime torn down) may do so after the worker ran it and answered, and
+        // the dedicated connection would stay in a transaction, holding the database's write
+        // lock for every other writer. The rollback queued on drop does nothing where no
+        // transaction is open (sqlx's worker counts them).
         let mut tx = Tx {
             conn: Some(conn),
-            open: false,
+            open: true,
         };
         SqliteTransactionManager::begin(&mut tx, Some(Cow::Borrowed("BEGIN IMMEDIATE")))
             .await
             .map_err(map_err)?;
-        tx.open = true;
         Ok(tx)
     }
 
