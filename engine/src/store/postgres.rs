@@ -38,7 +38,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -48,6 +47,9 @@ use super::*;
 use crate::orchestration::Correlation;
 
 mod batch;
+mod kept;
+
+use kept::{KeptConnection, PointConnection};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
@@ -126,8 +128,11 @@ fn uint(value: i32, what: &str) -> StoreResult<u32> {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    /// One connection for persistence points written as one statement ([`Self::point_connection`]).
-    points: PgPool,
+    /// How to connect: for the kept connection, which is not the pool's.
+    options: PgConnectOptions,
+    /// The connection kept for persistence points written as one statement
+    /// ([`Self::point_connection`]).
+    points: KeptConnection,
     /// The lease duration this store's host uses, in milliseconds, learnt from `acquire` and
     /// `heartbeat`; a host whose heartbeat is older than two of them is presumed gone.
     lease_ms: Arc<AtomicI64>,
@@ -163,13 +168,10 @@ impl PostgresStore {
             .connect_with(options.clone())
             .await
             .map_err(map_err)?;
-        let points = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(options);
         Ok(Self {
             pool,
-            points,
+            options,
+            points: KeptConnection::default(),
             lease_ms: Arc::new(AtomicI64::new(DEFAULT_LEASE_MS)),
         })
     }
@@ -179,21 +181,10 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// A connection for a persistence point's one statement: the store's own for them, or one
-    /// of the pool's while that one is busy (or being connected). A pool hands out its idle
-    /// connections in turn, so each point would go to the next server process, and pay for its
-    /// colder caches and, per connection, for preparing and planning the statement anew; the
-    /// one connection keeps the points of a host's latency path on one warm process.
-    async fn point_connection(&self) -> StoreResult<PoolConnection<Postgres>> {
-        if let Some(conn) = self.points.try_acquire() {
-            return Ok(conn);
-        }
-        if self.points.size() == 0 {
-            // Not connected yet, or its connection was lost: connect it for the next point.
-            let points = self.points.clone();
-            tokio::spawn(async move { drop(points.acquire().await) });
-        }
-        self.pool.acquire().await.map_err(map_err)
+    /// A connection for a persistence point's one statement: the one the store keeps for
+    /// them ([`kept`]), or one of the pool's while that one is busy or not connected.
+    async fn point_connection(&self) -> StoreResult<PointConnection> {
+        self.points.acquire(&self.options, &self.pool).await
     }
 
     async fn write(&self) -> StoreResult<Tx> {
@@ -2825,6 +2816,106 @@ mod tests {
             .expect("woken by the notification");
         stop.cancel();
         listener.await.expect("listener");
+    }
+
+    /// An instance held by `host-a` under epoch 1, whose points are written alone (on the
+    /// kept connection, once it is connected).
+    async fn held_instance(store: &PostgresStore) -> Uuid {
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover");
+        let inst = new_instance("order");
+        store
+            .start_instances(vec![inst.clone()], None, now)
+            .await
+            .expect("start");
+        let lease = now + chrono::Duration::seconds(30);
+        let records = store
+            .acquire("host-a", &[inst.id], now, lease)
+            .await
+            .expect("acquire");
+        assert_eq!(records[0].epoch, 1);
+        inst.id
+    }
+
+    /// Commits points of `id` from `seq` on until the kept connection is connected; returns
+    /// its server process and the next seq.
+    async fn connect_kept(store: &PostgresStore, id: Uuid, mut seq: i64) -> (i32, i64) {
+        for _ in 0..200 {
+            let out = store
+                .commit(&[point(id, 1, "host-a", seq, at(seq))])
+                .await
+                .expect("commit");
+            assert_eq!(out, [CommitOutcome::Committed]);
+            seq += 1;
+            if let Some(pid) = store.points.backend_pid().await {
+                return (pid, seq);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the kept connection never connected");
+    }
+
+    #[tokio::test]
+    async fn a_point_on_a_lost_kept_connection_fails_retryably_and_the_next_reconnects() {
+        let Some(store) = fresh().await else { return };
+        let id = held_instance(&store).await;
+        let (pid, seq) = connect_kept(&store, id, 1).await;
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(store.pool())
+            .await
+            .expect("terminate");
+        let history = scalar_i64(&store, "SELECT COUNT(*) FROM history").await;
+
+        let err = store
+            .commit(&[point(id, 1, "host-a", seq, at(seq))])
+            .await
+            .expect_err("the kept connection is gone");
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(
+            scalar_i64(&store, "SELECT COUNT(*) FROM history").await,
+            history,
+            "the failed point wrote nothing"
+        );
+        // The host tries the point again: it is written, and the kept connection is replaced.
+        let (new_pid, _) = connect_kept(&store, id, seq).await;
+        assert_ne!(new_pid, pid);
+        assert_eq!(
+            scalar_i64(
+                &store,
+                &format!("SELECT COUNT(*) FROM history WHERE seq = {seq}")
+            )
+            .await,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_point_dropped_mid_statement_takes_the_kept_connection_with_it() {
+        let Some(store) = fresh().await else { return };
+        let id = held_instance(&store).await;
+        let (pid, seq) = connect_kept(&store, id, 1).await;
+
+        // Dropped before it says how its statement ended: the connection's state is unknown.
+        let conn = store.point_connection().await.expect("connection");
+        assert!(matches!(conn, PointConnection::Kept(_)));
+        drop(conn);
+        assert_eq!(store.points.backend_pid().await, None);
+
+        // One that ends cleanly keeps it.
+        let (new_pid, seq) = connect_kept(&store, id, seq).await;
+        assert_ne!(new_pid, pid);
+        let mut conn = store.point_connection().await.expect("connection");
+        assert!(matches!(conn, PointConnection::Kept(_)));
+        let refused = sqlx::query("SELECT * FROM no_such_table")
+            .execute(&mut *conn)
+            .await
+            .map(|_| ())
+            .map_err(map_err);
+        conn.ended(&refused);
+        drop(conn);
+        assert_eq!(store.points.backend_pid().await, Some(new_pid));
+        connect_kept(&store, id, seq).await;
     }
 
     #[tokio::test]

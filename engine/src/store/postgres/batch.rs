@@ -12,7 +12,7 @@
 //! its instance row matched, and the whole group is one transaction.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
@@ -82,7 +82,9 @@ pub(super) async fn write_alone(
         return Ok(None);
     }
     let mut conn = store.point_connection().await?;
-    match write_common(&mut *conn, points, true).await {
+    let written = write_common(&mut *conn, points, true).await;
+    conn.ended(&written);
+    match written {
         Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
         Err(StoreError::Database(e)) if e.to_string().contains(NEEDS_TRANSACTION) => Ok(None),
         Err(e) => Err(e),
@@ -156,7 +158,19 @@ async fn write_common(
         .filter(|p| p.release)
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    let mut query = sqlx::query_as(common_statement(run.iter().any(|p| p.start.is_some())))
+    let shape = [
+        (run.iter().any(|p| p.start.is_some()), Shape::FIRST),
+        (!consumed.instances.is_empty(), Shape::CONSUMES),
+        (!sends.ids.is_empty(), Shape::SENDS),
+        (!delivered.ids.is_empty(), Shape::DELIVERS),
+        (!released.is_empty(), Shape::RELEASES),
+        (!giving.is_empty(), Shape::GIVES),
+        (alone, Shape::ALONE),
+    ]
+    .into_iter()
+    .filter(|(present, _)| *present)
+    .fold(Shape(0), |shape, (_, part)| Shape(shape.0 | part));
+    let mut query = sqlx::query_as(common_statement(shape))
         .bind(&ids)
         .bind(&epochs)
         .bind(column(|p| p.host.clone()))
@@ -192,10 +206,9 @@ async fn write_common(
         .bind(&giving)
         .bind(&released)
         .bind(&failed)
-        .bind(alone)
         .bind(NOT_ROUTED)
         .bind(NEEDS_TRANSACTION);
-    if run.iter().any(|p| p.start.is_some()) {
+    if shape.has(Shape::FIRST) {
         // One entry per point, as the point's own arrays: NULL for a point that starts nothing.
         let firsts = |f: fn(&FirstPoint) -> String| {
             run.iter()
@@ -263,29 +276,100 @@ async fn write_common(
     })
 }
 
-/// The text of [`write_common`]'s statement; with `first`, for a run with first points
-/// ([`FirstPoint`]). Their instances are inserted (`n`) as the points leave them, and count as
-/// fenced (`fa`): the fenced update cannot see rows inserted by the same statement. Their start
-/// messages are inserted consumed (`sm`).
-fn common_statement(first: bool) -> &'static str {
-    static PLAIN: LazyLock<String> = LazyLock::new(|| common_text(false));
-    static FIRST: LazyLock<String> = LazyLock::new(|| common_text(true));
-    if first {
-        &FIRST
-    } else {
-        &PLAIN
+/// The optional parts of [`write_common`]'s statement. A run's statement carries only the parts
+/// some point of it writes: a part with nothing to write still costs the server a plan node,
+/// subplans and a scan of its empty arrays on every execution. Each shape has its own text,
+/// prepared once per connection like any statement; every text takes all the parameters (their
+/// types are declared when it is prepared), so the binds do not depend on the shape.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Shape(u8);
+
+impl Shape {
+    /// Points that start their instance ([`FirstPoint`]): `n`, `sm` and `fa`.
+    const FIRST: u8 = 1;
+    /// Consumed messages: `c` and its check.
+    const CONSUMES: u8 = 1 << 1;
+    /// Sends: `s`.
+    const SENDS: u8 = 1 << 2;
+    /// Requests marked delivered: `d`.
+    const DELIVERS: u8 = 1 << 3;
+    /// Releases: `r` and `t`.
+    const RELEASES: u8 = 1 << 4;
+    /// Points that give their subscription set: the stored subscriptions read back.
+    const GIVES: u8 = 1 << 5;
+    /// A statement outside a transaction ([`write_alone`]): the checks that it needs none.
+    const ALONE: u8 = 1 << 6;
+    /// How many shapes there are.
+    const COUNT: usize = 1 << 7;
+
+    fn has(self, part: u8) -> bool {
+        self.0 & part != 0
     }
 }
 
-fn common_text(first: bool) -> String {
-    let (first, union, fenced) = if first {
-        (
-            FIRST_PARTS,
-            ", fa AS (SELECT id FROM f UNION ALL SELECT id FROM n)",
-            "fa",
-        )
+/// The text of [`write_common`]'s statement for `shape`.
+fn common_statement(shape: Shape) -> &'static str {
+    static TEXTS: [OnceLock<String>; Shape::COUNT] = [const { OnceLock::new() }; Shape::COUNT];
+    TEXTS[usize::from(shape.0)].get_or_init(|| common_text(shape))
+}
+
+/// Builds the text of [`write_common`]'s statement for `shape`. With first points, their
+/// instances are inserted (`n`) as the points leave them and count as fenced (`fa`): the fenced
+/// update cannot see rows inserted by the same statement. Their start messages are inserted
+/// consumed (`sm`).
+fn common_text(shape: Shape) -> String {
+    let fenced = if shape.has(Shape::FIRST) { "fa" } else { "f" };
+    let part = |flag: u8, text: &str| {
+        if shape.has(flag) {
+            text.replace("{fenced}", fenced)
+        } else {
+            String::new()
+        }
+    };
+    let first = part(Shape::FIRST, FIRST_PARTS);
+    let union = part(
+        Shape::FIRST,
+        ", fa AS (SELECT id FROM f UNION ALL SELECT id FROM n)",
+    );
+    let consumes = part(Shape::CONSUMES, CONSUMED_PART);
+    let sends = part(Shape::SENDS, SENT_PART);
+    let delivers = part(Shape::DELIVERS, DELIVERED_PART);
+    let releases = part(Shape::RELEASES, RELEASED_PARTS);
+    let delivered_rows = part(
+        Shape::DELIVERS,
+        " UNION ALL SELECT 'delivered', NULL, NULL, id FROM d",
+    );
+    let subscription_rows = part(
+        Shape::GIVES,
+        " UNION ALL SELECT 'subscription', instance_id, id, message_type FROM subscriptions \
+           WHERE instance_id = ANY($33) AND instance_id IN (SELECT id FROM {fenced})",
+    );
+    let mut checks = Vec::new();
+    if shape.has(Shape::CONSUMES) {
+        checks.push(format!(
+            "point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) AS x(id) \
+               WHERE x.id IN (SELECT id FROM {fenced})), $36)"
+        ));
+    }
+    if shape.has(Shape::ALONE) && shape.has(Shape::DELIVERS) {
+        checks.push(format!(
+            "point_check((SELECT count(*) FROM d) = (SELECT count(*) FROM UNNEST($30) AS x(id) \
+               WHERE x.id IN (SELECT id FROM {fenced})), $37)"
+        ));
+    }
+    if shape.has(Shape::ALONE) && shape.has(Shape::GIVES) {
+        checks.push(format!(
+            "point_check(NOT EXISTS (SELECT 1 FROM subscriptions WHERE instance_id = ANY($33) \
+               AND instance_id IN (SELECT id FROM {fenced})), $37)"
+        ));
+    }
+    let checked_row = if checks.is_empty() {
+        String::new()
     } else {
-        ("", "", "f")
+        format!(
+            " UNION ALL SELECT 'checked', NULL, NULL, NULL WHERE {}",
+            checks.join(" AND ")
+        )
     };
     format!(
         "WITH {first} f AS ( \
@@ -302,60 +386,59 @@ fn common_text(first: bool) -> String {
              AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
                   state, engine_state, output, history_seq, release, resumable) \
            WHERE i.id = p.id AND i.epoch = p.epoch AND i.owner = p.host \
-           RETURNING i.id){union}, \
-         c AS ( \
-           UPDATE messages m SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
-           FROM UNNEST($16::uuid[], $17::int8[], $18::timestamptz[]) AS c(instance_id, seq, at) \
-           WHERE m.seq = c.seq AND m.instance_id = c.instance_id AND m.status = 'routed' \
-             AND c.instance_id IN (SELECT id FROM {fenced}) \
-           RETURNING m.seq), \
-         s AS ( \
-           INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
-             next_attempt_at, locked_by, locked_until, created_at) \
-           SELECT id, instance_id, port, message_type, body, expects_reply, 'pending', at, host, \
-             lock_until, at \
-           FROM UNNEST($19::text[], $20::uuid[], $21::text[], $22::text[], $23::text[], \
-             $24::bool[], $25::timestamptz[], $26::text[], $27::timestamptz[]) \
-             AS s(id, instance_id, port, message_type, body, expects_reply, at, host, lock_until) \
-           WHERE s.instance_id IN (SELECT id FROM {fenced})), \
-         d AS ( \
-           UPDATE outbox o SET status = 'delivered', attempts = attempts + 1, delivered_at = d.at, \
-             last_attempt_at = d.at, delivered_via = 'primary', locked_by = NULL, \
-             locked_until = NULL, last_error = NULL \
-           FROM UNNEST($28::text[], $29::timestamptz[], $30::uuid[]) AS d(id, at, instance_id) \
-           WHERE o.id = d.id AND o.status IN ('pending', 'held', 'give_up') \
-             AND d.instance_id IN (SELECT id FROM {fenced}) \
-           RETURNING o.id), \
+           RETURNING i.id){union}{consumes}{sends}{delivers}, \
          h AS ( \
            INSERT INTO history (instance_id, seq, reason, step, status, at, host, epoch, detail) \
            SELECT * FROM UNNEST($1::uuid[], $13::int8[], $31::text[], $5::text[], $4::text[], \
              $8::timestamptz[], $3::text[], $2::int8[], $32::text[]) \
              AS h(instance_id, seq, reason, step, status, at, host, epoch, detail) \
-           WHERE h.instance_id IN (SELECT id FROM {fenced})), \
-         r AS ( \
-           UPDATE messages m SET locked_by = NULL, \
-             delivery_count = CASE WHEN m.seq = ANY($35) THEN m.delivery_count \
-                                   ELSE GREATEST(m.delivery_count - 1, 0) END \
-           FROM UNNEST($34::uuid[]) AS r(id) \
-           WHERE m.instance_id = r.id AND m.status = 'routed' AND m.locked_by IS NOT NULL \
-             AND m.seq <> ALL($17) AND r.id IN (SELECT id FROM {fenced})), \
-         t AS ( \
-           UPDATE timers SET locked_by = NULL FROM UNNEST($34::uuid[]) AS t(id) \
-           WHERE timers.instance_id = t.id AND timers.locked_by IS NOT NULL \
-             AND t.id IN (SELECT id FROM {fenced})) \
-         SELECT 'fenced', id, NULL::uuid, NULL::text FROM {fenced} \
-         UNION ALL SELECT 'delivered', NULL, NULL, id FROM d \
-         UNION ALL SELECT 'subscription', instance_id, id, message_type FROM subscriptions \
-           WHERE instance_id = ANY($33) AND instance_id IN (SELECT id FROM {fenced}) \
-         UNION ALL SELECT 'checked', NULL, NULL, NULL \
-           WHERE point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) \
-             AS x(id) WHERE x.id IN (SELECT id FROM {fenced})), $37) \
-           AND point_check(NOT $36 OR ((SELECT count(*) FROM d) = (SELECT count(*) \
-             FROM UNNEST($30) AS x(id) WHERE x.id IN (SELECT id FROM {fenced})) \
-             AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE instance_id = ANY($33) \
-               AND instance_id IN (SELECT id FROM {fenced}))), $38)",
+           WHERE h.instance_id IN (SELECT id FROM {fenced})){releases} \
+         SELECT 'fenced', id, NULL::uuid, NULL::text FROM {fenced}\
+         {delivered_rows}{subscription_rows}{checked_row}",
     )
 }
+
+/// The consumed messages of [`common_text`].
+const CONSUMED_PART: &str = ", c AS ( \
+       UPDATE messages m SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
+       FROM UNNEST($16::uuid[], $17::int8[], $18::timestamptz[]) AS c(instance_id, seq, at) \
+       WHERE m.seq = c.seq AND m.instance_id = c.instance_id AND m.status = 'routed' \
+         AND c.instance_id IN (SELECT id FROM {fenced}) \
+       RETURNING m.seq)";
+
+/// The sends of [`common_text`].
+const SENT_PART: &str = ", s AS ( \
+       INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+         next_attempt_at, locked_by, locked_until, created_at) \
+       SELECT id, instance_id, port, message_type, body, expects_reply, 'pending', at, host, \
+         lock_until, at \
+       FROM UNNEST($19::text[], $20::uuid[], $21::text[], $22::text[], $23::text[], \
+         $24::bool[], $25::timestamptz[], $26::text[], $27::timestamptz[]) \
+         AS s(id, instance_id, port, message_type, body, expects_reply, at, host, lock_until) \
+       WHERE s.instance_id IN (SELECT id FROM {fenced}))";
+
+/// The requests marked delivered of [`common_text`].
+const DELIVERED_PART: &str = ", d AS ( \
+       UPDATE outbox o SET status = 'delivered', attempts = attempts + 1, delivered_at = d.at, \
+         last_attempt_at = d.at, delivered_via = 'primary', locked_by = NULL, \
+         locked_until = NULL, last_error = NULL \
+       FROM UNNEST($28::text[], $29::timestamptz[], $30::uuid[]) AS d(id, at, instance_id) \
+       WHERE o.id = d.id AND o.status IN ('pending', 'held', 'give_up') \
+         AND d.instance_id IN (SELECT id FROM {fenced}) \
+       RETURNING o.id)";
+
+/// The releases of [`common_text`]: the messages and timers the instances held.
+const RELEASED_PARTS: &str = ", r AS ( \
+       UPDATE messages m SET locked_by = NULL, \
+         delivery_count = CASE WHEN m.seq = ANY($35) THEN m.delivery_count \
+                               ELSE GREATEST(m.delivery_count - 1, 0) END \
+       FROM UNNEST($34::uuid[]) AS r(id) \
+       WHERE m.instance_id = r.id AND m.status = 'routed' AND m.locked_by IS NOT NULL \
+         AND m.seq <> ALL($17) AND r.id IN (SELECT id FROM {fenced})), \
+     t AS ( \
+       UPDATE timers SET locked_by = NULL FROM UNNEST($34::uuid[]) AS t(id) \
+       WHERE timers.instance_id = t.id AND timers.locked_by IS NOT NULL \
+         AND t.id IN (SELECT id FROM {fenced}))";
 
 /// The parts of [`write_common`]'s statement that insert the instances of first points and
 /// their start messages ([`common_statement`]).
@@ -369,8 +452,8 @@ const FIRST_PARTS: &str = "n AS ( \
          CASE WHEN release THEN NULL ELSE lease_until END, epoch, resumable \
        FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::bytea[], \
-         $12::text[], $13::int8[], $14::bool[], $15::bool[], $39::text[], $40::int4[], \
-         $41::uuid[], $42::timestamptz[]) \
+         $12::text[], $13::int8[], $14::bool[], $15::bool[], $38::text[], $39::int4[], \
+         $40::uuid[], $41::timestamptz[]) \
          AS p(id, epoch, host, status, step, waiting_for, next_timer_at, at, last_error, \
               state, engine_state, output, history_seq, release, resumable, orchestration, \
               version, parent_id, lease_until) \
@@ -380,7 +463,7 @@ const FIRST_PARTS: &str = "n AS ( \
        INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
          published_at, consumed_at, delivery_count) \
        SELECT message_id, message_type, 'start', '{}', body, 'consumed', id, at, at, 1 \
-       FROM UNNEST($1::uuid[], $8::timestamptz[], $43::text[], $44::text[], $45::text[]) \
+       FROM UNNEST($1::uuid[], $8::timestamptz[], $42::text[], $43::text[], $44::text[]) \
          AS s(id, at, message_id, message_type, body) \
        WHERE id IN (SELECT id FROM n)), ";
 
