@@ -62,6 +62,7 @@ backend_tests!(
     a_hosts_client_leaves_starts_to_claims_once_a_batch_waits,
     a_first_point_writes_its_instance_with_its_start,
     an_eager_start_is_written_with_its_first_point_in_one_commit,
+    an_eager_start_whose_first_transition_panics_is_stored_and_suspended_as_poison,
 );
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
@@ -1586,6 +1587,65 @@ async fn an_eager_start_is_written_with_its_first_point_in_one_commit(db: TestDb
     for id in ids.iter().copied().chain([crashed.parse().unwrap()]) {
         db.wait_status(id, InstanceStatus::Completed, WAIT).await;
     }
+    host.stop();
+}
+
+/// A first transition that panics in a host's own client loses nothing and stops nothing:
+/// `start` returns once the start is stored (G1), the host runs the transition again as any
+/// delivery until the start message is suspended as poison, and the client and host go on.
+async fn an_eager_start_whose_first_transition_panics_is_stored_and_suspended_as_poison(
+    db: TestDb,
+) {
+    let config = cairn::HostConfig {
+        max_deliveries: 3,
+        ..fast_config()
+    };
+    let deliveries = Deliveries::default();
+    let (host, client) = HostThread::start(&db, config, deliveries.clone()).await;
+    // A first instance's first point: the host runs, so it takes what its client starts.
+    client
+        .start("approval", json!({"request_id": "p1", "approver": "bob"}))
+        .await
+        .unwrap();
+    db.wait_for("the first instance's first point", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM history").await == 1
+    })
+    .await;
+    let key = format!("panic-at-start-{}", Uuid::new_v4());
+    let id = client.start("panicker", json!(key)).await.unwrap();
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM instances WHERE CAST(id AS TEXT) = $1",
+            &id.to_string()
+        )
+        .await,
+        1,
+        "stored when start returned"
+    );
+    db.wait_status(id, InstanceStatus::Suspended, WAIT).await;
+    let summary = &db.store.instance_summaries(&[id]).await.unwrap()[0];
+    let error = summary.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("poison message") && error.contains("always panics"),
+        "{error}"
+    );
+    // Once in the client, then in the host for each of the three deliveries allowed.
+    assert_eq!(support::fixtures::panics(&key), 4);
+    let (_, _, _, status) = start_message(&db, id).await;
+    assert_eq!(status, "routed", "kept, to run again once resumed");
+
+    let after = client
+        .start("approval", json!({"request_id": "p2", "approver": "bob"}))
+        .await
+        .unwrap();
+    db.wait_for("the next start's request sent", WAIT, || async {
+        deliveries
+            .bodies("notifications")
+            .iter()
+            .any(|b| b["request_id"] == "p2")
+    })
+    .await;
+    assert_eq!(db.status(after).await, Some(InstanceStatus::Running));
     host.stop();
 }
 

@@ -70,7 +70,8 @@ fn listen(ctx: &mut Context, key: &str) {
     ctx.receive("collect.done", Correlation::on("key", key));
 }
 
-/// Panics on a `boom` message; completes on `fine`.
+/// Panics on a `boom` message; completes on `fine`. Started with a key that begins with
+/// `panic-at-start`, its first transition panics.
 pub struct Panicker;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +87,10 @@ impl Orchestration for Panicker {
     type Output = ();
 
     fn start(ctx: &mut Context, key: String) -> Result<Next<Self>, Fault> {
+        if key.starts_with("panic-at-start") {
+            *PANICS.lock().unwrap().entry(key).or_default() += 1;
+            panic!("this first transition always panics");
+        }
         ctx.receive("boom", Correlation::on("key", &key));
         ctx.receive("fine", Correlation::on("key", &key));
         Ok(Next::Continue(PanickerState::Waiting { key }))
@@ -105,7 +110,7 @@ impl Orchestration for Panicker {
     }
 }
 
-/// How many times a `boom` message panicked the Panicker, by key.
+/// How many times the Panicker panicked (on `boom`, or at its start), by key.
 pub fn panics(key: &str) -> usize {
     PANICS.lock().unwrap().get(key).copied().unwrap_or(0)
 }
