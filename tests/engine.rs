@@ -59,7 +59,7 @@ backend_tests!(
     a_group_commit_cancels_re_arms_and_sets_each_instances_timers,
     an_eager_start_is_held_by_its_host_until_its_lease_runs_out,
     an_eager_start_survives_its_hosts_crash_before_the_first_point,
-    a_hosts_client_leaves_starts_to_claims_once_a_batch_waits,
+    a_hosts_client_leaves_starts_to_claims_once_its_backlog_waits,
     a_first_point_writes_its_instance_with_its_start,
     an_eager_start_is_written_with_its_first_point_in_one_commit,
     an_eager_start_whose_first_transition_panics_is_stored_and_suspended_as_poison,
@@ -1649,13 +1649,14 @@ async fn an_eager_start_whose_first_transition_panics_is_stored_and_suspended_as
     host.stop();
 }
 
-/// A host's own client hands its starts to the host only while it runs and no more than a batch
-/// would wait for it (memory stays bounded when a client starts faster than the host runs):
-/// otherwise instances are stored for any host to claim, and they all run.
-async fn a_hosts_client_leaves_starts_to_claims_once_a_batch_waits(db: TestDb) {
+/// A host's own client hands its starts to the host only while it runs and no more than its
+/// eager backlog would wait for it (memory stays bounded when a client starts faster than the
+/// host runs): otherwise instances are stored for any host to claim, and they all run.
+async fn a_hosts_client_leaves_starts_to_claims_once_its_backlog_waits(db: TestDb) {
     use support::fixtures::{ports, registry};
     let config = cairn::HostConfig {
         batch_size: 2,
+        eager_backlog: 2,
         ..fast_config()
     };
     let plan = FaultPlan::new();
@@ -1690,7 +1691,7 @@ async fn a_hosts_client_leaves_starts_to_claims_once_a_batch_waits(db: TestDb) {
     db.wait_for("the first point", WAIT, || async { plan.commits() >= 1 })
         .await;
     // The host retries failing commits for seconds, taking no starts meanwhile. Three at once
-    // are not handed over (more than a batch of two), the next two are (none waited), the one
+    // are not handed over (more than the backlog of two), the next two are (none waited), the one
     // after is not (two wait). The client's own commits of first points fail too (one each),
     // and it writes those instances held instead; the host's first attempt is the third commit.
     plan.fail_next_commits(6);

@@ -70,8 +70,8 @@ struct FirstPoints {
 }
 
 impl Eager {
-    /// Whether the host runs and can take `count` more instances without more than a batch
-    /// waiting.
+    /// Whether the host runs and can take `count` more instances without more than
+    /// `most_waiting` waiting.
     pub(super) fn takes(&self, count: usize) -> bool {
         self.running.load(Ordering::SeqCst)
             && !self.to_host.is_closed()

@@ -55,6 +55,9 @@ pub struct HostConfig {
     pub poll_interval: Duration,
     /// Messages (and timers) claimed per round.
     pub batch_size: u32,
+    /// Up to how many instances started by the host's own client may wait in memory for the
+    /// host ([`Client`]); a start that would leave more waiting is stored for any host to claim.
+    pub eager_backlog: usize,
     /// An instance idle this long is saved and dropped from memory (the `dehydrate` point).
     pub dehydrate_after: Duration,
     /// How long a lease on an instance lasts without renewal.
@@ -87,6 +90,7 @@ impl Default for HostConfig {
         Self {
             poll_interval: Duration::from_millis(100),
             batch_size: 256,
+            eager_backlog: 1024,
             dehydrate_after: Duration::from_secs(1),
             lease_duration: Duration::from_secs(30),
             outbox_lock: Duration::from_secs(60),
@@ -130,9 +134,9 @@ pub enum ClientError {
 /// persistence point, leased to that host, which takes it from memory without claiming it (an
 /// instance whose first transition makes no point is written leased, and the host runs it); see
 /// `host/eager.rs`.
-/// Starts that would leave more than a batch ([`HostConfig::batch_size`]) waiting for the host,
-/// and all starts of a client made with [`Client::new`], are left to whichever host claims them
-/// first.
+/// Starts that would leave more than [`HostConfig::eager_backlog`] instances waiting for the
+/// host (memory stays bounded when a client starts faster than the host runs), and all starts of
+/// a client made with [`Client::new`], are left to whichever host claims them first.
 #[derive(Clone, Debug)]
 pub struct Client {
     store: Arc<dyn Store>,
@@ -389,7 +393,7 @@ impl Host {
                 to_host: self.held_tx.clone(),
                 running: self.running.clone(),
                 waiting: self.held_waiting.clone(),
-                most_waiting: self.config.batch_size as usize,
+                most_waiting: self.config.eager_backlog,
             }),
         }
     }
