@@ -103,17 +103,46 @@ async fn sigkill_at_random_moments_loses_nothing(db: TestDb) {
     check_guarantees(&run, &ids, &published).await;
 }
 
+/// Batches that took children's results (claimed, not yet consumed by a committed point) and
+/// wait for another child that has not ended.
+const COLLECTING_WITH_RESULTS_TAKEN: &str = "SELECT COUNT(*) FROM instances b \
+    WHERE b.status = 'running' AND EXISTS (SELECT 1 FROM messages m WHERE m.instance_id = b.id \
+      AND m.kind = 'child_completed' AND m.status = 'routed' AND m.locked_by IS NOT NULL) \
+    AND EXISTS (SELECT 1 FROM instances c WHERE c.parent_id = b.id \
+      AND c.status NOT IN ('completed', 'failed', 'terminated'))";
+
 async fn sigterm_saves_every_instance_and_a_restart_finishes_them(db: TestDb) {
     let run = new_run(db).await;
     // Slow ports spread the children's results out in time, so batches are mid-collection.
-    let host = run.spawn_host_with(0, 300);
+    // Instances stay in memory until the SIGTERM: with the usual quick dehydration (300 ms) an
+    // idle batch would save what it took in a dehydration point of its own first, on a slow
+    // machine before the SIGTERM arrives, leaving the shutdown nothing to save.
+    let host = run.spawn(
+        0,
+        300,
+        &[
+            "--dehydrate-after-ms",
+            "60000",
+            "--poll-ms",
+            "20",
+            "--lease-ms",
+            "2000",
+        ],
+        "warn",
+    );
     let (ids, published) = feed(&run, 0, 300).await;
     // Stop while batches are collecting their children's results: those results are consumed
     // without a persistence point of their own, so the shutdown point must save them.
-    // Wait until batches hold children's results in memory: taken, not yet consumed.
-    run.db.wait_for("batches holding children's results", Duration::from_secs(60), || async {
-        run.db.count("SELECT COUNT(*) FROM messages WHERE kind = 'child_completed' AND status = 'routed' AND locked_by IS NOT NULL").await >= 5
-    }).await;
+    // Wait until batches hold children's results in memory (taken, not yet consumed) and still
+    // wait for other children: their last result, which would complete them with a point of
+    // their own, cannot come before the SIGTERM.
+    run.db
+        .wait_for(
+            "batches holding children's results",
+            Duration::from_secs(60),
+            || async { run.db.count(COLLECTING_WITH_RESULTS_TAKEN).await >= 5 },
+        )
+        .await;
     let started = Instant::now();
     let mut host = host;
     host.sigterm();
