@@ -83,6 +83,9 @@ pub struct HostConfig {
     pub unrouted_ttl: Duration,
     /// How often to mark zombies and dead-letter expired unrouted messages.
     pub housekeeping_interval: Duration,
+    /// The largest message body, as JSON text, that any door (the publish API, the CLI, the
+    /// `inbox` table, the file drop, HTTP) accepts; larger ones are refused with a clear error.
+    pub max_message_bytes: usize,
 }
 
 impl Default for HostConfig {
@@ -102,6 +105,7 @@ impl Default for HostConfig {
             control_interval: Duration::from_millis(250),
             unrouted_ttl: Duration::from_secs(7 * 24 * 3600),
             housekeeping_interval: Duration::from_secs(5),
+            max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }

@@ -22,8 +22,10 @@ mod model;
 pub mod postgres;
 mod routing;
 pub mod sqlite;
+mod storable;
 
 pub use model::*;
+pub use storable::{check_body_size, check_text, json_len, DEFAULT_MAX_MESSAGE_BYTES};
 
 use std::sync::Arc;
 
@@ -50,6 +52,10 @@ pub enum StoreError {
     /// A row holds something the engine cannot read.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// Input that can never be stored (a NUL in text, over the maximum message size): refused,
+    /// never retried. The text says what is wrong and what to do.
+    #[error("refused: {0}")]
+    Refused(String),
     /// A fault injected by a test.
     #[error("injected fault at {0}")]
     Injected(&'static str),
@@ -108,6 +114,7 @@ impl StoreError {
                 | StoreError::NoSuchInstance(_)
                 | StoreError::NotResumable { .. }
                 | StoreError::Corrupt(_)
+                | StoreError::Refused(_)
         )
     }
 }

@@ -1,0 +1,1 @@
+//! Bad input: doors (filled in by its change).

@@ -1,0 +1,1 @@
+//! Bad input: points (filled in by its change).

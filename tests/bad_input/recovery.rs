@@ -1,0 +1,1 @@
+//! Bad input: recovery (filled in by its change).

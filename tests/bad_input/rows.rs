@@ -1,0 +1,1 @@
+//! Bad input: rows (filled in by its change).
