@@ -134,6 +134,8 @@ impl Eager {
             let mut point = instance
                 .persistence_point(reason, &self.host, now, lock_until)
                 .ok()?;
+            // A point that can never be stored is refused by the host, alone.
+            point.check_storable().ok()?;
             point.start = Some(Box::new(FirstPoint {
                 instance: new.clone(),
                 lease_until,

@@ -9,6 +9,7 @@
 //! since its last persistence point (the `shutdown` point), lets running deliveries finish for a
 //! while, and gives up its leases.
 
+mod commit;
 mod dispatcher;
 mod eager;
 pub mod instance;
@@ -964,6 +965,9 @@ impl Runner {
                     rows,
                 })
             })
+            // What can never be stored waits for the instance's next point, which is refused
+            // on its own (host/commit.rs).
+            .filter(|receives| receives.check_storable().is_ok())
             .collect();
         if batch.is_empty() {
             self.unwritten.clear();
@@ -994,7 +998,15 @@ impl Runner {
                 }
             }
             // Kept in `unwritten`: tried again next round.
-            Err(e) => tracing::warn!(error = %e, "writing new receives failed; retrying"),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "writing new receives failed; retrying")
+            }
+            // Refused: the instances' next points write the same subscriptions, each alone if
+            // need be.
+            Err(e) => {
+                tracing::warn!(error = %e, "writing new receives was refused; they are written with the instances' next points");
+                self.unwritten.clear();
+            }
         }
     }
 
@@ -1279,103 +1291,6 @@ impl Runner {
                 }
             }
         }
-    }
-
-    /// Commits a group of points; on failure, forgets the instances involved so that they are
-    /// rehydrated from their last persistence point and their messages delivered again.
-    async fn commit(&mut self, points: Vec<PersistencePoint>) {
-        let store = self.host.store.clone();
-        // What the points write that a claim may find: claim at the next round, or when the
-        // earliest timer they set is due.
-        if points.iter().any(PersistencePoint::makes_claimable_work) {
-            self.claim = true;
-        }
-        if let Some(due) = points
-            .iter()
-            .flat_map(|p| p.set_timers.iter().map(|(_, at)| *at))
-            .min()
-        {
-            self.timer_due = Some(self.timer_due.map_or(due, |t| t.min(due)));
-        }
-        let mut wait = Duration::from_millis(50);
-        let mut attempt = 0;
-        let outcomes = loop {
-            attempt += 1;
-            match store.commit(&points).await {
-                Ok(outcomes) => break Some(outcomes),
-                Err(e) if e.is_retryable() && attempt < 8 => {
-                    tracing::warn!(error = %e, attempt, points = points.len(), "commit failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, points = points.len(),
-                        "commit failed; the instances resume from their last persistence point");
-                    break None;
-                }
-            }
-        };
-        let Some(outcomes) = outcomes else {
-            self.claim = true;
-            let ids: Vec<Uuid> = points.iter().map(|p| p.instance_id).collect();
-            for id in &ids {
-                self.cache.remove(id);
-            }
-            self.release_after_failure(&ids, &[]).await;
-            return;
-        };
-        let mut fenced = Vec::new();
-        for (point, outcome) in points.into_iter().zip(outcomes) {
-            match outcome {
-                CommitOutcome::Committed => self.committed(point),
-                CommitOutcome::Fenced => {
-                    tracing::debug!(instance.id = %point.instance_id, "fenced: another writer holds the instance; dropping it");
-                    self.stats.fenced += 1;
-                    self.cache.remove(&point.instance_id);
-                    fenced.push(point.instance_id);
-                }
-            }
-        }
-        if !fenced.is_empty() {
-            // Whatever this host claimed for them goes back, for their current owner.
-            self.claim = true;
-            self.release_after_failure(&fenced, &[]).await;
-        }
-    }
-
-    /// Counts a committed point, reports its instance's end, and hands its sends to the
-    /// dispatcher.
-    fn committed(&mut self, point: PersistencePoint) {
-        *self.stats.points.entry(point.reason.as_str()).or_default() += 1;
-        if let Some(endings) = &self.host.endings {
-            if point.status.is_final() || point.status == InstanceStatus::Suspended {
-                let _ = endings.send(Ended {
-                    instance_id: point.instance_id,
-                    status: point.status,
-                });
-            }
-        }
-        for row in point.outbox {
-            // The dispatcher only goes away at shutdown; the row stays in the outbox.
-            let _ = self.to_dispatch.send(row);
-        }
-    }
-
-    async fn release_after_failure(&self, ids: &[Uuid], failed: &[i64]) {
-        let mut wait = Duration::from_millis(100);
-        for _ in 0..20 {
-            match self.host.store.unlock(&self.host.id, ids, failed).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "releasing claimed messages failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        tracing::error!(
-            "could not release claimed messages; they are released at the next host start"
-        );
     }
 
     async fn is_idle(&self) -> bool {

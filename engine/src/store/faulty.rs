@@ -5,6 +5,10 @@
 //! later call on the store hang forever, so the host that was using it makes no more progress,
 //! just as a killed process would not; the test then drops that host's runtime and starts another
 //! host on the same database.
+//!
+//! It can also refuse, as a database refuses a value it cannot hold, every commit that carries a
+//! point whose `waiting_for` contains a marker: a data error, not retryable, that fails the whole
+//! group commit the point is in.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +38,7 @@ pub struct FaultPlan {
     commits: AtomicU64,
     crashed: AtomicBool,
     crash_signal: Notify,
+    refuse_waiting_for: std::sync::Mutex<Option<String>>,
 }
 
 impl FaultPlan {
@@ -55,6 +60,26 @@ impl FaultPlan {
         self.crash_after
             .store(point == CrashPoint::AfterCommit, Ordering::SeqCst);
         self.crash_at.store(at as i64, Ordering::SeqCst);
+    }
+
+    /// Refuses, with a non-retryable error, every commit that carries a point whose
+    /// `waiting_for` contains `marker`.
+    pub fn refuse_points_waiting_for(&self, marker: &str) {
+        *self.refusal() = Some(marker.to_owned());
+    }
+
+    fn refusal(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.refuse_waiting_for
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `points` carry one that the plan refuses.
+    fn refuses(&self, points: &[PersistencePoint]) -> bool {
+        let marker = self.refusal();
+        marker
+            .as_deref()
+            .is_some_and(|m| points.iter().any(|p| p.waiting_for.contains(m)))
     }
 
     /// Commits attempted so far.
@@ -197,6 +222,11 @@ impl Store for FaultyStore {
         if failing > 0 {
             self.plan.fail_commits.store(failing - 1, Ordering::SeqCst);
             return Err(StoreError::Injected("commit"));
+        }
+        if self.plan.refuses(points) {
+            return Err(StoreError::Database(sqlx::Error::Protocol(
+                "injected refusal: a value in this commit cannot be stored".to_owned(),
+            )));
         }
         self.inner.commit(points).await
     }
