@@ -7,17 +7,18 @@ use std::time::Duration;
 
 use cairn::store::faulty::FaultPlan;
 use cairn::store::{ControlAction, InstanceStatus, Reason};
-use cairn::Client;
+use cairn::{Client, PortError, Ports};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::backend_tests;
-use crate::support::fixtures::{fast_config, Deliveries, HostThread};
+use crate::support::fixtures::{fast_config, Deliveries, HostSetup, HostThread};
 use crate::support::TestDb;
 
 backend_tests!(
     a_point_that_cannot_be_stored_suspends_only_its_instance,
     a_group_commit_the_database_refuses_still_commits_its_other_points,
+    a_port_error_holding_a_nul_is_recorded,
 );
 
 const GOOD: usize = 20;
@@ -181,5 +182,42 @@ async fn a_group_commit_the_database_refuses_still_commits_its_other_points(db: 
         )
         .await;
     assert_eq!(consumed, 0);
+    host.stop();
+}
+
+/// A send port fails with an error text holding a NUL (text from outside: a remote system's
+/// answer). The dead letter records it, spelled out, on both backends; the record of the
+/// delivery never fails, and the other instances' sends and completions go on.
+async fn a_port_error_holding_a_nul_is_recorded(db: TestDb) {
+    let mut setup = HostSetup::new(fast_config(), Deliveries::default());
+    setup.ports = Box::new(|_| {
+        Ports::new().function("log", |msg| async move {
+            if msg.body == json!("nul-error") {
+                Err(PortError::permanent("the remote said: bad\u{0}answer"))
+            } else {
+                Ok(None)
+            }
+        })
+    });
+    let (host, client) = HostThread::launch(&db, setup).await;
+    let (good, bad) = start_collectors(&client, "nul-error").await;
+    db.wait_for("the dead letter", Duration::from_secs(30), || async {
+        db.count("SELECT COUNT(*) FROM dead_letters").await == 1
+    })
+    .await;
+    let reasons = db
+        .texts(
+            "SELECT reason FROM dead_letters WHERE message_type = $1",
+            "collect.started",
+        )
+        .await;
+    assert_eq!(reasons.len(), 1);
+    assert!(
+        reasons[0].contains("bad\\0answer"),
+        "the reason keeps the port's words, NUL spelled out: {:?}",
+        reasons[0]
+    );
+    finish(&db, &client, &good).await;
+    let _ = bad;
     host.stop();
 }

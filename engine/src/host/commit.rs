@@ -19,7 +19,9 @@ use uuid::Uuid;
 
 use super::instance::{FaultText, LiveInstance};
 use super::{Ended, Runner};
-use crate::store::{CommitOutcome, InstanceStatus, PersistencePoint, Store, StoreError};
+use crate::store::{
+    storable_text, CommitOutcome, InstanceStatus, PersistencePoint, Store, StoreError,
+};
 
 /// How one point of a group commit ended.
 #[derive(Debug)]
@@ -114,7 +116,7 @@ fn refusal_text(point: &PersistencePoint, error: &str) -> String {
          produced the data (the message or the orchestration's code), then resume or terminate \
          the instance",
         point.reason,
-        error.replace('\0', "\\0")
+        storable_text(error)
     )
 }
 

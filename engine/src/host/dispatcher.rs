@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ports::{OutboundMessage, PortConfig, PortKind, Ports};
 use crate::clock::SharedClock;
-use crate::store::{DeliveryOutcome, NewMessage, OutboxRow, PublishOutcome, Store};
+use crate::store::{storable_text, DeliveryOutcome, NewMessage, OutboxRow, PublishOutcome, Store};
 
 /// How often the dispatcher carries out dead-lettering operators asked for with SQL.
 const GIVE_UP_EVERY: Duration = Duration::from_secs(1);
@@ -377,13 +377,16 @@ async fn attempt(
             tracing::debug!(message.id = %row.id, port = %row.port, transport, attempt = next,
                 error = %e, "send failed; retrying");
             DeliveryOutcome::Retry {
-                error: format!("{transport}: {}", e.message),
+                error: storable_text(&format!("{transport}: {}", e.message)),
                 retry_at,
                 row,
             }
         }
         Err(e) => {
-            let error = format!("after {next} attempt(s), {transport}: {}", e.message);
+            let error = storable_text(&format!(
+                "after {next} attempt(s), {transport}: {}",
+                e.message
+            ));
             if port.ordered {
                 tracing::warn!(message.id = %row.id, port = %row.port, instance.id = %row.instance_id,
                     error = %e, "ordered send held: the port waits for an operator");

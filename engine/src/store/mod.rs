@@ -25,7 +25,9 @@ pub mod sqlite;
 mod storable;
 
 pub use model::*;
-pub use storable::{check_body_size, check_text, json_len, DEFAULT_MAX_MESSAGE_BYTES};
+pub use storable::{
+    check_body_size, check_text, json_len, storable_text, DEFAULT_MAX_MESSAGE_BYTES,
+};
 
 use std::sync::Arc;
 

@@ -32,6 +32,12 @@ pub fn check_text(what: &str, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `text` made storable for a record the engine writes itself (an error, a reason): each NUL
+/// becomes `\0`, so that a text from outside (a port's error) cannot make the record fail.
+pub fn storable_text(text: &str) -> String {
+    text.replace('\0', "\\0")
+}
+
 /// The length of `value` as JSON text, counted without building the text.
 pub fn json_len(value: &serde_json::Value) -> usize {
     struct Count(usize);
@@ -169,6 +175,12 @@ mod tests {
             .expect_err("refused");
         assert!(err.contains("property \"request_id\""), "{err}");
         assert!(err.contains("NUL"), "{err}");
+    }
+
+    #[test]
+    fn storable_text_spells_out_nul() {
+        assert_eq!(storable_text("a\u{0}b"), "a\\0b");
+        assert_eq!(check_text("x", &storable_text("a\u{0}b")), Ok(()));
     }
 
     #[test]
