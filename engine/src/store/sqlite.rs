@@ -531,6 +531,28 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn check_schema(&self) -> StoreResult<()> {
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let applied = if tables == 0 {
+            None
+        } else {
+            Some(
+                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
+                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?,
+            )
+        };
+        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
+    }
+
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
         // One host per file: starting releases everything a previous host held, which is only
