@@ -85,7 +85,7 @@ async fn no_command_prints_the_database_password() {
     // Nothing listens there: every command fails to connect, in parallel (each may wait for the
     // pool's timeout).
     let nowhere = format!(
-        "postgres://postgres:{SECRET}@127.0.0.1:{}/db?password={SECRET}",
+        "postgres://postgres:{SECRET}@127.0.0.1:{}/db?password={SECRET}&sslpassword={SECRET}",
         free_port()
     );
     let commands: &[&[&str]] = &[
@@ -140,7 +140,10 @@ async fn no_command_prints_the_database_password() {
 
     // A database that works, reached with a password (the test cluster trusts local
     // connections: it is accepted and not checked).
-    let with_password = url.replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
+    let with_password = format!(
+        "{}?sslpassword={SECRET}",
+        url.replacen("postgres@", &format!("postgres:{SECRET}@"), 1)
+    );
     assert_ne!(with_password, url);
     for level in ["warn", "debug"] {
         for args in [

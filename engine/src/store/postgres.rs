@@ -161,7 +161,11 @@ impl PostgresStore {
     /// # Errors
     /// The URL is malformed, or the database cannot be reached within the pool's acquire timeout.
     pub async fn open(url: &str) -> StoreResult<Self> {
-        let options = PgConnectOptions::from_str(url)
+        let (url, dropped) = super::url::without_unread_secrets(url);
+        if !dropped.is_empty() {
+            tracing::warn!(parameters = ?dropped, "ignoring database URL parameters that are not supported");
+        }
+        let options = PgConnectOptions::from_str(&url)
             .map_err(StoreError::Database)?
             .application_name("cairn")
             // A host that stops mid-transaction (paused, partitioned) must not hold its row and

@@ -1552,6 +1552,49 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn the_schema_check_tells_a_missing_a_behind_and_an_ahead_schema_apart() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let check = || async { store.check_schema().await.map_err(|e| e.to_string()) };
+        assert!(check().await.unwrap_err().contains("no Cairn schema"));
+        store.migrate().await.unwrap();
+        check().await.unwrap();
+        let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+            .bind(newest)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let behind = check().await.unwrap_err();
+        assert!(
+            behind.contains("behind this build") && behind.contains(&newest.to_string()),
+            "{behind}"
+        );
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, 'x', TRUE, X'00', 0), (99991231000000, 'newer', TRUE, X'00', 0)",
+        )
+        .bind(newest)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let damaged = check().await.unwrap_err();
+        assert!(
+            damaged.contains("changed after it was applied"),
+            "{damaged}"
+        );
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+            .bind(newest)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let ahead = check().await.unwrap_err();
+        assert!(
+            ahead.contains("99991231000000") && ahead.contains("older than the schema"),
+            "{ahead}"
+        );
+    }
+
     /// A claim's cost must not grow with how many instances wait (W5: 100,000 dehydrated):
     /// the statements that look for ready messages and due timers start from those rows'
     /// indexes, never from every waiting instance (`instances_by_status`). SQLite plans without

@@ -70,6 +70,37 @@ pub fn without_password(url: &str) -> String {
     }
 }
 
+/// `url` without the parameters that carry a secret sqlx does not read (`sslpassword`, ...):
+/// sqlx would log each of them, value included, as an unrecognized parameter it ignores. Returns
+/// the URL to connect with and the names of the parameters left out.
+pub(crate) fn without_unread_secrets(url: &str) -> (String, Vec<String>) {
+    let Ok(mut parsed) = ::url::Url::parse(url) else {
+        return (url.to_owned(), Vec::new());
+    };
+    let Some(query) = parsed.query() else {
+        return (url.to_owned(), Vec::new());
+    };
+    let mut dropped = Vec::new();
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            // sqlx reads `password` itself (and shows it nowhere).
+            let unread = key != "password" && is_password_key(key);
+            if unread {
+                dropped.push(key.to_owned());
+            }
+            !unread
+        })
+        .collect();
+    if dropped.is_empty() {
+        return (url.to_owned(), dropped);
+    }
+    let kept = kept.join("&");
+    parsed.set_query((!kept.is_empty()).then_some(kept.as_str()));
+    (parsed.to_string(), dropped)
+}
+
 fn is_password_key(key: &str) -> bool {
     key.to_ascii_lowercase().contains("password")
 }
@@ -174,6 +205,19 @@ mod tests {
             redact("host=h user=u password=secret dbname=d"),
             "host=h user=u password=*** dbname=d"
         );
+    }
+
+    #[test]
+    fn secrets_sqlx_does_not_read_are_left_out_of_the_url_it_is_given() {
+        assert_eq!(
+            without_unread_secrets("postgres://u:p@h/db?sslpassword=k&password=x&sslmode=require"),
+            (
+                "postgres://u:p@h/db?password=x&sslmode=require".to_owned(),
+                vec!["sslpassword".to_owned()]
+            )
+        );
+        let plain = "postgres://u:p@h/db?password=x";
+        assert_eq!(without_unread_secrets(plain), (plain.to_owned(), vec![]));
     }
 
     #[test]
