@@ -47,27 +47,25 @@ pub fn redact(url: &str) -> String {
 /// copy (`psql 'postgres://user@host/db'` asks for the password, or takes it from `PGPASSWORD`
 /// or `~/.pgpass`).
 pub fn without_password(url: &str) -> String {
-    match ::url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() || parsed.query().is_some() => {
-            if parsed.set_password(None).is_err() {
-                return redact(url);
-            }
-            if let Some(query) = parsed.query() {
-                let kept: Vec<&str> = query
-                    .split('&')
-                    .filter(|pair| !is_password_key(pair.split('=').next().unwrap_or_default()))
-                    .collect();
-                if kept.is_empty() {
-                    parsed.set_query(None);
-                } else {
-                    parsed.set_query(Some(&kept.join("&")));
-                }
-            }
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => redact(url),
+    let Ok(mut parsed) = ::url::Url::parse(url) else {
+        return redact(url);
+    };
+    // An `@` the parser did not take as the end of a user info: see [`redact`].
+    if url.contains('@') && parsed.username().is_empty() && parsed.password().is_none() {
+        return redact(url);
     }
+    if parsed.password().is_some() && parsed.set_password(None).is_err() {
+        return redact(url);
+    }
+    if let Some(query) = parsed.query() {
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| !is_password_key(pair.split('=').next().unwrap_or_default()))
+            .collect();
+        let kept = kept.join("&");
+        parsed.set_query((!kept.is_empty()).then_some(kept.as_str()));
+    }
+    parsed.to_string()
 }
 
 /// `url` without the parameters that carry a secret sqlx does not read (`sslpassword`, ...):
@@ -233,6 +231,10 @@ mod tests {
         assert_eq!(
             without_password("postgres://user@host/db"),
             "postgres://user@host/db"
+        );
+        assert_eq!(
+            without_password("postgres://user:12/ss@host/db"),
+            "postgres://user:***@host/db"
         );
     }
 }
