@@ -1560,6 +1560,13 @@ mod tests {
         store.migrate().await.unwrap();
         check().await.unwrap();
         let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap();
+        sqlx::query("UPDATE _sqlx_migrations SET success = FALSE WHERE version = $1")
+            .bind(newest)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let failed = check().await.unwrap_err();
+        assert!(failed.contains("failed part-way"), "{failed}");
         sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
             .bind(newest)
             .execute(&store.pool)
