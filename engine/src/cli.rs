@@ -4,6 +4,12 @@
 //! [`main`]; the binary then offers `migrate`, `host`, `demo`, `start`, `publish`, `list`, `show`,
 //! `suspend`, `resume` and `terminate` against the database named by `--database` (or
 //! `CAIRN_DATABASE_URL`, default `sqlite://cairn.db`).
+//!
+//! Only `cairn migrate`, `cairn host --migrate` and `cairn demo` change the schema on
+//! PostgreSQL; every other command checks that the schema is the one this build carries and
+//! refuses otherwise, so that it can run under a role with no right to change the schema
+//! (`docs/operations.md`). On SQLite (an embedded file one process owns) every command migrates.
+//! A URL is only ever shown redacted ([`crate::store::redact_url`]).
 
 mod send;
 pub use send::{DeadLetterCommand, OutboxCommand};
@@ -19,7 +25,9 @@ use uuid::Uuid;
 
 use crate::host::receive::ReceiveLocation;
 use crate::host::{Client, ClientError, Host, HostConfig, HostError};
-use crate::store::{ControlAction, InstanceStatus, NewMessage, PublishOutcome, Store, StoreError};
+use crate::store::{
+    redact_url, ControlAction, InstanceStatus, NewMessage, PublishOutcome, Store, StoreError,
+};
 use crate::{codec, Ports, Registry};
 
 /// What an application hands to [`main`].
@@ -49,6 +57,8 @@ pub struct Cli {
         long,
         global = true,
         env = "CAIRN_DATABASE_URL",
+        // `--help` would otherwise show the variable's value, password included.
+        hide_env_values = true,
         default_value = "sqlite://cairn.db"
     )]
     pub database: String,
@@ -60,7 +70,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create or upgrade the database schema.
+    /// Create or upgrade the database schema: the only command (with `host --migrate` and
+    /// `demo`) that changes it on PostgreSQL; run it as the role that owns the schema.
     Migrate,
     /// Run the engine host until stopped (SIGINT or SIGTERM saves every instance, then exits).
     Host {
@@ -91,6 +102,11 @@ pub enum Command {
         /// Listen for messages on HTTP (POST /messages with the same JSON), e.g. 127.0.0.1:8080.
         #[arg(long, value_name = "ADDR")]
         http: Option<std::net::SocketAddr>,
+        /// Apply pending migrations before starting, like `cairn migrate` (PostgreSQL: needs the
+        /// schema owner's rights). Without it, a host on PostgreSQL refuses a schema that is
+        /// not the one this build carries.
+        #[arg(long)]
+        migrate: bool,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -192,12 +208,10 @@ pub enum Command {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CliError {
-    /// The database could not be opened or migrated.
-    #[error(
-        "cannot use the database {url}: {source}\nhint: check --database / CAIRN_DATABASE_URL"
-    )]
+    /// The database could not be opened or migrated, or its schema is not this build's.
+    #[error("cannot use the database {url}: {source}{}", open_hint(source))]
     Open {
-        /// The URL given.
+        /// The URL given, redacted ([`redact_url`]).
         url: String,
         /// Why.
         source: StoreError,
@@ -269,18 +283,71 @@ pub fn main(app: App) -> ExitCode {
     }
 }
 
-/// Opens and migrates the database.
+fn open_hint(source: &StoreError) -> &'static str {
+    match source {
+        // It says what to do itself.
+        StoreError::Schema(_) => "",
+        _ => "\nhint: check --database / CAIRN_DATABASE_URL",
+    }
+}
+
+/// What a command does about the database schema when it opens the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SchemaUse {
+    /// Apply pending migrations (`cairn migrate`, `cairn host --migrate`, `cairn demo`).
+    Migrate,
+    /// PostgreSQL: check that the schema is this build's ([`Store::check_schema`]) and change
+    /// nothing, so that the command runs under a role that cannot change the schema. SQLite (one
+    /// process owns the file; there are no roles): migrate.
+    Check,
+}
+
+/// Opens the database, and migrates it or checks its schema.
 ///
 /// # Errors
-/// The database cannot be opened or migrated.
-pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, CliError> {
+/// [`CliError::Open`] (with the URL redacted): the database cannot be opened or migrated, or its
+/// schema is not this build's.
+pub async fn open_store(url: &str, schema: SchemaUse) -> Result<Arc<dyn Store>, CliError> {
     let open = |source| CliError::Open {
-        url: url.to_owned(),
+        url: redact_url(url),
         source,
     };
     let store = crate::store::open(url).await.map_err(open)?;
-    store.migrate().await.map_err(open)?;
+    let checked = match schema {
+        SchemaUse::Check if store.backend() == "postgres" => store.check_schema().await,
+        _ => store.migrate().await,
+    };
+    if let Err(e) = checked {
+        store.close().await;
+        return Err(open(e));
+    }
     Ok(store)
+}
+
+impl Command {
+    /// What this command does about the schema.
+    pub fn schema_use(&self) -> SchemaUse {
+        match self {
+            Command::Migrate | Command::Demo { .. } | Command::Host { migrate: true, .. } => {
+                SchemaUse::Migrate
+            }
+            _ => SchemaUse::Check,
+        }
+    }
+
+    /// Whether this command only reads, and so must not write anything either (it may run
+    /// under a read-only role).
+    fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Command::List { .. }
+                | Command::Show { .. }
+                | Command::DeadLetters(
+                    send::DeadLetterCommand::List { .. } | send::DeadLetterCommand::Show { .. }
+                )
+        )
+    }
 }
 
 /// Runs one parsed command.
@@ -291,7 +358,7 @@ pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
     if let Command::Bench { .. } = cli.command {
         return bench(cli).await;
     }
-    let store = open_store(&cli.database).await?;
+    let store = open_store(&cli.database, cli.command.schema_use()).await?;
     let result = execute(cli, app, store.clone()).await;
     store.close().await;
     result
@@ -300,13 +367,19 @@ pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
 async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliError> {
     let client = Client::new(store.clone(), app.registry.clone());
     // Activating subscriptions exist as soon as the schema does, so that a message published
-    // before any host has run starts its instance rather than waiting as unrouted.
-    build_host(&app, store.clone(), HostConfig::default())
-        .sync_activations()
-        .await?;
+    // before any host has run starts its instance rather than waiting as unrouted. Commands
+    // that only read write nothing (they may run under a read-only role).
+    if !cli.command.reads_only() {
+        build_host(&app, store.clone(), HostConfig::default())
+            .sync_activations()
+            .await?;
+    }
     match cli.command {
         Command::Migrate => {
-            println!("the database at {} is up to date", cli.database);
+            println!(
+                "the database at {} is up to date",
+                redact_url(&cli.database)
+            );
         }
         Command::Host {
             until_idle,
@@ -317,6 +390,7 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             unrouted_ttl_s,
             file_drop,
             http,
+            migrate: _,
         } => {
             let config = HostConfig {
                 until_idle,
@@ -678,7 +752,12 @@ async fn demo(
     println!();
     let shell = match url.strip_prefix("sqlite://") {
         Some(path) => format!("sqlite3 {path}"),
-        None => format!("psql '{url}' -c \"SET search_path = cairn\" -c"),
+        // No password on a command line a person copies: psql asks for it, or reads
+        // PGPASSWORD or ~/.pgpass.
+        None => format!(
+            "psql '{}' -c \"SET search_path = cairn\" -c",
+            crate::store::url_without_password(url)
+        ),
     };
     println!("Look inside:");
     println!("  {shell} \"SELECT orchestration, status, COUNT(*) FROM instances GROUP BY 1, 2\"");

@@ -179,6 +179,12 @@ impl Cluster {
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
+
+    /// The URL of a database in this cluster for another role (the cluster trusts every local
+    /// connection: a password in the URL is accepted and not checked).
+    pub fn url_as(&self, user: &str, database: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{database}", self.port)
+    }
 }
 
 /// The cluster, started on first use; `None` (after one line on stderr) when unavailable and not

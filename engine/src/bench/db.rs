@@ -35,7 +35,7 @@ impl Backend {
         } else if url.starts_with("sqlite:") && !url.contains(":memory:") {
             Ok(Backend::Sqlite)
         } else {
-            Err(BenchError::Url(url.to_owned()))
+            Err(BenchError::Url(crate::store::redact_url(url)))
         }
     }
 
@@ -73,7 +73,7 @@ macro_rules! check_wipeable {
                 .map(|r| r.get(0))
                 .unwrap_or(0);
             if instances > 0 {
-                return Err(BenchError::NotABenchDatabase(url.to_owned()));
+                return Err(BenchError::NotABenchDatabase(crate::store::redact_url(url)));
             }
             Ok(())
         }

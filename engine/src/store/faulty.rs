@@ -138,6 +138,10 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.migrate().await
     }
+    async fn check_schema(&self) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.check_schema().await
+    }
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         self.gate().await;
         self.inner.recover(host, now).await

@@ -23,11 +23,13 @@ pub mod postgres;
 mod routing;
 pub mod sqlite;
 mod storable;
+mod url;
 
 pub use model::*;
 pub use storable::{
     check_body_size, check_text, json_len, storable_text, DEFAULT_MAX_MESSAGE_BYTES,
 };
+pub use url::{redact as redact_url, without_password as url_without_password};
 
 use std::sync::Arc;
 
@@ -61,9 +63,15 @@ pub enum StoreError {
     /// A fault injected by a test.
     #[error("injected fault at {0}")]
     Injected(&'static str),
-    /// The database URL names no supported backend.
+    /// The database URL names no supported backend. It holds the URL as shown, redacted
+    /// ([`redact_url`]).
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
+    /// The database's schema is not the one this build carries: no schema, migrations not
+    /// applied yet, or applied by a newer build. Only `cairn migrate` (or `cairn host
+    /// --migrate`) changes the schema; other commands refuse until it matches.
+    #[error("{0}")]
+    Schema(SchemaMismatch),
     /// No such instance.
     #[error("no instance {0}")]
     NoSuchInstance(Uuid),
@@ -168,6 +176,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
+
+    /// Checks that the database's schema is the one this build carries, changing nothing: the
+    /// check a command makes instead of migrating, so that it runs under a role that cannot
+    /// change the schema.
+    ///
+    /// # Errors
+    /// [`StoreError::Schema`] saying how it differs and what to do, or the database's error.
+    async fn check_schema(&self) -> StoreResult<()>;
 
     /// Registers `host` in `hosts` at start. SQLite (one host per file) also releases every
     /// lock and lease a previous process left, so that its claimed messages are delivered again;
@@ -407,7 +423,104 @@ pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
             postgres::PostgresStore::open(url).await?,
         ))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+/// How a database's schema differs from the one this build carries
+/// ([`StoreError::Schema`], from [`Store::check_schema`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SchemaMismatch {
+    /// No Cairn schema at all (no migration applied).
+    Missing,
+    /// Migrations this build carries are not applied: their versions.
+    Behind(Vec<i64>),
+    /// Migrations are applied that this build does not know: a newer build migrated.
+    Ahead(Vec<i64>),
+    /// A migration failed part-way, or was changed after it was applied.
+    Broken(String),
+}
+
+impl std::fmt::Display for SchemaMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let versions = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        match self {
+            SchemaMismatch::Missing => write!(
+                f,
+                "the database has no Cairn schema yet (or this role cannot see it)\nhint: run `cairn migrate` (as the schema \
+                 owner) first; only `cairn migrate` or `cairn host --migrate` change the schema"
+            ),
+            SchemaMismatch::Behind(v) => write!(
+                f,
+                "the database schema is behind this build: migration(s) {} not applied\nhint: \
+                 run `cairn migrate` (as the schema owner); only `cairn migrate` or `cairn host \
+                 --migrate` change the schema",
+                versions(v)
+            ),
+            SchemaMismatch::Ahead(v) => write!(
+                f,
+                "the database schema is ahead of this build: migration(s) {} are unknown to \
+                 it\nhint: this cairn binary is older than the schema; run the build that \
+                 migrated it, or a newer one",
+                versions(v)
+            ),
+            SchemaMismatch::Broken(why) => write!(
+                f,
+                "the database schema is damaged: {why}\nhint: see `_sqlx_migrations`; fix the \
+                 schema by hand, then run `cairn migrate`"
+            ),
+        }
+    }
+}
+
+/// Compares the migrations applied to a database (`version`, `success`, `checksum` rows of
+/// sqlx's `_sqlx_migrations`; `None`: there is no such table) with those `migrator` carries.
+pub(crate) fn compare_schema(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Option<Vec<(i64, bool, Vec<u8>)>>,
+) -> Result<(), SchemaMismatch> {
+    let Some(applied) = applied else {
+        return Err(SchemaMismatch::Missing);
+    };
+    if applied.is_empty() {
+        return Err(SchemaMismatch::Missing);
+    }
+    if let Some((version, _, _)) = applied.iter().find(|(_, ok, _)| !ok) {
+        return Err(SchemaMismatch::Broken(format!(
+            "migration {version} failed part-way"
+        )));
+    }
+    let carried: std::collections::BTreeMap<i64, &[u8]> = migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| (m.version, &*m.checksum))
+        .collect();
+    let mut ahead = Vec::new();
+    for (version, _, checksum) in &applied {
+        match carried.get(version) {
+            None => ahead.push(*version),
+            Some(ours) if *ours != checksum.as_slice() => {
+                return Err(SchemaMismatch::Broken(format!(
+                    "migration {version} differs from the one this build carries (it was \
+                     changed after it was applied)"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if !ahead.is_empty() {
+        return Err(SchemaMismatch::Ahead(ahead));
+    }
+    let behind: Vec<i64> = carried
+        .keys()
+        .filter(|v| !applied.iter().any(|(a, _, _)| a == *v))
+        .copied()
+        .collect();
+    if behind.is_empty() {
+        Ok(())
+    } else {
+        Err(SchemaMismatch::Behind(behind))
     }
 }
 

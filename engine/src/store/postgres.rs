@@ -125,7 +125,7 @@ fn uint(value: i32, what: &str) -> StoreResult<u32> {
 }
 
 /// The PostgreSQL store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
     /// How to connect: for the kept connection, which is not the pool's.
@@ -138,6 +138,19 @@ pub struct PostgresStore {
     lease_ms: Arc<AtomicI64>,
 }
 
+/// Without the connect options: their `Debug` shows the password.
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("pool", &self.pool)
+            .field("host", &self.options.get_host())
+            .field("port", &self.options.get_port())
+            .field("database", &self.options.get_database())
+            .field("username", &self.options.get_username())
+            .finish_non_exhaustive()
+    }
+}
+
 type Tx = Transaction<'static, Postgres>;
 
 impl PostgresStore {
@@ -148,7 +161,11 @@ impl PostgresStore {
     /// # Errors
     /// The URL is malformed, or the database cannot be reached within the pool's acquire timeout.
     pub async fn open(url: &str) -> StoreResult<Self> {
-        let options = PgConnectOptions::from_str(url)
+        let (url, dropped) = super::url::without_unread_secrets(url);
+        if !dropped.is_empty() {
+            tracing::warn!(parameters = ?dropped, "ignoring database URL parameters that are not supported");
+        }
+        let options = PgConnectOptions::from_str(&url)
             .map_err(StoreError::Database)?
             .application_name("cairn")
             // A host that stops mid-transaction (paused, partitioned) must not hold its row and
@@ -852,13 +869,45 @@ impl Store for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists:
+        // an owner role given the schema by an administrator (docs/operations.md) has none.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(SCHEMA)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        if !exists {
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
         commit(tx).await?;
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    async fn check_schema(&self) -> StoreResult<()> {
+        // `to_regclass` looks along the search path (the schema `cairn`): NULL when there is no
+        // such table, or the role may not use the schema.
+        let table: Option<String> =
+            sqlx::query_scalar("SELECT CAST(to_regclass('_sqlx_migrations') AS TEXT)")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?;
+        let applied = match table {
+            None => None,
+            Some(_) => Some(
+                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
+                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?,
+            ),
+        };
+        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
     }
 
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {

@@ -531,6 +531,28 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn check_schema(&self) -> StoreResult<()> {
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let applied = if tables == 0 {
+            None
+        } else {
+            Some(
+                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
+                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?,
+            )
+        };
+        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
+    }
+
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
         // One host per file: starting releases everything a previous host held, which is only
@@ -1528,6 +1550,56 @@ mod tests {
             .iter()
             .map(|row| row.get::<String, _>("detail"))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn the_schema_check_tells_a_missing_a_behind_and_an_ahead_schema_apart() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let check = || async { store.check_schema().await.map_err(|e| e.to_string()) };
+        assert!(check().await.unwrap_err().contains("no Cairn schema"));
+        store.migrate().await.unwrap();
+        check().await.unwrap();
+        let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap();
+        sqlx::query("UPDATE _sqlx_migrations SET success = FALSE WHERE version = $1")
+            .bind(newest)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let failed = check().await.unwrap_err();
+        assert!(failed.contains("failed part-way"), "{failed}");
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+            .bind(newest)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let behind = check().await.unwrap_err();
+        assert!(
+            behind.contains("behind this build") && behind.contains(&newest.to_string()),
+            "{behind}"
+        );
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, 'x', TRUE, X'00', 0), (99991231000000, 'newer', TRUE, X'00', 0)",
+        )
+        .bind(newest)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let damaged = check().await.unwrap_err();
+        assert!(
+            damaged.contains("changed after it was applied"),
+            "{damaged}"
+        );
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+            .bind(newest)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let ahead = check().await.unwrap_err();
+        assert!(
+            ahead.contains("99991231000000") && ahead.contains("older than the schema"),
+            "{ahead}"
+        );
     }
 
     /// A claim's cost must not grow with how many instances wait (W5: 100,000 dehydrated):
