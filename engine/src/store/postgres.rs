@@ -114,12 +114,31 @@ where
         .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
 }
 
-fn parse_word<T: FromStr<Err = String>>(text: &str) -> StoreResult<T> {
-    text.parse().map_err(StoreError::Corrupt)
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "not JSON ({e}): {:?}",
+            super::storable::shorten(text)
+        ))
+    })
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("json {text:?}: {e}")))
+/// A JSON text column, checked; an error names the column.
+fn col_json<T: serde::de::DeserializeOwned>(row: &PgRow, name: &str) -> StoreResult<T> {
+    let text: String = col(row, name)?;
+    serde_json::from_str(&text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "column {name} is not JSON ({e}): {:?}",
+            super::storable::shorten(&text)
+        ))
+    })
+}
+
+/// A status or kind word column, checked; an error names the column.
+fn col_word<T: FromStr<Err = String>>(row: &PgRow, name: &str) -> StoreResult<T> {
+    col::<String>(row, name)?
+        .parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
 }
 
 /// A `u32` as an `INTEGER` column.
@@ -416,8 +435,15 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .map_err(map_err)?;
         let every = changes.types.contains(message_type);
         for row in rows {
-            let properties: BTreeMap<String, String> =
-                parse_json(&col::<String>(&row, "properties")?)?;
+            // An unrouted message whose properties cannot be read stays unrouted (and is
+            // dead-lettered after its time to live): it must not stop the others routing.
+            let properties: BTreeMap<String, String> = match col_json(&row, "properties") {
+                Ok(properties) => properties,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unrouted message cannot be read; left unrouted");
+                    continue;
+                }
+            };
             let matches = every
                 || changes
                     .subscriptions
@@ -439,13 +465,14 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .await
         .map_err(map_err)?;
         for row in rows {
-            candidates.insert(
-                col(&row, "seq")?,
-                (
-                    col(&row, "message_type")?,
-                    parse_json(&col::<String>(&row, "properties")?)?,
-                ),
-            );
+            match col_json(&row, "properties") {
+                Ok(properties) => {
+                    candidates.insert(col(&row, "seq")?, (col(&row, "message_type")?, properties));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unrouted message cannot be read; left unrouted");
+                }
+            }
         }
     }
     for (seq, (message_type, properties)) in candidates {
@@ -583,7 +610,7 @@ async fn control_in(
                 .await
                 .map_err(map_err)?
                 .ok_or(StoreError::NoSuchInstance(id))?;
-    let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
+    let status: InstanceStatus = col_word(&row, "status")?;
     let step: String = col(&row, "step")?;
     let parent: Option<Uuid> = col(&row, "parent_id")?;
     action.check(
@@ -788,7 +815,7 @@ fn instance_record(row: &PgRow) -> StoreResult<InstanceRecord> {
         id: col(row, "id")?,
         orchestration: col(row, "orchestration")?,
         version: uint(col(row, "version")?, "instances.version")?,
-        status: parse_word(&col::<String>(row, "status")?)?,
+        status: col_word(row, "status")?,
         state: col(row, "state")?,
         engine_state: col(row, "engine_state")?,
         epoch: col(row, "epoch")?,
@@ -832,7 +859,7 @@ fn summary_from_row(row: &PgRow) -> StoreResult<InstanceSummary> {
         id: col(row, "id")?,
         orchestration: col(row, "orchestration")?,
         version: uint(col(row, "version")?, "instances.version")?,
-        status: parse_word(&col::<String>(row, "status")?)?,
+        status: col_word(row, "status")?,
         step: col(row, "step")?,
         waiting_for: col(row, "waiting_for")?,
         updated_at: col(row, "updated_at")?,
@@ -962,9 +989,9 @@ fn stored_message(row: &PgRow) -> StoreResult<StoredMessage> {
         seq: col(row, "seq")?,
         id: col(row, "id")?,
         message_type: col(row, "message_type")?,
-        kind: parse_word(&col::<String>(row, "kind")?)?,
-        properties: parse_json(&col::<String>(row, "properties")?)?,
-        body: parse_json(&col::<String>(row, "body")?)?,
+        kind: col_word(row, "kind")?,
+        properties: col_json(row, "properties")?,
+        body: col_json(row, "body")?,
         instance_id: col(row, "instance_id")?,
         subscription_id: col(row, "subscription_id")?,
         published_at: col(row, "published_at")?,
@@ -1940,9 +1967,9 @@ impl Store for PostgresStore {
         .map(|h| {
             Ok(HistoryRow {
                 seq: col(h, "seq")?,
-                reason: parse_word(&col::<String>(h, "reason")?)?,
+                reason: col_word(h, "reason")?,
                 step: col(h, "step")?,
-                status: parse_word(&col::<String>(h, "status")?)?,
+                status: col_word(h, "status")?,
                 at: col(h, "at")?,
                 detail: col(h, "detail")?,
             })
@@ -2071,7 +2098,7 @@ fn outbox_row(row: &PgRow) -> StoreResult<OutboxRow> {
         instance_id: col(row, "instance_id")?,
         port: col(row, "port")?,
         message_type: col(row, "message_type")?,
-        body: parse_json(&col::<String>(row, "body")?)?,
+        body: col_json(row, "body")?,
         expects_reply: col(row, "expects_reply")?,
         attempts: uint(col(row, "attempts")?, "outbox.attempts")?,
     })
@@ -2083,7 +2110,7 @@ fn dead_letter_row(row: &PgRow) -> StoreResult<DeadLetter> {
         instance_id: col(row, "instance_id")?,
         port: col(row, "port")?,
         message_type: col(row, "message_type")?,
-        body: parse_json(&col::<String>(row, "body")?)?,
+        body: col_json(row, "body")?,
         reason: col(row, "reason")?,
         attempts: uint(col(row, "attempts")?, "dead_letters.attempts")?,
         dead_at: col(row, "dead_at")?,
