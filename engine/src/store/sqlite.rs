@@ -1880,4 +1880,124 @@ mod tests {
             );
         }
     }
+    /// A value of any SQLite storage class.
+    #[derive(Debug, Clone)]
+    enum Val {
+        Null,
+        Int(i64),
+        Real(f64),
+        Text(String),
+        Blob(Vec<u8>),
+    }
+
+    /// The instance the control rows of the property test may name.
+    const TARGET: &str = "018f0000-0000-7000-8000-000000000001";
+
+    fn val() -> impl proptest::strategy::Strategy<Value = Val> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Val::Null),
+            any::<i64>().prop_map(Val::Int),
+            any::<f64>().prop_map(Val::Real),
+            prop_oneof![
+                Just("suspend"),
+                Just("resume"),
+                Just("terminate"),
+                Just("true"),
+                Just(TARGET),
+            ]
+            .prop_map(|s| Val::Text(s.to_owned())),
+            any::<String>().prop_map(Val::Text),
+            proptest::collection::vec(any::<u8>(), 0..8).prop_map(Val::Blob),
+        ]
+    }
+
+    /// Mostly the target instance, as text, and sometimes anything.
+    fn id() -> impl proptest::strategy::Strategy<Value = Val> {
+        use proptest::prelude::*;
+        prop_oneof![3 => Just(Val::Text(TARGET.to_owned())), 1 => val()]
+    }
+
+    /// Mostly an action the CHECK admits, and sometimes anything (refused at the insert).
+    fn action() -> impl proptest::strategy::Strategy<Value = Val> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => prop_oneof![Just("suspend"), Just("resume"), Just("terminate")]
+                .prop_map(|s| Val::Text(s.to_owned())),
+            1 => val(),
+        ]
+    }
+
+    fn bind<'q>(
+        q: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        v: &Val,
+    ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+        match v {
+            Val::Null => q.bind(None::<i64>),
+            Val::Int(i) => q.bind(*i),
+            Val::Real(f) => q.bind(*f),
+            Val::Text(t) => q.bind(t.clone()),
+            Val::Blob(b) => q.bind(b.clone()),
+        }
+    }
+
+    /// Whatever storage class and value a hand-written `control` row holds in each column
+    /// (those its constraints admit), a host's pass carries it out or rejects it with a
+    /// reason: never a panic, never an error that would stop the rows behind it.
+    #[test]
+    fn arbitrary_control_rows_are_applied_or_rejected() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt.block_on(async {
+            let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+            store.migrate().await.unwrap();
+            store
+        });
+        let reached = std::sync::atomic::AtomicUsize::new(0);
+        let mut runner =
+            proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(128));
+        runner
+            .run(&(id(), action(), val(), val()), |(id, action, reason, force)| {
+                rt.block_on(async {
+                    let now = Utc::now();
+                    // The instance exists, running, before each row.
+                    sqlx::query("DELETE FROM instances").execute(&store.pool).await.unwrap();
+                    insert_instance_row(&store, now).await;
+                    let q = sqlx::query(
+                        "INSERT INTO control (instance_id, action, reason, force) VALUES ($1, $2, $3, $4)",
+                    );
+                    let q = bind(bind(bind(bind(q, &id), &action), &reason), &force);
+                    if q.execute(&store.pool).await.is_err() {
+                        // Refused by a constraint (NOT NULL, the action's CHECK): nothing to read.
+                        return;
+                    }
+                    let applied = store.apply_controls("host", now, 10).await.unwrap();
+                    assert_eq!(applied.len(), 1, "{applied:?}");
+                    reached.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let pending: i64 =
+                        sqlx::query_scalar("SELECT COUNT(*) FROM control WHERE status = 'pending'")
+                            .fetch_one(&store.pool)
+                            .await
+                            .unwrap();
+                    assert_eq!(pending, 0);
+                });
+                Ok(())
+            })
+            .unwrap();
+        let reached = reached.into_inner();
+        assert!(
+            reached >= 32,
+            "only {reached} of 128 rows passed the table's constraints"
+        );
+    }
+
+    async fn insert_instance_row(store: &SqliteStore, now: DateTime<Utc>) {
+        let mut tx = store.write().await.unwrap();
+        insert_instance(&mut tx, parse_uuid(TARGET).unwrap(), "o", 1, None, now)
+            .await
+            .unwrap();
+        commit(tx).await.unwrap();
+    }
 }
