@@ -21,6 +21,7 @@ backend_tests!(
     an_inbox_row_over_the_maximum_message_size_is_dead_lettered,
     a_message_row_that_cannot_be_read_is_dead_lettered,
     an_instance_row_that_cannot_be_read_suspends_that_instance_only,
+    an_outbox_row_that_cannot_be_read_is_dead_lettered_and_other_sends_go_out,
 );
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -457,6 +458,67 @@ async fn an_instance_row_that_cannot_be_read_suspends_that_instance_only(db: Tes
         .await;
     assert!(error[0].contains("cannot be read"), "{error:?}");
     assert!(error[0].contains("version"), "{error:?}");
+    wait_good_approval(&db).await;
+    host.stop();
+}
+
+async fn an_outbox_row_that_cannot_be_read_is_dead_lettered_and_other_sends_go_out(db: TestDb) {
+    let deliveries = Deliveries::default();
+    let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
+    let target = client
+        .start(
+            "approval",
+            serde_json::json!({"request_id": "sender", "approver": "x", "escalate_after_ms": 600000}),
+        )
+        .await
+        .unwrap();
+    db.wait_first_point(target, WAIT).await;
+    // A send written by a tool, its body garbled.
+    let garble = match db.backend {
+        Backend::Sqlite => "X'00ff'",
+        Backend::Postgres => "'not json'",
+    };
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+             attempts, next_attempt_at, created_at) VALUES ('bad-send', '{target}', 'log', 'note', \
+             {garble}, FALSE, 'pending', 0, '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')"
+        ),
+    )
+    .await;
+    db.wait_for("the garbled send dead-lettered", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM dead_letters WHERE id = 'bad-send'")
+            .await
+            == 1
+    })
+    .await;
+    let reason = db
+        .texts("SELECT reason FROM dead_letters WHERE id = $1", "bad-send")
+        .await;
+    assert!(reason[0].contains("cannot be read"), "{reason:?}");
+    assert!(reason[0].contains("body"), "{reason:?}");
+    assert_eq!(
+        db.texts("SELECT status FROM outbox WHERE id = $1", "bad-send")
+            .await,
+        ["dead"]
+    );
+    // Its instance is told, as of any send given up on.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE id = 'bad-send:failed'")
+            .await,
+        1
+    );
+    // Sends beside it go out.
+    client
+        .start("collector", serde_json::json!({"key": "after-bad-send"}))
+        .await
+        .unwrap();
+    db.wait_for("a good send delivered", WAIT, || async {
+        deliveries.all().iter().any(|(port, _, _)| port == "log")
+    })
+    .await;
+    feed_good_approval(&db, "after-send").await;
     wait_good_approval(&db).await;
     host.stop();
 }

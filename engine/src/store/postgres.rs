@@ -854,6 +854,46 @@ async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) 
     Ok(())
 }
 
+/// Dead-letters a claimed outbox row that cannot be read: a copy goes to `dead_letters` with
+/// the reason, the row is marked `dead`, and its instance is told (`Event::SendFailed`).
+async fn bury_send(tx: &mut Tx, row: &PgRow, why: &str, now: DateTime<Utc>) -> StoreResult<()> {
+    let id: String = col(row, "id")?;
+    let reason = format!("send {id} cannot be read: {why}");
+    tracing::error!(send.id = %id, error = %reason, "a send cannot be read; dead-lettered");
+    sqlx::query(
+        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+         SELECT id, instance_id, port, message_type, body, $2, GREATEST(attempts, 0), $3 \
+         FROM outbox WHERE id = $1 \
+         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, dead_at = excluded.dead_at",
+    )
+    .bind(&id)
+    .bind(&reason)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', last_error = $2, locked_by = NULL, locked_until = NULL \
+         WHERE id = $1",
+    )
+    .bind(&id)
+    .bind(&reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let instance: Uuid = col(row, "instance_id")?;
+    let message_type: String = col(row, "message_type")?;
+    let msg = NewMessage::to_instance(
+        format!("{id}:failed"),
+        format!("{message_type}.failed"),
+        MessageKind::SendFailed,
+        serde_json::json!({ "message_id": id, "error": reason }),
+        instance,
+    );
+    publish_one(tx, &msg, now).await?;
+    Ok(())
+}
+
 fn summary_from_row(row: &PgRow) -> StoreResult<InstanceSummary> {
     Ok(InstanceSummary {
         id: col(row, "id")?,
@@ -1440,8 +1480,17 @@ impl Store for PostgresStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match outbox_row(row) {
+                Ok(send) => out.push(send),
+                // Dead-lettered in the claim's transaction: never claimed again, never a stop
+                // for the sends beside it.
+                Err(e) => bury_send(&mut tx, row, &e.to_string(), now).await?,
+            }
+        }
         commit(tx).await?;
-        rows.iter().map(outbox_row).collect()
+        Ok(out)
     }
 
     async fn claim_ordered(

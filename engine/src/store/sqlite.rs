@@ -766,6 +766,56 @@ async fn savepoint(tx: &mut Tx, sql: &str) -> StoreResult<()> {
         .map(drop)
 }
 
+/// Dead-letters a claimed outbox row that cannot be read: a copy goes to `dead_letters` with
+/// the reason (its columns as text, whatever they hold), the row is marked `dead`, and its
+/// instance, if the row names one that can be read, is told (`Event::SendFailed`).
+async fn bury_send(tx: &mut Tx, row: &SqliteRow, why: &str, now: DateTime<Utc>) -> StoreResult<()> {
+    let Ok(id) = col::<String>(row, "id") else {
+        tracing::error!(error = %why, "an outbox row cannot be read, nor its id; left locked");
+        return Ok(());
+    };
+    let reason = format!("send {id} cannot be read: {why}");
+    tracing::error!(send.id = %id, error = %reason, "a send cannot be read; dead-lettered");
+    sqlx::query(&format!(
+        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+         SELECT id, CASE typeof(instance_id) WHEN 'text' THEN instance_id END, {}, {}, {}, $2, \
+           CASE typeof(attempts) WHEN 'integer' THEN attempts ELSE 0 END, $3 FROM outbox WHERE id = $1 \
+         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, dead_at = excluded.dead_at",
+        as_text("port"),
+        as_text("message_type"),
+        as_text("body"),
+    ))
+    .bind(&id)
+    .bind(&reason)
+    .bind(ts(now))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', last_error = $2, locked_by = NULL, locked_until = NULL \
+         WHERE id = $1",
+    )
+    .bind(&id)
+    .bind(&reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if let (Ok(instance), Ok(message_type)) = (
+        col_uuid(row, "instance_id"),
+        col::<String>(row, "message_type"),
+    ) {
+        let msg = NewMessage::to_instance(
+            format!("{id}:failed"),
+            format!("{message_type}.failed"),
+            MessageKind::SendFailed,
+            serde_json::json!({ "message_id": id, "error": reason }),
+            instance,
+        );
+        publish_one(tx, &msg, now).await?;
+    }
+    Ok(())
+}
+
 fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummary> {
     Ok(InstanceSummary {
         id: col_uuid(row, "id")?,
@@ -851,11 +901,31 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         // One host per file: starting releases everything a previous host held, which is only
         // safe if that host is gone. A host of this process (tests) or a dead process is.
-        let running: Vec<(String, i64, String)> =
-            sqlx::query_as("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?;
+        let rows = sqlx::query("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let mut running = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match (
+                col::<String>(row, "id"),
+                col::<i64>(row, "pid"),
+                col::<String>(row, "name"),
+            ) {
+                (Ok(id), Ok(pid), Ok(name)) => running.push((id, pid, name)),
+                // Not a host this build wrote: it names no process to wait for, and is marked
+                // stopped below with the others.
+                (id, pid, name) => {
+                    let error: Vec<String> = [id.err(), name.err()]
+                        .into_iter()
+                        .flatten()
+                        .chain(pid.err())
+                        .map(|e| e.to_string())
+                        .collect();
+                    tracing::warn!(error = ?error, "a hosts row cannot be read; taken as stopped");
+                }
+            }
+        }
         let me = hostname();
         for (other, pid, name) in running {
             let alive = name == me
@@ -1186,8 +1256,23 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match outbox_row(row) {
+                Ok(send) => out.push(send),
+                Err(e) => unreadable.push((row, e.to_string())),
+            }
+        }
+        if !unreadable.is_empty() {
+            // Dead-lettered in the claim's transaction: never claimed again, never a stop for
+            // the sends beside them.
+            for (row, why) in unreadable {
+                bury_send(&mut tx, row, &why, now).await?;
+            }
+        }
         commit(tx).await?;
-        rows.iter().map(outbox_row).collect()
+        Ok(out)
     }
 
     async fn claim_ordered(
