@@ -22,6 +22,7 @@ backend_tests!(
     a_message_row_that_cannot_be_read_is_dead_lettered,
     an_instance_row_that_cannot_be_read_suspends_that_instance_only,
     an_outbox_row_that_cannot_be_read_is_dead_lettered_and_other_sends_go_out,
+    subscription_rows_that_cannot_be_read_route_nothing_and_stop_nothing,
 );
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -520,5 +521,68 @@ async fn an_outbox_row_that_cannot_be_read_is_dead_lettered_and_other_sends_go_o
     .await;
     feed_good_approval(&db, "after-send").await;
     wait_good_approval(&db).await;
+    host.stop();
+}
+
+async fn subscription_rows_that_cannot_be_read_route_nothing_and_stop_nothing(db: TestDb) {
+    let (host, _client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    // A good approval: its request first, so that its receive is written (and the host has
+    // written its activating subscriptions by then).
+    exec(
+        &db,
+        "INSERT INTO inbox (message_id, message_type, body) VALUES ('sub-req', \
+         'approval.requested', '{\"request_id\": \"sub\", \"approver\": \"bo\"}')",
+    )
+    .await;
+    db.wait_for("the approval's receive", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM subscriptions WHERE message_type = 'approval.decision'")
+            .await
+            == 1
+    })
+    .await;
+    // An activating subscription garbled by a tool: its type's messages stay unrouted.
+    let garble = match db.backend {
+        Backend::Sqlite => "version = 'one'",
+        Backend::Postgres => "version = -1",
+    };
+    exec(
+        &db,
+        &format!(
+            "UPDATE subscriptions SET {garble} WHERE instance_id IS NULL AND message_type = 'collect.start'"
+        ),
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO inbox (message_id, message_type, body) VALUES ('orphan', 'collect.start', '{\"key\": \"k\"}')",
+    )
+    .await;
+    if db.backend == Backend::Sqlite {
+        // A copy of the approval's receive, for an instance id no one can read, read first.
+        exec(
+            &db,
+            "INSERT INTO subscriptions (id, message_type, instance_id, correlation_keys, correlation, created_at) \
+             SELECT '00000000-0000-7000-8000-00000000000b', message_type, X'00ff', correlation_keys, \
+               correlation, '2000-01-01T00:00:00.000000Z' FROM subscriptions WHERE message_type = 'approval.decision'",
+        )
+        .await;
+    }
+    exec(
+        &db,
+        "INSERT INTO inbox (message_id, message_type, body) VALUES ('sub-dec', \
+         'approval.decision', '{\"request_id\": \"sub\", \"approved\": true, \"by\": \"bo\"}')",
+    )
+    .await;
+    wait_good_approval(&db).await;
+    db.wait_for("the inbox to empty", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM inbox").await == 0
+    })
+    .await;
+    assert_eq!(
+        db.texts("SELECT status FROM messages WHERE id = $1", "orphan")
+            .await,
+        ["unrouted"]
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
     host.stop();
 }
