@@ -23,6 +23,7 @@ backend_tests!(
     an_instance_row_that_cannot_be_read_suspends_that_instance_only,
     an_outbox_row_that_cannot_be_read_is_dead_lettered_and_other_sends_go_out,
     subscription_rows_that_cannot_be_read_route_nothing_and_stop_nothing,
+    an_inbox_row_the_database_refuses_is_dead_lettered_with_its_error,
 );
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -584,5 +585,42 @@ async fn subscription_rows_that_cannot_be_read_route_nothing_and_stop_nothing(db
         ["unrouted"]
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM dead_letters").await, 0);
+    host.stop();
+}
+
+async fn an_inbox_row_the_database_refuses_is_dead_lettered_with_its_error(db: TestDb) {
+    // A message id no PostgreSQL index can hold (a btree entry is at most about 2,700 bytes,
+    // and random text does not compress): its publish fails for good. SQLite stores it.
+    let id: String = (0..300).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO inbox (message_id, message_type, body) VALUES ('{id}', 'approval.requested', \
+             '{{\"request_id\": \"huge-id\", \"approver\": \"a\"}}')"
+        ),
+    )
+    .await;
+    feed_good_approval(&db, "after-refusal").await;
+    let (host, _client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    wait_good_approval(&db).await;
+    db.wait_for("the inbox to empty", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM inbox").await == 0
+    })
+    .await;
+    let dead = dead_reasons(&db).await;
+    match db.backend {
+        Backend::Postgres => {
+            assert_eq!(dead.len(), 1, "{dead:#?}");
+            assert!(dead[0].1.contains("the database refused it"), "{dead:#?}");
+        }
+        Backend::Sqlite => {
+            assert!(dead.is_empty(), "{dead:#?}");
+            assert_eq!(
+                db.count_with("SELECT COUNT(*) FROM messages WHERE id = $1", &id)
+                    .await,
+                1
+            );
+        }
+    }
     host.stop();
 }
