@@ -624,3 +624,43 @@ async fn an_inbox_row_the_database_refuses_is_dead_lettered_with_its_error(db: T
     }
     host.stop();
 }
+
+/// SQLite only: PostgreSQL's `timers.due_at` is a TIMESTAMPTZ, which holds nothing but a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_row_that_cannot_be_read_suspends_its_instance_on_sqlite() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let target = client
+        .start(
+            "approval",
+            serde_json::json!({"request_id": "timed", "approver": "x", "escalate_after_ms": 600000}),
+        )
+        .await
+        .unwrap();
+    db.wait_for("its timer", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM timers").await == 1
+    })
+    .await;
+    // Due at once (it sorts before any time), and not a time.
+    exec(&db, "UPDATE timers SET due_at = '0000-not-a-time'").await;
+    feed_good_approval(&db, "untimed").await;
+    db.wait_status(target, InstanceStatus::Suspended, WAIT)
+        .await;
+    let error = db
+        .store
+        .instance_summaries(&[target])
+        .await
+        .unwrap()
+        .remove(0)
+        .last_error
+        .unwrap_or_default();
+    assert!(
+        error.contains("a timer of this instance cannot be read"),
+        "{error}"
+    );
+    assert!(error.contains("due_at"), "{error}");
+    wait_good_approval(&db).await;
+    host.stop();
+}
