@@ -115,6 +115,40 @@ mod tests {
         assert_eq!(step_name(&bytes, "state"), "state");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a tool wrote into `instances.state` or `engine_state`: decoding gives a
+        /// value or an error, never a panic, and the step name is a name or the fallback.
+        #[test]
+        fn arbitrary_state_bytes_decode_to_a_value_or_an_error(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let _ = decode::<State>(&bytes);
+            let _ = decode::<crate::host::instance::Waits>(&bytes);
+            let _ = to_json(&bytes);
+            let _ = step_name(&bytes, "state");
+        }
+
+        /// A valid state with bytes flipped or cut off decodes to a value or an error.
+        #[test]
+        fn damaged_state_bytes_decode_to_a_value_or_an_error(
+            order in proptest::prelude::any::<u32>(),
+            cut in 0usize..64,
+            flip in 0usize..64,
+            with in proptest::prelude::any::<u8>(),
+        ) {
+            let mut bytes = encode(&State::Paying { order, amount: 1.5 }).expect("encodes");
+            if let Some(b) = bytes.get_mut(flip) {
+                *b ^= with;
+            }
+            bytes.truncate(cut);
+            let _ = decode::<State>(&bytes);
+            let _ = decode::<crate::host::instance::Waits>(&bytes);
+            let _ = step_name(&bytes, "state");
+        }
+    }
+
     #[test]
     fn corrupt_bytes_give_a_decode_error_naming_the_type() {
         let err = decode::<State>(&[0xc1, 0xff, 0x00]).expect_err("corrupt");

@@ -845,7 +845,11 @@ impl Runner {
         let taken = self
             .host
             .store
-            .take_inbox(now, self.host.config.batch_size)
+            .take_inbox(
+                now,
+                self.host.config.batch_size,
+                self.host.config.max_message_bytes,
+            )
             .await?;
         // Rows taken: look again next round rather than after the interval.
         self.last_inbox = (taken == 0).then(Instant::now);

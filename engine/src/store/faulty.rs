@@ -337,9 +337,14 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.housekeeping(now, unrouted_before).await
     }
-    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+    async fn take_inbox(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        max_message_bytes: usize,
+    ) -> StoreResult<usize> {
         self.gate().await;
-        self.inner.take_inbox(now, limit).await
+        self.inner.take_inbox(now, limit, max_message_bytes).await
     }
     async fn apply_controls(
         &self,

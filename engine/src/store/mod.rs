@@ -362,7 +362,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<InstanceStatus>;
 
     /// Carries out up to `limit` pending rows of the `control` table, oldest first, each in its
-    /// own transaction with [`Store::control`]'s rules, and marks them `done` or `rejected`.
+    /// own transaction with [`Store::control`]'s rules, and marks them `done` or `rejected`. A
+    /// row that cannot be read (a column of the wrong type or NULL, an unknown action) or that
+    /// fails for a reason retrying cannot cure is `rejected`, its `result` naming the column and
+    /// what it holds, or the error: never a stop for the rows behind it.
+    ///
+    /// # Errors
+    /// Only errors worth retrying ([`StoreError::is_retryable`]) leave a row pending.
     async fn apply_controls(
         &self,
         host: &str,
@@ -379,9 +385,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<Housekeeping>;
 
     /// Takes up to `limit` rows of the `inbox` table, oldest first, and publishes each like any
-    /// other message, in the transaction that deletes it. A row that cannot be read (a body or
-    /// properties that are not JSON) is dead-lettered with the reason. Returns how many it took.
-    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize>;
+    /// other message, in the transaction that deletes it. Every row gets a final answer: it is
+    /// published, or dead-lettered (`dead_letters`, id `inbox-<id>`) with the reason and deleted.
+    /// A row is dead-lettered when it cannot be read (a column of the wrong type or NULL, a body
+    /// or properties that are not JSON), cannot be stored
+    /// ([`NewMessage::check_storable`] with `max_message_bytes`: a NUL in its id, type or
+    /// properties, a body over the maximum size), or when the database refuses its publish for
+    /// a reason retrying cannot cure. One row never holds back the rows behind it. Returns how
+    /// many it took.
+    ///
+    /// # Errors
+    /// Only errors worth retrying ([`StoreError::is_retryable`]) leave rows in the inbox.
+    async fn take_inbox(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        max_message_bytes: usize,
+    ) -> StoreResult<usize>;
 
     /// Instances, newest first, optionally of one status.
     async fn list_instances(

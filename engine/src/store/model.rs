@@ -1009,3 +1009,57 @@ impl Activity {
         self.by_status.get(status.as_str()).copied().unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// JSON-ish text: fragments of JSON, escapes (a NUL among them) and anything else.
+    fn jsonish() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[{}\\[\\]\":,a-z0-9 ]{0,40}",
+            Just("{\"request_id\":\"r\\u0000x\"}".to_owned()),
+            Just("{\"a\":\"\\ud800\"}".to_owned()),
+            Just("{\"a\":1e999999}".to_owned()),
+            Just("[".repeat(200)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever an `inbox` row holds: a message or a reason naming the row, never a panic;
+        /// and a message is checked for storage without a panic too.
+        #[test]
+        fn inbox_rows_parse_to_a_message_or_a_reason(
+            id in any::<i64>(),
+            message_id in proptest::option::of(any::<String>()),
+            message_type in any::<String>(),
+            properties in jsonish(),
+            body in jsonish(),
+        ) {
+            match inbox_message(id, message_id, message_type, &properties, &body) {
+                Ok(msg) => {
+                    let _ = msg.check_storable(1024);
+                }
+                Err(reason) => prop_assert!(reason.contains(&format!("inbox row {id}")), "{}", reason),
+            }
+        }
+
+        /// Whatever a `control` row's action, reason and force hold: an action or a reason.
+        #[test]
+        fn control_actions_parse_or_say_why(
+            action in prop_oneof![Just("suspend".to_owned()), Just("resume".to_owned()), Just("terminate".to_owned()), any::<String>()],
+            reason in any::<String>(),
+            force in any::<bool>(),
+        ) {
+            match control_action(&action, reason, force) {
+                Ok(_) => prop_assert!(["suspend", "resume", "terminate"].contains(&action.as_str())),
+                Err(why) => prop_assert!(why.contains("unknown control action")),
+            }
+        }
+    }
+}

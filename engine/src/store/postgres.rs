@@ -75,6 +75,14 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 /// Maps a sqlx error to a [`StoreError`], deciding what is worth retrying. The one place that
 /// decides it for this backend.
 fn map_err(err: sqlx::Error) -> StoreError {
+    if matches!(
+        err,
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
+    ) {
+        // A row holds what its column's type does not admit: the row's fault, not the
+        // database's, and never cured by retrying.
+        return StoreError::Corrupt(err.to_string());
+    }
     let retryable = match &err {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
@@ -106,12 +114,31 @@ where
         .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
 }
 
-fn parse_word<T: FromStr<Err = String>>(text: &str) -> StoreResult<T> {
-    text.parse().map_err(StoreError::Corrupt)
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "not JSON ({e}): {:?}",
+            super::storable::shorten(text)
+        ))
+    })
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("json {text:?}: {e}")))
+/// A JSON text column, checked; an error names the column.
+fn col_json<T: serde::de::DeserializeOwned>(row: &PgRow, name: &str) -> StoreResult<T> {
+    let text: String = col(row, name)?;
+    serde_json::from_str(&text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "column {name} is not JSON ({e}): {:?}",
+            super::storable::shorten(&text)
+        ))
+    })
+}
+
+/// A status or kind word column, checked; an error names the column.
+fn col_word<T: FromStr<Err = String>>(row: &PgRow, name: &str) -> StoreResult<T> {
+    col::<String>(row, name)?
+        .parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
 }
 
 /// A `u32` as an `INTEGER` column.
@@ -425,8 +452,15 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .map_err(map_err)?;
         let every = changes.types.contains(message_type);
         for row in rows {
-            let properties: BTreeMap<String, String> =
-                parse_json(&col::<String>(&row, "properties")?)?;
+            // An unrouted message whose properties cannot be read stays unrouted (and is
+            // dead-lettered after its time to live): it must not stop the others routing.
+            let properties: BTreeMap<String, String> = match col_json(&row, "properties") {
+                Ok(properties) => properties,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unrouted message cannot be read; left unrouted");
+                    continue;
+                }
+            };
             let matches = every
                 || changes
                     .subscriptions
@@ -448,13 +482,14 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .await
         .map_err(map_err)?;
         for row in rows {
-            candidates.insert(
-                col(&row, "seq")?,
-                (
-                    col(&row, "message_type")?,
-                    parse_json(&col::<String>(&row, "properties")?)?,
-                ),
-            );
+            match col_json(&row, "properties") {
+                Ok(properties) => {
+                    candidates.insert(col(&row, "seq")?, (col(&row, "message_type")?, properties));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unrouted message cannot be read; left unrouted");
+                }
+            }
         }
     }
     for (seq, (message_type, properties)) in candidates {
@@ -592,7 +627,7 @@ async fn control_in(
                 .await
                 .map_err(map_err)?
                 .ok_or(StoreError::NoSuchInstance(id))?;
-    let status: InstanceStatus = parse_word(&col::<String>(&row, "status")?)?;
+    let status: InstanceStatus = col_word(&row, "status")?;
     let step: String = col(&row, "step")?;
     let parent: Option<Uuid> = col(&row, "parent_id")?;
     action.check(
@@ -709,12 +744,179 @@ async fn control_in(
 /// The `history.host` of points written by an operator's action (suspend, terminate).
 const OPERATOR: &str = "operator";
 
+/// Reads a pending `control` row, checked: a NULL or an unknown action is reported (the column
+/// and what it holds) for the row's `result`.
+fn control_request(row: &PgRow, id: i64) -> StoreResult<ControlRequest> {
+    let read = || -> StoreResult<ControlRequest> {
+        Ok(ControlRequest {
+            id,
+            instance_id: col(row, "instance_id")?,
+            action: control_action(
+                &col::<String>(row, "action")?,
+                col(row, "reason")?,
+                col(row, "force")?,
+            )
+            .map_err(StoreError::Corrupt)?,
+        })
+    };
+    read().map_err(|e| match e {
+        StoreError::Corrupt(why) => {
+            StoreError::Corrupt(format!("control row {id} cannot be read: {why}"))
+        }
+        other => other,
+    })
+}
+
+/// Reads an `inbox` row, checked, and checks that its message can be stored
+/// ([`NewMessage::check_storable`]).
+///
+/// # Errors
+/// Why not, for its dead letter.
+fn inbox_row(row: &PgRow, id: i64, max_bytes: usize) -> Result<NewMessage, String> {
+    let text = |name| col::<String>(row, name).map_err(|e| format!("inbox row {id}: {e}"));
+    let message_id =
+        col::<Option<String>>(row, "message_id").map_err(|e| format!("inbox row {id}: {e}"))?;
+    let msg = inbox_message(
+        id,
+        message_id,
+        text("message_type")?,
+        &text("properties")?,
+        &text("body")?,
+    )?;
+    msg.check_storable(max_bytes)
+        .map_err(|e| format!("inbox row {id}: {e}"))?;
+    Ok(msg)
+}
+
+/// Publishes an inbox row's message inside `tx`, under a savepoint: a refusal by the database
+/// that retrying cannot cure is rolled back to it and returned (`Some(reason)`, for the row's
+/// dead letter), so that the rows beside it are still published.
+///
+/// # Errors
+/// A retryable error: the whole transaction is tried again later.
+async fn publish_or_refuse(
+    tx: &mut Tx,
+    id: i64,
+    msg: &NewMessage,
+    now: DateTime<Utc>,
+) -> StoreResult<Option<String>> {
+    savepoint(tx, "SAVEPOINT inbox_row").await?;
+    match publish_one(tx, msg, now).await {
+        Ok(_) => {
+            savepoint(tx, "RELEASE SAVEPOINT inbox_row").await?;
+            Ok(None)
+        }
+        Err(e) if e.is_retryable() => Err(e),
+        Err(e) => {
+            savepoint(tx, "ROLLBACK TO SAVEPOINT inbox_row").await?;
+            savepoint(tx, "RELEASE SAVEPOINT inbox_row").await?;
+            Ok(Some(format!(
+                "inbox row {id}: the database refused it: {e}"
+            )))
+        }
+    }
+}
+
+/// Runs a savepoint statement.
+async fn savepoint(tx: &mut Tx, sql: &str) -> StoreResult<()> {
+    sqlx::query(sql)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)
+        .map(drop)
+}
+
+/// An acquired instance row, checked.
+fn instance_record(row: &PgRow) -> StoreResult<InstanceRecord> {
+    Ok(InstanceRecord {
+        id: col(row, "id")?,
+        orchestration: col(row, "orchestration")?,
+        version: uint(col(row, "version")?, "instances.version")?,
+        status: col_word(row, "status")?,
+        state: col(row, "state")?,
+        engine_state: col(row, "engine_state")?,
+        epoch: col(row, "epoch")?,
+        history_seq: col(row, "history_seq")?,
+        parent_id: col(row, "parent_id")?,
+    })
+}
+
+/// Dead-letters claimed messages that cannot be read, `(seq, why)`: a copy of each goes to
+/// `dead_letters` with the reason, and the message is marked `dead`, so that it is never
+/// claimed again and holds back nothing.
+async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) -> StoreResult<()> {
+    for (seq, why) in rows {
+        let reason = format!("message {seq} cannot be read: {why}");
+        tracing::error!(message.seq = seq, error = %reason, "a message cannot be read; dead-lettered");
+        sqlx::query(
+            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+             SELECT id, instance_id, NULL, message_type, body, $2, 0, $3 FROM messages WHERE seq = $1 \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(seq)
+        .bind(&reason)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "UPDATE messages SET status = 'dead', locked_by = NULL, reason = $2 WHERE seq = $1",
+        )
+        .bind(seq)
+        .bind(&reason)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// Dead-letters a claimed outbox row that cannot be read: a copy goes to `dead_letters` with
+/// the reason, the row is marked `dead`, and its instance is told (`Event::SendFailed`).
+async fn bury_send(tx: &mut Tx, row: &PgRow, why: &str, now: DateTime<Utc>) -> StoreResult<()> {
+    let id: String = col(row, "id")?;
+    let reason = format!("send {id} cannot be read: {why}");
+    tracing::error!(send.id = %id, error = %reason, "a send cannot be read; dead-lettered");
+    sqlx::query(
+        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+         SELECT id, instance_id, port, message_type, body, $2, GREATEST(attempts, 0), $3 \
+         FROM outbox WHERE id = $1 \
+         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, dead_at = excluded.dead_at",
+    )
+    .bind(&id)
+    .bind(&reason)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', last_error = $2, locked_by = NULL, locked_until = NULL \
+         WHERE id = $1",
+    )
+    .bind(&id)
+    .bind(&reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let instance: Uuid = col(row, "instance_id")?;
+    let message_type: String = col(row, "message_type")?;
+    let msg = NewMessage::to_instance(
+        format!("{id}:failed"),
+        format!("{message_type}.failed"),
+        MessageKind::SendFailed,
+        serde_json::json!({ "message_id": id, "error": reason }),
+        instance,
+    );
+    publish_one(tx, &msg, now).await?;
+    Ok(())
+}
+
 fn summary_from_row(row: &PgRow) -> StoreResult<InstanceSummary> {
     Ok(InstanceSummary {
         id: col(row, "id")?,
         orchestration: col(row, "orchestration")?,
         version: uint(col(row, "version")?, "instances.version")?,
-        status: parse_word(&col::<String>(row, "status")?)?,
+        status: col_word(row, "status")?,
         step: col(row, "step")?,
         waiting_for: col(row, "waiting_for")?,
         updated_at: col(row, "updated_at")?,
@@ -844,9 +1046,9 @@ fn stored_message(row: &PgRow) -> StoreResult<StoredMessage> {
         seq: col(row, "seq")?,
         id: col(row, "id")?,
         message_type: col(row, "message_type")?,
-        kind: parse_word(&col::<String>(row, "kind")?)?,
-        properties: parse_json(&col::<String>(row, "properties")?)?,
-        body: parse_json(&col::<String>(row, "body")?)?,
+        kind: col_word(row, "kind")?,
+        properties: col_json(row, "properties")?,
+        body: col_json(row, "body")?,
         instance_id: col(row, "instance_id")?,
         subscription_id: col(row, "subscription_id")?,
         published_at: col(row, "published_at")?,
@@ -1016,10 +1218,19 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
         let rows = self.claim(&CLAIM_MESSAGES, host, now, limit).await?;
-        let mut out = rows
-            .iter()
-            .map(stored_message)
-            .collect::<StoreResult<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match stored_message(row) {
+                Ok(message) => out.push(message),
+                Err(e) => unreadable.push((col::<i64>(row, "seq")?, e.to_string())),
+            }
+        }
+        if !unreadable.is_empty() {
+            let mut tx = self.write().await?;
+            bury_messages(&mut tx, &unreadable, now).await?;
+            commit(tx).await?;
+        }
         out.sort_by_key(|m| m.seq);
         Ok(out)
     }
@@ -1071,17 +1282,28 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         for row in rows {
-            out.push(InstanceRecord {
-                id: col(&row, "id")?,
-                orchestration: col(&row, "orchestration")?,
-                version: uint(col(&row, "version")?, "instances.version")?,
-                status: parse_word(&col::<String>(&row, "status")?)?,
-                state: col(&row, "state")?,
-                engine_state: col(&row, "engine_state")?,
-                epoch: col(&row, "epoch")?,
-                history_seq: col(&row, "history_seq")?,
-                parent_id: col(&row, "parent_id")?,
-            });
+            match instance_record(&row) {
+                Ok(record) => out.push(record),
+                Err(e) => {
+                    // Left out of the answer, as if another host held it: suspended with the
+                    // reason, so that it is not claimed again until an operator fixes the row
+                    // and resumes it.
+                    let id: Uuid = col(&row, "id")?;
+                    let why = format!("its instances row cannot be read: {e}");
+                    tracing::error!(instance.id = %id, error = %why, "an instance cannot be loaded; suspended");
+                    sqlx::query(
+                        "UPDATE instances SET status = 'suspended', last_error = $2, \
+                         epoch = epoch + 1, owner = NULL, lease_expires_at = NULL, updated_at = $3 \
+                         WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(&why)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+            }
         }
         if !out.is_empty() {
             // Whatever other hosts hold of these instances they cannot commit any more (the epoch
@@ -1307,8 +1529,17 @@ impl Store for PostgresStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match outbox_row(row) {
+                Ok(send) => out.push(send),
+                // Dead-lettered in the claim's transaction: never claimed again, never a stop
+                // for the sends beside it.
+                Err(e) => bury_send(&mut tx, row, &e.to_string(), now).await?,
+            }
+        }
         commit(tx).await?;
-        rows.iter().map(outbox_row).collect()
+        Ok(out)
     }
 
     async fn claim_ordered(
@@ -1629,24 +1860,36 @@ impl Store for PostgresStore {
                 break;
             };
             let request_id: i64 = col(&row, "id")?;
-            let instance_id: Uuid = col(&row, "instance_id")?;
-            let action = control_action(
-                &col::<String>(&row, "action")?,
-                col(&row, "reason")?,
-                col(&row, "force")?,
-            )
-            .map_err(StoreError::Corrupt);
-            let result = match action {
-                Ok(action) => control_in(&mut tx, instance_id, &action, now).await,
-                Err(e) => Err(e),
+            let (instance_id, result) = match control_request(&row, request_id) {
+                Ok(request) => (
+                    Some(request.instance_id),
+                    control_in(&mut tx, request.instance_id, &request.action, now).await,
+                ),
+                Err(e) => (None, Err(e)),
             };
-            let result = match result {
-                Err(e) if !e.is_refusal() => return Err(e),
-                other => other,
-            };
-            let (status, text) = match &result {
-                Ok(status) => ("done", format!("instance is now {status}")),
-                Err(e) => ("rejected", e.to_string()),
+            let (mut tx, status, text) = match result {
+                Ok(ref status) => (tx, "done", format!("instance is now {status}")),
+                // Tried again on the next poll.
+                Err(e) if e.is_retryable() => return Err(e),
+                // Anything else is this request's answer, never a stop for the requests behind
+                // it: what the action wrote is rolled back, and the row is marked rejected
+                // with the reason (locked again: another host may look at it meanwhile).
+                Err(ref e) => {
+                    tx.rollback().await.map_err(map_err)?;
+                    let mut tx = self.write().await?;
+                    let still_pending: Option<i64> = sqlx::query_scalar(
+                        "SELECT id FROM control WHERE id = $1 AND status = 'pending' \
+                         FOR UPDATE SKIP LOCKED",
+                    )
+                    .bind(request_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    if still_pending.is_none() {
+                        continue;
+                    }
+                    (tx, "rejected", e.to_string())
+                }
             };
             sqlx::query(
                 "UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1",
@@ -1662,7 +1905,7 @@ impl Store for PostgresStore {
             commit(tx).await?;
             out.push(ControlApplied {
                 id: request_id,
-                instance_id: Some(instance_id),
+                instance_id,
                 result: result.map_err(|e| e.to_string()),
             });
         }
@@ -1711,7 +1954,12 @@ impl Store for PostgresStore {
         Ok(Housekeeping { zombies, expired })
     }
 
-    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+    async fn take_inbox(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        max_message_bytes: usize,
+    ) -> StoreResult<usize> {
         if !exists(&self.pool, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
             return Ok(0);
         }
@@ -1730,41 +1978,31 @@ impl Store for PostgresStore {
         let mut parsed = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = col(row, "id")?;
-            let body: String = col(row, "body")?;
-            let message_type: String = col(row, "message_type")?;
-            let message = inbox_message(
-                id,
-                col(row, "message_id")?,
-                message_type.clone(),
-                &col::<String>(row, "properties")?,
-                &body,
-            );
-            parsed.push((id, message_type, body, message));
+            parsed.push((id, inbox_row(row, id, max_message_bytes)));
         }
         let good: Vec<NewMessage> = parsed
             .iter()
-            .filter_map(|(_, _, _, m)| m.as_ref().ok().cloned())
+            .filter_map(|(_, m)| m.as_ref().ok().cloned())
             .collect();
         lock_routes(&mut tx, routed_types(&good), []).await?;
-        for (id, message_type, body, message) in &parsed {
-            match message {
-                Ok(msg) => {
-                    publish_one(&mut tx, msg, now).await?;
-                }
-                Err(reason) => {
-                    sqlx::query(
-                        "INSERT INTO dead_letters (id, message_type, body, reason, attempts, dead_at) \
-                         VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING",
-                    )
-                    .bind(format!("inbox-{id}"))
-                    .bind(message_type)
-                    .bind(body)
-                    .bind(reason)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                }
+        for (id, message) in parsed {
+            let refused = match message {
+                Ok(msg) => publish_or_refuse(&mut tx, id, &msg, now).await?,
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = refused {
+                tracing::warn!(inbox.id = id, error = %reason, "an inbox row was dead-lettered");
+                sqlx::query(
+                    "INSERT INTO dead_letters (id, message_type, body, reason, attempts, dead_at) \
+                     SELECT 'inbox-' || id, message_type, body, $2, 0, $3 FROM inbox WHERE id = $1 \
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(id)
+                .bind(&reason)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
             }
             sqlx::query("DELETE FROM inbox WHERE id = $1")
                 .bind(id)
@@ -1827,9 +2065,9 @@ impl Store for PostgresStore {
         .map(|h| {
             Ok(HistoryRow {
                 seq: col(h, "seq")?,
-                reason: parse_word(&col::<String>(h, "reason")?)?,
+                reason: col_word(h, "reason")?,
                 step: col(h, "step")?,
-                status: parse_word(&col::<String>(h, "status")?)?,
+                status: col_word(h, "status")?,
                 at: col(h, "at")?,
                 detail: col(h, "detail")?,
             })
@@ -1958,7 +2196,7 @@ fn outbox_row(row: &PgRow) -> StoreResult<OutboxRow> {
         instance_id: col(row, "instance_id")?,
         port: col(row, "port")?,
         message_type: col(row, "message_type")?,
-        body: parse_json(&col::<String>(row, "body")?)?,
+        body: col_json(row, "body")?,
         expects_reply: col(row, "expects_reply")?,
         attempts: uint(col(row, "attempts")?, "outbox.attempts")?,
     })
@@ -1970,7 +2208,7 @@ fn dead_letter_row(row: &PgRow) -> StoreResult<DeadLetter> {
         instance_id: col(row, "instance_id")?,
         port: col(row, "port")?,
         message_type: col(row, "message_type")?,
-        body: parse_json(&col::<String>(row, "body")?)?,
+        body: col_json(row, "body")?,
         reason: col(row, "reason")?,
         attempts: uint(col(row, "attempts")?, "dead_letters.attempts")?,
         dead_at: col(row, "dead_at")?,

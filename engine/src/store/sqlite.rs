@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
@@ -32,27 +34,153 @@ pub fn ts(at: DateTime<Utc>) -> String {
     at.format(TS_FORMAT).to_string()
 }
 
+/// What a column of `row` holds, in words, for an error: `holds BLOB x'00ff'`, `holds NULL`,
+/// `holds TEXT "true"`.
+fn holds(row: &SqliteRow, name: &str) -> String {
+    use sqlx::{TypeInfo, ValueRef};
+    let Ok(raw) = row.try_get_raw(name) else {
+        return "is missing".to_owned();
+    };
+    if raw.is_null() {
+        return "holds NULL".to_owned();
+    }
+    let kind = raw.type_info().name().to_owned();
+    let shown = match kind.as_str() {
+        "TEXT" => row
+            .try_get::<&str, _>(name)
+            .map(|t| format!("{:?}", super::storable::shorten(t)))
+            .unwrap_or_else(|_| "that is not UTF-8".to_owned()),
+        "BLOB" => row
+            .try_get::<&[u8], _>(name)
+            .map(|b| {
+                let hex: String = b.iter().take(16).map(|x| format!("{x:02x}")).collect();
+                let more = if b.len() > 16 { "..." } else { "" };
+                format!("x'{hex}'{more}")
+            })
+            .unwrap_or_default(),
+        "INTEGER" => row
+            .try_get::<i64, _>(name)
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        "REAL" => row
+            .try_get::<f64, _>(name)
+            .map(|f| f.to_string())
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    format!("holds {kind} {shown}").trim_end().to_owned()
+}
+
+/// Reads a column of a row an operator or a tool may have written, checked: a value of the
+/// wrong storage class, a NULL where none may be, or text that is not UTF-8 is described (the
+/// column and what it holds) instead of panicking, as `Row::get` would.
+///
+/// # Errors
+/// What the column holds and what was expected.
+fn read<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, String>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    use sqlx::TypeInfo;
+    row.try_get(name).map_err(|_| {
+        format!(
+            "column {name} {}, where {} is expected",
+            holds(row, name),
+            T::type_info().name()
+        )
+    })
+}
+
+/// [`read`], reporting a value that cannot be read as [`StoreError::Corrupt`].
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    read(row, name).map_err(StoreError::Corrupt)
+}
+
+/// An error about a value, said of column `name`.
+fn in_column(name: &str, err: StoreError) -> StoreError {
+    match err {
+        StoreError::Corrupt(why) => StoreError::Corrupt(format!("column {name}: {why}")),
+        other => other,
+    }
+}
+
+/// A text column parsed as a uuid, checked.
+fn col_uuid(row: &SqliteRow, name: &str) -> StoreResult<Uuid> {
+    parse_uuid(&col::<String>(row, name)?).map_err(|e| in_column(name, e))
+}
+
+/// A nullable text column parsed as a uuid, checked.
+fn col_uuid_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Uuid>> {
+    col::<Option<String>>(row, name)?
+        .map(|t| parse_uuid(&t).map_err(|e| in_column(name, e)))
+        .transpose()
+}
+
+/// A time column, checked.
+fn col_ts(row: &SqliteRow, name: &str) -> StoreResult<DateTime<Utc>> {
+    parse_ts(&col::<String>(row, name)?).map_err(|e| in_column(name, e))
+}
+
+/// A nullable time column, checked.
+fn col_ts_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    col::<Option<String>>(row, name)?
+        .map(|t| parse_ts(&t).map_err(|e| in_column(name, e)))
+        .transpose()
+}
+
+/// A status or kind word column, checked.
+fn col_word<T: FromStr<Err = String>>(row: &SqliteRow, name: &str) -> StoreResult<T> {
+    col::<String>(row, name)?
+        .parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+/// A JSON text column, checked.
+fn col_json<T: serde::de::DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
+    parse_json(&col::<String>(row, name)?).map_err(|e| in_column(name, e))
+}
+
+/// A count column (`version`, `attempts`) as a `u32`, checked.
+fn col_u32(row: &SqliteRow, name: &str) -> StoreResult<u32> {
+    let value: i64 = col(row, name)?;
+    u32::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("column {name} holds {value}, out of range")))
+}
+
 fn parse_ts(text: &str) -> StoreResult<DateTime<Utc>> {
     NaiveDateTime::parse_from_str(text, TS_FORMAT)
         .map(|n| n.and_utc())
-        .map_err(|e| StoreError::Corrupt(format!("time {text:?}: {e}")))
+        .map_err(|e| StoreError::Corrupt(format!("time {:?}: {e}", super::storable::shorten(text))))
 }
 
 fn parse_uuid(text: &str) -> StoreResult<Uuid> {
-    Uuid::parse_str(text).map_err(|e| StoreError::Corrupt(format!("uuid {text:?}: {e}")))
-}
-
-fn parse_word<T: FromStr<Err = String>>(text: &str) -> StoreResult<T> {
-    text.parse().map_err(StoreError::Corrupt)
+    Uuid::parse_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("uuid {:?}: {e}", super::storable::shorten(text))))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("json {text:?}: {e}")))
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "not JSON ({e}): {:?}",
+            super::storable::shorten(text)
+        ))
+    })
 }
 
 /// Maps a sqlx error to a [`StoreError`], deciding what is worth retrying. The one place that
 /// decides it for this backend.
 fn map_err(err: sqlx::Error) -> StoreError {
+    if matches!(
+        err,
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
+    ) {
+        // A row holds what its column's type does not admit: the row's fault, not the
+        // database's, and never cured by retrying.
+        return StoreError::Corrupt(err.to_string());
+    }
     let retryable = match &err {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Database(db) => {
@@ -239,8 +367,16 @@ async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
         .await
         .map_err(map_err)?;
         for row in rows {
-            let seq: i64 = row.get(0);
-            let properties: BTreeMap<String, String> = parse_json(row.get::<&str, _>(1))?;
+            let seq: i64 = col(&row, "seq")?;
+            // An unrouted message whose properties cannot be read stays unrouted (and is
+            // dead-lettered after its time to live): it must not stop the others routing.
+            let properties: BTreeMap<String, String> = match col_json(&row, "properties") {
+                Ok(properties) => properties,
+                Err(e) => {
+                    tracing::warn!(message.seq = seq, error = %e, "an unrouted message cannot be read; left unrouted");
+                    continue;
+                }
+            };
             let probe = NewMessage {
                 id: String::new(),
                 message_type: message_type.clone(),
@@ -338,14 +474,14 @@ async fn control_in(
     .await
     .map_err(map_err)?
     .ok_or(StoreError::NoSuchInstance(id))?;
-    let status: InstanceStatus = parse_word(row.get::<&str, _>(0))?;
-    let step: String = row.get(1);
-    let parent: Option<String> = row.get(2);
+    let status: InstanceStatus = col_word(&row, "status")?;
+    let step: String = col(&row, "step")?;
+    let parent: Option<String> = col(&row, "parent_id")?;
     action.check(
         id,
         status,
-        row.get::<bool, _>(3),
-        row.get::<Option<String>, _>(4),
+        col::<bool>(&row, "resumable")?,
+        col::<Option<String>>(&row, "last_error")?,
     )?;
     let new_status = match &action {
         ControlAction::Suspend { reason } => {
@@ -450,16 +586,246 @@ async fn control_in(
     Ok(new_status)
 }
 
+/// A claimed message row, checked.
+fn stored_message(row: &SqliteRow) -> StoreResult<StoredMessage> {
+    Ok(StoredMessage {
+        seq: col(row, "seq")?,
+        id: col(row, "id")?,
+        message_type: col(row, "message_type")?,
+        kind: col_word(row, "kind")?,
+        properties: col_json(row, "properties")?,
+        body: col_json(row, "body")?,
+        instance_id: col_uuid(row, "instance_id")?,
+        subscription_id: col_uuid_opt(row, "subscription_id")?,
+        published_at: col_ts(row, "published_at")?,
+        delivery_count: col(row, "delivery_count")?,
+    })
+}
+
+/// An acquired instance row, checked.
+fn instance_record(row: &SqliteRow) -> StoreResult<InstanceRecord> {
+    Ok(InstanceRecord {
+        id: col_uuid(row, "id")?,
+        orchestration: col(row, "orchestration")?,
+        version: col_u32(row, "version")?,
+        status: col_word(row, "status")?,
+        state: col(row, "state")?,
+        engine_state: col(row, "engine_state")?,
+        epoch: col(row, "epoch")?,
+        history_seq: col(row, "history_seq")?,
+        parent_id: col_uuid_opt(row, "parent_id")?,
+    })
+}
+
+/// A column as text whatever it holds, in SQL: a BLOB as `x'..'` hex, a NULL as ''.
+fn as_text(column: &str) -> String {
+    format!(
+        "CASE typeof({column}) WHEN 'blob' THEN 'x''' || hex({column}) || '''' \
+         WHEN 'null' THEN '' ELSE CAST({column} AS TEXT) END"
+    )
+}
+
+/// Dead-letters claimed messages that cannot be read, `(seq, why)`: a copy of each goes to
+/// `dead_letters` with the reason (its columns as text, whatever they hold), and the message is
+/// marked `dead`, so that it is never claimed again and holds back nothing.
+async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) -> StoreResult<()> {
+    for (seq, why) in rows {
+        let reason = format!("message {seq} cannot be read: {why}");
+        tracing::error!(message.seq = seq, error = %reason, "a message cannot be read; dead-lettered");
+        sqlx::query(&format!(
+            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+             SELECT {}, CASE typeof(instance_id) WHEN 'text' THEN instance_id END, NULL, {}, {}, \
+               $2, 0, $3 FROM messages WHERE seq = $1 \
+             ON CONFLICT (id) DO NOTHING",
+            as_text("id"),
+            as_text("message_type"),
+            as_text("body"),
+        ))
+        .bind(seq)
+        .bind(&reason)
+        .bind(ts(now))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "UPDATE messages SET status = 'dead', locked_by = NULL, reason = $2 WHERE seq = $1",
+        )
+        .bind(seq)
+        .bind(&reason)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// Suspends instance `id` (as its text is stored) because a row of it cannot be read: its
+/// status, `last_error` and a new epoch (a host holding it in memory is fenced). No history row
+/// is written: the instance's own columns may be what cannot be read. An operator fixes the row,
+/// then resumes it.
+async fn suspend_unreadable(
+    tx: &mut Tx,
+    id: &str,
+    why: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
+         owner = NULL, lease_expires_at = NULL, updated_at = $3 \
+         WHERE id = $1 AND status IN ('running', 'dehydrated')",
+    )
+    .bind(id)
+    .bind(why)
+    .bind(ts(now))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Reads a pending `control` row, checked: a column of the wrong storage class, a NULL or an
+/// unknown action is reported (the column and what it holds) for the row's `result`.
+fn control_request(row: &SqliteRow, id: i64) -> StoreResult<ControlRequest> {
+    let read = || -> StoreResult<ControlRequest> {
+        Ok(ControlRequest {
+            id,
+            instance_id: col_uuid(row, "instance_id")?,
+            action: control_action(
+                &col::<String>(row, "action")?,
+                col(row, "reason")?,
+                col(row, "force")?,
+            )
+            .map_err(StoreError::Corrupt)?,
+        })
+    };
+    read().map_err(|e| match e {
+        StoreError::Corrupt(why) => {
+            StoreError::Corrupt(format!("control row {id} cannot be read: {why}"))
+        }
+        other => other,
+    })
+}
+
+/// Reads an `inbox` row, checked, and checks that its message can be stored
+/// ([`NewMessage::check_storable`]).
+///
+/// # Errors
+/// Why not, for its dead letter: a column and what it holds, a body that is not JSON, a NUL, a
+/// body over `max_bytes`.
+fn inbox_row(row: &SqliteRow, id: i64, max_bytes: usize) -> Result<NewMessage, String> {
+    let text = |name| read::<String>(row, name).map_err(|e| format!("inbox row {id}: {e}"));
+    let message_id =
+        read::<Option<String>>(row, "message_id").map_err(|e| format!("inbox row {id}: {e}"))?;
+    let msg = inbox_message(
+        id,
+        message_id,
+        text("message_type")?,
+        &text("properties")?,
+        &text("body")?,
+    )?;
+    msg.check_storable(max_bytes)
+        .map_err(|e| format!("inbox row {id}: {e}"))?;
+    Ok(msg)
+}
+
+/// Publishes an inbox row's message inside `tx`, under a savepoint: a refusal by the database
+/// that retrying cannot cure is rolled back to it and returned (`Some(reason)`, for the row's
+/// dead letter), so that the rows beside it are still published.
+///
+/// # Errors
+/// A retryable error: the whole transaction is tried again later.
+async fn publish_or_refuse(
+    tx: &mut Tx,
+    id: i64,
+    msg: &NewMessage,
+    now: DateTime<Utc>,
+) -> StoreResult<Option<String>> {
+    savepoint(tx, "SAVEPOINT inbox_row").await?;
+    match publish_one(tx, msg, now).await {
+        Ok(_) => {
+            savepoint(tx, "RELEASE SAVEPOINT inbox_row").await?;
+            Ok(None)
+        }
+        Err(e) if e.is_retryable() => Err(e),
+        Err(e) => {
+            savepoint(tx, "ROLLBACK TO SAVEPOINT inbox_row").await?;
+            savepoint(tx, "RELEASE SAVEPOINT inbox_row").await?;
+            Ok(Some(format!(
+                "inbox row {id}: the database refused it: {e}"
+            )))
+        }
+    }
+}
+
+/// Runs a savepoint statement.
+async fn savepoint(tx: &mut Tx, sql: &str) -> StoreResult<()> {
+    sqlx::query(sql)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)
+        .map(drop)
+}
+
+/// Dead-letters a claimed outbox row that cannot be read: a copy goes to `dead_letters` with
+/// the reason (its columns as text, whatever they hold), the row is marked `dead`, and its
+/// instance, if the row names one that can be read, is told (`Event::SendFailed`).
+async fn bury_send(tx: &mut Tx, row: &SqliteRow, why: &str, now: DateTime<Utc>) -> StoreResult<()> {
+    let Ok(id) = col::<String>(row, "id") else {
+        tracing::error!(error = %why, "an outbox row cannot be read, nor its id; left locked");
+        return Ok(());
+    };
+    let reason = format!("send {id} cannot be read: {why}");
+    tracing::error!(send.id = %id, error = %reason, "a send cannot be read; dead-lettered");
+    sqlx::query(&format!(
+        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+         SELECT id, CASE typeof(instance_id) WHEN 'text' THEN instance_id END, {}, {}, {}, $2, \
+           CASE typeof(attempts) WHEN 'integer' THEN attempts ELSE 0 END, $3 FROM outbox WHERE id = $1 \
+         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, dead_at = excluded.dead_at",
+        as_text("port"),
+        as_text("message_type"),
+        as_text("body"),
+    ))
+    .bind(&id)
+    .bind(&reason)
+    .bind(ts(now))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', last_error = $2, locked_by = NULL, locked_until = NULL \
+         WHERE id = $1",
+    )
+    .bind(&id)
+    .bind(&reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if let (Ok(instance), Ok(message_type)) = (
+        col_uuid(row, "instance_id"),
+        col::<String>(row, "message_type"),
+    ) {
+        let msg = NewMessage::to_instance(
+            format!("{id}:failed"),
+            format!("{message_type}.failed"),
+            MessageKind::SendFailed,
+            serde_json::json!({ "message_id": id, "error": reason }),
+            instance,
+        );
+        publish_one(tx, &msg, now).await?;
+    }
+    Ok(())
+}
+
 fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<InstanceSummary> {
     Ok(InstanceSummary {
-        id: parse_uuid(row.get::<&str, _>("id"))?,
-        orchestration: row.get("orchestration"),
-        version: row.get::<i64, _>("version") as u32,
-        status: parse_word(row.get::<&str, _>("status"))?,
-        step: row.get("step"),
-        waiting_for: row.get("waiting_for"),
-        updated_at: parse_ts(row.get::<&str, _>("updated_at"))?,
-        last_error: row.get("last_error"),
+        id: col_uuid(row, "id")?,
+        orchestration: col(row, "orchestration")?,
+        version: col_u32(row, "version")?,
+        status: col_word(row, "status")?,
+        step: col(row, "step")?,
+        waiting_for: col(row, "waiting_for")?,
+        updated_at: col_ts(row, "updated_at")?,
+        last_error: col(row, "last_error")?,
     })
 }
 
@@ -557,11 +923,31 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         // One host per file: starting releases everything a previous host held, which is only
         // safe if that host is gone. A host of this process (tests) or a dead process is.
-        let running: Vec<(String, i64, String)> =
-            sqlx::query_as("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err)?;
+        let rows = sqlx::query("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let mut running = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match (
+                col::<String>(row, "id"),
+                col::<i64>(row, "pid"),
+                col::<String>(row, "name"),
+            ) {
+                (Ok(id), Ok(pid), Ok(name)) => running.push((id, pid, name)),
+                // Not a host this build wrote: it names no process to wait for, and is marked
+                // stopped below with the others.
+                (id, pid, name) => {
+                    let error: Vec<String> = [id.err(), name.err()]
+                        .into_iter()
+                        .flatten()
+                        .chain(pid.err())
+                        .map(|e| e.to_string())
+                        .collect();
+                    tracing::warn!(error = ?error, "a hosts row cannot be read; taken as stopped");
+                }
+            }
+        }
         let me = hostname();
         for (other, pid, name) in running {
             let alive = name == me
@@ -657,26 +1043,19 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
         let rows = self.claim(&CLAIM_MESSAGES, host, now, limit).await?;
-        let mut out = rows
-            .iter()
-            .map(|row| {
-                Ok(StoredMessage {
-                    seq: row.get("seq"),
-                    id: row.get("id"),
-                    message_type: row.get("message_type"),
-                    kind: parse_word(row.get::<&str, _>("kind"))?,
-                    properties: parse_json(row.get::<&str, _>("properties"))?,
-                    body: parse_json(row.get::<&str, _>("body"))?,
-                    instance_id: parse_uuid(row.get::<&str, _>("instance_id"))?,
-                    subscription_id: row
-                        .get::<Option<&str>, _>("subscription_id")
-                        .map(parse_uuid)
-                        .transpose()?,
-                    published_at: parse_ts(row.get::<&str, _>("published_at"))?,
-                    delivery_count: row.get("delivery_count"),
-                })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match stored_message(row) {
+                Ok(message) => out.push(message),
+                Err(e) => unreadable.push((col::<i64>(row, "seq")?, e.to_string())),
+            }
+        }
+        if !unreadable.is_empty() {
+            let mut tx = self.write().await?;
+            bury_messages(&mut tx, &unreadable, now).await?;
+            commit(tx).await?;
+        }
         out.sort_by_key(|m| m.seq);
         Ok(out)
     }
@@ -688,16 +1067,35 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<DueTimer>> {
         let rows = self.claim(&CLAIM_TIMERS, host, now, limit).await?;
-        let mut out = rows
-            .iter()
-            .map(|row| {
-                Ok(DueTimer {
-                    instance_id: parse_uuid(row.get::<&str, _>(0))?,
-                    name: row.get(1),
-                    due_at: parse_ts(row.get::<&str, _>(2))?,
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            let timer = (|| {
+                Ok::<_, StoreError>(DueTimer {
+                    instance_id: col_uuid(row, "instance_id")?,
+                    name: col(row, "name")?,
+                    due_at: col_ts(row, "due_at")?,
                 })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
+            })();
+            match timer {
+                Ok(timer) => out.push(timer),
+                Err(e) => unreadable.push((row, e)),
+            }
+        }
+        if !unreadable.is_empty() {
+            let mut tx = self.write().await?;
+            for (row, e) in unreadable {
+                // Its instance, if the row names one, is suspended with the reason (it would
+                // wait for the timer forever); the row stays locked to this host, so it is not
+                // claimed again while the host runs.
+                let why = format!("a timer of this instance cannot be read: {e}");
+                tracing::error!(error = %why, "a timer row cannot be read");
+                if let Ok(id) = col::<String>(row, "instance_id") {
+                    suspend_unreadable(&mut tx, &id, &why, now).await?;
+                }
+            }
+            commit(tx).await?;
+        }
         out.sort_by_key(|t| t.due_at);
         Ok(out)
     }
@@ -739,20 +1137,18 @@ impl Store for SqliteStore {
                 .await
                 .map_err(map_err)?;
             for row in rows {
-                out.push(InstanceRecord {
-                    id: parse_uuid(row.get::<&str, _>("id"))?,
-                    orchestration: row.get("orchestration"),
-                    version: row.get::<i64, _>("version") as u32,
-                    status: parse_word(row.get::<&str, _>("status"))?,
-                    state: row.get("state"),
-                    engine_state: row.get("engine_state"),
-                    epoch: row.get("epoch"),
-                    history_seq: row.get("history_seq"),
-                    parent_id: row
-                        .get::<Option<&str>, _>("parent_id")
-                        .map(parse_uuid)
-                        .transpose()?,
-                });
+                match instance_record(&row) {
+                    Ok(record) => out.push(record),
+                    Err(e) => {
+                        // Left out of the answer, as if another host held it: suspended with
+                        // the reason, so that it is not claimed again until an operator fixes
+                        // the row and resumes it.
+                        let id: String = col(&row, "id")?;
+                        let why = format!("its instances row cannot be read: {e}");
+                        tracing::error!(instance.id = %id, error = %why, "an instance cannot be loaded; suspended");
+                        suspend_unreadable(&mut tx, &id, &why, now).await?;
+                    }
+                }
             }
         }
         commit(tx).await?;
@@ -882,8 +1278,23 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match outbox_row(row) {
+                Ok(send) => out.push(send),
+                Err(e) => unreadable.push((row, e.to_string())),
+            }
+        }
+        if !unreadable.is_empty() {
+            // Dead-lettered in the claim's transaction: never claimed again, never a stop for
+            // the sends beside them.
+            for (row, why) in unreadable {
+                bury_send(&mut tx, row, &why, now).await?;
+            }
+        }
         commit(tx).await?;
-        rows.iter().map(outbox_row).collect()
+        Ok(out)
     }
 
     async fn claim_ordered(
@@ -904,13 +1315,10 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         let Some(head) = head else { return Ok(None) };
-        let status: String = head.get("status");
-        let due = parse_ts(head.get::<&str, _>("next_attempt_at"))? <= now;
-        let locked_by: Option<String> = head.get("locked_by");
-        let locked_until = head
-            .get::<Option<&str>, _>("locked_until")
-            .map(parse_ts)
-            .transpose()?;
+        let status: String = col(&head, "status")?;
+        let due = col_ts(&head, "next_attempt_at")? <= now;
+        let locked_by: Option<String> = col(&head, "locked_by")?;
+        let locked_until = col_ts_opt(&head, "locked_until")?;
         let locked_elsewhere = locked_by.is_some_and(|by| by != host)
             && locked_until.is_some_and(|until| until >= now);
         if status != "pending" || !due || locked_elsewhere {
@@ -1065,7 +1473,7 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         for r in &rows {
             let row = outbox_row(r)?;
-            let why: Option<String> = r.get("last_error");
+            let why: Option<String> = col(r, "last_error")?;
             let why = why.unwrap_or_else(|| "dead-lettered by an operator".to_owned());
             let attempts = row.attempts;
             dead_letter_send(&mut tx, &row, &why, attempts, now).await?;
@@ -1200,26 +1608,25 @@ impl Store for SqliteStore {
             else {
                 break;
             };
-            let request_id: i64 = row.get(0);
-            let parsed = parse_uuid(row.get::<&str, _>(1)).and_then(|instance_id| {
-                Ok(ControlRequest {
-                    id: request_id,
-                    instance_id,
-                    action: control_action(row.get(2), row.get(3), row.get(4))
-                        .map_err(StoreError::Corrupt)?,
-                })
-            });
-            let result = match &parsed {
-                Ok(request) => control_in(&mut tx, request.instance_id, &request.action, now).await,
-                Err(e) => Err(StoreError::Corrupt(e.to_string())),
+            let request_id: i64 = col(&row, "id")?;
+            let (instance_id, result) = match control_request(&row, request_id) {
+                Ok(request) => (
+                    Some(request.instance_id),
+                    control_in(&mut tx, request.instance_id, &request.action, now).await,
+                ),
+                Err(e) => (None, Err(e)),
             };
-            let result = match result {
-                Err(e) if !e.is_refusal() => return Err(e),
-                other => other,
-            };
-            let (status, text) = match &result {
-                Ok(status) => ("done", format!("instance is now {status}")),
-                Err(e) => ("rejected", e.to_string()),
+            let (mut tx, status, text) = match result {
+                Ok(ref status) => (tx, "done", format!("instance is now {status}")),
+                // Tried again on the next poll.
+                Err(e) if e.is_retryable() => return Err(e),
+                // Anything else is this request's answer, never a stop for the requests behind
+                // it: what the action wrote is rolled back, and the row is marked rejected
+                // with the reason.
+                Err(ref e) => {
+                    drop(tx);
+                    (self.write().await?, "rejected", e.to_string())
+                }
             };
             sqlx::query("UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1")
                 .bind(request_id)
@@ -1233,7 +1640,7 @@ impl Store for SqliteStore {
             commit(tx).await?;
             out.push(ControlApplied {
                 id: request_id,
-                instance_id: parsed.ok().map(|r| r.instance_id),
+                instance_id,
                 result: result.map_err(|e| e.to_string()),
             });
         }
@@ -1282,7 +1689,12 @@ impl Store for SqliteStore {
         Ok(Housekeeping { zombies, expired })
     }
 
-    async fn take_inbox(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+    async fn take_inbox(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        max_message_bytes: usize,
+    ) -> StoreResult<usize> {
         if !exists(&self.pool, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
             return Ok(0);
         }
@@ -1295,26 +1707,27 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         for row in &rows {
-            let id: i64 = row.get(0);
-            let body: String = row.get(4);
-            match inbox_message(id, row.get(1), row.get(2), row.get(3), &body) {
-                Ok(msg) => {
-                    publish_one(&mut tx, &msg, now).await?;
-                }
-                Err(reason) => {
-                    sqlx::query(
-                        "INSERT INTO dead_letters (id, message_type, body, reason, attempts, dead_at) \
-                         VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING",
-                    )
-                    .bind(format!("inbox-{id}"))
-                    .bind(row.get::<String, _>(2))
-                    .bind(&body)
-                    .bind(reason)
-                    .bind(ts(now))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                }
+            // `id` is the rowid: always an integer.
+            let id: i64 = col(row, "id")?;
+            let refused = match inbox_row(row, id, max_message_bytes) {
+                Ok(msg) => publish_or_refuse(&mut tx, id, &msg, now).await?,
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = refused {
+                tracing::warn!(inbox.id = id, error = %reason, "an inbox row was dead-lettered");
+                sqlx::query(&format!(
+                    "INSERT INTO dead_letters (id, message_type, body, reason, attempts, dead_at) \
+                     SELECT 'inbox-' || id, {}, {}, $2, 0, $3 FROM inbox WHERE id = $1 \
+                     ON CONFLICT (id) DO NOTHING",
+                    as_text("message_type"),
+                    as_text("body"),
+                ))
+                .bind(id)
+                .bind(&reason)
+                .bind(ts(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
             }
             sqlx::query("DELETE FROM inbox WHERE id = $1")
                 .bind(id)
@@ -1384,12 +1797,12 @@ impl Store for SqliteStore {
         .iter()
         .map(|h| {
             Ok(HistoryRow {
-                seq: h.get(0),
-                reason: parse_word(h.get::<&str, _>(1))?,
-                step: h.get(2),
-                status: parse_word(h.get::<&str, _>(3))?,
-                at: parse_ts(h.get::<&str, _>(4))?,
-                detail: h.get(5),
+                seq: col(h, "seq")?,
+                reason: col_word(h, "reason")?,
+                step: col(h, "step")?,
+                status: col_word(h, "status")?,
+                at: col_ts(h, "at")?,
+                detail: col(h, "detail")?,
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
@@ -1403,25 +1816,23 @@ impl Store for SqliteStore {
         .map_err(map_err)?
         .iter()
         .map(|m| {
-            (
-                m.get::<String, _>(0),
-                m.get::<String, _>(1),
-                m.get::<String, _>(2),
-            )
+            Ok((
+                col::<String>(m, "id")?,
+                col::<String>(m, "message_type")?,
+                col::<String>(m, "status")?,
+            ))
         })
+        .collect::<StoreResult<Vec<_>>>()?
+        .into_iter()
         .partition(|(_, _, status)| status == "routed");
         Ok(Some(InstanceDetail {
             summary: summary_from_row(&row)?,
-            state: row.get("state"),
-            output: row
-                .get::<Option<&str>, _>("output")
-                .map(parse_json)
+            state: col(&row, "state")?,
+            output: col::<Option<String>>(&row, "output")?
+                .map(|t| parse_json(&t).map_err(|e| in_column("output", e)))
                 .transpose()?,
-            next_timer_at: row
-                .get::<Option<&str>, _>("next_timer_at")
-                .map(parse_ts)
-                .transpose()?,
-            created_at: parse_ts(row.get::<&str, _>("created_at"))?,
+            next_timer_at: col_ts_opt(&row, "next_timer_at")?,
+            created_at: col_ts(&row, "created_at")?,
             history,
             pending_messages: pending.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
             zombies: zombies.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
@@ -1430,12 +1841,14 @@ impl Store for SqliteStore {
 
     async fn activity(&self, _now: DateTime<Utc>) -> StoreResult<Activity> {
         let mut activity = Activity::default();
-        for row in sqlx::query("SELECT status, COUNT(*) FROM instances GROUP BY status")
+        for row in sqlx::query("SELECT status, COUNT(*) AS count FROM instances GROUP BY status")
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?
         {
-            activity.by_status.insert(row.get(0), row.get(1));
+            activity
+                .by_status
+                .insert(col(&row, "status")?, col(&row, "count")?);
         }
         activity.ready_messages = sqlx::query_scalar(READY_MESSAGES)
             .fetch_one(&self.pool)
@@ -1472,29 +1885,26 @@ fn hostname() -> String {
 /// An outbox row as the dispatcher sees it.
 fn outbox_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<OutboxRow> {
     Ok(OutboxRow {
-        id: row.get("id"),
-        instance_id: parse_uuid(row.get::<&str, _>("instance_id"))?,
-        port: row.get("port"),
-        message_type: row.get("message_type"),
-        body: parse_json(row.get::<&str, _>("body"))?,
-        expects_reply: row.get("expects_reply"),
-        attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(0),
+        id: col(row, "id")?,
+        instance_id: col_uuid(row, "instance_id")?,
+        port: col(row, "port")?,
+        message_type: col(row, "message_type")?,
+        body: col_json(row, "body")?,
+        expects_reply: col(row, "expects_reply")?,
+        attempts: col_u32(row, "attempts")?,
     })
 }
 
 fn dead_letter_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<DeadLetter> {
     Ok(DeadLetter {
-        id: row.get("id"),
-        instance_id: row
-            .get::<Option<&str>, _>("instance_id")
-            .map(parse_uuid)
-            .transpose()?,
-        port: row.get("port"),
-        message_type: row.get("message_type"),
-        body: parse_json(row.get::<&str, _>("body"))?,
-        reason: row.get("reason"),
-        attempts: u32::try_from(row.get::<i64, _>("attempts")).unwrap_or(0),
-        dead_at: parse_ts(row.get::<&str, _>("dead_at"))?,
+        id: col(row, "id")?,
+        instance_id: col_uuid_opt(row, "instance_id")?,
+        port: col(row, "port")?,
+        message_type: col(row, "message_type")?,
+        body: col_json(row, "body")?,
+        reason: col(row, "reason")?,
+        attempts: col_u32(row, "attempts")?,
+        dead_at: col_ts(row, "dead_at")?,
     })
 }
 
@@ -1626,5 +2036,125 @@ mod tests {
                 "{sql}\nreads every waiting instance: {steps:#?}"
             );
         }
+    }
+    /// A value of any SQLite storage class.
+    #[derive(Debug, Clone)]
+    enum Val {
+        Null,
+        Int(i64),
+        Real(f64),
+        Text(String),
+        Blob(Vec<u8>),
+    }
+
+    /// The instance the control rows of the property test may name.
+    const TARGET: &str = "018f0000-0000-7000-8000-000000000001";
+
+    fn val() -> impl proptest::strategy::Strategy<Value = Val> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Val::Null),
+            any::<i64>().prop_map(Val::Int),
+            any::<f64>().prop_map(Val::Real),
+            prop_oneof![
+                Just("suspend"),
+                Just("resume"),
+                Just("terminate"),
+                Just("true"),
+                Just(TARGET),
+            ]
+            .prop_map(|s| Val::Text(s.to_owned())),
+            any::<String>().prop_map(Val::Text),
+            proptest::collection::vec(any::<u8>(), 0..8).prop_map(Val::Blob),
+        ]
+    }
+
+    /// Mostly the target instance, as text, and sometimes anything.
+    fn id() -> impl proptest::strategy::Strategy<Value = Val> {
+        use proptest::prelude::*;
+        prop_oneof![3 => Just(Val::Text(TARGET.to_owned())), 1 => val()]
+    }
+
+    /// Mostly an action the CHECK admits, and sometimes anything (refused at the insert).
+    fn action() -> impl proptest::strategy::Strategy<Value = Val> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => prop_oneof![Just("suspend"), Just("resume"), Just("terminate")]
+                .prop_map(|s| Val::Text(s.to_owned())),
+            1 => val(),
+        ]
+    }
+
+    fn bind<'q>(
+        q: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        v: &Val,
+    ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+        match v {
+            Val::Null => q.bind(None::<i64>),
+            Val::Int(i) => q.bind(*i),
+            Val::Real(f) => q.bind(*f),
+            Val::Text(t) => q.bind(t.clone()),
+            Val::Blob(b) => q.bind(b.clone()),
+        }
+    }
+
+    /// Whatever storage class and value a hand-written `control` row holds in each column
+    /// (those its constraints admit), a host's pass carries it out or rejects it with a
+    /// reason: never a panic, never an error that would stop the rows behind it.
+    #[test]
+    fn arbitrary_control_rows_are_applied_or_rejected() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt.block_on(async {
+            let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+            store.migrate().await.unwrap();
+            store
+        });
+        let reached = std::sync::atomic::AtomicUsize::new(0);
+        let mut runner =
+            proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(128));
+        runner
+            .run(&(id(), action(), val(), val()), |(id, action, reason, force)| {
+                rt.block_on(async {
+                    let now = Utc::now();
+                    // The instance exists, running, before each row.
+                    sqlx::query("DELETE FROM instances").execute(&store.pool).await.unwrap();
+                    insert_instance_row(&store, now).await;
+                    let q = sqlx::query(
+                        "INSERT INTO control (instance_id, action, reason, force) VALUES ($1, $2, $3, $4)",
+                    );
+                    let q = bind(bind(bind(bind(q, &id), &action), &reason), &force);
+                    if q.execute(&store.pool).await.is_err() {
+                        // Refused by a constraint (NOT NULL, the action's CHECK): nothing to read.
+                        return;
+                    }
+                    let applied = store.apply_controls("host", now, 10).await.unwrap();
+                    assert_eq!(applied.len(), 1, "{applied:?}");
+                    reached.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let pending: i64 =
+                        sqlx::query_scalar("SELECT COUNT(*) FROM control WHERE status = 'pending'")
+                            .fetch_one(&store.pool)
+                            .await
+                            .unwrap();
+                    assert_eq!(pending, 0);
+                });
+                Ok(())
+            })
+            .unwrap();
+        let reached = reached.into_inner();
+        assert!(
+            reached >= 32,
+            "only {reached} of 128 rows passed the table's constraints"
+        );
+    }
+
+    async fn insert_instance_row(store: &SqliteStore, now: DateTime<Utc>) {
+        let mut tx = store.write().await.unwrap();
+        insert_instance(&mut tx, parse_uuid(TARGET).unwrap(), "o", 1, None, now)
+            .await
+            .unwrap();
+        commit(tx).await.unwrap();
     }
 }

@@ -38,6 +38,16 @@ pub fn storable_text(text: &str) -> String {
     text.replace('\0', "\\0")
 }
 
+/// At most the first 64 characters of `text`, with `...` when there is more: for an error that
+/// quotes a value (a body may be megabytes).
+pub(crate) fn shorten(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 /// The length of `value` as JSON text, counted without building the text.
 pub fn json_len(value: &serde_json::Value) -> usize {
     struct Count(usize);

@@ -932,7 +932,9 @@ async fn insert_messages(
     Ok(rows.into_iter().collect())
 }
 
-/// Reads the routing rows of the messages' types, once per type.
+/// Reads the routing rows of the messages' types, once per type. A subscription row that
+/// cannot be read (a tool wrote it) is left out, with a warning: it routes nothing, and never
+/// stops the publishing of its type.
 pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreResult<RouteCache> {
     let mut cache = RouteCache::default();
     for (message_type, msgs) in RouteCache::by_type(messages.iter().copied()) {
@@ -967,10 +969,13 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
         .fetch_optional(&mut **tx)
         .await
         .map_err(map_err)?;
-        let activation = match activation {
-            Some((o, v, k)) => Some((o, uint(v, "subscriptions.version")?, k)),
-            None => None,
-        };
+        let activation = activation.and_then(|(o, v, k)| match uint(v, "subscriptions.version") {
+            Ok(v) => Some((o, v, k)),
+            Err(e) => {
+                tracing::warn!(error = %e, "a subscription row cannot be read; left out of routing");
+                None
+            }
+        });
         cache.activation(message_type, activation);
     }
     Ok(cache)

@@ -53,22 +53,6 @@ async fn execute(
         .map_err(map_err)
 }
 
-/// Runs `q` (kept prepared as [`execute`] does) and returns its rows.
-async fn fetch_as<T>(
-    tx: &mut Tx,
-    mut q: QueryBuilder<'_, Sqlite>,
-    rows: usize,
-) -> StoreResult<Vec<T>>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
-{
-    q.build_query_as()
-        .persistent(reuse(rows))
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(map_err)
-}
-
 /// Runs `q` (kept prepared as [`execute`] does) and returns its one text column.
 async fn fetch_texts(
     tx: &mut Tx,
@@ -1215,17 +1199,21 @@ async fn stored_ids(
     Ok(stored)
 }
 
-/// Reads the routing rows of a batch's message types, once per type.
+/// Reads the routing rows of a batch's message types, once per type. A subscription row that
+/// cannot be read (a tool wrote it) is left out, with a warning: it routes nothing, and never
+/// stops the publishing of its type.
 pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreResult<RouteCache> {
     let mut cache = RouteCache::default();
     for (message_type, msgs) in RouteCache::by_type(messages.iter().copied()) {
-        let key_sets: Vec<String> = sqlx::query_scalar(
-            "SELECT correlation_keys FROM subscription_keys WHERE message_type = $1",
-        )
-        .bind(message_type)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(map_err)?;
+        let key_sets: Vec<String> =
+            sqlx::query("SELECT correlation_keys FROM subscription_keys WHERE message_type = $1")
+                .bind(message_type)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(map_err)?
+                .iter()
+                .filter_map(|row| readable(super::col(row, "correlation_keys")))
+                .collect();
         let values = cache.key_sets(message_type, key_sets, &msgs);
         for chunk in values.chunks(ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::new(
@@ -1238,17 +1226,26 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
                 list.push_bind(value);
             }
             q.push(") ORDER BY created_at, id");
-            let rows: Vec<(String, String, String)> = fetch_as(tx, q, chunk.len()).await?;
-            for (correlation, sub, instance) in rows {
-                cache.subscription(
-                    message_type,
-                    correlation,
-                    parse_uuid(&sub)?,
-                    parse_uuid(&instance)?,
-                );
+            let rows = q
+                .build()
+                .persistent(reuse(chunk.len()))
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(map_err)?;
+            for row in &rows {
+                let read = (|| {
+                    Ok::<_, StoreError>((
+                        super::col::<String>(row, "correlation")?,
+                        super::col_uuid(row, "id")?,
+                        super::col_uuid(row, "instance_id")?,
+                    ))
+                })();
+                if let Some((correlation, sub, instance)) = readable(read) {
+                    cache.subscription(message_type, correlation, sub, instance);
+                }
             }
         }
-        let activation: Option<(String, i64, String)> = sqlx::query_as(
+        let activation = sqlx::query(
             "SELECT orchestration, version, correlation_keys FROM subscriptions \
              WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
         )
@@ -1256,7 +1253,24 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
         .fetch_optional(&mut **tx)
         .await
         .map_err(map_err)?;
-        cache.activation(message_type, activation.map(|(o, v, k)| (o, v as u32, k)));
+        let activation = activation.as_ref().and_then(|row| {
+            readable((|| {
+                Ok::<_, StoreError>((
+                    super::col::<String>(row, "orchestration")?,
+                    super::col_u32(row, "version")?,
+                    super::col::<String>(row, "correlation_keys")?,
+                ))
+            })())
+        });
+        cache.activation(message_type, activation);
     }
     Ok(cache)
+}
+
+/// A subscription row read, or `None` with a warning when it cannot be read.
+fn readable<T>(read: StoreResult<T>) -> Option<T> {
+    read.map_err(
+        |e| tracing::warn!(error = %e, "a subscription row cannot be read; left out of routing"),
+    )
+    .ok()
 }
