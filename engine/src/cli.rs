@@ -274,7 +274,10 @@ pub fn main(app: App) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, app)) {
+    let result = runtime.block_on(run(cli, app));
+    // Whatever still runs (a task the host gave up on at shutdown) does not hold up the exit.
+    runtime.shutdown_timeout(EXIT_WITHIN);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -360,9 +363,22 @@ pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
     }
     let store = open_store(&cli.database, cli.command.schema_use()).await?;
     let result = execute(cli, app, store.clone()).await;
-    store.close().await;
+    // Bounded: with the database unreachable, closing its connections must not hold up the
+    // exit (a host's shutdown is bounded the same way, `HostConfig::drain_timeout`).
+    if tokio::time::timeout(CLOSE_WITHIN, store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the database connections took too long; exiting anyway");
+    }
     result
 }
+
+/// How long closing the database connections may take when a command ends.
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// How long tasks still running when a command ends may take before the process exits.
+const EXIT_WITHIN: Duration = Duration::from_millis(500);
 
 async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliError> {
     let client = Client::new(store.clone(), app.registry.clone());

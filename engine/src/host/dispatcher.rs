@@ -43,6 +43,9 @@ pub(crate) struct DispatchSettings {
     pub outbox_lock: Duration,
     pub concurrency: usize,
     pub drain_timeout: Duration,
+    /// When the host must be done stopping, once it is asked to: the drain ends a tenth of
+    /// `drain_timeout` before, leaving that to record what finished.
+    pub drain_until: Arc<std::sync::OnceLock<tokio::time::Instant>>,
 }
 
 pub(crate) struct Dispatcher {
@@ -143,7 +146,14 @@ impl Dispatcher {
         }
         // Drain: let running deliveries finish for a while and record them; whatever is left
         // stays locked in the outbox and is delivered again after the lock expires.
-        let deadline = tokio::time::sleep(this.settings.drain_timeout);
+        let deadline = match this.settings.drain_until.get() {
+            Some(until) => tokio::time::sleep_until(
+                until
+                    .checked_sub(this.settings.drain_timeout / 10)
+                    .unwrap_or(*until),
+            ),
+            None => tokio::time::sleep(this.settings.drain_timeout),
+        };
         tokio::pin!(deadline);
         while !deliveries.is_empty() || !ordered_tasks.is_empty() {
             tokio::select! {

@@ -7,7 +7,8 @@
 //! longer than [`HostConfig::dehydrate_after`] are saved and dropped from memory. When the
 //! shutdown token is cancelled the loop stops claiming, saves every instance it holds that changed
 //! since its last persistence point (the `shutdown` point), lets running deliveries finish for a
-//! while, and gives up its leases.
+//! while, and gives up its leases: all of it within [`HostConfig::drain_timeout`] (and
+//! [`RELEASE_WITHIN`] for the leases), whatever the database does.
 
 mod commit;
 mod dispatcher;
@@ -67,7 +68,11 @@ pub struct HostConfig {
     pub outbox_lock: Duration,
     /// Concurrent deliveries.
     pub send_concurrency: usize,
-    /// On shutdown, how long running deliveries may take to finish.
+    /// On shutdown, how long the host may take to stop: to finish the round under way, write
+    /// the shutdown points and let running deliveries finish. Whatever is not done by then is
+    /// dropped as a crash would drop it, and resumes from the last persistence point. Giving up
+    /// the leases then takes at most [`RELEASE_WITHIN`] more, so that [`Host::run`] returns
+    /// within `drain_timeout` + 1 s of being asked to stop, even with the database unreachable.
     pub drain_timeout: Duration,
     /// With `until_idle`, a timer due within this horizon still counts as work.
     pub idle_horizon: Duration,
@@ -454,6 +459,8 @@ impl Host {
         let (to_dispatch, rows) = mpsc::unbounded_channel();
         let (replies_tx, replies) = mpsc::unbounded_channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
+        // When the host must be done stopping; set once it is asked to.
+        let drain_until = Arc::new(OnceLock::new());
         let dispatcher = Dispatcher {
             store: self.store.clone(),
             ports: self.ports.clone(),
@@ -464,6 +471,7 @@ impl Host {
                 outbox_lock: self.config.outbox_lock,
                 concurrency: self.config.send_concurrency,
                 drain_timeout: self.config.drain_timeout,
+                drain_until: drain_until.clone(),
             },
             wake_host: self.wake.clone(),
             in_flight: in_flight.clone(),
@@ -522,31 +530,79 @@ impl Host {
             panicked: Vec::new(),
             last_panic: HashMap::new(),
         };
-        let result = runner.run_loop(&shutdown).await;
-        // Clients start no more instances for this host; those it was handed and did not run
-        // are given up with the rest of its leases below.
-        runner.held_starts.close();
+        // Stopping is bounded, whatever the database does: from the moment the host is asked
+        // to stop (or, with `until_idle`, finds nothing left to do), the round under way, the
+        // shutdown points, the receive locations and the dispatcher's drain get `drain_timeout`
+        // in all. What is not done by then is dropped as a crash would drop it: the instances
+        // resume from their last persistence point, the sends stay in the outbox and are
+        // delivered again under their ids, the claimed messages are delivered again.
+        let mut heartbeat = heartbeat;
+        let mut listener = listener;
+        let mut dispatcher = dispatcher;
+        let mut receiving = receiving;
+        let stopping = shutdown.child_token();
+        let drain = runner.host.config.drain_timeout;
+        let deadline = async {
+            stopping.cancelled().await;
+            let at = tokio::time::Instant::now() + drain;
+            let _ = drain_until.set(at);
+            tokio::time::sleep_until(at).await;
+        };
+        let work = async {
+            let result = runner.run_loop(&shutdown).await;
+            stopping.cancel();
+            // Clients start no more instances for this host; those it was handed and did not
+            // run are given up with the rest of its leases below.
+            runner.held_starts.close();
+            stop_receiving.cancel();
+            for task in &mut receiving {
+                let _ = task.await;
+            }
+            runner.shutdown().await;
+            stop_workers.cancel();
+            let _ = (&mut heartbeat).await;
+            let _ = (&mut listener).await;
+            let _ = (&mut dispatcher).await;
+            result
+        };
+        let result = tokio::select! {
+            result = work => result,
+            () = deadline => {
+                tracing::warn!(drain_timeout = ?drain,
+                    "shutdown: out of time (is the database reachable?); what was not committed resumes from its last persistence point");
+                Ok(())
+            }
+        };
         stop_receiving.cancel();
-        for task in receiving {
-            let _ = task.await;
-        }
-        runner.shutdown().await;
         stop_workers.cancel();
-        let _ = heartbeat.await;
-        let _ = listener.await;
-        let _ = dispatcher.await;
-        if let Err(e) = runner
-            .host
-            .store
-            .release(&runner.host.id, runner.host.clock.now())
-            .await
+        for task in receiving.iter().chain([&heartbeat, &listener, &dispatcher]) {
+            task.abort();
+        }
+        match tokio::time::timeout(
+            RELEASE_WITHIN,
+            runner
+                .host
+                .store
+                .release(&runner.host.id, runner.host.clock.now()),
+        )
+        .await
         {
-            tracing::warn!(error = %e, "could not give up leases at shutdown; they expire on their own");
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not give up leases at shutdown; they expire on their own");
+            }
+            Err(_) => tracing::warn!(
+                "giving up leases at shutdown took too long; they expire on their own"
+            ),
         }
         tracing::info!(host.id = %runner.host.id, stats = ?runner.stats, "host stopped");
         result.map(|()| runner.stats)
     }
 }
+
+/// At shutdown, how long giving up the leases may take after the drain (the database may be
+/// unreachable: the leases then expire on their own).
+pub const RELEASE_WITHIN: Duration = Duration::from_secs(1);
 
 async fn heartbeat(
     store: Arc<dyn Store>,

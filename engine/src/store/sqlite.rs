@@ -182,7 +182,12 @@ fn map_err(err: sqlx::Error) -> StoreError {
         return StoreError::Corrupt(err.to_string());
     }
     let retryable = match &err {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        // A connection whose worker thread stopped is opened again by the next write
+        // (`writer::Slot::ready`).
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             // SQLITE_BUSY (5), SQLITE_LOCKED (6), SQLITE_IOERR (10), SQLITE_FULL (13),
             // SQLITE_CANTOPEN (14), and their extended codes.
@@ -238,6 +243,22 @@ impl SqliteStore {
     /// # Errors
     /// The file cannot be opened or created.
     pub async fn open(url: &str) -> StoreResult<Self> {
+        Self::open_with(url, None).await
+    }
+
+    /// [`SqliteStore::open`] with a cap on the database's size, in pages (`PRAGMA
+    /// max_page_count` on every connection of this store, the write connection included when
+    /// it is opened again): a write that needs a page past it fails with `SQLITE_FULL`, as on a
+    /// full disk. A cap below the database's current size is raised to it. For tests of a full
+    /// disk: fill the database from another connection, and free space by deleting from it.
+    ///
+    /// # Errors
+    /// The file cannot be opened or created.
+    pub async fn open_with_max_pages(url: &str, max_pages: u64) -> StoreResult<Self> {
+        Self::open_with(url, Some(max_pages)).await
+    }
+
+    async fn open_with(url: &str, max_pages: Option<u64>) -> StoreResult<Self> {
         let memory = url.contains(":memory:") || url.contains("mode=memory");
         let options = SqliteConnectOptions::from_str(url)
             .map_err(StoreError::Database)?
@@ -251,6 +272,10 @@ impl SqliteStore {
             // The temporary table a group commit fences its points with (`batch::push_fence`)
             // stays in memory.
             .pragma("temp_store", "memory");
+        let options = match max_pages {
+            Some(pages) => options.pragma("max_page_count", pages.to_string()),
+            None => options,
+        };
         // Every connection is opened here, before any load: opening one later, while another
         // writes, can fail at once with SQLITE_BUSY on the journal-mode pragma.
         let connect = |connections: u32| {

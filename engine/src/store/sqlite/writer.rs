@@ -18,21 +18,40 @@
 //! a script that failed left open, and, dropped before its script finished (its caller went
 //! away, or its runtime was torn down), does so from a thread of its own that holds the
 //! connection until it is done.
+//!
+//! Whatever way a transaction ends, the next one finds the connection with no transaction open
+//! ([`Slot::ready`]). A transaction that failed may have left one open behind sqlx's back, or
+//! sqlx counting one that SQLite had already rolled back by itself (as it does on a full disk):
+//! the next transaction evens both up first ([`reset`]), or, if that fails, closes the connection
+//! and opens a new one with the same options. A host writing to a disk that filled up resumes
+//! on its own once space is freed.
 
 use std::borrow::Cow;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use sqlx::pool::PoolConnection;
-use sqlx::sqlite::SqliteTransactionManager;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteTransactionManager};
 use sqlx::{Connection, Executor, Sqlite, SqliteConnection, SqlitePool, TransactionManager};
-use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::map_err;
 use crate::store::{StoreError, StoreResult};
 
-/// The dedicated connection; `None` once the store is closed.
-type Slot = Option<SqliteConnection>;
+/// The dedicated connection, and what it takes to open it again.
+#[derive(Debug)]
+pub(super) struct Slot {
+    /// `None` once the store is closed, or after the connection was found unusable and could
+    /// not be opened again yet (the next transaction tries).
+    conn: Option<SqliteConnection>,
+    options: SqliteConnectOptions,
+    /// The store is closed: no new transactions.
+    closed: bool,
+    /// A transaction on `conn` failed in a way that may have left SQLite in a transaction the
+    /// manager does not know of (a script whose rollback failed, a `BEGIN` or `COMMIT` that
+    /// failed): the next transaction checks the connection first.
+    suspect: bool,
+}
 
 /// Where write transactions run.
 #[derive(Debug, Clone)]
@@ -66,10 +85,130 @@ pub(super) async fn add_temp_tables(conn: &mut SqliteConnection) -> Result<(), s
     .map(drop)
 }
 
+/// Opens the dedicated connection.
+async fn open(options: &SqliteConnectOptions) -> Result<SqliteConnection, sqlx::Error> {
+    let mut conn = SqliteConnection::connect_with(options).await?;
+    add_temp_tables(&mut conn).await?;
+    Ok(conn)
+}
+
+/// How many transactions sqlx's manager counts as open on `conn`.
+fn depth(conn: &SqliteConnection) -> usize {
+    SqliteTransactionManager::get_transaction_depth(conn)
+}
+
+/// Whether `e` is SQLite's answer to a `ROLLBACK` with no transaction open.
+fn no_transaction(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.message().contains("no transaction is active"))
+}
+
+/// Brings `conn` back to no transaction open, for SQLite and for sqlx's transaction manager
+/// alike, after a transaction that failed or was dropped; with `suspect`, also rolls back what
+/// a failed script may have left open behind the manager's back.
+///
+/// The manager counts the transactions it began (its *depth*) and only counts one down when its
+/// `ROLLBACK` or `COMMIT` succeeds. But SQLite rolls a transaction back by itself when a
+/// statement or the `COMMIT` fails with `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_NOMEM` (and a
+/// `COMMIT` with `SQLITE_BUSY`): the manager's `ROLLBACK` then fails with "no transaction is
+/// active" and its count stays at one, and every `BEGIN IMMEDIATE` after that is refused
+/// ("attempted to call begin_with at non-zero transaction depth"), for good. Here a plain
+/// `BEGIN` gives the manager a transaction to roll back, which brings its count down.
+async fn reset(conn: &mut SqliteConnection, suspect: bool) -> Result<(), sqlx::Error> {
+    // The manager's own rollback first, acknowledged: it runs after whatever rollback a dropped
+    // transaction queued on the worker.
+    for _ in 0..4 {
+        if depth(conn) == 0 {
+            break;
+        }
+        match SqliteTransactionManager::rollback(conn).await {
+            Ok(()) => {}
+            Err(e) if no_transaction(&e) => {
+                tracing::debug!(
+                    "SQLite ended the failed transaction itself; evening up sqlx's count"
+                );
+                conn.execute("BEGIN").await?;
+                SqliteTransactionManager::rollback(conn).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if depth(conn) > 0 {
+        return Err(sqlx::Error::Protocol(format!(
+            "the write connection still counts {} open transaction(s)",
+            depth(conn)
+        )));
+    }
+    if suspect {
+        match conn.execute("ROLLBACK").await {
+            Err(e) if no_transaction(&e) => {}
+            other => other.map(drop)?,
+        }
+    }
+    Ok(())
+}
+
+impl Slot {
+    fn conn(&self) -> &SqliteConnection {
+        self.conn.as_ref().expect("a connection is taken ready")
+    }
+
+    fn conn_mut(&mut self) -> &mut SqliteConnection {
+        self.conn.as_mut().expect("a connection is taken ready")
+    }
+
+    /// Makes the connection ready for a new transaction: none open (see [`reset`]), or, if
+    /// that cannot be made so, a new connection in place of the old. A connection that cannot
+    /// be opened (the file unreadable for now) is an [`StoreError::Unavailable`] error, and the
+    /// next transaction tries again.
+    ///
+    /// # Cancel safety
+    /// Cancelled part way, it leaves the slot for the next caller to make ready.
+    async fn ready(&mut self) -> StoreResult<()> {
+        if self.closed {
+            return Err(StoreError::Unavailable(sqlx::Error::PoolClosed));
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            if self.suspect || depth(conn) > 0 {
+                // Stays set until the connection is known to be clean.
+                self.suspect = true;
+                match reset(conn, true).await {
+                    Ok(()) => self.suspect = false,
+                    Err(e) => {
+                        tracing::warn!(error = %e,
+                            "the SQLite write connection cannot be brought back out of a failed transaction; opening it again");
+                        if let Some(old) = self.conn.take() {
+                            // Closing rolls back whatever SQLite still has open on it.
+                            if let Err(e) = old.close().await {
+                                tracing::debug!(error = %e, "closing the unusable write connection failed");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if self.conn.is_none() {
+            let conn = open(&self.options).await.map_err(StoreError::Unavailable)?;
+            tracing::info!("the SQLite write connection is open again");
+            self.conn = Some(conn);
+            self.suspect = false;
+        }
+        Ok(())
+    }
+}
+
 /// A connection taken for one write transaction.
 enum Held {
-    Dedicated(OwnedMappedMutexGuard<Slot, SqliteConnection>),
+    Dedicated(OwnedMutexGuard<Slot>),
     Pooled(PoolConnection<Sqlite>),
+}
+
+impl Held {
+    /// Marks the dedicated connection for a check before its next transaction.
+    fn suspect(&mut self) {
+        if let Held::Dedicated(slot) = self {
+            slot.suspect = true;
+        }
+    }
 }
 
 impl Deref for Held {
@@ -77,7 +216,7 @@ impl Deref for Held {
 
     fn deref(&self) -> &SqliteConnection {
         match self {
-            Held::Dedicated(conn) => conn,
+            Held::Dedicated(slot) => slot.conn(),
             Held::Pooled(conn) => conn,
         }
     }
@@ -86,7 +225,7 @@ impl Deref for Held {
 impl DerefMut for Held {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
         match self {
-            Held::Dedicated(conn) => conn,
+            Held::Dedicated(slot) => slot.conn_mut(),
             Held::Pooled(conn) => conn,
         }
     }
@@ -94,21 +233,21 @@ impl DerefMut for Held {
 
 impl Writer {
     /// Opens the dedicated connection.
-    pub(super) async fn connect(
-        options: &sqlx::sqlite::SqliteConnectOptions,
-    ) -> Result<Self, sqlx::Error> {
-        let mut conn = SqliteConnection::connect_with(options).await?;
-        add_temp_tables(&mut conn).await?;
-        Ok(Writer::Dedicated(Arc::new(Mutex::new(Some(conn)))))
+    pub(super) async fn connect(options: &SqliteConnectOptions) -> Result<Self, sqlx::Error> {
+        let conn = open(options).await?;
+        Ok(Writer::Dedicated(Arc::new(Mutex::new(Slot {
+            conn: Some(conn),
+            options: options.clone(),
+            closed: false,
+            suspect: false,
+        }))))
     }
 
-    /// Waits for the dedicated connection.
-    async fn dedicated(
-        slot: &Arc<Mutex<Slot>>,
-    ) -> StoreResult<OwnedMappedMutexGuard<Slot, SqliteConnection>> {
-        let slot = slot.clone().lock_owned().await;
-        OwnedMutexGuard::try_map(slot, Option::as_mut)
-            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))
+    /// Waits for the dedicated connection, ready for a new transaction ([`Slot::ready`]).
+    async fn dedicated(slot: &Arc<Mutex<Slot>>) -> StoreResult<OwnedMutexGuard<Slot>> {
+        let mut slot = slot.clone().lock_owned().await;
+        slot.ready().await?;
+        Ok(slot)
     }
 
     /// Waits for the connection and starts a write transaction (`BEGIN IMMEDIATE`: it takes the
@@ -116,7 +255,13 @@ impl Writer {
     pub(super) async fn begin(&self) -> StoreResult<Tx> {
         let conn = match self {
             Writer::Dedicated(slot) => Held::Dedicated(Self::dedicated(slot).await?),
-            Writer::Pooled(pool) => Held::Pooled(pool.acquire().await.map_err(map_err)?),
+            Writer::Pooled(pool) => {
+                let mut conn = pool.acquire().await.map_err(map_err)?;
+                if depth(&conn) > 0 {
+                    reset(&mut conn, false).await.map_err(map_err)?;
+                }
+                Held::Pooled(conn)
+            }
         };
         // Open from before the `BEGIN`: a caller that goes away while it runs (its task
         // cancelled, its runtime torn down) may do so after the worker ran it and answered, and
@@ -127,9 +272,12 @@ impl Writer {
             conn: Some(conn),
             open: true,
         };
-        SqliteTransactionManager::begin(&mut tx, Some(Cow::Borrowed("BEGIN IMMEDIATE")))
-            .await
-            .map_err(map_err)?;
+        if let Err(e) =
+            SqliteTransactionManager::begin(&mut tx, Some(Cow::Borrowed("BEGIN IMMEDIATE"))).await
+        {
+            tx.suspect();
+            return Err(map_err(e));
+        }
         Ok(tx)
     }
 
@@ -150,7 +298,9 @@ impl Writer {
     pub(super) async fn close(&self) {
         match self {
             Writer::Dedicated(slot) => {
-                if let Some(conn) = slot.lock().await.take() {
+                let mut slot = slot.lock().await;
+                slot.closed = true;
+                if let Some(conn) = slot.conn.take() {
                     if let Err(e) = conn.close().await {
                         tracing::warn!(error = %e, "closing the SQLite write connection failed");
                     }
@@ -164,16 +314,17 @@ impl Writer {
 /// Rolls back the transaction open on `conn`, if there is one.
 async fn roll_back_if_open(conn: &mut SqliteConnection) -> StoreResult<()> {
     match conn.execute("ROLLBACK").await {
-        Err(sqlx::Error::Database(e)) if e.message().contains("no transaction is active") => Ok(()),
+        Err(e) if no_transaction(&e) => Ok(()),
         other => other.map(drop).map_err(map_err),
     }
 }
 
 /// The dedicated connection, taken for a transaction sent as one script ([`Writer::alone`]).
 /// Dropped before [`Alone::finished`] or [`Alone::failed`], it rolls back whatever the script
-/// left open.
+/// left open. A rollback that fails leaves the connection marked, to be checked (or opened
+/// again) before the next transaction.
 pub(super) struct Alone {
-    conn: Option<OwnedMappedMutexGuard<Slot, SqliteConnection>>,
+    conn: Option<OwnedMutexGuard<Slot>>,
 }
 
 impl Alone {
@@ -185,7 +336,13 @@ impl Alone {
     /// The script failed part way: rolls back what it left open.
     pub(super) async fn failed(mut self) -> StoreResult<()> {
         match self.conn.take() {
-            Some(mut conn) => roll_back_if_open(&mut conn).await,
+            Some(mut slot) => {
+                let rolled_back = roll_back_if_open(slot.conn_mut()).await;
+                if rolled_back.is_err() {
+                    slot.suspect = true;
+                }
+                rolled_back
+            }
             None => Ok(()),
         }
     }
@@ -193,7 +350,7 @@ impl Alone {
 
 impl Drop for Alone {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
+        let Some(mut slot) = self.conn.take() else {
             return;
         };
         // The caller went away mid-script; there may be no runtime left to roll back on (a host
@@ -203,8 +360,9 @@ impl Drop for Alone {
             let rolled_back = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))
-                .and_then(|runtime| runtime.block_on(roll_back_if_open(&mut conn)));
+                .and_then(|runtime| runtime.block_on(roll_back_if_open(slot.conn_mut())));
             if let Err(e) = rolled_back {
+                slot.suspect = true;
                 tracing::error!(error = %e, "rolling back an abandoned SQLite write failed");
             }
         });
@@ -215,18 +373,22 @@ impl Deref for Alone {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
-        self.conn.as_deref().expect("held until finished")
+        self.conn.as_deref().expect("held until finished").conn()
     }
 }
 
 impl DerefMut for Alone {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        self.conn.as_deref_mut().expect("held until finished")
+        self.conn
+            .as_deref_mut()
+            .expect("held until finished")
+            .conn_mut()
     }
 }
 
 /// A write transaction. Statements run on it as on a connection (`&mut **tx`); it is committed
-/// by [`Tx::commit`] and rolled back when dropped without.
+/// by [`Tx::commit`] and rolled back when dropped without. Whatever way it ends, the next
+/// transaction finds the connection with no transaction open ([`Slot::ready`]).
 pub(super) struct Tx {
     conn: Option<Held>,
     /// A transaction is open on the connection: dropping rolls it back.
@@ -236,11 +398,20 @@ pub(super) struct Tx {
 impl Tx {
     /// Commits the transaction.
     pub(super) async fn commit(mut self) -> StoreResult<()> {
-        SqliteTransactionManager::commit(&mut self)
-            .await
-            .map_err(map_err)?;
+        if let Err(e) = SqliteTransactionManager::commit(&mut self).await {
+            // SQLite may have rolled it back itself, or kept it open: dropping queues the
+            // manager's rollback, and the next transaction checks.
+            self.suspect();
+            return Err(map_err(e));
+        }
         self.open = false;
         Ok(())
+    }
+
+    fn suspect(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.suspect();
+        }
     }
 }
 
@@ -265,7 +436,8 @@ impl DerefMut for Tx {
 impl Drop for Tx {
     fn drop(&mut self) {
         if let (Some(conn), true) = (self.conn.as_deref_mut(), self.open) {
-            // Queued on the worker now; it runs before the connection's next command.
+            // Queued on the worker now; it runs before the connection's next command. If it
+            // fails (SQLite already ended the transaction), the next transaction evens up.
             SqliteTransactionManager::start_rollback(conn);
         }
     }
@@ -420,6 +592,129 @@ mod tests {
             .await
             .expect("nothing to roll back is no error");
         assert_eq!(count(&writer).await, 0);
+    }
+
+    /// A writer on `dir`'s database whose size is capped at what it is now: a write that needs
+    /// a new page fails with `SQLITE_FULL`, as on a full disk.
+    async fn full_writer(dir: &tempfile::TempDir) -> Writer {
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .expect("a SQLite URL")
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .pragma("max_page_count", "1");
+        Writer::connect(&options)
+            .await
+            .expect("the connection opens")
+    }
+
+    /// Inserts a row too large for a full database, in a transaction of each kind.
+    async fn fill(writer: &Writer) {
+        let mut tx = writer.begin().await.expect("a transaction starts");
+        let err = tx
+            .execute("INSERT INTO t VALUES (zeroblob(1000000))")
+            .await
+            .expect_err("the database is full");
+        assert!(err.to_string().contains("full"), "{err}");
+        drop(tx);
+        let mut conn = writer.alone().await.expect("the connection").unwrap();
+        let err = conn
+            .execute("BEGIN IMMEDIATE; INSERT INTO t VALUES (zeroblob(1000000)); COMMIT")
+            .await
+            .expect_err("the database is full");
+        assert!(err.to_string().contains("full"), "{err}");
+        conn.failed().await.expect("nothing left open");
+    }
+
+    #[tokio::test]
+    async fn a_transaction_a_full_disk_ended_leaves_the_connection_usable() {
+        // SQLite rolls a transaction back by itself when a statement fails with SQLITE_FULL;
+        // sqlx's manager, whose ROLLBACK then fails, kept counting it open and refused every
+        // BEGIN after it ("begin_with at non-zero transaction depth"), for good.
+        let dir = tempfile::tempdir().expect("a temp dir");
+        drop(writer(&dir).await);
+        let writer = full_writer(&dir).await;
+        for _ in 0..3 {
+            fill(&writer).await;
+            // Small rows still fit in the table's page: the connection writes again.
+            let mut tx = writer
+                .begin()
+                .await
+                .expect("a transaction starts after SQLITE_FULL");
+            tx.execute("INSERT INTO t VALUES (1)")
+                .await
+                .expect("inserted");
+            tx.commit().await.expect("committed");
+        }
+        assert_eq!(count(&writer).await, 3);
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_fails_leaves_the_connection_usable() {
+        // A COMMIT refused with the transaction still open (here by a deferred foreign key, which
+        // sqlx's options enforce by default): the drop's rollback ends it.
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        let mut tx = writer.begin().await.expect("a transaction starts");
+        tx.execute(
+            "CREATE TABLE p (id INTEGER PRIMARY KEY); \
+             CREATE TABLE c (p INTEGER REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .await
+        .expect("created");
+        tx.commit().await.expect("committed");
+        let mut tx = writer.begin().await.expect("a transaction starts");
+        tx.execute("INSERT INTO c VALUES (42)")
+            .await
+            .expect("deferred");
+        tx.commit()
+            .await
+            .expect_err("the foreign key fails at COMMIT");
+        let mut tx = writer
+            .begin()
+            .await
+            .expect("a transaction starts after a failed COMMIT");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM c")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("counted");
+        assert_eq!(n, 0, "the refused transaction was rolled back");
+        tx.commit().await.expect("committed");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_state_cannot_be_evened_up_is_opened_again() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        // A script that left SQLite in a transaction, and a rollback that failed: marked.
+        {
+            let mut conn = writer.alone().await.expect("the connection").unwrap();
+            conn.execute("BEGIN IMMEDIATE; INSERT INTO t VALUES (1)")
+                .await
+                .expect("inserted");
+            let Some(slot) = conn.conn.as_mut() else {
+                unreachable!("held")
+            };
+            slot.suspect = true;
+            conn.finished();
+        }
+        // The next transaction rolls it back first.
+        assert_eq!(count(&writer).await, 0);
+        // A connection gone bad (closed under the slot): opened again.
+        {
+            let Writer::Dedicated(slot) = &writer else {
+                unreachable!("a file")
+            };
+            let mut slot = slot.lock().await;
+            let conn = slot.conn.take().expect("open");
+            conn.close().await.expect("closed");
+            slot.conn = None;
+        }
+        let mut tx = writer.begin().await.expect("a new connection");
+        tx.execute("INSERT INTO t VALUES (2)")
+            .await
+            .expect("inserted");
+        tx.commit().await.expect("committed");
+        assert_eq!(count(&writer).await, 1);
     }
 
     #[tokio::test]
