@@ -3,6 +3,8 @@
 //! asserts that the bad item becomes a record with a reason, that the host stays alive, and that a
 //! good instance started alongside completes; on each backend.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+
 mod support;
 
 #[path = "bad_input/doors.rs"]

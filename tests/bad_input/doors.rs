@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use cairn::host::receive::ReceiveLocation;
+use cairn::host::receive::{HttpSettings, HttpToken, ReceiveLocation};
 use cairn::store::{NewMessage, PublishOutcome};
 use cairn::{Client, HostConfig};
 use serde_json::json;
@@ -37,6 +37,8 @@ crate::backend_tests!(
     a_bad_dropped_file_is_moved_aside_with_its_reason_and_good_files_after_it_are_published,
     a_file_name_used_again_with_other_content_is_stored_and_the_same_content_is_not,
     http_answers_bad_input_with_a_4xx_and_never_asks_for_a_retry,
+    http_with_a_token_answers_401_without_it_and_202_with_it,
+    slow_http_connections_are_closed_and_ordinary_requests_are_still_served,
     a_large_body_is_stored_once,
 );
 
@@ -51,7 +53,12 @@ fn config() -> HostConfig {
 async fn good_approval(client: &Client, request_id: &str) {
     for (ty, body) in good_messages(request_id) {
         client
-            .publish(ty, body, Some(format!("{ty}:{request_id}")), BTreeMap::new())
+            .publish(
+                ty,
+                body,
+                Some(format!("{ty}:{request_id}")),
+                BTreeMap::new(),
+            )
             .await
             .expect("a good publish");
     }
@@ -143,7 +150,11 @@ async fn the_publish_api_refuses_what_cannot_be_stored_and_keeps_the_rest_verbat
             .await,
     );
     assert!(err.contains("message id"), "{err}");
-    let err = refused(client.publish("t\u{0}", json!({}), None, BTreeMap::new()).await);
+    let err = refused(
+        client
+            .publish("t\u{0}", json!({}), None, BTreeMap::new())
+            .await,
+    );
     assert!(err.contains("message type"), "{err}");
     let err = refused(
         client
@@ -172,7 +183,10 @@ async fn the_publish_api_refuses_what_cannot_be_stored_and_keeps_the_rest_verbat
     assert!(err.contains("maximum message size"), "{err}");
     let err = client
         .start_many(vec![
-            ("approval".into(), json!({"request_id": "s-1", "approver": "a"})),
+            (
+                "approval".into(),
+                json!({"request_id": "s-1", "approver": "a"}),
+            ),
             ("approval".into(), oversize_body()),
         ])
         .await
@@ -213,7 +227,10 @@ async fn the_publish_api_refuses_what_cannot_be_stored_and_keeps_the_rest_verbat
         .publish(INJECTION_2, body.clone(), Some(INJECTION.into()), props)
         .await
         .expect("stored");
-    assert_eq!((id.as_str(), outcome), (INJECTION, PublishOutcome::Unrouted));
+    assert_eq!(
+        (id.as_str(), outcome),
+        (INJECTION, PublishOutcome::Unrouted)
+    );
     assert_eq!(stored_body(&db, INJECTION).await, body);
     let stored = stored_properties(&db, INJECTION).await;
     assert_eq!(stored.get(INJECTION).map(String::as_str), Some(INJECTION_2));
@@ -293,12 +310,26 @@ async fn the_cli_refuses_bad_input_with_a_clear_error_and_a_failure_exit(db: Tes
     let big = json!({"text": "x".repeat(2000)}).to_string();
     let err = cli_fails(
         &db,
-        &["publish", "t", "--body", &big, "--max-message-bytes", "1000"],
+        &[
+            "publish",
+            "t",
+            "--body",
+            &big,
+            "--max-message-bytes",
+            "1000",
+        ],
     );
     assert!(err.contains("maximum message size"), "{err}");
     let err = cli_fails(
         &db,
-        &["start", "approval", "--input", &big, "--max-message-bytes", "1000"],
+        &[
+            "start",
+            "approval",
+            "--input",
+            &big,
+            "--max-message-bytes",
+            "1000",
+        ],
     );
     assert!(err.contains("maximum message size"), "{err}");
     // An unknown orchestration is an error; an unknown message type is kept as unrouted.
@@ -306,7 +337,14 @@ async fn the_cli_refuses_bad_input_with_a_clear_error_and_a_failure_exit(db: Tes
     assert!(err.contains("no orchestration named"), "{err}");
     let out = cli_ok(
         &db,
-        &["publish", "no.such.type", "--body", "{}", "--id", "unknown-type"],
+        &[
+            "publish",
+            "no.such.type",
+            "--body",
+            "{}",
+            "--id",
+            "unknown-type",
+        ],
     );
     assert!(out.contains("unrouted"), "{out}");
     // Injections and odd Unicode are stored verbatim.
@@ -345,7 +383,8 @@ fn rejected(dir: &Path, name: &str) -> String {
     assert!(
         rejected.join(name).exists(),
         "{name} was moved to rejected/; there: {:?}",
-        std::fs::read_dir(&rejected).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        std::fs::read_dir(&rejected)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
     );
     std::fs::read_to_string(rejected.join(format!("{name}.error.txt"))).expect("the reason")
 }
@@ -427,9 +466,7 @@ async fn a_bad_dropped_file_is_moved_aside_with_its_reason_and_good_files_after_
 
     wait_completed(&db, "file-good").await;
     db.wait_for("every file to be taken", WAIT, || async {
-        files
-            .iter()
-            .all(|(name, _)| !folder.join(name).exists())
+        files.iter().all(|(name, _)| !folder.join(name).exists())
     })
     .await;
     let why = rejected(folder, "000-big.json");
@@ -542,7 +579,7 @@ async fn post(addr: SocketAddr, headers: &str, body: &[u8]) -> (u16, serde_json:
 }
 
 fn http_location(addr: SocketAddr) -> ReceiveLocation {
-    ReceiveLocation::Http { addr }
+    ReceiveLocation::http(addr)
 }
 
 async fn http_answers_bad_input_with_a_4xx_and_never_asks_for_a_retry(db: TestDb) {
@@ -561,8 +598,16 @@ async fn http_answers_bad_input_with_a_4xx_and_never_asks_for_a_retry(db: TestDb
     refused(post(addr, "", nul.to_string().as_bytes()).await, 400, "NUL");
     assert_eq!(messages_with_id(&db, "nul").await, 0);
     let nul_key = json!({"type": "t", "properties": {"k\u{0}": "v"}, "body": {}});
-    refused(post(addr, "", nul_key.to_string().as_bytes()).await, 400, "NUL");
-    refused(post(addr, "", b"{ nope").await, 400, "not a message envelope");
+    refused(
+        post(addr, "", nul_key.to_string().as_bytes()).await,
+        400,
+        "NUL",
+    );
+    refused(
+        post(addr, "", b"{ nope").await,
+        400,
+        "not a message envelope",
+    );
     refused(
         post(addr, "", br#"{"type": "t", "body": {"s": "\ud800"}}"#).await,
         400,
@@ -594,7 +639,10 @@ async fn http_answers_bad_input_with_a_4xx_and_never_asks_for_a_retry(db: TestDb
     assert_eq!(messages_with_id(&db, "big").await, 0);
     // An unknown type is stored as unrouted; injections and odd Unicode verbatim.
     let (status, answer) = post(addr, "", br#"{"type": "no.such.type", "body": {}}"#).await;
-    assert_eq!((status, answer["outcome"].clone()), (202, json!("unrouted")));
+    assert_eq!(
+        (status, answer["outcome"].clone()),
+        (202, json!("unrouted"))
+    );
     let body = json!({"text": INJECTION, "odd": ODD, "deep": {"nul": "a\u{0}b"}});
     let request = json!({"type": INJECTION_2, "id": INJECTION, "properties": {"rtl": ODD},
         "body": body});
@@ -602,7 +650,10 @@ async fn http_answers_bad_input_with_a_4xx_and_never_asks_for_a_retry(db: TestDb
     assert_eq!(status, 202, "{answer}");
     assert_eq!(stored_body(&db, INJECTION).await, body);
     assert_eq!(
-        stored_properties(&db, INJECTION).await.get("rtl").map(String::as_str),
+        stored_properties(&db, INJECTION)
+            .await
+            .get("rtl")
+            .map(String::as_str),
         Some(ODD)
     );
     // The host is alive: a good approval posted over HTTP completes.
@@ -650,5 +701,127 @@ async fn a_large_body_is_stored_once(db: TestDb) {
     assert!(!stored.contains_key("text"));
     good_approval(&client, "large-good").await;
     wait_completed(&db, "large-good").await;
+    host.stop();
+}
+
+async fn http_with_a_token_answers_401_without_it_and_202_with_it(db: TestDb) {
+    const TOKEN: &str = "s3cret-t0ken";
+    let addr = free_addr();
+    let location = ReceiveLocation::Http {
+        addr,
+        settings: HttpSettings {
+            token: Some(HttpToken::new(TOKEN)),
+            ..HttpSettings::default()
+        },
+    };
+    assert!(!format!("{location:?}").contains(TOKEN), "{location:?}");
+    let (host, _client) = HostThread::start_receiving(&db, config(), vec![location]).await;
+    wait_listening(addr).await;
+    let request = |request_id: &str, i: usize| {
+        let (ty, body) = good_messages(request_id)[i].clone();
+        json!({"type": ty, "body": body}).to_string()
+    };
+    for headers in [
+        String::new(),
+        "Authorization: Bearer wrong\r\n".to_owned(),
+        format!("Authorization: Bearer {TOKEN}x\r\n"),
+        format!("Authorization: Basic {TOKEN}\r\n"),
+        format!("Authorization: {TOKEN}\r\n"),
+    ] {
+        let (status, answer) = post(addr, &headers, request("token-none", 0).as_bytes()).await;
+        assert_eq!(status, 401, "{headers:?}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("token"),
+            "{answer}"
+        );
+    }
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages").await,
+        0,
+        "nothing is stored without the token"
+    );
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    for i in 0..2 {
+        let (status, answer) = post(addr, &auth, request("token-good", i).as_bytes()).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    wait_completed(&db, "token-good").await;
+    host.stop();
+}
+
+/// Whether the server closes `stream` within `within`: the read ends (EOF or reset).
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut sink))
+        .await
+        .is_ok()
+}
+
+async fn slow_http_connections_are_closed_and_ordinary_requests_are_still_served(db: TestDb) {
+    use tokio::io::AsyncWriteExt;
+    const LIMIT: usize = 8;
+    let addr = free_addr();
+    let location = ReceiveLocation::Http {
+        addr,
+        settings: HttpSettings {
+            header_read_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(1000),
+            max_connections: LIMIT,
+            ..HttpSettings::default()
+        },
+    };
+    let (host, _client) = HostThread::start_receiving(&db, config(), vec![location]).await;
+    wait_listening(addr).await;
+    let started = std::time::Instant::now();
+    // Three times the connection limit, each sending half a request head, then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..3 * LIMIT {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /messages HTTP/1.1\r\nHost: slow\r\nContent-")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    // A head sent whole, then a body that stalls.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /messages HTTP/1.1\r\nHost: stalled\r\nContent-Length: 100\r\n\r\n{\"type\"",
+        )
+        .await
+        .unwrap();
+    // Ordinary requests are served once slow connections are dropped: the ones past the limit
+    // wait to be accepted.
+    for i in 0..2 {
+        let (ty, body) = good_messages("slow-good")[i].clone();
+        let request = json!({"type": ty, "body": body}).to_string();
+        let (status, answer) = post(addr, "", request.as_bytes()).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let served = started.elapsed();
+    eprintln!(
+        "ordinary requests served {served:?} after {} slow connections",
+        3 * LIMIT
+    );
+    assert!(served < Duration::from_secs(20), "{served:?}");
+    for (i, stream) in slow.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, Duration::from_secs(10)).await,
+            "slow connection {i} is closed"
+        );
+    }
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(10)).await,
+        "the stalled body's connection is closed"
+    );
+    let closed = started.elapsed();
+    eprintln!("every slow connection closed {closed:?} after they opened");
+    assert!(closed < Duration::from_secs(20), "{closed:?}");
+    wait_completed(&db, "slow-good").await;
     host.stop();
 }
