@@ -62,7 +62,7 @@ use crate::store::{text_properties, NewMessage, PublishOutcome};
 pub const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
 /// How long, on shutdown, the HTTP location lets requests in flight finish.
-const HTTP_DRAIN: Duration = Duration::from_secs(5);
+const HTTP_DRAIN: Duration = Duration::from_secs(2);
 
 /// Where a host takes messages from, besides the publish API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -680,5 +680,46 @@ impl Door {
                 refusal(status, Some(&id), &e.to_string())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_message_id_changes_with_the_content_and_not_otherwise() {
+        let a = file_message_id("reuse.json", b"{\"type\": \"a\"}");
+        assert!(a.starts_with("file:reuse.json:"), "{a}");
+        assert_eq!(a.len(), "file:reuse.json:".len() + 16, "{a}");
+        assert_eq!(a, file_message_id("reuse.json", b"{\"type\": \"a\"}"));
+        assert_ne!(a, file_message_id("reuse.json", b"{\"type\": \"b\"}"));
+        assert_ne!(a, file_message_id("other.json", b"{\"type\": \"a\"}"));
+    }
+
+    #[test]
+    fn a_token_is_never_shown_and_only_the_same_token_matches() {
+        let token: HttpToken = "s3cret".parse().expect("a token");
+        let settings = HttpSettings {
+            token: Some(token.clone()),
+            ..HttpSettings::default()
+        };
+        assert!(!format!("{settings:?}").contains("s3cret"));
+        assert!(same_digest(
+            &token.digest(),
+            &HttpToken::new("s3cret").digest()
+        ));
+        assert!(!same_digest(
+            &token.digest(),
+            &HttpToken::new("s3cre").digest()
+        ));
+        assert!("".parse::<HttpToken>().is_err());
+    }
+
+    #[test]
+    fn an_envelope_with_an_unknown_field_is_refused() {
+        let err = Envelope::parse(br#"{"type": "t", "bdy": {}}"#).expect_err("refused");
+        assert!(err.contains("unknown field"), "{err}");
+        assert!(Envelope::parse(br#"{"type": "t", "body": {"s": "\ud800"}}"#).is_err());
     }
 }

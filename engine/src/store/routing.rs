@@ -178,3 +178,26 @@ impl RouteCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn an_unrouted_reason_never_copies_a_long_value() {
+        let mut props: BTreeMap<String, String> = (0..40)
+            .map(|i| (format!("k{i:02}"), "v".repeat(10_000)))
+            .collect();
+        props.insert("short".into(), "s".into());
+        let msg = NewMessage::published("m", "é".repeat(1000), serde_json::json!({}), props);
+        let Route::Unrouted(reason) = unrouted(&msg) else {
+            panic!("unrouted");
+        };
+        assert!(reason.len() < 4096, "{}", reason.len());
+        assert!(reason.contains("(10000 bytes)"), "{reason}");
+        assert!(reason.contains("... 25 more"), "{reason}");
+        assert_eq!(quote("short"), "short");
+    }
+}
