@@ -676,7 +676,12 @@ impl Door {
                     // Not retryable, yet not known to be the input's fault.
                     _ => StatusCode::INTERNAL_SERVER_ERROR,
                 };
-                tracing::warn!(%id, %status, error = %e, "HTTP receive location: refused a message");
+                // The caller has the answer; a person need look only at a database error.
+                if status == StatusCode::INTERNAL_SERVER_ERROR {
+                    tracing::warn!(%id, %status, error = %e, "HTTP receive location: the database refused a message");
+                } else {
+                    tracing::debug!(%id, %status, error = %e, "HTTP receive location: refused a message");
+                }
                 refusal(status, Some(&id), &e.to_string())
             }
         }
