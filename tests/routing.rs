@@ -396,11 +396,12 @@ async fn files_dropped_in_a_folder_are_published_then_removed(db: TestDb) {
         db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'approval' AND status = 'completed'").await == 1
     })
     .await;
-    // Published under the file's name when it names no id; removed once committed.
+    // Published under the file's name and a hash of its content when it names no id; removed
+    // once committed.
     assert_eq!(
         db.count_with(
-            "SELECT COUNT(*) FROM messages WHERE id = $1",
-            "file:001-request.json"
+            "SELECT COUNT(*) FROM messages WHERE id LIKE $1",
+            "file:001-request.json:%"
         )
         .await,
         1
@@ -455,7 +456,7 @@ async fn http_posts_are_accepted_after_commit_and_deduplicated_by_their_key(db: 
         probe.local_addr().unwrap()
     };
     let (host, _client) =
-        HostThread::start_receiving(&db, fast_config(), vec![ReceiveLocation::Http { addr }]).await;
+        HostThread::start_receiving(&db, fast_config(), vec![ReceiveLocation::http(addr)]).await;
     let request =
         r#"{"type": "approval.requested", "body": {"request_id": "web-1", "approver": "di"}}"#;
     let mut first = (0, serde_json::Value::Null);

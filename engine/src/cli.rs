@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::host::receive::ReceiveLocation;
+use crate::host::receive::{HttpSettings, HttpToken, ReceiveLocation};
 use crate::host::{Client, ClientError, Host, HostConfig, HostError};
 use crate::store::{
     redact_url, ControlAction, InstanceStatus, NewMessage, PublishOutcome, Store, StoreError,
@@ -107,6 +107,30 @@ pub enum Command {
         /// not the one this build carries.
         #[arg(long)]
         migrate: bool,
+        /// The largest message body, as JSON text, any door accepts (the publish API, the
+        /// `inbox` table, the file drop, HTTP); larger ones are refused with a clear error.
+        #[arg(long, value_name = "N", env = "CAIRN_MAX_MESSAGE_BYTES", default_value_t = crate::store::DEFAULT_MAX_MESSAGE_BYTES)]
+        max_message_bytes: usize,
+        /// Require `Authorization: Bearer TOKEN` on every HTTP request (else 401). Prefer the
+        /// environment variable: a command line is visible to other users of the machine.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "CAIRN_HTTP_TOKEN",
+            hide_env_values = true
+        )]
+        http_token: Option<HttpToken>,
+        /// Close an HTTP connection whose request head (line and headers) takes longer than this
+        /// to arrive, or that waits longer than this for its next request.
+        #[arg(long, value_name = "MS", default_value_t = 10_000)]
+        http_header_timeout_ms: u64,
+        /// Close an HTTP connection on which nothing moves for this long while no request is
+        /// being answered (a stalled request body).
+        #[arg(long, value_name = "MS", default_value_t = 60_000)]
+        http_idle_timeout_ms: u64,
+        /// Serve at most this many HTTP connections at once; more wait to be accepted.
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        http_max_connections: usize,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -122,6 +146,9 @@ pub enum Command {
         /// Its input, as JSON.
         #[arg(long, default_value = "null")]
         input: String,
+        /// The largest input, as JSON text, accepted.
+        #[arg(long, value_name = "N", env = "CAIRN_MAX_MESSAGE_BYTES", default_value_t = crate::store::DEFAULT_MAX_MESSAGE_BYTES)]
+        max_message_bytes: usize,
     },
     /// Publish a message; it is routed to the instance that waits for it, or starts one.
     Publish {
@@ -136,6 +163,9 @@ pub enum Command {
         /// A routing property, KEY=VALUE (repeatable); top-level body fields are promoted too.
         #[arg(long = "property", value_name = "KEY=VALUE")]
         properties: Vec<String>,
+        /// The largest body, as JSON text, accepted.
+        #[arg(long, value_name = "N", env = "CAIRN_MAX_MESSAGE_BYTES", default_value_t = crate::store::DEFAULT_MAX_MESSAGE_BYTES)]
+        max_message_bytes: usize,
     },
     /// List instances, most recently changed first.
     List {
@@ -407,6 +437,11 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             file_drop,
             http,
             migrate: _,
+            max_message_bytes,
+            http_token,
+            http_header_timeout_ms,
+            http_idle_timeout_ms,
+            http_max_connections,
         } => {
             let config = HostConfig {
                 until_idle,
@@ -415,6 +450,7 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                 lease_duration: Duration::from_millis(lease_ms),
                 max_deliveries,
                 unrouted_ttl: Duration::from_secs(unrouted_ttl_s),
+                max_message_bytes,
                 ..HostConfig::default()
             };
             let mut host = build_host(&app, store, config);
@@ -425,7 +461,13 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                 });
             }
             if let Some(addr) = http {
-                host = host.with_receive_location(ReceiveLocation::Http { addr });
+                let settings = HttpSettings {
+                    token: http_token,
+                    header_read_timeout: Duration::from_millis(http_header_timeout_ms),
+                    idle_timeout: Duration::from_millis(http_idle_timeout_ms),
+                    max_connections: http_max_connections,
+                };
+                host = host.with_receive_location(ReceiveLocation::Http { addr, settings });
             }
             let stop = CancellationToken::new();
             spawn_signal_handler(stop.clone())?;
@@ -435,8 +477,10 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         Command::Start {
             orchestration,
             input,
+            max_message_bytes,
         } => {
             let input = parse_json("--input", &input)?;
+            let client = client.with_max_message_bytes(max_message_bytes);
             let id = client.start(&orchestration, input).await?;
             println!("{id}");
         }
@@ -445,8 +489,10 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             body,
             id,
             properties,
+            max_message_bytes,
         } => {
             let body = parse_json("--body", &body)?;
+            let client = client.with_max_message_bytes(max_message_bytes);
             let mut props = BTreeMap::new();
             for p in properties {
                 let (k, v) = p

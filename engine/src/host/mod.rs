@@ -132,9 +132,36 @@ pub enum ClientError {
     /// The orchestration is not registered.
     #[error("no orchestration named {0:?} is registered; registered: {1}")]
     UnknownOrchestration(String, String),
+    /// Input that can never be stored (a NUL character in a message's id, type or properties):
+    /// refused, nothing was written. The text names the message and what is wrong.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Input past the maximum message size ([`Client::max_message_bytes`]): refused, nothing
+    /// was written.
+    #[error("refused: {0}")]
+    TooLarge(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl ClientError {
+    /// Whether the same call may succeed later (the database was unavailable). Refused input
+    /// never does.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ClientError::Store(e) if e.is_retryable())
+    }
+
+    /// Whether the input was refused (it can never be stored as it is), rather than the store
+    /// failing.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            ClientError::Refused(_)
+            | ClientError::TooLarge(_)
+            | ClientError::UnknownOrchestration(..) => true,
+            ClientError::Store(e) => e.is_refusal(),
+        }
+    }
 }
 
 /// Publishes messages and starts instances, in-process or from the CLI.
@@ -147,6 +174,13 @@ pub enum ClientError {
 /// Starts that would leave more than [`HostConfig::eager_backlog`] instances waiting for the
 /// host (memory stays bounded when a client starts faster than the host runs), and all starts of
 /// a client made with [`Client::new`], are left to whichever host claims them first.
+///
+/// Every publish and start is checked before it reaches the store: a message whose id, type or
+/// properties (explicit, or promoted from the body's top-level fields) hold a NUL character is
+/// refused ([`ClientError::Refused`]), and so is a body or a start's input larger than
+/// [`Client::max_message_bytes`] as JSON text ([`ClientError::TooLarge`]). Every door that
+/// publishes through a client (the API, the CLI, the file drop, HTTP) refuses the same input the
+/// same way on every backend.
 #[derive(Clone, Debug)]
 pub struct Client {
     store: Arc<dyn Store>,
@@ -154,10 +188,12 @@ pub struct Client {
     clock: SharedClock,
     wake: Arc<Notify>,
     eager: Option<Eager>,
+    max_message_bytes: usize,
 }
 
 impl Client {
-    /// A client on `store` that resolves orchestration names in `registry`.
+    /// A client on `store` that resolves orchestration names in `registry`, with the default
+    /// maximum message size ([`DEFAULT_MAX_MESSAGE_BYTES`](crate::store::DEFAULT_MAX_MESSAGE_BYTES)).
     pub fn new(store: Arc<dyn Store>, registry: Registry) -> Self {
         Self {
             store,
@@ -165,13 +201,61 @@ impl Client {
             clock: Arc::new(SystemClock),
             wake: Arc::new(Notify::new()),
             eager: None,
+            max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
         }
+    }
+
+    /// Replaces the maximum message size: the largest body (or start input), as JSON text, this
+    /// client accepts. A host's own client has [`HostConfig::max_message_bytes`].
+    #[must_use]
+    pub fn with_max_message_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_message_bytes = max_bytes;
+        self
+    }
+
+    /// The largest body (or start input), as JSON text, this client accepts.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    /// Checks that every message can be stored; names the first that cannot.
+    fn check_messages(&self, messages: &[NewMessage]) -> Result<(), ClientError> {
+        let max = self.max_message_bytes;
+        for (i, msg) in messages.iter().enumerate() {
+            let Err(why) = msg.check_storable(max) else {
+                continue;
+            };
+            let which = if messages.len() == 1 {
+                format!("message {:?}", msg.id)
+            } else {
+                format!("message {} of {} ({:?})", i + 1, messages.len(), msg.id)
+            };
+            let why = format!("{which}: {why}");
+            // Only on this error path is the body measured a second time.
+            return Err(if crate::store::json_len(&msg.body) > max {
+                ClientError::TooLarge(why)
+            } else {
+                ClientError::Refused(why)
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a start's input against the maximum message size.
+    fn check_input(&self, which: &str, input: &serde_json::Value) -> Result<(), ClientError> {
+        crate::store::check_body_size(
+            &format!("the input of {which}"),
+            input,
+            self.max_message_bytes,
+        )
+        .map_err(ClientError::TooLarge)
     }
 
     /// Publishes a message; it is durable when this returns (G1). With no `id`, a new one is made.
     ///
     /// # Errors
-    /// The store failed.
+    /// [`ClientError::Refused`] or [`ClientError::TooLarge`] (see [`Client`]; nothing was
+    /// written), or the store failed.
     pub async fn publish(
         &self,
         message_type: &str,
@@ -188,11 +272,13 @@ impl Client {
     /// Publishes many messages in one transaction.
     ///
     /// # Errors
-    /// The store failed; nothing was published.
+    /// One message is refused ([`ClientError::Refused`], [`ClientError::TooLarge`], naming it),
+    /// or the store failed; nothing was published.
     pub async fn publish_batch(
         &self,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<PublishOutcome>, ClientError> {
+        self.check_messages(&messages)?;
         let out = self.store.publish(messages, self.clock.now()).await?;
         self.wake.notify_one();
         Ok(out)
@@ -201,12 +287,14 @@ impl Client {
     /// Starts an instance of the newest registered version of `orchestration`.
     ///
     /// # Errors
-    /// [`ClientError::UnknownOrchestration`], or the store failed.
+    /// [`ClientError::UnknownOrchestration`], [`ClientError::TooLarge`] (the input is past the
+    /// maximum message size), or the store failed.
     pub async fn start(
         &self,
         orchestration: &str,
         input: serde_json::Value,
     ) -> Result<Uuid, ClientError> {
+        self.check_input(orchestration, &input)?;
         let def = self.registry.latest(orchestration).ok_or_else(|| {
             let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
             ClientError::UnknownOrchestration(orchestration.to_owned(), names.join(", "))
@@ -227,13 +315,19 @@ impl Client {
     /// the newest registered version. Returns their ids, in order.
     ///
     /// # Errors
-    /// [`ClientError::UnknownOrchestration`] (nothing was started), or the store failed.
+    /// [`ClientError::UnknownOrchestration`] or [`ClientError::TooLarge`] (naming the start;
+    /// nothing was started), or the store failed.
     pub async fn start_many(
         &self,
         starts: Vec<(String, serde_json::Value)>,
     ) -> Result<Vec<Uuid>, ClientError> {
         let mut instances = Vec::with_capacity(starts.len());
-        for (orchestration, input) in starts {
+        let count = starts.len();
+        for (i, (orchestration, input)) in starts.into_iter().enumerate() {
+            self.check_input(
+                &format!("start {} of {count} ({orchestration})", i + 1),
+                &input,
+            )?;
             let def = self.registry.latest(&orchestration).ok_or_else(|| {
                 let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
                 ClientError::UnknownOrchestration(orchestration.clone(), names.join(", "))
@@ -395,6 +489,7 @@ impl Host {
             registry: self.registry.clone(),
             clock: self.clock.clone(),
             wake: self.wake.clone(),
+            max_message_bytes: self.config.max_message_bytes,
             eager: Some(Eager {
                 host: self.id.clone(),
                 lease: self.config.lease_duration,

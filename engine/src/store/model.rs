@@ -234,9 +234,16 @@ pub struct NewMessage {
     pub target: Option<Uuid>,
 }
 
+/// The longest top-level body field (its name, or its value as text) that is promoted to a
+/// property, in bytes: longer ones stay in the body only, so that a large body is stored once.
+/// A routing value is short; a publisher that routes on a longer one sets it as an explicit
+/// property.
+pub const MAX_PROMOTED_BYTES: usize = 256;
+
 impl NewMessage {
     /// A published message, with the body's top-level scalar fields promoted to properties
-    /// (explicit properties win).
+    /// (explicit properties win). A field whose name or text is longer than
+    /// [`MAX_PROMOTED_BYTES`] is not promoted.
     pub fn published(
         id: impl Into<String>,
         message_type: impl Into<String>,
@@ -252,6 +259,9 @@ impl NewMessage {
                     serde_json::Value::Bool(b) => b.to_string(),
                     _ => continue,
                 };
+                if key.len() > MAX_PROMOTED_BYTES || text.len() > MAX_PROMOTED_BYTES {
+                    continue;
+                }
                 properties.insert(key.clone(), text);
             }
         }

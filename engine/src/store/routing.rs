@@ -28,6 +28,25 @@ pub(crate) enum Route {
     Unrouted(String),
 }
 
+/// How many bytes of a message type, a property name or a value an unrouted reason quotes.
+const QUOTED_BYTES: usize = 64;
+
+/// How many properties an unrouted reason names.
+const NAMED_PROPERTIES: usize = 16;
+
+/// `text`, cut to [`QUOTED_BYTES`] (at a character boundary) with its length when longer, so that
+/// a reason never copies a large value.
+fn quote(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= QUOTED_BYTES {
+        return text.into();
+    }
+    let mut end = QUOTED_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len()).into()
+}
+
 /// The route of a message of a type that activates `orchestration`, whose activating
 /// subscription is correlated on `keys` (a convoy) or not (empty): a convoy's message must carry
 /// every convoy property.
@@ -40,7 +59,7 @@ fn activation_route(msg: &NewMessage, orchestration: String, version: u32, keys:
             None => {
                 return Route::Unrouted(format!(
                     "message type {:?} starts a convoy on properties {keys:?}, which the message does not all carry",
-                    msg.message_type
+                    quote(&msg.message_type)
                 ))
             }
         }
@@ -52,17 +71,25 @@ fn activation_route(msg: &NewMessage, orchestration: String, version: u32, keys:
     }
 }
 
-/// The route of a message nothing subscribes to.
+/// The route of a message nothing subscribes to. The reason quotes the type and the properties
+/// cut short ([`quote`], at most [`NAMED_PROPERTIES`] of them): never a large value in full.
 fn unrouted(msg: &NewMessage) -> Route {
-    let props = msg
+    let mut props = msg
         .properties
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+        .take(NAMED_PROPERTIES)
+        .map(|(k, v)| format!("{}={}", quote(k), quote(v)))
+        .collect::<Vec<_>>();
+    if msg.properties.len() > NAMED_PROPERTIES {
+        props.push(format!(
+            "... {} more",
+            msg.properties.len() - NAMED_PROPERTIES
+        ));
+    }
     Route::Unrouted(format!(
-        "no subscription matches message type {:?} with properties {{{props}}}",
-        msg.message_type
+        "no subscription matches message type {:?} with properties {{{}}}",
+        quote(&msg.message_type),
+        props.join(",")
     ))
 }
 
@@ -149,5 +176,28 @@ impl RouteCache {
             }
             None => unrouted(msg),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn an_unrouted_reason_never_copies_a_long_value() {
+        let mut props: BTreeMap<String, String> = (0..40)
+            .map(|i| (format!("k{i:02}"), "v".repeat(10_000)))
+            .collect();
+        props.insert("short".into(), "s".into());
+        let msg = NewMessage::published("m", "é".repeat(1000), serde_json::json!({}), props);
+        let Route::Unrouted(reason) = unrouted(&msg) else {
+            panic!("unrouted");
+        };
+        assert!(reason.len() < 4096, "{}", reason.len());
+        assert!(reason.contains("(10000 bytes)"), "{reason}");
+        assert!(reason.contains("... 25 more"), "{reason}");
+        assert_eq!(quote("short"), "short");
     }
 }
