@@ -2266,7 +2266,7 @@ mod tests {
 
     use super::*;
 
-    async fn fresh() -> Option<PostgresStore> {
+    pub(super) async fn fresh() -> Option<PostgresStore> {
         // A database in the throwaway cluster the integration tests use (started on first use;
         // skipped with one line when PostgreSQL is missing, unless CAIRN_REQUIRE_POSTGRES=1).
         let url = pg_harness::fresh_database().await?;
@@ -2275,11 +2275,11 @@ mod tests {
         Some(store)
     }
 
-    fn at(secs: i64) -> DateTime<Utc> {
+    pub(super) fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("valid time")
     }
 
-    fn point(
+    pub(super) fn point(
         id: Uuid,
         epoch: i64,
         host: &str,
@@ -2318,7 +2318,7 @@ mod tests {
         }
     }
 
-    fn new_instance(orchestration: &str) -> NewInstance {
+    pub(super) fn new_instance(orchestration: &str) -> NewInstance {
         NewInstance {
             id: Uuid::new_v4(),
             orchestration: orchestration.into(),
