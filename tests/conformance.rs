@@ -13,6 +13,7 @@
 //! | `group_commit.rs` | group commits, each point fenced and all-or-nothing; every write path ends as the plain transaction would |
 //! | `outbox.rs` | sends after commit, claimed once, their replies (G2) |
 //! | `timers.rs` | timers claimed when due, once |
+//! | `write_paths.rs` | random points in random groups end as one transaction per point would (a property test) |
 //! | `operators.rs` | operator verbs: control, dead letters |
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
@@ -31,6 +32,8 @@ mod outbox;
 mod publish;
 #[path = "conformance/timers.rs"]
 mod timers;
+#[path = "conformance/write_paths.rs"]
+mod write_paths;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
