@@ -26,6 +26,8 @@ mod claims;
 mod fencing;
 #[path = "conformance/group_commit.rs"]
 mod group_commit;
+#[path = "conformance/operators.rs"]
+mod operators;
 #[path = "conformance/outbox.rs"]
 mod outbox;
 #[path = "conformance/publish.rs"]

@@ -3,7 +3,10 @@
 
 use super::*;
 
-crate::backend_tests!(a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,);
+crate::backend_tests!(
+    a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,
+    a_send_is_claimed_once_retried_dead_lettered_resubmitted_and_delivered,
+);
 
 /// A reply the holder took in memory, for a request another host delivered too (its lock on the
 /// outbox row had run out): that host marks the request delivered and stores a copy of the reply
@@ -58,4 +61,114 @@ async fn a_point_consumes_the_reply_copy_another_host_stored_while_the_point_wai
         1,
         "the copy of the reply is consumed"
     );
+}
+
+/// A send's life in the outbox (G2): claimed by one host at a time once the writer's lock ran
+/// out, tried again no sooner than its retry time, dead-lettered with its instance told (a
+/// `send.failed` message routed to it), resubmitted under the same id with its attempts reset,
+/// and once delivered never claimed again; an outcome for a row no longer pending changes
+/// nothing.
+async fn a_send_is_claimed_once_retried_dead_lettered_resubmitted_and_delivered(db: TestDb) {
+    let now = at(0);
+    let later = |s: i64| now + chrono::Duration::seconds(s);
+    // Live hosts (PostgreSQL takes over the locks of a host that is not).
+    for host in ["host-a", "host-b", "host-c"] {
+        db.store.recover(host, now).await.unwrap();
+    }
+    let x = Uuid::now_v7();
+    let epoch = started_and_held(&db, &[x], now).await[0].epoch;
+    let mut sent = send_point(x, "host-a", epoch, "x1", 1, now);
+    sent.outbox_lock_until = later(5);
+    let out = db.store.commit(&[sent]).await.unwrap();
+    assert_eq!(out, [CommitOutcome::Committed]);
+    let claim = |host: &'static str, s: i64| {
+        let store = db.store.clone();
+        async move {
+            store
+                .claim_outbox(host, later(s), later(s + 30), 10, &[])
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        claim("host-b", 1).await.is_empty(),
+        "locked to the writer first"
+    );
+    let rows = claim("host-b", 6).await;
+    assert_eq!(
+        rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["send-x1"]
+    );
+    assert!(claim("host-c", 7).await.is_empty(), "claimed once");
+    db.store
+        .record_deliveries(
+            vec![DeliveryOutcome::Retry {
+                row: rows[0].clone(),
+                error: "busy".into(),
+                retry_at: later(60),
+            }],
+            later(8),
+        )
+        .await
+        .unwrap();
+    assert!(claim("host-c", 59).await.is_empty(), "not before its retry");
+    let rows = claim("host-c", 61).await;
+    assert_eq!(rows.len(), 1);
+    db.store
+        .record_deliveries(
+            vec![DeliveryOutcome::Dead {
+                row: rows[0].clone(),
+                error: "gone".into(),
+            }],
+            later(62),
+        )
+        .await
+        .unwrap();
+    let dead = db.store.dead_letter("send-x1").await.unwrap().unwrap();
+    assert_eq!(dead.instance_id, Some(x));
+    assert!(dead.reason.contains("gone"), "{dead:?}");
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = 'send-x1:failed' AND status = 'routed' \
+             AND CAST(instance_id AS TEXT) = $1",
+            &x.to_string()
+        )
+        .await,
+        1,
+        "the instance is told"
+    );
+    assert!(
+        claim("host-c", 63).await.is_empty(),
+        "a dead send is not sent"
+    );
+    assert!(db
+        .store
+        .resubmit_dead_letter("send-x1", later(64))
+        .await
+        .unwrap());
+    assert_eq!(db.store.dead_letter("send-x1").await.unwrap(), None);
+    let rows = claim("host-b", 65).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].id.as_str(), rows[0].attempts), ("send-x1", 0));
+    let delivered = DeliveryOutcome::Delivered {
+        row: rows[0].clone(),
+        reply: None,
+        via_backup: false,
+    };
+    db.store
+        .record_deliveries(vec![delivered.clone()], later(66))
+        .await
+        .unwrap();
+    // Recorded again (another host's outcome for the same row): nothing changes.
+    db.store
+        .record_deliveries(vec![delivered], later(67))
+        .await
+        .unwrap();
+    assert!(claim("host-b", 200).await.is_empty(), "delivered once");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM outbox WHERE id = 'send-x1' AND status = 'delivered'")
+            .await,
+        1
+    );
+    assert!(db.store.dead_letters(10).await.unwrap().is_empty());
 }
