@@ -1,7 +1,8 @@
 //! The MessageBox: the storage boundary every backend implements.
 //!
 //! A [`Store`] holds instances, messages, subscriptions, timers, the outbox, history and dead
-//! letters. Its contract, which the conformance suite checks on every backend:
+//! letters. Its contract, which the conformance suite (`tests/conformance.rs`) checks on every
+//! backend:
 //!
 //! * [`Store::publish`] returns only after the message is durable (G1). A message id seen before
 //!   is not stored again (G5). Routing happens in the same transaction: a correlated subscription
