@@ -1,6 +1,7 @@
 //! Operator verbs: control (suspend, resume, terminate) by call and by a row inserted with SQL,
 //! each bumping the epoch so that the host holding the instance is fenced (G4); giving up
-//! sends, and reading and purging dead letters.
+//! sends, and reading and purging dead letters; housekeeping (zombies, unrouted messages past
+//! their time to live).
 
 use super::*;
 
@@ -8,6 +9,7 @@ crate::backend_tests!(
     control_moves_an_instance_between_statuses_and_fences_its_holder,
     a_control_row_inserted_with_sql_is_applied_once,
     an_operator_gives_up_a_send_and_purges_its_dead_letter,
+    housekeeping_keeps_zombies_and_dead_letters_unrouted_messages_past_their_time_to_live,
 );
 
 async fn control_moves_an_instance_between_statuses_and_fences_its_holder(db: TestDb) {
@@ -146,4 +148,64 @@ async fn an_operator_gives_up_a_send_and_purges_its_dead_letter(db: TestDb) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// Housekeeping (G1): a message left routed to an instance that ended is kept as a `zombie`,
+/// naming the instance; an unrouted message older than its time to live is dead-lettered with
+/// a reason, and a younger one stays unrouted. A second pass finds nothing more to do.
+async fn housekeeping_keeps_zombies_and_dead_letters_unrouted_messages_past_their_time_to_live(
+    db: TestDb,
+) {
+    let x = Uuid::now_v7();
+    let epoch = started_and_held(&db, &[x], at(0)).await[0].epoch;
+    let late = NewMessage::to_instance("late", "t.item", MessageKind::Published, json!({}), x);
+    let old = NewMessage::published("old", "nobody.listens", json!({}), BTreeMap::new());
+    assert_eq!(
+        db.store.publish(vec![late, old], at(0)).await.unwrap(),
+        [PublishOutcome::Routed(x), PublishOutcome::Unrouted]
+    );
+    let young = NewMessage::published("young", "nobody.listens", json!({}), BTreeMap::new());
+    db.store.publish(vec![young], at(20)).await.unwrap();
+    let mut done = send_point(x, "host-a", epoch, "done", 1, at(1));
+    done.outbox.clear();
+    done.status = InstanceStatus::Completed;
+    done.consumed = vec![start_message(&db, x).await.2];
+    done.release = true;
+    let out = db.store.commit(&[done]).await.unwrap();
+    assert_eq!(out, [CommitOutcome::Committed]);
+    let first = db.store.housekeeping(at(30), at(10)).await.unwrap();
+    assert_eq!(
+        first,
+        Housekeeping {
+            zombies: 1,
+            expired: 1
+        }
+    );
+    let status = |id: &'static str| {
+        let db = &db;
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&db.sql)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(status("late").await.as_deref(), Some("zombie"));
+    assert_eq!(status("young").await.as_deref(), Some("unrouted"));
+    let dead = db.store.dead_letter("old").await.unwrap().unwrap();
+    assert!(!dead.reason.is_empty(), "{dead:?}");
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM messages WHERE id = 'late' AND CAST(instance_id AS TEXT) = $1",
+            &x.to_string()
+        )
+        .await,
+        1,
+        "a zombie names its instance"
+    );
+    assert_eq!(
+        db.store.housekeeping(at(31), at(10)).await.unwrap(),
+        Housekeeping::default()
+    );
 }
