@@ -6,6 +6,7 @@ use super::*;
 crate::backend_tests!(
     a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,
     a_send_is_claimed_once_retried_dead_lettered_resubmitted_and_delivered,
+    an_ordered_port_delivers_in_order_and_stops_on_a_held_send_until_it_is_resumed,
 );
 
 /// A reply the holder took in memory, for a request another host delivered too (its lock on the
@@ -171,4 +172,100 @@ async fn a_send_is_claimed_once_retried_dead_lettered_resubmitted_and_delivered(
         1
     );
     assert!(db.store.dead_letters(10).await.unwrap().is_empty());
+}
+
+/// An ordered port (G2, in order): its rows are left to `claim_ordered`, which gives its oldest
+/// send only, once no other live host holds it (a renewed lock holds it longer); a send held
+/// after its retries stops the port until an operator resumes it, its attempts reset; once it
+/// is delivered, the next send is the head.
+async fn an_ordered_port_delivers_in_order_and_stops_on_a_held_send_until_it_is_resumed(
+    db: TestDb,
+) {
+    for host in ["host-a", "host-b"] {
+        db.store.recover(host, at(0)).await.unwrap();
+    }
+    let x = Uuid::now_v7();
+    let epoch = started_and_held(&db, &[x], at(0)).await[0].epoch;
+    let mut sent = send_point(x, "host-a", epoch, "x1", 1, at(0));
+    sent.outbox = ["o1", "o2"]
+        .into_iter()
+        .map(|id| OutboxRow {
+            id: id.into(),
+            instance_id: x,
+            port: "ordered".into(),
+            message_type: "t".into(),
+            body: json!({"id": id}),
+            expects_reply: false,
+            attempts: 0,
+        })
+        .collect();
+    let out = db.store.commit(&[sent]).await.unwrap();
+    assert_eq!(out, [CommitOutcome::Committed]);
+    let ordered = ["ordered".to_owned()];
+    assert!(
+        db.store
+            .claim_outbox("host-a", at(1), at(31), 10, &ordered)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an ordered port's rows are left to claim_ordered"
+    );
+    let head = |host: &'static str, s: i64| {
+        let store = db.store.clone();
+        async move {
+            store
+                .claim_ordered(host, "ordered", at(s), at(s + 30))
+                .await
+                .unwrap()
+                .map(|row| (row.id, row.attempts))
+        }
+    };
+    assert_eq!(head("host-b", 2).await, Some(("o1".to_owned(), 0)));
+    assert_eq!(head("host-a", 3).await, None, "host-b holds the head");
+    db.store
+        .renew_outbox("host-b", &["o1".to_owned()], at(100))
+        .await
+        .unwrap();
+    db.store.heartbeat("host-b", at(40), at(200)).await.unwrap();
+    assert_eq!(head("host-a", 50).await, None, "its lock was renewed");
+    let o1 = OutboxRow {
+        id: "o1".into(),
+        instance_id: x,
+        port: "ordered".into(),
+        message_type: "t".into(),
+        body: json!({"id": "o1"}),
+        expects_reply: false,
+        attempts: 3,
+    };
+    db.store
+        .record_deliveries(
+            vec![DeliveryOutcome::Held {
+                row: o1.clone(),
+                error: "refused".into(),
+            }],
+            at(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(head("host-a", 200).await, None, "held: the port stops");
+    assert!(db.store.resume_send("o1", at(201)).await.unwrap());
+    let resumed = db
+        .store
+        .claim_ordered("host-a", "ordered", at(202), at(232))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((resumed.id.as_str(), resumed.attempts), ("o1", 0));
+    db.store
+        .record_deliveries(
+            vec![DeliveryOutcome::Delivered {
+                row: resumed,
+                reply: None,
+                via_backup: false,
+            }],
+            at(203),
+        )
+        .await
+        .unwrap();
+    assert_eq!(head("host-a", 204).await, Some(("o2".to_owned(), 0)));
 }
