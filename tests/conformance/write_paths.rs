@@ -1,8 +1,9 @@
 //! Every write path ends as the plain one. A backend may write a group of points in several
 //! ways (PostgreSQL: one statement alone, or a transaction; SQLite: one script alone, a
 //! transaction fenced in SQL, or one that reads the fence first, for more than eight points
-//! or rows). Random sequences of points, committed in random groups, must leave the database
-//! as the same points committed one by one, each in a transaction of its own, would.
+//! or rows). Random sequences of points (first points of eager
+//! starts among them), committed in random groups, must leave the database as the same points
+//! committed one by one, each in a transaction of its own, would.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -33,6 +34,9 @@ struct Step {
     subscribe: Option<bool>,
     /// Releases its instance: dehydrates it, or completes it (`Some(true)`).
     release: Option<bool>,
+    /// Starts a new instance instead (an eager start written with its first point), which
+    /// sends and sets its timer and subscriptions as above.
+    first: bool,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -45,9 +49,10 @@ fn step() -> impl Strategy<Value = Step> {
         prop::option::weighted(0.2, 0..4u8),
         prop::option::weighted(0.25, any::<bool>()),
         prop::option::weighted(0.1, any::<bool>()),
+        prop::bool::weighted(0.1),
     )
         .prop_map(
-            |(instance, stale, consume, sends, deliver, timer, subscribe, release)| Step {
+            |(instance, stale, consume, sends, deliver, timer, subscribe, release, first)| Step {
                 instance,
                 stale,
                 consume,
@@ -56,6 +61,7 @@ fn step() -> impl Strategy<Value = Step> {
                 timer,
                 subscribe,
                 release,
+                first,
             },
         )
 }
@@ -87,18 +93,31 @@ async fn points(
     let mut out = Vec::new();
     for (n, s) in steps.iter().enumerate() {
         let i = s.instance;
-        let id = ids[i];
-        seq[i] += 1;
-        // Whether this point commits: the same on every path (that is what is checked).
-        let commits = !s.stale && !gone[i];
-        let mut p = send_point(id, "host-a", epochs[i], &format!("s{n}"), seq[i], now);
+        let (id, mut p, commits) = if s.first {
+            // A new instance, the same id on both databases, unique in the case.
+            let id = Uuid::from_u128(ids[i].as_u128() ^ ((n as u128 + 1) << 64));
+            let mut p = send_point(id, "host-a", FIRST_EPOCH, &format!("s{n}"), 1, now);
+            p.start = Some(Box::new(FirstPoint {
+                instance: NewInstance {
+                    orchestration: format!("case-{case_no}"),
+                    ..approval(id)
+                },
+                lease_until: at(3600),
+            }));
+            (id, p, false)
+        } else {
+            seq[i] += 1;
+            let mut p = send_point(ids[i], "host-a", epochs[i], &format!("s{n}"), seq[i], now);
+            if s.stale {
+                p.epoch -= 1;
+            }
+            // Whether this point commits: the same on every path (that is what is checked).
+            (ids[i], p, !s.stale && !gone[i])
+        };
         p.outbox.clear();
-        if s.stale {
-            p.epoch -= 1;
-        }
         // Each message is consumed by at most one point of the case (a second would be a bug,
         // refused as corrupt with the whole group); a fenced point's consumption is void.
-        if s.consume && consumed[i] <= EXTRA_MESSAGES {
+        if s.consume && !s.first && consumed[i] <= EXTRA_MESSAGES {
             let message = if consumed[i] == 0 {
                 start_message(db, id).await.2
             } else {
@@ -127,7 +146,7 @@ async fn points(
                 sent[i].push(send_id);
             }
         }
-        if s.deliver && delivered[i] < sent[i].len() {
+        if s.deliver && !s.first && delivered[i] < sent[i].len() {
             p.delivered = vec![sent[i][delivered[i]].clone()];
             delivered[i] += 1;
         }
@@ -161,6 +180,11 @@ async fn points(
             };
             if commits {
                 gone[i] = true;
+            }
+            if s.first {
+                // A first point that gives its instance up at once is not one a host makes.
+                p.release = false;
+                p.status = InstanceStatus::Running;
             }
         }
         if plain {
