@@ -238,8 +238,10 @@ async fn set_up(db: &TestDb, case_no: u32, ids: &[Uuid]) -> Vec<i64> {
         .collect()
 }
 
-/// What a case left in the database: every row of its instances, every column as text (on SQLite as an SQL literal) but
-/// the messages' `seq` (a PostgreSQL sequence is not rolled back with a transaction).
+/// What a case left in the database: every row of its instances, every column as text (on
+/// SQLite as an SQL literal) but the `seq` of messages and sends, which count over the whole
+/// database (and a PostgreSQL sequence is not rolled back with a transaction): their order is
+/// compared instead.
 async fn contents(db: &TestDb, case_no: u32) -> BTreeMap<String, Vec<Vec<Option<String>>>> {
     let of_case = "IN (SELECT id FROM instances WHERE orchestration = $1)";
     let tables = [
@@ -271,7 +273,7 @@ async fn contents(db: &TestDb, case_no: u32) -> BTreeMap<String, Vec<Vec<Option<
         };
         let columns: Vec<String> = columns
             .into_iter()
-            .filter(|c| !(table == "messages" && c == "seq"))
+            .filter(|c| !(matches!(table, "messages" | "outbox") && c == "seq"))
             .collect();
         let select = columns
             .iter()
@@ -301,6 +303,19 @@ async fn contents(db: &TestDb, case_no: u32) -> BTreeMap<String, Vec<Vec<Option<
             assert_eq!(row.len(), columns.len());
         }
         out.insert(format!("{table} ({})", columns.join(", ")), rows);
+        if matches!(table, "messages" | "outbox") {
+            // The order of the rows, which their seqs give.
+            let query = format!("SELECT id FROM {table} WHERE {filter} ORDER BY seq");
+            let ids: Vec<String> = sqlx::query_scalar(&query)
+                .bind(format!("case-{case_no}"))
+                .fetch_all(&db.sql)
+                .await
+                .unwrap_or_else(|e| panic!("{query}: {e}"));
+            out.insert(
+                format!("{table} in order"),
+                vec![ids.into_iter().map(Some).collect()],
+            );
+        }
     }
     out
 }
