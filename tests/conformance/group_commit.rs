@@ -10,6 +10,9 @@ crate::backend_tests!(
     a_point_consuming_a_message_not_routed_to_its_instance_fails_and_writes_nothing,
 );
 
+/// One group commit of several points (G4): each point is fenced on its own, a fenced one writes
+/// nothing while the others commit, and each point of an instance is fenced against the row its
+/// earlier point in the group wrote.
 async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_order(db: TestDb) {
     use cairn::store::{CommitOutcome, SubscriptionRow};
     use cairn::Correlation;
