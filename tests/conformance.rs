@@ -48,6 +48,8 @@ use serde_json::json;
 use support::TestDb;
 use uuid::Uuid;
 
+// Helpers shared by the files: instances, points and rows built by hand, as a host would.
+
 /// An instance started, its start message consumed, and a point that subscribes it to
 /// `paid` correlated on `order = round` (not yet committed).
 async fn started_and_receiving(
@@ -82,10 +84,13 @@ async fn started_and_receiving(
     (inst, rec[0].epoch, p)
 }
 
+/// A fixed time, `secs` seconds after an arbitrary origin.
 fn at(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("valid time")
 }
 
+/// A dehydrating persistence point of instance `id` by `host` under `epoch`, writing its state
+/// and history only.
 fn point(
     id: Uuid,
     epoch: i64,
@@ -125,6 +130,7 @@ fn point(
     }
 }
 
+/// A new instance of `orchestration`, version 1.
 fn new_instance(orchestration: &str) -> NewInstance {
     NewInstance {
         id: Uuid::new_v4(),
