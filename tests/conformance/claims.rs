@@ -5,6 +5,7 @@
 use super::*;
 
 crate::backend_tests!(
+    a_heartbeat_renews_its_hosts_leases_and_release_gives_everything_up,
     a_live_claimer_keeps_its_claim_and_a_dead_one_loses_it,
     a_claim_on_an_expired_instance_is_not_taken_by_a_third_host,
     concurrent_claims_never_share_a_message,
@@ -299,4 +300,60 @@ async fn a_point_giving_up_its_instance_releases_what_it_held_and_consumes_the_r
     assert_eq!(timer_lock, None);
     let detail = db.store.instance_detail(x).await.unwrap().unwrap();
     assert_eq!(detail.summary.status, InstanceStatus::Dehydrated);
+}
+
+/// Leases (G4): a heartbeat renews every lease its host holds, so no other host acquires the
+/// instance until the renewed lease runs out; `release` at shutdown gives up the leases and the
+/// locks, so another host acquires the instance at once with a newer epoch and claims its
+/// message again.
+async fn a_heartbeat_renews_its_hosts_leases_and_release_gives_everything_up(db: TestDb) {
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+    db.store.recover("host-a", at(0)).await.unwrap();
+    db.store
+        .start_instances(vec![approval(x), approval(y)], None, at(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store
+            .claim_messages("host-a", at(0), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let held = db
+        .store
+        .acquire("host-a", &[x, y], at(0), at(30))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2);
+    db.store.heartbeat("host-a", at(20), at(60)).await.unwrap();
+    assert!(
+        db.store
+            .acquire("host-b", &[x], at(40), at(70))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the lease was renewed to 60"
+    );
+    db.store.release("host-a", at(41)).await.unwrap();
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE owner IS NOT NULL")
+            .await,
+        0,
+        "no lease left"
+    );
+    let taken = db
+        .store
+        .acquire("host-b", &[x], at(42), at(72))
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert!(taken[0].epoch > held[0].epoch);
+    let again = db.store.claim_messages("host-b", at(42), 10).await.unwrap();
+    assert_eq!(
+        again.iter().filter(|m| m.instance_id == x).count(),
+        1,
+        "its start message is claimed again"
+    );
 }
