@@ -3,7 +3,10 @@
 //!
 //! Every test is an `async fn name(db: TestDb)` listed in its file's `backend_tests!`, so it runs
 //! as `name::sqlite` and `name::postgres`. A new backend passes when every test here passes on
-//! it: add it to `support::Backend` and to `backend_tests!`. The files follow the guarantees:
+//! it: add it to `support::Backend` and to `backend_tests!`. A few tests, listed in
+//! `many_host_tests!`, check what only a backend serving many hosts at once promises (taking over
+//! a dead host's claims and leases while others run): they run on PostgreSQL; SQLite serves one
+//! host per file and takes everything over at `Store::recover`. The files follow the guarantees:
 //!
 //! | file | what it checks |
 //! |---|---|

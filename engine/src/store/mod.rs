@@ -218,7 +218,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<Vec<HeldStart>>;
 
     /// Claims up to `limit` routed messages, oldest first, for instances this host may run, and
-    /// locks them to `host`.
+    /// locks them to `host`. A backend that serves many hosts at once (PostgreSQL) also takes
+    /// messages locked by a host whose heartbeat stopped, for instances whose lease expired; a
+    /// backend that serves one host (SQLite) releases every lock at [`Store::recover`] instead.
     async fn claim_messages(
         &self,
         host: &str,
