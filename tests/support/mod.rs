@@ -182,3 +182,21 @@ macro_rules! backend_tests {
         )*
     };
 }
+
+/// Generates `name::postgres` alone, for each `async fn name(db: TestDb)` that checks what only a
+/// backend serving many hosts at once promises (PostgreSQL): SQLite serves one host per file.
+#[macro_export]
+macro_rules! many_host_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Postgres).await {
+                        super::$name(db).await;
+                    }
+                }
+            }
+        )*
+    };
+}

@@ -1,7 +1,8 @@
 //! The MessageBox: the storage boundary every backend implements.
 //!
 //! A [`Store`] holds instances, messages, subscriptions, timers, the outbox, history and dead
-//! letters. Its contract, which the conformance suite checks on every backend:
+//! letters. Its contract, which the conformance suite (`tests/conformance.rs`) checks on every
+//! backend:
 //!
 //! * [`Store::publish`] returns only after the message is durable (G1). A message id seen before
 //!   is not stored again (G5). Routing happens in the same transaction: a correlated subscription
@@ -217,7 +218,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<Vec<HeldStart>>;
 
     /// Claims up to `limit` routed messages, oldest first, for instances this host may run, and
-    /// locks them to `host`.
+    /// locks them to `host`. A backend that serves many hosts at once (PostgreSQL) also takes
+    /// messages locked by a host whose heartbeat stopped, for instances whose lease expired; a
+    /// backend that serves one host (SQLite) releases every lock at [`Store::recover`] instead.
     async fn claim_messages(
         &self,
         host: &str,

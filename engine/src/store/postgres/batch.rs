@@ -158,18 +158,7 @@ async fn write_common(
         .filter(|p| p.release)
         .flat_map(|p| p.failed.iter().copied())
         .collect();
-    let shape = [
-        (run.iter().any(|p| p.start.is_some()), Shape::FIRST),
-        (!consumed.instances.is_empty(), Shape::CONSUMES),
-        (!sends.ids.is_empty(), Shape::SENDS),
-        (!delivered.ids.is_empty(), Shape::DELIVERS),
-        (!released.is_empty(), Shape::RELEASES),
-        (!giving.is_empty(), Shape::GIVES),
-        (alone, Shape::ALONE),
-    ]
-    .into_iter()
-    .filter(|(present, _)| *present)
-    .fold(Shape(0), |shape, (_, part)| Shape(shape.0 | part));
+    let shape = Shape::of(run, alone);
     let mut query = sqlx::query_as(common_statement(shape))
         .bind(&ids)
         .bind(&epochs)
@@ -282,7 +271,7 @@ async fn write_common(
 /// prepared once per connection like any statement; every text takes all the parameters (their
 /// types are declared when it is prepared), so the binds do not depend on the shape.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Shape(u8);
+pub(super) struct Shape(u8);
 
 impl Shape {
     /// Points that start their instance ([`FirstPoint`]): `n`, `sm` and `fa`.
@@ -301,6 +290,30 @@ impl Shape {
     const ALONE: u8 = 1 << 6;
     /// How many shapes there are.
     const COUNT: usize = 1 << 7;
+
+    /// The shape of `run`'s statement: the parts some point of it writes, and whether it is
+    /// written `alone`.
+    pub(super) fn of(run: &[PersistencePoint], alone: bool) -> Self {
+        let any = |f: fn(&PersistencePoint) -> bool| run.iter().any(f);
+        [
+            (any(|p| p.start.is_some()), Shape::FIRST),
+            (any(|p| !p.consumed.is_empty()), Shape::CONSUMES),
+            (any(|p| !p.outbox.is_empty()), Shape::SENDS),
+            (any(|p| !p.delivered.is_empty()), Shape::DELIVERS),
+            (any(|p| p.release), Shape::RELEASES),
+            (any(|p| p.subscriptions.is_some()), Shape::GIVES),
+            (alone, Shape::ALONE),
+        ]
+        .into_iter()
+        .filter(|(present, _)| *present)
+        .fold(Shape(0), |shape, (_, part)| Shape(shape.0 | part))
+    }
+
+    /// Every shape, by its bits (for the test that writes a point of each).
+    #[cfg(test)]
+    pub(super) fn all() -> impl Iterator<Item = Self> {
+        (0..=u8::MAX).map(Shape).take(Self::COUNT)
+    }
 
     fn has(self, part: u8) -> bool {
         self.0 & part != 0
@@ -1031,5 +1044,130 @@ impl RouteRows {
         .await
         .map_err(map_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every shape of [`write_common`]'s statement, prepared and run by a commit.
+
+    use super::super::tests::{at, fresh, new_instance, point};
+    use super::*;
+    use crate::store::{InstanceStatus, OutboxRow, Store, SubscriptionRow};
+    use crate::Correlation;
+
+    fn send(id: String, instance_id: Uuid) -> OutboxRow {
+        OutboxRow {
+            id,
+            instance_id,
+            port: "payment".into(),
+            message_type: "payment.requested".into(),
+            body: serde_json::json!({"amount": 5}),
+            expects_reply: true,
+            attempts: 0,
+        }
+    }
+
+    /// A group of points of each of the 128 shapes (a point of each part the shape has; a
+    /// first point beside a held instance's for [`Shape::FIRST`]; alone, through
+    /// [`write_alone`], or in a transaction, through [`Store::commit`]) commits on a fresh
+    /// database: every text is prepared by the server and writes what it should.
+    #[tokio::test]
+    async fn a_point_of_every_statement_shape_commits() {
+        let Some(store) = fresh().await else { return };
+        let now = at(0);
+        store.recover("host-a", now).await.expect("recover");
+        for shape in Shape::all() {
+            let alone = shape.has(Shape::ALONE);
+            let held = new_instance("order");
+            store
+                .start_instances(vec![held.clone()], None, now)
+                .await
+                .expect("start");
+            let epoch = store
+                .acquire("host-a", &[held.id], now, at(3600))
+                .await
+                .expect("acquire")[0]
+                .epoch;
+            let request = format!("request-{}", shape.0);
+            let mut seq = 1;
+            if shape.has(Shape::DELIVERS) {
+                let mut sent = point(held.id, epoch, "host-a", seq, now);
+                sent.outbox = vec![send(request.clone(), held.id)];
+                let out = store.commit(&[sent]).await.expect("commit");
+                assert_eq!(out, [CommitOutcome::Committed]);
+                seq += 1;
+            }
+            let mut p = point(held.id, epoch, "host-a", seq, now);
+            if shape.has(Shape::CONSUMES) {
+                let start: i64 =
+                    sqlx::query_scalar("SELECT seq FROM messages WHERE instance_id = $1")
+                        .bind(held.id)
+                        .fetch_one(store.pool())
+                        .await
+                        .expect("start message");
+                p.consumed = vec![start];
+            }
+            if shape.has(Shape::SENDS) {
+                p.outbox = vec![send(format!("send-{}", shape.0), held.id)];
+            }
+            if shape.has(Shape::DELIVERS) {
+                p.delivered = vec![request];
+            }
+            if shape.has(Shape::RELEASES) {
+                p.release = true;
+                if alone {
+                    // A release alone gives up a finished instance (nothing left to claim).
+                    p.status = InstanceStatus::Completed;
+                }
+            }
+            if shape.has(Shape::GIVES) {
+                p.subscriptions = Some(if alone {
+                    vec![]
+                } else {
+                    vec![SubscriptionRow {
+                        id: Uuid::new_v4(),
+                        message_type: "payment.received".into(),
+                        correlation: Correlation::on("order", shape.0),
+                    }]
+                });
+            }
+            if !alone {
+                // A timer takes a statement of its own: the group goes through a transaction.
+                p.set_timers = vec![("timeout".into(), at(3600))];
+            }
+            let mut group = Vec::new();
+            if shape.has(Shape::FIRST) {
+                let first = new_instance("order");
+                let mut f = point(first.id, FIRST_EPOCH, "host-a", 1, now);
+                f.start = Some(Box::new(FirstPoint {
+                    instance: first,
+                    lease_until: at(3600),
+                }));
+                group.push(f);
+            }
+            group.push(p);
+            assert_eq!(Shape::of(&group, alone), shape);
+            let out = if alone {
+                write_alone(&store, &group)
+                    .await
+                    .expect("write")
+                    .unwrap_or_else(|| panic!("{shape:?} was not written alone"))
+            } else {
+                assert_eq!(write_alone(&store, &group).await.expect("write"), None);
+                store.commit(&group).await.expect("commit")
+            };
+            assert!(
+                out.iter().all(|o| *o == CommitOutcome::Committed),
+                "{shape:?}: {out:?}"
+            );
+            let history: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM history WHERE instance_id = $1")
+                    .bind(held.id)
+                    .fetch_one(store.pool())
+                    .await
+                    .expect("history");
+            assert_eq!(history, seq, "{shape:?}");
+        }
     }
 }
