@@ -16,9 +16,7 @@ crate::backend_tests!(
 // database, is promised by backends that serve many hosts at once (PostgreSQL). SQLite serves one
 // host per file: a new host takes everything over at `Store::recover`, which releases all locks
 // and leases (checked by the tests above).
-crate::many_host_tests!(
-    an_expired_lease_is_taken_over_and_the_old_owner_is_fenced,
-);
+crate::many_host_tests!(an_expired_lease_is_taken_over_and_the_old_owner_is_fenced,);
 
 async fn a_point_commits_once_and_a_stale_epoch_is_fenced(db: TestDb) {
     let store = db.store.clone();
