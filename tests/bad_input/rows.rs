@@ -461,6 +461,14 @@ async fn an_instance_row_that_cannot_be_read_suspends_that_instance_only(db: Tes
     assert!(error[0].contains("cannot be read"), "{error:?}");
     assert!(error[0].contains("version"), "{error:?}");
     wait_good_approval(&db).await;
+    // `cairn list` leaves the garbled row out and shows the others.
+    let listed = db
+        .store
+        .list_instances(None, 100)
+        .await
+        .expect("a listing despite the garbled row");
+    assert!(!listed.iter().any(|s| s.id == target));
+    assert!(listed.iter().any(|s| s.status == InstanceStatus::Completed));
     host.stop();
 }
 

@@ -433,6 +433,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn close(&self);
 }
 
+/// The rows that decode, for a listing: a row that cannot be read (written by hand, say) is left
+/// out with a warning naming it, so that one bad row never hides the others from an operator.
+pub(crate) fn readable<T>(rows: impl IntoIterator<Item = StoreResult<T>>, what: &str) -> Vec<T> {
+    rows.into_iter()
+        .filter_map(|row| {
+            row.map_err(|e| tracing::warn!(error = %e, "{what}: a row cannot be read; left out"))
+                .ok()
+        })
+        .collect()
+}
+
 /// Opens the store a database URL names (`sqlite://PATH`, `sqlite::memory:`,
 /// `postgres://USER@HOST/DB` or `postgresql://...`).
 ///

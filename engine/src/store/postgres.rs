@@ -2029,7 +2029,10 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter().map(summary_from_row).collect()
+        Ok(super::readable(
+            rows.iter().map(summary_from_row),
+            "listing instances",
+        ))
     }
 
     async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
