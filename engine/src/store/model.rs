@@ -159,6 +159,12 @@ pub fn inbox_message(
     ))
 }
 
+/// A dead letter's body as shown: its JSON, or, for a body that never was JSON (an `inbox` row
+/// dead-lettered because it was not), its text as a JSON string.
+pub(crate) fn dead_letter_body(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()))
+}
+
 /// Routing properties given as JSON values (an inbox row, a file or HTTP envelope), as text:
 /// strings as they are, anything else as its JSON text.
 pub fn text_properties(given: BTreeMap<String, serde_json::Value>) -> BTreeMap<String, String> {

@@ -1758,7 +1758,10 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter().map(dead_letter_row).collect()
+        Ok(super::readable(
+            rows.iter().map(dead_letter_row),
+            "listing dead letters",
+        ))
     }
 
     async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
@@ -2211,7 +2214,7 @@ fn dead_letter_row(row: &PgRow) -> StoreResult<DeadLetter> {
         instance_id: col(row, "instance_id")?,
         port: col(row, "port")?,
         message_type: col(row, "message_type")?,
-        body: col_json(row, "body")?,
+        body: super::dead_letter_body(&col::<String>(row, "body")?),
         reason: col(row, "reason")?,
         attempts: uint(col(row, "attempts")?, "dead_letters.attempts")?,
         dead_at: col(row, "dead_at")?,
