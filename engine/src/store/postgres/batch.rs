@@ -86,18 +86,31 @@ pub(super) async fn write_alone(
     conn.ended(&written);
     match written {
         Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
-        Err(StoreError::Database(e)) if e.to_string().contains(NEEDS_TRANSACTION) => Ok(None),
+        Err(StoreError::Database(e)) if raised(&e, NEEDS_TRANSACTION_CODE) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
+/// The SQLSTATE of [`NEEDS_TRANSACTION`]. Its class, `CN`, is one PostgreSQL leaves to users;
+/// the engine's failures are told apart by these codes, never by their text ([`raised`]).
+pub(super) const NEEDS_TRANSACTION_CODE: &str = "CN001";
+
+/// The SQLSTATE of [`NOT_ROUTED`].
+pub(super) const NOT_ROUTED_CODE: &str = "CN002";
+
+/// Whether `err` is the failure with SQLSTATE `code` that [`write_common`]'s checks raise
+/// (`point_check`, migration `20261205000009_point_check_codes`).
+fn raised(err: &sqlx::Error, code: &str) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
+}
+
 /// The failure [`write_common`] raises, outside a transaction, for points that need one
-/// ([`write_alone`]).
+/// ([`write_alone`]), with SQLSTATE [`NEEDS_TRANSACTION_CODE`].
 const NEEDS_TRANSACTION: &str = "cairn: a request a point marks delivered was delivered \
      already, or a point that gives an empty subscription set has some stored";
 
 /// The failure [`write_common`] raises for a point that consumed a message not routed to its
-/// instance.
+/// instance, with SQLSTATE [`NOT_ROUTED_CODE`].
 const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all routed to their \
      instance (consumed twice?)";
 
@@ -119,7 +132,8 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 /// statements).
 ///
 /// The statement checks that every message a fenced point consumed was routed to its instance
-/// (`point_check`, migration `20261122000008_point_checks`): a failed check undoes it all.
+/// (`point_check`, migration `20261205000009_point_check_codes`): a failed check undoes it
+/// all.
 async fn write_common(
     conn: impl PgExecutor<'_>,
     run: &[PersistencePoint],
@@ -226,7 +240,7 @@ async fn write_common(
             .bind(firsts(|f| f.instance.input.to_string()));
     }
     let rows: Vec<WrittenRow> = query.fetch_all(conn).await.map_err(|e| match map_err(e) {
-        StoreError::Database(e) if e.to_string().contains(NOT_ROUTED) => {
+        StoreError::Database(e) if raised(&e, NOT_ROUTED_CODE) => {
             let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
             StoreError::Corrupt(format!(
                 "persistence points consumed messages {consumed:?} (instance, seq), not all \
@@ -361,19 +375,19 @@ fn common_text(shape: Shape) -> String {
     if shape.has(Shape::CONSUMES) {
         checks.push(format!(
             "point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) AS x(id) \
-               WHERE x.id IN (SELECT id FROM {fenced})), $36)"
+               WHERE x.id IN (SELECT id FROM {fenced})), '{NOT_ROUTED_CODE}', $36)"
         ));
     }
     if shape.has(Shape::ALONE) && shape.has(Shape::DELIVERS) {
         checks.push(format!(
             "point_check((SELECT count(*) FROM d) = (SELECT count(*) FROM UNNEST($30) AS x(id) \
-               WHERE x.id IN (SELECT id FROM {fenced})), $37)"
+               WHERE x.id IN (SELECT id FROM {fenced})), '{NEEDS_TRANSACTION_CODE}', $37)"
         ));
     }
     if shape.has(Shape::ALONE) && shape.has(Shape::GIVES) {
         checks.push(format!(
             "point_check(NOT EXISTS (SELECT 1 FROM subscriptions WHERE instance_id = ANY($33) \
-               AND instance_id IN (SELECT id FROM {fenced})), $37)"
+               AND instance_id IN (SELECT id FROM {fenced})), '{NEEDS_TRANSACTION_CODE}', $37)"
         ));
     }
     let checked_row = if checks.is_empty() {
@@ -1066,6 +1080,39 @@ mod tests {
             expects_reply: true,
             attempts: 0,
         }
+    }
+
+    /// Each failure the engine raises in SQL is told apart by its SQLSTATE, whatever its text:
+    /// `point_check` raises the code it is given, and [`raised`] reads only that code.
+    #[tokio::test]
+    async fn the_engines_own_failures_are_told_apart_by_their_code() {
+        let Some(store) = fresh().await else { return };
+        for (code, other) in [
+            (NOT_ROUTED_CODE, NEEDS_TRANSACTION_CODE),
+            (NEEDS_TRANSACTION_CODE, NOT_ROUTED_CODE),
+        ] {
+            let err = sqlx::query("SELECT point_check(false, $1, 'a text the engine never reads')")
+                .bind(code)
+                .execute(&store.pool)
+                .await
+                .expect_err("a failed check raises");
+            assert!(raised(&err, code), "{code}: {err}");
+            assert!(!raised(&err, other), "{code} is not {other}: {err}");
+            assert!(
+                matches!(map_err(err), StoreError::Database(_)),
+                "an engine failure is not retryable"
+            );
+        }
+        sqlx::query("SELECT point_check(true, $1, 'never raised')")
+            .bind(NOT_ROUTED_CODE)
+            .execute(&store.pool)
+            .await
+            .expect("a check that holds raises nothing");
+        let other = sqlx::query("SELECT 1 / 0")
+            .execute(&store.pool)
+            .await
+            .expect_err("a division by zero fails");
+        assert!(!raised(&other, NOT_ROUTED_CODE) && !raised(&other, NEEDS_TRANSACTION_CODE));
     }
 
     /// A group of points of each of the 128 shapes (a point of each part the shape has; a

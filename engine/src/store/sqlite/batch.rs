@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
-use super::writer::{Alone, CHECK_FAILED};
+use super::writer::Alone;
 use super::{
     activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
     MessageKind, NewInstance, NewMessage, NewSubscription, PersistencePoint, PublishOutcome,
@@ -410,7 +410,7 @@ fn not_routed(consumed: &[(&Uuid, &i64)]) -> StoreError {
 
 /// Whether `err` is a check made in SQL failing (the temporary table `checks`).
 fn failed_check(err: &StoreError) -> bool {
-    matches!(err, StoreError::Database(e) if e.to_string().contains(CHECK_FAILED))
+    matches!(err, StoreError::Database(e) if super::writer::failed_check(e))
 }
 
 /// `err`, or, if it is the check in SQL of [`push_consume`] failing, the error saying so.
