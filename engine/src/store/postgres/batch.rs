@@ -86,7 +86,9 @@ pub(super) async fn write_alone(
     conn.ended(&written);
     match written {
         Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
-        Err(StoreError::Database(e)) if raised(&e, NEEDS_TRANSACTION_CODE) => Ok(None),
+        Err(StoreError::Database { source: e, .. }) if raised(&e, NEEDS_TRANSACTION_CODE) => {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
@@ -239,16 +241,20 @@ async fn write_common(
             .bind(firsts(|f| f.instance.start_message_type()))
             .bind(firsts(|f| f.instance.input.to_string()));
     }
-    let rows: Vec<WrittenRow> = query.fetch_all(conn).await.map_err(|e| match map_err(e) {
-        StoreError::Database(e) if raised(&e, NOT_ROUTED_CODE) => {
-            let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
-            StoreError::Corrupt(format!(
+    let rows: Vec<WrittenRow> =
+        query
+            .fetch_all(conn)
+            .await
+            .map_err(|e| match map_err("write common", e) {
+                StoreError::Database { source: e, .. } if raised(&e, NOT_ROUTED_CODE) => {
+                    let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
+                    StoreError::Corrupt(format!(
                 "persistence points consumed messages {consumed:?} (instance, seq), not all \
                  routed to their instance (consumed twice?)"
             ))
-        }
-        other => other,
-    })?;
+                }
+                other => other,
+            })?;
 
     let mut committed = HashSet::with_capacity(run.len());
     let mut stored = Vec::new();
@@ -538,7 +544,7 @@ async fn consume_reply_copies(
     .bind(&ats)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("consume reply copies", e))?;
     Ok(())
 }
 
@@ -634,7 +640,7 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
         .bind(cancelled.iter().map(|(_, name)| *name).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("write timers", e))?;
     }
     if !set.is_empty() {
         sqlx::query(
@@ -647,7 +653,7 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
         .bind(set.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("write timers", e))?;
     }
     Ok(())
 }
@@ -685,7 +691,7 @@ async fn sync_subscriptions(
             .bind(&removed)
             .execute(&mut **tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("sync subscriptions", e))?;
         unroute(tx, &removed, changes).await?;
         changes.cancelled.extend(&removed);
     }
@@ -716,7 +722,7 @@ pub(super) async fn insert_subscriptions(
     .bind(rows.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert subscriptions", e))?;
     Ok(())
 }
 
@@ -742,7 +748,7 @@ pub(super) async fn still_held(
     .bind(host)
     .fetch_all(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("still held", e))?;
     Ok(ids.into_iter().collect())
 }
 
@@ -765,7 +771,7 @@ pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) 
     .bind(failed)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("unlock instances", e))?;
     Ok(())
 }
 
@@ -835,7 +841,7 @@ pub(super) async fn start_instances(
     .bind(&parents)
     .fetch_all(conn)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("start instances", e))?;
     match holder {
         Some(_) => HeldStart::all(starts, rows),
         None => Ok(Vec::new()),
@@ -955,7 +961,7 @@ async fn insert_messages(
     .bind(messages.iter().map(|(_, at)| *at).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert messages", e))?;
     Ok(rows.into_iter().collect())
 }
 
@@ -971,7 +977,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
         .bind(message_type)
         .fetch_all(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("read routes", e))?;
         let values = cache.key_sets(message_type, key_sets, &msgs);
         if !values.is_empty() {
             let rows: Vec<(String, Uuid, Uuid)> = sqlx::query_as(
@@ -983,7 +989,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
             .bind(&values)
             .fetch_all(&mut **tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("read routes", e))?;
             for (correlation, sub, instance) in rows {
                 cache.subscription(message_type, correlation, sub, instance);
             }
@@ -995,7 +1001,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
         .bind(message_type)
         .fetch_optional(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("read routes", e))?;
         let activation = activation.and_then(|(o, v, k)| match uint(v, "subscriptions.version") {
             Ok(v) => Some((o, v, k)),
             Err(e) => {
@@ -1056,7 +1062,7 @@ impl RouteRows {
         .bind(&self.kinds)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("write", e))?;
         Ok(())
     }
 }
@@ -1099,7 +1105,7 @@ mod tests {
             assert!(raised(&err, code), "{code}: {err}");
             assert!(!raised(&err, other), "{code} is not {other}: {err}");
             assert!(
-                matches!(map_err(err), StoreError::Database(_)),
+                matches!(map_err("a test", err), StoreError::Database { .. }),
                 "an engine failure is not retryable"
             );
         }

@@ -270,9 +270,11 @@ impl Writer {
         let conn = match self {
             Writer::Dedicated(slot) => Held::Dedicated(Self::dedicated(slot).await?),
             Writer::Pooled(pool) => {
-                let mut conn = pool.acquire().await.map_err(map_err)?;
+                let mut conn = pool.acquire().await.map_err(|e| map_err("begin", e))?;
                 if depth(&conn) > 0 {
-                    reset(&mut conn, false).await.map_err(map_err)?;
+                    reset(&mut conn, false)
+                        .await
+                        .map_err(|e| map_err("begin", e))?;
                 }
                 Held::Pooled(conn)
             }
@@ -290,7 +292,7 @@ impl Writer {
             SqliteTransactionManager::begin(&mut tx, Some(Cow::Borrowed("BEGIN IMMEDIATE"))).await
         {
             tx.suspect();
-            return Err(map_err(e));
+            return Err(map_err("begin", e));
         }
         Ok(tx)
     }
@@ -329,7 +331,7 @@ impl Writer {
 async fn roll_back_if_open(conn: &mut SqliteConnection) -> StoreResult<()> {
     match conn.execute("ROLLBACK").await {
         Err(e) if no_transaction(&e) => Ok(()),
-        other => other.map(drop).map_err(map_err),
+        other => other.map(drop).map_err(|e| map_err("roll back if open", e)),
     }
 }
 
@@ -416,7 +418,7 @@ impl Tx {
             // SQLite may have rolled it back itself, or kept it open: dropping queues the
             // manager's rollback, and the next transaction checks.
             self.suspect();
-            return Err(map_err(e));
+            return Err(map_err("commit", e));
         }
         self.open = false;
         Ok(())
