@@ -1986,6 +1986,30 @@ async fn dead_letter_send(
 mod tests {
     use super::*;
 
+    /// A database error says which operation failed, and stays as retryable as before.
+    #[test]
+    fn a_database_error_names_the_operation_that_failed() {
+        let err = map_err(
+            "claim messages",
+            sqlx::Error::Protocol("refused".to_owned()),
+        );
+        assert!(
+            matches!(
+                err,
+                StoreError::Database {
+                    operation: "claim messages",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "database error in claim messages: encountered unexpected or invalid data: refused"
+        );
+        assert!(!err.is_retryable() && !err.is_refusal());
+    }
+
     /// The steps of SQLite's plan for `sql`.
     async fn plan(store: &SqliteStore, sql: &str) -> Vec<String> {
         sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
