@@ -228,9 +228,12 @@ impl Store for FaultyStore {
             return Err(StoreError::Injected("commit"));
         }
         if self.plan.refuses(points) {
-            return Err(StoreError::Database(sqlx::Error::Protocol(
-                "injected refusal: a value in this commit cannot be stored".to_owned(),
-            )));
+            return Err(StoreError::Database {
+                operation: "commit",
+                source: sqlx::Error::Protocol(
+                    "injected refusal: a value in this commit cannot be stored".to_owned(),
+                ),
+            });
         }
         self.inner.commit(points).await
     }

@@ -48,9 +48,15 @@ pub enum StoreError {
     /// The database cannot be reached or is busy; retry later.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
-    /// The database rejected a statement.
-    #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    /// The database rejected a statement of `operation`.
+    #[error("database error in {operation}: {source}")]
+    Database {
+        /// What the store was doing (`publish`, `commit`, `claim messages`, ...).
+        operation: &'static str,
+        /// The database's error.
+        #[source]
+        source: sqlx::Error,
+    },
     /// Applying migrations failed.
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

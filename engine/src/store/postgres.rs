@@ -72,9 +72,10 @@ const DEFAULT_LEASE_MS: i64 = 30_000;
 /// How long a transaction may sit idle before the server aborts it (a paused host's).
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 
-/// Maps a sqlx error to a [`StoreError`], deciding what is worth retrying. The one place that
-/// decides it for this backend.
-fn map_err(err: sqlx::Error) -> StoreError {
+/// Maps a sqlx error from `operation` (what the store was doing, named in the error) to a
+/// [`StoreError`], deciding what is worth retrying. The one place that decides it for this
+/// backend.
+fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
     if matches!(
         err,
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
@@ -101,7 +102,10 @@ fn map_err(err: sqlx::Error) -> StoreError {
     if retryable {
         StoreError::Unavailable(err)
     } else {
-        StoreError::Database(err)
+        StoreError::Database {
+            operation,
+            source: err,
+        }
     }
 }
 
@@ -193,7 +197,10 @@ impl PostgresStore {
             tracing::warn!(parameters = ?dropped, "ignoring database URL parameters that are not supported");
         }
         let options = PgConnectOptions::from_str(&url)
-            .map_err(StoreError::Database)?
+            .map_err(|source| StoreError::Database {
+                operation: "open",
+                source,
+            })?
             .application_name("cairn")
             // A host that stops mid-transaction (paused, partitioned) must not hold its row and
             // route locks for everyone: the server aborts its transaction, and whatever that
@@ -211,7 +218,7 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("open", e))?;
         Ok(Self {
             pool,
             options,
@@ -232,7 +239,7 @@ impl PostgresStore {
     }
 
     async fn write(&self) -> StoreResult<Tx> {
-        self.pool.begin().await.map_err(map_err)
+        self.pool.begin().await.map_err(|e| map_err("begin", e))
     }
 
     fn learn_lease(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>) {
@@ -264,14 +271,14 @@ impl PostgresStore {
             .bind(self.host_cutoff(now))
             .fetch_all(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("claim", e))?;
         commit(tx).await?;
         Ok(rows)
     }
 }
 
 async fn commit(tx: Tx) -> StoreResult<()> {
-    tx.commit().await.map_err(map_err)
+    tx.commit().await.map_err(|e| map_err("commit", e))
 }
 
 /// Tells listening hosts that there is work; delivered when the transaction commits.
@@ -280,7 +287,7 @@ async fn notify(tx: &mut Tx) -> StoreResult<()> {
         .bind(WORK_CHANNEL)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("notify", e))?;
     Ok(())
 }
 
@@ -321,7 +328,7 @@ async fn lock_routes<'a>(
             .bind(key)
             .execute(&mut **tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("lock routes", e))?;
     }
     Ok(())
 }
@@ -352,7 +359,7 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
         .bind(format!("{orchestration}|{}", values.canonical()))
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("find route", e))?;
     let owner: Option<(Uuid, Uuid)> = sqlx::query_as(
         "SELECT id, instance_id FROM subscriptions \
          WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
@@ -362,7 +369,7 @@ async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
     .bind(values.canonical())
     .fetch_optional(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("find route", e))?;
     Ok(match owner {
         Some((sub, instance)) => Route::Instance(instance, Some(sub)),
         None => route,
@@ -388,7 +395,7 @@ async fn insert_instance(
     .bind(parent)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert instance", e))?;
     Ok(())
 }
 
@@ -449,7 +456,7 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .bind(message_type)
         .fetch_all(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("reroute", e))?;
         let every = changes.types.contains(message_type);
         for row in rows {
             // An unrouted message whose properties cannot be read stays unrouted (and is
@@ -480,7 +487,7 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .bind(&seqs)
         .fetch_all(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("reroute", e))?;
         for row in rows {
             match col_json(&row, "properties") {
                 Ok(properties) => {
@@ -525,7 +532,7 @@ async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreRes
         .bind(kind.as_str())
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("reroute", e))?;
         if let (1, Some((orchestration, version, convoy))) = (routed.rows_affected(), activate) {
             insert_instance(tx, instance, &orchestration, version, None, now).await?;
             subscribe_convoy(tx, instance, &orchestration, convoy, now).await?;
@@ -545,7 +552,7 @@ async fn unroute(tx: &mut Tx, subscriptions: &[Uuid], changes: &mut Reroute) -> 
     .bind(subscriptions)
     .fetch_all(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("unroute", e))?;
     changes.seqs.extend(seqs);
     Ok(())
 }
@@ -568,7 +575,7 @@ async fn subscribe_convoy(
     .bind(orchestration)
     .fetch_all(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("subscribe convoy", e))?;
     let subs = convoy_subscriptions(instance, types, &values);
     let rows: Vec<_> = subs.iter().map(|sub| (instance, sub, now)).collect();
     batch::insert_subscriptions(tx, &rows).await
@@ -579,7 +586,7 @@ async fn exists(pool: &PgPool, sql: &str) -> StoreResult<bool> {
     sqlx::query_scalar(sql)
         .fetch_one(pool)
         .await
-        .map_err(map_err)
+        .map_err(|e| map_err("exists", e))
 }
 
 async fn next_history_seq(tx: &mut Tx, id: Uuid) -> StoreResult<i64> {
@@ -587,7 +594,7 @@ async fn next_history_seq(tx: &mut Tx, id: Uuid) -> StoreResult<i64> {
         .bind(id)
         .fetch_one(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("next history seq", e))?;
     Ok(seq + 1)
 }
 
@@ -608,7 +615,7 @@ async fn insert_history(tx: &mut Tx, id: Uuid, e: HistoryEntry<'_>) -> StoreResu
     .bind(e.detail)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert history", e))?;
     Ok(())
 }
 
@@ -625,7 +632,7 @@ async fn control_in(
                 .bind(id)
                 .fetch_optional(&mut **tx)
                 .await
-                .map_err(map_err)?
+                .map_err(|e| map_err("control in", e))?
                 .ok_or(StoreError::NoSuchInstance(id))?;
     let status: InstanceStatus = col_word(&row, "status")?;
     let step: String = col(&row, "step")?;
@@ -649,7 +656,7 @@ async fn control_in(
                 .bind(seq)
                 .execute(&mut **tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("control in", e))?;
             insert_history(
                 tx,
                 id,
@@ -675,13 +682,13 @@ async fn control_in(
                 .bind(now)
                 .execute(&mut **tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("control in", e))?;
             // Its messages are delivered again from scratch: poison counting starts over.
             sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
                     .bind(id)
                     .execute(&mut **tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("control in", e))?;
             notify(tx).await?;
             InstanceStatus::Dehydrated
         }
@@ -698,7 +705,7 @@ async fn control_in(
                 .bind(seq)
                 .execute(&mut **tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("control in", e))?;
             for sql in [
                 "DELETE FROM subscriptions WHERE instance_id = $1",
                 "DELETE FROM timers WHERE instance_id = $1",
@@ -707,7 +714,7 @@ async fn control_in(
                     .bind(id)
                     .execute(&mut **tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("control in", e))?;
             }
             insert_history(
                 tx,
@@ -822,7 +829,7 @@ async fn savepoint(tx: &mut Tx, sql: &str) -> StoreResult<()> {
     sqlx::query(sql)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)
+        .map_err(|e| map_err("savepoint", e))
         .map(drop)
 }
 
@@ -858,7 +865,7 @@ async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) 
         .bind(now)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("bury messages", e))?;
         sqlx::query(
             "UPDATE messages SET status = 'dead', locked_by = NULL, reason = $2 WHERE seq = $1",
         )
@@ -866,7 +873,7 @@ async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) 
         .bind(&reason)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("bury messages", e))?;
     }
     Ok(())
 }
@@ -888,7 +895,7 @@ async fn bury_send(tx: &mut Tx, row: &PgRow, why: &str, now: DateTime<Utc>) -> S
     .bind(now)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("bury send", e))?;
     sqlx::query(
         "UPDATE outbox SET status = 'dead', last_error = $2, locked_by = NULL, locked_until = NULL \
          WHERE id = $1",
@@ -897,7 +904,7 @@ async fn bury_send(tx: &mut Tx, row: &PgRow, why: &str, now: DateTime<Utc>) -> S
     .bind(&reason)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("bury send", e))?;
     let instance: Uuid = col(row, "instance_id")?;
     let message_type: String = col(row, "message_type")?;
     let msg = NewMessage::to_instance(
@@ -1070,7 +1077,7 @@ impl Store for PostgresStore {
             .bind(SCHEMA_LOCK_CLASS)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("migrate", e))?;
         // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists:
         // an owner role given the schema by an administrator (docs/operations.md) has none.
         let exists: bool =
@@ -1078,12 +1085,12 @@ impl Store for PostgresStore {
                 .bind(SCHEMA)
                 .fetch_one(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("migrate", e))?;
         if !exists {
             sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("migrate", e))?;
         }
         commit(tx).await?;
         MIGRATOR.run(&self.pool).await?;
@@ -1097,7 +1104,7 @@ impl Store for PostgresStore {
             sqlx::query_scalar("SELECT CAST(to_regclass('_sqlx_migrations') AS TEXT)")
                 .fetch_one(&self.pool)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("check schema", e))?;
         let applied = match table {
             None => None,
             Some(_) => Some(
@@ -1106,7 +1113,7 @@ impl Store for PostgresStore {
                 )
                 .fetch_all(&self.pool)
                 .await
-                .map_err(map_err)?,
+                .map_err(|e| map_err("check schema", e))?,
             ),
         };
         compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
@@ -1125,7 +1132,7 @@ impl Store for PostgresStore {
         .bind(self.host_cutoff(now))
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("recover", e))?;
         sqlx::query(
             "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4) \
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, pid = excluded.pid, \
@@ -1137,7 +1144,7 @@ impl Store for PostgresStore {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("recover", e))?;
         commit(tx).await
     }
 
@@ -1167,7 +1174,7 @@ impl Store for PostgresStore {
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("sync activations", e))?;
         }
         reroute(&mut tx, &changes, now).await?;
         commit(tx).await
@@ -1280,7 +1287,7 @@ impl Store for PostgresStore {
         .bind(ids)
         .fetch_all(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("acquire", e))?;
         for row in rows {
             match instance_record(&row) {
                 Ok(record) => out.push(record),
@@ -1301,7 +1308,7 @@ impl Store for PostgresStore {
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("acquire", e))?;
                 }
             }
         }
@@ -1318,7 +1325,7 @@ impl Store for PostgresStore {
             .bind(host)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("acquire", e))?;
             sqlx::query(
                 "UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by <> $2",
             )
@@ -1326,7 +1333,7 @@ impl Store for PostgresStore {
             .bind(host)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("acquire", e))?;
         }
         commit(tx).await?;
         Ok(out)
@@ -1350,14 +1357,14 @@ impl Store for PostgresStore {
         .bind(lease_until)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("heartbeat", e))?;
         // A host another one marked stopped while it was slow is back.
         sqlx::query("UPDATE hosts SET heartbeat_at = $2, stopped_at = NULL WHERE id = $1")
             .bind(host)
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("heartbeat", e))?;
         commit(tx).await
     }
 
@@ -1376,14 +1383,14 @@ impl Store for PostgresStore {
                 .bind(host)
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("release", e))?;
         }
         sqlx::query("UPDATE hosts SET stopped_at = $2, heartbeat_at = $2 WHERE id = $1")
             .bind(host)
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("release", e))?;
         commit(tx).await
     }
 
@@ -1399,7 +1406,7 @@ impl Store for PostgresStore {
         .bind(failed)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("unlock", e))?;
         sqlx::query(
             "UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by = $2",
         )
@@ -1407,7 +1414,7 @@ impl Store for PostgresStore {
         .bind(host)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("unlock", e))?;
         commit(tx).await
     }
 
@@ -1496,7 +1503,7 @@ impl Store for PostgresStore {
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("note unrunnable", e))?;
         commit(tx).await
     }
 
@@ -1528,7 +1535,7 @@ impl Store for PostgresStore {
         .bind(ordered)
         .fetch_all(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("claim outbox", e))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             match outbox_row(row) {
@@ -1561,7 +1568,7 @@ impl Store for PostgresStore {
         .bind(self.host_cutoff(now))
         .fetch_optional(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("claim ordered", e))?;
         let Some(head) = head else { return Ok(None) };
         let status: String = col(&head, "status")?;
         let due = col::<DateTime<Utc>>(&head, "next_attempt_at")? <= now;
@@ -1581,7 +1588,7 @@ impl Store for PostgresStore {
             .bind(lock_until)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("claim ordered", e))?;
         commit(tx).await?;
         Ok(Some(row))
     }
@@ -1602,7 +1609,7 @@ impl Store for PostgresStore {
         .bind(ids)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("renew outbox", e))?;
         commit(tx).await
     }
 
@@ -1629,7 +1636,7 @@ impl Store for PostgresStore {
                     .bind(if *via_backup { "backup" } else { "primary" })
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?
+                    .map_err(|e| map_err("record deliveries", e))?
                     .rows_affected();
                     if let (Some(reply), 1) = (reply, done) {
                         let mut msg = NewMessage::to_instance(
@@ -1661,7 +1668,7 @@ impl Store for PostgresStore {
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("record deliveries", e))?;
                 }
                 DeliveryOutcome::Held { row, error } => {
                     sqlx::query(
@@ -1674,7 +1681,7 @@ impl Store for PostgresStore {
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("record deliveries", e))?;
                 }
                 DeliveryOutcome::Dead { row, error } => {
                     let done = sqlx::query(
@@ -1687,7 +1694,7 @@ impl Store for PostgresStore {
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?
+                    .map_err(|e| map_err("record deliveries", e))?
                     .rows_affected();
                     if done == 1 {
                         dead_letter_send(&mut tx, row, error, row.attempts + 1, now).await?;
@@ -1713,7 +1720,7 @@ impl Store for PostgresStore {
         .bind(reason)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("give up sends", e))?;
         let rows = sqlx::query(
             "UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL \
              WHERE status = 'give_up' \
@@ -1721,7 +1728,7 @@ impl Store for PostgresStore {
         )
         .fetch_all(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("give up sends", e))?;
         for r in &rows {
             let row = outbox_row(r)?;
             let why: Option<String> = col(r, "last_error")?;
@@ -1743,7 +1750,7 @@ impl Store for PostgresStore {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("resume send", e))?
         .rows_affected();
         commit(tx).await?;
         Ok(done == 1)
@@ -1757,7 +1764,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("dead letters", e))?;
         Ok(super::readable(
             rows.iter().map(dead_letter_row),
             "listing dead letters",
@@ -1772,7 +1779,7 @@ impl Store for PostgresStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("dead letter", e))?;
         row.as_ref().map(dead_letter_row).transpose()
     }
 
@@ -1787,14 +1794,14 @@ impl Store for PostgresStore {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("resubmit dead letter", e))?
         .rows_affected();
         if done == 1 {
             sqlx::query("DELETE FROM dead_letters WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("resubmit dead letter", e))?;
         }
         commit(tx).await?;
         Ok(done == 1)
@@ -1816,7 +1823,7 @@ impl Store for PostgresStore {
         let done = query
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?
+            .map_err(|e| map_err("purge dead letters", e))?
             .rows_affected();
         commit(tx).await?;
         Ok(done)
@@ -1858,7 +1865,7 @@ impl Store for PostgresStore {
             )
             .fetch_optional(&mut *tx)
             .await
-            .map_err(map_err)?
+            .map_err(|e| map_err("apply controls", e))?
             else {
                 break;
             };
@@ -1878,7 +1885,9 @@ impl Store for PostgresStore {
                 // it: what the action wrote is rolled back, and the row is marked rejected
                 // with the reason (locked again: another host may look at it meanwhile).
                 Err(ref e) => {
-                    tx.rollback().await.map_err(map_err)?;
+                    tx.rollback()
+                        .await
+                        .map_err(|e| map_err("apply controls", e))?;
                     let mut tx = self.write().await?;
                     let still_pending: Option<i64> = sqlx::query_scalar(
                         "SELECT id FROM control WHERE id = $1 AND status = 'pending' \
@@ -1887,7 +1896,7 @@ impl Store for PostgresStore {
                     .bind(request_id)
                     .fetch_optional(&mut *tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("apply controls", e))?;
                     if still_pending.is_none() {
                         continue;
                     }
@@ -1904,7 +1913,7 @@ impl Store for PostgresStore {
             .bind(host)
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("apply controls", e))?;
             commit(tx).await?;
             out.push(ControlApplied {
                 id: request_id,
@@ -1929,7 +1938,7 @@ impl Store for PostgresStore {
         )
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("housekeeping", e))?
         .rows_affected();
         sqlx::query(
             "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
@@ -1942,7 +1951,7 @@ impl Store for PostgresStore {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("housekeeping", e))?;
         let expired = sqlx::query(
             "UPDATE messages SET status = 'dead', \
                reason = 'dead-lettered after its time to live: ' || COALESCE(reason, '') \
@@ -1951,7 +1960,7 @@ impl Store for PostgresStore {
         .bind(unrouted_before)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("housekeeping", e))?
         .rows_affected();
         commit(tx).await?;
         Ok(Housekeeping { zombies, expired })
@@ -1974,7 +1983,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("take inbox", e))?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -2005,13 +2014,13 @@ impl Store for PostgresStore {
                 .bind(now)
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("take inbox", e))?;
             }
             sqlx::query("DELETE FROM inbox WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("take inbox", e))?;
         }
         notify(&mut tx).await?;
         commit(tx).await?;
@@ -2031,7 +2040,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("list instances", e))?;
         Ok(super::readable(
             rows.iter().map(summary_from_row),
             "listing instances",
@@ -2045,7 +2054,7 @@ impl Store for PostgresStore {
         .bind(ids)
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("instance summaries", e))?;
         rows.iter().map(summary_from_row).collect()
     }
 
@@ -2056,7 +2065,7 @@ impl Store for PostgresStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("instance detail", e))?
         else {
             return Ok(None);
         };
@@ -2066,7 +2075,7 @@ impl Store for PostgresStore {
         .bind(id)
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("instance detail", e))?
         .iter()
         .map(|h| {
             Ok(HistoryRow {
@@ -2086,7 +2095,7 @@ impl Store for PostgresStore {
         .bind(id)
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("instance detail", e))?
         .iter()
         .map(|m| {
             Ok((
@@ -2118,7 +2127,7 @@ impl Store for PostgresStore {
         for row in sqlx::query("SELECT status, COUNT(*) AS n FROM instances GROUP BY status")
             .fetch_all(&self.pool)
             .await
-            .map_err(map_err)?
+            .map_err(|e| map_err("activity", e))?
         {
             activity
                 .by_status
@@ -2130,18 +2139,18 @@ impl Store for PostgresStore {
             .bind(self.host_cutoff(now))
             .fetch_one(&self.pool)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("activity", e))?;
         activity.pending_sends =
             sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
                 .fetch_one(&self.pool)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("activity", e))?;
         activity.next_timer_at = sqlx::query_scalar(&NEXT_TIMER)
             .bind(now)
             .bind(self.host_cutoff(now))
             .fetch_optional(&self.pool)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("activity", e))?;
         Ok(activity)
     }
 
@@ -2245,7 +2254,7 @@ async fn dead_letter_send(
     .bind(now)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("dead letter send", e))?;
     let msg = NewMessage::to_instance(
         format!("{}:failed", row.id),
         format!("{}.failed", row.message_type),
@@ -2271,6 +2280,30 @@ mod tests {
     use super::pg_harness;
 
     use super::*;
+
+    /// A database error says which operation failed, and stays as retryable as before.
+    #[test]
+    fn a_database_error_names_the_operation_that_failed() {
+        let err = map_err(
+            "claim messages",
+            sqlx::Error::Protocol("refused".to_owned()),
+        );
+        assert!(
+            matches!(
+                err,
+                StoreError::Database {
+                    operation: "claim messages",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "database error in claim messages: encountered unexpected or invalid data: refused"
+        );
+        assert!(!err.is_retryable() && !err.is_refusal());
+    }
 
     pub(super) async fn fresh() -> Option<PostgresStore> {
         // A database in the throwaway cluster the integration tests use (started on first use;
@@ -2485,7 +2518,12 @@ mod tests {
             .execute(&mut *conn)
             .await
             .map(|_| ())
-            .map_err(map_err);
+            .map_err(|e| {
+                map_err(
+                    "a point dropped mid statement takes the kept connection with it",
+                    e,
+                )
+            });
         conn.ended(&refused);
         drop(conn);
         assert_eq!(store.points.backend_pid().await, Some(new_pid));
@@ -2508,13 +2546,13 @@ mod tests {
         let err = sqlx::query("SELECT 1")
             .execute(&mut *conn)
             .await
-            .map_err(map_err)
+            .map_err(|e| map_err("a killed connection is retryable", e))
             .expect_err("the connection is gone");
         assert!(err.is_retryable(), "{err:?}");
         let err = sqlx::query("SELECT * FROM no_such_table")
             .execute(store.pool())
             .await
-            .map_err(map_err)
+            .map_err(|e| map_err("a killed connection is retryable", e))
             .expect_err("no table");
         assert!(!err.is_retryable(), "{err:?}");
     }

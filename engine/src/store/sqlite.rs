@@ -170,9 +170,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
     })
 }
 
-/// Maps a sqlx error to a [`StoreError`], deciding what is worth retrying. The one place that
-/// decides it for this backend.
-fn map_err(err: sqlx::Error) -> StoreError {
+/// Maps a sqlx error from `operation` (what the store was doing, named in the error) to a
+/// [`StoreError`], deciding what is worth retrying. The one place that decides it for this
+/// backend.
+fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
     if matches!(
         err,
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
@@ -199,7 +200,10 @@ fn map_err(err: sqlx::Error) -> StoreError {
     if retryable {
         StoreError::Unavailable(err)
     } else {
-        StoreError::Database(err)
+        StoreError::Database {
+            operation,
+            source: err,
+        }
     }
 }
 
@@ -233,7 +237,7 @@ impl SqliteStore {
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("claim", e))?;
         commit(tx).await?;
         Ok(rows)
     }
@@ -261,7 +265,10 @@ impl SqliteStore {
     async fn open_with(url: &str, max_pages: Option<u64>) -> StoreResult<Self> {
         let memory = url.contains(":memory:") || url.contains("mode=memory");
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(StoreError::Database)?
+            .map_err(|source| StoreError::Database {
+                operation: "open",
+                source,
+            })?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -290,14 +297,16 @@ impl SqliteStore {
         };
         if memory {
             // One connection is the whole database.
-            let pool = connect(1).await.map_err(map_err)?;
+            let pool = connect(1).await.map_err(|e| map_err("open", e))?;
             return Ok(Self {
                 writer: Writer::Pooled(pool.clone()),
                 pool,
             });
         }
-        let writer = Writer::connect(&options).await.map_err(map_err)?;
-        let pool = connect(3).await.map_err(map_err)?;
+        let writer = Writer::connect(&options)
+            .await
+            .map_err(|e| map_err("open", e))?;
+        let pool = connect(3).await.map_err(|e| map_err("open", e))?;
         Ok(Self { pool, writer })
     }
 
@@ -339,7 +348,7 @@ async fn activate(
         .bind(orchestration)
         .fetch_all(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("activate", e))?;
         let subs = convoy_subscriptions(id, types, &values);
         let rows: Vec<_> = subs.iter().map(|sub| (id, sub, now)).collect();
         batch::insert_subscriptions(tx, &rows).await?;
@@ -366,7 +375,7 @@ async fn insert_instance(
     .bind(parent.map(|p| p.to_string()))
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert instance", e))?;
     Ok(())
 }
 
@@ -390,7 +399,7 @@ async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
         .bind(message_type)
         .fetch_all(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("reroute", e))?;
         for row in rows {
             let seq: i64 = col(&row, "seq")?;
             // An unrouted message whose properties cannot be read stays unrouted (and is
@@ -432,7 +441,7 @@ async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
             .bind(kind.as_str())
             .execute(&mut **tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("reroute", e))?;
         }
     }
     Ok(())
@@ -446,7 +455,7 @@ async fn exists(pool: &SqlitePool, sql: &str) -> StoreResult<bool> {
     sqlx::query_scalar(sql)
         .fetch_one(pool)
         .await
-        .map_err(map_err)
+        .map_err(|e| map_err("exists", e))
 }
 
 async fn next_history_seq(tx: &mut Tx, id: &str) -> StoreResult<i64> {
@@ -454,7 +463,7 @@ async fn next_history_seq(tx: &mut Tx, id: &str) -> StoreResult<i64> {
         .bind(id)
         .fetch_one(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("next history seq", e))?;
     Ok(seq + 1)
 }
 
@@ -475,7 +484,7 @@ async fn insert_history(tx: &mut Tx, id: &str, e: HistoryEntry<'_>) -> StoreResu
     .bind(e.detail)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert history", e))?;
     Ok(())
 }
 
@@ -497,7 +506,7 @@ async fn control_in(
     .bind(&key)
     .fetch_optional(&mut **tx)
     .await
-    .map_err(map_err)?
+    .map_err(|e| map_err("control in", e))?
     .ok_or(StoreError::NoSuchInstance(id))?;
     let status: InstanceStatus = col_word(&row, "status")?;
     let step: String = col(&row, "step")?;
@@ -521,7 +530,7 @@ async fn control_in(
                 .bind(seq)
                 .execute(&mut **tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("control in", e))?;
             insert_history(
                 tx,
                 &key,
@@ -547,13 +556,13 @@ async fn control_in(
                 .bind(ts(now))
                 .execute(&mut **tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("control in", e))?;
             // Its messages are delivered again from scratch: poison counting starts over.
             sqlx::query("UPDATE messages SET delivery_count = 0 WHERE instance_id = $1 AND status = 'routed'")
                     .bind(&key)
                     .execute(&mut **tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("control in", e))?;
             InstanceStatus::Dehydrated
         }
         ControlAction::Terminate { reason } => {
@@ -569,7 +578,7 @@ async fn control_in(
                 .bind(seq)
                 .execute(&mut **tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("control in", e))?;
             for sql in [
                 "DELETE FROM subscriptions WHERE instance_id = $1",
                 "DELETE FROM timers WHERE instance_id = $1",
@@ -578,7 +587,7 @@ async fn control_in(
                     .bind(&key)
                     .execute(&mut **tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("control in", e))?;
             }
             insert_history(
                 tx,
@@ -671,7 +680,7 @@ async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) 
         .bind(ts(now))
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("bury messages", e))?;
         sqlx::query(
             "UPDATE messages SET status = 'dead', locked_by = NULL, reason = $2 WHERE seq = $1",
         )
@@ -679,7 +688,7 @@ async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) 
         .bind(&reason)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("bury messages", e))?;
     }
     Ok(())
 }
@@ -704,7 +713,7 @@ async fn suspend_unreadable(
     .bind(ts(now))
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("suspend unreadable", e))?;
     Ok(())
 }
 
@@ -787,7 +796,7 @@ async fn savepoint(tx: &mut Tx, sql: &str) -> StoreResult<()> {
     sqlx::query(sql)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)
+        .map_err(|e| map_err("savepoint", e))
         .map(drop)
 }
 
@@ -815,7 +824,7 @@ async fn bury_send(tx: &mut Tx, row: &SqliteRow, why: &str, now: DateTime<Utc>) 
     .bind(ts(now))
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("bury send", e))?;
     sqlx::query(
         "UPDATE outbox SET status = 'dead', last_error = $2, locked_by = NULL, locked_until = NULL \
          WHERE id = $1",
@@ -824,7 +833,7 @@ async fn bury_send(tx: &mut Tx, row: &SqliteRow, why: &str, now: DateTime<Utc>) 
     .bind(&reason)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("bury send", e))?;
     if let (Ok(instance), Ok(message_type)) = (
         col_uuid(row, "instance_id"),
         col::<String>(row, "message_type"),
@@ -928,7 +937,7 @@ impl Store for SqliteStore {
         )
         .fetch_one(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("check schema", e))?;
         let applied = if tables == 0 {
             None
         } else {
@@ -938,7 +947,7 @@ impl Store for SqliteStore {
                 )
                 .fetch_all(&self.pool)
                 .await
-                .map_err(map_err)?,
+                .map_err(|e| map_err("check schema", e))?,
             )
         };
         compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
@@ -951,7 +960,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
             .fetch_all(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("recover", e))?;
         let mut running = Vec::with_capacity(rows.len());
         for row in &rows {
             match (
@@ -989,7 +998,7 @@ impl Store for SqliteStore {
             "UPDATE instances SET owner = NULL, lease_expires_at = NULL WHERE owner IS NOT NULL",
             "UPDATE hosts SET stopped_at = heartbeat_at WHERE stopped_at IS NULL",
         ] {
-            sqlx::query(sql).execute(&mut *tx).await.map_err(map_err)?;
+            sqlx::query(sql).execute(&mut *tx).await.map_err(|e| map_err("recover", e))?;
         }
         sqlx::query(
             "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)",
@@ -1000,7 +1009,7 @@ impl Store for SqliteStore {
         .bind(ts(now))
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("recover", e))?;
         commit(tx).await
     }
 
@@ -1026,7 +1035,7 @@ impl Store for SqliteStore {
             .bind(ts(now))
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("sync activations", e))?;
             types.insert(a.message_type.clone());
         }
         reroute(&mut tx, &types).await?;
@@ -1160,7 +1169,7 @@ impl Store for SqliteStore {
                 .persistent(batch::reuse(chunk.len()))
                 .fetch_all(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("acquire", e))?;
             for row in rows {
                 match instance_record(&row) {
                     Ok(record) => out.push(record),
@@ -1192,13 +1201,13 @@ impl Store for SqliteStore {
             .bind(ts(lease_until))
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("heartbeat", e))?;
         sqlx::query("UPDATE hosts SET heartbeat_at = $2 WHERE id = $1")
             .bind(host)
             .bind(ts(now))
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("heartbeat", e))?;
         commit(tx).await
     }
 
@@ -1213,14 +1222,14 @@ impl Store for SqliteStore {
                status = CASE WHEN status = 'running' AND state IS NOT NULL THEN 'dehydrated' ELSE status END \
              WHERE owner = $1",
         ] {
-            sqlx::query(sql).bind(host).execute(&mut *tx).await.map_err(map_err)?;
+            sqlx::query(sql).bind(host).execute(&mut *tx).await.map_err(|e| map_err("release", e))?;
         }
         sqlx::query("UPDATE hosts SET stopped_at = $2, heartbeat_at = $2 WHERE id = $1")
             .bind(host)
             .bind(ts(now))
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("release", e))?;
         commit(tx).await
     }
 
@@ -1274,7 +1283,7 @@ impl Store for SqliteStore {
             .bind(ts(now))
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("note unrunnable", e))?;
         commit(tx).await
     }
 
@@ -1302,7 +1311,7 @@ impl Store for SqliteStore {
         .bind(serde_json::json!(ordered).to_string())
         .fetch_all(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("claim outbox", e))?;
         let mut out = Vec::with_capacity(rows.len());
         let mut unreadable = Vec::new();
         for row in &rows {
@@ -1338,7 +1347,7 @@ impl Store for SqliteStore {
         .bind(port)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("claim ordered", e))?;
         let Some(head) = head else { return Ok(None) };
         let status: String = col(&head, "status")?;
         let due = col_ts(&head, "next_attempt_at")? <= now;
@@ -1356,7 +1365,7 @@ impl Store for SqliteStore {
             .bind(ts(lock_until))
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("claim ordered", e))?;
         commit(tx).await?;
         Ok(Some(row))
     }
@@ -1377,7 +1386,7 @@ impl Store for SqliteStore {
         .bind(serde_json::json!(ids).to_string())
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("renew outbox", e))?;
         commit(tx).await
     }
 
@@ -1404,7 +1413,7 @@ impl Store for SqliteStore {
                     .bind(if *via_backup { "backup" } else { "primary" })
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?
+                    .map_err(|e| map_err("record deliveries", e))?
                     .rows_affected();
                     if let (Some(reply), 1) = (reply, done) {
                         let mut msg = NewMessage::to_instance(
@@ -1435,7 +1444,7 @@ impl Store for SqliteStore {
                     .bind(ts(now))
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("record deliveries", e))?;
                 }
                 DeliveryOutcome::Held { row, error } => {
                     sqlx::query(
@@ -1448,7 +1457,7 @@ impl Store for SqliteStore {
                     .bind(ts(now))
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?;
+                    .map_err(|e| map_err("record deliveries", e))?;
                 }
                 DeliveryOutcome::Dead { row, error } => {
                     let done = sqlx::query(
@@ -1461,7 +1470,7 @@ impl Store for SqliteStore {
                     .bind(ts(now))
                     .execute(&mut *tx)
                     .await
-                    .map_err(map_err)?
+                    .map_err(|e| map_err("record deliveries", e))?
                     .rows_affected();
                     if done == 1 {
                         dead_letter_send(&mut tx, row, error, row.attempts + 1, now).await?;
@@ -1487,7 +1496,7 @@ impl Store for SqliteStore {
         .bind(reason)
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("give up sends", e))?;
         let rows = sqlx::query(
             "UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL \
              WHERE status = 'give_up' \
@@ -1495,7 +1504,7 @@ impl Store for SqliteStore {
         )
         .fetch_all(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("give up sends", e))?;
         for r in &rows {
             let row = outbox_row(r)?;
             let why: Option<String> = col(r, "last_error")?;
@@ -1517,7 +1526,7 @@ impl Store for SqliteStore {
         .bind(ts(now))
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("resume send", e))?
         .rows_affected();
         commit(tx).await?;
         Ok(done == 1)
@@ -1531,7 +1540,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("dead letters", e))?;
         Ok(super::readable(
             rows.iter().map(dead_letter_row),
             "listing dead letters",
@@ -1546,7 +1555,7 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("dead letter", e))?;
         row.as_ref().map(dead_letter_row).transpose()
     }
 
@@ -1561,14 +1570,14 @@ impl Store for SqliteStore {
         .bind(ts(now))
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("resubmit dead letter", e))?
         .rows_affected();
         if done == 1 {
             sqlx::query("DELETE FROM dead_letters WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("resubmit dead letter", e))?;
         }
         commit(tx).await?;
         Ok(done == 1)
@@ -1591,7 +1600,7 @@ impl Store for SqliteStore {
         let done = query
             .execute(&mut *tx)
             .await
-            .map_err(map_err)?
+            .map_err(|e| map_err("purge dead letters", e))?
             .rows_affected();
         commit(tx).await?;
         Ok(done)
@@ -1632,7 +1641,7 @@ impl Store for SqliteStore {
             )
             .fetch_optional(&mut *tx)
             .await
-            .map_err(map_err)?
+            .map_err(|e| map_err("apply controls", e))?
             else {
                 break;
             };
@@ -1664,7 +1673,7 @@ impl Store for SqliteStore {
                 .bind(host)
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("apply controls", e))?;
             commit(tx).await?;
             out.push(ControlApplied {
                 id: request_id,
@@ -1689,7 +1698,7 @@ impl Store for SqliteStore {
         )
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("housekeeping", e))?
         .rows_affected();
         sqlx::query(
             "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
@@ -1702,7 +1711,7 @@ impl Store for SqliteStore {
         .bind(ts(now))
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("housekeeping", e))?;
         let expired = sqlx::query(
             "UPDATE messages SET status = 'dead', \
                reason = 'dead-lettered after its time to live: ' || COALESCE(reason, '') \
@@ -1711,7 +1720,7 @@ impl Store for SqliteStore {
         .bind(ts(unrouted_before))
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("housekeeping", e))?
         .rows_affected();
         commit(tx).await?;
         Ok(Housekeeping { zombies, expired })
@@ -1733,7 +1742,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("take inbox", e))?;
         for row in &rows {
             // `id` is the rowid: always an integer.
             let id: i64 = col(row, "id")?;
@@ -1755,13 +1764,13 @@ impl Store for SqliteStore {
                 .bind(ts(now))
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("take inbox", e))?;
             }
             sqlx::query("DELETE FROM inbox WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("take inbox", e))?;
         }
         commit(tx).await?;
         Ok(rows.len())
@@ -1780,7 +1789,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("list instances", e))?;
         Ok(super::readable(
             rows.iter().map(summary_from_row),
             "listing instances",
@@ -1798,7 +1807,11 @@ impl Store for SqliteStore {
                 list.push_bind(id.to_string());
             }
             query.push(")");
-            let rows = query.build().fetch_all(&self.pool).await.map_err(map_err)?;
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| map_err("instance summaries", e))?;
             for row in &rows {
                 out.push(summary_from_row(row)?);
             }
@@ -1814,7 +1827,7 @@ impl Store for SqliteStore {
         .bind(&key)
         .fetch_optional(&self.pool)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("instance detail", e))?
         else {
             return Ok(None);
         };
@@ -1824,7 +1837,7 @@ impl Store for SqliteStore {
         .bind(&key)
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("instance detail", e))?
         .iter()
         .map(|h| {
             Ok(HistoryRow {
@@ -1844,7 +1857,7 @@ impl Store for SqliteStore {
         .bind(&key)
         .fetch_all(&self.pool)
         .await
-        .map_err(map_err)?
+        .map_err(|e| map_err("instance detail", e))?
         .iter()
         .map(|m| {
             Ok((
@@ -1875,7 +1888,7 @@ impl Store for SqliteStore {
         for row in sqlx::query("SELECT status, COUNT(*) AS count FROM instances GROUP BY status")
             .fetch_all(&self.pool)
             .await
-            .map_err(map_err)?
+            .map_err(|e| map_err("activity", e))?
         {
             activity
                 .by_status
@@ -1884,16 +1897,16 @@ impl Store for SqliteStore {
         activity.ready_messages = sqlx::query_scalar(READY_MESSAGES)
             .fetch_one(&self.pool)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("activity", e))?;
         activity.pending_sends =
             sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
                 .fetch_one(&self.pool)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("activity", e))?;
         let next: Option<String> = sqlx::query_scalar(NEXT_TIMER)
             .fetch_optional(&self.pool)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("activity", e))?;
         activity.next_timer_at = next.as_deref().map(parse_ts).transpose()?;
         Ok(activity)
     }
@@ -1965,7 +1978,7 @@ async fn dead_letter_send(
     .bind(ts(now))
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("dead letter send", e))?;
     let msg = NewMessage::to_instance(
         format!("{}:failed", row.id),
         format!("{}.failed", row.message_type),
@@ -1980,6 +1993,30 @@ async fn dead_letter_send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database error says which operation failed, and stays as retryable as before.
+    #[test]
+    fn a_database_error_names_the_operation_that_failed() {
+        let err = map_err(
+            "claim messages",
+            sqlx::Error::Protocol("refused".to_owned()),
+        );
+        assert!(
+            matches!(
+                err,
+                StoreError::Database {
+                    operation: "claim messages",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "database error in claim messages: encountered unexpected or invalid data: refused"
+        );
+        assert!(!err.is_retryable() && !err.is_refusal());
+    }
 
     /// The steps of SQLite's plan for `sql`.
     async fn plan(store: &SqliteStore, sql: &str) -> Vec<String> {

@@ -86,18 +86,33 @@ pub(super) async fn write_alone(
     conn.ended(&written);
     match written {
         Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
-        Err(StoreError::Database(e)) if e.to_string().contains(NEEDS_TRANSACTION) => Ok(None),
+        Err(StoreError::Database { source: e, .. }) if raised(&e, NEEDS_TRANSACTION_CODE) => {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
 
+/// The SQLSTATE of [`NEEDS_TRANSACTION`]. Its class, `CN`, is one PostgreSQL leaves to users;
+/// the engine's failures are told apart by these codes, never by their text ([`raised`]).
+pub(super) const NEEDS_TRANSACTION_CODE: &str = "CN001";
+
+/// The SQLSTATE of [`NOT_ROUTED`].
+pub(super) const NOT_ROUTED_CODE: &str = "CN002";
+
+/// Whether `err` is the failure with SQLSTATE `code` that [`write_common`]'s checks raise
+/// (`point_check`, migration `20261205000009_point_check_codes`).
+fn raised(err: &sqlx::Error, code: &str) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
+}
+
 /// The failure [`write_common`] raises, outside a transaction, for points that need one
-/// ([`write_alone`]).
+/// ([`write_alone`]), with SQLSTATE [`NEEDS_TRANSACTION_CODE`].
 const NEEDS_TRANSACTION: &str = "cairn: a request a point marks delivered was delivered \
      already, or a point that gives an empty subscription set has some stored";
 
 /// The failure [`write_common`] raises for a point that consumed a message not routed to its
-/// instance.
+/// instance, with SQLSTATE [`NOT_ROUTED_CODE`].
 const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all routed to their \
      instance (consumed twice?)";
 
@@ -119,7 +134,8 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 /// statements).
 ///
 /// The statement checks that every message a fenced point consumed was routed to its instance
-/// (`point_check`, migration `20261122000008_point_checks`): a failed check undoes it all.
+/// (`point_check`, migration `20261205000009_point_check_codes`): a failed check undoes it
+/// all.
 async fn write_common(
     conn: impl PgExecutor<'_>,
     run: &[PersistencePoint],
@@ -225,16 +241,20 @@ async fn write_common(
             .bind(firsts(|f| f.instance.start_message_type()))
             .bind(firsts(|f| f.instance.input.to_string()));
     }
-    let rows: Vec<WrittenRow> = query.fetch_all(conn).await.map_err(|e| match map_err(e) {
-        StoreError::Database(e) if e.to_string().contains(NOT_ROUTED) => {
-            let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
-            StoreError::Corrupt(format!(
+    let rows: Vec<WrittenRow> =
+        query
+            .fetch_all(conn)
+            .await
+            .map_err(|e| match map_err("write common", e) {
+                StoreError::Database { source: e, .. } if raised(&e, NOT_ROUTED_CODE) => {
+                    let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
+                    StoreError::Corrupt(format!(
                 "persistence points consumed messages {consumed:?} (instance, seq), not all \
                  routed to their instance (consumed twice?)"
             ))
-        }
-        other => other,
-    })?;
+                }
+                other => other,
+            })?;
 
     let mut committed = HashSet::with_capacity(run.len());
     let mut stored = Vec::new();
@@ -361,19 +381,19 @@ fn common_text(shape: Shape) -> String {
     if shape.has(Shape::CONSUMES) {
         checks.push(format!(
             "point_check((SELECT count(*) FROM c) = (SELECT count(*) FROM UNNEST($16) AS x(id) \
-               WHERE x.id IN (SELECT id FROM {fenced})), $36)"
+               WHERE x.id IN (SELECT id FROM {fenced})), '{NOT_ROUTED_CODE}', $36)"
         ));
     }
     if shape.has(Shape::ALONE) && shape.has(Shape::DELIVERS) {
         checks.push(format!(
             "point_check((SELECT count(*) FROM d) = (SELECT count(*) FROM UNNEST($30) AS x(id) \
-               WHERE x.id IN (SELECT id FROM {fenced})), $37)"
+               WHERE x.id IN (SELECT id FROM {fenced})), '{NEEDS_TRANSACTION_CODE}', $37)"
         ));
     }
     if shape.has(Shape::ALONE) && shape.has(Shape::GIVES) {
         checks.push(format!(
             "point_check(NOT EXISTS (SELECT 1 FROM subscriptions WHERE instance_id = ANY($33) \
-               AND instance_id IN (SELECT id FROM {fenced})), $37)"
+               AND instance_id IN (SELECT id FROM {fenced})), '{NEEDS_TRANSACTION_CODE}', $37)"
         ));
     }
     let checked_row = if checks.is_empty() {
@@ -524,7 +544,7 @@ async fn consume_reply_copies(
     .bind(&ats)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("consume reply copies", e))?;
     Ok(())
 }
 
@@ -620,7 +640,7 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
         .bind(cancelled.iter().map(|(_, name)| *name).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("write timers", e))?;
     }
     if !set.is_empty() {
         sqlx::query(
@@ -633,7 +653,7 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
         .bind(set.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("write timers", e))?;
     }
     Ok(())
 }
@@ -671,7 +691,7 @@ async fn sync_subscriptions(
             .bind(&removed)
             .execute(&mut **tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("sync subscriptions", e))?;
         unroute(tx, &removed, changes).await?;
         changes.cancelled.extend(&removed);
     }
@@ -702,7 +722,7 @@ pub(super) async fn insert_subscriptions(
     .bind(rows.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert subscriptions", e))?;
     Ok(())
 }
 
@@ -728,7 +748,7 @@ pub(super) async fn still_held(
     .bind(host)
     .fetch_all(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("still held", e))?;
     Ok(ids.into_iter().collect())
 }
 
@@ -751,7 +771,7 @@ pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) 
     .bind(failed)
     .execute(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("unlock instances", e))?;
     Ok(())
 }
 
@@ -821,7 +841,7 @@ pub(super) async fn start_instances(
     .bind(&parents)
     .fetch_all(conn)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("start instances", e))?;
     match holder {
         Some(_) => HeldStart::all(starts, rows),
         None => Ok(Vec::new()),
@@ -941,7 +961,7 @@ async fn insert_messages(
     .bind(messages.iter().map(|(_, at)| *at).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await
-    .map_err(map_err)?;
+    .map_err(|e| map_err("insert messages", e))?;
     Ok(rows.into_iter().collect())
 }
 
@@ -957,7 +977,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
         .bind(message_type)
         .fetch_all(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("read routes", e))?;
         let values = cache.key_sets(message_type, key_sets, &msgs);
         if !values.is_empty() {
             let rows: Vec<(String, Uuid, Uuid)> = sqlx::query_as(
@@ -969,7 +989,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
             .bind(&values)
             .fetch_all(&mut **tx)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| map_err("read routes", e))?;
             for (correlation, sub, instance) in rows {
                 cache.subscription(message_type, correlation, sub, instance);
             }
@@ -981,7 +1001,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
         .bind(message_type)
         .fetch_optional(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("read routes", e))?;
         let activation = activation.and_then(|(o, v, k)| match uint(v, "subscriptions.version") {
             Ok(v) => Some((o, v, k)),
             Err(e) => {
@@ -1042,7 +1062,7 @@ impl RouteRows {
         .bind(&self.kinds)
         .execute(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("write", e))?;
         Ok(())
     }
 }
@@ -1066,6 +1086,39 @@ mod tests {
             expects_reply: true,
             attempts: 0,
         }
+    }
+
+    /// Each failure the engine raises in SQL is told apart by its SQLSTATE, whatever its text:
+    /// `point_check` raises the code it is given, and [`raised`] reads only that code.
+    #[tokio::test]
+    async fn the_engines_own_failures_are_told_apart_by_their_code() {
+        let Some(store) = fresh().await else { return };
+        for (code, other) in [
+            (NOT_ROUTED_CODE, NEEDS_TRANSACTION_CODE),
+            (NEEDS_TRANSACTION_CODE, NOT_ROUTED_CODE),
+        ] {
+            let err = sqlx::query("SELECT point_check(false, $1, 'a text the engine never reads')")
+                .bind(code)
+                .execute(&store.pool)
+                .await
+                .expect_err("a failed check raises");
+            assert!(raised(&err, code), "{code}: {err}");
+            assert!(!raised(&err, other), "{code} is not {other}: {err}");
+            assert!(
+                matches!(map_err("a test", err), StoreError::Database { .. }),
+                "an engine failure is not retryable"
+            );
+        }
+        sqlx::query("SELECT point_check(true, $1, 'never raised')")
+            .bind(NOT_ROUTED_CODE)
+            .execute(&store.pool)
+            .await
+            .expect("a check that holds raises nothing");
+        let other = sqlx::query("SELECT 1 / 0")
+            .execute(&store.pool)
+            .await
+            .expect_err("a division by zero fails");
+        assert!(!raised(&other, NOT_ROUTED_CODE) && !raised(&other, NEEDS_TRANSACTION_CODE));
     }
 
     /// A group of points of each of the 128 shapes (a point of each part the shape has; a

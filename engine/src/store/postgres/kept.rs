@@ -47,7 +47,7 @@ impl KeptConnection {
             });
         }
         Ok(PointConnection::Pooled(
-            pool.acquire().await.map_err(map_err)?,
+            pool.acquire().await.map_err(|e| map_err("acquire", e))?,
         ))
     }
 
@@ -87,7 +87,10 @@ impl PointConnection {
             held.clean = matches!(
                 result,
                 Ok(_)
-                    | Err(StoreError::Database(sqlx::Error::Database(_)))
+                    | Err(StoreError::Database {
+                        source: sqlx::Error::Database(_),
+                        ..
+                    })
                     | Err(StoreError::Corrupt(_))
             );
         }

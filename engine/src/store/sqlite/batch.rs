@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
-use super::writer::{Alone, CHECK_FAILED};
+use super::writer::Alone;
 use super::{
     activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
     MessageKind, NewInstance, NewMessage, NewSubscription, PersistencePoint, PublishOutcome,
@@ -50,7 +50,7 @@ async fn execute(
         .persistent(reuse(rows))
         .execute(&mut **tx)
         .await
-        .map_err(map_err)
+        .map_err(|e| map_err("execute", e))
 }
 
 /// Runs `q` (kept prepared as [`execute`] does) and returns its one text column.
@@ -63,7 +63,7 @@ async fn fetch_texts(
         .persistent(reuse(rows))
         .fetch_all(&mut **tx)
         .await
-        .map_err(map_err)
+        .map_err(|e| map_err("fetch texts", e))
 }
 
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
@@ -146,7 +146,11 @@ impl<'a> Script<'a> {
         let mut rows = Vec::new();
         let query = self.q.build().persistent(reuse(self.rows));
         let mut stream = conn.fetch_many(query);
-        while let Some(item) = stream.try_next().await.map_err(map_err)? {
+        while let Some(item) = stream
+            .try_next()
+            .await
+            .map_err(|e| map_err("run each", e))?
+        {
             match item {
                 Either::Left(done) => results.push(Ran {
                     rows: std::mem::take(&mut rows),
@@ -180,7 +184,7 @@ impl Ran {
     {
         self.rows
             .iter()
-            .map(|row| T::from_row(row).map_err(map_err))
+            .map(|row| T::from_row(row).map_err(|e| map_err("decode", e)))
             .collect()
     }
 }
@@ -410,7 +414,7 @@ fn not_routed(consumed: &[(&Uuid, &i64)]) -> StoreError {
 
 /// Whether `err` is a check made in SQL failing (the temporary table `checks`).
 fn failed_check(err: &StoreError) -> bool {
-    matches!(err, StoreError::Database(e) if e.to_string().contains(CHECK_FAILED))
+    matches!(err, StoreError::Database { source, .. } if super::writer::failed_check(source))
 }
 
 /// `err`, or, if it is the check in SQL of [`push_consume`] failing, the error saying so.
@@ -1210,7 +1214,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
                 .bind(message_type)
                 .fetch_all(&mut **tx)
                 .await
-                .map_err(map_err)?
+                .map_err(|e| map_err("read routes", e))?
                 .iter()
                 .filter_map(|row| readable(super::col(row, "correlation_keys")))
                 .collect();
@@ -1231,7 +1235,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
                 .persistent(reuse(chunk.len()))
                 .fetch_all(&mut **tx)
                 .await
-                .map_err(map_err)?;
+                .map_err(|e| map_err("read routes", e))?;
             for row in &rows {
                 let read = (|| {
                     Ok::<_, StoreError>((
@@ -1252,7 +1256,7 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
         .bind(message_type)
         .fetch_optional(&mut **tx)
         .await
-        .map_err(map_err)?;
+        .map_err(|e| map_err("read routes", e))?;
         let activation = activation.as_ref().and_then(|row| {
             readable((|| {
                 Ok::<_, StoreError>((

@@ -62,8 +62,20 @@ pub(super) enum Writer {
     Pooled(SqlitePool),
 }
 
-/// The message of the error [`add_temp_tables`]'s check raises.
+/// The message of the error [`add_temp_tables`]'s check raises. Kept for people; the engine
+/// tells the failure apart by its code ([`failed_check`]).
 pub(super) const CHECK_FAILED: &str = "cairn: a check of this transaction failed";
+
+/// SQLite's extended result code for a trigger's `RAISE(ABORT, ...)`: `SQLITE_CONSTRAINT_TRIGGER`
+/// (`SQLITE_CONSTRAINT | 7 << 8`). The schema has no trigger of its own, so the only trigger
+/// that raises it is [`add_temp_tables`]'s check.
+pub(super) const CONSTRAINT_TRIGGER: &str = "1811";
+
+/// Whether `err` is the check made in SQL (the temporary table `checks`) failing, told by its
+/// extended result code, not its text.
+pub(super) fn failed_check(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some(CONSTRAINT_TRIGGER))
+}
 
 /// Creates the connection's temporary tables: `fenced`, which a group commit fences its points
 /// with (`batch::push_fence`), and `checks`, a row inserted into which aborts the statement
@@ -97,7 +109,9 @@ fn depth(conn: &SqliteConnection) -> usize {
     SqliteTransactionManager::get_transaction_depth(conn)
 }
 
-/// Whether `e` is SQLite's answer to a `ROLLBACK` with no transaction open.
+/// Whether `e` is SQLite's answer to a `ROLLBACK` with no transaction open. Told by its text:
+/// SQLite gives it the generic `SQLITE_ERROR` (1), with no extended code of its own, and
+/// `SQLITE_ERROR` is also a syntax error, a missing table, and much else.
 fn no_transaction(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.message().contains("no transaction is active"))
 }
@@ -256,9 +270,11 @@ impl Writer {
         let conn = match self {
             Writer::Dedicated(slot) => Held::Dedicated(Self::dedicated(slot).await?),
             Writer::Pooled(pool) => {
-                let mut conn = pool.acquire().await.map_err(map_err)?;
+                let mut conn = pool.acquire().await.map_err(|e| map_err("begin", e))?;
                 if depth(&conn) > 0 {
-                    reset(&mut conn, false).await.map_err(map_err)?;
+                    reset(&mut conn, false)
+                        .await
+                        .map_err(|e| map_err("begin", e))?;
                 }
                 Held::Pooled(conn)
             }
@@ -276,7 +292,7 @@ impl Writer {
             SqliteTransactionManager::begin(&mut tx, Some(Cow::Borrowed("BEGIN IMMEDIATE"))).await
         {
             tx.suspect();
-            return Err(map_err(e));
+            return Err(map_err("begin", e));
         }
         Ok(tx)
     }
@@ -315,7 +331,7 @@ impl Writer {
 async fn roll_back_if_open(conn: &mut SqliteConnection) -> StoreResult<()> {
     match conn.execute("ROLLBACK").await {
         Err(e) if no_transaction(&e) => Ok(()),
-        other => other.map(drop).map_err(map_err),
+        other => other.map(drop).map_err(|e| map_err("roll back if open", e)),
     }
 }
 
@@ -402,7 +418,7 @@ impl Tx {
             // SQLite may have rolled it back itself, or kept it open: dropping queues the
             // manager's rollback, and the next transaction checks.
             self.suspect();
-            return Err(map_err(e));
+            return Err(map_err("commit", e));
         }
         self.open = false;
         Ok(())
@@ -476,6 +492,43 @@ mod tests {
             .expect("counted");
         tx.commit().await.expect("committed");
         n
+    }
+
+    /// The check made in SQL (a row inserted into `checks` that is not ok) is told apart by
+    /// SQLite's code for a trigger's `RAISE(ABORT)`, not by its text; other failures are not it.
+    #[tokio::test]
+    async fn a_failed_check_is_told_apart_by_its_code() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        let mut tx = writer.begin().await.expect("a transaction starts");
+        sqlx::query("INSERT INTO checks (ok) VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .expect("a check that holds raises nothing");
+        let failed = sqlx::query("INSERT INTO checks (ok) VALUES (0)")
+            .execute(&mut *tx)
+            .await
+            .expect_err("a check that fails aborts the statement");
+        assert!(failed_check(&failed), "{failed}");
+        let sqlx::Error::Database(db) = &failed else {
+            panic!("a database error: {failed}")
+        };
+        assert_eq!(db.code().as_deref(), Some(CONSTRAINT_TRIGGER));
+        // Another constraint, which SQLite reports as SQLITE_CONSTRAINT too (extended 1299).
+        tx.execute("CREATE TEMP TABLE u (x INTEGER NOT NULL)")
+            .await
+            .expect("created");
+        let other = sqlx::query("INSERT INTO u (x) VALUES (NULL)")
+            .execute(&mut *tx)
+            .await
+            .expect_err("a NOT NULL constraint fails");
+        assert!(!failed_check(&other), "{other}");
+        let other = sqlx::query("INSERT INTO no_such_table VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .expect_err("a missing table fails");
+        assert!(!failed_check(&other), "{other}");
+        drop(tx);
     }
 
     #[tokio::test]
