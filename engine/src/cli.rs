@@ -215,6 +215,7 @@ pub enum Command {
     Outbox(send::OutboxCommand),
     /// Run the benchmark workloads (see `docs/performance.md`) on a database of their own, which
     /// is emptied before each run: without --database, a SQLite file in the temp folder.
+    #[cfg(feature = "bench")]
     Bench {
         /// A workload to run (repeatable); all of them when none is given.
         #[arg(long, value_enum, ignore_case = true)]
@@ -273,6 +274,7 @@ pub enum CliError {
     #[error("{0}")]
     NotFound(String),
     /// A benchmark failed.
+    #[cfg(feature = "bench")]
     #[error(transparent)]
     Bench(#[from] crate::bench::BenchError),
     /// Setting up the runtime or signals failed.
@@ -388,6 +390,7 @@ impl Command {
 /// # Errors
 /// [`CliError`], naming what went wrong and what to do.
 pub async fn run(cli: Cli, app: App) -> Result<(), CliError> {
+    #[cfg(feature = "bench")]
     if let Command::Bench { .. } = cli.command {
         return bench(cli).await;
     }
@@ -611,12 +614,14 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         }
         Command::DeadLetters(command) => send::dead_letters(&*store, command).await?,
         Command::Outbox(command) => send::outbox(&*store, command).await?,
+        #[cfg(feature = "bench")]
         Command::Bench { .. } => return bench(cli).await,
     }
     Ok(())
 }
 
 /// `cairn bench`: the benchmark's own orchestrations on a database it may empty.
+#[cfg(feature = "bench")]
 async fn bench(cli: Cli) -> Result<(), CliError> {
     let Command::Bench {
         workload,

@@ -6,9 +6,20 @@
 //! subscription and correlation, and saves each instance at **persistence points** to SQLite or
 //! PostgreSQL. After a crash every instance resumes from its last persistence point and the
 //! messages it had received since are delivered again. Operators inspect and steer instances with
-//! plain SQL and the `cairn` command-line tool ([`cli`]).
+//! plain SQL and the `cairn` command-line tool (`cli`, with the `cli` feature).
 //!
 //! The guarantees (G1-G6) are stated in `docs/concepts.md`; every test is written against them.
+//!
+//! ## Features
+//!
+//! None is on by default: `cairn = "..."` is the engine alone (authoring API, registry, store,
+//! host, send ports).
+//!
+//! | feature | gives |
+//! |---|---|
+//! | `cli` | `cairn::cli`: the `cairn` command-line tool as building blocks for an application's `main` (clap, indicatif, tracing-subscriber) |
+//! | `bench` | `cairn::bench`: the benchmark workloads W1-W6 and the raw ceiling, which empty the database they run on; with `cli`, the `cairn bench` command |
+//! | `testing` | `cairn::testing`: the test kit, `Scenario` (transitions as pure functions) and `CrashTest` (a crash before and after every commit) |
 //!
 //! ## Quick start
 //!
@@ -37,7 +48,9 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
 pub mod codec;
@@ -46,6 +59,7 @@ pub mod host;
 mod orchestration;
 pub mod registry;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use context::{Context, Delay, Effect, Receive, ScopeKind};

@@ -18,28 +18,29 @@ use crate::store::{InstanceStatus, NewMessage, Store};
 use crate::{Client, Host, HostError, Orchestration};
 
 /// A benchmark workload; see the [module docs](super).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Workload {
     /// N orchestrations of 3 (and of 5) sequential request-response calls.
-    #[value(name = "W1", alias = "w1")]
+    #[cfg_attr(feature = "cli", value(name = "W1", alias = "w1"))]
     W1,
     /// One 3-call orchestration at a time: latency.
-    #[value(name = "W2", alias = "w2")]
+    #[cfg_attr(feature = "cli", value(name = "W2", alias = "w2"))]
     W2,
     /// Fan-out of 100 requests joined on all replies.
-    #[value(name = "W3", alias = "w3")]
+    #[cfg_attr(feature = "cli", value(name = "W3", alias = "w3"))]
     W3,
     /// Correlated wake-ups of dehydrated instances.
-    #[value(name = "W4", alias = "w4")]
+    #[cfg_attr(feature = "cli", value(name = "W4", alias = "w4"))]
     W4,
     /// Idle scale: memory with many waiting instances, and waking 1,000.
-    #[value(name = "W5", alias = "w5")]
+    #[cfg_attr(feature = "cli", value(name = "W5", alias = "w5"))]
     W5,
     /// W1 with 1, 2 and 3 hosts (PostgreSQL).
-    #[value(name = "W6", alias = "w6")]
+    #[cfg_attr(feature = "cli", value(name = "W6", alias = "w6"))]
     W6,
     /// The raw ceiling of the database for what a persistence point writes.
-    #[value(name = "ceiling")]
+    #[cfg_attr(feature = "cli", value(name = "ceiling"))]
     Ceiling,
 }
 
