@@ -332,7 +332,7 @@ fn open_hint(source: &StoreError) -> &'static str {
 pub enum SchemaUse {
     /// Apply pending migrations (`cairn migrate`, `cairn host --migrate`, `cairn demo`).
     Migrate,
-    /// PostgreSQL: check that the schema is this build's ([`Store::check_schema`]) and change
+    /// PostgreSQL: check that the schema is this build's ([`Maintenance::check_schema`](crate::store::Maintenance::check_schema)) and change
     /// nothing, so that the command runs under a role that cannot change the schema. SQLite (one
     /// process owns the file; there are no roles): migrate.
     Check,

@@ -50,8 +50,8 @@ use crate::registry::Registry;
 use crate::store::faulty::{CrashPoint, FaultPlan, FaultyStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{
-    HistoryRow, InstanceRecord, InstanceStatus, MessageKind, NewMessage, Reason, Store,
-    StoredMessage,
+    HistoryRow, InstanceRecord, InstanceStatus, Maintenance, MessageKind, NewMessage,
+    OperatorVerbs, Reason, Store, StoredMessage,
 };
 use crate::Ports;
 

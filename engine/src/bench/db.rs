@@ -13,7 +13,7 @@ use sqlx::Row;
 use super::{percentile, BenchError, Figure};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
+use crate::store::{Maintenance, Store};
 
 /// Which backend a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -130,26 +130,7 @@ impl FaultyStore {
 }
 
 #[async_trait]
-impl Store for FaultyStore {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    async fn migrate(&self) -> StoreResult<()> {
-        self.gate().await;
-        self.inner.migrate().await
-    }
-    async fn check_schema(&self) -> StoreResult<()> {
-        self.gate().await;
-        self.inner.check_schema().await
-    }
-    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
-        self.gate().await;
-        self.inner.recover(host, now).await
-    }
-    async fn sync_activations(&self, a: &[Activation], now: DateTime<Utc>) -> StoreResult<()> {
-        self.gate().await;
-        self.inner.sync_activations(a, now).await
-    }
+impl MessageBox for FaultyStore {
     async fn publish(
         &self,
         m: Vec<NewMessage>,
@@ -158,6 +139,7 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.publish(m, now).await
     }
+
     async fn start_instances(
         &self,
         i: Vec<NewInstance>,
@@ -167,6 +149,7 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.start_instances(i, holder, now).await
     }
+
     async fn claim_messages(
         &self,
         host: &str,
@@ -176,6 +159,7 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.claim_messages(host, now, limit).await
     }
+
     async fn claim_timers(
         &self,
         host: &str,
@@ -185,6 +169,7 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.claim_timers(host, now, limit).await
     }
+
     async fn acquire(
         &self,
         host: &str,
@@ -195,6 +180,7 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.acquire(host, ids, now, lease_until).await
     }
+
     async fn heartbeat(
         &self,
         host: &str,
@@ -204,14 +190,17 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.heartbeat(host, now, lease_until).await
     }
+
     async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         self.gate().await;
         self.inner.release(host, now).await
     }
+
     async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()> {
         self.gate().await;
         self.inner.unlock(host, ids, failed).await
     }
+
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
         self.gate().await;
         let n = self.plan.commits.fetch_add(1, Ordering::SeqCst) + 1;
@@ -237,6 +226,7 @@ impl Store for FaultyStore {
         }
         self.inner.commit(points).await
     }
+
     async fn subscribe(
         &self,
         host: &str,
@@ -246,10 +236,12 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.subscribe(host, r, now).await
     }
+
     async fn note_unrunnable(&self, id: Uuid, error: &str, now: DateTime<Utc>) -> StoreResult<()> {
         self.gate().await;
         self.inner.note_unrunnable(id, error, now).await
     }
+
     async fn claim_outbox(
         &self,
         host: &str,
@@ -263,6 +255,7 @@ impl Store for FaultyStore {
             .claim_outbox(host, now, lock_until, limit, ordered)
             .await
     }
+
     async fn claim_ordered(
         &self,
         host: &str,
@@ -273,6 +266,7 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.claim_ordered(host, port, now, lock_until).await
     }
+
     async fn renew_outbox(
         &self,
         host: &str,
@@ -282,39 +276,7 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.renew_outbox(host, ids, lock_until).await
     }
-    async fn give_up_sends(
-        &self,
-        ids: &[String],
-        reason: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        self.gate().await;
-        self.inner.give_up_sends(ids, reason, now).await
-    }
-    async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        self.gate().await;
-        self.inner.resume_send(id, now).await
-    }
-    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
-        self.gate().await;
-        self.inner.dead_letters(limit).await
-    }
-    async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
-        self.gate().await;
-        self.inner.dead_letter(id).await
-    }
-    async fn resubmit_dead_letter(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        self.gate().await;
-        self.inner.resubmit_dead_letter(id, now).await
-    }
-    async fn purge_dead_letters(
-        &self,
-        ids: &[String],
-        before: Option<DateTime<Utc>>,
-    ) -> StoreResult<u64> {
-        self.gate().await;
-        self.inner.purge_dead_letters(ids, before).await
-    }
+
     async fn record_deliveries(
         &self,
         o: Vec<DeliveryOutcome>,
@@ -323,6 +285,14 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.record_deliveries(o, now).await
     }
+
+    async fn listen(&self, wake: Arc<Notify>, stop: tokio_util::sync::CancellationToken) {
+        self.inner.listen(wake, stop).await;
+    }
+}
+
+#[async_trait]
+impl OperatorVerbs for FaultyStore {
     async fn control(
         &self,
         id: Uuid,
@@ -332,23 +302,97 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.control(id, action, now).await
     }
-    async fn housekeeping(
+
+    async fn give_up_sends(
         &self,
+        ids: &[String],
+        reason: &str,
         now: DateTime<Utc>,
-        unrouted_before: DateTime<Utc>,
-    ) -> StoreResult<Housekeeping> {
+    ) -> StoreResult<u64> {
         self.gate().await;
-        self.inner.housekeeping(now, unrouted_before).await
+        self.inner.give_up_sends(ids, reason, now).await
     }
-    async fn take_inbox(
+
+    async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        self.gate().await;
+        self.inner.resume_send(id, now).await
+    }
+
+    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+        self.gate().await;
+        self.inner.dead_letters(limit).await
+    }
+
+    async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
+        self.gate().await;
+        self.inner.dead_letter(id).await
+    }
+
+    async fn resubmit_dead_letter(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        self.gate().await;
+        self.inner.resubmit_dead_letter(id, now).await
+    }
+
+    async fn purge_dead_letters(
         &self,
-        now: DateTime<Utc>,
+        ids: &[String],
+        before: Option<DateTime<Utc>>,
+    ) -> StoreResult<u64> {
+        self.gate().await;
+        self.inner.purge_dead_letters(ids, before).await
+    }
+
+    async fn list_instances(
+        &self,
+        status: Option<InstanceStatus>,
         limit: u32,
-        max_message_bytes: usize,
-    ) -> StoreResult<usize> {
+    ) -> StoreResult<Vec<InstanceSummary>> {
         self.gate().await;
-        self.inner.take_inbox(now, limit, max_message_bytes).await
+        self.inner.list_instances(status, limit).await
     }
+
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+        self.gate().await;
+        self.inner.instance_summaries(ids).await
+    }
+
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
+        self.gate().await;
+        self.inner.instance_detail(id).await
+    }
+
+    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
+        self.gate().await;
+        self.inner.activity(now).await
+    }
+}
+
+#[async_trait]
+impl Maintenance for FaultyStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.migrate().await
+    }
+
+    async fn check_schema(&self) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.check_schema().await
+    }
+
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.recover(host, now).await
+    }
+
+    async fn sync_activations(&self, a: &[Activation], now: DateTime<Utc>) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.sync_activations(a, now).await
+    }
+
     async fn apply_controls(
         &self,
         host: &str,
@@ -358,29 +402,26 @@ impl Store for FaultyStore {
         self.gate().await;
         self.inner.apply_controls(host, now, limit).await
     }
-    async fn list_instances(
+
+    async fn housekeeping(
         &self,
-        status: Option<InstanceStatus>,
+        now: DateTime<Utc>,
+        unrouted_before: DateTime<Utc>,
+    ) -> StoreResult<Housekeeping> {
+        self.gate().await;
+        self.inner.housekeeping(now, unrouted_before).await
+    }
+
+    async fn take_inbox(
+        &self,
+        now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<InstanceSummary>> {
+        max_message_bytes: usize,
+    ) -> StoreResult<usize> {
         self.gate().await;
-        self.inner.list_instances(status, limit).await
+        self.inner.take_inbox(now, limit, max_message_bytes).await
     }
-    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
-        self.gate().await;
-        self.inner.instance_summaries(ids).await
-    }
-    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
-        self.gate().await;
-        self.inner.instance_detail(id).await
-    }
-    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
-        self.gate().await;
-        self.inner.activity(now).await
-    }
-    async fn listen(&self, wake: Arc<Notify>, stop: tokio_util::sync::CancellationToken) {
-        self.inner.listen(wake, stop).await;
-    }
+
     async fn close(&self) {
         self.inner.close().await;
     }

@@ -1,22 +1,35 @@
 //! The MessageBox: the storage boundary every backend implements.
 //!
 //! A [`Store`] holds instances, messages, subscriptions, timers, the outbox, history and dead
-//! letters. Its contract, which the conformance suite (`tests/conformance.rs`) checks on every
-//! backend:
+//! letters. It has three sides, one trait each, split by who calls them:
 //!
-//! * [`Store::publish`] returns only after the message is durable (G1). A message id seen before
-//!   is not stored again (G5). Routing happens in the same transaction: a correlated subscription
-//!   wins over an activating one; a message nothing subscribes to is kept as `unrouted`, with the
-//!   reason, and routed as soon as a matching subscription is written.
-//! * [`Store::commit`] writes persistence points. Each point is all-or-nothing: the instance row,
-//!   the consumed messages, subscription and timer changes, outbox rows, new messages, children
-//!   and the history row are written together or not at all. Each point is fenced: it is written
-//!   only if the instance's `epoch` still equals the point's, and is otherwise reported as
-//!   [`CommitOutcome::Fenced`] with nothing written (G4). Many points may share one database
-//!   transaction (group commit).
+//! * [`MessageBox`]: the runtime. Publish and start, claims and leases, persistence points,
+//!   the outbox the send ports deliver, wake-ups.
+//! * [`OperatorVerbs`]: people. Control an instance, give up or resume a send, dead letters,
+//!   list and show.
+//! * [`Maintenance`]: keeping the store in shape. Schema, a host's start, the rows people write
+//!   by hand (`control`, `inbox`), housekeeping.
+//!
+//! A backend implements the three; [`Store`] comes with them. Its contract, which the
+//! conformance suite (`tests/conformance.rs`) checks on every backend, is written on each method;
+//! the heart of it:
+//!
+//! * [`MessageBox::publish`] returns only after the message is durable (G1). A message id seen
+//!   before is not stored again (G5). Routing happens in the same transaction: a correlated
+//!   subscription wins over an activating one; a message nothing subscribes to is kept as
+//!   `unrouted`, with the reason, and routed as soon as a matching subscription is written.
+//! * [`MessageBox::commit`] writes persistence points. Each point is all-or-nothing: the instance
+//!   row, the consumed messages, subscription and timer changes, outbox rows, new messages,
+//!   children and the history row are written together or not at all. Each point is fenced: it
+//!   is written only if the instance's `epoch` still equals the point's, and is otherwise
+//!   reported as [`CommitOutcome::Fenced`] with nothing written (G4). Many points may share one
+//!   database transaction (group commit).
 //! * Messages consumed by a committed point move to `consumed` and are never delivered again (G5);
 //!   messages merely claimed stay `routed`, locked to the host, and are delivered again once the
 //!   lock is released (G3).
+//!
+//! A new backend implements the three traits and passes `cargo test --test conformance` (see
+//! CONTRIBUTING.md).
 
 pub mod faulty;
 mod model;
@@ -175,37 +188,17 @@ impl ControlAction {
     }
 }
 
-/// The storage boundary; see the module docs for the contract.
+/// The runtime's side of the store: what a host does to run instances. Messages in (publish,
+/// start), claims and leases, persistence points (commit, subscribe), the outbox the send ports
+/// deliver, and wake-ups. The guarantees each method keeps are named on it; the conformance suite
+/// (`tests/conformance.rs`) checks them on every backend.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Which backend this is (`sqlite`, `postgres`).
-    fn backend(&self) -> &'static str;
-
-    /// Applies pending migrations.
-    async fn migrate(&self) -> StoreResult<()>;
-
-    /// Checks that the database's schema is the one this build carries, changing nothing: the
-    /// check a command makes instead of migrating, so that it runs under a role that cannot
-    /// change the schema.
-    ///
-    /// # Errors
-    /// [`StoreError::Schema`] saying how it differs and what to do, or the database's error.
-    async fn check_schema(&self) -> StoreResult<()>;
-
-    /// Registers `host` in `hosts` at start. SQLite (one host per file) also releases every
-    /// lock and lease a previous process left, so that its claimed messages are delivered again;
-    /// PostgreSQL releases nothing here, as other hosts may be alive: their leases expire and
-    /// their locks go stale on their own.
-    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()>;
-
-    /// Writes the activating subscriptions of the registered definitions.
-    async fn sync_activations(
-        &self,
-        activations: &[Activation],
-        now: DateTime<Utc>,
-    ) -> StoreResult<()>;
-
-    /// Publishes messages durably and routes them (G1, G5).
+pub trait MessageBox: Send + Sync + std::fmt::Debug {
+    /// Publishes messages durably and routes them, in one transaction: returns only once they
+    /// are durable (G1); a message id seen before is reported as a duplicate and not stored again
+    /// (G5). A call the database refuses for a reason retrying cannot cure
+    /// ([`StoreError::is_refusal`]) writes nothing; callers check [`NewMessage::check_storable`]
+    /// first.
     async fn publish(
         &self,
         messages: Vec<NewMessage>,
@@ -226,7 +219,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Claims up to `limit` routed messages, oldest first, for instances this host may run, and
     /// locks them to `host`. A backend that serves many hosts at once (PostgreSQL) also takes
     /// messages locked by a host whose heartbeat stopped, for instances whose lease expired; a
-    /// backend that serves one host (SQLite) releases every lock at [`Store::recover`] instead.
+    /// backend that serves one host (SQLite) releases every lock at [`Maintenance::recover`] instead.
     async fn claim_messages(
         &self,
         host: &str,
@@ -234,7 +227,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>>;
 
-    /// Claims up to `limit` timers due at `now` and locks them to `host`.
+    /// Claims up to `limit` timers due at `now` and locks them to `host`. A timer is claimed by
+    /// one host at a time, and fires again after a crash until a point consumes it (G3).
     async fn claim_timers(
         &self,
         host: &str,
@@ -242,8 +236,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: u32,
     ) -> StoreResult<Vec<DueTimer>>;
 
-    /// Takes the lease of each instance (owner, expiry, a new epoch) and loads it. Instances
-    /// another host holds are left out of the answer.
+    /// Takes the lease of each instance (owner, expiry, a new epoch) and loads it at its last
+    /// persistence point. Instances another host holds are left out of the answer. The new epoch
+    /// fences every point an earlier holder still writes (G4).
     async fn acquire(
         &self,
         host: &str,
@@ -269,12 +264,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// delivery failed (panicked) the instance: they keep their delivery count.
     async fn unlock(&self, host: &str, ids: &[Uuid], failed: &[i64]) -> StoreResult<()>;
 
-    /// Writes persistence points, fenced; see the module docs.
+    /// Writes persistence points, many in one transaction (group commit). Each is all or nothing
+    /// and fenced on its epoch: written, or reported [`CommitOutcome::Fenced`] with nothing
+    /// written (G4); its consumed messages are never delivered again (G5), its sends are in the
+    /// outbox when it is (G2). A point the database refuses for a reason retrying cannot cure
+    /// fails the call with an error [`StoreError::is_refusal`] says so of; the caller isolates it.
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>>;
 
     /// Adds subscriptions for receives instances declared since their last persistence point, so
     /// that matching messages route to them at once (unrouted ones included). Fenced per instance
-    /// like [`Store::commit`]; adds rows only: the next persistence point sets the exact set.
+    /// like [`commit`](Self::commit); adds rows only: the next persistence point sets the exact set.
     async fn subscribe(
         &self,
         host: &str,
@@ -289,7 +288,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Claims up to `limit` outbox rows due for delivery and locks them to `host` until
     /// `lock_until`: pending rows whose next attempt is due and that are not locked, or whose
     /// lock expired (its holder died mid-delivery: the row is delivered again under the same id).
-    /// Rows of the `ordered` ports are left to [`Store::claim_ordered`].
+    /// Rows of the `ordered` ports are left to [`claim_ordered`](Self::claim_ordered).
     async fn claim_outbox(
         &self,
         host: &str,
@@ -329,6 +328,29 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
 
+    /// Wakes `wake` whenever any process commits new work, until `stop` is cancelled
+    /// (PostgreSQL: LISTEN/NOTIFY). Stores that cannot tell return at once, and hosts find new
+    /// work by polling.
+    async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {
+        let _ = (wake, stop);
+    }
+}
+
+/// The operators' side of the store: the verbs of the `cairn` command line and of the SQL pages
+/// (control an instance, give up or resume a send, dead letters, list and show). Each verb is one
+/// transaction; a verb that changes an instance bumps its epoch so that a host holding it is
+/// fenced (G4).
+#[async_trait]
+pub trait OperatorVerbs: Send + Sync + std::fmt::Debug {
+    /// Operator control of an instance: suspend, resume or terminate. Bumps the epoch so that a
+    /// host holding the instance in memory is fenced and drops it.
+    async fn control(
+        &self,
+        id: Uuid,
+        action: ControlAction,
+        now: DateTime<Utc>,
+    ) -> StoreResult<InstanceStatus>;
+
     /// Dead-letters sends for an operator: first marks these pending or held rows `give_up`
     /// with `reason`, then moves every `give_up` row (those marked here and those an operator
     /// marked with SQL) to `dead_letters` and tells its instance, in one transaction. Returns
@@ -361,17 +383,57 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         before: Option<DateTime<Utc>>,
     ) -> StoreResult<u64>;
 
-    /// Operator control of an instance: suspend, resume or terminate. Bumps the epoch so that a
-    /// host holding the instance in memory is fenced and drops it.
-    async fn control(
+    /// Instances, newest first, optionally of one status.
+    async fn list_instances(
         &self,
-        id: Uuid,
-        action: ControlAction,
+        status: Option<InstanceStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<InstanceSummary>>;
+
+    /// The summaries of these instances (those that exist), in no particular order.
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>>;
+
+    /// Everything about one instance.
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>>;
+
+    /// Instance counts by status, and what is left to do.
+    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity>;
+}
+
+/// Keeping the store in shape: schema (migrate, check), a host's start (recover, activations),
+/// the rows people write by hand (`control`, `inbox`), and housekeeping. Nothing here is on the
+/// path of a persistence point.
+#[async_trait]
+pub trait Maintenance: Send + Sync + std::fmt::Debug {
+    /// Which backend this is (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Checks that the database's schema is the one this build carries, changing nothing: the
+    /// check a command makes instead of migrating, so that it runs under a role that cannot
+    /// change the schema.
+    ///
+    /// # Errors
+    /// [`StoreError::Schema`] saying how it differs and what to do, or the database's error.
+    async fn check_schema(&self) -> StoreResult<()>;
+
+    /// Registers `host` in `hosts` at start. SQLite (one host per file) also releases every
+    /// lock and lease a previous process left, so that its claimed messages are delivered again;
+    /// PostgreSQL releases nothing here, as other hosts may be alive: their leases expire and
+    /// their locks go stale on their own.
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Writes the activating subscriptions of the registered definitions.
+    async fn sync_activations(
+        &self,
+        activations: &[Activation],
         now: DateTime<Utc>,
-    ) -> StoreResult<InstanceStatus>;
+    ) -> StoreResult<()>;
 
     /// Carries out up to `limit` pending rows of the `control` table, oldest first, each in its
-    /// own transaction with [`Store::control`]'s rules, and marks them `done` or `rejected`. A
+    /// own transaction with [`OperatorVerbs::control`]'s rules, and marks them `done` or `rejected`. A
     /// row that cannot be read (a column of the wrong type or NULL, an unknown action) or that
     /// fails for a reason retrying cannot cure is `rejected`, its `result` naming the column and
     /// what it holds, or the error: never a stop for the rows behind it.
@@ -412,32 +474,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         max_message_bytes: usize,
     ) -> StoreResult<usize>;
 
-    /// Instances, newest first, optionally of one status.
-    async fn list_instances(
-        &self,
-        status: Option<InstanceStatus>,
-        limit: u32,
-    ) -> StoreResult<Vec<InstanceSummary>>;
-
-    /// The summaries of these instances (those that exist), in no particular order.
-    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>>;
-
-    /// Everything about one instance.
-    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>>;
-
-    /// Instance counts by status, and what is left to do.
-    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity>;
-
-    /// Wakes `wake` whenever any process commits new work, until `stop` is cancelled
-    /// (PostgreSQL: LISTEN/NOTIFY). Stores that cannot tell return at once, and hosts find new
-    /// work by polling.
-    async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {
-        let _ = (wake, stop);
-    }
-
     /// Closes the connection pool.
     async fn close(&self);
 }
+
+/// The storage boundary: the three sides of a store together, as the host and the command line
+/// hold it (`Arc<dyn Store>`). A backend implements [`MessageBox`], [`OperatorVerbs`] and
+/// [`Maintenance`]; this trait comes with them. See the module docs for the contract.
+pub trait Store: MessageBox + OperatorVerbs + Maintenance {}
+
+impl<T: MessageBox + OperatorVerbs + Maintenance + ?Sized> Store for T {}
 
 /// The rows that decode, for a listing: a row that cannot be read (written by hand, say) is left
 /// out with a warning naming it, so that one bad row never hides the others from an operator.
@@ -468,7 +514,7 @@ pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
 }
 
 /// How a database's schema differs from the one this build carries
-/// ([`StoreError::Schema`], from [`Store::check_schema`]).
+/// ([`StoreError::Schema`], from [`Maintenance::check_schema`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SchemaMismatch {

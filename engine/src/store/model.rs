@@ -514,7 +514,7 @@ pub struct DueTimer {
     pub due_at: DateTime<Utc>,
 }
 
-/// An instance as loaded by [`Store::acquire`](super::Store::acquire).
+/// An instance as loaded by [`MessageBox::acquire`](super::MessageBox::acquire).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceRecord {
     /// The instance id.
@@ -549,9 +549,9 @@ pub struct SubscriptionRow {
 }
 
 /// Receives an instance declared since its last persistence point, written at once so that
-/// messages route to it without waiting for the next point (see [`Store::subscribe`]).
+/// messages route to it without waiting for the next point (see [`MessageBox::subscribe`]).
 ///
-/// [`Store::subscribe`]: super::Store::subscribe
+/// [`MessageBox::subscribe`]: super::MessageBox::subscribe
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewReceives {
     /// The instance.
@@ -848,7 +848,7 @@ impl<'p> SubscriptionChanges<'p> {
     }
 }
 
-/// What [`Store::commit`](super::Store::commit) did with one point.
+/// What [`MessageBox::commit`](super::MessageBox::commit) did with one point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
     /// Written.

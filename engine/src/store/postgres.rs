@@ -7,8 +7,8 @@
 //!   `FOR UPDATE SKIP LOCKED`, so hosts polling together never wait on, nor take, each other's
 //!   rows.
 //! * **Ownership** is a lease (`instances.owner`, `lease_expires_at`) with a fencing `epoch`,
-//!   renewed by [`Store::heartbeat`]. A host that is gone is never "released" by another:
-//!   its leases run out, and the next host to [`Store::acquire`] the instance bumps the epoch (the
+//!   renewed by [`MessageBox::heartbeat`]. A host that is gone is never "released" by another:
+//!   its leases run out, and the next host to [`MessageBox::acquire`] the instance bumps the epoch (the
 //!   old owner's commits are then fenced, G4) and clears the message and timer locks other hosts
 //!   hold on it, so that what the old owner had claimed is delivered again (G3).
 //! * **Stale locks.** A message or timer locked by a host is claimable again when that host cannot
@@ -187,7 +187,7 @@ type Tx = Transaction<'static, Postgres>;
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`), with the
     /// schema `cairn` as the search path. The schema and tables are created by
-    /// [`Store::migrate`].
+    /// [`Maintenance::migrate`].
     ///
     /// # Errors
     /// The URL is malformed, or the database cannot be reached within the pool's acquire timeout.
@@ -971,7 +971,7 @@ static CLAIM_TIMERS: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// How many routed messages some host may take (`$1` now, `$2` the heartbeat cutoff), for
-/// [`Store::activity`].
+/// [`OperatorVerbs::activity`].
 static READY_MESSAGES: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT COUNT(*) FROM messages m WHERE m.status = 'routed' AND {}",
@@ -1027,7 +1027,7 @@ fn stale(x: &str, now: &str, cutoff: &str) -> String {
 }
 
 /// Whether row `x` of instance `i` is free for some host (`$1` is the current time, `$2` the
-/// heartbeat cutoff): the host-independent version of [`lock_free`], for [`Store::activity`].
+/// heartbeat cutoff): the host-independent version of [`lock_free`], for [`OperatorVerbs::activity`].
 fn lock_stale(x: &str) -> String {
     format!(
         "({x}.locked_by IS NULL OR {stale})",
@@ -1064,122 +1064,7 @@ fn stored_message(row: &PgRow) -> StoreResult<StoredMessage> {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        // The schema must exist before the migrator creates its table in it. Hosts starting
-        // together would race on CREATE SCHEMA IF NOT EXISTS: serialize them.
-        let mut tx = self.write().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
-            .bind(SCHEMA_LOCK_CLASS)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_err("migrate", e))?;
-        // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists:
-        // an owner role given the schema by an administrator (docs/operations.md) has none.
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-                .bind(SCHEMA)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(|e| map_err("migrate", e))?;
-        if !exists {
-            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("migrate", e))?;
-        }
-        commit(tx).await?;
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn check_schema(&self) -> StoreResult<()> {
-        // `to_regclass` looks along the search path (the schema `cairn`): NULL when there is no
-        // such table, or the role may not use the schema.
-        let table: Option<String> =
-            sqlx::query_scalar("SELECT CAST(to_regclass('_sqlx_migrations') AS TEXT)")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| map_err("check schema", e))?;
-        let applied = match table {
-            None => None,
-            Some(_) => Some(
-                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
-                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
-                )
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| map_err("check schema", e))?,
-            ),
-        };
-        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
-    }
-
-    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
-        // Other hosts may be alive: nothing of theirs is released here. Their leases run out on
-        // their own and their locks go stale (see the module docs); this only records who is here
-        // and marks as stopped the hosts that stopped beating.
-        let mut tx = self.write().await?;
-        sqlx::query(
-            "UPDATE hosts SET stopped_at = heartbeat_at \
-             WHERE stopped_at IS NULL AND heartbeat_at < $2 AND id <> $1",
-        )
-        .bind(host)
-        .bind(self.host_cutoff(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("recover", e))?;
-        sqlx::query(
-            "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4) \
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name, pid = excluded.pid, \
-               started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
-        )
-        .bind(host)
-        .bind(hostname())
-        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("recover", e))?;
-        commit(tx).await
-    }
-
-    async fn sync_activations(
-        &self,
-        activations: &[Activation],
-        now: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        let mut tx = self.write().await?;
-        let changes = Reroute {
-            types: activations.iter().map(|a| a.message_type.clone()).collect(),
-            ..Reroute::default()
-        };
-        lock_routes(&mut tx, [], changes.lock_types()).await?;
-        for a in activations {
-            sqlx::query(
-                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
-                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
-            )
-            .bind(Uuid::new_v4())
-            .bind(&a.message_type)
-            .bind(&a.orchestration)
-            .bind(int4(a.version))
-            .bind(&a.convoy)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_err("sync activations", e))?;
-        }
-        reroute(&mut tx, &changes, now).await?;
-        commit(tx).await
-    }
-
+impl MessageBox for PostgresStore {
     async fn publish(
         &self,
         messages: Vec<NewMessage>,
@@ -1705,6 +1590,56 @@ impl Store for PostgresStore {
         commit(tx).await
     }
 
+    async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let listening = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+                listener.listen(WORK_CHANNEL).await?;
+                tracing::debug!("listening for new work");
+                // Work may have been committed before LISTEN took effect (at start, or while the
+                // connection was down): look once.
+                wake.notify_one();
+                loop {
+                    // `None`: the connection was lost and is re-established on the next call;
+                    // wake anyway, as a notification may have been missed.
+                    let _ = listener.try_recv().await?;
+                    wake.notify_one();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                result = listening => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost; polling until it is back");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+#[async_trait]
+impl OperatorVerbs for PostgresStore {
+    async fn control(
+        &self,
+        id: Uuid,
+        action: ControlAction,
+        now: DateTime<Utc>,
+    ) -> StoreResult<InstanceStatus> {
+        let mut tx = self.write().await?;
+        let status = control_in(&mut tx, id, &action, now).await?;
+        commit(tx).await?;
+        Ok(status)
+    }
+
     async fn give_up_sends(
         &self,
         ids: &[String],
@@ -1829,16 +1764,249 @@ impl Store for PostgresStore {
         Ok(done)
     }
 
-    async fn control(
+    async fn list_instances(
         &self,
-        id: Uuid,
-        action: ControlAction,
-        now: DateTime<Utc>,
-    ) -> StoreResult<InstanceStatus> {
+        status: Option<InstanceStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<InstanceSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ($1::text IS NULL OR status = $1) \
+             ORDER BY updated_at DESC, id LIMIT $2"
+        ))
+        .bind(status.map(InstanceStatus::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| map_err("list instances", e))?;
+        Ok(super::readable(
+            rows.iter().map(summary_from_row),
+            "listing instances",
+        ))
+    }
+
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| map_err("instance summaries", e))?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS}, state, output, next_timer_at, created_at FROM instances WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| map_err("instance detail", e))?
+        else {
+            return Ok(None);
+        };
+        let history = sqlx::query(
+            "SELECT seq, reason, step, status, at, detail FROM history WHERE instance_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| map_err("instance detail", e))?
+        .iter()
+        .map(|h| {
+            Ok(HistoryRow {
+                seq: col(h, "seq")?,
+                reason: col_word(h, "reason")?,
+                step: col(h, "step")?,
+                status: col_word(h, "status")?,
+                at: col(h, "at")?,
+                detail: col(h, "detail")?,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+        let (pending, zombies): (Vec<_>, Vec<_>) = sqlx::query(
+            "SELECT id, message_type, status FROM messages \
+             WHERE instance_id = $1 AND status IN ('routed', 'zombie') ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| map_err("instance detail", e))?
+        .iter()
+        .map(|m| {
+            Ok((
+                col::<String>(m, "id")?,
+                col::<String>(m, "message_type")?,
+                col::<String>(m, "status")?,
+            ))
+        })
+        .collect::<StoreResult<Vec<_>>>()?
+        .into_iter()
+        .partition(|(_, _, status)| status == "routed");
+        Ok(Some(InstanceDetail {
+            summary: summary_from_row(&row)?,
+            state: col(&row, "state")?,
+            output: col::<Option<String>>(&row, "output")?
+                .as_deref()
+                .map(parse_json)
+                .transpose()?,
+            next_timer_at: col(&row, "next_timer_at")?,
+            created_at: col(&row, "created_at")?,
+            history,
+            pending_messages: pending.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
+            zombies: zombies.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
+        }))
+    }
+
+    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
+        let mut activity = Activity::default();
+        for row in sqlx::query("SELECT status, COUNT(*) AS n FROM instances GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?
+        {
+            activity
+                .by_status
+                .insert(col(&row, "status")?, col(&row, "n")?);
+        }
+        // Locks of hosts that are gone do not hide work: another host will take it over.
+        activity.ready_messages = sqlx::query_scalar(&READY_MESSAGES)
+            .bind(now)
+            .bind(self.host_cutoff(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?;
+        activity.pending_sends =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| map_err("activity", e))?;
+        activity.next_timer_at = sqlx::query_scalar(&NEXT_TIMER)
+            .bind(now)
+            .bind(self.host_cutoff(now))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?;
+        Ok(activity)
+    }
+}
+
+#[async_trait]
+impl Maintenance for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        // The schema must exist before the migrator creates its table in it. Hosts starting
+        // together would race on CREATE SCHEMA IF NOT EXISTS: serialize them.
         let mut tx = self.write().await?;
-        let status = control_in(&mut tx, id, &action, now).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+            .bind(SCHEMA_LOCK_CLASS)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_err("migrate", e))?;
+        // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists:
+        // an owner role given the schema by an administrator (docs/operations.md) has none.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(SCHEMA)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| map_err("migrate", e))?;
+        if !exists {
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| map_err("migrate", e))?;
+        }
         commit(tx).await?;
-        Ok(status)
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn check_schema(&self) -> StoreResult<()> {
+        // `to_regclass` looks along the search path (the schema `cairn`): NULL when there is no
+        // such table, or the role may not use the schema.
+        let table: Option<String> =
+            sqlx::query_scalar("SELECT CAST(to_regclass('_sqlx_migrations') AS TEXT)")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| map_err("check schema", e))?;
+        let applied = match table {
+            None => None,
+            Some(_) => Some(
+                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
+                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| map_err("check schema", e))?,
+            ),
+        };
+        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
+    }
+
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        // Other hosts may be alive: nothing of theirs is released here. Their leases run out on
+        // their own and their locks go stale (see the module docs); this only records who is here
+        // and marks as stopped the hosts that stopped beating.
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE hosts SET stopped_at = heartbeat_at \
+             WHERE stopped_at IS NULL AND heartbeat_at < $2 AND id <> $1",
+        )
+        .bind(host)
+        .bind(self.host_cutoff(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_err("recover", e))?;
+        sqlx::query(
+            "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, pid = excluded.pid, \
+               started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
+        )
+        .bind(host)
+        .bind(hostname())
+        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_err("recover", e))?;
+        commit(tx).await
+    }
+
+    async fn sync_activations(
+        &self,
+        activations: &[Activation],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let changes = Reroute {
+            types: activations.iter().map(|a| a.message_type.clone()).collect(),
+            ..Reroute::default()
+        };
+        lock_routes(&mut tx, [], changes.lock_types()).await?;
+        for a in activations {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
+                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
+            )
+            .bind(Uuid::new_v4())
+            .bind(&a.message_type)
+            .bind(&a.orchestration)
+            .bind(int4(a.version))
+            .bind(&a.convoy)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_err("sync activations", e))?;
+        }
+        reroute(&mut tx, &changes, now).await?;
+        commit(tx).await
     }
 
     async fn apply_controls(
@@ -2025,168 +2193,6 @@ impl Store for PostgresStore {
         notify(&mut tx).await?;
         commit(tx).await?;
         Ok(rows.len())
-    }
-
-    async fn list_instances(
-        &self,
-        status: Option<InstanceStatus>,
-        limit: u32,
-    ) -> StoreResult<Vec<InstanceSummary>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ($1::text IS NULL OR status = $1) \
-             ORDER BY updated_at DESC, id LIMIT $2"
-        ))
-        .bind(status.map(InstanceStatus::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| map_err("list instances", e))?;
-        Ok(super::readable(
-            rows.iter().map(summary_from_row),
-            "listing instances",
-        ))
-    }
-
-    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE id = ANY($1)"
-        ))
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| map_err("instance summaries", e))?;
-        rows.iter().map(summary_from_row).collect()
-    }
-
-    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
-        let Some(row) = sqlx::query(&format!(
-            "SELECT {SUMMARY_COLUMNS}, state, output, next_timer_at, created_at FROM instances WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| map_err("instance detail", e))?
-        else {
-            return Ok(None);
-        };
-        let history = sqlx::query(
-            "SELECT seq, reason, step, status, at, detail FROM history WHERE instance_id = $1 ORDER BY seq",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| map_err("instance detail", e))?
-        .iter()
-        .map(|h| {
-            Ok(HistoryRow {
-                seq: col(h, "seq")?,
-                reason: col_word(h, "reason")?,
-                step: col(h, "step")?,
-                status: col_word(h, "status")?,
-                at: col(h, "at")?,
-                detail: col(h, "detail")?,
-            })
-        })
-        .collect::<StoreResult<Vec<_>>>()?;
-        let (pending, zombies): (Vec<_>, Vec<_>) = sqlx::query(
-            "SELECT id, message_type, status FROM messages \
-             WHERE instance_id = $1 AND status IN ('routed', 'zombie') ORDER BY seq",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| map_err("instance detail", e))?
-        .iter()
-        .map(|m| {
-            Ok((
-                col::<String>(m, "id")?,
-                col::<String>(m, "message_type")?,
-                col::<String>(m, "status")?,
-            ))
-        })
-        .collect::<StoreResult<Vec<_>>>()?
-        .into_iter()
-        .partition(|(_, _, status)| status == "routed");
-        Ok(Some(InstanceDetail {
-            summary: summary_from_row(&row)?,
-            state: col(&row, "state")?,
-            output: col::<Option<String>>(&row, "output")?
-                .as_deref()
-                .map(parse_json)
-                .transpose()?,
-            next_timer_at: col(&row, "next_timer_at")?,
-            created_at: col(&row, "created_at")?,
-            history,
-            pending_messages: pending.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
-            zombies: zombies.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
-        }))
-    }
-
-    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
-        let mut activity = Activity::default();
-        for row in sqlx::query("SELECT status, COUNT(*) AS n FROM instances GROUP BY status")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| map_err("activity", e))?
-        {
-            activity
-                .by_status
-                .insert(col(&row, "status")?, col(&row, "n")?);
-        }
-        // Locks of hosts that are gone do not hide work: another host will take it over.
-        activity.ready_messages = sqlx::query_scalar(&READY_MESSAGES)
-            .bind(now)
-            .bind(self.host_cutoff(now))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| map_err("activity", e))?;
-        activity.pending_sends =
-            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| map_err("activity", e))?;
-        activity.next_timer_at = sqlx::query_scalar(&NEXT_TIMER)
-            .bind(now)
-            .bind(self.host_cutoff(now))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| map_err("activity", e))?;
-        Ok(activity)
-    }
-
-    async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {
-        let mut backoff = std::time::Duration::from_millis(100);
-        loop {
-            let listening = async {
-                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-                listener.listen(WORK_CHANNEL).await?;
-                tracing::debug!("listening for new work");
-                // Work may have been committed before LISTEN took effect (at start, or while the
-                // connection was down): look once.
-                wake.notify_one();
-                loop {
-                    // `None`: the connection was lost and is re-established on the next call;
-                    // wake anyway, as a notification may have been missed.
-                    let _ = listener.try_recv().await?;
-                    wake.notify_one();
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), sqlx::Error>(())
-            };
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                result = listening => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost; polling until it is back");
-                    }
-                }
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-        }
     }
 
     async fn close(&self) {
@@ -2559,7 +2565,7 @@ mod tests {
 
     /// The rows of `relation` a statement reads, by `EXPLAIN ANALYZE` (then rolled back): the
     /// actual rows of every plan node that scans it, times its loops. A claim is run for `host`
-    /// (a limit of 64); a query of [`Store::activity`] with `host` `None`.
+    /// (a limit of 64); a query of [`OperatorVerbs::activity`] with `host` `None`.
     async fn rows_read(
         store: &PostgresStore,
         sql: &str,

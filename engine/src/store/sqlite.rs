@@ -921,127 +921,7 @@ const NEXT_TIMER: &str = "SELECT t.due_at FROM timers t \
      ORDER BY t.due_at LIMIT 1";
 
 #[async_trait]
-impl Store for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn check_schema(&self) -> StoreResult<()> {
-        let tables: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| map_err("check schema", e))?;
-        let applied = if tables == 0 {
-            None
-        } else {
-            Some(
-                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
-                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
-                )
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| map_err("check schema", e))?,
-            )
-        };
-        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
-    }
-
-    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
-        let mut tx = self.write().await?;
-        // One host per file: starting releases everything a previous host held, which is only
-        // safe if that host is gone. A host of this process (tests) or a dead process is.
-        let rows = sqlx::query("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| map_err("recover", e))?;
-        let mut running = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match (
-                col::<String>(row, "id"),
-                col::<i64>(row, "pid"),
-                col::<String>(row, "name"),
-            ) {
-                (Ok(id), Ok(pid), Ok(name)) => running.push((id, pid, name)),
-                // Not a host this build wrote: it names no process to wait for, and is marked
-                // stopped below with the others.
-                (id, pid, name) => {
-                    let error: Vec<String> = [id.err(), name.err()]
-                        .into_iter()
-                        .flatten()
-                        .chain(pid.err())
-                        .map(|e| e.to_string())
-                        .collect();
-                    tracing::warn!(error = ?error, "a hosts row cannot be read; taken as stopped");
-                }
-            }
-        }
-        let me = hostname();
-        for (other, pid, name) in running {
-            let alive = name == me
-                && pid != i64::from(std::process::id())
-                && std::path::Path::new(&format!("/proc/{pid}")).exists();
-            if alive {
-                return Err(StoreError::HostAlreadyRunning { host: other, pid });
-            }
-        }
-        for sql in [
-            "UPDATE messages SET locked_by = NULL WHERE locked_by IS NOT NULL AND status = 'routed'",
-            "UPDATE timers SET locked_by = NULL WHERE locked_by IS NOT NULL",
-            "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by IS NOT NULL",
-            "UPDATE instances SET owner = NULL, lease_expires_at = NULL WHERE owner IS NOT NULL",
-            "UPDATE hosts SET stopped_at = heartbeat_at WHERE stopped_at IS NULL",
-        ] {
-            sqlx::query(sql).execute(&mut *tx).await.map_err(|e| map_err("recover", e))?;
-        }
-        sqlx::query(
-            "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)",
-        )
-        .bind(host)
-        .bind(hostname())
-        .bind(i64::from(std::process::id()))
-        .bind(ts(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("recover", e))?;
-        commit(tx).await
-    }
-
-    async fn sync_activations(
-        &self,
-        activations: &[Activation],
-        now: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        let mut tx = self.write().await?;
-        let mut types = BTreeSet::new();
-        for a in activations {
-            sqlx::query(
-                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
-                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
-            )
-            .bind(Uuid::new_v4().to_string())
-            .bind(&a.message_type)
-            .bind(&a.orchestration)
-            .bind(i64::from(a.version))
-            .bind(&a.convoy)
-            .bind(ts(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_err("sync activations", e))?;
-            types.insert(a.message_type.clone());
-        }
-        reroute(&mut tx, &types).await?;
-        commit(tx).await
-    }
-
+impl MessageBox for SqliteStore {
     async fn publish(
         &self,
         messages: Vec<NewMessage>,
@@ -1480,6 +1360,21 @@ impl Store for SqliteStore {
         }
         commit(tx).await
     }
+}
+
+#[async_trait]
+impl OperatorVerbs for SqliteStore {
+    async fn control(
+        &self,
+        id: Uuid,
+        action: ControlAction,
+        now: DateTime<Utc>,
+    ) -> StoreResult<InstanceStatus> {
+        let mut tx = self.write().await?;
+        let status = control_in(&mut tx, id, &action, now).await?;
+        commit(tx).await?;
+        Ok(status)
+    }
 
     async fn give_up_sends(
         &self,
@@ -1606,16 +1501,262 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
-    async fn control(
+    async fn list_instances(
         &self,
-        id: Uuid,
-        action: ControlAction,
-        now: DateTime<Utc>,
-    ) -> StoreResult<InstanceStatus> {
+        status: Option<InstanceStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<InstanceSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ($1 IS NULL OR status = $1) \
+             ORDER BY updated_at DESC, id LIMIT $2"
+        ))
+        .bind(status.map(InstanceStatus::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| map_err("list instances", e))?;
+        Ok(super::readable(
+            rows.iter().map(summary_from_row),
+            "listing instances",
+        ))
+    }
+
+    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut query = sqlx::QueryBuilder::<Sqlite>::new(format!(
+                "SELECT {SUMMARY_COLUMNS} FROM instances WHERE id IN ("
+            ));
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            query.push(")");
+            let rows = query
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| map_err("instance summaries", e))?;
+            for row in &rows {
+                out.push(summary_from_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
+        let key = id.to_string();
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {SUMMARY_COLUMNS}, state, output, next_timer_at, created_at FROM instances WHERE id = $1"
+        ))
+        .bind(&key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| map_err("instance detail", e))?
+        else {
+            return Ok(None);
+        };
+        let history = sqlx::query(
+            "SELECT seq, reason, step, status, at, detail FROM history WHERE instance_id = $1 ORDER BY seq",
+        )
+        .bind(&key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| map_err("instance detail", e))?
+        .iter()
+        .map(|h| {
+            Ok(HistoryRow {
+                seq: col(h, "seq")?,
+                reason: col_word(h, "reason")?,
+                step: col(h, "step")?,
+                status: col_word(h, "status")?,
+                at: col_ts(h, "at")?,
+                detail: col(h, "detail")?,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+        let (pending, zombies): (Vec<_>, Vec<_>) = sqlx::query(
+            "SELECT id, message_type, status FROM messages \
+             WHERE instance_id = $1 AND status IN ('routed', 'zombie') ORDER BY seq",
+        )
+        .bind(&key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| map_err("instance detail", e))?
+        .iter()
+        .map(|m| {
+            Ok((
+                col::<String>(m, "id")?,
+                col::<String>(m, "message_type")?,
+                col::<String>(m, "status")?,
+            ))
+        })
+        .collect::<StoreResult<Vec<_>>>()?
+        .into_iter()
+        .partition(|(_, _, status)| status == "routed");
+        Ok(Some(InstanceDetail {
+            summary: summary_from_row(&row)?,
+            state: col(&row, "state")?,
+            output: col::<Option<String>>(&row, "output")?
+                .map(|t| parse_json(&t).map_err(|e| in_column("output", e)))
+                .transpose()?,
+            next_timer_at: col_ts_opt(&row, "next_timer_at")?,
+            created_at: col_ts(&row, "created_at")?,
+            history,
+            pending_messages: pending.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
+            zombies: zombies.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
+        }))
+    }
+
+    async fn activity(&self, _now: DateTime<Utc>) -> StoreResult<Activity> {
+        let mut activity = Activity::default();
+        for row in sqlx::query("SELECT status, COUNT(*) AS count FROM instances GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?
+        {
+            activity
+                .by_status
+                .insert(col(&row, "status")?, col(&row, "count")?);
+        }
+        activity.ready_messages = sqlx::query_scalar(READY_MESSAGES)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?;
+        activity.pending_sends =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| map_err("activity", e))?;
+        let next: Option<String> = sqlx::query_scalar(NEXT_TIMER)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?;
+        activity.next_timer_at = next.as_deref().map(parse_ts).transpose()?;
+        Ok(activity)
+    }
+}
+
+#[async_trait]
+impl Maintenance for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn check_schema(&self) -> StoreResult<()> {
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| map_err("check schema", e))?;
+        let applied = if tables == 0 {
+            None
+        } else {
+            Some(
+                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
+                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| map_err("check schema", e))?,
+            )
+        };
+        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
+    }
+
+    async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        let status = control_in(&mut tx, id, &action, now).await?;
-        commit(tx).await?;
-        Ok(status)
+        // One host per file: starting releases everything a previous host held, which is only
+        // safe if that host is gone. A host of this process (tests) or a dead process is.
+        let rows = sqlx::query("SELECT id, pid, name FROM hosts WHERE stopped_at IS NULL")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| map_err("recover", e))?;
+        let mut running = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match (
+                col::<String>(row, "id"),
+                col::<i64>(row, "pid"),
+                col::<String>(row, "name"),
+            ) {
+                (Ok(id), Ok(pid), Ok(name)) => running.push((id, pid, name)),
+                // Not a host this build wrote: it names no process to wait for, and is marked
+                // stopped below with the others.
+                (id, pid, name) => {
+                    let error: Vec<String> = [id.err(), name.err()]
+                        .into_iter()
+                        .flatten()
+                        .chain(pid.err())
+                        .map(|e| e.to_string())
+                        .collect();
+                    tracing::warn!(error = ?error, "a hosts row cannot be read; taken as stopped");
+                }
+            }
+        }
+        let me = hostname();
+        for (other, pid, name) in running {
+            let alive = name == me
+                && pid != i64::from(std::process::id())
+                && std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if alive {
+                return Err(StoreError::HostAlreadyRunning { host: other, pid });
+            }
+        }
+        for sql in [
+            "UPDATE messages SET locked_by = NULL WHERE locked_by IS NOT NULL AND status = 'routed'",
+            "UPDATE timers SET locked_by = NULL WHERE locked_by IS NOT NULL",
+            "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by IS NOT NULL",
+            "UPDATE instances SET owner = NULL, lease_expires_at = NULL WHERE owner IS NOT NULL",
+            "UPDATE hosts SET stopped_at = heartbeat_at WHERE stopped_at IS NULL",
+        ] {
+            sqlx::query(sql).execute(&mut *tx).await.map_err(|e| map_err("recover", e))?;
+        }
+        sqlx::query(
+            "INSERT INTO hosts (id, name, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(host)
+        .bind(hostname())
+        .bind(i64::from(std::process::id()))
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_err("recover", e))?;
+        commit(tx).await
+    }
+
+    async fn sync_activations(
+        &self,
+        activations: &[Activation],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let mut types = BTreeSet::new();
+        for a in activations {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
+                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
+            )
+            .bind(Uuid::new_v4().to_string())
+            .bind(&a.message_type)
+            .bind(&a.orchestration)
+            .bind(i64::from(a.version))
+            .bind(&a.convoy)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_err("sync activations", e))?;
+            types.insert(a.message_type.clone());
+        }
+        reroute(&mut tx, &types).await?;
+        commit(tx).await
     }
 
     async fn apply_controls(
@@ -1774,141 +1915,6 @@ impl Store for SqliteStore {
         }
         commit(tx).await?;
         Ok(rows.len())
-    }
-
-    async fn list_instances(
-        &self,
-        status: Option<InstanceStatus>,
-        limit: u32,
-    ) -> StoreResult<Vec<InstanceSummary>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ($1 IS NULL OR status = $1) \
-             ORDER BY updated_at DESC, id LIMIT $2"
-        ))
-        .bind(status.map(InstanceStatus::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| map_err("list instances", e))?;
-        Ok(super::readable(
-            rows.iter().map(summary_from_row),
-            "listing instances",
-        ))
-    }
-
-    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(500) {
-            let mut query = sqlx::QueryBuilder::<Sqlite>::new(format!(
-                "SELECT {SUMMARY_COLUMNS} FROM instances WHERE id IN ("
-            ));
-            let mut list = query.separated(", ");
-            for id in chunk {
-                list.push_bind(id.to_string());
-            }
-            query.push(")");
-            let rows = query
-                .build()
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| map_err("instance summaries", e))?;
-            for row in &rows {
-                out.push(summary_from_row(row)?);
-            }
-        }
-        Ok(out)
-    }
-
-    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
-        let key = id.to_string();
-        let Some(row) = sqlx::query(&format!(
-            "SELECT {SUMMARY_COLUMNS}, state, output, next_timer_at, created_at FROM instances WHERE id = $1"
-        ))
-        .bind(&key)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| map_err("instance detail", e))?
-        else {
-            return Ok(None);
-        };
-        let history = sqlx::query(
-            "SELECT seq, reason, step, status, at, detail FROM history WHERE instance_id = $1 ORDER BY seq",
-        )
-        .bind(&key)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| map_err("instance detail", e))?
-        .iter()
-        .map(|h| {
-            Ok(HistoryRow {
-                seq: col(h, "seq")?,
-                reason: col_word(h, "reason")?,
-                step: col(h, "step")?,
-                status: col_word(h, "status")?,
-                at: col_ts(h, "at")?,
-                detail: col(h, "detail")?,
-            })
-        })
-        .collect::<StoreResult<Vec<_>>>()?;
-        let (pending, zombies): (Vec<_>, Vec<_>) = sqlx::query(
-            "SELECT id, message_type, status FROM messages \
-             WHERE instance_id = $1 AND status IN ('routed', 'zombie') ORDER BY seq",
-        )
-        .bind(&key)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| map_err("instance detail", e))?
-        .iter()
-        .map(|m| {
-            Ok((
-                col::<String>(m, "id")?,
-                col::<String>(m, "message_type")?,
-                col::<String>(m, "status")?,
-            ))
-        })
-        .collect::<StoreResult<Vec<_>>>()?
-        .into_iter()
-        .partition(|(_, _, status)| status == "routed");
-        Ok(Some(InstanceDetail {
-            summary: summary_from_row(&row)?,
-            state: col(&row, "state")?,
-            output: col::<Option<String>>(&row, "output")?
-                .map(|t| parse_json(&t).map_err(|e| in_column("output", e)))
-                .transpose()?,
-            next_timer_at: col_ts_opt(&row, "next_timer_at")?,
-            created_at: col_ts(&row, "created_at")?,
-            history,
-            pending_messages: pending.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
-            zombies: zombies.into_iter().map(|(id, ty, _)| (id, ty)).collect(),
-        }))
-    }
-
-    async fn activity(&self, _now: DateTime<Utc>) -> StoreResult<Activity> {
-        let mut activity = Activity::default();
-        for row in sqlx::query("SELECT status, COUNT(*) AS count FROM instances GROUP BY status")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| map_err("activity", e))?
-        {
-            activity
-                .by_status
-                .insert(col(&row, "status")?, col(&row, "count")?);
-        }
-        activity.ready_messages = sqlx::query_scalar(READY_MESSAGES)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| map_err("activity", e))?;
-        activity.pending_sends =
-            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| map_err("activity", e))?;
-        let next: Option<String> = sqlx::query_scalar(NEXT_TIMER)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| map_err("activity", e))?;
-        activity.next_timer_at = next.as_deref().map(parse_ts).transpose()?;
-        Ok(activity)
     }
 
     async fn close(&self) {

@@ -777,7 +777,7 @@ pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) 
 
 /// Inserts instances and their start messages (addressed to them), each started at its time.
 /// With a `holder`, each instance is leased to it and its start message claimed by it, and they
-/// are returned ready to run (see [`Store::start_instances`](crate::store::Store::start_instances)).
+/// are returned ready to run (see [`MessageBox::start_instances`](crate::store::MessageBox::start_instances)).
 pub(super) async fn start_instances(
     conn: impl PgExecutor<'_>,
     starts: &[(&NewInstance, DateTime<Utc>)],
@@ -1073,7 +1073,7 @@ mod tests {
 
     use super::super::tests::{at, fresh, new_instance, point};
     use super::*;
-    use crate::store::{InstanceStatus, OutboxRow, Store, SubscriptionRow};
+    use crate::store::{InstanceStatus, Maintenance, MessageBox, OutboxRow, SubscriptionRow};
     use crate::Correlation;
 
     fn send(id: String, instance_id: Uuid) -> OutboxRow {
@@ -1123,7 +1123,7 @@ mod tests {
 
     /// A group of points of each of the 128 shapes (a point of each part the shape has; a
     /// first point beside a held instance's for [`Shape::FIRST`]; alone, through
-    /// [`write_alone`], or in a transaction, through [`Store::commit`]) commits on a fresh
+    /// [`write_alone`], or in a transaction, through [`MessageBox::commit`]) commits on a fresh
     /// database: every text is prepared by the server and writes what it should.
     #[tokio::test]
     async fn a_point_of_every_statement_shape_commits() {

@@ -963,7 +963,7 @@ pub(super) async fn still_held(
 
 /// Inserts instances and their start messages (addressed to them), each started at its time.
 /// With a `holder`, each instance is leased to it and its start message claimed by it, and they
-/// are returned ready to run (see [`Store::start_instances`](crate::store::Store::start_instances)).
+/// are returned ready to run (see [`MessageBox::start_instances`](crate::store::MessageBox::start_instances)).
 pub(super) async fn start_instances(
     tx: &mut Tx,
     starts: &[(&NewInstance, DateTime<Utc>)],
