@@ -13,7 +13,7 @@ fmt:
 lint:
     cargo clippy --workspace --all-targets -- -D warnings
 
-# The whole test suite (PostgreSQL variants skip with one line unless PostgreSQL binaries are installed).
+# The whole test suite (without PostgreSQL binaries the PostgreSQL tests are reported as ignored).
 test:
     cargo test --workspace
 

@@ -518,12 +518,27 @@ async fn operators_suspend_resume_and_terminate_instances(db: TestDb) {
         json!({"request_id": "sa", "approved": true, "by": "x"}),
     )
     .await;
-    // Suspended: the decision waits, unconsumed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Suspended: the decision waits, unclaimed. The marker: a decision published after it, for
+    // a running instance, is consumed; the host claims routed messages in publication order, so
+    // the claim that took it would have taken `da` first, were `a` claimable.
+    let c = client
+        .start("approval", json!({"request_id": "sc", "approver": "x"}))
+        .await
+        .unwrap();
+    db.wait_first_point(c, WAIT).await;
+    publish(
+        &client,
+        "dc",
+        "approval.decision",
+        json!({"request_id": "sc", "approved": true, "by": "x"}),
+    )
+    .await;
+    db.wait_status(c, InstanceStatus::Completed, WAIT).await;
     assert_eq!(db.status(a).await, Some(InstanceStatus::Suspended));
     assert_eq!(
         db.count_with(
-            "SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'routed'",
+            "SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'routed' \
+             AND locked_by IS NULL AND delivery_count = 0",
             "da"
         )
         .await,

@@ -77,6 +77,10 @@ fn free_port() -> u16 {
         .unwrap()
 }
 
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_command_prints_the_database_password() {
     let Some(url) = pg::fresh_database().await else {
@@ -166,6 +170,10 @@ async fn no_command_prints_the_database_password() {
     }
 }
 
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_only_migrate_changes_the_schema() {
     let Some(cluster) = pg::cluster() else {
@@ -337,6 +345,10 @@ async fn refused(url: &str, statement: &str) -> String {
     err
 }
 
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_and_the_cli_run_under_the_runtime_and_read_only_roles_of_the_docs() {
     let Some(cluster) = pg::cluster() else {

@@ -71,6 +71,10 @@ fn refusals_in_log(log: &str) -> u64 {
     fenced + aborted
 }
 
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_survive_a_killed_host_and_a_frozen_zombie() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -154,6 +158,10 @@ async fn three_hosts_survive_a_killed_host_and_a_frozen_zombie() {
     );
 }
 
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_spreads_across_three_live_hosts() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -193,6 +201,10 @@ async fn work_spreads_across_three_live_hosts() {
     }
 }
 
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_recover_from_a_database_restart_with_nothing_lost() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -223,6 +235,10 @@ async fn hosts_recover_from_a_database_restart_with_nothing_lost() {
     assert_one_owner_at_a_time(&run).await;
 }
 
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_host_wakes_on_notify_not_on_its_poll() {
     let _turn = ONE_AT_A_TIME.lock().await;

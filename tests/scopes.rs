@@ -86,9 +86,26 @@ async fn an_atomic_scope_commits_its_sends_together_at_its_end(db: TestDb) {
     wait_subscribed(&db, "pair.begin", 1).await;
     publish(&client, "b1", "pair.begin", json!({"key": "k1"})).await;
     wait_subscribed(&db, "pair.go", 1).await;
-    // Inside the scope: its first send is buffered, with no persistence point of its own.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(db.count("SELECT COUNT(*) FROM outbox").await, 0);
+    // Inside the scope: its first send is buffered, with no persistence point of its own. The
+    // marker: an instance started now writes its first point (a send to `notifications`), in
+    // the same group commit as a point for `pair.begin` or a later one.
+    let marker = client
+        .start(
+            "approval",
+            json!({"request_id": "scope-marker", "approver": "x"}),
+        )
+        .await
+        .unwrap();
+    db.wait_first_point(marker, WAIT).await;
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM outbox WHERE CAST(instance_id AS TEXT) = $1",
+            &id.to_string()
+        )
+        .await,
+        0
+    );
+    assert!(reasons(&db, id).await.is_empty());
     assert!(types(&deliveries, "log").is_empty());
     publish(&client, "g1", "pair.go", json!({"key": "k1"})).await;
     db.wait_status(id, InstanceStatus::Completed, WAIT).await;

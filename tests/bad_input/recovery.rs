@@ -351,6 +351,10 @@ async fn server(cluster: &Arc<pg::Cluster>, action: fn(&pg::Cluster) -> Result<(
 
 /// PostgreSQL, a database restart: the server is stopped for 3 s and started again while one
 /// host runs; the host resumes by itself within seconds.
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_host_resumes_after_a_database_restart_with_nothing_lost() {
     let Some(cluster) = pg::dedicated_cluster() else {
@@ -402,6 +406,10 @@ const EXIT_WITHIN: Duration = Duration::from_secs(9);
 /// 122 s, retrying the shutdown points and the lease release against a server that was gone).
 /// Once the server is back, a new host finishes every instance, nothing lost (G1-G5 from the
 /// database and the ports' ledger).
+#[cfg_attr(
+    not(pg_available),
+    ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_postgres_down_exits_within_the_drain_time_and_nothing_is_lost() {
     let Some(cluster) = pg::dedicated_cluster() else {

@@ -2,6 +2,9 @@
 //! and a delivery's reply reaches the instance once.
 
 use super::*;
+use crate::support::Backend;
+
+const WAIT: Duration = Duration::from_secs(20);
 
 crate::backend_tests!(
     a_point_consumes_the_reply_copy_another_host_stored_while_the_point_waited,
@@ -45,7 +48,22 @@ async fn a_point_consumes_the_reply_copy_another_host_stored_while_the_point_wai
     took_reply.delivered = vec!["send-x1".into()];
     let store = db.store.clone();
     let point = tokio::spawn(async move { store.commit(&[took_reply]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    match db.backend {
+        // The marker: the point's connection waits for a lock (the other transaction's row).
+        Backend::Postgres => {
+            db.wait_for("the point to wait for the row lock", WAIT, || async {
+                db.count(
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .await
+                    >= 1
+            })
+            .await;
+        }
+        // SQLite shows no writer waiting in its busy handler: give the point time to get there.
+        Backend::Sqlite => tokio::time::sleep(Duration::from_millis(300)).await,
+    }
     assert!(
         !point.is_finished(),
         "the point waits for the other host's transaction"

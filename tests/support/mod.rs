@@ -37,8 +37,8 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A fresh database, or `None` (with one line saying why) when PostgreSQL is not available
-    /// and not required.
+    /// A fresh database, or `None` (with a `SKIPPED:` line, see [`pg`]) when PostgreSQL is not
+    /// available and not required.
     pub async fn new(backend: Backend) -> Option<Self> {
         let (url, dir) = match backend {
             Backend::Sqlite => {
@@ -160,7 +160,8 @@ impl TestDb {
     }
 }
 
-/// Generates `name::sqlite` and `name::postgres` for each `async fn name(db: TestDb)`.
+/// Generates `name::sqlite` and `name::postgres` for each `async fn name(db: TestDb)`. The
+/// PostgreSQL test is `ignored` when the build found no PostgreSQL binaries (see [`pg`]).
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
@@ -172,6 +173,7 @@ macro_rules! backend_tests {
                         super::$name(db).await;
                     }
                 }
+                #[cfg_attr(not(pg_available), ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL")]
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
                     if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Postgres).await {
@@ -190,6 +192,7 @@ macro_rules! many_host_tests {
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
+                #[cfg_attr(not(pg_available), ignore = "no PostgreSQL binaries at build time (orchestrations/build.rs); CONTRIBUTING.md, PostgreSQL")]
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
                     if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Postgres).await {
