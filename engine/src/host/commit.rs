@@ -18,7 +18,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::instance::{FaultText, LiveInstance};
-use super::{Ended, Runner};
+use super::runner::Runner;
+use super::Ended;
 use crate::store::{
     storable_text, CommitOutcome, InstanceStatus, PersistencePoint, Store, StoreError,
 };

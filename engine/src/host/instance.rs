@@ -5,6 +5,10 @@
 //! one at its last persistence point (`saved`) and the current one. Between the two lie the
 //! messages it consumed since (`consumed`), which the next point marks consumed for good, or
 //! which are delivered again if the host dies first (G3).
+//!
+//! A transition's decision is applied in `accept`'s named steps, one per effect;
+//! the points it makes due are built in `instance/point.rs`, and `instance/tests.rs` tests the
+//! whole as a state machine: an event in, a point out.
 
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,14 +19,18 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod point;
+#[cfg(test)]
+mod tests;
+
 use super::scopes::Scopes;
 use crate::codec;
 use crate::context::{Context, Delay, Effect, Receive, ScopeKind};
 use crate::orchestration::{Correlation, Event, Message, OnFault, ScopeFault};
 use crate::registry::{AnyNext, AnyState, Definition, Registry};
 use crate::store::{
-    convoy_subscription_id, InstanceRecord, InstanceStatus, MessageKind, NewInstance, NewMessage,
-    OutboxRow, PersistencePoint, Reason, StoredMessage, SubscriptionRow,
+    convoy_subscription_id, InstanceRecord, MessageKind, NewInstance, NewMessage, OutboxRow,
+    Reason, StoredMessage, SubscriptionRow,
 };
 
 /// The engine's own bookkeeping for an instance, saved beside its state (`engine_state`).
@@ -707,9 +715,6 @@ impl LiveInstance {
         }
         self.dirty = true;
         let mut reason: Option<Reason> = None;
-        let mut raise = |r: Reason| {
-            reason = Some(reason.map_or(r, |old| most_telling(old, r)));
-        };
         let opens_atomic = effects.iter().any(|e| {
             matches!(
                 e,
@@ -720,152 +725,238 @@ impl LiveInstance {
             )
         });
         let atomic_here = opens_atomic || self.in_atomic_scope();
-        let mut atomic_start = opens_atomic.then(|| AtomicStart {
-            state: before,
-            waits: self.waits.clone(),
-            outbox: self.outbox.len(),
-            children: self.children.len(),
-            messages: self.messages.len(),
-        });
+        let mut atomic_start = opens_atomic.then(|| self.atomic_start(before));
         self.last_effects = effects.clone();
         for effect in effects {
-            match effect {
-                Effect::Send {
-                    id,
-                    port,
-                    message_type,
-                    body,
-                    expects_reply,
-                } => {
-                    if !ports(&port) {
-                        return self.fault(format!(
-                            "send port {port:?} is not configured in this host; add it to the host's ports and resume"
-                        ));
-                    }
-                    if expects_reply {
-                        if atomic_here {
-                            return self.fault(format!(
-                                "request to port {port:?} inside an atomic scope: its reply could never arrive \
-                                 before the scope commits; send one-way, or use a long-running scope"
-                            ));
-                        }
-                        self.waits.requests.push((id.clone(), port.clone()));
-                    }
-                    self.outbox.push(OutboxRow {
-                        id,
-                        instance_id: self.id,
-                        port,
-                        message_type,
-                        body,
-                        expects_reply,
-                        attempts: 0,
-                    });
-                    raise(Reason::Send);
-                }
-                Effect::Start {
-                    child,
-                    orchestration,
-                    input,
-                } => {
-                    let Some(def) = registry.latest(&orchestration) else {
-                        return self.fault(format!(
-                            "cannot start orchestration {orchestration:?}: it is not registered in this host"
-                        ));
-                    };
-                    self.waits.children.push(child);
-                    self.children.push(NewInstance {
-                        id: child,
-                        orchestration,
-                        version: def.version(),
-                        parent: Some(self.id),
-                        input,
-                    });
-                    raise(Reason::Start);
-                }
-                Effect::Receive(receive) => {
-                    if !self.waits.receives.iter().any(|(_, r)| *r == receive) {
-                        let id = self
-                            .saved_waits
-                            .receives
-                            .iter()
-                            .find(|(_, r)| *r == receive)
-                            .map(|(id, _)| *id)
-                            .or_else(|| self.convoy_id(&receive))
-                            .unwrap_or_else(Uuid::now_v7);
-                        self.waits.receives.push((id, receive));
-                    }
-                }
-                Effect::Delay(delay) => {
-                    self.waits.delays.retain(|d| d.name != delay.name);
-                    self.waits.delays.push(delay);
-                }
-                Effect::CancelWaits => self.waits.cancel(),
-                Effect::Suspend { reason: why } => {
-                    if atomic_here {
-                        return self.fault(format!(
-                            "suspend inside an atomic scope ({why}): end the scope first"
-                        ));
-                    }
-                    self.ending = Ending::Suspended(why);
-                }
-                Effect::BeginScope { name, kind } => {
-                    if let Some(outer) = self.innermost_atomic() {
-                        return self.fault(format!(
-                            "scope {name:?} cannot begin inside atomic scope {outer:?}: atomic scopes do not nest"
-                        ));
-                    }
-                    self.waits.scopes.begin(name, kind);
-                    if kind == ScopeKind::Atomic {
-                        self.atomic = atomic_start.take();
-                    }
-                }
-                Effect::EndScope { compensation } => {
-                    let Some(ended) = self.waits.scopes.end(compensation) else {
-                        return self.fault("end_scope with no scope open".to_owned());
-                    };
-                    let detail = if ended.kind == ScopeKind::Atomic {
-                        self.atomic = None;
-                        format!("atomic scope {} committed", ended.name)
-                    } else {
-                        format!("scope {} completed", ended.name)
-                    };
-                    self.note(detail);
-                    raise(Reason::ScopeEnd);
-                }
-                Effect::Compensate { scope } => {
-                    self.messages
-                        .extend(self.waits.scopes.request_compensation(scope, self.id));
-                    raise(Reason::Compensate);
-                }
+            match self.apply_effect(effect, atomic_here, &mut atomic_start, registry, ports) {
+                Ok(raised) => raise(&mut reason, raised),
+                Err(text) => return self.fault(text),
             }
         }
         if let Some(name) = compensating {
-            self.messages.extend(self.waits.scopes.compensated(self.id));
-            self.note(format!("scope {name} compensated"));
-            raise(Reason::Compensate);
+            raise(&mut reason, Some(self.compensated(&name)));
         }
-        match next {
-            AnyNext::Continue(state) => {
-                self.state = Some(state);
-                if matches!(self.ending, Ending::Suspended(_)) {
-                    raise(Reason::Suspend);
-                }
-            }
-            AnyNext::Complete(output) => {
-                self.ending = Ending::Completed(output);
-                raise(Reason::Complete);
-            }
-            AnyNext::Fail(why) => {
-                self.ending = Ending::Failed(why);
-                raise(Reason::Complete);
-            }
-        }
+        raise(&mut reason, self.take_next(next));
         // An atomic scope never spans a persistence point: whatever this transition did waits for
         // the scope's end (or is dropped with it), unless the instance ended.
         if self.in_atomic_scope() && reason != Some(Reason::Complete) {
             reason = None;
         }
         Delivery::Ran(reason)
+    }
+
+    /// Where an atomic scope opened now rolls back to: `before`, and the instance as it is.
+    fn atomic_start(&self, before: Option<AnyState>) -> AtomicStart {
+        AtomicStart {
+            state: before,
+            waits: self.waits.clone(),
+            outbox: self.outbox.len(),
+            children: self.children.len(),
+            messages: self.messages.len(),
+        }
+    }
+
+    /// Applies one effect. Returns the point it makes due, if any, or why it faults the
+    /// instance (`atomic_here`: the transition runs inside an atomic scope, or opens one that
+    /// rolls back to `atomic_start`).
+    fn apply_effect(
+        &mut self,
+        effect: Effect,
+        atomic_here: bool,
+        atomic_start: &mut Option<AtomicStart>,
+        registry: &Registry,
+        ports: &dyn Fn(&str) -> bool,
+    ) -> Result<Option<Reason>, String> {
+        match effect {
+            Effect::Send {
+                id,
+                port,
+                message_type,
+                body,
+                expects_reply,
+            } => {
+                let row = OutboxRow {
+                    id,
+                    instance_id: self.id,
+                    port,
+                    message_type,
+                    body,
+                    expects_reply,
+                    attempts: 0,
+                };
+                self.send(row, atomic_here, ports)?;
+                Ok(Some(Reason::Send))
+            }
+            Effect::Start {
+                child,
+                orchestration,
+                input,
+            } => {
+                self.start_child(child, orchestration, input, registry)?;
+                Ok(Some(Reason::Start))
+            }
+            Effect::Receive(receive) => {
+                self.receive(receive);
+                Ok(None)
+            }
+            Effect::Delay(delay) => {
+                self.waits.delays.retain(|d| d.name != delay.name);
+                self.waits.delays.push(delay);
+                Ok(None)
+            }
+            Effect::CancelWaits => {
+                self.waits.cancel();
+                Ok(None)
+            }
+            Effect::Suspend { reason: why } => {
+                if atomic_here {
+                    return Err(format!(
+                        "suspend inside an atomic scope ({why}): end the scope first"
+                    ));
+                }
+                self.ending = Ending::Suspended(why);
+                Ok(None)
+            }
+            Effect::BeginScope { name, kind } => {
+                self.begin_scope(name, kind, atomic_start)?;
+                Ok(None)
+            }
+            Effect::EndScope { compensation } => {
+                self.end_scope(compensation)?;
+                Ok(Some(Reason::ScopeEnd))
+            }
+            Effect::Compensate { scope } => {
+                self.messages
+                    .extend(self.waits.scopes.request_compensation(scope, self.id));
+                Ok(Some(Reason::Compensate))
+            }
+        }
+    }
+
+    /// A send: to the outbox, and for a request, a wait for its reply.
+    fn send(
+        &mut self,
+        row: OutboxRow,
+        atomic_here: bool,
+        ports: &dyn Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let port = &row.port;
+        if !ports(port) {
+            return Err(format!(
+                "send port {port:?} is not configured in this host; add it to the host's ports and resume"
+            ));
+        }
+        if row.expects_reply {
+            if atomic_here {
+                return Err(format!(
+                    "request to port {port:?} inside an atomic scope: its reply could never arrive \
+                     before the scope commits; send one-way, or use a long-running scope"
+                ));
+            }
+            self.waits.requests.push((row.id.clone(), port.clone()));
+        }
+        self.outbox.push(row);
+        Ok(())
+    }
+
+    /// A child start, of the newest registered version of `orchestration`, and a wait for its end.
+    fn start_child(
+        &mut self,
+        child: Uuid,
+        orchestration: String,
+        input: serde_json::Value,
+        registry: &Registry,
+    ) -> Result<(), String> {
+        let Some(def) = registry.latest(&orchestration) else {
+            return Err(format!(
+                "cannot start orchestration {orchestration:?}: it is not registered in this host"
+            ));
+        };
+        self.waits.children.push(child);
+        self.children.push(NewInstance {
+            id: child,
+            orchestration,
+            version: def.version(),
+            parent: Some(self.id),
+            input,
+        });
+        Ok(())
+    }
+
+    /// A wait for a message, unless the instance waits for it already. A receive it waited for
+    /// at its last point (or a convoy's) keeps its subscription id; a new one gets a new id.
+    fn receive(&mut self, receive: Receive) {
+        if self.waits.receives.iter().any(|(_, r)| *r == receive) {
+            return;
+        }
+        let id = self
+            .saved_waits
+            .receives
+            .iter()
+            .find(|(_, r)| *r == receive)
+            .map(|(id, _)| *id)
+            .or_else(|| self.convoy_id(&receive))
+            .unwrap_or_else(Uuid::now_v7);
+        self.waits.receives.push((id, receive));
+    }
+
+    /// Opens a scope; an atomic one keeps where it rolls back to. Atomic scopes do not nest.
+    fn begin_scope(
+        &mut self,
+        name: String,
+        kind: ScopeKind,
+        atomic_start: &mut Option<AtomicStart>,
+    ) -> Result<(), String> {
+        if let Some(outer) = self.innermost_atomic() {
+            return Err(format!(
+                "scope {name:?} cannot begin inside atomic scope {outer:?}: atomic scopes do not nest"
+            ));
+        }
+        self.waits.scopes.begin(name, kind);
+        if kind == ScopeKind::Atomic {
+            self.atomic = atomic_start.take();
+        }
+        Ok(())
+    }
+
+    /// Ends the innermost open scope, recording `compensation` with it.
+    fn end_scope(&mut self, compensation: serde_json::Value) -> Result<(), String> {
+        let Some(ended) = self.waits.scopes.end(compensation) else {
+            return Err("end_scope with no scope open".to_owned());
+        };
+        let detail = if ended.kind == ScopeKind::Atomic {
+            self.atomic = None;
+            format!("atomic scope {} committed", ended.name)
+        } else {
+            format!("scope {} completed", ended.name)
+        };
+        self.note(detail);
+        Ok(())
+    }
+
+    /// A compensation handler ran for scope `name`: on to the next scope to compensate.
+    fn compensated(&mut self, name: &str) -> Reason {
+        self.messages.extend(self.waits.scopes.compensated(self.id));
+        self.note(format!("scope {name} compensated"));
+        Reason::Compensate
+    }
+
+    /// Takes the transition's decision: the next state, or the instance's end.
+    fn take_next(&mut self, next: AnyNext) -> Option<Reason> {
+        match next {
+            AnyNext::Continue(state) => {
+                self.state = Some(state);
+                matches!(self.ending, Ending::Suspended(_)).then_some(Reason::Suspend)
+            }
+            AnyNext::Complete(output) => {
+                self.ending = Ending::Completed(output);
+                Some(Reason::Complete)
+            }
+            AnyNext::Fail(why) => {
+                self.ending = Ending::Failed(why);
+                Some(Reason::Complete)
+            }
+        }
     }
 
     /// Whether the innermost open scope is atomic (its sends are buffered; it is never
@@ -924,181 +1015,6 @@ impl LiveInstance {
     fn fault(&mut self, text: String) -> Delivery {
         Delivery::Faulted(FaultText(text))
     }
-
-    /// Builds the persistence point for `reason` and resets the instance to it. `release` drops
-    /// the lease (the instance leaves memory).
-    ///
-    /// # Errors
-    /// The state does not encode (a fault: suspend instead).
-    pub fn persistence_point(
-        &mut self,
-        reason: Reason,
-        host: &str,
-        now: DateTime<Utc>,
-        outbox_lock_until: DateTime<Utc>,
-    ) -> Result<PersistencePoint, FaultText> {
-        let (status, output, last_error, release) = match &self.ending {
-            Ending::Completed(output) => {
-                (InstanceStatus::Completed, Some(output.clone()), None, true)
-            }
-            Ending::Failed(why) => (InstanceStatus::Failed, None, Some(why.clone()), true),
-            Ending::Suspended(why) => (InstanceStatus::Suspended, None, Some(why.clone()), true),
-            Ending::Running => match reason {
-                Reason::Dehydrate | Reason::Shutdown => {
-                    (InstanceStatus::Dehydrated, None, None, true)
-                }
-                _ => (InstanceStatus::Running, None, None, false),
-            },
-        };
-        if self.has_ended() && !matches!(self.ending, Ending::Suspended(_)) {
-            self.waits = Waits::default();
-        }
-        let state_bytes = match &self.state {
-            Some(state) => Some(
-                self.def
-                    .encode_state(state)
-                    .map_err(|e| FaultText(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let step = match (&self.ending, &state_bytes) {
-            (Ending::Completed(_), _) => "completed".to_owned(),
-            (Ending::Failed(_), _) => "failed".to_owned(),
-            (_, Some(bytes)) => codec::step_name(bytes, "state"),
-            (_, None) => self.saved_step.clone(),
-        };
-        let engine_state = codec::encode(&self.waits).map_err(|e| FaultText(e.to_string()))?;
-        // The exact set is written only when it may differ from what the database holds.
-        let unchanged = self.receives_exact
-            && self.waits.receives.len() == self.written_receives.len()
-            && self
-                .waits
-                .receives
-                .iter()
-                .all(|(id, _)| self.written_receives.contains(id));
-        let subscriptions = (!unchanged).then(|| {
-            self.waits
-                .receives
-                .iter()
-                .map(|(id, r)| subscription_row(*id, r))
-                .collect()
-        });
-        let mut cancel_timers: BTreeSet<String> = self
-            .saved_waits
-            .delays
-            .iter()
-            .filter(|d| !self.waits.delays.contains(d))
-            .map(|d| d.name.clone())
-            .collect();
-        cancel_timers.extend(self.fired_timers.iter().cloned());
-        let set_timers = self
-            .waits
-            .delays
-            .iter()
-            .filter(|d| !self.saved_waits.delays.contains(d) || self.fired_timers.contains(&d.name))
-            .map(|d| (d.name.clone(), d.at))
-            .collect();
-        let mut messages = std::mem::take(&mut self.messages);
-        if let Some(parent) = self.parent {
-            match &self.ending {
-                Ending::Completed(output) => messages.push(NewMessage::to_instance(
-                    format!("{}:ended", self.id),
-                    "child.completed",
-                    MessageKind::ChildCompleted,
-                    serde_json::json!({ "child": self.id, "output": output }),
-                    parent,
-                )),
-                Ending::Failed(why) => messages.push(NewMessage::to_instance(
-                    format!("{}:ended", self.id),
-                    "child.failed",
-                    MessageKind::ChildFailed,
-                    serde_json::json!({ "child": self.id, "error": why }),
-                    parent,
-                )),
-                _ => {}
-            }
-        }
-        self.history_seq += 1;
-        let point = PersistencePoint {
-            instance_id: self.id,
-            epoch: self.epoch,
-            host: host.to_owned(),
-            reason,
-            detail: self.detail.take(),
-            status,
-            resumable: true,
-            failed: Vec::new(),
-            state: state_bytes,
-            engine_state: Some(engine_state),
-            step: step.clone(),
-            waiting_for: self.waits.describe(),
-            next_timer_at: self.waits.next_timer(),
-            last_error,
-            output,
-            history_seq: self.history_seq,
-            consumed: std::mem::take(&mut self.consumed),
-            subscriptions,
-            cancel_timers: cancel_timers.into_iter().collect(),
-            set_timers,
-            outbox: std::mem::take(&mut self.outbox),
-            delivered: std::mem::take(&mut self.delivered),
-            messages,
-            children: std::mem::take(&mut self.children),
-            release,
-            at: now,
-            outbox_lock_until,
-            start: None,
-        };
-        self.written_receives = self.waits.receives.iter().map(|(id, _)| *id).collect();
-        self.receives_exact = true;
-        self.saved_waits = self.waits.clone();
-        self.saved_step = step;
-        self.fired_timers.clear();
-        self.dirty = false;
-        Ok(point)
-    }
-
-    /// The point that suspends the instance at its last persistence point after a fault: its
-    /// stored state and waits stay as they were, and the messages it consumed since are not
-    /// consumed (they are delivered again on resume).
-    pub fn fault_point(
-        &mut self,
-        error: &FaultText,
-        host: &str,
-        now: DateTime<Utc>,
-    ) -> PersistencePoint {
-        self.history_seq += 1;
-        PersistencePoint {
-            instance_id: self.id,
-            epoch: self.epoch,
-            host: host.to_owned(),
-            reason: Reason::Suspend,
-            detail: None,
-            status: InstanceStatus::Suspended,
-            resumable: true,
-            failed: std::mem::take(&mut self.failed),
-            state: None,
-            engine_state: None,
-            step: self.saved_step.clone(),
-            waiting_for: self.saved_waits.describe(),
-            next_timer_at: self.saved_waits.next_timer(),
-            last_error: Some(error.0.clone()),
-            output: None,
-            history_seq: self.history_seq,
-            consumed: Vec::new(),
-            subscriptions: None,
-            cancel_timers: Vec::new(),
-            set_timers: Vec::new(),
-            outbox: Vec::new(),
-            delivered: Vec::new(),
-            messages: Vec::new(),
-            children: Vec::new(),
-            release: true,
-            at: now,
-            outbox_lock_until: now,
-            start: None,
-        }
-    }
 }
 
 fn subscription_row(id: Uuid, r: &Receive) -> SubscriptionRow {
@@ -1147,6 +1063,13 @@ enum Handled {
     No(String),
     /// A handler panicked.
     Panicked(String),
+}
+
+/// Raises the reason for the point due to `raised`, if it is more telling.
+fn raise(reason: &mut Option<Reason>, raised: Option<Reason>) {
+    if let Some(r) = raised {
+        *reason = Some(reason.map_or(r, |old| most_telling(old, r)));
+    }
 }
 
 /// Of two reasons for one point, the one history should show.
