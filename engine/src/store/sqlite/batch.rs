@@ -25,11 +25,13 @@ use uuid::Uuid;
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
+use super::claims::GIVE_BACK;
+use super::routing::{activate, find_route};
 use super::writer::Alone;
 use super::{
-    activate, distinct_runs, find_route, map_err, parse_uuid, run_outcomes, ts, CommitOutcome,
-    MessageKind, NewInstance, NewMessage, NewSubscription, PersistencePoint, PublishOutcome,
-    StoreError, StoreResult, SubscriptionChanges, Tx, Writer, GIVE_BACK,
+    distinct_runs, map_err, parse_uuid, run_outcomes, ts, CommitOutcome, MessageKind, NewInstance,
+    NewMessage, NewSubscription, PersistencePoint, PublishOutcome, StoreError, StoreResult,
+    SubscriptionChanges, Tx, Writer,
 };
 use crate::store::model::timer_writes;
 

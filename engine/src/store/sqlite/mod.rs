@@ -1,0 +1,281 @@
+//! The SQLite MessageBox: the embedded default, for one host process.
+//!
+//! WAL journal with `synchronous=FULL`: a commit is on disk when it returns. Every write runs in a
+//! `BEGIN IMMEDIATE` transaction so that a read followed by a write never fails on a stale
+//! snapshot, and `busy_timeout` lets a second process (the CLI beside a running host) wait its turn.
+//! Times are stored as fixed-width ISO-8601 UTC text so that they compare correctly as text.
+//!
+//! This file holds [`SqliteStore`], the helpers every room shares (times, ids and columns read
+//! checked, `map_err`), and the way into a write transaction. The rest is in rooms by concern;
+//! the PostgreSQL backend has rooms of the same names:
+//!
+//! | room | what is in it |
+//! |---|---|
+//! | `connect` | opening the database: connection options, the read pool and the write connection |
+//! | `message_box` | `impl MessageBox`: each method hands over to its room |
+//! | `routing` | publish and start, routes, reroutes, subscriptions, new instances, convoys |
+//! | `claims` | claims of messages and timers, leases (acquire, heartbeat, release), unlock |
+//! | `batch` | multi-row writes: a group commit (persistence points), starts, publish batches |
+//! | `outbox` | the send side: claims of outbox rows (ordered ports too), renewals, delivery outcomes |
+//! | `operator` | `impl OperatorVerbs`: control, dead letters, resubmit, purge, list and show |
+//! | `maintenance` | `impl Maintenance`: migrations, the schema check, recovery at start, activations, `control` and `inbox` rows, housekeeping |
+//! | `writer` | the one write connection and the transaction over it |
+
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite, SqlitePool};
+use uuid::Uuid;
+
+use super::*;
+
+mod batch;
+mod claims;
+mod connect;
+mod maintenance;
+mod message_box;
+mod operator;
+mod outbox;
+mod routing;
+mod writer;
+
+const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+
+/// Formats a time the way this backend stores it.
+pub fn ts(at: DateTime<Utc>) -> String {
+    at.format(TS_FORMAT).to_string()
+}
+
+/// What a column of `row` holds, in words, for an error: `holds BLOB x'00ff'`, `holds NULL`,
+/// `holds TEXT "true"`.
+fn holds(row: &SqliteRow, name: &str) -> String {
+    use sqlx::{TypeInfo, ValueRef};
+    let Ok(raw) = row.try_get_raw(name) else {
+        return "is missing".to_owned();
+    };
+    if raw.is_null() {
+        return "holds NULL".to_owned();
+    }
+    let kind = raw.type_info().name().to_owned();
+    let shown = match kind.as_str() {
+        "TEXT" => row
+            .try_get::<&str, _>(name)
+            .map(|t| format!("{:?}", super::storable::shorten(t)))
+            .unwrap_or_else(|_| "that is not UTF-8".to_owned()),
+        "BLOB" => row
+            .try_get::<&[u8], _>(name)
+            .map(|b| {
+                let hex: String = b.iter().take(16).map(|x| format!("{x:02x}")).collect();
+                let more = if b.len() > 16 { "..." } else { "" };
+                format!("x'{hex}'{more}")
+            })
+            .unwrap_or_default(),
+        "INTEGER" => row
+            .try_get::<i64, _>(name)
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        "REAL" => row
+            .try_get::<f64, _>(name)
+            .map(|f| f.to_string())
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    format!("holds {kind} {shown}").trim_end().to_owned()
+}
+
+/// Reads a column of a row an operator or a tool may have written, checked: a value of the
+/// wrong storage class, a NULL where none may be, or text that is not UTF-8 is described (the
+/// column and what it holds) instead of panicking, as `Row::get` would.
+///
+/// # Errors
+/// What the column holds and what was expected.
+fn read<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, String>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    use sqlx::TypeInfo;
+    row.try_get(name).map_err(|_| {
+        format!(
+            "column {name} {}, where {} is expected",
+            holds(row, name),
+            T::type_info().name()
+        )
+    })
+}
+
+/// [`read`], reporting a value that cannot be read as [`StoreError::Corrupt`].
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    read(row, name).map_err(StoreError::Corrupt)
+}
+
+/// An error about a value, said of column `name`.
+fn in_column(name: &str, err: StoreError) -> StoreError {
+    match err {
+        StoreError::Corrupt(why) => StoreError::Corrupt(format!("column {name}: {why}")),
+        other => other,
+    }
+}
+
+/// A text column parsed as a uuid, checked.
+fn col_uuid(row: &SqliteRow, name: &str) -> StoreResult<Uuid> {
+    parse_uuid(&col::<String>(row, name)?).map_err(|e| in_column(name, e))
+}
+
+/// A nullable text column parsed as a uuid, checked.
+fn col_uuid_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Uuid>> {
+    col::<Option<String>>(row, name)?
+        .map(|t| parse_uuid(&t).map_err(|e| in_column(name, e)))
+        .transpose()
+}
+
+/// A time column, checked.
+fn col_ts(row: &SqliteRow, name: &str) -> StoreResult<DateTime<Utc>> {
+    parse_ts(&col::<String>(row, name)?).map_err(|e| in_column(name, e))
+}
+
+/// A nullable time column, checked.
+fn col_ts_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    col::<Option<String>>(row, name)?
+        .map(|t| parse_ts(&t).map_err(|e| in_column(name, e)))
+        .transpose()
+}
+
+/// A status or kind word column, checked.
+fn col_word<T: FromStr<Err = String>>(row: &SqliteRow, name: &str) -> StoreResult<T> {
+    col::<String>(row, name)?
+        .parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+/// A JSON text column, checked.
+fn col_json<T: serde::de::DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
+    parse_json(&col::<String>(row, name)?).map_err(|e| in_column(name, e))
+}
+
+/// A count column (`version`, `attempts`) as a `u32`, checked.
+fn col_u32(row: &SqliteRow, name: &str) -> StoreResult<u32> {
+    let value: i64 = col(row, name)?;
+    u32::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("column {name} holds {value}, out of range")))
+}
+
+fn parse_ts(text: &str) -> StoreResult<DateTime<Utc>> {
+    NaiveDateTime::parse_from_str(text, TS_FORMAT)
+        .map(|n| n.and_utc())
+        .map_err(|e| StoreError::Corrupt(format!("time {:?}: {e}", super::storable::shorten(text))))
+}
+
+fn parse_uuid(text: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("uuid {:?}: {e}", super::storable::shorten(text))))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "not JSON ({e}): {:?}",
+            super::storable::shorten(text)
+        ))
+    })
+}
+
+/// A column as text whatever it holds, in SQL: a BLOB as `x'..'` hex, a NULL as ''.
+fn as_text(column: &str) -> String {
+    format!(
+        "CASE typeof({column}) WHEN 'blob' THEN 'x''' || hex({column}) || '''' \
+         WHEN 'null' THEN '' ELSE CAST({column} AS TEXT) END"
+    )
+}
+
+/// Maps a sqlx error from `operation` (what the store was doing, named in the error) to a
+/// [`StoreError`], deciding what is worth retrying. The one place that decides it for this
+/// backend.
+fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
+    if matches!(
+        err,
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
+    ) {
+        // A row holds what its column's type does not admit: the row's fault, not the
+        // database's, and never cured by retrying.
+        return StoreError::Corrupt(err.to_string());
+    }
+    let retryable = match &err {
+        // A connection whose worker thread stopped is opened again by the next write
+        // (`writer::Slot::ready`).
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            // SQLITE_BUSY (5), SQLITE_LOCKED (6), SQLITE_IOERR (10), SQLITE_FULL (13),
+            // SQLITE_CANTOPEN (14), and their extended codes.
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0) & 0xff;
+            matches!(code, 5 | 6 | 10 | 13 | 14)
+        }
+        _ => false,
+    };
+    if retryable {
+        StoreError::Unavailable(err)
+    } else {
+        StoreError::Database {
+            operation,
+            source: err,
+        }
+    }
+}
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    /// Reads (and migrations).
+    pool: SqlitePool,
+    /// Every write transaction, on one connection: SQLite admits one writer at a time, and
+    /// writers of this process queue here in order instead of polling the file lock through
+    /// the busy handler (which sleeps up to 100 ms a try).
+    writer: Writer,
+}
+
+use writer::{Tx, Writer};
+
+impl SqliteStore {
+    async fn write(&self) -> StoreResult<Tx> {
+        self.writer.begin().await
+    }
+}
+
+async fn commit(tx: Tx) -> StoreResult<()> {
+    tx.commit().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database error says which operation failed, and stays as retryable as before.
+    #[test]
+    fn a_database_error_names_the_operation_that_failed() {
+        let err = map_err(
+            "claim messages",
+            sqlx::Error::Protocol("refused".to_owned()),
+        );
+        assert!(
+            matches!(
+                err,
+                StoreError::Database {
+                    operation: "claim messages",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "database error in claim messages: encountered unexpected or invalid data: refused"
+        );
+        assert!(!err.is_retryable() && !err.is_refusal());
+    }
+}

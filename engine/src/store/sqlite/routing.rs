@@ -1,0 +1,187 @@
+//! Where messages go: publishing and starting instances, the route of a message (an instance's
+//! subscription, an activation that creates an instance, or none: unrouted), routing unrouted
+//! messages again when subscriptions change, subscribing, and a convoy's subscriptions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{batch, col, col_json, commit, map_err, ts, SqliteStore, Tx};
+use crate::orchestration::Correlation;
+use crate::store::routing::Route;
+use crate::store::{
+    convoy_subscriptions, held_receives, CommitOutcome, HeldStart, Holder, MessageKind,
+    NewInstance, NewMessage, NewReceives, PublishOutcome, StoreResult,
+};
+
+/// Where `msg` goes.
+pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
+    Ok(batch::read_routes(tx, &[msg]).await?.route(msg))
+}
+
+/// Creates the instance an activating message starts. For a convoy, also subscribes it to every
+/// activating type of its definition with the convoy's values, in the same transaction as the
+/// routing decision, so that no second instance can start for those values while it runs.
+pub(super) async fn activate(
+    tx: &mut Tx,
+    orchestration: &str,
+    version: u32,
+    convoy: Option<Correlation>,
+    now: DateTime<Utc>,
+) -> StoreResult<Uuid> {
+    let id = Uuid::now_v7();
+    insert_instance(tx, id, orchestration, version, None, now).await?;
+    if let Some(values) = convoy {
+        let types: Vec<String> = sqlx::query_scalar(
+            "SELECT message_type FROM subscriptions WHERE orchestration = $1 AND instance_id IS NULL",
+        )
+        .bind(orchestration)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(|e| map_err("activate", e))?;
+        let subs = convoy_subscriptions(id, types, &values);
+        let rows: Vec<_> = subs.iter().map(|sub| (id, sub, now)).collect();
+        batch::insert_subscriptions(tx, &rows).await?;
+    }
+    Ok(id)
+}
+
+pub(super) async fn insert_instance(
+    tx: &mut Tx,
+    id: Uuid,
+    orchestration: &str,
+    version: u32,
+    parent: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO instances (id, orchestration, version, status, step, created_at, updated_at, parent_id) \
+         VALUES ($1, $2, $3, 'running', 'created', $4, $4, $5)",
+    )
+    .bind(id.to_string())
+    .bind(orchestration)
+    .bind(i64::from(version))
+    .bind(ts(now))
+    .bind(parent.map(|p| p.to_string()))
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| map_err("insert instance", e))?;
+    Ok(())
+}
+
+/// Stores and routes one message inside `tx`.
+pub(super) async fn publish_one(
+    tx: &mut Tx,
+    msg: &NewMessage,
+    now: DateTime<Utc>,
+) -> StoreResult<PublishOutcome> {
+    let mut out = batch::publish_all(tx, &[(msg, now)]).await?;
+    Ok(out.pop().unwrap_or(PublishOutcome::Duplicate))
+}
+
+/// Routes the unrouted messages of these types again (a subscription appeared or went away).
+pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
+    for message_type in types {
+        let rows = sqlx::query(
+            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1 \
+             ORDER BY seq",
+        )
+        .bind(message_type)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(|e| map_err("reroute", e))?;
+        for row in rows {
+            let seq: i64 = col(&row, "seq")?;
+            // An unrouted message whose properties cannot be read stays unrouted (and is
+            // dead-lettered after its time to live): it must not stop the others routing.
+            let properties: BTreeMap<String, String> = match col_json(&row, "properties") {
+                Ok(properties) => properties,
+                Err(e) => {
+                    tracing::warn!(message.seq = seq, error = %e, "an unrouted message cannot be read; left unrouted");
+                    continue;
+                }
+            };
+            let probe = NewMessage {
+                id: String::new(),
+                message_type: message_type.clone(),
+                kind: MessageKind::Published,
+                properties,
+                body: serde_json::Value::Null,
+                target: None,
+            };
+            let (instance, sub, kind) = match find_route(tx, &probe).await? {
+                Route::Instance(id, sub) => (id, sub, MessageKind::Published),
+                Route::Activate {
+                    orchestration,
+                    version,
+                    convoy,
+                } => {
+                    let id = activate(tx, &orchestration, version, convoy, Utc::now()).await?;
+                    (id, None, MessageKind::Start)
+                }
+                Route::Unrouted(_) => continue,
+            };
+            sqlx::query(
+                "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
+                 kind = $4, reason = NULL WHERE seq = $1",
+            )
+            .bind(seq)
+            .bind(instance.to_string())
+            .bind(sub.map(|s| s.to_string()))
+            .bind(kind.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| map_err("reroute", e))?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn publish(
+    store: &SqliteStore,
+    messages: Vec<NewMessage>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<PublishOutcome>> {
+    let mut tx = store.write().await?;
+    let batch: Vec<_> = messages.iter().map(|msg| (msg, now)).collect();
+    let out = batch::publish_all(&mut tx, &batch).await?;
+    commit(tx).await?;
+    Ok(out)
+}
+
+pub(super) async fn start_instances(
+    store: &SqliteStore,
+    instances: Vec<NewInstance>,
+    holder: Option<Holder<'_>>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<HeldStart>> {
+    let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
+    if let Some(held) = batch::start_alone(&store.writer, &starts, holder).await? {
+        return Ok(held);
+    }
+    let mut tx = store.write().await?;
+    let held = batch::start_instances(&mut tx, &starts, holder).await?;
+    commit(tx).await?;
+    Ok(held)
+}
+
+pub(super) async fn subscribe(
+    store: &SqliteStore,
+    host: &str,
+    receives: &[NewReceives],
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<CommitOutcome>> {
+    let mut tx = store.write().await?;
+    let asked: Vec<(Uuid, i64)> = receives.iter().map(|r| (r.instance_id, r.epoch)).collect();
+    let held = batch::still_held(&mut tx, host, &asked).await?;
+    let (rows, out) = held_receives(receives, &held, now);
+    batch::insert_subscriptions(&mut tx, &rows).await?;
+    let types: BTreeSet<String> = rows
+        .iter()
+        .map(|(_, sub, _)| sub.message_type.clone())
+        .collect();
+    reroute(&mut tx, &types).await?;
+    commit(tx).await?;
+    Ok(out)
+}
