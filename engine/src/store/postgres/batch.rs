@@ -21,10 +21,11 @@ use uuid::Uuid;
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{FirstPoint, HeldStart, Holder, FIRST_EPOCH};
 
+use super::routing::{find_route, insert_instance, subscribe_convoy, unroute, Reroute};
 use super::{
-    distinct_runs, find_route, insert_instance, int4, map_err, run_outcomes, subscribe_convoy,
-    uint, unroute, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
-    PersistencePoint, PublishOutcome, Reroute, StoreError, StoreResult, SubscriptionChanges, Tx,
+    distinct_runs, int4, map_err, run_outcomes, uint, CommitOutcome, MessageKind, NewInstance,
+    NewMessage, NewSubscription, PersistencePoint, PublishOutcome, StoreError, StoreResult,
+    SubscriptionChanges, Tx,
 };
 use crate::store::model::timer_writes;
 

@@ -1,0 +1,182 @@
+//! The PostgreSQL MessageBox: one database shared by many hosts on many machines.
+//!
+//! The tables, their columns and the semantics are those of the SQLite backend; what changes is
+//! that several hosts write at once, so the database has to be the coordinator:
+//!
+//! * **Claims** (`claim_messages`, `claim_timers`, `claim_outbox`) pick rows with
+//!   `FOR UPDATE SKIP LOCKED`, so hosts polling together never wait on, nor take, each other's
+//!   rows.
+//! * **Ownership** is a lease (`instances.owner`, `lease_expires_at`) with a fencing `epoch`,
+//!   renewed by [`MessageBox::heartbeat`]. A host that is gone is never "released" by another:
+//!   its leases run out, and the next host to [`MessageBox::acquire`] the instance bumps the epoch (the
+//!   old owner's commits are then fenced, G4) and clears the message and timer locks other hosts
+//!   hold on it, so that what the old owner had claimed is delivered again (G3).
+//! * **Stale locks.** A message or timer locked by a host is claimable again when that host cannot
+//!   be delivering it any more: it is the instance's owner and its lease ran out, or it is gone
+//!   (stopped, or no heartbeat for two lease durations). A live host that is not the owner is
+//!   between its claim and its acquire, and keeps its lock; a host never claims again what it
+//!   already holds, even when its own lease has lapsed: the message is in its memory.
+//! * **Routing** reads subscriptions and writes messages; subscription changes read unrouted
+//!   messages and route them. Under `READ COMMITTED` a message published while a subscription for
+//!   it is being written could miss both, and stay unrouted. Each message type therefore has a
+//!   transaction-scoped advisory lock: publishing takes it shared, writing or removing
+//!   subscriptions of the type takes it exclusive, always in one sorted pass. A commit takes them
+//!   after writing its points, so that they are held briefly, then unroutes what a concurrent
+//!   publisher routed to a subscription it removed; rerouting looks only at the unrouted messages
+//!   the new subscriptions match.
+//! * **Wake-ups.** Transactions that make work (publish, start, commit, deliveries, resume) end with
+//!   `pg_notify('cairn_work', '')`, delivered at commit.
+//!
+//! Everything lives in the schema `cairn` (the connection's `search_path`), including sqlx's
+//! migration table. Times are `TIMESTAMPTZ` written from the engine's clock, never the database's.
+
+use std::str::FromStr;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use sqlx::postgres::{PgConnectOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use super::*;
+
+mod batch;
+mod claims;
+mod connect;
+mod kept;
+mod listen;
+mod maintenance;
+mod message_box;
+mod operator;
+mod outbox;
+mod routing;
+
+use kept::KeptConnection;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The schema every table lives in.
+pub const SCHEMA: &str = "cairn";
+
+/// The channel notified when a transaction made work for hosts.
+pub const WORK_CHANNEL: &str = "cairn_work";
+
+/// Maps a sqlx error from `operation` (what the store was doing, named in the error) to a
+/// [`StoreError`], deciding what is worth retrying. The one place that decides it for this
+/// backend.
+fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
+    if matches!(
+        err,
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
+    ) {
+        // A row holds what its column's type does not admit: the row's fault, not the
+        // database's, and never cured by retrying.
+        return StoreError::Corrupt(err.to_string());
+    }
+    let retryable = match &err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(
+                code.as_ref(),
+                // serialization_failure, deadlock_detected
+                "40001" | "40P01"
+                // admin_shutdown, crash_shutdown, cannot_connect_now
+                | "57P01" | "57P02" | "57P03"
+                // too_many_connections
+                | "53300"
+            ) || code.starts_with("08") // connection_exception and its subclasses
+        }),
+        _ => false,
+    };
+    if retryable {
+        StoreError::Unavailable(err)
+    } else {
+        StoreError::Database {
+            operation,
+            source: err,
+        }
+    }
+}
+
+/// Reads a column, reporting a value of the wrong type as corrupt rather than panicking.
+fn col<'r, T>(row: &'r PgRow, name: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "not JSON ({e}): {:?}",
+            super::storable::shorten(text)
+        ))
+    })
+}
+
+/// A JSON text column, checked; an error names the column.
+fn col_json<T: serde::de::DeserializeOwned>(row: &PgRow, name: &str) -> StoreResult<T> {
+    let text: String = col(row, name)?;
+    serde_json::from_str(&text).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "column {name} is not JSON ({e}): {:?}",
+            super::storable::shorten(&text)
+        ))
+    })
+}
+
+/// A status or kind word column, checked; an error names the column.
+fn col_word<T: FromStr<Err = String>>(row: &PgRow, name: &str) -> StoreResult<T> {
+    col::<String>(row, name)?
+        .parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
+}
+
+/// A `u32` as an `INTEGER` column.
+fn int4(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+/// An `INTEGER` column as a `u32`.
+fn uint(value: i32, what: &str) -> StoreResult<u32> {
+    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// How to connect: for the kept connection, which is not the pool's.
+    options: PgConnectOptions,
+    /// The connection kept for persistence points written as one statement
+    /// ([`Self::point_connection`]).
+    points: KeptConnection,
+    /// The lease duration this store's host uses, in milliseconds, learnt from `acquire` and
+    /// `heartbeat`; a host whose heartbeat is older than two of them is presumed gone.
+    lease_ms: Arc<AtomicI64>,
+}
+
+/// Without the connect options: their `Debug` shows the password.
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("pool", &self.pool)
+            .field("host", &self.options.get_host())
+            .field("port", &self.options.get_port())
+            .field("database", &self.options.get_database())
+            .field("username", &self.options.get_username())
+            .finish_non_exhaustive()
+    }
+}
+
+type Tx = Transaction<'static, Postgres>;
+
+/// The throwaway-cluster harness of the integration tests, shared with this module's tests.
+#[cfg(test)]
+#[path = "../../../../tests/support/pg.rs"]
+#[allow(dead_code)]
+mod pg_harness;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,430 @@
+//! Routing: publishing and starting, the group commit around the points `batch.rs` writes, new
+//! subscriptions, and routing again what they make routable (reroute, unroute, convoys); the
+//! per-message-type advisory locks that keep a publish and a subscription change from missing
+//! each other (see the module docs of [`super`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::batch;
+use super::connect::commit;
+use super::listen::notify;
+use super::{col, col_json, int4, map_err, PostgresStore, Tx};
+use crate::orchestration::Correlation;
+use crate::store::routing::Route;
+use crate::store::*;
+
+/// Advisory lock class of the per-message-type routing locks ("cair").
+const ROUTE_LOCK_CLASS: i32 = 0x6361_6972;
+/// Advisory lock class of convoy activations, one lock per orchestration and values ("caic").
+const CONVOY_LOCK_CLASS: i32 = 0x6361_6963;
+
+/// The routing lock key of a message type (FNV-1a, folded to 32 bits).
+fn route_key(message_type: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in message_type.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Takes the routing locks of these message types for the rest of the transaction: shared to
+/// route messages of a type, exclusive to change its subscriptions and route its unrouted messages
+/// again. Always in key order, each key once, so that two transactions never wait on each other in
+/// a cycle.
+pub(super) async fn lock_routes<'a>(
+    tx: &mut Tx,
+    shared: impl IntoIterator<Item = &'a str>,
+    exclusive: impl IntoIterator<Item = &'a str>,
+) -> StoreResult<()> {
+    let mut keys: BTreeMap<i32, bool> = BTreeMap::new();
+    for t in shared {
+        keys.entry(route_key(t)).or_insert(false);
+    }
+    for t in exclusive {
+        keys.insert(route_key(t), true);
+    }
+    for (key, exclusive) in keys {
+        let sql = if exclusive {
+            "SELECT pg_advisory_xact_lock($1, $2)"
+        } else {
+            "SELECT pg_advisory_xact_lock_shared($1, $2)"
+        };
+        sqlx::query(sql)
+            .bind(ROUTE_LOCK_CLASS)
+            .bind(key)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| map_err("lock routes", e))?;
+    }
+    Ok(())
+}
+
+/// The types of untargeted messages, which routing by subscription will read.
+pub(super) fn routed_types(messages: &[NewMessage]) -> impl Iterator<Item = &str> {
+    messages
+        .iter()
+        .filter(|m| m.target.is_none())
+        .map(|m| m.message_type.as_str())
+}
+
+/// Where `msg` goes. A convoy's activation is decided under the convoy's lock: publishers of
+/// one type route side by side (shared route locks), so the activations of one convoy are
+/// serialised, and the convoy's instance is looked for again once the lock is ours.
+pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
+    let route = batch::read_routes(tx, &[msg]).await?.route(msg);
+    let Route::Activate {
+        orchestration,
+        convoy: Some(values),
+        ..
+    } = &route
+    else {
+        return Ok(route);
+    };
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(CONVOY_LOCK_CLASS)
+        .bind(format!("{orchestration}|{}", values.canonical()))
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| map_err("find route", e))?;
+    let owner: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT id, instance_id FROM subscriptions \
+         WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
+         ORDER BY created_at, id LIMIT 1",
+    )
+    .bind(&msg.message_type)
+    .bind(values.canonical())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(|e| map_err("find route", e))?;
+    Ok(match owner {
+        Some((sub, instance)) => Route::Instance(instance, Some(sub)),
+        None => route,
+    })
+}
+
+pub(super) async fn insert_instance(
+    tx: &mut Tx,
+    id: Uuid,
+    orchestration: &str,
+    version: u32,
+    parent: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO instances (id, orchestration, version, status, step, created_at, updated_at, parent_id) \
+         VALUES ($1, $2, $3, 'running', 'created', $4, $4, $5)",
+    )
+    .bind(id)
+    .bind(orchestration)
+    .bind(int4(version))
+    .bind(now)
+    .bind(parent)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| map_err("insert instance", e))?;
+    Ok(())
+}
+
+/// Stores and routes one message inside `tx`; see [`batch::publish_all`].
+pub(super) async fn publish_one(
+    tx: &mut Tx,
+    msg: &NewMessage,
+    now: DateTime<Utc>,
+) -> StoreResult<PublishOutcome> {
+    let mut out = batch::publish_all(tx, &[(msg, now)]).await?;
+    Ok(out.pop().unwrap_or(PublishOutcome::Duplicate))
+}
+
+/// What a transaction changed that may route unrouted messages.
+#[derive(Default)]
+pub(super) struct Reroute {
+    /// Activating subscriptions of these types were written: any unrouted message of the type may
+    /// route now.
+    pub(super) types: BTreeSet<String>,
+    /// Instance subscriptions were written: unrouted messages of the type that match the
+    /// correlation may route now. (No other can: an unrouted message matches no subscription
+    /// that existed before, since every subscription write reroutes under the routing lock.)
+    pub(super) subscriptions: Vec<(String, Correlation)>,
+    /// Messages unrouted because the receive they were routed to was cancelled.
+    pub(super) seqs: BTreeSet<i64>,
+    /// Subscriptions removed, and their types.
+    pub(super) cancelled: Vec<Uuid>,
+    pub(super) cancelled_types: BTreeSet<String>,
+}
+
+impl Reroute {
+    /// The types whose routing this changes, to lock exclusively.
+    pub(super) fn lock_types(&self) -> BTreeSet<&str> {
+        self.types
+            .iter()
+            .chain(&self.cancelled_types)
+            .map(String::as_str)
+            .chain(self.subscriptions.iter().map(|(t, _)| t.as_str()))
+            .collect()
+    }
+}
+
+/// Routes again the unrouted messages that `changes` may have made routable, oldest first (the
+/// same routing as [`publish_one`]). The types must be locked exclusively for routing
+/// ([`lock_routes`]).
+pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreResult<()> {
+    let mut candidates: BTreeMap<i64, (String, BTreeMap<String, String>)> = BTreeMap::new();
+    let scanned: BTreeSet<&str> = changes
+        .types
+        .iter()
+        .map(String::as_str)
+        .chain(changes.subscriptions.iter().map(|(t, _)| t.as_str()))
+        .collect();
+    for message_type in scanned {
+        let rows = sqlx::query(
+            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1",
+        )
+        .bind(message_type)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(|e| map_err("reroute", e))?;
+        let every = changes.types.contains(message_type);
+        for row in rows {
+            // An unrouted message whose properties cannot be read stays unrouted (and is
+            // dead-lettered after its time to live): it must not stop the others routing.
+            let properties: BTreeMap<String, String> = match col_json(&row, "properties") {
+                Ok(properties) => properties,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unrouted message cannot be read; left unrouted");
+                    continue;
+                }
+            };
+            let matches = every
+                || changes
+                    .subscriptions
+                    .iter()
+                    .any(|(t, corr)| t == message_type && corr.matches(&properties));
+            if matches {
+                candidates.insert(col(&row, "seq")?, (message_type.to_owned(), properties));
+            }
+        }
+    }
+    if !changes.seqs.is_empty() {
+        let seqs: Vec<i64> = changes.seqs.iter().copied().collect();
+        let rows = sqlx::query(
+            "SELECT seq, message_type, properties FROM messages \
+             WHERE seq = ANY($1) AND status = 'unrouted'",
+        )
+        .bind(&seqs)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(|e| map_err("reroute", e))?;
+        for row in rows {
+            match col_json(&row, "properties") {
+                Ok(properties) => {
+                    candidates.insert(col(&row, "seq")?, (col(&row, "message_type")?, properties));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unrouted message cannot be read; left unrouted");
+                }
+            }
+        }
+    }
+    for (seq, (message_type, properties)) in candidates {
+        let probe = NewMessage {
+            id: String::new(),
+            message_type,
+            kind: MessageKind::Published,
+            properties,
+            body: serde_json::Value::Null,
+            target: None,
+        };
+        let (instance, sub, kind, activate) = match find_route(tx, &probe).await? {
+            Route::Instance(id, sub) => (id, sub, MessageKind::Published, None),
+            Route::Activate {
+                orchestration,
+                version,
+                convoy,
+            } => (
+                Uuid::now_v7(),
+                None,
+                MessageKind::Start,
+                Some((orchestration, version, convoy)),
+            ),
+            Route::Unrouted(_) => continue,
+        };
+        let routed = sqlx::query(
+            "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
+             kind = $4, reason = NULL WHERE seq = $1 AND status = 'unrouted'",
+        )
+        .bind(seq)
+        .bind(instance)
+        .bind(sub)
+        .bind(kind.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| map_err("reroute", e))?;
+        if let (1, Some((orchestration, version, convoy))) = (routed.rows_affected(), activate) {
+            insert_instance(tx, instance, &orchestration, version, None, now).await?;
+            subscribe_convoy(tx, instance, &orchestration, convoy, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves the routed, unconsumed messages of cancelled subscriptions back to unrouted, and
+/// notes them for [`reroute`].
+pub(super) async fn unroute(
+    tx: &mut Tx,
+    subscriptions: &[Uuid],
+    changes: &mut Reroute,
+) -> StoreResult<()> {
+    let seqs: Vec<i64> = sqlx::query_scalar(
+        "UPDATE messages SET status = 'unrouted', instance_id = NULL, subscription_id = NULL, \
+         locked_by = NULL, reason = 'the receive it was routed to was cancelled' \
+         WHERE subscription_id = ANY($1) AND status = 'routed' RETURNING seq",
+    )
+    .bind(subscriptions)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(|e| map_err("unroute", e))?;
+    changes.seqs.extend(seqs);
+    Ok(())
+}
+
+/// For a convoy activation: subscribes the new instance to every activating type of its
+/// definition with the convoy's values, so that no second instance starts for them while it runs.
+pub(super) async fn subscribe_convoy(
+    tx: &mut Tx,
+    instance: Uuid,
+    orchestration: &str,
+    convoy: Option<Correlation>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let Some(values) = convoy else {
+        return Ok(());
+    };
+    let types: Vec<String> = sqlx::query_scalar(
+        "SELECT message_type FROM subscriptions WHERE orchestration = $1 AND instance_id IS NULL",
+    )
+    .bind(orchestration)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(|e| map_err("subscribe convoy", e))?;
+    let subs = convoy_subscriptions(instance, types, &values);
+    let rows: Vec<_> = subs.iter().map(|sub| (instance, sub, now)).collect();
+    batch::insert_subscriptions(tx, &rows).await
+}
+
+/// [`MessageBox::publish`](crate::store::MessageBox::publish) on PostgreSQL.
+pub(super) async fn publish(
+    store: &PostgresStore,
+    messages: Vec<NewMessage>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<PublishOutcome>> {
+    let mut tx = store.write().await?;
+    lock_routes(&mut tx, routed_types(&messages), []).await?;
+    let batch: Vec<_> = messages.iter().map(|msg| (msg, now)).collect();
+    let out = batch::publish_all(&mut tx, &batch).await?;
+    if out.iter().any(|o| !matches!(o, PublishOutcome::Duplicate)) {
+        notify(&mut tx).await?;
+    }
+    commit(tx).await?;
+    Ok(out)
+}
+
+/// [`MessageBox::start_instances`](crate::store::MessageBox::start_instances) on PostgreSQL.
+pub(super) async fn start_instances(
+    store: &PostgresStore,
+    instances: Vec<NewInstance>,
+    holder: Option<Holder<'_>>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<HeldStart>> {
+    let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
+    // Held starts leave nothing for other hosts to claim: no `NOTIFY`, so the one statement
+    // needs no transaction.
+    if instances.is_empty() || holder.is_some() {
+        return batch::start_instances(&store.pool, &starts, holder).await;
+    }
+    let mut tx = store.write().await?;
+    let held = batch::start_instances(&mut *tx, &starts, holder).await?;
+    notify(&mut tx).await?;
+    commit(tx).await?;
+    Ok(held)
+}
+
+/// [`MessageBox::commit`](crate::store::MessageBox::commit) on PostgreSQL.
+pub(super) async fn commit_points(
+    store: &PostgresStore,
+    points: &[PersistencePoint],
+) -> StoreResult<Vec<CommitOutcome>> {
+    if let Some(out) = batch::write_alone(store, points).await? {
+        return Ok(out);
+    }
+    let mut tx = store.write().await?;
+    let mut changes = Reroute::default();
+    let out = batch::write_points(&mut tx, points, &mut changes).await?;
+    // Published once the group holds its routing locks (below).
+    let messages: Vec<(&NewMessage, DateTime<Utc>)> = points
+        .iter()
+        .zip(&out)
+        .filter(|(_, outcome)| **outcome == CommitOutcome::Committed)
+        .flat_map(|(p, _)| p.messages.iter().map(|m| (m, p.at)))
+        .collect();
+    // The routing locks, taken last so that they are held briefly: shared for the messages
+    // the points publish, exclusive for the types whose subscriptions they added or removed.
+    // Taken in one sorted pass, after the rows: every writer orders them the same way.
+    lock_routes(
+        &mut tx,
+        messages
+            .iter()
+            .filter(|(m, _)| m.target.is_none())
+            .map(|(m, _)| m.message_type.as_str()),
+        changes.lock_types(),
+    )
+    .await?;
+    // A publisher that read a removed subscription before it was removed has committed by
+    // now: unroute what it routed there.
+    if !changes.cancelled.is_empty() {
+        let cancelled = std::mem::take(&mut changes.cancelled);
+        unroute(&mut tx, &cancelled, &mut changes).await?;
+    }
+    batch::publish_all(&mut tx, &messages).await?;
+    let now = points.iter().map(|p| p.at).max().unwrap_or_default();
+    reroute(&mut tx, &changes, now).await?;
+    // Other hosts are woken only for work they may claim; the committing host follows its
+    // own (a NOTIFY for every commit woke it for an empty claim after each point).
+    let claimable = points
+        .iter()
+        .zip(&out)
+        .any(|(p, o)| *o == CommitOutcome::Committed && p.makes_claimable_work());
+    if claimable || !changes.seqs.is_empty() {
+        notify(&mut tx).await?;
+    }
+    commit(tx).await?;
+    Ok(out)
+}
+
+/// [`MessageBox::subscribe`](crate::store::MessageBox::subscribe) on PostgreSQL.
+pub(super) async fn subscribe(
+    store: &PostgresStore,
+    host: &str,
+    receives: &[NewReceives],
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<CommitOutcome>> {
+    let mut tx = store.write().await?;
+    let mut changes = Reroute::default();
+    let asked: Vec<(Uuid, i64)> = receives.iter().map(|r| (r.instance_id, r.epoch)).collect();
+    let held = batch::still_held(&mut tx, host, &asked).await?;
+    let (rows, out) = held_receives(receives, &held, now);
+    batch::insert_subscriptions(&mut tx, &rows).await?;
+    changes.subscriptions.extend(
+        rows.iter()
+            .map(|(_, sub, _)| (sub.message_type.clone(), sub.correlation.clone())),
+    );
+    // As in `commit`: the routing locks after the rows.
+    lock_routes(&mut tx, [], changes.lock_types()).await?;
+    reroute(&mut tx, &changes, now).await?;
+    notify(&mut tx).await?;
+    commit(tx).await?;
+    Ok(out)
+}
