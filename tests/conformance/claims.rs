@@ -9,6 +9,7 @@ crate::backend_tests!(
     concurrent_claims_never_share_a_message,
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_point_giving_up_its_instance_releases_what_it_held_and_consumes_the_rest,
+    a_claim_says_whether_there_may_be_more,
 );
 
 // Taking over the claims and leases of a host that is gone, while other hosts run on the same
@@ -362,5 +363,78 @@ async fn a_heartbeat_renews_its_hosts_leases_and_release_gives_everything_up(db:
         again.iter().filter(|m| m.instance_id == x).count(),
         1,
         "its start message is claimed again"
+    );
+}
+
+/// A claim tells the host whether to claim again at once: a full claim may have left work
+/// behind, a claim that took all there was did not. (How full is full is the backend's own
+/// business; the host only reads `more`.)
+async fn a_claim_says_whether_there_may_be_more(db: TestDb) {
+    let store = db.store.clone();
+    let now = at(0);
+    store.recover("host-a", now).await.expect("recover");
+    let instances: Vec<_> = (0..5).map(|_| new_instance("order")).collect();
+    store
+        .start_instances(instances.clone(), None, now)
+        .await
+        .expect("start");
+
+    let first = store.claim_messages("host-a", now, 2).await.expect("claim");
+    assert_eq!(first.len(), 2);
+    assert!(
+        first.more,
+        "a claim of 2 that took 2 of 5 may have left more"
+    );
+    let rest = store
+        .claim_messages("host-a", now, 10)
+        .await
+        .expect("claim");
+    assert_eq!(rest.len(), 3);
+    assert!(!rest.more, "a claim of 10 that took the last 3 left none");
+    let none = store
+        .claim_messages("host-a", now, 10)
+        .await
+        .expect("claim");
+    assert!(none.is_empty() && !none.more);
+
+    // Timers likewise: five instances each wait for one.
+    let ids: Vec<_> = instances.iter().map(|i| i.id).collect();
+    let records = store
+        .acquire("host-a", &ids, now, at(30))
+        .await
+        .expect("acquire");
+    let seq_of = |id| {
+        first
+            .iter()
+            .chain(rest.iter())
+            .find(|m| m.instance_id == id)
+            .unwrap()
+            .seq
+    };
+    let points: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let mut p = point(r.id, r.epoch, "host-a", 1, now);
+            p.consumed = vec![seq_of(r.id)];
+            p.set_timers = vec![("t".into(), at(10))];
+            p.release = true;
+            p
+        })
+        .collect();
+    store.commit(&points).await.expect("commit");
+    let due = store
+        .claim_timers("host-a", at(20), 2)
+        .await
+        .expect("timers");
+    assert_eq!(due.len(), 2);
+    assert!(due.more, "a claim of 2 timers of 5 due may have left more");
+    let due = store
+        .claim_timers("host-a", at(20), 10)
+        .await
+        .expect("timers");
+    assert_eq!(due.len(), 3);
+    assert!(
+        !due.more,
+        "a claim of 10 timers that took the last 3 left none"
     );
 }

@@ -25,7 +25,7 @@ use super::eager::Handed;
 use super::instance::LiveInstance;
 use super::ports::Ports;
 use super::{Host, HostError, HostStats};
-use crate::store::{DueTimer, OutboxRow, Reason, StoreError, StoredMessage};
+use crate::store::{Claimed, DueTimer, OutboxRow, Reason, StoreError, StoredMessage};
 
 /// The host loop's state: the instances in memory and what it keeps between rounds.
 pub(super) struct Runner {
@@ -245,21 +245,18 @@ impl Runner {
                     }
                 }
             } else {
-                Vec::new()
+                Claimed::default()
             };
             (messages, timers)
         } else {
-            (Vec::new(), Vec::new())
+            (Claimed::default(), Claimed::default())
         };
         let mut points = Vec::new();
         let mut work: Vec<(Uuid, Work)> = self.take_held_starts(now, &mut points);
         let worked = !messages.is_empty() || !timers.is_empty() || !work.is_empty();
-        // A full batch: there may be more. Half a batch counts as full, as a PostgreSQL claim
-        // takes at most half a batch for instances the host holds and fills the rest with
-        // others' only as far as there are any. (Less is all there was; what is published since
+        // A full claim: there may be more. (Less is all there was; what is published since
         // wakes the host.)
-        let full = (batch as usize / 2).max(1);
-        if messages.len() >= full || timers.len() >= full {
+        if messages.more || timers.more {
             self.claim = true;
         }
 

@@ -155,7 +155,7 @@ impl MessageBox for FaultyStore {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<StoredMessage>> {
+    ) -> StoreResult<Claimed<StoredMessage>> {
         self.gate().await;
         self.inner.claim_messages(host, now, limit).await
     }
@@ -165,7 +165,7 @@ impl MessageBox for FaultyStore {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<DueTimer>> {
+    ) -> StoreResult<Claimed<DueTimer>> {
         self.gate().await;
         self.inner.claim_timers(host, now, limit).await
     }

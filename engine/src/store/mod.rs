@@ -225,7 +225,7 @@ pub trait MessageBox: Send + Sync + std::fmt::Debug {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<StoredMessage>>;
+    ) -> StoreResult<Claimed<StoredMessage>>;
 
     /// Claims up to `limit` timers due at `now` and locks them to `host`. A timer is claimed by
     /// one host at a time, and fires again after a crash until a point consumes it (G3).
@@ -234,7 +234,7 @@ pub trait MessageBox: Send + Sync + std::fmt::Debug {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<DueTimer>>;
+    ) -> StoreResult<Claimed<DueTimer>>;
 
     /// Takes the lease of each instance (owner, expiry, a new epoch) and loads it at its last
     /// persistence point. Instances another host holds are left out of the answer. The new epoch

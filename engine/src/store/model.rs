@@ -503,6 +503,47 @@ pub struct StoredMessage {
     pub delivery_count: i64,
 }
 
+/// What a claim took, and whether there may be more: the claim was as large as the backend
+/// takes at once, so the host claims again at once rather than waiting for a wake-up or its
+/// poll. How a backend fills a claim (PostgreSQL takes at most half for instances the host
+/// already holds) is its own business; the host goes by [`Claimed::more`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed<T> {
+    /// The rows claimed, locked to the host.
+    pub items: Vec<T>,
+    /// Whether the store may hold more to claim now.
+    pub more: bool,
+}
+
+impl<T> Claimed<T> {
+    /// A claim of `items`; `more` when the backend's claim was full.
+    pub fn new(items: Vec<T>, more: bool) -> Self {
+        Self { items, more }
+    }
+}
+
+impl<T> Default for Claimed<T> {
+    /// Nothing claimed, nothing more.
+    fn default() -> Self {
+        Self::new(Vec::new(), false)
+    }
+}
+
+impl<T> std::ops::Deref for Claimed<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.items
+    }
+}
+
+impl<T> IntoIterator for Claimed<T> {
+    type Item = T;
+    type IntoIter = std::vec::IntoIter<T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter()
+    }
+}
+
 /// A timer that is due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueTimer {
@@ -720,7 +761,7 @@ impl PersistencePoint {
     /// the unrouted messages they match), messages given back (released with a failure, or with
     /// the instance saved out of memory). A point that only sends, consumes and marks replies
     /// delivered leaves nothing to claim. Timers are followed apart, by their due time.
-    pub fn makes_claimable_work(&self) -> bool {
+    pub(crate) fn makes_claimable_work(&self) -> bool {
         !self.messages.is_empty()
             || !self.children.is_empty()
             || !self.failed.is_empty()

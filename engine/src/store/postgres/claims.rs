@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::connect::commit;
 use super::{col, col_json, col_word, map_err, uint, PostgresStore, Tx};
-use crate::store::{DueTimer, InstanceRecord, StoreResult, StoredMessage};
+use crate::store::{Claimed, DueTimer, InstanceRecord, StoreResult, StoredMessage};
 
 impl PostgresStore {
     fn learn_lease(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>) {
@@ -232,7 +232,7 @@ pub(super) async fn claim_messages(
     host: &str,
     now: DateTime<Utc>,
     limit: u32,
-) -> StoreResult<Vec<StoredMessage>> {
+) -> StoreResult<Claimed<StoredMessage>> {
     let rows = store.claim(&CLAIM_MESSAGES, host, now, limit).await?;
     let mut out = Vec::with_capacity(rows.len());
     let mut unreadable = Vec::new();
@@ -248,7 +248,10 @@ pub(super) async fn claim_messages(
         commit(tx).await?;
     }
     out.sort_by_key(|m| m.seq);
-    Ok(out)
+    // The claim takes at most half of `limit` for instances this host holds, and fills the
+    // rest with others' only as far as there are any: half a claim may be a full one.
+    let more = rows.len() >= limit.div_ceil(2).max(1) as usize;
+    Ok(Claimed::new(out, more))
 }
 
 /// [`MessageBox::claim_timers`](crate::store::MessageBox::claim_timers) on PostgreSQL.
@@ -257,7 +260,7 @@ pub(super) async fn claim_timers(
     host: &str,
     now: DateTime<Utc>,
     limit: u32,
-) -> StoreResult<Vec<DueTimer>> {
+) -> StoreResult<Claimed<DueTimer>> {
     let rows = store.claim(&CLAIM_TIMERS, host, now, limit).await?;
     let mut out = rows
         .iter()
@@ -270,7 +273,8 @@ pub(super) async fn claim_timers(
         })
         .collect::<StoreResult<Vec<_>>>()?;
     out.sort_by_key(|t| t.due_at);
-    Ok(out)
+    let more = rows.len() >= limit as usize;
+    Ok(Claimed::new(out, more))
 }
 
 /// [`MessageBox::acquire`](crate::store::MessageBox::acquire) on PostgreSQL.

@@ -38,7 +38,7 @@ impl MessageBox for PostgresStore {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<StoredMessage>> {
+    ) -> StoreResult<Claimed<StoredMessage>> {
         claims::claim_messages(self, host, now, limit).await
     }
 
@@ -47,7 +47,7 @@ impl MessageBox for PostgresStore {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<DueTimer>> {
+    ) -> StoreResult<Claimed<DueTimer>> {
         claims::claim_timers(self, host, now, limit).await
     }
 

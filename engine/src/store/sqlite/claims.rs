@@ -14,7 +14,7 @@ use super::{
     as_text, batch, col, col_json, col_ts, col_u32, col_uuid, col_uuid_opt, col_word, commit,
     map_err, ts, SqliteStore, Tx,
 };
-use crate::store::{DueTimer, InstanceRecord, StoreError, StoreResult, StoredMessage};
+use crate::store::{Claimed, DueTimer, InstanceRecord, StoreError, StoreResult, StoredMessage};
 
 impl SqliteStore {
     /// Runs a claim (`CLAIM_MESSAGES`, `CLAIM_TIMERS`) for `host` at `now`, of at most `limit`
@@ -190,7 +190,7 @@ pub(super) async fn claim_messages(
     host: &str,
     now: DateTime<Utc>,
     limit: u32,
-) -> StoreResult<Vec<StoredMessage>> {
+) -> StoreResult<Claimed<StoredMessage>> {
     let rows = store.claim(&CLAIM_MESSAGES, host, now, limit).await?;
     let mut out = Vec::with_capacity(rows.len());
     let mut unreadable = Vec::new();
@@ -206,7 +206,8 @@ pub(super) async fn claim_messages(
         commit(tx).await?;
     }
     out.sort_by_key(|m| m.seq);
-    Ok(out)
+    let more = rows.len() >= limit as usize;
+    Ok(Claimed::new(out, more))
 }
 
 pub(super) async fn claim_timers(
@@ -214,7 +215,7 @@ pub(super) async fn claim_timers(
     host: &str,
     now: DateTime<Utc>,
     limit: u32,
-) -> StoreResult<Vec<DueTimer>> {
+) -> StoreResult<Claimed<DueTimer>> {
     let rows = store.claim(&CLAIM_TIMERS, host, now, limit).await?;
     let mut out = Vec::with_capacity(rows.len());
     let mut unreadable = Vec::new();
@@ -246,7 +247,8 @@ pub(super) async fn claim_timers(
         commit(tx).await?;
     }
     out.sort_by_key(|t| t.due_at);
-    Ok(out)
+    let more = rows.len() >= limit as usize;
+    Ok(Claimed::new(out, more))
 }
 
 pub(super) async fn acquire(

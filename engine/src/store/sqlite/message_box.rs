@@ -35,7 +35,7 @@ impl MessageBox for SqliteStore {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<StoredMessage>> {
+    ) -> StoreResult<Claimed<StoredMessage>> {
         claims::claim_messages(self, host, now, limit).await
     }
 
@@ -44,7 +44,7 @@ impl MessageBox for SqliteStore {
         host: &str,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> StoreResult<Vec<DueTimer>> {
+    ) -> StoreResult<Claimed<DueTimer>> {
         claims::claim_timers(self, host, now, limit).await
     }
 
