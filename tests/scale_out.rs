@@ -258,11 +258,28 @@ async fn an_idle_host_wakes_on_notify_not_on_its_poll() {
         ],
         "warn",
     );
-    tokio::time::sleep(Duration::from_secs(1)).await; // let it start and go idle
+    // A warm-up instance first: once its first point is written the host is up and has claimed
+    // what there was; from then on only a notification (or the 30 s poll) makes it claim again.
+    let client = run.client();
+    let (_, warm_up) = client
+        .publish(
+            "approval.requested",
+            json!({"request_id": "warm-up", "approver": "x"}),
+            None,
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let cairn::store::PublishOutcome::Routed(warm_up) = warm_up else {
+        panic!("{warm_up:?}")
+    };
+    run.db
+        .wait_first_point(warm_up, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the claim after that point is done
     let mut latencies = Vec::new();
     for i in 0..5 {
         let started = Instant::now();
-        let client = run.client();
         let (_, outcome) = client
             .publish(
                 "approval.requested",
