@@ -18,15 +18,16 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use crate::store::model::SubscriptionChanges;
+use crate::store::plan::{CommitPlan, RunPlan, StoredSubscription, Written};
 use crate::store::routing::{Route, RouteCache};
-use crate::store::{FirstPoint, HeldStart, Holder, FIRST_EPOCH};
+use crate::store::{FirstPoint, HeldStart, Holder, OutboxRow, FIRST_EPOCH};
 
 use super::{
-    distinct_runs, find_route, insert_instance, int4, map_err, run_outcomes, subscribe_convoy,
-    uint, unroute, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
-    PersistencePoint, PublishOutcome, Reroute, StoreError, StoreResult, SubscriptionChanges, Tx,
+    find_route, insert_instance, int4, map_err, subscribe_convoy, uint, unroute, CommitOutcome,
+    MessageKind, NewInstance, NewMessage, NewSubscription, PersistencePoint, PublishOutcome,
+    Reroute, StoreError, StoreResult, Tx,
 };
-use crate::store::model::timer_writes;
 
 /// Writes `points` in order (all but their publishes, which the caller makes under the routing
 /// locks); a point whose epoch or owner moved is `Fenced` and writes nothing.
@@ -36,27 +37,20 @@ pub(super) async fn write_points(
     changes: &mut Reroute,
 ) -> StoreResult<Vec<CommitOutcome>> {
     let mut outcomes = Vec::with_capacity(points.len());
-    for run in distinct_runs(points) {
-        let Written {
+    for plan in CommitPlan::of(points).runs {
+        let Fenced {
             committed,
             stored,
             marked,
-        } = write_common(&mut **tx, run, false).await?;
-        let written: Vec<&PersistencePoint> = run
-            .iter()
-            .filter(|p| committed.contains(&p.instance_id))
-            .collect();
-        if !written.is_empty() {
+        } = write_common(&mut **tx, &plan, false).await?;
+        if !committed.is_empty() {
+            let written = plan.written(&committed);
             consume_reply_copies(tx, &written, &marked).await?;
             sync_subscriptions(tx, &written, stored, changes).await?;
-            let children: Vec<_> = written
-                .iter()
-                .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
-                .collect();
-            start_instances(&mut **tx, &children, None).await?;
+            start_instances(&mut **tx, &written.children, None).await?;
             write_timers(tx, &written).await?;
         }
-        outcomes.extend(run_outcomes(run, &committed));
+        outcomes.extend(plan.outcomes(&committed));
     }
     Ok(outcomes)
 }
@@ -73,19 +67,22 @@ pub(super) async fn write_alone(
     store: &super::PostgresStore,
     points: &[PersistencePoint],
 ) -> StoreResult<Option<Vec<CommitOutcome>>> {
-    // The cheap check first: `distinct_runs` hashes every point.
+    // The cheap check first: cutting the group into runs hashes every point.
     let alone = points
         .iter()
-        .all(|p| p.writes_only_common_parts() && !p.makes_claimable_work())
-        && distinct_runs(points).len() == 1;
+        .all(|p| p.writes_only_common_parts() && !p.makes_claimable_work());
     if !alone {
         return Ok(None);
     }
+    let CommitPlan { runs } = CommitPlan::of(points);
+    let [plan] = runs.as_slice() else {
+        return Ok(None);
+    };
     let mut conn = store.point_connection().await?;
-    let written = write_common(&mut *conn, points, true).await;
+    let written = write_common(&mut *conn, plan, true).await;
     conn.ended(&written);
     match written {
-        Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
+        Ok(written) => Ok(Some(plan.outcomes(&written.committed).collect())),
         Err(StoreError::Database { source: e, .. }) if raised(&e, NEEDS_TRANSACTION_CODE) => {
             Ok(None)
         }
@@ -122,7 +119,7 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 ///
 /// The parts are data-modifying `WITH` queries, each conditioned on the fence (`f`) and each
 /// writing rows no other part writes (a release leaves alone the messages the point consumes).
-/// Each starts from its rows' arrays (`UNNEST`), so that the plan, prepared once for any
+/// Each starts from its rows' arrays (`UNNEST`), so that the server's plan, prepared once for any
 /// arrays, looks rows up by key: a release written as `instance_id = ANY($34)` was planned as
 /// a scan of every routed message.
 ///
@@ -138,50 +135,47 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 /// all.
 async fn write_common(
     conn: impl PgExecutor<'_>,
-    run: &[PersistencePoint],
+    plan: &RunPlan<'_>,
     alone: bool,
-) -> StoreResult<Written> {
-    let column = |f: fn(&PersistencePoint) -> String| run.iter().map(f).collect::<Vec<_>>();
-    let ids: Vec<Uuid> = run.iter().map(|p| p.instance_id).collect();
-    let epochs: Vec<i64> = run.iter().map(|p| p.epoch).collect();
-    let timers: Vec<Option<DateTime<Utc>>> = run.iter().map(|p| p.next_timer_at).collect();
-    let ats: Vec<DateTime<Utc>> = run.iter().map(|p| p.at).collect();
-    let errors: Vec<Option<&str>> = run.iter().map(|p| p.last_error.as_deref()).collect();
-    let states: Vec<Option<&[u8]>> = run.iter().map(|p| p.state.as_deref()).collect();
-    let engine: Vec<Option<&[u8]>> = run.iter().map(|p| p.engine_state.as_deref()).collect();
-    let outputs: Vec<Option<String>> = run
+) -> StoreResult<Fenced> {
+    let points = &plan.points;
+    let column = |f: for<'p> fn(&'p PersistencePoint) -> &'p str| {
+        points.iter().map(|p| f(p)).collect::<Vec<_>>()
+    };
+    let ids: Vec<Uuid> = points.iter().map(|p| p.instance_id).collect();
+    let epochs: Vec<i64> = points.iter().map(|p| p.epoch).collect();
+    let timers: Vec<Option<DateTime<Utc>>> = points.iter().map(|p| p.next_timer_at).collect();
+    let ats: Vec<DateTime<Utc>> = points.iter().map(|p| p.at).collect();
+    let errors: Vec<Option<&str>> = points.iter().map(|p| p.last_error.as_deref()).collect();
+    let states: Vec<Option<&[u8]>> = points.iter().map(|p| p.state.as_deref()).collect();
+    let engine: Vec<Option<&[u8]>> = points.iter().map(|p| p.engine_state.as_deref()).collect();
+    let outputs: Vec<Option<String>> = points
         .iter()
         .map(|p| p.output.as_ref().map(|o| o.to_string()))
         .collect();
-    let seqs: Vec<i64> = run.iter().map(|p| p.history_seq).collect();
-    let releases: Vec<bool> = run.iter().map(|p| p.release).collect();
-    let resumable: Vec<bool> = run.iter().map(|p| p.resumable).collect();
-    let consumed = Consumed::of(run);
-    let sends = Sends::of(run);
-    let delivered = Delivered::of(run);
-    let giving: Vec<Uuid> = run
-        .iter()
-        .filter(|p| p.subscriptions.is_some())
-        .map(|p| p.instance_id)
-        .collect();
-    let released: Vec<Uuid> = run
-        .iter()
-        .filter(|p| p.release)
-        .map(|p| p.instance_id)
-        .collect();
-    let failed: Vec<i64> = run
-        .iter()
-        .filter(|p| p.release)
-        .flat_map(|p| p.failed.iter().copied())
-        .collect();
-    let shape = Shape::of(run, alone);
+    let seqs: Vec<i64> = points.iter().map(|p| p.history_seq).collect();
+    let releases: Vec<bool> = points.iter().map(|p| p.release).collect();
+    let resumable: Vec<bool> = points.iter().map(|p| p.resumable).collect();
+    let consumed = (
+        plan.consumed
+            .iter()
+            .map(|r| r.instance())
+            .collect::<Vec<_>>(),
+        plan.consumed.iter().map(|r| r.row).collect::<Vec<_>>(),
+    );
+    let sends = &plan.sends;
+    let send = |f: for<'p> fn(&'p OutboxRow) -> &'p str| {
+        sends.iter().map(|r| f(r.row)).collect::<Vec<_>>()
+    };
+    let delivered = &plan.delivered;
+    let shape = Shape::of(plan, alone);
     let mut query = sqlx::query_as(common_statement(shape))
         .bind(&ids)
         .bind(&epochs)
-        .bind(column(|p| p.host.clone()))
-        .bind(column(|p| p.status.as_str().to_owned()))
-        .bind(column(|p| p.step.clone()))
-        .bind(column(|p| p.waiting_for.clone()))
+        .bind(column(|p| &p.host))
+        .bind(column(|p| p.status.as_str()))
+        .bind(column(|p| &p.step))
+        .bind(column(|p| &p.waiting_for))
         .bind(&timers)
         .bind(&ats)
         .bind(&errors)
@@ -191,50 +185,89 @@ async fn write_common(
         .bind(&seqs)
         .bind(&releases)
         .bind(&resumable)
-        .bind(&consumed.instances)
-        .bind(&consumed.seqs)
-        .bind(&consumed.ats)
-        .bind(&sends.ids)
-        .bind(&sends.instances)
-        .bind(&sends.ports)
-        .bind(&sends.types)
-        .bind(&sends.bodies)
-        .bind(&sends.expects_reply)
-        .bind(&sends.ats)
-        .bind(&sends.hosts)
-        .bind(&sends.lock_until)
-        .bind(&delivered.ids)
-        .bind(&delivered.ats)
-        .bind(&delivered.instances)
-        .bind(column(|p| p.reason.as_str().to_owned()))
-        .bind(run.iter().map(|p| p.detail.as_deref()).collect::<Vec<_>>())
-        .bind(&giving)
-        .bind(&released)
-        .bind(&failed)
+        .bind(&consumed.0)
+        .bind(&consumed.1)
+        .bind(plan.consumed.iter().map(|r| r.at()).collect::<Vec<_>>())
+        .bind(send(|row| &row.id))
+        .bind(sends.iter().map(|r| r.instance()).collect::<Vec<_>>())
+        .bind(send(|row| &row.port))
+        .bind(send(|row| &row.message_type))
+        .bind(
+            sends
+                .iter()
+                .map(|r| r.row.body.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            sends
+                .iter()
+                .map(|r| r.row.expects_reply)
+                .collect::<Vec<_>>(),
+        )
+        .bind(sends.iter().map(|r| r.at()).collect::<Vec<_>>())
+        .bind(
+            sends
+                .iter()
+                .map(|r| r.point.host.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            sends
+                .iter()
+                .map(|r| r.point.outbox_lock_until)
+                .collect::<Vec<_>>(),
+        )
+        .bind(delivered.iter().map(|r| r.row).collect::<Vec<_>>())
+        .bind(delivered.iter().map(|r| r.at()).collect::<Vec<_>>())
+        .bind(delivered.iter().map(|r| r.instance()).collect::<Vec<_>>())
+        .bind(column(|p| p.reason.as_str()))
+        .bind(
+            points
+                .iter()
+                .map(|p| p.detail.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.giving
+                .iter()
+                .map(|p| p.instance_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.released
+                .iter()
+                .map(|p| p.instance_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(plan.failed.iter().map(|r| r.row).collect::<Vec<_>>())
         .bind(NOT_ROUTED)
         .bind(NEEDS_TRANSACTION);
     if shape.has(Shape::FIRST) {
         // One entry per point, as the point's own arrays: NULL for a point that starts nothing.
         let firsts = |f: fn(&FirstPoint) -> String| {
-            run.iter()
+            points
+                .iter()
                 .map(|p| p.start.as_deref().map(f))
                 .collect::<Vec<_>>()
         };
         query = query
             .bind(firsts(|f| f.instance.orchestration.clone()))
             .bind(
-                run.iter()
-                    .map(|p| p.start.as_ref().map(|f| int4(f.instance.version)))
+                points
+                    .iter()
+                    .map(|p| p.start.as_deref().map(|f| int4(f.instance.version)))
                     .collect::<Vec<_>>(),
             )
             .bind(
-                run.iter()
-                    .map(|p| p.start.as_ref().and_then(|f| f.instance.parent))
+                points
+                    .iter()
+                    .map(|p| p.start.as_deref().and_then(|f| f.instance.parent))
                     .collect::<Vec<_>>(),
             )
             .bind(
-                run.iter()
-                    .map(|p| p.start.as_ref().map(|f| f.lease_until))
+                points
+                    .iter()
+                    .map(|p| p.start.as_deref().map(|f| f.lease_until))
                     .collect::<Vec<_>>(),
             )
             .bind(firsts(|f| f.instance.start_message_id()))
@@ -247,7 +280,7 @@ async fn write_common(
             .await
             .map_err(|e| match map_err("write common", e) {
                 StoreError::Database { source: e, .. } if raised(&e, NOT_ROUTED_CODE) => {
-                    let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
+                    let consumed: Vec<_> = consumed.0.iter().zip(&consumed.1).collect();
                     StoreError::Corrupt(format!(
                 "persistence points consumed messages {consumed:?} (instance, seq), not all \
                  routed to their instance (consumed twice?)"
@@ -256,7 +289,7 @@ async fn write_common(
                 other => other,
             })?;
 
-    let mut committed = HashSet::with_capacity(run.len());
+    let mut committed = HashSet::with_capacity(points.len());
     let mut stored = Vec::new();
     let mut marked = HashSet::new();
     for (part, instance, sub, text) in rows {
@@ -278,7 +311,7 @@ async fn write_common(
             }
         }
     }
-    Ok(Written {
+    Ok(Fenced {
         committed,
         stored,
         marked,
@@ -311,17 +344,16 @@ impl Shape {
     /// How many shapes there are.
     const COUNT: usize = 1 << 7;
 
-    /// The shape of `run`'s statement: the parts some point of it writes, and whether it is
-    /// written `alone`.
-    pub(super) fn of(run: &[PersistencePoint], alone: bool) -> Self {
-        let any = |f: fn(&PersistencePoint) -> bool| run.iter().any(f);
+    /// The shape of a run's statement: the parts its `plan` writes, and whether it is written
+    /// `alone`.
+    pub(super) fn of(plan: &RunPlan<'_>, alone: bool) -> Self {
         [
-            (any(|p| p.start.is_some()), Shape::FIRST),
-            (any(|p| !p.consumed.is_empty()), Shape::CONSUMES),
-            (any(|p| !p.outbox.is_empty()), Shape::SENDS),
-            (any(|p| !p.delivered.is_empty()), Shape::DELIVERS),
-            (any(|p| p.release), Shape::RELEASES),
-            (any(|p| p.subscriptions.is_some()), Shape::GIVES),
+            (!plan.firsts.is_empty(), Shape::FIRST),
+            (!plan.consumed.is_empty(), Shape::CONSUMES),
+            (!plan.sends.is_empty(), Shape::SENDS),
+            (!plan.delivered.is_empty(), Shape::DELIVERS),
+            (!plan.released.is_empty(), Shape::RELEASES),
+            (!plan.giving.is_empty(), Shape::GIVES),
             (alone, Shape::ALONE),
         ]
         .into_iter()
@@ -504,11 +536,11 @@ const FIRST_PARTS: &str = "n AS ( \
 type WrittenRow = (String, Option<Uuid>, Option<Uuid>, Option<String>);
 
 /// What [`write_common`] wrote and read.
-struct Written {
+struct Fenced {
     /// The instances whose points were written.
     committed: HashSet<Uuid>,
     /// The subscriptions stored for the points that give their set.
-    stored: Vec<(Uuid, Uuid, String)>,
+    stored: Vec<StoredSubscription>,
     /// The requests whose outbox rows the points marked delivered (the others were delivered
     /// already, by another host, which may have stored a copy of the reply).
     marked: HashSet<String>,
@@ -522,15 +554,13 @@ struct Written {
 /// statement sees what was committed before it began.
 async fn consume_reply_copies(
     tx: &mut Tx,
-    written: &[&PersistencePoint],
+    written: &Written<'_>,
     marked: &HashSet<String>,
 ) -> StoreResult<()> {
     let (mut ids, mut ats) = (Vec::new(), Vec::new());
-    for p in written {
-        for id in p.delivered.iter().filter(|id| !marked.contains(*id)) {
-            ids.push(id.as_str());
-            ats.push(p.at);
-        }
+    for r in written.delivered.iter().filter(|r| !marked.contains(r.row)) {
+        ids.push(r.row);
+        ats.push(r.at());
     }
     if ids.is_empty() {
         return Ok(());
@@ -548,89 +578,9 @@ async fn consume_reply_copies(
     Ok(())
 }
 
-/// The messages a run's points consumed, as columns.
-#[derive(Default)]
-struct Consumed {
-    instances: Vec<Uuid>,
-    seqs: Vec<i64>,
-    ats: Vec<DateTime<Utc>>,
-}
-
-impl Consumed {
-    fn of(run: &[PersistencePoint]) -> Self {
-        let mut c = Consumed::default();
-        for p in run {
-            for seq in &p.consumed {
-                c.instances.push(p.instance_id);
-                c.seqs.push(*seq);
-                c.ats.push(p.at);
-            }
-        }
-        c
-    }
-}
-
-/// A run's sends, as columns; each is locked to the writing host for delivery right after
-/// commit.
-#[derive(Default)]
-struct Sends {
-    ids: Vec<String>,
-    instances: Vec<Uuid>,
-    ports: Vec<String>,
-    types: Vec<String>,
-    bodies: Vec<String>,
-    expects_reply: Vec<bool>,
-    ats: Vec<DateTime<Utc>>,
-    hosts: Vec<String>,
-    lock_until: Vec<DateTime<Utc>>,
-}
-
-impl Sends {
-    fn of(run: &[PersistencePoint]) -> Self {
-        let mut s = Sends::default();
-        for p in run {
-            for row in &p.outbox {
-                s.ids.push(row.id.clone());
-                s.instances.push(p.instance_id);
-                s.ports.push(row.port.clone());
-                s.types.push(row.message_type.clone());
-                s.bodies.push(row.body.to_string());
-                s.expects_reply.push(row.expects_reply);
-                s.ats.push(p.at);
-                s.hosts.push(p.host.clone());
-                s.lock_until.push(p.outbox_lock_until);
-            }
-        }
-        s
-    }
-}
-
-/// Requests whose replies a run's points took in memory, as columns: they are marked
-/// delivered.
-#[derive(Default)]
-struct Delivered<'a> {
-    ids: Vec<&'a str>,
-    ats: Vec<DateTime<Utc>>,
-    instances: Vec<Uuid>,
-}
-
-impl<'a> Delivered<'a> {
-    fn of(run: &'a [PersistencePoint]) -> Self {
-        let mut d = Delivered::default();
-        for p in run {
-            for id in &p.delivered {
-                d.ids.push(id.as_str());
-                d.ats.push(p.at);
-                d.instances.push(p.instance_id);
-            }
-        }
-        d
-    }
-}
-
-/// Timers the points cancelled, fired or set ([`timer_writes`]).
-async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let (cancelled, set) = timer_writes(written);
+/// Timers the points cancelled, fired or set.
+async fn write_timers(tx: &mut Tx, written: &Written<'_>) -> StoreResult<()> {
+    let (cancelled, set) = (&written.cancelled_timers, &written.set_timers);
     if !cancelled.is_empty() {
         sqlx::query(
             "DELETE FROM timers t USING UNNEST($1::uuid[], $2::text[]) AS c(instance_id, name) \
@@ -664,19 +614,14 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
 /// `stored` is what [`write_common`] read.
 async fn sync_subscriptions(
     tx: &mut Tx,
-    written: &[&PersistencePoint],
-    stored: Vec<(Uuid, Uuid, String)>,
+    written: &Written<'_>,
+    stored: Vec<StoredSubscription>,
     changes: &mut Reroute,
 ) -> StoreResult<()> {
-    let giving: Vec<&PersistencePoint> = written
-        .iter()
-        .copied()
-        .filter(|p| p.subscriptions.is_some())
-        .collect();
-    if giving.is_empty() {
+    if written.giving.is_empty() {
         return Ok(());
     }
-    let SubscriptionChanges { removed, added } = SubscriptionChanges::between(&giving, stored);
+    let SubscriptionChanges { removed, added } = written.subscription_changes(stored);
     changes
         .cancelled_types
         .extend(removed.iter().map(|(_, message_type)| message_type.clone()));
@@ -1200,7 +1145,7 @@ mod tests {
                 group.push(f);
             }
             group.push(p);
-            assert_eq!(Shape::of(&group, alone), shape);
+            assert_eq!(Shape::of(&CommitPlan::of(&group).runs[0], alone), shape);
             let out = if alone {
                 write_alone(&store, &group)
                     .await
