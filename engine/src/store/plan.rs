@@ -25,6 +25,7 @@ use super::model::{
     distinct_runs, run_outcomes, timer_writes, CommitOutcome, FirstPoint, NewInstance, NewMessage,
     OutboxRow, PersistencePoint, SubscriptionChanges, TimerDue, TimerName,
 };
+use super::StoreError;
 
 /// A subscription row stored for an instance, as read back: (instance, subscription, message
 /// type).
@@ -66,6 +67,13 @@ impl<'a> CommitPlan<'a> {
         CommitPlan {
             runs: distinct_runs(points).into_iter().map(RunPlan::of).collect(),
         }
+    }
+
+    /// The plan of `points` if they make one run (at most one point per instance), for a
+    /// backend that writes such a group in one round trip; `None` otherwise.
+    pub(crate) fn single(points: &'a [PersistencePoint]) -> Option<RunPlan<'a>> {
+        let mut runs = distinct_runs(points);
+        (runs.len() == 1).then(|| RunPlan::of(runs.remove(0)))
     }
 }
 
@@ -236,6 +244,16 @@ impl<'a> Written<'a> {
     ) -> SubscriptionChanges<'a> {
         SubscriptionChanges::between(&self.giving, stored)
     }
+}
+
+/// The error for points that consumed messages (`consumed`, or a statement's share of them)
+/// not all routed to their instance: the store holds what the engine cannot have written.
+pub(crate) fn not_routed(consumed: &[Row<'_, i64>]) -> StoreError {
+    let consumed: Vec<(Uuid, i64)> = consumed.iter().map(|r| (r.instance(), r.row)).collect();
+    StoreError::Corrupt(format!(
+        "persistence points consumed messages {consumed:?} (instance, seq), not all routed to \
+         their instance (consumed twice?)"
+    ))
 }
 
 #[cfg(test)]

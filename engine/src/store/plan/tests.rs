@@ -106,6 +106,10 @@ fn a_group_is_cut_into_runs_where_an_instance_has_a_second_point() {
     assert_eq!(runs, [vec![(a, 1), (b, 1)], vec![(a, 2), (c, 1)]]);
     assert_eq!(plan.runs[1].run.len(), 2);
     assert!(CommitPlan::of(&[]).runs.is_empty());
+    assert!(CommitPlan::single(&group).is_none(), "two runs are not one");
+    assert!(CommitPlan::single(&[]).is_none());
+    let single = CommitPlan::single(&group[..2]).expect("one run");
+    assert_eq!(ids(&single.points), [a, b]);
 }
 
 #[test]

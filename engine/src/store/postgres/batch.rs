@@ -19,7 +19,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::store::model::SubscriptionChanges;
-use crate::store::plan::{CommitPlan, RunPlan, StoredSubscription, Written};
+use crate::store::plan::{not_routed, CommitPlan, RunPlan, StoredSubscription, Written};
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{FirstPoint, HeldStart, Holder, OutboxRow, FIRST_EPOCH};
 
@@ -74,12 +74,11 @@ pub(super) async fn write_alone(
     if !alone {
         return Ok(None);
     }
-    let CommitPlan { runs } = CommitPlan::of(points);
-    let [plan] = runs.as_slice() else {
+    let Some(plan) = CommitPlan::single(points) else {
         return Ok(None);
     };
     let mut conn = store.point_connection().await?;
-    let written = write_common(&mut *conn, plan, true).await;
+    let written = write_common(&mut *conn, &plan, true).await;
     conn.ended(&written);
     match written {
         Ok(written) => Ok(Some(plan.outcomes(&written.committed).collect())),
@@ -156,13 +155,6 @@ async fn write_common(
     let seqs: Vec<i64> = points.iter().map(|p| p.history_seq).collect();
     let releases: Vec<bool> = points.iter().map(|p| p.release).collect();
     let resumable: Vec<bool> = points.iter().map(|p| p.resumable).collect();
-    let consumed = (
-        plan.consumed
-            .iter()
-            .map(|r| r.instance())
-            .collect::<Vec<_>>(),
-        plan.consumed.iter().map(|r| r.row).collect::<Vec<_>>(),
-    );
     let sends = &plan.sends;
     let send = |f: for<'p> fn(&'p OutboxRow) -> &'p str| {
         sends.iter().map(|r| f(r.row)).collect::<Vec<_>>()
@@ -185,8 +177,13 @@ async fn write_common(
         .bind(&seqs)
         .bind(&releases)
         .bind(&resumable)
-        .bind(&consumed.0)
-        .bind(&consumed.1)
+        .bind(
+            plan.consumed
+                .iter()
+                .map(|r| r.instance())
+                .collect::<Vec<_>>(),
+        )
+        .bind(plan.consumed.iter().map(|r| r.row).collect::<Vec<_>>())
         .bind(plan.consumed.iter().map(|r| r.at()).collect::<Vec<_>>())
         .bind(send(|row| &row.id))
         .bind(sends.iter().map(|r| r.instance()).collect::<Vec<_>>())
@@ -280,11 +277,7 @@ async fn write_common(
             .await
             .map_err(|e| match map_err("write common", e) {
                 StoreError::Database { source: e, .. } if raised(&e, NOT_ROUTED_CODE) => {
-                    let consumed: Vec<_> = consumed.0.iter().zip(&consumed.1).collect();
-                    StoreError::Corrupt(format!(
-                "persistence points consumed messages {consumed:?} (instance, seq), not all \
-                 routed to their instance (consumed twice?)"
-            ))
+                    not_routed(&plan.consumed)
                 }
                 other => other,
             })?;

@@ -23,7 +23,7 @@ use sqlx::{Either, Executor, QueryBuilder, Sqlite, SqliteConnection};
 
 use uuid::Uuid;
 
-use crate::store::plan::{CommitPlan, Row, RunPlan, StoredSubscription, Written};
+use crate::store::plan::{not_routed, CommitPlan, Row, RunPlan, StoredSubscription, Written};
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, OutboxRow, FIRST_EPOCH};
 
@@ -227,16 +227,15 @@ pub(super) async fn write_alone(
     if !alone {
         return Ok(None);
     }
-    let CommitPlan { runs } = CommitPlan::of(points);
-    let [plan] = runs.as_slice() else {
+    let Some(plan) = CommitPlan::single(points) else {
         return Ok(None);
     };
     let Some(conn) = writer.alone().await? else {
         return Ok(None);
     };
     let mut script = Script::transaction();
-    push_first_points(&mut script, plan);
-    let common = push_common(&mut script, plan, Fenced::Alone);
+    push_first_points(&mut script, &plan);
+    let common = push_common(&mut script, &plan, Fenced::Alone);
     let results = match script.run_alone(conn).await {
         Ok(results) => results,
         Err(e) if failed_check(&e) => return Ok(None),
@@ -323,12 +322,7 @@ fn push_common<'a>(script: &mut Script<'a>, plan: &RunPlan<'a>, fenced: Fenced) 
     mark_delivered(script, &plan.delivered, in_sql);
     insert_history(script, &plan.points, in_sql);
     release(script, plan, in_sql);
-    let mut reads = Vec::new();
-    if fenced == Fenced::Alone {
-        push_none_subscribed(script, &plan.giving);
-    } else {
-        reads = push_read_subscriptions(script, &plan.giving, in_sql);
-    }
+    let reads = push_read_subscriptions(script, &plan.giving, fenced);
     if in_sql {
         script.next(0).push("DELETE FROM fenced");
     }
@@ -380,15 +374,6 @@ fn check_consumed(
         }
     }
     Ok(())
-}
-
-/// The error for points that consumed messages not all routed to their instance.
-fn not_routed(consumed: &[Row<'_, i64>]) -> StoreError {
-    let consumed: Vec<(Uuid, i64)> = consumed.iter().map(|r| (r.instance(), r.row)).collect();
-    StoreError::Corrupt(format!(
-        "persistence points consumed messages {consumed:?} (instance, seq), not all routed to \
-         their instance (consumed twice?)"
-    ))
 }
 
 /// Whether `err` is a check made in SQL failing (the temporary table `checks`).
@@ -808,42 +793,37 @@ async fn sync_subscriptions(
     insert_subscriptions(tx, &changes.added).await
 }
 
-/// Checks that no subscription is stored for the fenced points that give their set, all of
-/// them an empty one ([`Fenced::Alone`]): giving it then changes nothing.
-fn push_none_subscribed(script: &mut Script<'_>, giving: &[&PersistencePoint]) {
-    let giving: Vec<String> = giving.iter().map(|p| p.instance_id.to_string()).collect();
-    for chunk in giving.chunks(ROWS_PER_STATEMENT) {
-        let q = script.next(chunk.len());
-        q.push(
-            "INSERT INTO checks (ok) SELECT NOT EXISTS (SELECT 1 FROM subscriptions \
-             WHERE instance_id IN (",
-        );
-        let mut list = q.separated(", ");
-        for id in chunk {
-            list.push_bind(id.clone());
-        }
-        q.push(")").push(only_fenced(true, "instance_id")).push(")");
-    }
-}
-
 /// Reads the subscriptions stored for the fenced points that give their set: the positions of
-/// its statements.
+/// its statements. For [`Fenced::Alone`], whose points all give an empty set, checks instead
+/// that none is stored (giving it then changes nothing), and reads nothing.
 fn push_read_subscriptions(
     script: &mut Script<'_>,
     giving: &[&PersistencePoint],
-    in_sql: bool,
+    fenced: Fenced,
 ) -> Vec<usize> {
+    let (read, in_sql) = (fenced != Fenced::Alone, fenced != Fenced::Before);
     let giving: Vec<String> = giving.iter().map(|p| p.instance_id.to_string()).collect();
     let mut positions = Vec::new();
     for chunk in giving.chunks(ROWS_PER_STATEMENT) {
-        positions.push(script.position());
+        positions.extend(read.then(|| script.position()));
         let q = script.next(chunk.len());
-        q.push("SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN (");
+        q.push(match read {
+            true => {
+                "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN ("
+            }
+            false => {
+                "INSERT INTO checks (ok) SELECT NOT EXISTS (SELECT 1 FROM subscriptions \
+                      WHERE instance_id IN ("
+            }
+        });
         let mut list = q.separated(", ");
         for id in chunk {
             list.push_bind(id.clone());
         }
         q.push(")").push(only_fenced(in_sql, "instance_id"));
+        if !read {
+            q.push(")");
+        }
     }
     positions
 }
