@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::store::model::SubscriptionChanges;
 use crate::store::plan::{not_routed, CommitPlan, RunPlan, StoredSubscription, Written};
 use crate::store::routing::{Route, RouteCache};
-use crate::store::{FirstPoint, HeldStart, Holder, OutboxRow, FIRST_EPOCH};
+use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
 use super::{
     find_route, insert_instance, int4, map_err, subscribe_convoy, uint, unroute, CommitOutcome,
@@ -137,139 +137,67 @@ async fn write_common(
     plan: &RunPlan<'_>,
     alone: bool,
 ) -> StoreResult<Fenced> {
-    let points = &plan.points;
-    let column = |f: for<'p> fn(&'p PersistencePoint) -> &'p str| {
-        points.iter().map(|p| f(p)).collect::<Vec<_>>()
-    };
-    let ids: Vec<Uuid> = points.iter().map(|p| p.instance_id).collect();
-    let epochs: Vec<i64> = points.iter().map(|p| p.epoch).collect();
-    let timers: Vec<Option<DateTime<Utc>>> = points.iter().map(|p| p.next_timer_at).collect();
-    let ats: Vec<DateTime<Utc>> = points.iter().map(|p| p.at).collect();
-    let errors: Vec<Option<&str>> = points.iter().map(|p| p.last_error.as_deref()).collect();
-    let states: Vec<Option<&[u8]>> = points.iter().map(|p| p.state.as_deref()).collect();
-    let engine: Vec<Option<&[u8]>> = points.iter().map(|p| p.engine_state.as_deref()).collect();
-    let outputs: Vec<Option<String>> = points
-        .iter()
-        .map(|p| p.output.as_ref().map(|o| o.to_string()))
-        .collect();
-    let seqs: Vec<i64> = points.iter().map(|p| p.history_seq).collect();
-    let releases: Vec<bool> = points.iter().map(|p| p.release).collect();
-    let resumable: Vec<bool> = points.iter().map(|p| p.resumable).collect();
-    let sends = &plan.sends;
-    let send = |f: for<'p> fn(&'p OutboxRow) -> &'p str| {
-        sends.iter().map(|r| f(r.row)).collect::<Vec<_>>()
-    };
-    let delivered = &plan.delivered;
+    let (points, sends, delivered) = (&plan.points, &plan.sends, &plan.delivered);
     let shape = Shape::of(plan, alone);
     let mut query = sqlx::query_as(common_statement(shape))
-        .bind(&ids)
-        .bind(&epochs)
-        .bind(column(|p| &p.host))
-        .bind(column(|p| p.status.as_str()))
-        .bind(column(|p| &p.step))
-        .bind(column(|p| &p.waiting_for))
-        .bind(&timers)
-        .bind(&ats)
-        .bind(&errors)
-        .bind(&states)
-        .bind(&engine)
-        .bind(&outputs)
-        .bind(&seqs)
-        .bind(&releases)
-        .bind(&resumable)
-        .bind(
-            plan.consumed
-                .iter()
-                .map(|r| r.instance())
-                .collect::<Vec<_>>(),
-        )
-        .bind(plan.consumed.iter().map(|r| r.row).collect::<Vec<_>>())
-        .bind(plan.consumed.iter().map(|r| r.at()).collect::<Vec<_>>())
-        .bind(send(|row| &row.id))
-        .bind(sends.iter().map(|r| r.instance()).collect::<Vec<_>>())
-        .bind(send(|row| &row.port))
-        .bind(send(|row| &row.message_type))
-        .bind(
-            sends
-                .iter()
-                .map(|r| r.row.body.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            sends
-                .iter()
-                .map(|r| r.row.expects_reply)
-                .collect::<Vec<_>>(),
-        )
-        .bind(sends.iter().map(|r| r.at()).collect::<Vec<_>>())
-        .bind(
-            sends
-                .iter()
-                .map(|r| r.point.host.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            sends
-                .iter()
-                .map(|r| r.point.outbox_lock_until)
-                .collect::<Vec<_>>(),
-        )
-        .bind(delivered.iter().map(|r| r.row).collect::<Vec<_>>())
-        .bind(delivered.iter().map(|r| r.at()).collect::<Vec<_>>())
-        .bind(delivered.iter().map(|r| r.instance()).collect::<Vec<_>>())
-        .bind(column(|p| p.reason.as_str()))
-        .bind(
-            points
-                .iter()
-                .map(|p| p.detail.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            plan.giving
-                .iter()
-                .map(|p| p.instance_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            plan.released
-                .iter()
-                .map(|p| p.instance_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(plan.failed.iter().map(|r| r.row).collect::<Vec<_>>())
+        .bind(column(points, |p| p.instance_id))
+        .bind(column(points, |p| p.epoch))
+        .bind(column(points, |p| p.host.as_str()))
+        .bind(column(points, |p| p.status.as_str()))
+        .bind(column(points, |p| p.step.as_str()))
+        .bind(column(points, |p| p.waiting_for.as_str()))
+        .bind(column(points, |p| p.next_timer_at))
+        .bind(column(points, |p| p.at))
+        .bind(column(points, |p| p.last_error.as_deref()))
+        .bind(column(points, |p| p.state.as_deref()))
+        .bind(column(points, |p| p.engine_state.as_deref()))
+        .bind(column(points, |p| p.output.as_ref().map(|o| o.to_string())))
+        .bind(column(points, |p| p.history_seq))
+        .bind(column(points, |p| p.release))
+        .bind(column(points, |p| p.resumable))
+        .bind(column(&plan.consumed, |r| r.instance()))
+        .bind(column(&plan.consumed, |r| r.row))
+        .bind(column(&plan.consumed, |r| r.at()))
+        .bind(column(sends, |r| r.row.id.as_str()))
+        .bind(column(sends, |r| r.instance()))
+        .bind(column(sends, |r| r.row.port.as_str()))
+        .bind(column(sends, |r| r.row.message_type.as_str()))
+        .bind(column(sends, |r| r.row.body.to_string()))
+        .bind(column(sends, |r| r.row.expects_reply))
+        .bind(column(sends, |r| r.at()))
+        .bind(column(sends, |r| r.point.host.as_str()))
+        .bind(column(sends, |r| r.point.outbox_lock_until))
+        .bind(column(delivered, |r| r.row))
+        .bind(column(delivered, |r| r.at()))
+        .bind(column(delivered, |r| r.instance()))
+        .bind(column(points, |p| p.reason.as_str()))
+        .bind(column(points, |p| p.detail.as_deref()))
+        .bind(column(&plan.giving, |p| p.instance_id))
+        .bind(column(&plan.released, |p| p.instance_id))
+        .bind(column(&plan.failed, |r| r.row))
         .bind(NOT_ROUTED)
         .bind(NEEDS_TRANSACTION);
     if shape.has(Shape::FIRST) {
         // One entry per point, as the point's own arrays: NULL for a point that starts nothing.
-        let firsts = |f: fn(&FirstPoint) -> String| {
-            points
-                .iter()
-                .map(|p| p.start.as_deref().map(f))
-                .collect::<Vec<_>>()
-        };
+        fn first<'p>(p: &&'p PersistencePoint) -> Option<&'p NewInstance> {
+            p.start.as_deref().map(|f| &f.instance)
+        }
         query = query
-            .bind(firsts(|f| f.instance.orchestration.clone()))
-            .bind(
-                points
-                    .iter()
-                    .map(|p| p.start.as_deref().map(|f| int4(f.instance.version)))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                points
-                    .iter()
-                    .map(|p| p.start.as_deref().and_then(|f| f.instance.parent))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                points
-                    .iter()
-                    .map(|p| p.start.as_deref().map(|f| f.lease_until))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(firsts(|f| f.instance.start_message_id()))
-            .bind(firsts(|f| f.instance.start_message_type()))
-            .bind(firsts(|f| f.instance.input.to_string()));
+            .bind(column(points, |p| {
+                first(p).map(|i| i.orchestration.as_str())
+            }))
+            .bind(column(points, |p| first(p).map(|i| int4(i.version))))
+            .bind(column(points, |p| first(p).and_then(|i| i.parent)))
+            .bind(column(points, |p| {
+                p.start.as_deref().map(|f| f.lease_until)
+            }))
+            .bind(column(points, |p| {
+                first(p).map(NewInstance::start_message_id)
+            }))
+            .bind(column(points, |p| {
+                first(p).map(NewInstance::start_message_type)
+            }))
+            .bind(column(points, |p| first(p).map(|i| i.input.to_string())));
     }
     let rows: Vec<WrittenRow> =
         query
@@ -309,6 +237,11 @@ async fn write_common(
         stored,
         marked,
     })
+}
+
+/// One column of `rows`, to bind as an array.
+fn column<'r, R, T>(rows: &'r [R], f: impl Fn(&'r R) -> T) -> Vec<T> {
+    rows.iter().map(f).collect()
 }
 
 /// The optional parts of [`write_common`]'s statement. A run's statement carries only the parts
@@ -1011,7 +944,9 @@ mod tests {
 
     use super::super::tests::{at, fresh, new_instance, point};
     use super::*;
-    use crate::store::{InstanceStatus, Maintenance, MessageBox, OutboxRow, SubscriptionRow};
+    use crate::store::{
+        FirstPoint, InstanceStatus, Maintenance, MessageBox, OutboxRow, SubscriptionRow,
+    };
     use crate::Correlation;
 
     fn send(id: String, instance_id: Uuid) -> OutboxRow {
