@@ -33,6 +33,7 @@
 
 pub mod faulty;
 mod model;
+mod plan;
 pub mod postgres;
 mod routing;
 pub mod sqlite;

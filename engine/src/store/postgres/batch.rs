@@ -18,16 +18,16 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use crate::store::model::SubscriptionChanges;
+use crate::store::plan::{not_routed, CommitPlan, RunPlan, StoredSubscription, Written};
 use crate::store::routing::{Route, RouteCache};
-use crate::store::{FirstPoint, HeldStart, Holder, FIRST_EPOCH};
+use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
 use super::routing::{find_route, insert_instance, subscribe_convoy, unroute, Reroute};
 use super::{
-    distinct_runs, int4, map_err, run_outcomes, uint, CommitOutcome, MessageKind, NewInstance,
-    NewMessage, NewSubscription, PersistencePoint, PublishOutcome, StoreError, StoreResult,
-    SubscriptionChanges, Tx,
+    int4, map_err, uint, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
+    PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx,
 };
-use crate::store::model::timer_writes;
 
 /// Writes `points` in order (all but their publishes, which the caller makes under the routing
 /// locks); a point whose epoch or owner moved is `Fenced` and writes nothing.
@@ -37,27 +37,20 @@ pub(super) async fn write_points(
     changes: &mut Reroute,
 ) -> StoreResult<Vec<CommitOutcome>> {
     let mut outcomes = Vec::with_capacity(points.len());
-    for run in distinct_runs(points) {
-        let Written {
+    for plan in CommitPlan::of(points).runs {
+        let Fenced {
             committed,
             stored,
             marked,
-        } = write_common(&mut **tx, run, false).await?;
-        let written: Vec<&PersistencePoint> = run
-            .iter()
-            .filter(|p| committed.contains(&p.instance_id))
-            .collect();
-        if !written.is_empty() {
+        } = write_common(&mut **tx, &plan, false).await?;
+        if !committed.is_empty() {
+            let written = plan.written(&committed);
             consume_reply_copies(tx, &written, &marked).await?;
             sync_subscriptions(tx, &written, stored, changes).await?;
-            let children: Vec<_> = written
-                .iter()
-                .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
-                .collect();
-            start_instances(&mut **tx, &children, None).await?;
+            start_instances(&mut **tx, &written.children, None).await?;
             write_timers(tx, &written).await?;
         }
-        outcomes.extend(run_outcomes(run, &committed));
+        outcomes.extend(plan.outcomes(&committed));
     }
     Ok(outcomes)
 }
@@ -74,19 +67,21 @@ pub(super) async fn write_alone(
     store: &super::PostgresStore,
     points: &[PersistencePoint],
 ) -> StoreResult<Option<Vec<CommitOutcome>>> {
-    // The cheap check first: `distinct_runs` hashes every point.
+    // The cheap check first: cutting the group into runs hashes every point.
     let alone = points
         .iter()
-        .all(|p| p.writes_only_common_parts() && !p.makes_claimable_work())
-        && distinct_runs(points).len() == 1;
+        .all(|p| p.writes_only_common_parts() && !p.makes_claimable_work());
     if !alone {
         return Ok(None);
     }
+    let Some(plan) = CommitPlan::single(points) else {
+        return Ok(None);
+    };
     let mut conn = store.point_connection().await?;
-    let written = write_common(&mut *conn, points, true).await;
+    let written = write_common(&mut *conn, &plan, true).await;
     conn.ended(&written);
     match written {
-        Ok(written) => Ok(Some(run_outcomes(points, &written.committed).collect())),
+        Ok(written) => Ok(Some(plan.outcomes(&written.committed).collect())),
         Err(StoreError::Database { source: e, .. }) if raised(&e, NEEDS_TRANSACTION_CODE) => {
             Ok(None)
         }
@@ -123,7 +118,7 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 ///
 /// The parts are data-modifying `WITH` queries, each conditioned on the fence (`f`) and each
 /// writing rows no other part writes (a release leaves alone the messages the point consumes).
-/// Each starts from its rows' arrays (`UNNEST`), so that the plan, prepared once for any
+/// Each starts from its rows' arrays (`UNNEST`), so that the server's plan, prepared once for any
 /// arrays, looks rows up by key: a release written as `instance_id = ANY($34)` was planned as
 /// a scan of every routed message.
 ///
@@ -139,108 +134,70 @@ const NOT_ROUTED: &str = "cairn: persistence points consumed messages not all ro
 /// all.
 async fn write_common(
     conn: impl PgExecutor<'_>,
-    run: &[PersistencePoint],
+    plan: &RunPlan<'_>,
     alone: bool,
-) -> StoreResult<Written> {
-    let column = |f: fn(&PersistencePoint) -> String| run.iter().map(f).collect::<Vec<_>>();
-    let ids: Vec<Uuid> = run.iter().map(|p| p.instance_id).collect();
-    let epochs: Vec<i64> = run.iter().map(|p| p.epoch).collect();
-    let timers: Vec<Option<DateTime<Utc>>> = run.iter().map(|p| p.next_timer_at).collect();
-    let ats: Vec<DateTime<Utc>> = run.iter().map(|p| p.at).collect();
-    let errors: Vec<Option<&str>> = run.iter().map(|p| p.last_error.as_deref()).collect();
-    let states: Vec<Option<&[u8]>> = run.iter().map(|p| p.state.as_deref()).collect();
-    let engine: Vec<Option<&[u8]>> = run.iter().map(|p| p.engine_state.as_deref()).collect();
-    let outputs: Vec<Option<String>> = run
-        .iter()
-        .map(|p| p.output.as_ref().map(|o| o.to_string()))
-        .collect();
-    let seqs: Vec<i64> = run.iter().map(|p| p.history_seq).collect();
-    let releases: Vec<bool> = run.iter().map(|p| p.release).collect();
-    let resumable: Vec<bool> = run.iter().map(|p| p.resumable).collect();
-    let consumed = Consumed::of(run);
-    let sends = Sends::of(run);
-    let delivered = Delivered::of(run);
-    let giving: Vec<Uuid> = run
-        .iter()
-        .filter(|p| p.subscriptions.is_some())
-        .map(|p| p.instance_id)
-        .collect();
-    let released: Vec<Uuid> = run
-        .iter()
-        .filter(|p| p.release)
-        .map(|p| p.instance_id)
-        .collect();
-    let failed: Vec<i64> = run
-        .iter()
-        .filter(|p| p.release)
-        .flat_map(|p| p.failed.iter().copied())
-        .collect();
-    let shape = Shape::of(run, alone);
+) -> StoreResult<Fenced> {
+    let (points, sends, delivered) = (&plan.points, &plan.sends, &plan.delivered);
+    let shape = Shape::of(plan, alone);
     let mut query = sqlx::query_as(common_statement(shape))
-        .bind(&ids)
-        .bind(&epochs)
-        .bind(column(|p| p.host.clone()))
-        .bind(column(|p| p.status.as_str().to_owned()))
-        .bind(column(|p| p.step.clone()))
-        .bind(column(|p| p.waiting_for.clone()))
-        .bind(&timers)
-        .bind(&ats)
-        .bind(&errors)
-        .bind(&states)
-        .bind(&engine)
-        .bind(&outputs)
-        .bind(&seqs)
-        .bind(&releases)
-        .bind(&resumable)
-        .bind(&consumed.instances)
-        .bind(&consumed.seqs)
-        .bind(&consumed.ats)
-        .bind(&sends.ids)
-        .bind(&sends.instances)
-        .bind(&sends.ports)
-        .bind(&sends.types)
-        .bind(&sends.bodies)
-        .bind(&sends.expects_reply)
-        .bind(&sends.ats)
-        .bind(&sends.hosts)
-        .bind(&sends.lock_until)
-        .bind(&delivered.ids)
-        .bind(&delivered.ats)
-        .bind(&delivered.instances)
-        .bind(column(|p| p.reason.as_str().to_owned()))
-        .bind(run.iter().map(|p| p.detail.as_deref()).collect::<Vec<_>>())
-        .bind(&giving)
-        .bind(&released)
-        .bind(&failed)
+        .bind(column(points, |p| p.instance_id))
+        .bind(column(points, |p| p.epoch))
+        .bind(column(points, |p| p.host.as_str()))
+        .bind(column(points, |p| p.status.as_str()))
+        .bind(column(points, |p| p.step.as_str()))
+        .bind(column(points, |p| p.waiting_for.as_str()))
+        .bind(column(points, |p| p.next_timer_at))
+        .bind(column(points, |p| p.at))
+        .bind(column(points, |p| p.last_error.as_deref()))
+        .bind(column(points, |p| p.state.as_deref()))
+        .bind(column(points, |p| p.engine_state.as_deref()))
+        .bind(column(points, |p| p.output.as_ref().map(|o| o.to_string())))
+        .bind(column(points, |p| p.history_seq))
+        .bind(column(points, |p| p.release))
+        .bind(column(points, |p| p.resumable))
+        .bind(column(&plan.consumed, |r| r.instance()))
+        .bind(column(&plan.consumed, |r| r.row))
+        .bind(column(&plan.consumed, |r| r.at()))
+        .bind(column(sends, |r| r.row.id.as_str()))
+        .bind(column(sends, |r| r.instance()))
+        .bind(column(sends, |r| r.row.port.as_str()))
+        .bind(column(sends, |r| r.row.message_type.as_str()))
+        .bind(column(sends, |r| r.row.body.to_string()))
+        .bind(column(sends, |r| r.row.expects_reply))
+        .bind(column(sends, |r| r.at()))
+        .bind(column(sends, |r| r.point.host.as_str()))
+        .bind(column(sends, |r| r.point.outbox_lock_until))
+        .bind(column(delivered, |r| r.row))
+        .bind(column(delivered, |r| r.at()))
+        .bind(column(delivered, |r| r.instance()))
+        .bind(column(points, |p| p.reason.as_str()))
+        .bind(column(points, |p| p.detail.as_deref()))
+        .bind(column(&plan.giving, |p| p.instance_id))
+        .bind(column(&plan.released, |p| p.instance_id))
+        .bind(column(&plan.failed, |r| r.row))
         .bind(NOT_ROUTED)
         .bind(NEEDS_TRANSACTION);
     if shape.has(Shape::FIRST) {
         // One entry per point, as the point's own arrays: NULL for a point that starts nothing.
-        let firsts = |f: fn(&FirstPoint) -> String| {
-            run.iter()
-                .map(|p| p.start.as_deref().map(f))
-                .collect::<Vec<_>>()
-        };
+        fn first<'p>(p: &&'p PersistencePoint) -> Option<&'p NewInstance> {
+            p.start.as_deref().map(|f| &f.instance)
+        }
         query = query
-            .bind(firsts(|f| f.instance.orchestration.clone()))
-            .bind(
-                run.iter()
-                    .map(|p| p.start.as_ref().map(|f| int4(f.instance.version)))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                run.iter()
-                    .map(|p| p.start.as_ref().and_then(|f| f.instance.parent))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                run.iter()
-                    .map(|p| p.start.as_ref().map(|f| f.lease_until))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(firsts(|f| f.instance.start_message_id()))
-            .bind(firsts(|f| f.instance.start_message_type()))
-            .bind(firsts(|f| f.instance.input.to_string()));
+            .bind(column(points, |p| {
+                first(p).map(|i| i.orchestration.as_str())
+            }))
+            .bind(column(points, |p| first(p).map(|i| int4(i.version))))
+            .bind(column(points, |p| first(p).and_then(|i| i.parent)))
+            .bind(column(points, |p| {
+                p.start.as_deref().map(|f| f.lease_until)
+            }))
+            .bind(column(points, |p| {
+                first(p).map(NewInstance::start_message_id)
+            }))
+            .bind(column(points, |p| {
+                first(p).map(NewInstance::start_message_type)
+            }))
+            .bind(column(points, |p| first(p).map(|i| i.input.to_string())));
     }
     let rows: Vec<WrittenRow> =
         query
@@ -248,16 +205,12 @@ async fn write_common(
             .await
             .map_err(|e| match map_err("write common", e) {
                 StoreError::Database { source: e, .. } if raised(&e, NOT_ROUTED_CODE) => {
-                    let consumed: Vec<_> = consumed.instances.iter().zip(&consumed.seqs).collect();
-                    StoreError::Corrupt(format!(
-                "persistence points consumed messages {consumed:?} (instance, seq), not all \
-                 routed to their instance (consumed twice?)"
-            ))
+                    not_routed(&plan.consumed)
                 }
                 other => other,
             })?;
 
-    let mut committed = HashSet::with_capacity(run.len());
+    let mut committed = HashSet::with_capacity(points.len());
     let mut stored = Vec::new();
     let mut marked = HashSet::new();
     for (part, instance, sub, text) in rows {
@@ -279,11 +232,16 @@ async fn write_common(
             }
         }
     }
-    Ok(Written {
+    Ok(Fenced {
         committed,
         stored,
         marked,
     })
+}
+
+/// One column of `rows`, to bind as an array.
+fn column<'r, R, T>(rows: &'r [R], f: impl Fn(&'r R) -> T) -> Vec<T> {
+    rows.iter().map(f).collect()
 }
 
 /// The optional parts of [`write_common`]'s statement. A run's statement carries only the parts
@@ -312,17 +270,16 @@ impl Shape {
     /// How many shapes there are.
     const COUNT: usize = 1 << 7;
 
-    /// The shape of `run`'s statement: the parts some point of it writes, and whether it is
-    /// written `alone`.
-    pub(super) fn of(run: &[PersistencePoint], alone: bool) -> Self {
-        let any = |f: fn(&PersistencePoint) -> bool| run.iter().any(f);
+    /// The shape of a run's statement: the parts its `plan` writes, and whether it is written
+    /// `alone`.
+    pub(super) fn of(plan: &RunPlan<'_>, alone: bool) -> Self {
         [
-            (any(|p| p.start.is_some()), Shape::FIRST),
-            (any(|p| !p.consumed.is_empty()), Shape::CONSUMES),
-            (any(|p| !p.outbox.is_empty()), Shape::SENDS),
-            (any(|p| !p.delivered.is_empty()), Shape::DELIVERS),
-            (any(|p| p.release), Shape::RELEASES),
-            (any(|p| p.subscriptions.is_some()), Shape::GIVES),
+            (!plan.firsts.is_empty(), Shape::FIRST),
+            (!plan.consumed.is_empty(), Shape::CONSUMES),
+            (!plan.sends.is_empty(), Shape::SENDS),
+            (!plan.delivered.is_empty(), Shape::DELIVERS),
+            (!plan.released.is_empty(), Shape::RELEASES),
+            (!plan.giving.is_empty(), Shape::GIVES),
             (alone, Shape::ALONE),
         ]
         .into_iter()
@@ -505,11 +462,11 @@ const FIRST_PARTS: &str = "n AS ( \
 type WrittenRow = (String, Option<Uuid>, Option<Uuid>, Option<String>);
 
 /// What [`write_common`] wrote and read.
-struct Written {
+struct Fenced {
     /// The instances whose points were written.
     committed: HashSet<Uuid>,
     /// The subscriptions stored for the points that give their set.
-    stored: Vec<(Uuid, Uuid, String)>,
+    stored: Vec<StoredSubscription>,
     /// The requests whose outbox rows the points marked delivered (the others were delivered
     /// already, by another host, which may have stored a copy of the reply).
     marked: HashSet<String>,
@@ -523,15 +480,13 @@ struct Written {
 /// statement sees what was committed before it began.
 async fn consume_reply_copies(
     tx: &mut Tx,
-    written: &[&PersistencePoint],
+    written: &Written<'_>,
     marked: &HashSet<String>,
 ) -> StoreResult<()> {
     let (mut ids, mut ats) = (Vec::new(), Vec::new());
-    for p in written {
-        for id in p.delivered.iter().filter(|id| !marked.contains(*id)) {
-            ids.push(id.as_str());
-            ats.push(p.at);
-        }
+    for r in written.delivered.iter().filter(|r| !marked.contains(r.row)) {
+        ids.push(r.row);
+        ats.push(r.at());
     }
     if ids.is_empty() {
         return Ok(());
@@ -549,89 +504,9 @@ async fn consume_reply_copies(
     Ok(())
 }
 
-/// The messages a run's points consumed, as columns.
-#[derive(Default)]
-struct Consumed {
-    instances: Vec<Uuid>,
-    seqs: Vec<i64>,
-    ats: Vec<DateTime<Utc>>,
-}
-
-impl Consumed {
-    fn of(run: &[PersistencePoint]) -> Self {
-        let mut c = Consumed::default();
-        for p in run {
-            for seq in &p.consumed {
-                c.instances.push(p.instance_id);
-                c.seqs.push(*seq);
-                c.ats.push(p.at);
-            }
-        }
-        c
-    }
-}
-
-/// A run's sends, as columns; each is locked to the writing host for delivery right after
-/// commit.
-#[derive(Default)]
-struct Sends {
-    ids: Vec<String>,
-    instances: Vec<Uuid>,
-    ports: Vec<String>,
-    types: Vec<String>,
-    bodies: Vec<String>,
-    expects_reply: Vec<bool>,
-    ats: Vec<DateTime<Utc>>,
-    hosts: Vec<String>,
-    lock_until: Vec<DateTime<Utc>>,
-}
-
-impl Sends {
-    fn of(run: &[PersistencePoint]) -> Self {
-        let mut s = Sends::default();
-        for p in run {
-            for row in &p.outbox {
-                s.ids.push(row.id.clone());
-                s.instances.push(p.instance_id);
-                s.ports.push(row.port.clone());
-                s.types.push(row.message_type.clone());
-                s.bodies.push(row.body.to_string());
-                s.expects_reply.push(row.expects_reply);
-                s.ats.push(p.at);
-                s.hosts.push(p.host.clone());
-                s.lock_until.push(p.outbox_lock_until);
-            }
-        }
-        s
-    }
-}
-
-/// Requests whose replies a run's points took in memory, as columns: they are marked
-/// delivered.
-#[derive(Default)]
-struct Delivered<'a> {
-    ids: Vec<&'a str>,
-    ats: Vec<DateTime<Utc>>,
-    instances: Vec<Uuid>,
-}
-
-impl<'a> Delivered<'a> {
-    fn of(run: &'a [PersistencePoint]) -> Self {
-        let mut d = Delivered::default();
-        for p in run {
-            for id in &p.delivered {
-                d.ids.push(id.as_str());
-                d.ats.push(p.at);
-                d.instances.push(p.instance_id);
-            }
-        }
-        d
-    }
-}
-
-/// Timers the points cancelled, fired or set ([`timer_writes`]).
-async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let (cancelled, set) = timer_writes(written);
+/// Timers the points cancelled, fired or set.
+async fn write_timers(tx: &mut Tx, written: &Written<'_>) -> StoreResult<()> {
+    let (cancelled, set) = (&written.cancelled_timers, &written.set_timers);
     if !cancelled.is_empty() {
         sqlx::query(
             "DELETE FROM timers t USING UNNEST($1::uuid[], $2::text[]) AS c(instance_id, name) \
@@ -665,19 +540,14 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
 /// `stored` is what [`write_common`] read.
 async fn sync_subscriptions(
     tx: &mut Tx,
-    written: &[&PersistencePoint],
-    stored: Vec<(Uuid, Uuid, String)>,
+    written: &Written<'_>,
+    stored: Vec<StoredSubscription>,
     changes: &mut Reroute,
 ) -> StoreResult<()> {
-    let giving: Vec<&PersistencePoint> = written
-        .iter()
-        .copied()
-        .filter(|p| p.subscriptions.is_some())
-        .collect();
-    if giving.is_empty() {
+    if written.giving.is_empty() {
         return Ok(());
     }
-    let SubscriptionChanges { removed, added } = SubscriptionChanges::between(&giving, stored);
+    let SubscriptionChanges { removed, added } = written.subscription_changes(stored);
     changes
         .cancelled_types
         .extend(removed.iter().map(|(_, message_type)| message_type.clone()));
@@ -1074,7 +944,9 @@ mod tests {
 
     use super::super::tests::{at, fresh, new_instance, point};
     use super::*;
-    use crate::store::{InstanceStatus, Maintenance, MessageBox, OutboxRow, SubscriptionRow};
+    use crate::store::{
+        FirstPoint, InstanceStatus, Maintenance, MessageBox, OutboxRow, SubscriptionRow,
+    };
     use crate::Correlation;
 
     fn send(id: String, instance_id: Uuid) -> OutboxRow {
@@ -1201,7 +1073,7 @@ mod tests {
                 group.push(f);
             }
             group.push(p);
-            assert_eq!(Shape::of(&group, alone), shape);
+            assert_eq!(Shape::of(&CommitPlan::of(&group).runs[0], alone), shape);
             let out = if alone {
                 write_alone(&store, &group)
                     .await

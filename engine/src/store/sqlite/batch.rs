@@ -13,6 +13,7 @@
 //! transaction.
 
 use std::collections::{BTreeSet, HashSet};
+use std::ops::Range;
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
@@ -22,18 +23,17 @@ use sqlx::{Either, Executor, QueryBuilder, Sqlite, SqliteConnection};
 
 use uuid::Uuid;
 
+use crate::store::plan::{not_routed, CommitPlan, Row, RunPlan, StoredSubscription, Written};
 use crate::store::routing::{Route, RouteCache};
-use crate::store::{HeldStart, Holder, FIRST_EPOCH};
+use crate::store::{HeldStart, Holder, OutboxRow, FIRST_EPOCH};
 
 use super::claims::GIVE_BACK;
 use super::routing::{activate, find_route};
 use super::writer::Alone;
 use super::{
-    distinct_runs, map_err, parse_uuid, run_outcomes, ts, CommitOutcome, MessageKind, NewInstance,
-    NewMessage, NewSubscription, PersistencePoint, PublishOutcome, StoreError, StoreResult,
-    SubscriptionChanges, Tx, Writer,
+    map_err, parse_uuid, ts, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
+    PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx, Writer,
 };
-use crate::store::model::timer_writes;
 
 /// Whether to keep a multi-row statement prepared: small groups (one point, a few) recur with
 /// the same text, so preparing each once saves a parse per commit on the latency path; large
@@ -198,25 +198,14 @@ pub(super) async fn write_points(
     reroute_types: &mut BTreeSet<String>,
 ) -> StoreResult<Vec<CommitOutcome>> {
     let mut outcomes = Vec::with_capacity(points.len());
-    for run in distinct_runs(points) {
-        let (committed, stored) = write_common(tx, run).await?;
-        let written: Vec<&PersistencePoint> = run
-            .iter()
-            .filter(|p| committed.contains(&p.instance_id))
-            .collect();
+    for plan in CommitPlan::of(points).runs {
+        let (committed, stored) = write_common(tx, &plan).await?;
+        let written = plan.written(&committed);
         sync_subscriptions(tx, &written, stored, reroute_types).await?;
-        let children: Vec<_> = written
-            .iter()
-            .flat_map(|p| p.children.iter().map(|child| (child, p.at)))
-            .collect();
-        start_instances(tx, &children, None).await?;
+        start_instances(tx, &written.children, None).await?;
         write_timers(tx, &written).await?;
-        let messages: Vec<_> = written
-            .iter()
-            .flat_map(|p| p.messages.iter().map(|m| (m, p.at)))
-            .collect();
-        publish_all(tx, &messages).await?;
-        outcomes.extend(run_outcomes(run, &committed));
+        publish_all(tx, &written.messages).await?;
+        outcomes.extend(plan.outcomes(&committed));
     }
     Ok(outcomes)
 }
@@ -235,25 +224,26 @@ pub(super) async fn write_alone(
     let alone = fenced_in_sql(points)
         && points
             .iter()
-            .all(PersistencePoint::writes_only_common_parts)
-        && distinct_runs(points).len() == 1;
+            .all(PersistencePoint::writes_only_common_parts);
     if !alone {
         return Ok(None);
     }
+    let Some(plan) = CommitPlan::single(points) else {
+        return Ok(None);
+    };
     let Some(conn) = writer.alone().await? else {
         return Ok(None);
     };
     let mut script = Script::transaction();
-    let all: Vec<&PersistencePoint> = points.iter().collect();
-    push_first_points(&mut script, points);
-    let common = push_common(&mut script, points, &all, Fenced::Alone);
+    push_first_points(&mut script, &plan);
+    let common = push_common(&mut script, &plan, Fenced::Alone);
     let results = match script.run_alone(conn).await {
         Ok(results) => results,
         Err(e) if failed_check(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
     let (committed, _) = common.read(&results)?;
-    Ok(Some(run_outcomes(points, &committed).collect()))
+    Ok(Some(plan.outcomes(&committed).collect()))
 }
 
 /// Whether a run is fenced in SQL, in the same round trip as its writes: a small one (the
@@ -277,37 +267,32 @@ fn fenced_in_sql(run: &[PersistencePoint]) -> bool {
 /// write (their timers and messages are new and unlocked), so it goes with the rest.
 async fn write_common(
     tx: &mut Tx,
-    run: &[PersistencePoint],
+    plan: &RunPlan<'_>,
 ) -> StoreResult<(HashSet<Uuid>, Vec<StoredSubscription>)> {
-    let in_sql = fenced_in_sql(run);
-    let mut committed = HashSet::with_capacity(run.len());
+    let in_sql = fenced_in_sql(plan.run);
+    let mut committed = HashSet::with_capacity(plan.run.len());
     let mut script = Script::new();
-    let points: Vec<&PersistencePoint> = if in_sql {
-        push_first_points(&mut script, run);
-        run.iter().collect()
+    let matched;
+    let (points, fenced) = if in_sql {
+        push_first_points(&mut script, plan);
+        (plan, Fenced::InSql)
     } else {
         let mut fence = Script::new();
-        push_first_points(&mut fence, run);
-        let positions = push_update(&mut fence, run);
+        push_first_points(&mut fence, plan);
+        let positions = push_update(&mut fence, plan.run);
         collect_ids(&fence.run_each(tx).await?, &positions, &mut committed)?;
-        run.iter()
-            .filter(|p| committed.contains(&p.instance_id))
-            .collect()
+        matched = plan.fenced_to(&committed);
+        (&matched, Fenced::Before)
     };
-    let fenced = if in_sql {
-        Fenced::InSql
-    } else {
-        Fenced::Before
-    };
-    let common = push_common(&mut script, run, &points, fenced);
+    let common = push_common(&mut script, points, fenced);
     let results = script
         .run_each(tx)
         .await
-        .map_err(|e| consumed_not_routed(e, run))?;
+        .map_err(|e| consumed_not_routed(e, &plan.consumed))?;
     let (fenced, stored) = common.read(&results)?;
     committed.extend(fenced);
     if !in_sql {
-        check_consumed(&results, &common.consumes, &committed)?;
+        check_consumed(&results, &common.consumes, &points.consumed)?;
     }
     Ok((committed, stored))
 }
@@ -325,30 +310,20 @@ enum Fenced {
     Alone,
 }
 
-/// Adds the common parts of `points` (of `run`) to `script`, fenced as `fenced` says.
-fn push_common<'a>(
-    script: &mut Script<'a>,
-    run: &'a [PersistencePoint],
-    points: &[&'a PersistencePoint],
-    fenced: Fenced,
-) -> Common {
+/// Adds the common parts of `plan` to `script`, fenced as `fenced` says.
+fn push_common<'a>(script: &mut Script<'a>, plan: &RunPlan<'a>, fenced: Fenced) -> Common {
     let in_sql = fenced != Fenced::Before;
     let mut updates = Vec::new();
     if in_sql {
-        push_fence(script, run);
-        updates = push_update(script, run);
+        push_fence(script, plan.run);
+        updates = push_update(script, plan.run);
     }
-    let consumes = push_consume(script, points, in_sql);
-    insert_sends(script, points, in_sql);
-    mark_delivered(script, points, in_sql);
-    insert_history(script, points, in_sql);
-    release(script, points, in_sql);
-    let mut reads = Vec::new();
-    if fenced == Fenced::Alone {
-        push_none_subscribed(script, points);
-    } else {
-        reads = push_read_subscriptions(script, points, in_sql);
-    }
+    let consumes = push_consume(script, &plan.consumed, in_sql);
+    insert_sends(script, &plan.sends, in_sql);
+    mark_delivered(script, &plan.delivered, in_sql);
+    insert_history(script, &plan.points, in_sql);
+    release(script, plan, in_sql);
+    let reads = push_read_subscriptions(script, &plan.giving, fenced);
     if in_sql {
         script.next(0).push("DELETE FROM fenced");
     }
@@ -363,8 +338,8 @@ fn push_common<'a>(
 struct Common {
     /// The fenced updates (fenced in SQL only).
     updates: Vec<usize>,
-    /// The consumed messages' statements, with their rows.
-    consumes: Vec<(usize, Consumed)>,
+    /// The consumed messages' statements, with the range of their rows in the plan.
+    consumes: Vec<(usize, Range<usize>)>,
     /// The reads of stored subscriptions.
     reads: Vec<usize>,
 }
@@ -386,32 +361,20 @@ impl Common {
     }
 }
 
-/// Every message a point of `committed` consumed was routed to its instance; checked in Rust
-/// for a run fenced before its writes (in SQL otherwise, [`push_consume`]).
+/// Every message `consumed` (by the points the fence read first matched) was routed to its
+/// instance; checked in Rust for a run fenced before its writes (in SQL otherwise,
+/// [`push_consume`]).
 fn check_consumed(
     results: &[Ran],
-    consumes: &[(usize, Consumed)],
-    committed: &HashSet<Uuid>,
+    consumes: &[(usize, Range<usize>)],
+    consumed: &[Row<'_, i64>],
 ) -> StoreResult<()> {
-    for (at, chunk) in consumes {
-        let expected: Vec<(&Uuid, &i64)> = chunk
-            .iter()
-            .filter(|(id, _, _)| committed.contains(id))
-            .map(|(id, seq, _)| (id, seq))
-            .collect();
-        if results[*at].affected != expected.len() as u64 {
-            return Err(not_routed(&expected));
+    for (at, rows) in consumes {
+        if results[*at].affected != rows.len() as u64 {
+            return Err(not_routed(&consumed[rows.clone()]));
         }
     }
     Ok(())
-}
-
-/// The error for points that consumed messages not all routed to their instance.
-fn not_routed(consumed: &[(&Uuid, &i64)]) -> StoreError {
-    StoreError::Corrupt(format!(
-        "persistence points consumed messages {consumed:?} (instance, seq), not all routed to \
-         their instance (consumed twice?)"
-    ))
 }
 
 /// Whether `err` is a check made in SQL failing (the temporary table `checks`).
@@ -420,15 +383,11 @@ fn failed_check(err: &StoreError) -> bool {
 }
 
 /// `err`, or, if it is the check in SQL of [`push_consume`] failing, the error saying so.
-fn consumed_not_routed(err: StoreError, run: &[PersistencePoint]) -> StoreError {
+fn consumed_not_routed(err: StoreError, consumed: &[Row<'_, i64>]) -> StoreError {
     if !failed_check(&err) {
         return err;
     }
-    let consumed: Vec<(&Uuid, &i64)> = run
-        .iter()
-        .flat_map(|p| p.consumed.iter().map(move |seq| (&p.instance_id, seq)))
-        .collect();
-    not_routed(&consumed)
+    not_routed(consumed)
 }
 
 /// Adds the instance ids the statements at `positions` returned to `into`.
@@ -451,9 +410,6 @@ fn only_fenced(in_sql: bool, column: &str) -> String {
         String::new()
     }
 }
-
-/// A subscription row read back: (instance, subscription, message type).
-type StoredSubscription = (Uuid, Uuid, String);
 
 /// Fills the temporary table `fenced` with the run's instances whose rows still hold the
 /// points' epochs and hosts (`CROSS JOIN` keeps the points as the outer loop). Every other
@@ -480,18 +436,17 @@ fn push_fence<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
 /// each point's host under its epoch, and their start messages, consumed by the points: the
 /// fence and the fenced update then find them as any instance held. An instance that is stored
 /// already fails the script (its id is the key).
-fn push_first_points<'a>(script: &mut Script<'a>, run: &'a [PersistencePoint]) {
-    let rows: Vec<StartRow<'a>> = run
+fn push_first_points<'a>(script: &mut Script<'a>, plan: &RunPlan<'a>) {
+    let rows: Vec<StartRow<'a>> = plan
+        .firsts
         .iter()
-        .filter_map(|p| {
-            p.start.as_deref().map(|first| StartRow {
-                instance: &first.instance,
-                at: p.at,
-                owner: Some(&p.host),
-                lease_until: Some(first.lease_until),
-                epoch: p.epoch,
-                message: StartMessage::Consumed,
-            })
+        .map(|&Row { point, row: first }| StartRow {
+            instance: &first.instance,
+            at: point.at,
+            owner: Some(&point.host),
+            lease_until: Some(first.lease_until),
+            epoch: point.epoch,
+            message: StartMessage::Consumed,
         })
         .collect();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -559,37 +514,25 @@ async fn fetch_ids(
     Ok(())
 }
 
-/// A chunk of consumed messages: (instance, seq, when).
-type Consumed = Vec<(Uuid, i64, String)>;
-
 /// Marks the messages the fenced points consumed; each must have been routed to its
-/// instance. Returns each statement's position and rows, to check that every one was marked:
-/// fenced in SQL, the script checks it itself (each statement is followed by a check, through
-/// the temporary table `checks`, that fails the script unless it marked every message of the
-/// points in `fenced`).
+/// instance. Returns each statement's position and the range of its rows, to check that every
+/// one was marked: fenced in SQL, the script checks it itself (each statement is followed by a
+/// check, through the temporary table `checks`, that fails the script unless it marked every
+/// message of the points in `fenced`).
 fn push_consume(
     script: &mut Script<'_>,
-    points: &[&PersistencePoint],
+    rows: &[Row<'_, i64>],
     in_sql: bool,
-) -> Vec<(usize, Consumed)> {
-    let rows: Consumed = points
-        .iter()
-        .flat_map(|p| {
-            let at = ts(p.at);
-            p.consumed
-                .iter()
-                .map(move |seq| (p.instance_id, *seq, at.clone()))
-        })
-        .collect();
+) -> Vec<(usize, Range<usize>)> {
     let mut statements = Vec::new();
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    for (n, chunk) in rows.chunks(ROWS_PER_STATEMENT).enumerate() {
         let at = script.position();
         let q = script.next(chunk.len());
         q.push("WITH c (instance_id, seq, at) AS (");
-        q.push_values(chunk, |mut row, (id, seq, at)| {
-            row.push_bind(id.to_string())
-                .push_bind(*seq)
-                .push_bind(at.clone());
+        q.push_values(chunk, |mut row, r| {
+            row.push_bind(r.instance().to_string())
+                .push_bind(r.row)
+                .push_bind(ts(r.at()));
         });
         q.push(
             ") UPDATE messages SET status = 'consumed', consumed_at = c.at, locked_by = NULL \
@@ -600,25 +543,22 @@ fn push_consume(
         if in_sql {
             let q = script.next(chunk.len());
             q.push("WITH c (instance_id) AS (");
-            q.push_values(chunk, |mut row, (id, _, _)| {
-                row.push_bind(id.to_string());
+            q.push_values(chunk, |mut row, r| {
+                row.push_bind(r.instance().to_string());
             });
             q.push(
                 ") INSERT INTO checks (ok) SELECT changes() = (SELECT COUNT(*) FROM c \
                  WHERE instance_id IN (SELECT id FROM fenced))",
             );
         }
-        statements.push((at, chunk.to_vec()));
+        let first = n * ROWS_PER_STATEMENT;
+        statements.push((at, first..first + chunk.len()));
     }
     statements
 }
 
 /// The points' sends, locked to the writing host for delivery right after commit.
-fn insert_sends<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint], in_sql: bool) {
-    let rows: Vec<_> = written
-        .iter()
-        .flat_map(|p| p.outbox.iter().map(move |row| (*p, row)))
-        .collect();
+fn insert_sends<'a>(script: &mut Script<'a>, rows: &[Row<'a, &'a OutboxRow>], in_sql: bool) {
     let columns = "(id, instance_id, port, message_type, body, expects_reply, status, \
          next_attempt_at, locked_by, locked_until, created_at)";
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -628,7 +568,7 @@ fn insert_sends<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint], i
             columns,
             chunk,
             in_sql,
-            |mut b, (p, row)| {
+            |mut b, Row { point: p, row }| {
                 let at = ts(p.at);
                 b.push_bind(&row.id)
                     .push_bind(p.instance_id.to_string())
@@ -672,17 +612,7 @@ fn push_insert<'a, T: Copy>(
 
 /// Requests whose replies the instances took in memory: delivered, and any copy of a reply
 /// another host stored is consumed (the instance has its answer).
-fn mark_delivered<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint], in_sql: bool) {
-    let rows: Vec<(&str, String, String)> = written
-        .iter()
-        .flat_map(|p| {
-            let at = ts(p.at);
-            let instance = p.instance_id.to_string();
-            p.delivered
-                .iter()
-                .map(move |id| (id.as_str(), at.clone(), instance.clone()))
-        })
-        .collect();
+fn mark_delivered<'a>(script: &mut Script<'a>, rows: &[Row<'a, &'a str>], in_sql: bool) {
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         for update in [
             "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = d.at, \
@@ -694,10 +624,10 @@ fn mark_delivered<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint],
         ] {
             let q = script.next(chunk.len());
             q.push("WITH d (id, at, instance_id) AS (");
-            q.push_values(chunk, |mut row, (id, at, instance)| {
-                row.push_bind(*id)
-                    .push_bind(at.clone())
-                    .push_bind(instance.clone());
+            q.push_values(chunk, |mut row, r| {
+                row.push_bind(r.row)
+                    .push_bind(ts(r.at()))
+                    .push_bind(r.instance().to_string());
             });
             q.push(") ")
                 .push(update)
@@ -724,9 +654,9 @@ fn insert_history<'a>(script: &mut Script<'a>, written: &[&'a PersistencePoint],
     }
 }
 
-/// Timers the points cancelled, fired or set ([`timer_writes`]).
-async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult<()> {
-    let (cancelled, set) = timer_writes(written);
+/// Timers the points cancelled, fired or set.
+async fn write_timers(tx: &mut Tx, written: &Written<'_>) -> StoreResult<()> {
+    let (cancelled, set) = (&written.cancelled_timers, &written.set_timers);
     for chunk in cancelled.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new("WITH c (instance_id, name) AS (");
         q.push_values(chunk, |mut row, (id, name)| {
@@ -756,13 +686,13 @@ async fn write_timers(tx: &mut Tx, written: &[&PersistencePoint]) -> StoreResult
 /// Releases what the points giving up their instances held. Messages are given back
 /// uncounted (their claim was not a failed delivery), except the points' `failed` ones, whose
 /// delivery failed the instance: they keep their count (poison protection).
-fn release(script: &mut Script<'_>, written: &[&PersistencePoint], in_sql: bool) {
-    let released: Vec<&PersistencePoint> = written.iter().copied().filter(|p| p.release).collect();
-    let ids: Vec<String> = released.iter().map(|p| p.instance_id.to_string()).collect();
-    let failed: Vec<i64> = released
+fn release(script: &mut Script<'_>, plan: &RunPlan<'_>, in_sql: bool) {
+    let ids: Vec<String> = plan
+        .released
         .iter()
-        .flat_map(|p| p.failed.iter().copied())
+        .map(|p| p.instance_id.to_string())
         .collect();
+    let failed: Vec<i64> = plan.failed.iter().map(|r| r.row).collect();
     push_unlock(script, None, &ids, &failed, in_sql);
 }
 
@@ -827,16 +757,11 @@ fn push_unlock(
 /// `stored` is what [`push_read_subscriptions`] read.
 async fn sync_subscriptions(
     tx: &mut Tx,
-    written: &[&PersistencePoint],
+    written: &Written<'_>,
     stored: Vec<StoredSubscription>,
     reroute_types: &mut BTreeSet<String>,
 ) -> StoreResult<()> {
-    let giving: Vec<&PersistencePoint> = written
-        .iter()
-        .copied()
-        .filter(|p| p.subscriptions.is_some())
-        .collect();
-    let changes = SubscriptionChanges::between(&giving, stored);
+    let changes = written.subscription_changes(stored);
     // Removed subscriptions: their unconsumed messages go back to unrouted, and their types
     // are routed again (a message routed through a subscription has its type).
     for chunk in changes.removed.chunks(ROWS_PER_STATEMENT) {
@@ -869,50 +794,37 @@ async fn sync_subscriptions(
     insert_subscriptions(tx, &changes.added).await
 }
 
-/// Checks that no subscription is stored for the fenced points that give their set, all of
-/// them an empty one ([`Fenced::Alone`]): giving it then changes nothing.
-fn push_none_subscribed(script: &mut Script<'_>, points: &[&PersistencePoint]) {
-    let giving: Vec<String> = points
-        .iter()
-        .filter(|p| p.subscriptions.is_some())
-        .map(|p| p.instance_id.to_string())
-        .collect();
-    for chunk in giving.chunks(ROWS_PER_STATEMENT) {
-        let q = script.next(chunk.len());
-        q.push(
-            "INSERT INTO checks (ok) SELECT NOT EXISTS (SELECT 1 FROM subscriptions \
-             WHERE instance_id IN (",
-        );
-        let mut list = q.separated(", ");
-        for id in chunk {
-            list.push_bind(id.clone());
-        }
-        q.push(")").push(only_fenced(true, "instance_id")).push(")");
-    }
-}
-
 /// Reads the subscriptions stored for the fenced points that give their set: the positions of
-/// its statements.
+/// its statements. For [`Fenced::Alone`], whose points all give an empty set, checks instead
+/// that none is stored (giving it then changes nothing), and reads nothing.
 fn push_read_subscriptions(
     script: &mut Script<'_>,
-    points: &[&PersistencePoint],
-    in_sql: bool,
+    giving: &[&PersistencePoint],
+    fenced: Fenced,
 ) -> Vec<usize> {
-    let giving: Vec<String> = points
-        .iter()
-        .filter(|p| p.subscriptions.is_some())
-        .map(|p| p.instance_id.to_string())
-        .collect();
+    let (read, in_sql) = (fenced != Fenced::Alone, fenced != Fenced::Before);
+    let giving: Vec<String> = giving.iter().map(|p| p.instance_id.to_string()).collect();
     let mut positions = Vec::new();
     for chunk in giving.chunks(ROWS_PER_STATEMENT) {
-        positions.push(script.position());
+        positions.extend(read.then(|| script.position()));
         let q = script.next(chunk.len());
-        q.push("SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN (");
+        q.push(match read {
+            true => {
+                "SELECT instance_id, id, message_type FROM subscriptions WHERE instance_id IN ("
+            }
+            false => {
+                "INSERT INTO checks (ok) SELECT NOT EXISTS (SELECT 1 FROM subscriptions \
+                      WHERE instance_id IN ("
+            }
+        });
         let mut list = q.separated(", ");
         for id in chunk {
             list.push_bind(id.clone());
         }
         q.push(")").push(only_fenced(in_sql, "instance_id"));
+        if !read {
+            q.push(")");
+        }
     }
     positions
 }
