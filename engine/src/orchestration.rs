@@ -4,7 +4,7 @@
 //! with the instance's input, then [`Orchestration::on_event`] for every event delivered to the
 //! instance. Both are plain synchronous functions of `(state, event, now)`: they return what comes
 //! next ([`Next`]) and ask for effects (sends, waits, timers, children) through the
-//! [`Context`](crate::Context). Nothing they do leaves the engine until the persistence point that
+//! [`Context`]. Nothing they do leaves the engine until the persistence point that
 //! follows has committed, so orchestration code needs no determinism discipline.
 //!
 //! ```

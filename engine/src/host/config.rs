@@ -23,7 +23,7 @@ pub struct HostConfig {
     /// On shutdown, how long the host may take to stop: to finish the round under way, write
     /// the shutdown points and let running deliveries finish. Whatever is not done by then is
     /// dropped as a crash would drop it, and resumes from the last persistence point. Giving up
-    /// the leases then takes at most [`RELEASE_WITHIN`] more, so that [`Host::run`] returns
+    /// the leases then takes at most [`RELEASE_WITHIN`](super::RELEASE_WITHIN) more, so that [`Host::run`](super::Host::run) returns
     /// within `drain_timeout` + 1 s of being asked to stop, even with the database unreachable.
     pub drain_timeout: Duration,
     /// With `until_idle`, a timer due within this horizon still counts as work.

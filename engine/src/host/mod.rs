@@ -3,7 +3,7 @@
 //! One loop owns the in-memory instances. Each round it claims routed messages and due timers,
 //! rehydrates the instances they belong to (taking their leases), runs their transitions, and
 //! commits the persistence points that are due in one group commit. Committed sends go to the
-//! [dispatcher](dispatcher), which delivers them through the send ports. Instances idle for
+//! dispatcher, which delivers them through the send ports. Instances idle for
 //! longer than [`HostConfig::dehydrate_after`] are saved and dropped from memory. When the
 //! shutdown token is cancelled the loop stops claiming, saves every instance it holds that changed
 //! since its last persistence point (the `shutdown` point), lets running deliveries finish for a

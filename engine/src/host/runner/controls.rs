@@ -11,7 +11,7 @@ use crate::store::StoreError;
 
 impl Runner {
     /// Publishes the rows of the `inbox` table (the SQL receive location): at most every
-    /// [`HostConfig::control_interval`], and at once again while it has rows.
+    /// [`HostConfig::control_interval`](crate::HostConfig::control_interval), and at once again while it has rows.
     pub(super) async fn take_inbox(&mut self, now: DateTime<Utc>) -> Result<bool, StoreError> {
         if self
             .last_inbox
@@ -37,7 +37,7 @@ impl Runner {
     }
 
     /// Marks zombies and dead-letters expired unrouted messages, every
-    /// [`HostConfig::housekeeping_interval`].
+    /// [`HostConfig::housekeeping_interval`](crate::HostConfig::housekeeping_interval).
     pub(super) async fn housekeeping(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
         if self
             .last_housekeeping
@@ -73,7 +73,7 @@ impl Runner {
     }
 
     /// Carries out operators' requests from the `control` table (at most every
-    /// [`HostConfig::control_interval`]). An instance this host holds in memory is dropped: the
+    /// [`HostConfig::control_interval`](crate::HostConfig::control_interval)). An instance this host holds in memory is dropped: the
     /// request moved its epoch, so it reloads from the database when it next has work.
     pub(super) async fn apply_controls(&mut self, now: DateTime<Utc>) -> Result<bool, StoreError> {
         if self

@@ -21,7 +21,7 @@ use crate::store::{
 impl Runner {
     /// Takes the instances this host's clients started for it (they are leased to it, their
     /// start messages claimed) into memory; returns their start messages, to be delivered. At
-    /// most a batch ([`HostConfig::batch_size`]) a round, as claims, so that one `start_many`
+    /// most a batch ([`HostConfig::batch_size`](crate::HostConfig::batch_size)) a round, as claims, so that one `start_many`
     /// of many instances does not make one huge group commit; the rest wait for the next round.
     pub(super) fn take_held_starts(
         &mut self,
@@ -338,7 +338,7 @@ impl Runner {
 
     /// Gives back the locks of instances dropped after a panic; the message that panicked keeps
     /// its delivery count, so that it is suspended as poison after
-    /// [`HostConfig::max_deliveries`] attempts.
+    /// [`HostConfig::max_deliveries`](crate::HostConfig::max_deliveries) attempts.
     pub(super) async fn retry_panicked(&mut self) {
         if self.panicked.is_empty() {
             return;

@@ -253,7 +253,7 @@ fn column<'r, R, T>(rows: &'r [R], f: impl Fn(&'r R) -> T) -> Vec<T> {
 pub(super) struct Shape(u8);
 
 impl Shape {
-    /// Points that start their instance ([`FirstPoint`]): `n`, `sm` and `fa`.
+    /// Points that start their instance ([`FirstPoint`](crate::store::FirstPoint)): `n`, `sm` and `fa`.
     const FIRST: u8 = 1;
     /// Consumed messages: `c` and its check.
     const CONSUMES: u8 = 1 << 1;
@@ -720,13 +720,13 @@ pub(super) async fn start_instances(
 }
 
 /// Stores and routes messages in order, each published at its time. The types of the published
-/// (not addressed) ones must be locked for routing ([`super::lock_routes`]).
+/// (not addressed) ones must be locked for routing ([`super::routing::lock_routes`]).
 ///
 /// The messages are inserted first, in one statement (`ON CONFLICT (id) DO NOTHING`): the
 /// unique id, not a read, is what makes a second publisher of the same id store nothing, and
 /// nothing is routed (no instance is activated) for a duplicate. The routing reads are then
 /// made once per type for the batch, and the routes written in one statement. A convoy's
-/// activation takes the convoy's lock and looks again ([`super::find_route`]), and subscribes
+/// activation takes the convoy's lock and looks again ([`super::routing::find_route`]), and subscribes
 /// its new instance, which can change where the next messages go: after one, the rest of the
 /// batch is routed message by message.
 pub(super) async fn publish_all(

@@ -315,7 +315,7 @@ pub(super) async fn subscribe_convoy(
     batch::insert_subscriptions(tx, &rows).await
 }
 
-/// [`MessageBox::publish`](crate::store::MessageBox::publish) on PostgreSQL.
+/// [`MessageBox::publish`] on PostgreSQL.
 pub(super) async fn publish(
     store: &PostgresStore,
     messages: Vec<NewMessage>,
@@ -332,7 +332,7 @@ pub(super) async fn publish(
     Ok(out)
 }
 
-/// [`MessageBox::start_instances`](crate::store::MessageBox::start_instances) on PostgreSQL.
+/// [`MessageBox::start_instances`] on PostgreSQL.
 pub(super) async fn start_instances(
     store: &PostgresStore,
     instances: Vec<NewInstance>,
@@ -352,7 +352,7 @@ pub(super) async fn start_instances(
     Ok(held)
 }
 
-/// [`MessageBox::commit`](crate::store::MessageBox::commit) on PostgreSQL.
+/// [`MessageBox::commit`] on PostgreSQL.
 pub(super) async fn commit_points(
     store: &PostgresStore,
     points: &[PersistencePoint],
@@ -404,7 +404,7 @@ pub(super) async fn commit_points(
     Ok(out)
 }
 
-/// [`MessageBox::subscribe`](crate::store::MessageBox::subscribe) on PostgreSQL.
+/// [`MessageBox::subscribe`] on PostgreSQL.
 pub(super) async fn subscribe(
     store: &PostgresStore,
     host: &str,
