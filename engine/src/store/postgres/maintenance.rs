@@ -10,9 +10,9 @@ use uuid::Uuid;
 
 use super::connect::commit;
 use super::listen::notify;
-use super::operator::control_in;
 use super::routing::{lock_routes, publish_one, reroute, routed_types, Reroute};
 use super::{col, int4, map_err, PostgresStore, Tx, MIGRATOR, SCHEMA};
+use crate::store::common::Operator;
 use crate::store::*;
 
 /// Advisory lock class of schema creation ("cais").
@@ -266,7 +266,13 @@ impl Maintenance for PostgresStore {
             let (instance_id, result) = match control_request(&row, request_id) {
                 Ok(request) => (
                     Some(request.instance_id),
-                    control_in(&mut tx, request.instance_id, &request.action, now).await,
+                    <PostgresStore as Operator>::control_in(
+                        &mut tx,
+                        request.instance_id,
+                        &request.action,
+                        now,
+                    )
+                    .await,
                 ),
                 Err(e) => (None, Err(e)),
             };

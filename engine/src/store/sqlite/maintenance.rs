@@ -9,9 +9,10 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
-use super::operator::control_in;
 use super::routing::{publish_one, reroute};
+use super::WriteTx;
 use super::{as_text, col, col_uuid, commit, map_err, read, ts, SqliteStore, Tx};
+use crate::store::common::Operator;
 use crate::store::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -246,7 +247,7 @@ impl Maintenance for SqliteStore {
             return Ok(out);
         }
         for _ in 0..limit {
-            let mut tx = self.write().await?;
+            let mut tx = WriteTx(self.write().await?);
             let Some(row) = sqlx::query(
                 "SELECT id, instance_id, action, reason, force FROM control WHERE status = 'pending' ORDER BY id LIMIT 1",
             )
@@ -260,7 +261,13 @@ impl Maintenance for SqliteStore {
             let (instance_id, result) = match control_request(&row, request_id) {
                 Ok(request) => (
                     Some(request.instance_id),
-                    control_in(&mut tx, request.instance_id, &request.action, now).await,
+                    <SqliteStore as Operator>::control_in(
+                        &mut tx,
+                        request.instance_id,
+                        &request.action,
+                        now,
+                    )
+                    .await,
                 ),
                 Err(e) => (None, Err(e)),
             };
@@ -273,7 +280,7 @@ impl Maintenance for SqliteStore {
                 // with the reason.
                 Err(ref e) => {
                     drop(tx);
-                    (self.write().await?, "rejected", e.to_string())
+                    (WriteTx(self.write().await?), "rejected", e.to_string())
                 }
             };
             sqlx::query("UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1")
@@ -285,7 +292,7 @@ impl Maintenance for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| map_err("apply controls", e))?;
-            commit(tx).await?;
+            commit(tx.0).await?;
             out.push(ControlApplied {
                 id: request_id,
                 instance_id,

@@ -21,6 +21,7 @@
 //! | `maintenance` | `impl Maintenance`: migrations, the schema check, recovery at start, activations, `control` and `inbox` rows, housekeeping |
 //! | `writer` | the one write connection and the transaction over it |
 
+use std::future::Future;
 use std::str::FromStr;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -250,6 +251,147 @@ impl SqliteStore {
 async fn commit(tx: Tx) -> StoreResult<()> {
     tx.commit().await
 }
+
+/// A write transaction as the shared rooms hold it: [`Tx`], which stays private to this backend.
+pub(in crate::store) struct WriteTx(Tx);
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::SqliteConnection;
+
+    fn deref(&self) -> &sqlx::SqliteConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut sqlx::SqliteConnection {
+        &mut self.0
+    }
+}
+
+/// What the shared rooms ([`common`](super::common)) need of SQLite: uuids and times bound as
+/// text, lists of ids as JSON text read with `json_each`, columns read checked.
+impl common::Backend for SqliteStore {
+    type Db = Sqlite;
+    type Tx = WriteTx;
+    type Id = String;
+    type Time = String;
+    type Count = i64;
+    type List = String;
+
+    const FOR_UPDATE: &'static str = "";
+    const TRUE: &'static str = "1";
+    const IN_LIST_1: &'static str = "IN (SELECT value FROM json_each($1))";
+    const IN_LIST_3: &'static str = "IN (SELECT value FROM json_each($3))";
+    const TEXT_OR_NULL_1: &'static str = "$1";
+    const DEAD_LETTER_BODY: &'static str = "CAST(body AS BLOB) AS body";
+    const COUNT_AS: &'static str = "count";
+
+    fn uuid(id: Uuid) -> String {
+        id.to_string()
+    }
+    fn time(at: DateTime<Utc>) -> String {
+        ts(at)
+    }
+    fn count(n: u32) -> i64 {
+        i64::from(n)
+    }
+    fn list(ids: &[String]) -> String {
+        serde_json::json!(ids).to_string()
+    }
+    fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
+        map_err(operation, err)
+    }
+    fn rows_affected(done: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn reads(&self) -> &SqlitePool {
+        &self.pool
+    }
+    async fn begin(&self) -> StoreResult<WriteTx> {
+        self.write().await.map(WriteTx)
+    }
+    fn commit(tx: WriteTx) -> impl Future<Output = StoreResult<()>> + Send {
+        commit(tx.0)
+    }
+    async fn publish_one(
+        tx: &mut WriteTx,
+        msg: &NewMessage,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        routing::publish_one(&mut tx.0, msg, now).await.map(drop)
+    }
+    async fn notify(_tx: &mut WriteTx) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn unlock_instance(tx: &mut WriteTx, id: Uuid) -> StoreResult<()> {
+        batch::unlock_instances(&mut tx.0, None, &[id.to_string()], &[]).await
+    }
+    async fn ready_messages(&self, _now: DateTime<Utc>) -> StoreResult<i64> {
+        sqlx::query_scalar(claims::READY_MESSAGES)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))
+    }
+    async fn next_timer_at(&self, _now: DateTime<Utc>) -> StoreResult<Option<DateTime<Utc>>> {
+        let next: Option<String> = sqlx::query_scalar(claims::NEXT_TIMER)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?;
+        next.as_deref().map(parse_ts).transpose()
+    }
+
+    fn col_text(row: &SqliteRow, name: &str) -> StoreResult<String> {
+        col(row, name)
+    }
+    fn col_text_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<String>> {
+        col(row, name)
+    }
+    fn col_i64(row: &SqliteRow, name: &str) -> StoreResult<i64> {
+        col(row, name)
+    }
+    fn col_bool(row: &SqliteRow, name: &str) -> StoreResult<bool> {
+        col(row, name)
+    }
+    fn col_bytes_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        col(row, name)
+    }
+    fn col_uuid(row: &SqliteRow, name: &str) -> StoreResult<Uuid> {
+        col_uuid(row, name)
+    }
+    fn col_uuid_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Uuid>> {
+        col_uuid_opt(row, name)
+    }
+    fn col_time(row: &SqliteRow, name: &str) -> StoreResult<DateTime<Utc>> {
+        col_ts(row, name)
+    }
+    fn col_time_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        col_ts_opt(row, name)
+    }
+    fn col_u32(row: &SqliteRow, _table: &str, name: &str) -> StoreResult<u32> {
+        col_u32(row, name)
+    }
+    fn col_json<T: serde::de::DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
+        col_json(row, name)
+    }
+    fn col_json_opt<T: serde::de::DeserializeOwned>(
+        row: &SqliteRow,
+        name: &str,
+    ) -> StoreResult<Option<T>> {
+        col::<Option<String>>(row, name)?
+            .map(|t| parse_json(&t).map_err(|e| in_column(name, e)))
+            .transpose()
+    }
+    fn col_body(row: &SqliteRow, name: &str) -> StoreResult<String> {
+        // As bytes: text that is not UTF-8 (copied from a row written by hand) is shown, not
+        // refused.
+        Ok(String::from_utf8_lossy(&col::<Vec<u8>>(row, name)?).into_owned())
+    }
+}
+
+impl common::Outbox for SqliteStore {}
+impl common::Operator for SqliteStore {}
 
 #[cfg(test)]
 mod tests {
