@@ -17,6 +17,7 @@
 //! |---|---|
 //! | [`operator`] | control of an instance, give up and resume sends, dead letters, list, show, activity |
 //! | [`outbox`] | an outbox row read, dead-lettering a send, renewing locks, recording deliveries |
+//! | [`maintenance`] | `control` and `inbox` rows read, an inbox row published or dead-lettered, housekeeping |
 
 use std::future::Future;
 use std::ops::DerefMut;
@@ -28,9 +29,11 @@ use uuid::Uuid;
 
 use super::{NewMessage, StoreError, StoreResult};
 
+pub(super) mod maintenance;
 pub(super) mod operator;
 pub(super) mod outbox;
 
+pub(super) use maintenance::Upkeep;
 pub(super) use operator::Operator;
 pub(super) use outbox::Outbox;
 
@@ -80,6 +83,8 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     const DEAD_LETTER_BODY: &'static str;
     /// The name `COUNT(*)` is selected as by `activity`.
     const COUNT_AS: &'static str;
+    /// The statement that turns the messages of instances that ended into zombies.
+    const ZOMBIES: &'static str;
 
     /// A uuid, to bind.
     fn uuid(id: Uuid) -> Self::Id;
@@ -143,6 +148,12 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     fn col_json<T: DeserializeOwned>(row: &RowOf<Self>, name: &str) -> StoreResult<T>;
     /// A nullable JSON column.
     fn col_json_opt<T: DeserializeOwned>(row: &RowOf<Self>, name: &str) -> StoreResult<Option<T>>;
+    /// A column in SQL, as text whatever it holds (SQLite: a BLOB as hex).
+    fn as_text(column: &str) -> String;
+    /// A text column of a row someone wrote by hand, or what it holds instead, in words.
+    fn read_text(row: &RowOf<Self>, name: &str) -> Result<String, String>;
+    /// A nullable text column of a row someone wrote by hand, or what it holds instead.
+    fn read_text_opt(row: &RowOf<Self>, name: &str) -> Result<Option<String>, String>;
     /// A dead letter's body, selected as [`Backend::DEAD_LETTER_BODY`], as text.
     fn col_body(row: &RowOf<Self>, name: &str) -> StoreResult<String>;
 

@@ -190,6 +190,10 @@ impl common::Backend for PostgresStore {
     const TEXT_OR_NULL_1: &'static str = "$1::text";
     const DEAD_LETTER_BODY: &'static str = "body";
     const COUNT_AS: &'static str = "n";
+    const ZOMBIES: &'static str = "UPDATE messages m SET status = 'zombie', locked_by = NULL, \
+           reason = 'its instance ended (' || i.status || ') before consuming it' \
+         FROM instances i WHERE i.id = m.instance_id AND m.status = 'routed' \
+           AND i.status IN ('completed', 'failed', 'terminated')";
 
     fn uuid(id: Uuid) -> Uuid {
         id
@@ -288,6 +292,15 @@ impl common::Backend for PostgresStore {
             .map(parse_json)
             .transpose()
     }
+    fn as_text(column: &str) -> String {
+        column.to_owned()
+    }
+    fn read_text(row: &PgRow, name: &str) -> Result<String, String> {
+        col(row, name).map_err(|e| e.to_string())
+    }
+    fn read_text_opt(row: &PgRow, name: &str) -> Result<Option<String>, String> {
+        col(row, name).map_err(|e| e.to_string())
+    }
     fn col_body(row: &PgRow, name: &str) -> StoreResult<String> {
         col(row, name)
     }
@@ -295,6 +308,7 @@ impl common::Backend for PostgresStore {
 
 impl common::Outbox for PostgresStore {}
 impl common::Operator for PostgresStore {}
+impl common::Upkeep for PostgresStore {}
 
 /// The throwaway-cluster harness of the integration tests, shared with this module's tests.
 #[cfg(test)]

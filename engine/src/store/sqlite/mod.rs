@@ -286,6 +286,11 @@ impl common::Backend for SqliteStore {
     const TEXT_OR_NULL_1: &'static str = "$1";
     const DEAD_LETTER_BODY: &'static str = "CAST(body AS BLOB) AS body";
     const COUNT_AS: &'static str = "count";
+    const ZOMBIES: &'static str =
+        "UPDATE messages SET status = 'zombie', locked_by = NULL, reason = 'its instance ended (' || \
+           (SELECT i.status FROM instances i WHERE i.id = messages.instance_id) || ') before consuming it' \
+         WHERE status = 'routed' AND instance_id IN \
+           (SELECT id FROM instances WHERE status IN ('completed', 'failed', 'terminated'))";
 
     fn uuid(id: Uuid) -> String {
         id.to_string()
@@ -383,6 +388,15 @@ impl common::Backend for SqliteStore {
             .map(|t| parse_json(&t).map_err(|e| in_column(name, e)))
             .transpose()
     }
+    fn as_text(column: &str) -> String {
+        as_text(column)
+    }
+    fn read_text(row: &SqliteRow, name: &str) -> Result<String, String> {
+        read(row, name)
+    }
+    fn read_text_opt(row: &SqliteRow, name: &str) -> Result<Option<String>, String> {
+        read(row, name)
+    }
     fn col_body(row: &SqliteRow, name: &str) -> StoreResult<String> {
         // As bytes: text that is not UTF-8 (copied from a row written by hand) is shown, not
         // refused.
@@ -392,6 +406,7 @@ impl common::Backend for SqliteStore {
 
 impl common::Outbox for SqliteStore {}
 impl common::Operator for SqliteStore {}
+impl common::Upkeep for SqliteStore {}
 
 #[cfg(test)]
 mod tests {
