@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
-use super::{Backend, Bind, RowOf};
+use super::{Backend, Bind, Operator, RowOf};
 use crate::store::*;
 
 /// The name of this machine, for the `hosts` row.
@@ -72,15 +72,87 @@ pub(in crate::store) fn inbox_row<B: Backend>(
 }
 
 /// The shared parts of `impl Maintenance` over a [`Backend`].
-pub(in crate::store) trait Upkeep: Backend
+pub(in crate::store) trait Upkeep: Operator
 where
     for<'c> &'c mut <Self::Db as Database>::Connection: Executor<'c, Database = Self::Db>,
     for<'q> <Self::Db as Database>::Arguments<'q>: IntoArguments<'q, Self::Db>,
     for<'q> &'q str: Encode<'q, Self::Db> + Type<Self::Db>,
+    for<'q> Option<&'q str>: Encode<'q, Self::Db> + Type<Self::Db>,
     String: Bind<Self::Db>,
     i64: Bind<Self::Db>,
+    (i64,): for<'r> FromRow<'r, RowOf<Self>>,
     (bool,): for<'r> FromRow<'r, RowOf<Self>>,
 {
+    /// [`Maintenance::apply_controls`]: the pending `control` rows, one transaction each.
+    async fn apply_controls(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ControlApplied>> {
+        let e = |e| Self::map_err("apply controls", e);
+        let mut out = Vec::new();
+        // A read first: most polls find nothing, and need not queue behind the writers.
+        if !self
+            .exists("SELECT EXISTS (SELECT 1 FROM control WHERE status = 'pending')")
+            .await?
+        {
+            return Ok(out);
+        }
+        for _ in 0..limit {
+            let mut tx = self.begin().await?;
+            let Some(row) = sqlx::query(&format!(
+                "SELECT id, instance_id, action, reason, force FROM control WHERE status = 'pending' \
+                 ORDER BY id LIMIT 1{}",
+                Self::SKIP_LOCKED
+            ))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(e)?
+            else {
+                break;
+            };
+            let request_id = Self::col_i64(&row, "id")?;
+            let (instance_id, result) = match control_request::<Self>(&row, request_id) {
+                Ok(request) => (
+                    Some(request.instance_id),
+                    Self::control_in(&mut tx, request.instance_id, &request.action, now).await,
+                ),
+                Err(e) => (None, Err(e)),
+            };
+            let (mut tx, status, text) = match result {
+                Ok(ref status) => (tx, "done", format!("instance is now {status}")),
+                // Tried again on the next poll.
+                Err(e) if e.is_retryable() => return Err(e),
+                // Anything else is this request's answer, never a stop for the requests behind
+                // it: what the action wrote is rolled back, and the row is marked rejected
+                // with the reason.
+                Err(ref e) => match self.begin_again(tx, request_id).await? {
+                    Some(tx) => (tx, "rejected", e.to_string()),
+                    None => continue,
+                },
+            };
+            sqlx::query(
+                "UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1",
+            )
+            .bind(request_id)
+            .bind(status)
+            .bind(text)
+            .bind(Self::time(now))
+            .bind(host)
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+            Self::commit(tx).await?;
+            out.push(ControlApplied {
+                id: request_id,
+                instance_id,
+                result: result.map_err(|e| e.to_string()),
+            });
+        }
+        Ok(out)
+    }
+
     /// Whether a query's single boolean answer is true.
     async fn exists(&self, sql: &str) -> StoreResult<bool> {
         let (answer,): (bool,) = sqlx::query_as(sql)

@@ -83,6 +83,9 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     const DEAD_LETTER_BODY: &'static str;
     /// The name `COUNT(*)` is selected as by `activity`.
     const COUNT_AS: &'static str;
+    /// How a pending `control` row is read to be carried out: locked, and skipped while
+    /// another host holds it (PostgreSQL); plainly where one host runs.
+    const SKIP_LOCKED: &'static str;
     /// The statement that turns the messages of instances that ended into zombies.
     const ZOMBIES: &'static str;
 
@@ -116,6 +119,13 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     /// Clears the message and timer locks on instance `id`.
     fn unlock_instance(tx: &mut Self::Tx, id: Uuid)
         -> impl Future<Output = StoreResult<()>> + Send;
+    /// Rolls `tx` back and begins another, to mark `control` row `request_id` rejected; `None`
+    /// when another host took the row meanwhile.
+    fn begin_again(
+        &self,
+        tx: Self::Tx,
+        request_id: i64,
+    ) -> impl Future<Output = StoreResult<Option<Self::Tx>>> + Send;
     /// How many messages are ready to be claimed at `now`.
     fn ready_messages(&self, now: DateTime<Utc>) -> impl Future<Output = StoreResult<i64>> + Send;
     /// When the next timer that can be claimed is due.

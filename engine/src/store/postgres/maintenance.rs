@@ -10,7 +10,7 @@ use super::connect::commit;
 use super::listen::notify;
 use super::routing::{lock_routes, reroute, routed_types, Reroute};
 use super::{col, int4, map_err, PostgresStore, MIGRATOR, SCHEMA};
-use crate::store::common::{maintenance, Operator, Upkeep};
+use crate::store::common::{self, maintenance};
 use crate::store::*;
 
 /// Advisory lock class of schema creation ("cais").
@@ -139,88 +139,7 @@ impl Maintenance for PostgresStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<ControlApplied>> {
-        let mut out = Vec::new();
-        // A read first: most polls find nothing, and need not queue behind the writers.
-        if !Upkeep::exists(
-            self,
-            "SELECT EXISTS (SELECT 1 FROM control WHERE status = 'pending')",
-        )
-        .await?
-        {
-            return Ok(out);
-        }
-        for _ in 0..limit {
-            let mut tx = self.write().await?;
-            let Some(row) = sqlx::query(
-                "SELECT id, instance_id, action, reason, force FROM control WHERE status = 'pending' \
-                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-            )
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| map_err("apply controls", e))?
-            else {
-                break;
-            };
-            let request_id: i64 = col(&row, "id")?;
-            let (instance_id, result) = match maintenance::control_request::<Self>(&row, request_id)
-            {
-                Ok(request) => (
-                    Some(request.instance_id),
-                    <PostgresStore as Operator>::control_in(
-                        &mut tx,
-                        request.instance_id,
-                        &request.action,
-                        now,
-                    )
-                    .await,
-                ),
-                Err(e) => (None, Err(e)),
-            };
-            let (mut tx, status, text) = match result {
-                Ok(ref status) => (tx, "done", format!("instance is now {status}")),
-                // Tried again on the next poll.
-                Err(e) if e.is_retryable() => return Err(e),
-                // Anything else is this request's answer, never a stop for the requests behind
-                // it: what the action wrote is rolled back, and the row is marked rejected
-                // with the reason (locked again: another host may look at it meanwhile).
-                Err(ref e) => {
-                    tx.rollback()
-                        .await
-                        .map_err(|e| map_err("apply controls", e))?;
-                    let mut tx = self.write().await?;
-                    let still_pending: Option<i64> = sqlx::query_scalar(
-                        "SELECT id FROM control WHERE id = $1 AND status = 'pending' \
-                         FOR UPDATE SKIP LOCKED",
-                    )
-                    .bind(request_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(|e| map_err("apply controls", e))?;
-                    if still_pending.is_none() {
-                        continue;
-                    }
-                    (tx, "rejected", e.to_string())
-                }
-            };
-            sqlx::query(
-                "UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1",
-            )
-            .bind(request_id)
-            .bind(status)
-            .bind(&text)
-            .bind(now)
-            .bind(host)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_err("apply controls", e))?;
-            commit(tx).await?;
-            out.push(ControlApplied {
-                id: request_id,
-                instance_id,
-                result: result.map_err(|e| e.to_string()),
-            });
-        }
-        Ok(out)
+        common::Upkeep::apply_controls(self, host, now, limit).await
     }
 
     async fn housekeeping(
@@ -228,7 +147,7 @@ impl Maintenance for PostgresStore {
         now: DateTime<Utc>,
         unrouted_before: DateTime<Utc>,
     ) -> StoreResult<Housekeeping> {
-        Upkeep::housekeeping(self, now, unrouted_before).await
+        common::Upkeep::housekeeping(self, now, unrouted_before).await
     }
 
     async fn take_inbox(
@@ -237,7 +156,7 @@ impl Maintenance for PostgresStore {
         limit: u32,
         max_message_bytes: usize,
     ) -> StoreResult<usize> {
-        if !Upkeep::exists(self, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
+        if !common::Upkeep::exists(self, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
             return Ok(0);
         }
         let mut tx = self.write().await?;
@@ -266,7 +185,7 @@ impl Maintenance for PostgresStore {
             .collect();
         lock_routes(&mut tx, routed_types(&good), []).await?;
         for (id, message) in parsed {
-            Self::take_inbox_row(&mut tx, id, message, now).await?;
+            <Self as common::Upkeep>::take_inbox_row(&mut tx, id, message, now).await?;
         }
         notify(&mut tx).await?;
         commit(tx).await?;

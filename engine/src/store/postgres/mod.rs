@@ -190,6 +190,7 @@ impl common::Backend for PostgresStore {
     const TEXT_OR_NULL_1: &'static str = "$1::text";
     const DEAD_LETTER_BODY: &'static str = "body";
     const COUNT_AS: &'static str = "n";
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const ZOMBIES: &'static str = "UPDATE messages m SET status = 'zombie', locked_by = NULL, \
            reason = 'its instance ended (' || i.status || ') before consuming it' \
          FROM instances i WHERE i.id = m.instance_id AND m.status = 'routed' \
@@ -231,6 +232,21 @@ impl common::Backend for PostgresStore {
     }
     async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
         batch::unlock_instances(tx, &[id], &[]).await
+    }
+    async fn begin_again(&self, tx: Tx, request_id: i64) -> StoreResult<Option<Tx>> {
+        tx.rollback()
+            .await
+            .map_err(|e| map_err("apply controls", e))?;
+        // Locked again: another host may look at it meanwhile.
+        let mut tx = self.write().await?;
+        let still_pending: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM control WHERE id = $1 AND status = 'pending' FOR UPDATE SKIP LOCKED",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| map_err("apply controls", e))?;
+        Ok(still_pending.map(|_| tx))
     }
     async fn ready_messages(&self, now: DateTime<Utc>) -> StoreResult<i64> {
         // Locks of hosts that are gone do not hide work: another host will take it over.

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::routing::reroute;
 use super::{col, commit, map_err, ts, SqliteStore};
-use crate::store::common::{maintenance, Backend, Operator, Upkeep};
+use crate::store::common::{self, maintenance, Backend};
 use crate::store::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -142,71 +142,7 @@ impl Maintenance for SqliteStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<ControlApplied>> {
-        let mut out = Vec::new();
-        // A read first: most polls find nothing, and need not queue behind the writers.
-        if !Upkeep::exists(
-            self,
-            "SELECT EXISTS (SELECT 1 FROM control WHERE status = 'pending')",
-        )
-        .await?
-        {
-            return Ok(out);
-        }
-        for _ in 0..limit {
-            let mut tx = Backend::begin(self).await?;
-            let Some(row) = sqlx::query(
-                "SELECT id, instance_id, action, reason, force FROM control WHERE status = 'pending' ORDER BY id LIMIT 1",
-            )
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| map_err("apply controls", e))?
-            else {
-                break;
-            };
-            let request_id: i64 = col(&row, "id")?;
-            let (instance_id, result) = match maintenance::control_request::<Self>(&row, request_id)
-            {
-                Ok(request) => (
-                    Some(request.instance_id),
-                    <SqliteStore as Operator>::control_in(
-                        &mut tx,
-                        request.instance_id,
-                        &request.action,
-                        now,
-                    )
-                    .await,
-                ),
-                Err(e) => (None, Err(e)),
-            };
-            let (mut tx, status, text) = match result {
-                Ok(ref status) => (tx, "done", format!("instance is now {status}")),
-                // Tried again on the next poll.
-                Err(e) if e.is_retryable() => return Err(e),
-                // Anything else is this request's answer, never a stop for the requests behind
-                // it: what the action wrote is rolled back, and the row is marked rejected
-                // with the reason.
-                Err(ref e) => {
-                    drop(tx);
-                    (Backend::begin(self).await?, "rejected", e.to_string())
-                }
-            };
-            sqlx::query("UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1")
-                .bind(request_id)
-                .bind(status)
-                .bind(&text)
-                .bind(ts(now))
-                .bind(host)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("apply controls", e))?;
-            <Self as Backend>::commit(tx).await?;
-            out.push(ControlApplied {
-                id: request_id,
-                instance_id,
-                result: result.map_err(|e| e.to_string()),
-            });
-        }
-        Ok(out)
+        common::Upkeep::apply_controls(self, host, now, limit).await
     }
 
     async fn housekeeping(
@@ -214,7 +150,7 @@ impl Maintenance for SqliteStore {
         now: DateTime<Utc>,
         unrouted_before: DateTime<Utc>,
     ) -> StoreResult<Housekeeping> {
-        Upkeep::housekeeping(self, now, unrouted_before).await
+        common::Upkeep::housekeeping(self, now, unrouted_before).await
     }
 
     async fn take_inbox(
@@ -223,7 +159,7 @@ impl Maintenance for SqliteStore {
         limit: u32,
         max_message_bytes: usize,
     ) -> StoreResult<usize> {
-        if !Upkeep::exists(self, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
+        if !common::Upkeep::exists(self, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
             return Ok(0);
         }
         let mut tx = Backend::begin(self).await?;
@@ -238,7 +174,7 @@ impl Maintenance for SqliteStore {
             // `id` is the rowid: always an integer.
             let id: i64 = col(row, "id")?;
             let message = maintenance::inbox_row::<Self>(row, id, max_message_bytes);
-            Self::take_inbox_row(&mut tx, id, message, now).await?;
+            <Self as common::Upkeep>::take_inbox_row(&mut tx, id, message, now).await?;
         }
         <Self as Backend>::commit(tx).await?;
         Ok(rows.len())

@@ -286,6 +286,7 @@ impl common::Backend for SqliteStore {
     const TEXT_OR_NULL_1: &'static str = "$1";
     const DEAD_LETTER_BODY: &'static str = "CAST(body AS BLOB) AS body";
     const COUNT_AS: &'static str = "count";
+    const SKIP_LOCKED: &'static str = "";
     const ZOMBIES: &'static str =
         "UPDATE messages SET status = 'zombie', locked_by = NULL, reason = 'its instance ended (' || \
            (SELECT i.status FROM instances i WHERE i.id = messages.instance_id) || ') before consuming it' \
@@ -332,6 +333,10 @@ impl common::Backend for SqliteStore {
     }
     async fn unlock_instance(tx: &mut WriteTx, id: Uuid) -> StoreResult<()> {
         batch::unlock_instances(&mut tx.0, None, &[id.to_string()], &[]).await
+    }
+    async fn begin_again(&self, tx: WriteTx, _request_id: i64) -> StoreResult<Option<WriteTx>> {
+        drop(tx);
+        self.write().await.map(|tx| Some(WriteTx(tx)))
     }
     async fn ready_messages(&self, _now: DateTime<Utc>) -> StoreResult<i64> {
         sqlx::query_scalar(claims::READY_MESSAGES)
