@@ -6,8 +6,9 @@
 //! Times are stored as fixed-width ISO-8601 UTC text so that they compare correctly as text.
 //!
 //! This file holds [`SqliteStore`], the helpers every room shares (times, ids and columns read
-//! checked, `map_err`), and the way into a write transaction. The rest is in rooms by concern;
-//! the PostgreSQL backend has rooms of the same names:
+//! checked, `map_err`), the way into a write transaction, and what the rooms shared with
+//! PostgreSQL (`store::common`) need of this backend (`impl Backend`). The rest is in rooms by
+//! concern; the PostgreSQL backend has rooms of the same names:
 //!
 //! | room | what is in it |
 //! |---|---|
@@ -16,9 +17,9 @@
 //! | `routing` | publish and start, routes, reroutes, subscriptions, new instances, convoys |
 //! | `claims` | claims of messages and timers, leases (acquire, heartbeat, release), unlock |
 //! | `batch` | multi-row writes: a group commit (persistence points), starts, publish batches |
-//! | `outbox` | the send side: claims of outbox rows (ordered ports too), renewals, delivery outcomes |
-//! | `operator` | `impl OperatorVerbs`: control, dead letters, resubmit, purge, list and show |
-//! | `maintenance` | `impl Maintenance`: migrations, the schema check, recovery at start, activations, `control` and `inbox` rows, housekeeping |
+//! | `outbox` | the send side's claims (ordered ports too); renewals and delivery outcomes are `common::Outbox` |
+//! | `operator` | `impl OperatorVerbs`, handing over to `common::Operator`; summaries of many instances |
+//! | `maintenance` | `impl Maintenance`: migrations, the schema check, recovery at start, activations, `inbox` rows; `control` rows and housekeeping are `common::Upkeep` |
 //! | `writer` | the one write connection and the transaction over it |
 
 use std::future::Future;
