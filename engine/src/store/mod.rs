@@ -31,6 +31,7 @@
 //! A new backend implements the three traits and passes `cargo test --test conformance` (see
 //! CONTRIBUTING.md).
 
+mod common;
 pub mod faulty;
 mod model;
 mod plan;

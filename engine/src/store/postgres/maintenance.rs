@@ -4,118 +4,17 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::connect::commit;
 use super::listen::notify;
-use super::operator::control_in;
-use super::routing::{lock_routes, publish_one, reroute, routed_types, Reroute};
-use super::{col, int4, map_err, PostgresStore, Tx, MIGRATOR, SCHEMA};
+use super::routing::{lock_routes, reroute, routed_types, Reroute};
+use super::{col, int4, map_err, PostgresStore, MIGRATOR, SCHEMA};
+use crate::store::common::{self, maintenance};
 use crate::store::*;
 
 /// Advisory lock class of schema creation ("cais").
 const SCHEMA_LOCK_CLASS: i32 = 0x6361_6973;
-
-/// Whether a query's single boolean answer is true.
-async fn exists(pool: &PgPool, sql: &str) -> StoreResult<bool> {
-    sqlx::query_scalar(sql)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| map_err("exists", e))
-}
-
-/// Reads a pending `control` row, checked: a NULL or an unknown action is reported (the column
-/// and what it holds) for the row's `result`.
-fn control_request(row: &PgRow, id: i64) -> StoreResult<ControlRequest> {
-    let read = || -> StoreResult<ControlRequest> {
-        Ok(ControlRequest {
-            id,
-            instance_id: col(row, "instance_id")?,
-            action: control_action(
-                &col::<String>(row, "action")?,
-                col(row, "reason")?,
-                col(row, "force")?,
-            )
-            .map_err(StoreError::Corrupt)?,
-        })
-    };
-    read().map_err(|e| match e {
-        StoreError::Corrupt(why) => {
-            StoreError::Corrupt(format!("control row {id} cannot be read: {why}"))
-        }
-        other => other,
-    })
-}
-
-/// Reads an `inbox` row, checked, and checks that its message can be stored
-/// ([`NewMessage::check_storable`]).
-///
-/// # Errors
-/// Why not, for its dead letter.
-fn inbox_row(row: &PgRow, id: i64, max_bytes: usize) -> Result<NewMessage, String> {
-    let text = |name| col::<String>(row, name).map_err(|e| format!("inbox row {id}: {e}"));
-    let message_id =
-        col::<Option<String>>(row, "message_id").map_err(|e| format!("inbox row {id}: {e}"))?;
-    let msg = inbox_message(
-        id,
-        message_id,
-        text("message_type")?,
-        &text("properties")?,
-        &text("body")?,
-    )?;
-    msg.check_storable(max_bytes)
-        .map_err(|e| format!("inbox row {id}: {e}"))?;
-    Ok(msg)
-}
-
-/// Publishes an inbox row's message inside `tx`, under a savepoint: a refusal by the database
-/// that retrying cannot cure is rolled back to it and returned (`Some(reason)`, for the row's
-/// dead letter), so that the rows beside it are still published.
-///
-/// # Errors
-/// A retryable error: the whole transaction is tried again later.
-async fn publish_or_refuse(
-    tx: &mut Tx,
-    id: i64,
-    msg: &NewMessage,
-    now: DateTime<Utc>,
-) -> StoreResult<Option<String>> {
-    savepoint(tx, "SAVEPOINT inbox_row").await?;
-    match publish_one(tx, msg, now).await {
-        Ok(_) => {
-            savepoint(tx, "RELEASE SAVEPOINT inbox_row").await?;
-            Ok(None)
-        }
-        Err(e) if e.is_retryable() => Err(e),
-        Err(e) => {
-            savepoint(tx, "ROLLBACK TO SAVEPOINT inbox_row").await?;
-            savepoint(tx, "RELEASE SAVEPOINT inbox_row").await?;
-            Ok(Some(format!(
-                "inbox row {id}: the database refused it: {e}"
-            )))
-        }
-    }
-}
-
-/// Runs a savepoint statement.
-async fn savepoint(tx: &mut Tx, sql: &str) -> StoreResult<()> {
-    sqlx::query(sql)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| map_err("savepoint", e))
-        .map(drop)
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
 
 #[async_trait]
 impl Maintenance for PostgresStore {
@@ -193,7 +92,7 @@ impl Maintenance for PostgresStore {
                started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
         )
         .bind(host)
-        .bind(hostname())
+        .bind(maintenance::hostname())
         .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
         .bind(now)
         .execute(&mut *tx)
@@ -240,81 +139,7 @@ impl Maintenance for PostgresStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<ControlApplied>> {
-        let mut out = Vec::new();
-        // A read first: most polls find nothing, and need not queue behind the writers.
-        if !exists(
-            &self.pool,
-            "SELECT EXISTS (SELECT 1 FROM control WHERE status = 'pending')",
-        )
-        .await?
-        {
-            return Ok(out);
-        }
-        for _ in 0..limit {
-            let mut tx = self.write().await?;
-            let Some(row) = sqlx::query(
-                "SELECT id, instance_id, action, reason, force FROM control WHERE status = 'pending' \
-                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-            )
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| map_err("apply controls", e))?
-            else {
-                break;
-            };
-            let request_id: i64 = col(&row, "id")?;
-            let (instance_id, result) = match control_request(&row, request_id) {
-                Ok(request) => (
-                    Some(request.instance_id),
-                    control_in(&mut tx, request.instance_id, &request.action, now).await,
-                ),
-                Err(e) => (None, Err(e)),
-            };
-            let (mut tx, status, text) = match result {
-                Ok(ref status) => (tx, "done", format!("instance is now {status}")),
-                // Tried again on the next poll.
-                Err(e) if e.is_retryable() => return Err(e),
-                // Anything else is this request's answer, never a stop for the requests behind
-                // it: what the action wrote is rolled back, and the row is marked rejected
-                // with the reason (locked again: another host may look at it meanwhile).
-                Err(ref e) => {
-                    tx.rollback()
-                        .await
-                        .map_err(|e| map_err("apply controls", e))?;
-                    let mut tx = self.write().await?;
-                    let still_pending: Option<i64> = sqlx::query_scalar(
-                        "SELECT id FROM control WHERE id = $1 AND status = 'pending' \
-                         FOR UPDATE SKIP LOCKED",
-                    )
-                    .bind(request_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(|e| map_err("apply controls", e))?;
-                    if still_pending.is_none() {
-                        continue;
-                    }
-                    (tx, "rejected", e.to_string())
-                }
-            };
-            sqlx::query(
-                "UPDATE control SET status = $2, result = $3, done_at = $4, done_by = $5 WHERE id = $1",
-            )
-            .bind(request_id)
-            .bind(status)
-            .bind(&text)
-            .bind(now)
-            .bind(host)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_err("apply controls", e))?;
-            commit(tx).await?;
-            out.push(ControlApplied {
-                id: request_id,
-                instance_id,
-                result: result.map_err(|e| e.to_string()),
-            });
-        }
-        Ok(out)
+        common::Upkeep::apply_controls(self, host, now, limit).await
     }
 
     async fn housekeeping(
@@ -322,41 +147,7 @@ impl Maintenance for PostgresStore {
         now: DateTime<Utc>,
         unrouted_before: DateTime<Utc>,
     ) -> StoreResult<Housekeeping> {
-        let mut tx = self.write().await?;
-        let zombies = sqlx::query(
-            "UPDATE messages m SET status = 'zombie', locked_by = NULL, \
-               reason = 'its instance ended (' || i.status || ') before consuming it' \
-             FROM instances i WHERE i.id = m.instance_id AND m.status = 'routed' \
-               AND i.status IN ('completed', 'failed', 'terminated')",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("housekeeping", e))?
-        .rows_affected();
-        sqlx::query(
-            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
-             SELECT id, NULL, NULL, message_type, body, \
-               'unrouted for longer than its time to live: ' || COALESCE(reason, ''), 0, $2 \
-             FROM messages WHERE status = 'unrouted' AND published_at < $1 \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(unrouted_before)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("housekeeping", e))?;
-        let expired = sqlx::query(
-            "UPDATE messages SET status = 'dead', \
-               reason = 'dead-lettered after its time to live: ' || COALESCE(reason, '') \
-             WHERE status = 'unrouted' AND published_at < $1",
-        )
-        .bind(unrouted_before)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("housekeeping", e))?
-        .rows_affected();
-        commit(tx).await?;
-        Ok(Housekeeping { zombies, expired })
+        common::Upkeep::housekeeping(self, now, unrouted_before).await
     }
 
     async fn take_inbox(
@@ -365,7 +156,7 @@ impl Maintenance for PostgresStore {
         limit: u32,
         max_message_bytes: usize,
     ) -> StoreResult<usize> {
-        if !exists(&self.pool, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
+        if !common::Upkeep::exists(self, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
             return Ok(0);
         }
         let mut tx = self.write().await?;
@@ -383,7 +174,10 @@ impl Maintenance for PostgresStore {
         let mut parsed = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = col(row, "id")?;
-            parsed.push((id, inbox_row(row, id, max_message_bytes)));
+            parsed.push((
+                id,
+                maintenance::inbox_row::<Self>(row, id, max_message_bytes),
+            ));
         }
         let good: Vec<NewMessage> = parsed
             .iter()
@@ -391,29 +185,7 @@ impl Maintenance for PostgresStore {
             .collect();
         lock_routes(&mut tx, routed_types(&good), []).await?;
         for (id, message) in parsed {
-            let refused = match message {
-                Ok(msg) => publish_or_refuse(&mut tx, id, &msg, now).await?,
-                Err(reason) => Some(reason),
-            };
-            if let Some(reason) = refused {
-                tracing::warn!(inbox.id = id, error = %reason, "an inbox row was dead-lettered");
-                sqlx::query(
-                    "INSERT INTO dead_letters (id, message_type, body, reason, attempts, dead_at) \
-                     SELECT 'inbox-' || id, message_type, body, $2, 0, $3 FROM inbox WHERE id = $1 \
-                     ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(id)
-                .bind(&reason)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("take inbox", e))?;
-            }
-            sqlx::query("DELETE FROM inbox WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("take inbox", e))?;
+            <Self as common::Upkeep>::take_inbox_row(&mut tx, id, message, now).await?;
         }
         notify(&mut tx).await?;
         commit(tx).await?;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{claims, listen, outbox, routing, PostgresStore};
+use crate::store::common::Outbox;
 use crate::store::*;
 
 #[async_trait]
@@ -122,7 +123,7 @@ impl MessageBox for PostgresStore {
         ids: &[String],
         lock_until: DateTime<Utc>,
     ) -> StoreResult<()> {
-        outbox::renew_outbox(self, host, ids, lock_until).await
+        Outbox::renew_outbox(self, host, ids, lock_until).await
     }
 
     async fn record_deliveries(
@@ -130,7 +131,7 @@ impl MessageBox for PostgresStore {
         outcomes: Vec<DeliveryOutcome>,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        outbox::record_deliveries(self, outcomes, now).await
+        Outbox::record_deliveries(self, outcomes, now).await
     }
 
     async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {

@@ -30,6 +30,7 @@
 //! Everything lives in the schema `cairn` (the connection's `search_path`), including sqlx's
 //! migration table. Times are `TIMESTAMPTZ` written from the engine's clock, never the database's.
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
@@ -171,6 +172,159 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 type Tx = Transaction<'static, Postgres>;
+
+/// What the shared rooms ([`common`](super::common)) need of PostgreSQL: uuids, times and
+/// lists bound as themselves, rows locked when read to write, other hosts woken.
+impl common::Backend for PostgresStore {
+    type Db = Postgres;
+    type Tx = Tx;
+    type Id = Uuid;
+    type Time = DateTime<Utc>;
+    type Count = i32;
+    type List = Vec<String>;
+
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    const TRUE: &'static str = "TRUE";
+    const IN_LIST_1: &'static str = "= ANY($1)";
+    const IN_LIST_3: &'static str = "= ANY($3)";
+    const TEXT_OR_NULL_1: &'static str = "$1::text";
+    const DEAD_LETTER_BODY: &'static str = "body";
+    const COUNT_AS: &'static str = "n";
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    const ZOMBIES: &'static str = "UPDATE messages m SET status = 'zombie', locked_by = NULL, \
+           reason = 'its instance ended (' || i.status || ') before consuming it' \
+         FROM instances i WHERE i.id = m.instance_id AND m.status = 'routed' \
+           AND i.status IN ('completed', 'failed', 'terminated')";
+
+    fn uuid(id: Uuid) -> Uuid {
+        id
+    }
+    fn time(at: DateTime<Utc>) -> DateTime<Utc> {
+        at
+    }
+    fn count(n: u32) -> i32 {
+        int4(n)
+    }
+    fn list(ids: &[String]) -> Vec<String> {
+        ids.to_vec()
+    }
+    fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
+        map_err(operation, err)
+    }
+    fn rows_affected(done: &sqlx::postgres::PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn reads(&self) -> &PgPool {
+        &self.pool
+    }
+    fn begin(&self) -> impl Future<Output = StoreResult<Tx>> + Send {
+        self.write()
+    }
+    fn commit(tx: Tx) -> impl Future<Output = StoreResult<()>> + Send {
+        connect::commit(tx)
+    }
+    async fn publish_one(tx: &mut Tx, msg: &NewMessage, now: DateTime<Utc>) -> StoreResult<()> {
+        routing::publish_one(tx, msg, now).await.map(drop)
+    }
+    async fn notify(tx: &mut Tx) -> StoreResult<()> {
+        listen::notify(tx).await
+    }
+    async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
+        batch::unlock_instances(tx, &[id], &[]).await
+    }
+    async fn begin_again(&self, tx: Tx, request_id: i64) -> StoreResult<Option<Tx>> {
+        tx.rollback()
+            .await
+            .map_err(|e| map_err("apply controls", e))?;
+        // Locked again: another host may look at it meanwhile.
+        let mut tx = self.write().await?;
+        let still_pending: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM control WHERE id = $1 AND status = 'pending' FOR UPDATE SKIP LOCKED",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| map_err("apply controls", e))?;
+        Ok(still_pending.map(|_| tx))
+    }
+    async fn ready_messages(&self, now: DateTime<Utc>) -> StoreResult<i64> {
+        // Locks of hosts that are gone do not hide work: another host will take it over.
+        sqlx::query_scalar(&claims::READY_MESSAGES)
+            .bind(now)
+            .bind(self.host_cutoff(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))
+    }
+    async fn next_timer_at(&self, now: DateTime<Utc>) -> StoreResult<Option<DateTime<Utc>>> {
+        sqlx::query_scalar(&claims::NEXT_TIMER)
+            .bind(now)
+            .bind(self.host_cutoff(now))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))
+    }
+
+    fn col_text(row: &PgRow, name: &str) -> StoreResult<String> {
+        col(row, name)
+    }
+    fn col_text_opt(row: &PgRow, name: &str) -> StoreResult<Option<String>> {
+        col(row, name)
+    }
+    fn col_i64(row: &PgRow, name: &str) -> StoreResult<i64> {
+        col(row, name)
+    }
+    fn col_bool(row: &PgRow, name: &str) -> StoreResult<bool> {
+        col(row, name)
+    }
+    fn col_bytes_opt(row: &PgRow, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        col(row, name)
+    }
+    fn col_uuid(row: &PgRow, name: &str) -> StoreResult<Uuid> {
+        col(row, name)
+    }
+    fn col_uuid_opt(row: &PgRow, name: &str) -> StoreResult<Option<Uuid>> {
+        col(row, name)
+    }
+    fn col_time(row: &PgRow, name: &str) -> StoreResult<DateTime<Utc>> {
+        col(row, name)
+    }
+    fn col_time_opt(row: &PgRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        col(row, name)
+    }
+    fn col_u32(row: &PgRow, table: &str, name: &str) -> StoreResult<u32> {
+        uint(col(row, name)?, &format!("{table}.{name}"))
+    }
+    fn col_json<T: serde::de::DeserializeOwned>(row: &PgRow, name: &str) -> StoreResult<T> {
+        col_json(row, name)
+    }
+    fn col_json_opt<T: serde::de::DeserializeOwned>(
+        row: &PgRow,
+        name: &str,
+    ) -> StoreResult<Option<T>> {
+        col::<Option<String>>(row, name)?
+            .as_deref()
+            .map(parse_json)
+            .transpose()
+    }
+    fn as_text(column: &str) -> String {
+        column.to_owned()
+    }
+    fn read_text(row: &PgRow, name: &str) -> Result<String, String> {
+        col(row, name).map_err(|e| e.to_string())
+    }
+    fn read_text_opt(row: &PgRow, name: &str) -> Result<Option<String>, String> {
+        col(row, name).map_err(|e| e.to_string())
+    }
+    fn col_body(row: &PgRow, name: &str) -> StoreResult<String> {
+        col(row, name)
+    }
+}
+
+impl common::Outbox for PostgresStore {}
+impl common::Operator for PostgresStore {}
+impl common::Upkeep for PostgresStore {}
 
 /// The throwaway-cluster harness of the integration tests, shared with this module's tests.
 #[cfg(test)]

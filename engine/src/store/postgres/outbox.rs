@@ -6,23 +6,10 @@ use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use super::connect::commit;
-use super::listen::notify;
 use super::routing::publish_one;
-use super::{col, col_json, int4, map_err, uint, PostgresStore, Tx};
-use crate::store::{DeliveryOutcome, MessageKind, NewMessage, OutboxRow, StoreResult};
-
-/// An outbox row as the dispatcher sees it.
-pub(super) fn outbox_row(row: &PgRow) -> StoreResult<OutboxRow> {
-    Ok(OutboxRow {
-        id: col(row, "id")?,
-        instance_id: col(row, "instance_id")?,
-        port: col(row, "port")?,
-        message_type: col(row, "message_type")?,
-        body: col_json(row, "body")?,
-        expects_reply: col(row, "expects_reply")?,
-        attempts: uint(col(row, "attempts")?, "outbox.attempts")?,
-    })
-}
+use super::{col, map_err, PostgresStore, Tx};
+use crate::store::common::Outbox;
+use crate::store::{MessageKind, NewMessage, OutboxRow, StoreResult};
 
 /// Dead-letters a claimed outbox row that cannot be read: a copy goes to `dead_letters` with
 /// the reason, the row is marked `dead`, and its instance is told (`Event::SendFailed`).
@@ -64,42 +51,6 @@ async fn bury_send(tx: &mut Tx, row: &PgRow, why: &str, now: DateTime<Utc>) -> S
     Ok(())
 }
 
-/// Moves a send (already marked `dead` in the outbox) to `dead_letters` and tells its instance.
-pub(super) async fn dead_letter_send(
-    tx: &mut Tx,
-    row: &OutboxRow,
-    error: &str,
-    attempts: u32,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, attempts = excluded.attempts, \
-         dead_at = excluded.dead_at",
-    )
-    .bind(&row.id)
-    .bind(row.instance_id)
-    .bind(&row.port)
-    .bind(&row.message_type)
-    .bind(row.body.to_string())
-    .bind(error)
-    .bind(int4(attempts))
-    .bind(now)
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| map_err("dead letter send", e))?;
-    let msg = NewMessage::to_instance(
-        format!("{}:failed", row.id),
-        format!("{}.failed", row.message_type),
-        MessageKind::SendFailed,
-        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
-        row.instance_id,
-    );
-    publish_one(tx, &msg, now).await?;
-    notify(tx).await
-}
-
 /// [`MessageBox::claim_outbox`](crate::store::MessageBox::claim_outbox) on PostgreSQL.
 pub(super) async fn claim_outbox(
     store: &PostgresStore,
@@ -132,7 +83,7 @@ pub(super) async fn claim_outbox(
     .map_err(|e| map_err("claim outbox", e))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
-        match outbox_row(row) {
+        match <PostgresStore as Outbox>::outbox_row(row) {
             Ok(send) => out.push(send),
             // Dead-lettered in the claim's transaction: never claimed again, never a stop
             // for the sends beside it.
@@ -176,7 +127,7 @@ pub(super) async fn claim_ordered(
     if status != "pending" || !due || locked_elsewhere {
         return Ok(None);
     }
-    let row = outbox_row(&head)?;
+    let row = <PostgresStore as Outbox>::outbox_row(&head)?;
     sqlx::query("UPDATE outbox SET locked_by = $2, locked_until = $3 WHERE id = $1")
         .bind(&row.id)
         .bind(host)
@@ -186,118 +137,4 @@ pub(super) async fn claim_ordered(
         .map_err(|e| map_err("claim ordered", e))?;
     commit(tx).await?;
     Ok(Some(row))
-}
-
-/// [`MessageBox::renew_outbox`](crate::store::MessageBox::renew_outbox) on PostgreSQL.
-pub(super) async fn renew_outbox(
-    store: &PostgresStore,
-    host: &str,
-    ids: &[String],
-    lock_until: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    sqlx::query(
-        "UPDATE outbox SET locked_until = $2 WHERE locked_by = $1 AND status = 'pending' \
-         AND id = ANY($3)",
-    )
-    .bind(host)
-    .bind(lock_until)
-    .bind(ids)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| map_err("renew outbox", e))?;
-    commit(tx).await
-}
-
-/// [`MessageBox::record_deliveries`](crate::store::MessageBox::record_deliveries) on PostgreSQL.
-pub(super) async fn record_deliveries(
-    store: &PostgresStore,
-    outcomes: Vec<DeliveryOutcome>,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    for outcome in &outcomes {
-        match outcome {
-            DeliveryOutcome::Delivered {
-                row,
-                reply,
-                via_backup,
-            } => {
-                let done = sqlx::query(
-                    "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
-                     last_attempt_at = $2, delivered_via = $3, locked_by = NULL, locked_until = NULL, \
-                     last_error = NULL WHERE id = $1 AND status IN ('pending', 'held', 'give_up')",
-                )
-                .bind(&row.id)
-                .bind(now)
-                .bind(if *via_backup { "backup" } else { "primary" })
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?
-                .rows_affected();
-                if let (Some(reply), 1) = (reply, done) {
-                    let mut msg = NewMessage::to_instance(
-                        row.reply_id(),
-                        format!("{}.reply", row.message_type),
-                        MessageKind::Reply,
-                        reply.clone(),
-                        row.instance_id,
-                    );
-                    msg.properties.insert("request_id".into(), row.id.clone());
-                    msg.properties.insert("port".into(), row.port.clone());
-                    publish_one(&mut tx, &msg, now).await?;
-                    notify(&mut tx).await?;
-                }
-            }
-            DeliveryOutcome::Retry {
-                row,
-                error,
-                retry_at,
-            } => {
-                sqlx::query(
-                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
-                     last_attempt_at = $4, locked_by = NULL, locked_until = NULL \
-                     WHERE id = $1 AND status = 'pending'",
-                )
-                .bind(&row.id)
-                .bind(retry_at)
-                .bind(error)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?;
-            }
-            DeliveryOutcome::Held { row, error } => {
-                sqlx::query(
-                    "UPDATE outbox SET status = 'held', attempts = attempts + 1, last_error = $2, \
-                     last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
-                     WHERE id = $1 AND status = 'pending'",
-                )
-                .bind(&row.id)
-                .bind(error)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?;
-            }
-            DeliveryOutcome::Dead { row, error } => {
-                let done = sqlx::query(
-                    "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = $2, \
-                     last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
-                     WHERE id = $1 AND status = 'pending'",
-                )
-                .bind(&row.id)
-                .bind(error)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?
-                .rows_affected();
-                if done == 1 {
-                    dead_letter_send(&mut tx, row, error, row.attempts + 1, now).await?;
-                }
-            }
-        }
-    }
-    commit(tx).await
 }

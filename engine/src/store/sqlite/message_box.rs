@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::routing::reroute;
 use super::{batch, claims, commit, outbox, routing, SqliteStore};
+use crate::store::common::Outbox;
 use crate::store::*;
 
 #[async_trait]
@@ -127,7 +128,7 @@ impl MessageBox for SqliteStore {
         ids: &[String],
         lock_until: DateTime<Utc>,
     ) -> StoreResult<()> {
-        outbox::renew_outbox(self, host, ids, lock_until).await
+        Outbox::renew_outbox(self, host, ids, lock_until).await
     }
 
     async fn record_deliveries(
@@ -135,6 +136,6 @@ impl MessageBox for SqliteStore {
         outcomes: Vec<DeliveryOutcome>,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        outbox::record_deliveries(self, outcomes, now).await
+        Outbox::record_deliveries(self, outcomes, now).await
     }
 }

@@ -6,8 +6,9 @@
 //! Times are stored as fixed-width ISO-8601 UTC text so that they compare correctly as text.
 //!
 //! This file holds [`SqliteStore`], the helpers every room shares (times, ids and columns read
-//! checked, `map_err`), and the way into a write transaction. The rest is in rooms by concern;
-//! the PostgreSQL backend has rooms of the same names:
+//! checked, `map_err`), the way into a write transaction, and what the rooms shared with
+//! PostgreSQL (`store::common`) need of this backend (`impl Backend`). The rest is in rooms by
+//! concern; the PostgreSQL backend has rooms of the same names:
 //!
 //! | room | what is in it |
 //! |---|---|
@@ -16,11 +17,12 @@
 //! | `routing` | publish and start, routes, reroutes, subscriptions, new instances, convoys |
 //! | `claims` | claims of messages and timers, leases (acquire, heartbeat, release), unlock |
 //! | `batch` | multi-row writes: a group commit (persistence points), starts, publish batches |
-//! | `outbox` | the send side: claims of outbox rows (ordered ports too), renewals, delivery outcomes |
-//! | `operator` | `impl OperatorVerbs`: control, dead letters, resubmit, purge, list and show |
-//! | `maintenance` | `impl Maintenance`: migrations, the schema check, recovery at start, activations, `control` and `inbox` rows, housekeeping |
+//! | `outbox` | the send side's claims (ordered ports too); renewals and delivery outcomes are `common::Outbox` |
+//! | `operator` | `impl OperatorVerbs`, handing over to `common::Operator`; summaries of many instances |
+//! | `maintenance` | `impl Maintenance`: migrations, the schema check, recovery at start, activations, `inbox` rows; `control` rows and housekeeping are `common::Upkeep` |
 //! | `writer` | the one write connection and the transaction over it |
 
+use std::future::Future;
 use std::str::FromStr;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -250,6 +252,167 @@ impl SqliteStore {
 async fn commit(tx: Tx) -> StoreResult<()> {
     tx.commit().await
 }
+
+/// A write transaction as the shared rooms hold it: [`Tx`], which stays private to this backend.
+pub(in crate::store) struct WriteTx(Tx);
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::SqliteConnection;
+
+    fn deref(&self) -> &sqlx::SqliteConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut sqlx::SqliteConnection {
+        &mut self.0
+    }
+}
+
+/// What the shared rooms ([`common`](super::common)) need of SQLite: uuids and times bound as
+/// text, lists of ids as JSON text read with `json_each`, columns read checked.
+impl common::Backend for SqliteStore {
+    type Db = Sqlite;
+    type Tx = WriteTx;
+    type Id = String;
+    type Time = String;
+    type Count = i64;
+    type List = String;
+
+    const FOR_UPDATE: &'static str = "";
+    const TRUE: &'static str = "1";
+    const IN_LIST_1: &'static str = "IN (SELECT value FROM json_each($1))";
+    const IN_LIST_3: &'static str = "IN (SELECT value FROM json_each($3))";
+    const TEXT_OR_NULL_1: &'static str = "$1";
+    const DEAD_LETTER_BODY: &'static str = "CAST(body AS BLOB) AS body";
+    const COUNT_AS: &'static str = "count";
+    const SKIP_LOCKED: &'static str = "";
+    const ZOMBIES: &'static str =
+        "UPDATE messages SET status = 'zombie', locked_by = NULL, reason = 'its instance ended (' || \
+           (SELECT i.status FROM instances i WHERE i.id = messages.instance_id) || ') before consuming it' \
+         WHERE status = 'routed' AND instance_id IN \
+           (SELECT id FROM instances WHERE status IN ('completed', 'failed', 'terminated'))";
+
+    fn uuid(id: Uuid) -> String {
+        id.to_string()
+    }
+    fn time(at: DateTime<Utc>) -> String {
+        ts(at)
+    }
+    fn count(n: u32) -> i64 {
+        i64::from(n)
+    }
+    fn list(ids: &[String]) -> String {
+        serde_json::json!(ids).to_string()
+    }
+    fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
+        map_err(operation, err)
+    }
+    fn rows_affected(done: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn reads(&self) -> &SqlitePool {
+        &self.pool
+    }
+    async fn begin(&self) -> StoreResult<WriteTx> {
+        self.write().await.map(WriteTx)
+    }
+    fn commit(tx: WriteTx) -> impl Future<Output = StoreResult<()>> + Send {
+        commit(tx.0)
+    }
+    async fn publish_one(
+        tx: &mut WriteTx,
+        msg: &NewMessage,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        routing::publish_one(&mut tx.0, msg, now).await.map(drop)
+    }
+    async fn notify(_tx: &mut WriteTx) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn unlock_instance(tx: &mut WriteTx, id: Uuid) -> StoreResult<()> {
+        batch::unlock_instances(&mut tx.0, None, &[id.to_string()], &[]).await
+    }
+    async fn begin_again(&self, tx: WriteTx, _request_id: i64) -> StoreResult<Option<WriteTx>> {
+        drop(tx);
+        self.write().await.map(|tx| Some(WriteTx(tx)))
+    }
+    async fn ready_messages(&self, _now: DateTime<Utc>) -> StoreResult<i64> {
+        sqlx::query_scalar(claims::READY_MESSAGES)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))
+    }
+    async fn next_timer_at(&self, _now: DateTime<Utc>) -> StoreResult<Option<DateTime<Utc>>> {
+        let next: Option<String> = sqlx::query_scalar(claims::NEXT_TIMER)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| map_err("activity", e))?;
+        next.as_deref().map(parse_ts).transpose()
+    }
+
+    fn col_text(row: &SqliteRow, name: &str) -> StoreResult<String> {
+        col(row, name)
+    }
+    fn col_text_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<String>> {
+        col(row, name)
+    }
+    fn col_i64(row: &SqliteRow, name: &str) -> StoreResult<i64> {
+        col(row, name)
+    }
+    fn col_bool(row: &SqliteRow, name: &str) -> StoreResult<bool> {
+        col(row, name)
+    }
+    fn col_bytes_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        col(row, name)
+    }
+    fn col_uuid(row: &SqliteRow, name: &str) -> StoreResult<Uuid> {
+        col_uuid(row, name)
+    }
+    fn col_uuid_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Uuid>> {
+        col_uuid_opt(row, name)
+    }
+    fn col_time(row: &SqliteRow, name: &str) -> StoreResult<DateTime<Utc>> {
+        col_ts(row, name)
+    }
+    fn col_time_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        col_ts_opt(row, name)
+    }
+    fn col_u32(row: &SqliteRow, _table: &str, name: &str) -> StoreResult<u32> {
+        col_u32(row, name)
+    }
+    fn col_json<T: serde::de::DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
+        col_json(row, name)
+    }
+    fn col_json_opt<T: serde::de::DeserializeOwned>(
+        row: &SqliteRow,
+        name: &str,
+    ) -> StoreResult<Option<T>> {
+        col::<Option<String>>(row, name)?
+            .map(|t| parse_json(&t).map_err(|e| in_column(name, e)))
+            .transpose()
+    }
+    fn as_text(column: &str) -> String {
+        as_text(column)
+    }
+    fn read_text(row: &SqliteRow, name: &str) -> Result<String, String> {
+        read(row, name)
+    }
+    fn read_text_opt(row: &SqliteRow, name: &str) -> Result<Option<String>, String> {
+        read(row, name)
+    }
+    fn col_body(row: &SqliteRow, name: &str) -> StoreResult<String> {
+        // As bytes: text that is not UTF-8 (copied from a row written by hand) is shown, not
+        // refused.
+        Ok(String::from_utf8_lossy(&col::<Vec<u8>>(row, name)?).into_owned())
+    }
+}
+
+impl common::Outbox for SqliteStore {}
+impl common::Operator for SqliteStore {}
+impl common::Upkeep for SqliteStore {}
 
 #[cfg(test)]
 mod tests {

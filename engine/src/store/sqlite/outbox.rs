@@ -6,24 +6,9 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 
 use super::routing::publish_one;
-use super::{
-    as_text, col, col_json, col_ts, col_ts_opt, col_u32, col_uuid, commit, map_err, ts,
-    SqliteStore, Tx,
-};
-use crate::store::{DeliveryOutcome, MessageKind, NewMessage, OutboxRow, StoreResult};
-
-/// An outbox row as the dispatcher sees it.
-pub(super) fn outbox_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<OutboxRow> {
-    Ok(OutboxRow {
-        id: col(row, "id")?,
-        instance_id: col_uuid(row, "instance_id")?,
-        port: col(row, "port")?,
-        message_type: col(row, "message_type")?,
-        body: col_json(row, "body")?,
-        expects_reply: col(row, "expects_reply")?,
-        attempts: col_u32(row, "attempts")?,
-    })
-}
+use super::{as_text, col, col_ts, col_ts_opt, col_uuid, commit, map_err, ts, SqliteStore, Tx};
+use crate::store::common::Outbox;
+use crate::store::{MessageKind, NewMessage, OutboxRow, StoreResult};
 
 /// Dead-letters a claimed outbox row that cannot be read: a copy goes to `dead_letters` with
 /// the reason (its columns as text, whatever they hold), the row is marked `dead`, and its
@@ -75,42 +60,6 @@ async fn bury_send(tx: &mut Tx, row: &SqliteRow, why: &str, now: DateTime<Utc>) 
     Ok(())
 }
 
-/// Moves a send (already marked `dead` in the outbox) to `dead_letters` and tells its instance.
-pub(super) async fn dead_letter_send(
-    tx: &mut Tx,
-    row: &OutboxRow,
-    error: &str,
-    attempts: u32,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, attempts = excluded.attempts, \
-         dead_at = excluded.dead_at",
-    )
-    .bind(&row.id)
-    .bind(row.instance_id.to_string())
-    .bind(&row.port)
-    .bind(&row.message_type)
-    .bind(row.body.to_string())
-    .bind(error)
-    .bind(i64::from(attempts))
-    .bind(ts(now))
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| map_err("dead letter send", e))?;
-    let msg = NewMessage::to_instance(
-        format!("{}:failed", row.id),
-        format!("{}.failed", row.message_type),
-        MessageKind::SendFailed,
-        serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
-        row.instance_id,
-    );
-    publish_one(tx, &msg, now).await?;
-    Ok(())
-}
-
 pub(super) async fn claim_outbox(
     store: &SqliteStore,
     host: &str,
@@ -139,7 +88,7 @@ pub(super) async fn claim_outbox(
     let mut out = Vec::with_capacity(rows.len());
     let mut unreadable = Vec::new();
     for row in &rows {
-        match outbox_row(row) {
+        match <SqliteStore as Outbox>::outbox_row(row) {
             Ok(send) => out.push(send),
             Err(e) => unreadable.push((row, e.to_string())),
         }
@@ -182,7 +131,7 @@ pub(super) async fn claim_ordered(
     if status != "pending" || !due || locked_elsewhere {
         return Ok(None);
     }
-    let row = outbox_row(&head)?;
+    let row = <SqliteStore as Outbox>::outbox_row(&head)?;
     sqlx::query("UPDATE outbox SET locked_by = $2, locked_until = $3 WHERE id = $1")
         .bind(&row.id)
         .bind(host)
@@ -192,115 +141,4 @@ pub(super) async fn claim_ordered(
         .map_err(|e| map_err("claim ordered", e))?;
     commit(tx).await?;
     Ok(Some(row))
-}
-
-pub(super) async fn renew_outbox(
-    store: &SqliteStore,
-    host: &str,
-    ids: &[String],
-    lock_until: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    sqlx::query(
-        "UPDATE outbox SET locked_until = $2 WHERE locked_by = $1 AND status = 'pending' \
-         AND id IN (SELECT value FROM json_each($3))",
-    )
-    .bind(host)
-    .bind(ts(lock_until))
-    .bind(serde_json::json!(ids).to_string())
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| map_err("renew outbox", e))?;
-    commit(tx).await
-}
-
-pub(super) async fn record_deliveries(
-    store: &SqliteStore,
-    outcomes: Vec<DeliveryOutcome>,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    for outcome in &outcomes {
-        match outcome {
-            DeliveryOutcome::Delivered {
-                row,
-                reply,
-                via_backup,
-            } => {
-                let done = sqlx::query(
-                    "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $2, \
-                     last_attempt_at = $2, delivered_via = $3, locked_by = NULL, locked_until = NULL, \
-                     last_error = NULL WHERE id = $1 AND status IN ('pending', 'held', 'give_up')",
-                )
-                .bind(&row.id)
-                .bind(ts(now))
-                .bind(if *via_backup { "backup" } else { "primary" })
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?
-                .rows_affected();
-                if let (Some(reply), 1) = (reply, done) {
-                    let mut msg = NewMessage::to_instance(
-                        row.reply_id(),
-                        format!("{}.reply", row.message_type),
-                        MessageKind::Reply,
-                        reply.clone(),
-                        row.instance_id,
-                    );
-                    msg.properties.insert("request_id".into(), row.id.clone());
-                    msg.properties.insert("port".into(), row.port.clone());
-                    publish_one(&mut tx, &msg, now).await?;
-                }
-            }
-            DeliveryOutcome::Retry {
-                row,
-                error,
-                retry_at,
-            } => {
-                sqlx::query(
-                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3, \
-                     last_attempt_at = $4, locked_by = NULL, locked_until = NULL \
-                     WHERE id = $1 AND status = 'pending'",
-                )
-                .bind(&row.id)
-                .bind(ts(*retry_at))
-                .bind(error)
-                .bind(ts(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?;
-            }
-            DeliveryOutcome::Held { row, error } => {
-                sqlx::query(
-                    "UPDATE outbox SET status = 'held', attempts = attempts + 1, last_error = $2, \
-                     last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
-                     WHERE id = $1 AND status = 'pending'",
-                )
-                .bind(&row.id)
-                .bind(error)
-                .bind(ts(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?;
-            }
-            DeliveryOutcome::Dead { row, error } => {
-                let done = sqlx::query(
-                    "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = $2, \
-                     last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
-                     WHERE id = $1 AND status = 'pending'",
-                )
-                .bind(&row.id)
-                .bind(error)
-                .bind(ts(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("record deliveries", e))?
-                .rows_affected();
-                if done == 1 {
-                    dead_letter_send(&mut tx, row, error, row.attempts + 1, now).await?;
-                }
-            }
-        }
-    }
-    commit(tx).await
 }
