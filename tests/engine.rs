@@ -42,6 +42,7 @@ backend_tests!(
     an_unrouted_message_is_kept_and_routed_when_a_receive_appears,
     replay_after_a_crash_delivers_consumed_messages_again_in_order,
     failing_commits_are_retried_and_nothing_is_lost,
+    a_commit_whose_reply_was_lost_is_retried_without_refusing_it,
     commits_failing_beyond_retries_resume_from_the_last_point,
     bad_input_becomes_a_queryable_record_and_the_host_keeps_going,
     shutdown_saves_instances_that_consumed_messages_since_their_last_point,
@@ -250,6 +251,38 @@ async fn failing_commits_are_retried_and_nothing_is_lost(db: TestDb) {
         db.wait_status(*id, InstanceStatus::Completed, WAIT).await;
     }
     assert!(plan.commits() >= 4);
+    assert_g2(&db, &deliveries).await;
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'")
+            .await,
+        0
+    );
+    host.stop();
+}
+
+/// A commit the database wrote but whose reply was lost (the connection cut after COMMIT, as in
+/// a database restart) is retried like any transient failure. The retry finds the points'
+/// messages consumed already: that is no reason to suspend anyone (G5 held, G6 would not). The
+/// instances resume from what is stored and complete, each message consumed once.
+async fn a_commit_whose_reply_was_lost_is_retried_without_refusing_it(db: TestDb) {
+    let plan = FaultPlan::new();
+    let deliveries = Deliveries::default();
+    let (host, client) =
+        HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
+    plan.lose_next_commit_replies(3);
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(routed(publish(&client, &format!("lost{i}"), "order.placed",
+            json!({"order_id": format!("lost{i}"), "customer": "c", "amount": 5.0, "shipment_timeout_ms": 30000})).await));
+    }
+    for id in &ids {
+        db.wait_status(*id, InstanceStatus::Completed, WAIT).await;
+    }
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE status = 'suspended'")
+            .await,
+        0
+    );
     assert_g2(&db, &deliveries).await;
     assert_eq!(
         db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'")

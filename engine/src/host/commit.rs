@@ -38,11 +38,13 @@ enum Written {
 /// How many times a transient failure is retried before the points go back.
 const ATTEMPTS: u32 = 8;
 
-/// Commits `points`, retrying transient failures; see the module docs.
+/// Commits `points`, retrying transient failures; see the module docs. Also says whether an
+/// attempt failed transiently: such an attempt may have been written all the same (the
+/// connection was lost after the database committed, before its reply came back).
 async fn commit_retrying(
     store: &dyn Store,
     points: &[PersistencePoint],
-) -> Result<Vec<CommitOutcome>, StoreError> {
+) -> (Result<Vec<CommitOutcome>, StoreError>, bool) {
     let mut wait = Duration::from_millis(50);
     let mut attempt = 0;
     loop {
@@ -53,7 +55,7 @@ async fn commit_retrying(
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
-            other => return other,
+            other => return (other, attempt > 1),
         }
     }
 }
@@ -81,7 +83,8 @@ async fn commit_isolating(store: &dyn Store, points: &[PersistencePoint]) -> Vec
     }
     ranges.reverse();
     while let Some((from, to)) = ranges.pop() {
-        match commit_retrying(store, &points[from..to]).await {
+        let (result, uncertain) = commit_retrying(store, &points[from..to]).await;
+        match result {
             Ok(outcomes) => {
                 for (slot, outcome) in written[from..to].iter_mut().zip(outcomes) {
                     *slot = Some(Written::Outcome(outcome));
@@ -91,6 +94,14 @@ async fn commit_isolating(store: &dyn Store, points: &[PersistencePoint]) -> Vec
                 tracing::error!(error = %e, points = points.len(),
                     "commit failed; the instances resume from their last persistence point");
                 break;
+            }
+            Err(e) if uncertain => {
+                // An earlier attempt was cut off and may have been written: what the database
+                // refuses now may be these very points, stored already (their messages consumed,
+                // their history written). Nothing is refused on that evidence; the instances
+                // resume from what is stored, whichever it is.
+                tracing::warn!(error = %e, points = to - from,
+                    "a commit retried after a lost connection failed; an earlier attempt may have been written, so the instances resume from what is stored");
             }
             Err(e) if to - from > 1 => {
                 tracing::warn!(error = %e, points = to - from,

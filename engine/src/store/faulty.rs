@@ -33,6 +33,7 @@ pub enum CrashPoint {
 #[derive(Debug, Default)]
 pub struct FaultPlan {
     fail_commits: AtomicU32,
+    lose_replies: AtomicU32,
     crash_at: AtomicI64,
     crash_after: AtomicBool,
     commits: AtomicU64,
@@ -52,6 +53,12 @@ impl FaultPlan {
     /// Fails the next `n` commits with a retryable error (nothing written).
     pub fn fail_next_commits(&self, n: u32) {
         self.fail_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// Writes the next `n` commits and then fails them as a lost connection would: the points
+    /// are stored, but the caller hears an error worth retrying (a commit whose reply was lost).
+    pub fn lose_next_commit_replies(&self, n: u32) {
+        self.lose_replies.store(n, Ordering::SeqCst);
     }
 
     /// Crashes at the `n`-th commit from now on (1 is the next one).
@@ -224,7 +231,13 @@ impl MessageBox for FaultyStore {
                 ),
             });
         }
-        self.inner.commit(points).await
+        let outcomes = self.inner.commit(points).await?;
+        let losing = self.plan.lose_replies.load(Ordering::SeqCst);
+        if losing > 0 && outcomes.contains(&CommitOutcome::Committed) {
+            self.plan.lose_replies.store(losing - 1, Ordering::SeqCst);
+            return Err(StoreError::Injected("commit (written, its reply lost)"));
+        }
+        Ok(outcomes)
     }
 
     async fn subscribe(
