@@ -190,7 +190,7 @@ async fn a_point_consuming_a_message_not_routed_to_its_instance_fails_and_writes
     ] {
         let err = db.store.commit(&points).await.unwrap_err();
         assert!(
-            matches!(&err, StoreError::Corrupt(text) if text.contains("consumed twice")),
+            matches!(&err, StoreError::NotRouted(text) if text.contains("consumed twice")),
             "{shape}: {err}"
         );
         assert_eq!(

@@ -11,6 +11,12 @@
 //! The messages the refused point had consumed are delivered again on resume and count toward
 //! poison protection. A point that can never be stored on any backend
 //! ([`PersistencePoint::check_storable`]) is refused the same way without being sent.
+//!
+//! Two failures are not the data's fault, and refuse nothing: a point that consumed messages
+//! the store no longer routes to its instance ([`StoreError::NotRouted`]: the copy in memory is
+//! behind what is stored, after a database restart with several hosts, say), and any failure of a
+//! commit retried after a lost connection (the lost attempt may have been written). Their
+//! instances go back and resume from what is stored.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -109,6 +115,12 @@ async fn commit_isolating(store: &dyn Store, points: &[PersistencePoint]) -> Vec
                 let middle = from + (to - from) / 2;
                 ranges.push((middle, to));
                 ranges.push((from, middle));
+            }
+            Err(e @ StoreError::NotRouted(_)) => {
+                // Made from a copy in memory the store has moved past: nothing to refuse, the
+                // instance is loaded again from what is stored (G5 kept: nothing consumed twice).
+                tracing::warn!(error = %e, instance.id = %points[from].instance_id,
+                    "a persistence point consumed messages no longer routed to its instance; the instance resumes from what is stored");
             }
             Err(e) => written[from] = Some(Written::Refused(e.to_string())),
         }

@@ -78,6 +78,12 @@ pub enum StoreError {
     /// A row holds something the engine cannot read.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// Persistence points consumed messages that are no longer routed to their instance: the
+    /// points were made from an instance in memory that the store has moved past (another host,
+    /// or an earlier point, consumed them). Nothing is written; the instance is to be loaded
+    /// again from what is stored.
+    #[error("{0}")]
+    NotRouted(String),
     /// Input that can never be stored (a NUL in text, over the maximum message size): refused,
     /// never retried. The text says what is wrong and what to do.
     #[error("refused: {0}")]
@@ -146,6 +152,7 @@ impl StoreError {
                 | StoreError::NoSuchInstance(_)
                 | StoreError::NotResumable { .. }
                 | StoreError::Corrupt(_)
+                | StoreError::NotRouted(_)
                 | StoreError::Refused(_)
         )
     }

@@ -250,7 +250,7 @@ impl<'a> Written<'a> {
 /// not all routed to their instance: the store holds what the engine cannot have written.
 pub(crate) fn not_routed(consumed: &[Row<'_, i64>]) -> StoreError {
     let consumed: Vec<(Uuid, i64)> = consumed.iter().map(|r| (r.instance(), r.row)).collect();
-    StoreError::Corrupt(format!(
+    StoreError::NotRouted(format!(
         "persistence points consumed messages {consumed:?} (instance, seq), not all routed to \
          their instance (consumed twice?)"
     ))

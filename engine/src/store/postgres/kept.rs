@@ -92,6 +92,7 @@ impl PointConnection {
                         ..
                     })
                     | Err(StoreError::Corrupt(_))
+                    | Err(StoreError::NotRouted(_))
             );
         }
     }
