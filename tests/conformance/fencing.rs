@@ -83,7 +83,7 @@ async fn a_point_commits_once_and_a_stale_epoch_is_fenced(db: TestDb) {
     again.consumed = vec![claimed[0].seq];
     assert!(matches!(
         store.commit(&[again]).await,
-        Err(StoreError::Corrupt(_))
+        Err(StoreError::NotRouted(_))
     ));
     assert_eq!(db.count("SELECT COUNT(*) FROM history").await, 1);
 
