@@ -466,3 +466,80 @@ fn dead_letters_where<B: Backend>(tail: &str) -> String {
         B::DEAD_LETTER_BODY
     )
 }
+
+/// `impl OperatorVerbs for $store`: every verb handed over to [`Operator`], but the summaries of
+/// many instances, which the store reads its own way (an inherent `summaries(&self, ids)`: the
+/// way its database takes a list of uuids).
+macro_rules! operator_verbs {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::OperatorVerbs for $store {
+            async fn control(
+                &self,
+                id: Uuid,
+                action: ControlAction,
+                now: DateTime<Utc>,
+            ) -> StoreResult<InstanceStatus> {
+                Operator::control(self, id, action, now).await
+            }
+
+            async fn give_up_sends(
+                &self,
+                ids: &[String],
+                reason: &str,
+                now: DateTime<Utc>,
+            ) -> StoreResult<u64> {
+                Operator::give_up_sends(self, ids, reason, now).await
+            }
+
+            async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+                Operator::resume_send(self, id, now).await
+            }
+
+            async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
+                Operator::dead_letters(self, limit).await
+            }
+
+            async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
+                Operator::dead_letter(self, id).await
+            }
+
+            async fn resubmit_dead_letter(
+                &self,
+                id: &str,
+                now: DateTime<Utc>,
+            ) -> StoreResult<bool> {
+                Operator::resubmit_dead_letter(self, id, now).await
+            }
+
+            async fn purge_dead_letters(
+                &self,
+                ids: &[String],
+                before: Option<DateTime<Utc>>,
+            ) -> StoreResult<u64> {
+                Operator::purge_dead_letters(self, ids, before).await
+            }
+
+            async fn list_instances(
+                &self,
+                status: Option<InstanceStatus>,
+                limit: u32,
+            ) -> StoreResult<Vec<InstanceSummary>> {
+                Operator::list_instances(self, status, limit).await
+            }
+
+            async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+                self.summaries(ids).await
+            }
+
+            async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
+                Operator::instance_detail(self, id).await
+            }
+
+            async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
+                Operator::activity(self, now).await
+            }
+        }
+    };
+}
+pub(in crate::store) use operator_verbs;

@@ -10,59 +10,11 @@ use crate::store::common::operator::{summary_row, SUMMARY_COLUMNS};
 use crate::store::common::Operator;
 use crate::store::*;
 
-#[async_trait]
-impl OperatorVerbs for PostgresStore {
-    async fn control(
-        &self,
-        id: Uuid,
-        action: ControlAction,
-        now: DateTime<Utc>,
-    ) -> StoreResult<InstanceStatus> {
-        Operator::control(self, id, action, now).await
-    }
+crate::store::common::operator::operator_verbs!(PostgresStore);
 
-    async fn give_up_sends(
-        &self,
-        ids: &[String],
-        reason: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        Operator::give_up_sends(self, ids, reason, now).await
-    }
-
-    async fn resume_send(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        Operator::resume_send(self, id, now).await
-    }
-
-    async fn dead_letters(&self, limit: u32) -> StoreResult<Vec<DeadLetter>> {
-        Operator::dead_letters(self, limit).await
-    }
-
-    async fn dead_letter(&self, id: &str) -> StoreResult<Option<DeadLetter>> {
-        Operator::dead_letter(self, id).await
-    }
-
-    async fn resubmit_dead_letter(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        Operator::resubmit_dead_letter(self, id, now).await
-    }
-
-    async fn purge_dead_letters(
-        &self,
-        ids: &[String],
-        before: Option<DateTime<Utc>>,
-    ) -> StoreResult<u64> {
-        Operator::purge_dead_letters(self, ids, before).await
-    }
-
-    async fn list_instances(
-        &self,
-        status: Option<InstanceStatus>,
-        limit: u32,
-    ) -> StoreResult<Vec<InstanceSummary>> {
-        Operator::list_instances(self, status, limit).await
-    }
-
-    async fn instance_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
+impl PostgresStore {
+    /// The summaries of these instances, read the way this database takes a list of uuids.
+    async fn summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<InstanceSummary>> {
         let rows = sqlx::query(&format!(
             "SELECT {SUMMARY_COLUMNS} FROM instances WHERE id = ANY($1)"
         ))
@@ -71,13 +23,5 @@ impl OperatorVerbs for PostgresStore {
         .await
         .map_err(|e| super::map_err("instance summaries", e))?;
         rows.iter().map(summary_row::<Self>).collect()
-    }
-
-    async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
-        Operator::instance_detail(self, id).await
-    }
-
-    async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
-        Operator::activity(self, now).await
     }
 }
