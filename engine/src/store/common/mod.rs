@@ -29,10 +29,13 @@ use uuid::Uuid;
 
 use super::{NewMessage, StoreError, StoreResult};
 
+pub(super) mod claims;
 pub(super) mod maintenance;
+pub(super) mod message_box;
 pub(super) mod operator;
 pub(super) mod outbox;
 
+pub(super) use claims::Claims;
 pub(super) use maintenance::Upkeep;
 pub(super) use operator::Operator;
 pub(super) use outbox::Outbox;
@@ -88,6 +91,9 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     const SKIP_LOCKED: &'static str;
     /// The statement that turns the messages of instances that ended into zombies.
     const ZOMBIES: &'static str;
+    /// Gives a claimed message back, in an `UPDATE messages SET`: the delivery did not fail, so
+    /// it does not count.
+    const GIVE_BACK: &'static str;
 
     /// A uuid, to bind.
     fn uuid(id: Uuid) -> Self::Id;
@@ -97,6 +103,9 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     fn count(n: u32) -> Self::Count;
     /// Text ids, to bind as a list.
     fn list(ids: &[String]) -> Self::List;
+    /// The heartbeat cutoff a claim binds as `$4` (hosts silent since are presumed gone), where
+    /// the backend's claims ask for one.
+    fn claim_cutoff(&self, now: DateTime<Utc>) -> Option<Self::Time>;
     /// The backend's one mapping of sqlx errors.
     fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError;
     /// Rows a statement changed.
@@ -160,6 +169,10 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     fn col_json_opt<T: DeserializeOwned>(row: &RowOf<Self>, name: &str) -> StoreResult<Option<T>>;
     /// A column in SQL, as text whatever it holds (SQLite: a BLOB as hex).
     fn as_text(column: &str) -> String;
+    /// A uuid column in SQL, or NULL where it holds something else (a row written by hand).
+    fn uuid_or_null(column: &str) -> String;
+    /// An id column as stored, to bind it again, even where it does not hold a uuid.
+    fn col_id(row: &RowOf<Self>, name: &str) -> StoreResult<Self::Id>;
     /// A text column of a row someone wrote by hand, or what it holds instead, in words.
     fn read_text(row: &RowOf<Self>, name: &str) -> Result<String, String>;
     /// A nullable text column of a row someone wrote by hand, or what it holds instead.

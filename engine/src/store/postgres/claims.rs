@@ -1,16 +1,17 @@
-//! Claims and leases: claiming messages and timers (`FOR UPDATE SKIP LOCKED`), acquiring
-//! instances under a new epoch, the heartbeat, release and unlock, and the SQL that decides
-//! when another host's lock is stale ([`lock_free`]).
+//! Claims and leases on PostgreSQL: the statements that claim messages and timers (`FOR UPDATE
+//! SKIP LOCKED`), acquiring instances under a new epoch, the heartbeat and unlock, and the SQL
+//! that decides when another host's lock is stale ([`lock_free`]). Running a claim, reading its
+//! rows, release and the rest are shared ([`common::claims`](crate::store::common::claims)).
 
 use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use super::connect::commit;
-use super::{col, col_json, col_word, map_err, uint, PostgresStore, Tx};
+use super::{map_err, PostgresStore};
+use crate::store::common::Claims;
 use crate::store::{Claimed, DueTimer, InstanceRecord, StoreResult, StoredMessage};
 
 impl PostgresStore {
@@ -25,73 +26,6 @@ impl PostgresStore {
     pub(super) fn host_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         now - chrono::Duration::milliseconds(2 * self.lease_ms.load(Ordering::Relaxed))
     }
-
-    /// Runs claim `sql` ([`CLAIM_MESSAGES`] or [`CLAIM_TIMERS`]) for `host` at `now`, in a
-    /// transaction of its own.
-    async fn claim(
-        &self,
-        sql: &str,
-        host: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<PgRow>> {
-        let mut tx = self.write().await?;
-        let rows = sqlx::query(sql)
-            .bind(host)
-            .bind(now)
-            .bind(i64::from(limit))
-            .bind(self.host_cutoff(now))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| map_err("claim", e))?;
-        commit(tx).await?;
-        Ok(rows)
-    }
-}
-
-/// An acquired instance row, checked.
-fn instance_record(row: &PgRow) -> StoreResult<InstanceRecord> {
-    Ok(InstanceRecord {
-        id: col(row, "id")?,
-        orchestration: col(row, "orchestration")?,
-        version: uint(col(row, "version")?, "instances.version")?,
-        status: col_word(row, "status")?,
-        state: col(row, "state")?,
-        engine_state: col(row, "engine_state")?,
-        epoch: col(row, "epoch")?,
-        history_seq: col(row, "history_seq")?,
-        parent_id: col(row, "parent_id")?,
-    })
-}
-
-/// Dead-letters claimed messages that cannot be read, `(seq, why)`: a copy of each goes to
-/// `dead_letters` with the reason, and the message is marked `dead`, so that it is never
-/// claimed again and holds back nothing.
-async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) -> StoreResult<()> {
-    for (seq, why) in rows {
-        let reason = format!("message {seq} cannot be read: {why}");
-        tracing::error!(message.seq = seq, error = %reason, "a message cannot be read; dead-lettered");
-        sqlx::query(
-            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
-             SELECT id, instance_id, NULL, message_type, body, $2, 0, $3 FROM messages WHERE seq = $1 \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(seq)
-        .bind(&reason)
-        .bind(now)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| map_err("bury messages", e))?;
-        sqlx::query(
-            "UPDATE messages SET status = 'dead', locked_by = NULL, reason = $2 WHERE seq = $1",
-        )
-        .bind(seq)
-        .bind(&reason)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| map_err("bury messages", e))?;
-    }
-    Ok(())
 }
 
 /// A host's claim of ready messages (`$1` the host, `$2` now, `$3` the limit, `$4` the heartbeat
@@ -208,21 +142,6 @@ fn of_its_instance(x: &str, condition: &str) -> String {
     format!("(SELECT {condition} FROM instances i WHERE i.id = {x}.instance_id)")
 }
 
-fn stored_message(row: &PgRow) -> StoreResult<StoredMessage> {
-    Ok(StoredMessage {
-        seq: col(row, "seq")?,
-        id: col(row, "id")?,
-        message_type: col(row, "message_type")?,
-        kind: col_word(row, "kind")?,
-        properties: col_json(row, "properties")?,
-        body: col_json(row, "body")?,
-        instance_id: col(row, "instance_id")?,
-        subscription_id: col(row, "subscription_id")?,
-        published_at: col(row, "published_at")?,
-        delivery_count: i64::from(col::<i32>(row, "delivery_count")?),
-    })
-}
-
 /// [`MessageBox::claim_messages`](crate::store::MessageBox::claim_messages) on PostgreSQL.
 // Up to half the batch: messages for instances this host already holds (they are in memory,
 // and finishing work in flight keeps it from going idle and being dehydrated only to be
@@ -233,25 +152,12 @@ pub(super) async fn claim_messages(
     now: DateTime<Utc>,
     limit: u32,
 ) -> StoreResult<Claimed<StoredMessage>> {
-    let rows = store.claim(&CLAIM_MESSAGES, host, now, limit).await?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut unreadable = Vec::new();
-    for row in &rows {
-        match stored_message(row) {
-            Ok(message) => out.push(message),
-            Err(e) => unreadable.push((col::<i64>(row, "seq")?, e.to_string())),
-        }
-    }
-    if !unreadable.is_empty() {
-        let mut tx = store.write().await?;
-        bury_messages(&mut tx, &unreadable, now).await?;
-        commit(tx).await?;
-    }
-    out.sort_by_key(|m| m.seq);
     // The claim takes at most half of `limit` for instances this host holds, and fills the
     // rest with others' only as far as there are any: half a claim may be a full one.
-    let more = rows.len() >= limit.div_ceil(2).max(1) as usize;
-    Ok(Claimed::new(out, more))
+    let full = limit.div_ceil(2).max(1) as usize;
+    store
+        .claim_messages_by(&CLAIM_MESSAGES, host, now, limit, full)
+        .await
 }
 
 /// [`MessageBox::claim_timers`](crate::store::MessageBox::claim_timers) on PostgreSQL.
@@ -261,20 +167,7 @@ pub(super) async fn claim_timers(
     now: DateTime<Utc>,
     limit: u32,
 ) -> StoreResult<Claimed<DueTimer>> {
-    let rows = store.claim(&CLAIM_TIMERS, host, now, limit).await?;
-    let mut out = rows
-        .iter()
-        .map(|row| {
-            Ok(DueTimer {
-                instance_id: col(row, "instance_id")?,
-                name: col(row, "name")?,
-                due_at: col(row, "due_at")?,
-            })
-        })
-        .collect::<StoreResult<Vec<_>>>()?;
-    out.sort_by_key(|t| t.due_at);
-    let more = rows.len() >= limit as usize;
-    Ok(Claimed::new(out, more))
+    store.claim_timers_by(&CLAIM_TIMERS, host, now, limit).await
 }
 
 /// [`MessageBox::acquire`](crate::store::MessageBox::acquire) on PostgreSQL.
@@ -287,7 +180,6 @@ pub(super) async fn acquire(
 ) -> StoreResult<Vec<InstanceRecord>> {
     store.learn_lease(now, lease_until);
     let mut tx = store.write().await?;
-    let mut out = Vec::with_capacity(ids.len());
     // One statement; its rows are locked in index order, the same in every host.
     let rows = sqlx::query(
         "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
@@ -303,30 +195,7 @@ pub(super) async fn acquire(
     .fetch_all(&mut *tx)
     .await
     .map_err(|e| map_err("acquire", e))?;
-    for row in rows {
-        match instance_record(&row) {
-            Ok(record) => out.push(record),
-            Err(e) => {
-                // Left out of the answer, as if another host held it: suspended with the
-                // reason, so that it is not claimed again until an operator fixes the row
-                // and resumes it.
-                let id: Uuid = col(&row, "id")?;
-                let why = format!("its instances row cannot be read: {e}");
-                tracing::error!(instance.id = %id, error = %why, "an instance cannot be loaded; suspended");
-                sqlx::query(
-                    "UPDATE instances SET status = 'suspended', last_error = $2, \
-                     epoch = epoch + 1, owner = NULL, lease_expires_at = NULL, updated_at = $3 \
-                     WHERE id = $1",
-                )
-                .bind(id)
-                .bind(&why)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| map_err("acquire", e))?;
-            }
-        }
-    }
+    let out = PostgresStore::acquired(&mut tx, rows, now).await?;
     if !out.is_empty() {
         // Whatever other hosts hold of these instances they cannot commit any more (the epoch
         // moved): a previous owner whose lease ran out, or a host that claimed but lost the
@@ -384,37 +253,6 @@ pub(super) async fn heartbeat(
     commit(tx).await
 }
 
-/// [`MessageBox::release`](crate::store::MessageBox::release) on PostgreSQL.
-pub(super) async fn release(
-    store: &PostgresStore,
-    host: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    for sql in [
-        "UPDATE messages SET locked_by = NULL, delivery_count = GREATEST(delivery_count - 1, 0) \
-         WHERE locked_by = $1 AND status = 'routed'",
-        "UPDATE timers SET locked_by = NULL WHERE locked_by = $1",
-        "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by = $1",
-        "UPDATE instances SET owner = NULL, lease_expires_at = NULL, \
-           status = CASE WHEN status = 'running' AND state IS NOT NULL THEN 'dehydrated' ELSE status END \
-         WHERE owner = $1",
-    ] {
-        sqlx::query(sql)
-            .bind(host)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_err("release", e))?;
-    }
-    sqlx::query("UPDATE hosts SET stopped_at = $2, heartbeat_at = $2 WHERE id = $1")
-        .bind(host)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("release", e))?;
-    commit(tx).await
-}
-
 /// [`MessageBox::unlock`](crate::store::MessageBox::unlock) on PostgreSQL.
 pub(super) async fn unlock(
     store: &PostgresStore,
@@ -442,28 +280,5 @@ pub(super) async fn unlock(
     .execute(&mut *tx)
     .await
     .map_err(|e| map_err("unlock", e))?;
-    commit(tx).await
-}
-
-/// [`MessageBox::note_unrunnable`](crate::store::MessageBox::note_unrunnable) on PostgreSQL.
-pub(super) async fn note_unrunnable(
-    store: &PostgresStore,
-    id: Uuid,
-    error: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    // The lease goes (another host may have the definition); the claimed messages stay locked
-    // to this host so that it does not pick them up again and again.
-    sqlx::query(
-        "UPDATE instances SET last_error = $2, updated_at = $3, owner = NULL, lease_expires_at = NULL \
-         WHERE id = $1",
-    )
-        .bind(id)
-        .bind(error)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("note unrunnable", e))?;
     commit(tx).await
 }

@@ -31,7 +31,6 @@
 //! migration table. Times are `TIMESTAMPTZ` written from the engine's clock, never the database's.
 
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
@@ -127,13 +126,6 @@ fn col_json<T: serde::de::DeserializeOwned>(row: &PgRow, name: &str) -> StoreRes
     })
 }
 
-/// A status or kind word column, checked; an error names the column.
-fn col_word<T: FromStr<Err = String>>(row: &PgRow, name: &str) -> StoreResult<T> {
-    col::<String>(row, name)?
-        .parse()
-        .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
-}
-
 /// A `u32` as an `INTEGER` column.
 fn int4(value: u32) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
@@ -195,6 +187,7 @@ impl common::Backend for PostgresStore {
            reason = 'its instance ended (' || i.status || ') before consuming it' \
          FROM instances i WHERE i.id = m.instance_id AND m.status = 'routed' \
            AND i.status IN ('completed', 'failed', 'terminated')";
+    const GIVE_BACK: &'static str = "delivery_count = GREATEST(delivery_count - 1, 0)";
 
     fn uuid(id: Uuid) -> Uuid {
         id
@@ -204,6 +197,9 @@ impl common::Backend for PostgresStore {
     }
     fn count(n: u32) -> i32 {
         int4(n)
+    }
+    fn claim_cutoff(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        Some(self.host_cutoff(now))
     }
     fn list(ids: &[String]) -> Vec<String> {
         ids.to_vec()
@@ -311,6 +307,12 @@ impl common::Backend for PostgresStore {
     fn as_text(column: &str) -> String {
         column.to_owned()
     }
+    fn uuid_or_null(column: &str) -> String {
+        column.to_owned()
+    }
+    fn col_id(row: &PgRow, name: &str) -> StoreResult<Uuid> {
+        col(row, name)
+    }
     fn read_text(row: &PgRow, name: &str) -> Result<String, String> {
         col(row, name).map_err(|e| e.to_string())
     }
@@ -322,6 +324,7 @@ impl common::Backend for PostgresStore {
     }
 }
 
+impl common::Claims for PostgresStore {}
 impl common::Outbox for PostgresStore {}
 impl common::Operator for PostgresStore {}
 impl common::Upkeep for PostgresStore {}

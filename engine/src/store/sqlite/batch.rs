@@ -27,13 +27,14 @@ use crate::store::plan::{not_routed, CommitPlan, Row, RunPlan, StoredSubscriptio
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, OutboxRow, FIRST_EPOCH};
 
-use super::claims::GIVE_BACK;
 use super::routing::{activate, find_route};
 use super::writer::Alone;
+use super::SqliteStore;
 use super::{
     map_err, parse_uuid, ts, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
     PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx, Writer,
 };
+use crate::store::common::Backend as _;
 
 /// Whether to keep a multi-row statement prepared: small groups (one point, a few) recur with
 /// the same text, so preparing each once saves a parse per commit on the latency path; large
@@ -732,7 +733,8 @@ fn push_unlock(
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         for update in [
             format!(
-                "UPDATE messages SET locked_by = NULL, {GIVE_BACK} WHERE status = 'routed' AND "
+                "UPDATE messages SET locked_by = NULL, {} WHERE status = 'routed' AND ",
+                SqliteStore::GIVE_BACK
             ),
             "UPDATE timers SET locked_by = NULL WHERE ".to_string(),
         ] {

@@ -1,46 +1,17 @@
-//! Claims and leases: which routed messages and due timers a host takes (and the plans that keep
-//! a claim's cost independent of how many instances wait), taking and renewing the lease of an
-//! instance, giving locks back (unlock, release), and what is done with a claimed row that cannot
-//! be read (dead-lettered, or its instance suspended).
+//! Claims and leases on SQLite: the statements that take routed messages and due timers (and the
+//! plans that keep a claim's cost independent of how many instances wait), acquiring instances,
+//! the heartbeat and unlock. Running a claim, reading its rows, release and the rest are shared
+//! ([`common::claims`](crate::store::common::claims)).
 
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteRow;
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use super::{
-    as_text, batch, col, col_json, col_ts, col_u32, col_uuid, col_uuid_opt, col_word, commit,
-    map_err, ts, SqliteStore, Tx,
-};
-use crate::store::{Claimed, DueTimer, InstanceRecord, StoreError, StoreResult, StoredMessage};
-
-impl SqliteStore {
-    /// Runs a claim (`CLAIM_MESSAGES`, `CLAIM_TIMERS`) for `host` at `now`, of at most `limit`
-    /// rows, in a write transaction of its own.
-    async fn claim(
-        &self,
-        sql: &str,
-        host: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<sqlx::sqlite::SqliteRow>> {
-        let mut tx = self.write().await?;
-        let rows = sqlx::query(sql)
-            .bind(host)
-            .bind(ts(now))
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| map_err("claim", e))?;
-        commit(tx).await?;
-        Ok(rows)
-    }
-}
-
-/// Gives a claim back: the delivery did not fail, so it does not count.
-pub(super) const GIVE_BACK: &str = "delivery_count = max(delivery_count - 1, 0)";
+use super::{batch, commit, map_err, ts, SqliteStore};
+use crate::store::common::{Backend, Claims};
+use crate::store::{Claimed, DueTimer, InstanceRecord, StoreResult, StoredMessage};
 
 /// Whether instance `i` may be worked on by host `$1` at time `$2`.
 ///
@@ -96,159 +67,26 @@ pub(super) const NEXT_TIMER: &str = "SELECT t.due_at FROM timers t \
      WHERE t.locked_by IS NULL AND i.status IN ('running', 'dehydrated') \
      ORDER BY t.due_at LIMIT 1";
 
-/// A claimed message row, checked.
-fn stored_message(row: &SqliteRow) -> StoreResult<StoredMessage> {
-    Ok(StoredMessage {
-        seq: col(row, "seq")?,
-        id: col(row, "id")?,
-        message_type: col(row, "message_type")?,
-        kind: col_word(row, "kind")?,
-        properties: col_json(row, "properties")?,
-        body: col_json(row, "body")?,
-        instance_id: col_uuid(row, "instance_id")?,
-        subscription_id: col_uuid_opt(row, "subscription_id")?,
-        published_at: col_ts(row, "published_at")?,
-        delivery_count: col(row, "delivery_count")?,
-    })
-}
-
-/// An acquired instance row, checked.
-fn instance_record(row: &SqliteRow) -> StoreResult<InstanceRecord> {
-    Ok(InstanceRecord {
-        id: col_uuid(row, "id")?,
-        orchestration: col(row, "orchestration")?,
-        version: col_u32(row, "version")?,
-        status: col_word(row, "status")?,
-        state: col(row, "state")?,
-        engine_state: col(row, "engine_state")?,
-        epoch: col(row, "epoch")?,
-        history_seq: col(row, "history_seq")?,
-        parent_id: col_uuid_opt(row, "parent_id")?,
-    })
-}
-
-/// Dead-letters claimed messages that cannot be read, `(seq, why)`: a copy of each goes to
-/// `dead_letters` with the reason (its columns as text, whatever they hold), and the message is
-/// marked `dead`, so that it is never claimed again and holds back nothing.
-async fn bury_messages(tx: &mut Tx, rows: &[(i64, String)], now: DateTime<Utc>) -> StoreResult<()> {
-    for (seq, why) in rows {
-        let reason = format!("message {seq} cannot be read: {why}");
-        tracing::error!(message.seq = seq, error = %reason, "a message cannot be read; dead-lettered");
-        sqlx::query(&format!(
-            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
-             SELECT {}, CASE typeof(instance_id) WHEN 'text' THEN instance_id END, NULL, {}, {}, \
-               $2, 0, $3 FROM messages WHERE seq = $1 \
-             ON CONFLICT (id) DO NOTHING",
-            as_text("id"),
-            as_text("message_type"),
-            as_text("body"),
-        ))
-        .bind(seq)
-        .bind(&reason)
-        .bind(ts(now))
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| map_err("bury messages", e))?;
-        sqlx::query(
-            "UPDATE messages SET status = 'dead', locked_by = NULL, reason = $2 WHERE seq = $1",
-        )
-        .bind(seq)
-        .bind(&reason)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| map_err("bury messages", e))?;
-    }
-    Ok(())
-}
-
-/// Suspends instance `id` (as its text is stored) because a row of it cannot be read: its
-/// status, `last_error` and a new epoch (a host holding it in memory is fenced). No history row
-/// is written: the instance's own columns may be what cannot be read. An operator fixes the row,
-/// then resumes it.
-async fn suspend_unreadable(
-    tx: &mut Tx,
-    id: &str,
-    why: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE instances SET status = 'suspended', last_error = $2, epoch = epoch + 1, \
-         owner = NULL, lease_expires_at = NULL, updated_at = $3 \
-         WHERE id = $1 AND status IN ('running', 'dehydrated')",
-    )
-    .bind(id)
-    .bind(why)
-    .bind(ts(now))
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| map_err("suspend unreadable", e))?;
-    Ok(())
-}
-
+/// [`MessageBox::claim_messages`](crate::store::MessageBox::claim_messages) on SQLite.
 pub(super) async fn claim_messages(
     store: &SqliteStore,
     host: &str,
     now: DateTime<Utc>,
     limit: u32,
 ) -> StoreResult<Claimed<StoredMessage>> {
-    let rows = store.claim(&CLAIM_MESSAGES, host, now, limit).await?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut unreadable = Vec::new();
-    for row in &rows {
-        match stored_message(row) {
-            Ok(message) => out.push(message),
-            Err(e) => unreadable.push((col::<i64>(row, "seq")?, e.to_string())),
-        }
-    }
-    if !unreadable.is_empty() {
-        let mut tx = store.write().await?;
-        bury_messages(&mut tx, &unreadable, now).await?;
-        commit(tx).await?;
-    }
-    out.sort_by_key(|m| m.seq);
-    let more = rows.len() >= limit as usize;
-    Ok(Claimed::new(out, more))
+    store
+        .claim_messages_by(&CLAIM_MESSAGES, host, now, limit, limit as usize)
+        .await
 }
 
+/// [`MessageBox::claim_timers`](crate::store::MessageBox::claim_timers) on SQLite.
 pub(super) async fn claim_timers(
     store: &SqliteStore,
     host: &str,
     now: DateTime<Utc>,
     limit: u32,
 ) -> StoreResult<Claimed<DueTimer>> {
-    let rows = store.claim(&CLAIM_TIMERS, host, now, limit).await?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut unreadable = Vec::new();
-    for row in &rows {
-        let timer = (|| {
-            Ok::<_, StoreError>(DueTimer {
-                instance_id: col_uuid(row, "instance_id")?,
-                name: col(row, "name")?,
-                due_at: col_ts(row, "due_at")?,
-            })
-        })();
-        match timer {
-            Ok(timer) => out.push(timer),
-            Err(e) => unreadable.push((row, e)),
-        }
-    }
-    if !unreadable.is_empty() {
-        let mut tx = store.write().await?;
-        for (row, e) in unreadable {
-            // Its instance, if the row names one, is suspended with the reason (it would
-            // wait for the timer forever); the row stays locked to this host, so it is not
-            // claimed again while the host runs.
-            let why = format!("a timer of this instance cannot be read: {e}");
-            tracing::error!(error = %why, "a timer row cannot be read");
-            if let Ok(id) = col::<String>(row, "instance_id") {
-                suspend_unreadable(&mut tx, &id, &why, now).await?;
-            }
-        }
-        commit(tx).await?;
-    }
-    out.sort_by_key(|t| t.due_at);
-    let more = rows.len() >= limit as usize;
-    Ok(Claimed::new(out, more))
+    store.claim_timers_by(&CLAIM_TIMERS, host, now, limit).await
 }
 
 pub(super) async fn acquire(
@@ -258,7 +96,7 @@ pub(super) async fn acquire(
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> StoreResult<Vec<InstanceRecord>> {
-    let mut tx = store.write().await?;
+    let mut tx = store.begin().await?;
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(batch::ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new("UPDATE instances SET owner = ");
@@ -287,22 +125,9 @@ pub(super) async fn acquire(
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| map_err("acquire", e))?;
-        for row in rows {
-            match instance_record(&row) {
-                Ok(record) => out.push(record),
-                Err(e) => {
-                    // Left out of the answer, as if another host held it: suspended with
-                    // the reason, so that it is not claimed again until an operator fixes
-                    // the row and resumes it.
-                    let id: String = col(&row, "id")?;
-                    let why = format!("its instances row cannot be read: {e}");
-                    tracing::error!(instance.id = %id, error = %why, "an instance cannot be loaded; suspended");
-                    suspend_unreadable(&mut tx, &id, &why, now).await?;
-                }
-            }
-        }
+        out.extend(SqliteStore::acquired(&mut tx, rows, now).await?);
     }
-    commit(tx).await?;
+    SqliteStore::commit(tx).await?;
     Ok(out)
 }
 
@@ -328,32 +153,6 @@ pub(super) async fn heartbeat(
     commit(tx).await
 }
 
-pub(super) async fn release(
-    store: &SqliteStore,
-    host: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    for sql in [
-        "UPDATE messages SET locked_by = NULL, delivery_count = max(delivery_count - 1, 0) \
-         WHERE locked_by = $1 AND status = 'routed'",
-        "UPDATE timers SET locked_by = NULL WHERE locked_by = $1",
-        "UPDATE outbox SET locked_by = NULL, locked_until = NULL WHERE locked_by = $1",
-        "UPDATE instances SET owner = NULL, lease_expires_at = NULL, \
-           status = CASE WHEN status = 'running' AND state IS NOT NULL THEN 'dehydrated' ELSE status END \
-         WHERE owner = $1",
-    ] {
-        sqlx::query(sql).bind(host).execute(&mut *tx).await.map_err(|e| map_err("release", e))?;
-    }
-    sqlx::query("UPDATE hosts SET stopped_at = $2, heartbeat_at = $2 WHERE id = $1")
-        .bind(host)
-        .bind(ts(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("release", e))?;
-    commit(tx).await
-}
-
 pub(super) async fn unlock(
     store: &SqliteStore,
     host: &str,
@@ -363,26 +162,6 @@ pub(super) async fn unlock(
     let mut tx = store.write().await?;
     let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
     batch::unlock_instances(&mut tx, Some(host), &ids, failed).await?;
-    commit(tx).await
-}
-
-pub(super) async fn note_unrunnable(
-    store: &SqliteStore,
-    id: Uuid,
-    error: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    sqlx::query(
-        "UPDATE instances SET last_error = $2, updated_at = $3, owner = NULL, lease_expires_at = NULL \
-         WHERE id = $1",
-    )
-        .bind(id.to_string())
-        .bind(error)
-        .bind(ts(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("note unrunnable", e))?;
     commit(tx).await
 }
 

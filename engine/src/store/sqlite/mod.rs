@@ -23,7 +23,6 @@
 //! | `writer` | the one write connection and the transaction over it |
 
 use std::future::Future;
-use std::str::FromStr;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::sqlite::SqliteRow;
@@ -144,13 +143,6 @@ fn col_ts_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<DateTime<Utc>>>
     col::<Option<String>>(row, name)?
         .map(|t| parse_ts(&t).map_err(|e| in_column(name, e)))
         .transpose()
-}
-
-/// A status or kind word column, checked.
-fn col_word<T: FromStr<Err = String>>(row: &SqliteRow, name: &str) -> StoreResult<T> {
-    col::<String>(row, name)?
-        .parse()
-        .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
 }
 
 /// A JSON text column, checked.
@@ -293,6 +285,7 @@ impl common::Backend for SqliteStore {
            (SELECT i.status FROM instances i WHERE i.id = messages.instance_id) || ') before consuming it' \
          WHERE status = 'routed' AND instance_id IN \
            (SELECT id FROM instances WHERE status IN ('completed', 'failed', 'terminated'))";
+    const GIVE_BACK: &'static str = "delivery_count = max(delivery_count - 1, 0)";
 
     fn uuid(id: Uuid) -> String {
         id.to_string()
@@ -305,6 +298,9 @@ impl common::Backend for SqliteStore {
     }
     fn list(ids: &[String]) -> String {
         serde_json::json!(ids).to_string()
+    }
+    fn claim_cutoff(&self, _now: DateTime<Utc>) -> Option<String> {
+        None
     }
     fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
         map_err(operation, err)
@@ -397,6 +393,12 @@ impl common::Backend for SqliteStore {
     fn as_text(column: &str) -> String {
         as_text(column)
     }
+    fn uuid_or_null(column: &str) -> String {
+        format!("CASE typeof({column}) WHEN 'text' THEN {column} END")
+    }
+    fn col_id(row: &SqliteRow, name: &str) -> StoreResult<String> {
+        col(row, name)
+    }
     fn read_text(row: &SqliteRow, name: &str) -> Result<String, String> {
         read(row, name)
     }
@@ -410,6 +412,7 @@ impl common::Backend for SqliteStore {
     }
 }
 
+impl common::Claims for SqliteStore {}
 impl common::Outbox for SqliteStore {}
 impl common::Operator for SqliteStore {}
 impl common::Upkeep for SqliteStore {}

@@ -12,7 +12,7 @@ use crate::orchestration::Correlation;
 use crate::store::routing::Route;
 use crate::store::{
     convoy_subscriptions, held_receives, CommitOutcome, HeldStart, Holder, MessageKind,
-    NewInstance, NewMessage, NewReceives, PublishOutcome, StoreResult,
+    NewInstance, NewMessage, NewReceives, PersistencePoint, PublishOutcome, StoreResult,
 };
 
 /// Where `msg` goes.
@@ -164,6 +164,24 @@ pub(super) async fn start_instances(
     let held = batch::start_instances(&mut tx, &starts, holder).await?;
     commit(tx).await?;
     Ok(held)
+}
+
+/// [`MessageBox::commit`](crate::store::MessageBox::commit) on SQLite: a point alone in one
+/// script when it can be, else the group in one transaction, rerouting what its subscription
+/// changes freed.
+pub(super) async fn commit_points(
+    store: &SqliteStore,
+    points: &[PersistencePoint],
+) -> StoreResult<Vec<CommitOutcome>> {
+    if let Some(out) = batch::write_alone(&store.writer, points).await? {
+        return Ok(out);
+    }
+    let mut tx = store.write().await?;
+    let mut reroute_types = BTreeSet::new();
+    let out = batch::write_points(&mut tx, points, &mut reroute_types).await?;
+    reroute(&mut tx, &reroute_types).await?;
+    commit(tx).await?;
+    Ok(out)
 }
 
 pub(super) async fn subscribe(
