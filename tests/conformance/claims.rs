@@ -157,12 +157,19 @@ async fn concurrent_claims_never_share_a_message(db: TestDb) {
         .start_instances(instances, None, now)
         .await
         .expect("start");
+    // Every host has started before any claims: on SQLite a host's start releases the locks of
+    // the hosts before it (one host a file), which would hand their claims out again.
+    for h in 0..4 {
+        store
+            .recover(&format!("host-{h}"), now)
+            .await
+            .expect("recover");
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for h in 0..4 {
         let store = store.clone();
         tasks.spawn(async move {
             let host = format!("host-{h}");
-            store.recover(&host, now).await.expect("recover");
             let mut seqs = Vec::new();
             loop {
                 let got = store.claim_messages(&host, now, 7).await.expect("claim");

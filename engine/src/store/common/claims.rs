@@ -195,6 +195,32 @@ where
         Ok(())
     }
 
+    /// [`MessageBox::heartbeat`](crate::store::MessageBox::heartbeat): the leases of the
+    /// instances `host` owns renewed to `lease_until` ([`Backend::RENEW_LEASES`]), and its
+    /// `hosts` row beaten (a host another one marked stopped while it was slow is back).
+    async fn heartbeat(
+        &self,
+        host: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.learn_lease(now, lease_until);
+        let mut tx = self.begin().await?;
+        sqlx::query(Self::RENEW_LEASES)
+            .bind(host)
+            .bind(Self::time(lease_until))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Self::map_err("heartbeat", e))?;
+        sqlx::query("UPDATE hosts SET heartbeat_at = $2, stopped_at = NULL WHERE id = $1")
+            .bind(host)
+            .bind(Self::time(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Self::map_err("heartbeat", e))?;
+        Self::commit(tx).await
+    }
+
     /// [`MessageBox::release`](crate::store::MessageBox::release).
     async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.begin().await?;

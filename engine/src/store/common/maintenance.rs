@@ -1,10 +1,12 @@
 //! Keeping the store in shape, the parts both backends do alike: reading the rows people write
 //! by hand (`control`, `inbox`), publishing an inbox row under a savepoint, and housekeeping.
-//! Migrations, recovery at start, activations and the loops over `control` and `inbox` rows stay
-//! with each backend: PostgreSQL shares its database with other hosts, and locks or skips rows.
+//! Taking the inbox, reading the applied migrations, and the `impl Maintenance` itself
+//! ([`maintenance!`]). Migrations, recovery at start and activations stay with each backend:
+//! PostgreSQL shares its database with other hosts, SQLite has one host a file.
 
 use chrono::{DateTime, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+use uuid::Uuid;
 
 use super::{Backend, Bind, Operator, RowOf};
 use crate::store::*;
@@ -82,6 +84,7 @@ where
     i64: Bind<Self::Db>,
     (i64,): for<'r> FromRow<'r, RowOf<Self>>,
     (bool,): for<'r> FromRow<'r, RowOf<Self>>,
+    (i64, bool, Vec<u8>): for<'r> FromRow<'r, RowOf<Self>>,
 {
     /// [`Maintenance::apply_controls`]: the pending `control` rows, one transaction each.
     async fn apply_controls(
@@ -151,6 +154,94 @@ where
             });
         }
         Ok(out)
+    }
+
+    /// [`Maintenance::take_inbox`]: up to `limit` inbox rows, the oldest first (skipping rows
+    /// another host holds), each published or dead-lettered with its reason, in one transaction.
+    async fn take_inbox(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        max_message_bytes: usize,
+    ) -> StoreResult<usize> {
+        if !self.exists("SELECT EXISTS (SELECT 1 FROM inbox)").await? {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT id, message_id, message_type, properties, body FROM inbox \
+             ORDER BY id LIMIT $1{}",
+            Self::SKIP_LOCKED
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| Self::map_err("take inbox", e))?;
+        let mut parsed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // `id` is an integer key: always readable.
+            let id = Self::col_i64(row, "id")?;
+            parsed.push((id, inbox_row::<Self>(row, id, max_message_bytes)));
+        }
+        let good: Vec<NewMessage> = parsed
+            .iter()
+            .filter_map(|(_, m)| m.as_ref().ok().cloned())
+            .collect();
+        Self::lock_to_publish(&mut tx, &good).await?;
+        for (id, message) in parsed {
+            Self::take_inbox_row(&mut tx, id, message, now).await?;
+        }
+        Self::notify(&mut tx).await?;
+        Self::commit(tx).await?;
+        Ok(rows.len())
+    }
+
+    /// [`Maintenance::check_schema`]: the migrations the database says it applied against
+    /// `migrator`'s; `table_exists` is a query whether the migrations table is there at all.
+    async fn check_schema_with(
+        &self,
+        migrator: &sqlx::migrate::Migrator,
+        table_exists: &str,
+    ) -> StoreResult<()> {
+        let applied = if self.exists(table_exists).await? {
+            let rows: Vec<(i64, bool, Vec<u8>)> = sqlx::query_as(
+                "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
+            )
+            .fetch_all(self.reads())
+            .await
+            .map_err(|e| Self::map_err("check schema", e))?;
+            Some(rows)
+        } else {
+            None
+        };
+        compare_schema(migrator, applied).map_err(StoreError::Schema)
+    }
+
+    /// Writes the activating subscriptions of the registered orchestrations inside `tx`, a
+    /// version registered again taking the newest definition's convoy keys.
+    async fn upsert_activations(
+        tx: &mut Self::Tx,
+        activations: &[Activation],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        for a in activations {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
+                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
+            )
+            .bind(Self::uuid(Uuid::new_v4()))
+            .bind(a.message_type.as_str())
+            .bind(a.orchestration.as_str())
+            .bind(Self::count(a.version))
+            .bind(a.convoy.as_str())
+            .bind(Self::time(now))
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| Self::map_err("sync activations", e))?;
+        }
+        Ok(())
     }
 
     /// Whether a query's single boolean answer is true.
@@ -277,3 +368,57 @@ where
         })
     }
 }
+
+/// `impl Maintenance` for a backend, written once: the shared parts hand over to [`Upkeep`]; the
+/// backend gives its name, its migrator, a query whether its migrations table exists, and the
+/// methods that are its own (migrate, recover, sync_activations, close) after them. A macro, as for the operator verbs: a blanket impl cannot
+/// prove its futures `Send`.
+macro_rules! maintenance {
+    ($store:ty, $name:literal, $migrator:expr, $migrations_table_exists:literal, $($own:tt)*) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Maintenance for $store {
+            fn backend(&self) -> &'static str {
+                $name
+            }
+
+            async fn check_schema(&self) -> StoreResult<()> {
+                $crate::store::common::Upkeep::check_schema_with(
+                    self,
+                    &$migrator,
+                    $migrations_table_exists,
+                )
+                .await
+            }
+
+            async fn apply_controls(
+                &self,
+                host: &str,
+                now: DateTime<Utc>,
+                limit: u32,
+            ) -> StoreResult<Vec<ControlApplied>> {
+                $crate::store::common::Upkeep::apply_controls(self, host, now, limit).await
+            }
+
+            async fn housekeeping(
+                &self,
+                now: DateTime<Utc>,
+                unrouted_before: DateTime<Utc>,
+            ) -> StoreResult<Housekeeping> {
+                $crate::store::common::Upkeep::housekeeping(self, now, unrouted_before).await
+            }
+
+            async fn take_inbox(
+                &self,
+                now: DateTime<Utc>,
+                limit: u32,
+                max_message_bytes: usize,
+            ) -> StoreResult<usize> {
+                $crate::store::common::Upkeep::take_inbox(self, now, limit, max_message_bytes)
+                    .await
+            }
+
+            $($own)*
+        }
+    };
+}
+pub(in crate::store) use maintenance;

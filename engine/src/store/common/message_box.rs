@@ -16,7 +16,7 @@ macro_rules! message_box {
                 messages: Vec<NewMessage>,
                 now: DateTime<Utc>,
             ) -> StoreResult<Vec<PublishOutcome>> {
-                routing::publish(self, messages, now).await
+                $crate::store::common::routing::publish(self, messages, now).await
             }
 
             async fn start_instances(
@@ -43,7 +43,8 @@ macro_rules! message_box {
                 now: DateTime<Utc>,
                 limit: u32,
             ) -> StoreResult<Claimed<DueTimer>> {
-                claims::claim_timers(self, host, now, limit).await
+                $crate::store::common::Claims::claim_timers_by(self, &claims::CLAIM_TIMERS, host, now, limit)
+                    .await
             }
 
             async fn acquire(
@@ -62,7 +63,7 @@ macro_rules! message_box {
                 now: DateTime<Utc>,
                 lease_until: DateTime<Utc>,
             ) -> StoreResult<()> {
-                claims::heartbeat(self, host, now, lease_until).await
+                $crate::store::common::Claims::heartbeat(self, host, now, lease_until).await
             }
 
             async fn release(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
@@ -103,7 +104,16 @@ macro_rules! message_box {
                 limit: u32,
                 ordered: &[String],
             ) -> StoreResult<Vec<OutboxRow>> {
-                outbox::claim_outbox(self, host, now, lock_until, limit, ordered).await
+                $crate::store::common::Outbox::claim_outbox_by(
+                    self,
+                    outbox::CLAIM_OUTBOX,
+                    host,
+                    now,
+                    lock_until,
+                    limit,
+                    ordered,
+                )
+                .await
             }
 
             async fn claim_ordered(
@@ -113,7 +123,15 @@ macro_rules! message_box {
                 now: DateTime<Utc>,
                 lock_until: DateTime<Utc>,
             ) -> StoreResult<Option<OutboxRow>> {
-                outbox::claim_ordered(self, host, port, now, lock_until).await
+                $crate::store::common::Outbox::claim_ordered_by(
+                    self,
+                    outbox::CLAIM_ORDERED,
+                    host,
+                    port,
+                    now,
+                    lock_until,
+                )
+                .await
             }
 
             async fn renew_outbox(

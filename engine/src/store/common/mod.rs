@@ -27,18 +27,61 @@ use serde::de::DeserializeOwned;
 use sqlx::{Database, Encode, Pool, Type};
 use uuid::Uuid;
 
-use super::{NewMessage, StoreError, StoreResult};
+use super::{NewMessage, PublishOutcome, StoreError, StoreResult};
 
 pub(super) mod claims;
 pub(super) mod maintenance;
 pub(super) mod message_box;
 pub(super) mod operator;
 pub(super) mod outbox;
+pub(super) mod routing;
 
 pub(super) use claims::Claims;
 pub(super) use maintenance::Upkeep;
 pub(super) use operator::Operator;
 pub(super) use outbox::Outbox;
+
+/// The column readers of an `impl Backend` with `$row` its row type: a text, an integer, a
+/// boolean, bytes and an id through the backend's checked `col`; uuids, times and JSON through the
+/// functions named.
+macro_rules! column_readers {
+    ($row:ty, uuid: $uuid:path, uuid_opt: $uuid_opt:path, time: $time:path, time_opt: $time_opt:path, json: $json:path) => {
+        fn col_text(row: &$row, name: &str) -> StoreResult<String> {
+            col(row, name)
+        }
+        fn col_text_opt(row: &$row, name: &str) -> StoreResult<Option<String>> {
+            col(row, name)
+        }
+        fn col_i64(row: &$row, name: &str) -> StoreResult<i64> {
+            col(row, name)
+        }
+        fn col_bool(row: &$row, name: &str) -> StoreResult<bool> {
+            col(row, name)
+        }
+        fn col_bytes_opt(row: &$row, name: &str) -> StoreResult<Option<Vec<u8>>> {
+            col(row, name)
+        }
+        fn col_id(row: &$row, name: &str) -> StoreResult<Self::Id> {
+            col(row, name)
+        }
+        fn col_uuid(row: &$row, name: &str) -> StoreResult<Uuid> {
+            $uuid(row, name)
+        }
+        fn col_uuid_opt(row: &$row, name: &str) -> StoreResult<Option<Uuid>> {
+            $uuid_opt(row, name)
+        }
+        fn col_time(row: &$row, name: &str) -> StoreResult<DateTime<Utc>> {
+            $time(row, name)
+        }
+        fn col_time_opt(row: &$row, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
+            $time_opt(row, name)
+        }
+        fn col_json<T: serde::de::DeserializeOwned>(row: &$row, name: &str) -> StoreResult<T> {
+            $json(row, name)
+        }
+    };
+}
+pub(super) use column_readers;
 
 /// A row of backend `B`.
 pub(super) type RowOf<B> = <<B as Backend>::Db as Database>::Row;
@@ -91,6 +134,8 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     const SKIP_LOCKED: &'static str;
     /// The statement that turns the messages of instances that ended into zombies.
     const ZOMBIES: &'static str;
+    /// Renews the leases of the instances host `$1` owns to `$2`.
+    const RENEW_LEASES: &'static str;
     /// Gives a claimed message back, in an `UPDATE messages SET`: the delivery did not fail, so
     /// it does not count.
     const GIVE_BACK: &'static str;
@@ -103,11 +148,41 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     fn count(n: u32) -> Self::Count;
     /// Text ids, to bind as a list.
     fn list(ids: &[String]) -> Self::List;
+    /// Notes the lease a host takes (`lease_until` at `now`), where the backend judges other
+    /// hosts by it.
+    fn learn_lease(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>) {
+        let _ = (now, lease_until);
+    }
     /// The heartbeat cutoff a claim binds as `$4` (hosts silent since are presumed gone), where
     /// the backend's claims ask for one.
     fn claim_cutoff(&self, now: DateTime<Utc>) -> Option<Self::Time>;
-    /// The backend's one mapping of sqlx errors.
-    fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError;
+    /// Whether an error of the database is worth retrying: the connection or the database is
+    /// away for a while, or the transaction lost a race. The one place that decides it for this
+    /// backend.
+    fn retryable(err: &sqlx::Error) -> bool;
+
+    /// Maps a sqlx error from `operation` (what the store was doing, named in the error) to a
+    /// [`StoreError`]: a row holding what its column's type does not admit is the row's fault,
+    /// not the database's, and never cured by retrying ([`StoreError::Corrupt`]); what is
+    /// [`retryable`](Backend::retryable) is [`StoreError::Unavailable`]; the rest names the
+    /// operation.
+    fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
+        if matches!(
+            err,
+            sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::ColumnNotFound(_)
+        ) {
+            StoreError::Corrupt(err.to_string())
+        } else if Self::retryable(&err) {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Database {
+                operation,
+                source: err,
+            }
+        }
+    }
     /// Rows a statement changed.
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
 
@@ -117,14 +192,28 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     fn begin(&self) -> impl Future<Output = StoreResult<Self::Tx>> + Send;
     /// Commits it.
     fn commit(tx: Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Stores and routes `messages` inside `tx`, each published at its time, a message whose id
+    /// is stored already a duplicate.
+    fn publish_all<'a>(
+        tx: &'a mut Self::Tx,
+        messages: &'a [(&'a NewMessage, DateTime<Utc>)],
+    ) -> impl Future<Output = StoreResult<Vec<PublishOutcome>>> + Send + 'a;
     /// Publishes one message inside `tx`, routed.
     fn publish_one<'a>(
         tx: &'a mut Self::Tx,
         msg: &'a NewMessage,
         now: DateTime<Utc>,
-    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'a {
+        async move { Self::publish_all(tx, &[(msg, now)]).await.map(drop) }
+    }
     /// Wakes other hosts when `tx` commits (PostgreSQL); nothing where one host runs.
     fn notify(tx: &mut Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Takes inside `tx` the locks that publishing `messages` needs (PostgreSQL: the routing
+    /// locks of their types); nothing where one writer runs.
+    fn lock_to_publish<'a>(
+        tx: &'a mut Self::Tx,
+        messages: &'a [NewMessage],
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
     /// Clears the message and timer locks on instance `id`.
     fn unlock_instance(tx: &mut Self::Tx, id: Uuid)
         -> impl Future<Output = StoreResult<()>> + Send;
@@ -169,6 +258,8 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     fn col_json_opt<T: DeserializeOwned>(row: &RowOf<Self>, name: &str) -> StoreResult<Option<T>>;
     /// A column in SQL, as text whatever it holds (SQLite: a BLOB as hex).
     fn as_text(column: &str) -> String;
+    /// A count column in SQL, or 0 where it holds something else or less (a row written by hand).
+    fn count_or_zero(column: &str) -> String;
     /// A uuid column in SQL, or NULL where it holds something else (a row written by hand).
     fn uuid_or_null(column: &str) -> String;
     /// An id column as stored, to bind it again, even where it does not hold a uuid.
@@ -188,5 +279,42 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
         Self::col_text(row, name)?
             .parse()
             .map_err(|e: String| StoreError::Corrupt(format!("column {name}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::postgres::PostgresStore;
+    use crate::store::sqlite::SqliteStore;
+
+    /// A database error says which operation failed, and stays as retryable as before, on
+    /// either backend.
+    fn names_the_operation<B: Backend>() {
+        let err = B::map_err(
+            "claim messages",
+            sqlx::Error::Protocol("refused".to_owned()),
+        );
+        assert!(
+            matches!(
+                err,
+                StoreError::Database {
+                    operation: "claim messages",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "database error in claim messages: encountered unexpected or invalid data: refused"
+        );
+        assert!(!err.is_retryable() && !err.is_refusal());
+    }
+
+    #[test]
+    fn a_database_error_names_the_operation_that_failed() {
+        names_the_operation::<SqliteStore>();
+        names_the_operation::<PostgresStore>();
     }
 }

@@ -1,6 +1,7 @@
-//! The send side, once for both backends: an outbox row read, a send moved to the dead letters,
-//! locks renewed while deliveries run, and what became of each delivery. Claims stay with each
-//! backend: PostgreSQL skips rows other hosts lock, and SQLite dead-letters rows of any shape.
+//! The send side, once for both backends: an outbox row read (one that cannot be read is
+//! dead-lettered), an ordered port's head taken, a send moved to the dead letters, locks renewed
+//! while deliveries run, and what became of each delivery. The claim statements stay with each
+//! backend: PostgreSQL skips rows other hosts lock and knows which hosts are gone.
 
 use chrono::{DateTime, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
@@ -30,6 +31,173 @@ where
             expects_reply: Self::col_bool(row, "expects_reply")?,
             attempts: Self::col_u32(row, "outbox", "attempts")?,
         })
+    }
+
+    /// [`MessageBox::claim_outbox`](crate::store::MessageBox::claim_outbox) with the backend's
+    /// claim `sql`: `$1` the host, `$2` now, `$3` the lock's end, `$4` the limit, `$5` the
+    /// ordered ports (claimed by [`Outbox::claim_ordered_by`] instead), and `$6` the
+    /// [`claim_cutoff`](Backend::claim_cutoff) where the backend has one.
+    async fn claim_outbox_by(
+        &self,
+        sql: &str,
+        host: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+        limit: u32,
+        ordered: &[String],
+    ) -> StoreResult<Vec<OutboxRow>> {
+        let mut tx = self.begin().await?;
+        let mut query = sqlx::query(sql)
+            .bind(host)
+            .bind(Self::time(now))
+            .bind(Self::time(lock_until))
+            .bind(i64::from(limit))
+            .bind(Self::list(ordered));
+        if let Some(cutoff) = self.claim_cutoff(now) {
+            query = query.bind(cutoff);
+        }
+        let rows = query
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| Self::map_err("claim outbox", e))?;
+        let out = Self::claimed_sends(&mut tx, &rows, now).await?;
+        Self::commit(tx).await?;
+        Ok(out)
+    }
+
+    /// [`MessageBox::claim_ordered`](crate::store::MessageBox::claim_ordered) with the backend's
+    /// `sql` that reads a port's head (`$1` the port, `$2` the
+    /// [`claim_cutoff`](Backend::claim_cutoff) where the backend has one), locked for the
+    /// transaction where the database locks rows.
+    async fn claim_ordered_by(
+        &self,
+        sql: &str,
+        host: &str,
+        port: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<Option<OutboxRow>> {
+        let mut tx = self.begin().await?;
+        let mut query = sqlx::query(sql).bind(port);
+        if let Some(cutoff) = self.claim_cutoff(now) {
+            query = query.bind(cutoff);
+        }
+        let head = query
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| Self::map_err("claim ordered", e))?;
+        Self::take_head(tx, head, host, now, lock_until).await
+    }
+
+    /// The sends a claim's `rows` hold. A row that cannot be read is dead-lettered in the
+    /// claim's transaction: never claimed again, never a stop for the sends beside it.
+    async fn claimed_sends(
+        tx: &mut Self::Tx,
+        rows: &[RowOf<Self>],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<OutboxRow>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            match Self::outbox_row(row) {
+                Ok(send) => out.push(send),
+                Err(e) => Self::bury_send(tx, row, &e.to_string(), now).await?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dead-letters a claimed outbox row that cannot be read: a copy goes to `dead_letters` with
+    /// the reason (its columns as text, whatever they hold), the row is marked `dead`, and its
+    /// instance, if the row names one that can be read, is told (`Event::SendFailed`).
+    async fn bury_send(
+        tx: &mut Self::Tx,
+        row: &RowOf<Self>,
+        why: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let e = |e| Self::map_err("bury send", e);
+        let Ok(id) = Self::col_text(row, "id") else {
+            tracing::error!(error = %why, "an outbox row cannot be read, nor its id; left locked");
+            return Ok(());
+        };
+        let reason = format!("send {id} cannot be read: {why}");
+        tracing::error!(send.id = %id, error = %reason, "a send cannot be read; dead-lettered");
+        sqlx::query(&format!(
+            "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+             SELECT id, {}, {}, {}, {}, $2, {}, $3 FROM outbox WHERE id = $1 \
+             ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, dead_at = excluded.dead_at",
+            Self::uuid_or_null("instance_id"),
+            Self::as_text("port"),
+            Self::as_text("message_type"),
+            Self::as_text("body"),
+            Self::count_or_zero("attempts"),
+        ))
+        .bind(id.as_str())
+        .bind(reason.as_str())
+        .bind(Self::time(now))
+        .execute(&mut **tx)
+        .await
+        .map_err(e)?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'dead', last_error = $2, locked_by = NULL, locked_until = NULL \
+             WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(reason.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(e)?;
+        if let (Ok(instance), Ok(message_type)) = (
+            Self::col_uuid(row, "instance_id"),
+            Self::col_text(row, "message_type"),
+        ) {
+            let msg = NewMessage::to_instance(
+                format!("{id}:failed"),
+                format!("{message_type}.failed"),
+                MessageKind::SendFailed,
+                serde_json::json!({ "message_id": id, "error": reason }),
+                instance,
+            );
+            Self::publish_one(tx, &msg, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes an ordered port's `head` (its oldest open send, read with `holder_alive`, whether
+    /// the host holding it beats) for `host`, if it is pending, due and not locked by another
+    /// live host; commits `tx` either way.
+    async fn take_head(
+        mut tx: Self::Tx,
+        head: Option<RowOf<Self>>,
+        host: &str,
+        now: DateTime<Utc>,
+        lock_until: DateTime<Utc>,
+    ) -> StoreResult<Option<OutboxRow>> {
+        let Some(head) = head else {
+            Self::commit(tx).await?;
+            return Ok(None);
+        };
+        let status = Self::col_text(&head, "status")?;
+        let due = Self::col_time(&head, "next_attempt_at")? <= now;
+        let locked_by = Self::col_text_opt(&head, "locked_by")?;
+        let locked_until = Self::col_time_opt(&head, "locked_until")?;
+        let locked_elsewhere = locked_by.is_some_and(|by| by != host)
+            && Self::col_bool(&head, "holder_alive")?
+            && locked_until.is_some_and(|until| until >= now);
+        if status != "pending" || !due || locked_elsewhere {
+            Self::commit(tx).await?;
+            return Ok(None);
+        }
+        let row = Self::outbox_row(&head)?;
+        sqlx::query("UPDATE outbox SET locked_by = $2, locked_until = $3 WHERE id = $1")
+            .bind(row.id.as_str())
+            .bind(host)
+            .bind(Self::time(lock_until))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Self::map_err("claim ordered", e))?;
+        Self::commit(tx).await?;
+        Ok(Some(row))
     }
 
     /// Moves a send (already marked `dead` in the outbox) to `dead_letters` and tells its

@@ -18,12 +18,13 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use crate::store::common;
 use crate::store::model::SubscriptionChanges;
 use crate::store::plan::{not_routed, CommitPlan, RunPlan, StoredSubscription, Written};
 use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
-use super::routing::{find_route, insert_instance, subscribe_convoy, unroute, Reroute};
+use super::routing::{find_route, subscribe_convoy, unroute, Reroute};
 use super::{
     int4, map_err, uint, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
     PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx,
@@ -785,7 +786,15 @@ pub(super) async fn publish_all(
                 convoy,
             } => {
                 let id = Uuid::now_v7();
-                insert_instance(tx, id, &orchestration, version, None, *at).await?;
+                common::routing::insert_instance::<super::PostgresStore>(
+                    tx,
+                    id,
+                    &orchestration,
+                    version,
+                    None,
+                    *at,
+                )
+                .await?;
                 subscribe_convoy(tx, id, &orchestration, convoy, *at).await?;
                 // An activating message is the new instance's start message.
                 routes.push(*seq, "routed", Some(id), None, None, MessageKind::Start);

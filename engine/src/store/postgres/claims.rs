@@ -11,17 +11,10 @@ use uuid::Uuid;
 
 use super::connect::commit;
 use super::{map_err, PostgresStore};
-use crate::store::common::Claims;
-use crate::store::{Claimed, DueTimer, InstanceRecord, StoreResult, StoredMessage};
+use crate::store::common::{Backend, Claims};
+use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 
 impl PostgresStore {
-    fn learn_lease(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>) {
-        let ms = (lease_until - now).num_milliseconds();
-        if ms > 0 {
-            self.lease_ms.store(ms, Ordering::Relaxed);
-        }
-    }
-
     /// Hosts whose last heartbeat is older than this are presumed gone.
     pub(super) fn host_cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         now - chrono::Duration::milliseconds(2 * self.lease_ms.load(Ordering::Relaxed))
@@ -160,16 +153,6 @@ pub(super) async fn claim_messages(
         .await
 }
 
-/// [`MessageBox::claim_timers`](crate::store::MessageBox::claim_timers) on PostgreSQL.
-pub(super) async fn claim_timers(
-    store: &PostgresStore,
-    host: &str,
-    now: DateTime<Utc>,
-    limit: u32,
-) -> StoreResult<Claimed<DueTimer>> {
-    store.claim_timers_by(&CLAIM_TIMERS, host, now, limit).await
-}
-
 /// [`MessageBox::acquire`](crate::store::MessageBox::acquire) on PostgreSQL.
 pub(super) async fn acquire(
     store: &PostgresStore,
@@ -178,7 +161,7 @@ pub(super) async fn acquire(
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> StoreResult<Vec<InstanceRecord>> {
-    store.learn_lease(now, lease_until);
+    Backend::learn_lease(store, now, lease_until);
     let mut tx = store.write().await?;
     // One statement; its rows are locked in index order, the same in every host.
     let rows = sqlx::query(
@@ -221,36 +204,6 @@ pub(super) async fn acquire(
     }
     commit(tx).await?;
     Ok(out)
-}
-
-/// [`MessageBox::heartbeat`](crate::store::MessageBox::heartbeat) on PostgreSQL.
-pub(super) async fn heartbeat(
-    store: &PostgresStore,
-    host: &str,
-    now: DateTime<Utc>,
-    lease_until: DateTime<Utc>,
-) -> StoreResult<()> {
-    store.learn_lease(now, lease_until);
-    let mut tx = store.write().await?;
-    // Rows a commit of ours holds right now are skipped (renewed at the next beat); taking
-    // them in id order keeps the beat from deadlocking with commits.
-    sqlx::query(
-        "UPDATE instances SET lease_expires_at = $2 WHERE id IN ( \
-           SELECT id FROM instances WHERE owner = $1 ORDER BY id FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(host)
-    .bind(lease_until)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| map_err("heartbeat", e))?;
-    // A host another one marked stopped while it was slow is back.
-    sqlx::query("UPDATE hosts SET heartbeat_at = $2, stopped_at = NULL WHERE id = $1")
-        .bind(host)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("heartbeat", e))?;
-    commit(tx).await
 }
 
 /// [`MessageBox::unlock`](crate::store::MessageBox::unlock) on PostgreSQL.

@@ -12,9 +12,9 @@ use uuid::Uuid;
 use super::{claims, listen, outbox, routing, PostgresStore};
 use crate::store::*;
 
-crate::store::common::message_box::message_box!(
+crate::store::common::message_box::message_box! {
     PostgresStore,
     async fn listen(&self, wake: Arc<Notify>, stop: CancellationToken) {
         listen::listen(self, wake, stop).await
     }
-);
+}

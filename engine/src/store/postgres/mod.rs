@@ -60,19 +60,15 @@ pub const SCHEMA: &str = "cairn";
 /// The channel notified when a transaction made work for hosts.
 pub const WORK_CHANNEL: &str = "cairn_work";
 
-/// Maps a sqlx error from `operation` (what the store was doing, named in the error) to a
-/// [`StoreError`], deciding what is worth retrying. The one place that decides it for this
-/// backend.
+/// Maps a sqlx error from `operation` to a [`StoreError`]
+/// ([`Backend::map_err`](common::Backend::map_err)).
 fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
-    if matches!(
-        err,
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
-    ) {
-        // A row holds what its column's type does not admit: the row's fault, not the
-        // database's, and never cured by retrying.
-        return StoreError::Corrupt(err.to_string());
-    }
-    let retryable = match &err {
+    <PostgresStore as common::Backend>::map_err(operation, err)
+}
+
+/// Whether an error is worth retrying ([`Backend::retryable`](common::Backend::retryable)).
+fn retryable(err: &sqlx::Error) -> bool {
+    match err {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             matches!(
@@ -86,14 +82,6 @@ fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
             ) || code.starts_with("08") // connection_exception and its subclasses
         }),
         _ => false,
-    };
-    if retryable {
-        StoreError::Unavailable(err)
-    } else {
-        StoreError::Database {
-            operation,
-            source: err,
-        }
     }
 }
 
@@ -188,6 +176,10 @@ impl common::Backend for PostgresStore {
          FROM instances i WHERE i.id = m.instance_id AND m.status = 'routed' \
            AND i.status IN ('completed', 'failed', 'terminated')";
     const GIVE_BACK: &'static str = "delivery_count = GREATEST(delivery_count - 1, 0)";
+    // Rows a commit of this host holds right now are skipped (renewed at the next beat); taking
+    // them in id order keeps the beat from deadlocking with commits.
+    const RENEW_LEASES: &'static str = "UPDATE instances SET lease_expires_at = $2 WHERE id IN ( \
+           SELECT id FROM instances WHERE owner = $1 ORDER BY id FOR UPDATE SKIP LOCKED)";
 
     fn uuid(id: Uuid) -> Uuid {
         id
@@ -198,14 +190,21 @@ impl common::Backend for PostgresStore {
     fn count(n: u32) -> i32 {
         int4(n)
     }
+    fn learn_lease(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>) {
+        let ms = (lease_until - now).num_milliseconds();
+        if ms > 0 {
+            self.lease_ms
+                .store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     fn claim_cutoff(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         Some(self.host_cutoff(now))
     }
     fn list(ids: &[String]) -> Vec<String> {
         ids.to_vec()
     }
-    fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
-        map_err(operation, err)
+    fn retryable(err: &sqlx::Error) -> bool {
+        retryable(err)
     }
     fn rows_affected(done: &sqlx::postgres::PgQueryResult) -> u64 {
         done.rows_affected()
@@ -220,11 +219,17 @@ impl common::Backend for PostgresStore {
     fn commit(tx: Tx) -> impl Future<Output = StoreResult<()>> + Send {
         connect::commit(tx)
     }
-    async fn publish_one(tx: &mut Tx, msg: &NewMessage, now: DateTime<Utc>) -> StoreResult<()> {
-        routing::publish_one(tx, msg, now).await.map(drop)
+    async fn publish_all(
+        tx: &mut Tx,
+        messages: &[(&NewMessage, DateTime<Utc>)],
+    ) -> StoreResult<Vec<PublishOutcome>> {
+        batch::publish_all(tx, messages).await
     }
     async fn notify(tx: &mut Tx) -> StoreResult<()> {
         listen::notify(tx).await
+    }
+    async fn lock_to_publish(tx: &mut Tx, messages: &[NewMessage]) -> StoreResult<()> {
+        routing::lock_routes(tx, routing::routed_types(messages), []).await
     }
     async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
         batch::unlock_instances(tx, &[id], &[]).await
@@ -262,38 +267,9 @@ impl common::Backend for PostgresStore {
             .map_err(|e| map_err("activity", e))
     }
 
-    fn col_text(row: &PgRow, name: &str) -> StoreResult<String> {
-        col(row, name)
-    }
-    fn col_text_opt(row: &PgRow, name: &str) -> StoreResult<Option<String>> {
-        col(row, name)
-    }
-    fn col_i64(row: &PgRow, name: &str) -> StoreResult<i64> {
-        col(row, name)
-    }
-    fn col_bool(row: &PgRow, name: &str) -> StoreResult<bool> {
-        col(row, name)
-    }
-    fn col_bytes_opt(row: &PgRow, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        col(row, name)
-    }
-    fn col_uuid(row: &PgRow, name: &str) -> StoreResult<Uuid> {
-        col(row, name)
-    }
-    fn col_uuid_opt(row: &PgRow, name: &str) -> StoreResult<Option<Uuid>> {
-        col(row, name)
-    }
-    fn col_time(row: &PgRow, name: &str) -> StoreResult<DateTime<Utc>> {
-        col(row, name)
-    }
-    fn col_time_opt(row: &PgRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
-        col(row, name)
-    }
+    common::column_readers!(PgRow, uuid: col, uuid_opt: col, time: col, time_opt: col, json: col_json);
     fn col_u32(row: &PgRow, table: &str, name: &str) -> StoreResult<u32> {
         uint(col(row, name)?, &format!("{table}.{name}"))
-    }
-    fn col_json<T: serde::de::DeserializeOwned>(row: &PgRow, name: &str) -> StoreResult<T> {
-        col_json(row, name)
     }
     fn col_json_opt<T: serde::de::DeserializeOwned>(
         row: &PgRow,
@@ -307,11 +283,11 @@ impl common::Backend for PostgresStore {
     fn as_text(column: &str) -> String {
         column.to_owned()
     }
+    fn count_or_zero(column: &str) -> String {
+        format!("GREATEST({column}, 0)")
+    }
     fn uuid_or_null(column: &str) -> String {
         column.to_owned()
-    }
-    fn col_id(row: &PgRow, name: &str) -> StoreResult<Uuid> {
-        col(row, name)
     }
     fn read_text(row: &PgRow, name: &str) -> Result<String, String> {
         col(row, name).map_err(|e| e.to_string())

@@ -11,8 +11,9 @@ use uuid::Uuid;
 use super::batch;
 use super::connect::commit;
 use super::listen::notify;
-use super::{col, col_json, int4, map_err, PostgresStore, Tx};
+use super::{col, col_json, map_err, PostgresStore, Tx};
 use crate::orchestration::Correlation;
+use crate::store::common;
 use crate::store::routing::Route;
 use crate::store::*;
 
@@ -104,39 +105,6 @@ pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Rou
         Some((sub, instance)) => Route::Instance(instance, Some(sub)),
         None => route,
     })
-}
-
-pub(super) async fn insert_instance(
-    tx: &mut Tx,
-    id: Uuid,
-    orchestration: &str,
-    version: u32,
-    parent: Option<Uuid>,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO instances (id, orchestration, version, status, step, created_at, updated_at, parent_id) \
-         VALUES ($1, $2, $3, 'running', 'created', $4, $4, $5)",
-    )
-    .bind(id)
-    .bind(orchestration)
-    .bind(int4(version))
-    .bind(now)
-    .bind(parent)
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| map_err("insert instance", e))?;
-    Ok(())
-}
-
-/// Stores and routes one message inside `tx`; see [`batch::publish_all`].
-pub(super) async fn publish_one(
-    tx: &mut Tx,
-    msg: &NewMessage,
-    now: DateTime<Utc>,
-) -> StoreResult<PublishOutcome> {
-    let mut out = batch::publish_all(tx, &[(msg, now)]).await?;
-    Ok(out.pop().unwrap_or(PublishOutcome::Duplicate))
 }
 
 /// What a transaction changed that may route unrouted messages.
@@ -264,7 +232,15 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
         .await
         .map_err(|e| map_err("reroute", e))?;
         if let (1, Some((orchestration, version, convoy))) = (routed.rows_affected(), activate) {
-            insert_instance(tx, instance, &orchestration, version, None, now).await?;
+            common::routing::insert_instance::<PostgresStore>(
+                tx,
+                instance,
+                &orchestration,
+                version,
+                None,
+                now,
+            )
+            .await?;
             subscribe_convoy(tx, instance, &orchestration, convoy, now).await?;
         }
     }
@@ -303,33 +279,10 @@ pub(super) async fn subscribe_convoy(
     let Some(values) = convoy else {
         return Ok(());
     };
-    let types: Vec<String> = sqlx::query_scalar(
-        "SELECT message_type FROM subscriptions WHERE orchestration = $1 AND instance_id IS NULL",
-    )
-    .bind(orchestration)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(|e| map_err("subscribe convoy", e))?;
+    let types = common::routing::activating_types::<PostgresStore>(tx, orchestration).await?;
     let subs = convoy_subscriptions(instance, types, &values);
     let rows: Vec<_> = subs.iter().map(|sub| (instance, sub, now)).collect();
     batch::insert_subscriptions(tx, &rows).await
-}
-
-/// [`MessageBox::publish`] on PostgreSQL.
-pub(super) async fn publish(
-    store: &PostgresStore,
-    messages: Vec<NewMessage>,
-    now: DateTime<Utc>,
-) -> StoreResult<Vec<PublishOutcome>> {
-    let mut tx = store.write().await?;
-    lock_routes(&mut tx, routed_types(&messages), []).await?;
-    let batch: Vec<_> = messages.iter().map(|msg| (msg, now)).collect();
-    let out = batch::publish_all(&mut tx, &batch).await?;
-    if out.iter().any(|o| !matches!(o, PublishOutcome::Duplicate)) {
-        notify(&mut tx).await?;
-    }
-    commit(tx).await?;
-    Ok(out)
 }
 
 /// [`MessageBox::start_instances`] on PostgreSQL.

@@ -10,30 +10,6 @@ use super::pg_harness;
 
 use super::*;
 
-/// A database error says which operation failed, and stays as retryable as before.
-#[test]
-fn a_database_error_names_the_operation_that_failed() {
-    let err = map_err(
-        "claim messages",
-        sqlx::Error::Protocol("refused".to_owned()),
-    );
-    assert!(
-        matches!(
-            err,
-            StoreError::Database {
-                operation: "claim messages",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        err.to_string(),
-        "database error in claim messages: encountered unexpected or invalid data: refused"
-    );
-    assert!(!err.is_retryable() && !err.is_refusal());
-}
-
 pub(super) async fn fresh() -> Option<PostgresStore> {
     // A database in the throwaway cluster the integration tests use (started on first use;
     // skipped with one line when PostgreSQL is missing, unless CAIRN_REQUIRE_POSTGRES=1).

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{batch, commit, map_err, ts, SqliteStore};
 use crate::store::common::{Backend, Claims};
-use crate::store::{Claimed, DueTimer, InstanceRecord, StoreResult, StoredMessage};
+use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 
 /// Whether instance `i` may be worked on by host `$1` at time `$2`.
 ///
@@ -46,7 +46,7 @@ static CLAIM_MESSAGES: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Claims up to `$3` timers due at `$2` for host `$1`, the earliest first.
-static CLAIM_TIMERS: LazyLock<String> = LazyLock::new(|| {
+pub(super) static CLAIM_TIMERS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE timers SET locked_by = $1 WHERE rowid IN ( \
            SELECT t.rowid FROM timers t CROSS JOIN instances i ON i.id = t.instance_id \
@@ -77,16 +77,6 @@ pub(super) async fn claim_messages(
     store
         .claim_messages_by(&CLAIM_MESSAGES, host, now, limit, limit as usize)
         .await
-}
-
-/// [`MessageBox::claim_timers`](crate::store::MessageBox::claim_timers) on SQLite.
-pub(super) async fn claim_timers(
-    store: &SqliteStore,
-    host: &str,
-    now: DateTime<Utc>,
-    limit: u32,
-) -> StoreResult<Claimed<DueTimer>> {
-    store.claim_timers_by(&CLAIM_TIMERS, host, now, limit).await
 }
 
 pub(super) async fn acquire(
@@ -129,28 +119,6 @@ pub(super) async fn acquire(
     }
     SqliteStore::commit(tx).await?;
     Ok(out)
-}
-
-pub(super) async fn heartbeat(
-    store: &SqliteStore,
-    host: &str,
-    now: DateTime<Utc>,
-    lease_until: DateTime<Utc>,
-) -> StoreResult<()> {
-    let mut tx = store.write().await?;
-    sqlx::query("UPDATE instances SET lease_expires_at = $2 WHERE owner = $1")
-        .bind(host)
-        .bind(ts(lease_until))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("heartbeat", e))?;
-    sqlx::query("UPDATE hosts SET heartbeat_at = $2 WHERE id = $1")
-        .bind(host)
-        .bind(ts(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("heartbeat", e))?;
-    commit(tx).await
 }
 
 pub(super) async fn unlock(

@@ -5,46 +5,22 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use super::routing::reroute;
 use super::{col, commit, map_err, ts, SqliteStore};
-use crate::store::common::{self, maintenance, Backend};
+use crate::store::common::{self, maintenance};
 use crate::store::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
-#[async_trait]
-impl Maintenance for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
+common::maintenance::maintenance! {
+    SqliteStore,
+    "sqlite",
+    MIGRATOR,
+    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
     async fn migrate(&self) -> StoreResult<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
-    }
-
-    async fn check_schema(&self) -> StoreResult<()> {
-        let tables: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| map_err("check schema", e))?;
-        let applied = if tables == 0 {
-            None
-        } else {
-            Some(
-                sqlx::query_as::<_, (i64, bool, Vec<u8>)>(
-                    "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version",
-                )
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| map_err("check schema", e))?,
-            )
-        };
-        compare_schema(&MIGRATOR, applied).map_err(StoreError::Schema)
     }
 
     async fn recover(&self, host: &str, now: DateTime<Utc>) -> StoreResult<()> {
@@ -112,72 +88,11 @@ impl Maintenance for SqliteStore {
         activations: &[Activation],
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let mut tx = self.write().await?;
-        let mut types = BTreeSet::new();
-        for a in activations {
-            sqlx::query(
-                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
-                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
-            )
-            .bind(Uuid::new_v4().to_string())
-            .bind(&a.message_type)
-            .bind(&a.orchestration)
-            .bind(i64::from(a.version))
-            .bind(&a.convoy)
-            .bind(ts(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| map_err("sync activations", e))?;
-            types.insert(a.message_type.clone());
-        }
-        reroute(&mut tx, &types).await?;
-        commit(tx).await
-    }
-
-    async fn apply_controls(
-        &self,
-        host: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<ControlApplied>> {
-        common::Upkeep::apply_controls(self, host, now, limit).await
-    }
-
-    async fn housekeeping(
-        &self,
-        now: DateTime<Utc>,
-        unrouted_before: DateTime<Utc>,
-    ) -> StoreResult<Housekeeping> {
-        common::Upkeep::housekeeping(self, now, unrouted_before).await
-    }
-
-    async fn take_inbox(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-        max_message_bytes: usize,
-    ) -> StoreResult<usize> {
-        if !common::Upkeep::exists(self, "SELECT EXISTS (SELECT 1 FROM inbox)").await? {
-            return Ok(0);
-        }
-        let mut tx = Backend::begin(self).await?;
-        let rows = sqlx::query(
-            "SELECT id, message_id, message_type, properties, body FROM inbox ORDER BY id LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| map_err("take inbox", e))?;
-        for row in &rows {
-            // `id` is the rowid: always an integer.
-            let id: i64 = col(row, "id")?;
-            let message = maintenance::inbox_row::<Self>(row, id, max_message_bytes);
-            <Self as common::Upkeep>::take_inbox_row(&mut tx, id, message, now).await?;
-        }
-        <Self as Backend>::commit(tx).await?;
-        Ok(rows.len())
+        let mut tx = common::Backend::begin(self).await?;
+        <Self as common::Upkeep>::upsert_activations(&mut tx, activations, now).await?;
+        let types: BTreeSet<String> = activations.iter().map(|a| a.message_type.clone()).collect();
+        reroute(&mut tx.0, &types).await?;
+        commit(tx.0).await
     }
 
     async fn close(&self) {
@@ -192,7 +107,6 @@ mod tests {
 
     use super::*;
     use crate::store::sqlite::parse_uuid;
-    use crate::store::sqlite::routing::insert_instance;
 
     #[tokio::test]
     async fn the_schema_check_tells_a_missing_a_behind_and_an_ahead_schema_apart() {
@@ -359,9 +273,16 @@ mod tests {
 
     async fn insert_instance_row(store: &SqliteStore, now: DateTime<Utc>) {
         let mut tx = store.write().await.unwrap();
-        insert_instance(&mut tx, parse_uuid(TARGET).unwrap(), "o", 1, None, now)
-            .await
-            .unwrap();
+        common::routing::insert_instance::<SqliteStore>(
+            &mut tx,
+            parse_uuid(TARGET).unwrap(),
+            "o",
+            1,
+            None,
+            now,
+        )
+        .await
+        .unwrap();
         commit(tx).await.unwrap();
     }
 }

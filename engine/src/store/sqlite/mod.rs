@@ -185,19 +185,15 @@ fn as_text(column: &str) -> String {
     )
 }
 
-/// Maps a sqlx error from `operation` (what the store was doing, named in the error) to a
-/// [`StoreError`], deciding what is worth retrying. The one place that decides it for this
-/// backend.
+/// Maps a sqlx error from `operation` to a [`StoreError`]
+/// ([`Backend::map_err`](common::Backend::map_err)).
 fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
-    if matches!(
-        err,
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_)
-    ) {
-        // A row holds what its column's type does not admit: the row's fault, not the
-        // database's, and never cured by retrying.
-        return StoreError::Corrupt(err.to_string());
-    }
-    let retryable = match &err {
+    <SqliteStore as common::Backend>::map_err(operation, err)
+}
+
+/// Whether an error is worth retrying ([`Backend::retryable`](common::Backend::retryable)).
+fn retryable(err: &sqlx::Error) -> bool {
+    match err {
         // A connection whose worker thread stopped is opened again by the next write
         // (`writer::Slot::ready`).
         sqlx::Error::Io(_)
@@ -211,14 +207,6 @@ fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
             matches!(code, 5 | 6 | 10 | 13 | 14)
         }
         _ => false,
-    };
-    if retryable {
-        StoreError::Unavailable(err)
-    } else {
-        StoreError::Database {
-            operation,
-            source: err,
-        }
     }
 }
 
@@ -286,6 +274,8 @@ impl common::Backend for SqliteStore {
          WHERE status = 'routed' AND instance_id IN \
            (SELECT id FROM instances WHERE status IN ('completed', 'failed', 'terminated'))";
     const GIVE_BACK: &'static str = "delivery_count = max(delivery_count - 1, 0)";
+    const RENEW_LEASES: &'static str =
+        "UPDATE instances SET lease_expires_at = $2 WHERE owner = $1";
 
     fn uuid(id: Uuid) -> String {
         id.to_string()
@@ -302,8 +292,8 @@ impl common::Backend for SqliteStore {
     fn claim_cutoff(&self, _now: DateTime<Utc>) -> Option<String> {
         None
     }
-    fn map_err(operation: &'static str, err: sqlx::Error) -> StoreError {
-        map_err(operation, err)
+    fn retryable(err: &sqlx::Error) -> bool {
+        retryable(err)
     }
     fn rows_affected(done: &sqlx::sqlite::SqliteQueryResult) -> u64 {
         done.rows_affected()
@@ -318,14 +308,16 @@ impl common::Backend for SqliteStore {
     fn commit(tx: WriteTx) -> impl Future<Output = StoreResult<()>> + Send {
         commit(tx.0)
     }
-    async fn publish_one(
+    async fn publish_all(
         tx: &mut WriteTx,
-        msg: &NewMessage,
-        now: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        routing::publish_one(&mut tx.0, msg, now).await.map(drop)
+        messages: &[(&NewMessage, DateTime<Utc>)],
+    ) -> StoreResult<Vec<PublishOutcome>> {
+        batch::publish_all(&mut tx.0, messages).await
     }
     async fn notify(_tx: &mut WriteTx) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn lock_to_publish(_tx: &mut WriteTx, _messages: &[NewMessage]) -> StoreResult<()> {
         Ok(())
     }
     async fn unlock_instance(tx: &mut WriteTx, id: Uuid) -> StoreResult<()> {
@@ -349,38 +341,9 @@ impl common::Backend for SqliteStore {
         next.as_deref().map(parse_ts).transpose()
     }
 
-    fn col_text(row: &SqliteRow, name: &str) -> StoreResult<String> {
-        col(row, name)
-    }
-    fn col_text_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<String>> {
-        col(row, name)
-    }
-    fn col_i64(row: &SqliteRow, name: &str) -> StoreResult<i64> {
-        col(row, name)
-    }
-    fn col_bool(row: &SqliteRow, name: &str) -> StoreResult<bool> {
-        col(row, name)
-    }
-    fn col_bytes_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        col(row, name)
-    }
-    fn col_uuid(row: &SqliteRow, name: &str) -> StoreResult<Uuid> {
-        col_uuid(row, name)
-    }
-    fn col_uuid_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<Uuid>> {
-        col_uuid_opt(row, name)
-    }
-    fn col_time(row: &SqliteRow, name: &str) -> StoreResult<DateTime<Utc>> {
-        col_ts(row, name)
-    }
-    fn col_time_opt(row: &SqliteRow, name: &str) -> StoreResult<Option<DateTime<Utc>>> {
-        col_ts_opt(row, name)
-    }
+    common::column_readers!(SqliteRow, uuid: col_uuid, uuid_opt: col_uuid_opt, time: col_ts, time_opt: col_ts_opt, json: col_json);
     fn col_u32(row: &SqliteRow, _table: &str, name: &str) -> StoreResult<u32> {
         col_u32(row, name)
-    }
-    fn col_json<T: serde::de::DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
-        col_json(row, name)
     }
     fn col_json_opt<T: serde::de::DeserializeOwned>(
         row: &SqliteRow,
@@ -393,11 +356,11 @@ impl common::Backend for SqliteStore {
     fn as_text(column: &str) -> String {
         as_text(column)
     }
+    fn count_or_zero(column: &str) -> String {
+        format!("CASE typeof({column}) WHEN 'integer' THEN max({column}, 0) ELSE 0 END")
+    }
     fn uuid_or_null(column: &str) -> String {
         format!("CASE typeof({column}) WHEN 'text' THEN {column} END")
-    }
-    fn col_id(row: &SqliteRow, name: &str) -> StoreResult<String> {
-        col(row, name)
     }
     fn read_text(row: &SqliteRow, name: &str) -> Result<String, String> {
         read(row, name)
@@ -416,32 +379,3 @@ impl common::Claims for SqliteStore {}
 impl common::Outbox for SqliteStore {}
 impl common::Operator for SqliteStore {}
 impl common::Upkeep for SqliteStore {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A database error says which operation failed, and stays as retryable as before.
-    #[test]
-    fn a_database_error_names_the_operation_that_failed() {
-        let err = map_err(
-            "claim messages",
-            sqlx::Error::Protocol("refused".to_owned()),
-        );
-        assert!(
-            matches!(
-                err,
-                StoreError::Database {
-                    operation: "claim messages",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "database error in claim messages: encountered unexpected or invalid data: refused"
-        );
-        assert!(!err.is_retryable() && !err.is_refusal());
-    }
-}

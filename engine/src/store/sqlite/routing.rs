@@ -7,12 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{batch, col, col_json, commit, map_err, ts, SqliteStore, Tx};
+use super::{batch, col, col_json, commit, map_err, SqliteStore, Tx};
 use crate::orchestration::Correlation;
+use crate::store::common;
 use crate::store::routing::Route;
 use crate::store::{
     convoy_subscriptions, held_receives, CommitOutcome, HeldStart, Holder, MessageKind,
-    NewInstance, NewMessage, NewReceives, PersistencePoint, PublishOutcome, StoreResult,
+    NewInstance, NewMessage, NewReceives, PersistencePoint, StoreResult,
 };
 
 /// Where `msg` goes.
@@ -31,53 +32,15 @@ pub(super) async fn activate(
     now: DateTime<Utc>,
 ) -> StoreResult<Uuid> {
     let id = Uuid::now_v7();
-    insert_instance(tx, id, orchestration, version, None, now).await?;
+    common::routing::insert_instance::<SqliteStore>(tx, id, orchestration, version, None, now)
+        .await?;
     if let Some(values) = convoy {
-        let types: Vec<String> = sqlx::query_scalar(
-            "SELECT message_type FROM subscriptions WHERE orchestration = $1 AND instance_id IS NULL",
-        )
-        .bind(orchestration)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(|e| map_err("activate", e))?;
+        let types = common::routing::activating_types::<SqliteStore>(tx, orchestration).await?;
         let subs = convoy_subscriptions(id, types, &values);
         let rows: Vec<_> = subs.iter().map(|sub| (id, sub, now)).collect();
         batch::insert_subscriptions(tx, &rows).await?;
     }
     Ok(id)
-}
-
-pub(super) async fn insert_instance(
-    tx: &mut Tx,
-    id: Uuid,
-    orchestration: &str,
-    version: u32,
-    parent: Option<Uuid>,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO instances (id, orchestration, version, status, step, created_at, updated_at, parent_id) \
-         VALUES ($1, $2, $3, 'running', 'created', $4, $4, $5)",
-    )
-    .bind(id.to_string())
-    .bind(orchestration)
-    .bind(i64::from(version))
-    .bind(ts(now))
-    .bind(parent.map(|p| p.to_string()))
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| map_err("insert instance", e))?;
-    Ok(())
-}
-
-/// Stores and routes one message inside `tx`.
-pub(super) async fn publish_one(
-    tx: &mut Tx,
-    msg: &NewMessage,
-    now: DateTime<Utc>,
-) -> StoreResult<PublishOutcome> {
-    let mut out = batch::publish_all(tx, &[(msg, now)]).await?;
-    Ok(out.pop().unwrap_or(PublishOutcome::Duplicate))
 }
 
 /// Routes the unrouted messages of these types again (a subscription appeared or went away).
@@ -136,18 +99,6 @@ pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResul
         }
     }
     Ok(())
-}
-
-pub(super) async fn publish(
-    store: &SqliteStore,
-    messages: Vec<NewMessage>,
-    now: DateTime<Utc>,
-) -> StoreResult<Vec<PublishOutcome>> {
-    let mut tx = store.write().await?;
-    let batch: Vec<_> = messages.iter().map(|msg| (msg, now)).collect();
-    let out = batch::publish_all(&mut tx, &batch).await?;
-    commit(tx).await?;
-    Ok(out)
 }
 
 pub(super) async fn start_instances(
