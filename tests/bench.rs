@@ -8,7 +8,7 @@ mod support;
 
 use std::process::Command;
 
-use cairn::bench::{BenchError, Workload};
+use cairn::bench::{BenchError, Drive, Workload};
 use cairn::store::NewInstance;
 use support::{Backend, TestDb};
 
@@ -33,8 +33,13 @@ async fn every_workload_runs_small(db: TestDb) {
         if workload == Workload::W6 && db.backend != Backend::Postgres {
             continue;
         }
+        // Every figure, the one-call-at-a-time and separate-client ones too.
+        let drive = Drive {
+            callers: 4,
+            from_process: true,
+        };
         let figures = workload
-            .run(&db.url, Some(small(workload)))
+            .run(&db.url, Some(small(workload)), &drive)
             .await
             .unwrap_or_else(|e| panic!("{workload:?}: {e}"));
         assert!(!figures.is_empty(), "{workload:?} measured nothing");
@@ -62,7 +67,10 @@ async fn the_benchmark_refuses_a_database_with_real_instances(db: TestDb) {
         .await
         .unwrap();
     db.store.close().await;
-    let err = Workload::W2.run(&db.url, Some(1)).await.unwrap_err();
+    let err = Workload::W2
+        .run(&db.url, Some(1), &Drive::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, BenchError::NotABenchDatabase(_)), "{err}");
 }
 

@@ -22,6 +22,7 @@ backend_tests!(
     sigterm_saves_every_instance_and_a_restart_finishes_them,
     an_ordered_port_delivers_in_commit_order_across_a_sigkill_and_a_failing_message,
     a_host_whose_log_cannot_be_written_keeps_running,
+    work_committed_by_another_process_wakes_the_host_without_its_poll,
 );
 
 /// Trips whose car reply is in and not consumed by a committed point: a host killed now dies
@@ -204,6 +205,30 @@ async fn a_host_whose_log_cannot_be_written_keeps_running(db: TestDb) {
     let status = host.wait();
     assert!(status.success(), "host exit status {status}");
     check_guarantees(&run, &ids, &published).await;
+}
+
+/// A host polling only once a minute still runs at once what another process commits for it:
+/// PostgreSQL's `NOTIFY`, SQLite's wake-up socket (`store/sqlite/wake.rs`). The first wave is
+/// published before the host starts (its start-up claim takes it: the marker that the host is up
+/// and idle), the second while it idles, from this test's own store, a process apart from the
+/// host's.
+async fn work_committed_by_another_process_wakes_the_host_without_its_poll(db: TestDb) {
+    let run = new_run(db).await;
+    let (first, _) = feed(&run, 0, 1).await;
+    let args = ["--dehydrate-after-ms", "300", "--poll-ms", "60000"];
+    let no_failures = [("CAIRN_SAMPLE_FAILURE_PERCENT", "0".to_owned())];
+    let mut host = run.spawn_env(0, 0, &args, "warn", &no_failures);
+    wait_until_all_ended(&run, &first, Duration::from_secs(30)).await;
+    let t = Instant::now();
+    let (second, _) = feed(&run, 1, 1).await;
+    wait_until_all_ended(&run, &second, Duration::from_secs(20)).await;
+    let took = t.elapsed();
+    host.sigterm();
+    assert!(host.wait().success());
+    assert!(
+        took < Duration::from_secs(10),
+        "the second wave took {took:?}: the host waited for its minute-long poll"
+    );
 }
 
 /// The audit trail's ordered file port, with 1,000 entries: the host is killed with SIGKILL while

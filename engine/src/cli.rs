@@ -232,6 +232,14 @@ pub enum Command {
         /// Also append the figures, one JSON object per line, to this file.
         #[arg(long, value_name = "PATH")]
         json_file: Option<std::path::PathBuf>,
+        /// Callers for the one-call-at-a-time figures of W1, W4 and W8: tasks that each start
+        /// one instance or publish one message per call.
+        #[arg(long, default_value_t = crate::bench::DEFAULT_CALLERS)]
+        callers: usize,
+        /// W2 also with its starts made by a separate client on its own connections, which the
+        /// host hears of only through the database.
+        #[arg(long)]
+        from_process: bool,
     },
 }
 
@@ -629,6 +637,8 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         runs,
         json,
         json_file,
+        callers,
+        from_process,
     } = cli.command
     else {
         return Ok(());
@@ -651,6 +661,10 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         },
         instances,
         runs,
+        drive: crate::bench::Drive {
+            callers,
+            from_process,
+        },
     };
     let figures = crate::bench::run(&url, &options).await?;
     if let Some(path) = json_file {

@@ -8,12 +8,13 @@
 //!
 //! | workload | what |
 //! |---|---|
-//! | W1 | N orchestrations, each 3 sequential request-response calls (and 5, "hello cities") |
-//! | W2 | one such orchestration at a time, N in a row: latency from start to completion |
+//! | W1 | N orchestrations, each 3 sequential request-response calls (and 5, "hello cities"), started 500 a call ("batched"), and started one a call by C callers |
+//! | W2 | one such orchestration at a time, N in a row: latency from start to completion; with `--from-process`, also started by a separate client on its own connections |
 //! | W3 | an orchestration sends 100 requests at once and joins on the replies, N times |
-//! | W4 | N instances wait dehydrated for a correlated message; N messages published |
+//! | W4 | N instances wait dehydrated for a correlated message; N messages published 500 a call, and one a call by C callers |
 //! | W5 | N instances wait (half on messages, half on timers): memory, then waking 1,000 |
 //! | W6 | W1 with 1, 2 and 3 hosts on one PostgreSQL database |
+//! | W8 | the HTTP receive location: C clients each posting one message a request, against `publish_batch` of 500 from one task |
 //! | ceiling | what a persistence point writes, by a bare sqlx loop: one at a time, 100 per transaction, and 100 per transaction as multi-row statements |
 //!
 //! `docs/performance.md` has the figures and how to reproduce them (`just bench`).
@@ -30,7 +31,7 @@ use serde::Serialize;
 use crate::host::{ClientError, HostError};
 use crate::store::StoreError;
 
-pub use workloads::Workload;
+pub use workloads::{Drive, Workload, DEFAULT_CALLERS};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -114,10 +115,10 @@ impl Figure {
         out
     }
 
-    /// A key telling runs of the same figure apart (workload, calls, hosts).
+    /// A key telling runs of the same figure apart (workload, calls, hosts, callers, ...).
     fn key(&self) -> String {
         let mut key = self.workload.clone();
-        for k in ["calls", "hosts"] {
+        for k in ["calls", "hosts", "callers", "from_process", "via_http"] {
             if let Some(v) = self.extra.get(k) {
                 let _ = write!(key, " {k}={v}");
             }
@@ -200,6 +201,8 @@ pub struct BenchOptions {
     pub instances: Option<usize>,
     /// Runs of each workload; the figures are their medians.
     pub runs: usize,
+    /// How the callers drive the engine.
+    pub drive: Drive,
 }
 
 /// Runs the workloads on the database at `url`, `runs` times each, and returns the medians.
@@ -224,7 +227,7 @@ pub async fn run(url: &str, options: &BenchOptions) -> Result<Vec<Figure>, Bench
                 backend.name(),
                 options.runs.max(1)
             );
-            let figures = workload.run(url, options.instances).await?;
+            let figures = workload.run(url, options.instances, &options.drive).await?;
             for f in &figures {
                 eprintln!("  {}", line(f));
             }
@@ -244,7 +247,10 @@ pub async fn run(url: &str, options: &BenchOptions) -> Result<Vec<Figure>, Bench
         else {
             continue;
         };
-        for f in out.iter_mut().filter(|f| f.workload == "W1") {
+        for f in out
+            .iter_mut()
+            .filter(|f| f.workload == "W1" && !f.extra.contains_key("callers"))
+        {
             if let Some(pps) = f.persistence_points_per_s {
                 f.extra.insert(share.to_owned(), pps / ceiling);
             }

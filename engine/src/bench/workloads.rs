@@ -2,6 +2,7 @@
 //! and measures from the first start (or publish) to the last completion.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use uuid::Uuid;
 
 use super::orchestrations::{self, Chain, FanOut, Waiter, GO_TYPE};
 use super::{db, percentile, BenchError, Figure};
+use crate::host::receive::ReceiveLocation;
 use crate::host::{Ended, HostStats};
 use crate::store::{InstanceStatus, NewMessage, Store};
 use crate::{Client, Host, HostError, Orchestration};
@@ -39,6 +41,9 @@ pub enum Workload {
     /// W1 with 1, 2 and 3 hosts (PostgreSQL).
     #[cfg_attr(feature = "cli", value(name = "W6", alias = "w6"))]
     W6,
+    /// The HTTP receive location: one message a request, from many clients.
+    #[cfg_attr(feature = "cli", value(name = "W8", alias = "w8"))]
+    W8,
     /// The raw ceiling of the database for what a persistence point writes.
     #[cfg_attr(feature = "cli", value(name = "ceiling"))]
     Ceiling,
@@ -46,7 +51,7 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, ceiling first.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Ceiling,
         Workload::W1,
         Workload::W2,
@@ -54,12 +59,13 @@ impl Workload {
         Workload::W4,
         Workload::W5,
         Workload::W6,
+        Workload::W8,
     ];
 
     /// Its size when `--instances` is not given.
     pub fn default_instances(self) -> usize {
         match self {
-            Workload::W1 | Workload::W4 | Workload::W6 => 10_000,
+            Workload::W1 | Workload::W4 | Workload::W6 | Workload::W8 => 10_000,
             Workload::W2 => 500,
             Workload::W3 => 50,
             Workload::W5 => 100_000,
@@ -67,18 +73,32 @@ impl Workload {
         }
     }
 
-    /// Runs it once on a fresh database at `url`.
+    /// Runs it once on a fresh database at `url`, driven as `drive` says.
     ///
     /// # Errors
     /// See [`BenchError`].
-    pub async fn run(self, url: &str, instances: Option<usize>) -> Result<Vec<Figure>, BenchError> {
+    pub async fn run(
+        self,
+        url: &str,
+        instances: Option<usize>,
+        drive: &Drive,
+    ) -> Result<Vec<Figure>, BenchError> {
         let n = instances.unwrap_or(self.default_instances()).max(1);
         let backend = db::Backend::of(url)?.name();
+        let callers = drive.callers.max(1);
         let mut figures = match self {
-            Workload::W1 => vec![w1(url, n, 3, 1).await?, w1(url, n, 5, 1).await?],
+            Workload::W1 => vec![
+                w1(url, n, 3, 1, None).await?,
+                w1(url, n, 5, 1, None).await?,
+                w1(url, n, 3, 1, Some(callers)).await?,
+            ],
+            Workload::W2 if drive.from_process => {
+                vec![w2(url, n).await?, w2_from_process(url, n).await?]
+            }
             Workload::W2 => vec![w2(url, n).await?],
             Workload::W3 => vec![w3(url, n, 100).await?],
-            Workload::W4 => vec![w4(url, n).await?],
+            Workload::W4 => vec![w4(url, n, None).await?, w4(url, n, Some(callers)).await?],
+            Workload::W8 => w8(url, n, callers).await?,
             Workload::W5 => vec![w5(url, n).await?],
             Workload::W6 => w6(url, n).await?,
             Workload::Ceiling => db::ceiling(url, n).await?,
@@ -88,6 +108,27 @@ impl Workload {
             f.runs = 1;
         }
         Ok(figures)
+    }
+}
+
+/// Callers of the one-call-at-a-time figures when `--callers` is not given.
+pub const DEFAULT_CALLERS: usize = 256;
+
+/// How a workload's callers drive the engine, besides the batches it arranges itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drive {
+    /// Tasks that each start one instance or publish one message per call (W1, W4, W8).
+    pub callers: usize,
+    /// W2 also from a separate client on its own connections.
+    pub from_process: bool,
+}
+
+impl Default for Drive {
+    fn default() -> Self {
+        Self {
+            callers: DEFAULT_CALLERS,
+            from_process: false,
+        }
     }
 }
 
@@ -107,15 +148,24 @@ struct Running {
 impl Running {
     /// One host per store.
     fn start(stores: Vec<Arc<dyn Store>>) -> Self {
+        Self::start_receiving(stores, None)
+    }
+
+    /// One host per store, the first also with a receive location.
+    fn start_receiving(stores: Vec<Arc<dyn Store>>, receive: Option<ReceiveLocation>) -> Self {
         let (tx, endings) = mpsc::unbounded_channel();
+        let mut receive = receive;
         let stop = CancellationToken::new();
         let registry = orchestrations::registry();
         let mut client = None;
         let mut hosts = Vec::new();
         let first = stores[0].clone();
         for store in stores.iter().cloned() {
-            let host = Host::new(store, registry.clone(), orchestrations::ports())
+            let mut host = Host::new(store, registry.clone(), orchestrations::ports())
                 .with_endings(tx.clone());
+            if let Some(location) = receive.take() {
+                host = host.with_receive_location(location);
+            }
             client.get_or_insert_with(|| host.client());
             hosts.push(tokio::spawn(host.run(stop.clone())));
         }
@@ -217,6 +267,35 @@ async fn start_batches(
     Ok(started)
 }
 
+/// Starts `n` instances of `name` with `input` from `callers` tasks, each one start per call, as
+/// an application's request handlers would; returns when each call began.
+async fn start_by_callers(
+    client: &Client,
+    n: usize,
+    callers: usize,
+    name: &'static str,
+    input: serde_json::Value,
+) -> Result<HashMap<Uuid, Instant>, BenchError> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers.min(n) {
+        let (client, next, input) = (client.clone(), next.clone(), input.clone());
+        tasks.spawn(async move {
+            let mut started = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let at = Instant::now();
+                started.push((client.start(name, input.clone()).await?, at));
+            }
+            Ok::<_, BenchError>(started)
+        });
+    }
+    let mut started = HashMap::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        started.extend(done.map_err(|e| BenchError::Task(e.to_string()))??);
+    }
+    Ok(started)
+}
+
 /// Latencies from start to end, in milliseconds, and the last end.
 fn latencies(
     started: &HashMap<Uuid, Instant>,
@@ -229,15 +308,37 @@ fn latencies(
     (lat, ended.values().max().copied())
 }
 
-async fn w1(url: &str, n: usize, calls: u32, hosts: usize) -> Result<Figure, BenchError> {
+/// W1: `n` orchestrations of `calls` calls on `hosts` hosts, started 500 a call, or one a call by
+/// `callers`.
+async fn w1(
+    url: &str,
+    n: usize,
+    calls: u32,
+    hosts: usize,
+    callers: Option<usize>,
+) -> Result<Figure, BenchError> {
     let mut stores = vec![db::fresh(url).await?];
     for _ in 1..hosts {
         stores.push(db::open(url).await?);
     }
     let mut running = Running::start(stores);
     let t0 = Instant::now();
-    let inputs = (0..n).map(|_| (Chain::NAME.to_owned(), json!({ "calls": calls })));
-    let started = start_batches(&running.client, inputs, 500).await?;
+    let started = match callers {
+        Some(c) => {
+            start_by_callers(
+                &running.client,
+                n,
+                c,
+                Chain::NAME,
+                json!({ "calls": calls }),
+            )
+            .await?
+        }
+        None => {
+            let inputs = (0..n).map(|_| (Chain::NAME.to_owned(), json!({ "calls": calls })));
+            start_batches(&running.client, inputs, 500).await?
+        }
+    };
     let ended = running.wait(n).await?;
     let (lat, last) = latencies(&started, &ended);
     let wall = last.unwrap_or(t0).duration_since(t0).as_secs_f64();
@@ -245,6 +346,9 @@ async fn w1(url: &str, n: usize, calls: u32, hosts: usize) -> Result<Figure, Ben
     let mut extra = BTreeMap::from([("calls".to_owned(), f64::from(calls))]);
     if hosts > 1 || url.starts_with("postgres") {
         extra.insert("hosts".to_owned(), hosts as f64);
+    }
+    if let Some(c) = callers {
+        extra.insert("callers".to_owned(), c as f64);
     }
     Ok(timed("W1", n, wall, Some(points), lat, extra))
 }
@@ -274,6 +378,46 @@ async fn one_at_a_time(
 async fn w2(url: &str, n: usize) -> Result<Figure, BenchError> {
     let (lat, wall, points) = one_at_a_time(url, n, Chain::NAME, json!({ "calls": 3 })).await?;
     let extra = BTreeMap::from([("calls".to_owned(), 3.0)]);
+    Ok(timed("W2", n, wall, Some(points), lat, extra))
+}
+
+/// W2 with each start made by a separate client on connections of its own, as another process
+/// (the CLI, a web handler) makes it: the host hears of it only through the database. The
+/// latency runs from the call to the completion's commit (the host's endings channel); the
+/// client also watches for it through its own connection, polling each millisecond
+/// (`seen_p50_ms`).
+async fn w2_from_process(url: &str, n: usize) -> Result<Figure, BenchError> {
+    let store = db::fresh(url).await?;
+    let mut running = Running::start(vec![store]);
+    let other = db::open(url).await?;
+    let client = Client::new(other.clone(), orchestrations::registry());
+    let mut lat = Vec::with_capacity(n);
+    let mut seen = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        let id = client.start(Chain::NAME, json!({ "calls": 3 })).await?;
+        running.wait(1).await?;
+        lat.push(ms(t.elapsed()));
+        loop {
+            let status = other.instance_summaries(&[id]).await?;
+            if status
+                .first()
+                .is_some_and(|s| s.status == InstanceStatus::Completed)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen.push(ms(t.elapsed()));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    other.close().await;
+    let points = running.stop().await?;
+    let mut extra = BTreeMap::from([("calls".to_owned(), 3.0), ("from_process".to_owned(), 1.0)]);
+    if let Some(p50) = percentile(&mut seen, 0.50) {
+        extra.insert("seen_p50_ms".to_owned(), p50);
+    }
     Ok(timed("W2", n, wall, Some(points), lat, extra))
 }
 
@@ -341,20 +485,176 @@ async fn publish_go(
     Ok(at)
 }
 
-async fn w4(url: &str, n: usize) -> Result<Figure, BenchError> {
+/// Publishes `bench.go` for `n` keys from `callers` tasks, one message per call.
+async fn publish_go_by_callers(
+    client: &Client,
+    n: usize,
+    callers: usize,
+) -> Result<(), BenchError> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers.min(n) {
+        let (client, next) = (client.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, BenchError>(());
+                }
+                let k = format!("k{i}");
+                client
+                    .publish(
+                        GO_TYPE,
+                        json!({ "key": k }),
+                        Some(format!("go-{k}")),
+                        BTreeMap::new(),
+                    )
+                    .await?;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| BenchError::Task(e.to_string()))??;
+    }
+    Ok(())
+}
+
+/// W4: `n` dehydrated instances woken by `n` correlated messages, published 500 a call, or one a
+/// call by `callers`.
+async fn w4(url: &str, n: usize, callers: Option<usize>) -> Result<Figure, BenchError> {
     let store = db::fresh(url).await?;
     let mut running = Running::start(vec![store]);
     let inputs = (0..n).map(|i| waiter(Some(format!("k{i}")), None));
     start_batches(&running.client, inputs, 1000).await?;
     running.wait_dehydrated(n).await?;
     let t0 = Instant::now();
-    publish_go(&running.client, (0..n).map(|i| format!("k{i}"))).await?;
+    match callers {
+        Some(c) => publish_go_by_callers(&running.client, n, c).await?,
+        None => {
+            publish_go(&running.client, (0..n).map(|i| format!("k{i}"))).await?;
+        }
+    }
     let ended = running.wait(n).await?;
     let last = ended.values().max().copied().unwrap_or(t0);
     let wall = last.duration_since(t0).as_secs_f64();
     let lat: Vec<f64> = ended.values().map(|e| ms(e.duration_since(t0))).collect();
     running.stop().await?;
-    Ok(timed("W4", n, wall, None, lat, BTreeMap::new()))
+    let mut extra = BTreeMap::new();
+    if let Some(c) = callers {
+        extra.insert("callers".to_owned(), c as f64);
+    }
+    Ok(timed("W4", n, wall, None, lat, extra))
+}
+
+/// W8: the HTTP receive location, `callers` clients each posting one message a request (`202`
+/// after the commit), against `publish_batch` of 500 a call from one task, in the same run.
+/// The messages activate nothing: what is measured is taking them in. Rates are messages
+/// accepted per second (in `orchestrations_per_s`); latencies are per request.
+async fn w8(url: &str, n: usize, callers: usize) -> Result<Vec<Figure>, BenchError> {
+    const TYPE: &str = "bench.w8";
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| BenchError::Task(e.to_string()))?;
+        probe
+            .local_addr()
+            .map_err(|e| BenchError::Task(e.to_string()))?
+    };
+    let store = db::fresh(url).await?;
+    let running = Running::start_receiving(vec![store], Some(ReceiveLocation::http(addr)));
+    // The batched rate first, on the same host and database.
+    let t0 = Instant::now();
+    let mut batch_lat = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let t = Instant::now();
+        let batch = chunk
+            .iter()
+            .map(|i| {
+                NewMessage::published(
+                    format!("batch-{i}"),
+                    TYPE,
+                    json!({ "i": i }),
+                    BTreeMap::new(),
+                )
+            })
+            .collect();
+        running.client.publish_batch(batch).await?;
+        batch_lat.push(ms(t.elapsed()));
+    }
+    let batched = timed(
+        "W8",
+        n,
+        t0.elapsed().as_secs_f64(),
+        None,
+        batch_lat,
+        BTreeMap::from([("via_http".to_owned(), 0.0)]),
+    );
+    let http = reqwest::Client::new();
+    let endpoint = format!("http://{addr}/messages");
+    // The location is up once it answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http.get(&endpoint).send().await.is_err() {
+        if Instant::now() > deadline {
+            return Err(BenchError::Stalled(format!(
+                "the HTTP location on {addr} did not answer"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let t1 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers.min(n) {
+        let (http, next, endpoint) = (http.clone(), next.clone(), endpoint.clone());
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, BenchError>(lat);
+                }
+                let t = Instant::now();
+                let reply = http
+                    .post(&endpoint)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(
+                        json!({ "type": TYPE, "id": format!("http-{i}"), "body": { "i": i } })
+                            .to_string(),
+                    )
+                    .send()
+                    .await
+                    .map_err(|e| BenchError::Task(format!("POST {endpoint}: {e}")))?;
+                if reply.status() != reqwest::StatusCode::ACCEPTED {
+                    return Err(BenchError::Stalled(format!(
+                        "POST {endpoint} answered {}",
+                        reply.status()
+                    )));
+                }
+                lat.push(ms(t.elapsed()));
+            }
+        });
+    }
+    let mut lat = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        lat.extend(done.map_err(|e| BenchError::Task(e.to_string()))??);
+    }
+    let wall = t1.elapsed().as_secs_f64();
+    running.stop().await?;
+    let mut via_http = timed(
+        "W8",
+        n,
+        wall,
+        None,
+        lat,
+        BTreeMap::from([
+            ("via_http".to_owned(), 1.0),
+            ("callers".to_owned(), callers as f64),
+        ]),
+    );
+    if let Some(rate) = batched.orchestrations_per_s.filter(|r| *r > 0.0) {
+        let share = via_http.orchestrations_per_s.unwrap_or(0.0) / rate;
+        via_http.extra.insert("vs_publish_batch".to_owned(), share);
+    }
+    Ok(vec![batched, via_http])
 }
 
 /// (current, peak) resident set size of this process in MB, from `/proc/self/status`.
@@ -427,7 +727,7 @@ async fn w6(url: &str, n: usize) -> Result<Vec<Figure>, BenchError> {
     }
     let mut out = Vec::new();
     for hosts in 1..=3 {
-        let mut f = w1(url, n, 3, hosts).await?;
+        let mut f = w1(url, n, 3, hosts, None).await?;
         f.workload = "W6".to_owned();
         out.push(f);
     }

@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::eager::Eager;
+use super::grouped::Grouped;
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::Registry;
 use crate::store::{NewInstance, NewMessage, PublishOutcome, Store, StoreError};
@@ -77,6 +78,28 @@ pub struct Client {
     pub(super) wake: Arc<Notify>,
     pub(super) eager: Option<Eager>,
     pub(super) max_message_bytes: usize,
+    pub(super) writes: Arc<Writes>,
+}
+
+/// The most messages or instances one shared write takes (a single larger call is written alone).
+const MOST_ITEMS_A_WRITE: usize = 1_000;
+
+/// The writes that a client's concurrent calls, and those of its clones (and every client of a
+/// host), share: group commit for callers (`host/grouped.rs`). Each answer still comes only
+/// after its own data is durable (G1).
+#[derive(Debug)]
+pub(super) struct Writes {
+    publishes: Grouped<NewMessage, PublishOutcome>,
+    starts: Grouped<NewInstance, ()>,
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Self {
+            publishes: Grouped::new(MOST_ITEMS_A_WRITE),
+            starts: Grouped::new(MOST_ITEMS_A_WRITE),
+        }
+    }
 }
 
 impl Client {
@@ -90,6 +113,7 @@ impl Client {
             wake: Arc::new(Notify::new()),
             eager: None,
             max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
+            writes: Arc::default(),
         }
     }
 
@@ -157,7 +181,8 @@ impl Client {
         Ok((id, outcome.unwrap_or(PublishOutcome::Duplicate)))
     }
 
-    /// Publishes many messages in one transaction.
+    /// Publishes many messages in one transaction (with those of concurrent calls: see
+    /// [`Client`]); they are durable when this returns.
     ///
     /// # Errors
     /// One message is refused ([`ClientError::Refused`], [`ClientError::TooLarge`], naming it),
@@ -167,7 +192,15 @@ impl Client {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<PublishOutcome>, ClientError> {
         self.check_messages(&messages)?;
-        let out = self.store.publish(messages, self.clock.now()).await?;
+        let (store, clock) = (self.store.clone(), self.clock.clone());
+        let out = self
+            .writes
+            .publishes
+            .call(messages, move |batch| {
+                let (store, now) = (store.clone(), clock.now());
+                async move { store.publish(batch, now).await }
+            })
+            .await?;
         self.wake.notify_one();
         Ok(out)
     }
@@ -233,21 +266,35 @@ impl Client {
         Ok(ids)
     }
 
-    /// Writes the instances; a host's own client hands them to its host (see [`Client`]).
+    /// Writes the instances, with those of concurrent calls; a host's own client hands them to
+    /// its host (see [`Client`]).
     async fn start_instances(&self, instances: Vec<NewInstance>) -> Result<(), StoreError> {
-        let now = self.clock.now();
-        match self.eager.as_ref().filter(|e| e.takes(instances.len())) {
-            Some(eager) => {
-                eager
-                    .start(&self.store, &self.registry, instances, now)
-                    .await
-            }
-            None => {
-                self.store.start_instances(instances, None, now).await?;
-                self.wake.notify_one();
-                Ok(())
-            }
-        }
+        let (store, registry, clock) = (
+            self.store.clone(),
+            self.registry.clone(),
+            self.clock.clone(),
+        );
+        let (eager, wake) = (self.eager.clone(), self.wake.clone());
+        self.writes
+            .starts
+            .call(instances, move |batch| {
+                let (store, registry, eager, wake) =
+                    (store.clone(), registry.clone(), eager.clone(), wake.clone());
+                let now = clock.now();
+                async move {
+                    let n = batch.len();
+                    match eager.as_ref().filter(|e| e.takes(n)) {
+                        Some(eager) => eager.start(&store, &registry, batch, now).await?,
+                        None => {
+                            store.start_instances(batch, None, now).await?;
+                            wake.notify_one();
+                        }
+                    }
+                    Ok(vec![(); n])
+                }
+            })
+            .await
+            .map(drop)
     }
 
     /// The store.

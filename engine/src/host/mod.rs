@@ -31,6 +31,7 @@ mod commit;
 mod config;
 mod dispatcher;
 mod eager;
+mod grouped;
 mod heartbeat;
 pub mod instance;
 pub mod ports;
@@ -113,6 +114,8 @@ pub struct Host {
     running: Arc<AtomicBool>,
     /// Its send ports, for its clients' first transitions; set when it runs.
     client_ports: Arc<OnceLock<Ports>>,
+    /// The writes its clients' concurrent calls share (group commit for callers).
+    writes: Arc<client::Writes>,
 }
 
 impl std::fmt::Debug for Host {
@@ -143,6 +146,7 @@ impl Host {
             held_tx,
             held_rx: Some(held_rx),
             held_waiting: Arc::new(AtomicUsize::new(0)),
+            writes: Arc::default(),
             running: Arc::new(AtomicBool::new(false)),
             client_ports: Arc::new(OnceLock::new()),
         }
@@ -201,6 +205,7 @@ impl Host {
             clock: self.clock.clone(),
             wake: self.wake.clone(),
             max_message_bytes: self.config.max_message_bytes,
+            writes: self.writes.clone(),
             eager: Some(Eager {
                 host: self.id.clone(),
                 lease: self.config.lease_duration,

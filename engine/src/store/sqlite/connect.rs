@@ -3,11 +3,13 @@
 //! connection.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
+use super::wake::Wake;
 use super::writer::{self, Writer};
 use super::{map_err, SqliteStore};
 use crate::store::{StoreError, StoreResult};
@@ -72,13 +74,15 @@ impl SqliteStore {
             return Ok(Self {
                 writer: Writer::Pooled(pool.clone()),
                 pool,
+                wake: Arc::default(),
             });
         }
         let writer = Writer::connect(&options)
             .await
             .map_err(|e| map_err("open", e))?;
         let pool = connect(3).await.map_err(|e| map_err("open", e))?;
-        Ok(Self { pool, writer })
+        let wake = Arc::new(Wake::for_file(options.get_filename()));
+        Ok(Self { pool, writer, wake })
     }
 
     /// The connection pool, for tests and tools that read the database directly.

@@ -91,8 +91,8 @@ common::maintenance::maintenance! {
         let mut tx = common::Backend::begin(self).await?;
         <Self as common::Upkeep>::upsert_activations(&mut tx, activations, now).await?;
         let types: BTreeSet<String> = activations.iter().map(|a| a.message_type.clone()).collect();
-        reroute(&mut tx.0, &types).await?;
-        commit(tx.0).await
+        reroute(&mut tx.tx, &types).await?;
+        <Self as common::Backend>::commit(tx).await
     }
 
     async fn close(&self) {

@@ -23,6 +23,7 @@
 //! | `writer` | the one write connection and the transaction over it |
 
 use std::future::Future;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::sqlite::SqliteRow;
@@ -39,6 +40,7 @@ mod message_box;
 mod operator;
 mod outbox;
 mod routing;
+mod wake;
 mod writer;
 
 const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
@@ -219,6 +221,8 @@ pub struct SqliteStore {
     /// writers of this process queue here in order instead of polling the file lock through
     /// the busy handler (which sleeps up to 100 ms a try).
     writer: Writer,
+    /// The wake-up socket of the file's host, for work committed here.
+    wake: Arc<wake::Wake>,
 }
 
 use writer::{Tx, Writer};
@@ -233,20 +237,36 @@ async fn commit(tx: Tx) -> StoreResult<()> {
     tx.commit().await
 }
 
-/// A write transaction as the shared rooms hold it: [`Tx`], which stays private to this backend.
-pub(in crate::store) struct WriteTx(Tx);
+/// A write transaction as the shared rooms hold it: [`Tx`], which stays private to this backend,
+/// and whether it made work for the file's host, which [`wake::Wake`] tells after the commit.
+pub(in crate::store) struct WriteTx {
+    tx: Tx,
+    wake: Arc<wake::Wake>,
+    made_work: bool,
+}
+
+impl SqliteStore {
+    /// A write transaction for the shared rooms.
+    async fn write_tx(&self) -> StoreResult<WriteTx> {
+        Ok(WriteTx {
+            tx: self.write().await?,
+            wake: self.wake.clone(),
+            made_work: false,
+        })
+    }
+}
 
 impl std::ops::Deref for WriteTx {
     type Target = sqlx::SqliteConnection;
 
     fn deref(&self) -> &sqlx::SqliteConnection {
-        &self.0
+        &self.tx
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut sqlx::SqliteConnection {
-        &mut self.0
+        &mut self.tx
     }
 }
 
@@ -302,30 +322,36 @@ impl common::Backend for SqliteStore {
     fn reads(&self) -> &SqlitePool {
         &self.pool
     }
-    async fn begin(&self) -> StoreResult<WriteTx> {
-        self.write().await.map(WriteTx)
+    fn begin(&self) -> impl Future<Output = StoreResult<WriteTx>> + Send {
+        self.write_tx()
     }
-    fn commit(tx: WriteTx) -> impl Future<Output = StoreResult<()>> + Send {
-        commit(tx.0)
+    async fn commit(tx: WriteTx) -> StoreResult<()> {
+        commit(tx.tx).await?;
+        if tx.made_work {
+            tx.wake.others();
+        }
+        Ok(())
     }
     async fn publish_all(
         tx: &mut WriteTx,
         messages: &[(&NewMessage, DateTime<Utc>)],
     ) -> StoreResult<Vec<PublishOutcome>> {
-        batch::publish_all(&mut tx.0, messages).await
+        batch::publish_all(&mut tx.tx, messages).await
     }
-    async fn notify(_tx: &mut WriteTx) -> StoreResult<()> {
+    async fn notify(tx: &mut WriteTx) -> StoreResult<()> {
+        // Told after the commit: a host woken now would wait on the write lock held here.
+        tx.made_work = true;
         Ok(())
     }
     async fn lock_to_publish(_tx: &mut WriteTx, _messages: &[NewMessage]) -> StoreResult<()> {
         Ok(())
     }
     async fn unlock_instance(tx: &mut WriteTx, id: Uuid) -> StoreResult<()> {
-        batch::unlock_instances(&mut tx.0, None, &[id.to_string()], &[]).await
+        batch::unlock_instances(&mut tx.tx, None, &[id.to_string()], &[]).await
     }
     async fn begin_again(&self, tx: WriteTx, _request_id: i64) -> StoreResult<Option<WriteTx>> {
         drop(tx);
-        self.write().await.map(|tx| Some(WriteTx(tx)))
+        self.write_tx().await.map(Some)
     }
     async fn ready_messages(&self, _now: DateTime<Utc>) -> StoreResult<i64> {
         sqlx::query_scalar(claims::READY_MESSAGES)

@@ -108,12 +108,19 @@ pub(super) async fn start_instances(
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<HeldStart>> {
     let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
-    if let Some(held) = batch::start_alone(&store.writer, &starts, holder).await? {
-        return Ok(held);
+    let held = match batch::start_alone(&store.writer, &starts, holder).await? {
+        Some(held) => held,
+        None => {
+            let mut tx = store.write().await?;
+            let held = batch::start_instances(&mut tx, &starts, holder).await?;
+            commit(tx).await?;
+            held
+        }
+    };
+    // Starts no host holds are work for the file's host, which may be in another process.
+    if holder.is_none() && !instances.is_empty() {
+        store.wake.others();
     }
-    let mut tx = store.write().await?;
-    let held = batch::start_instances(&mut tx, &starts, holder).await?;
-    commit(tx).await?;
     Ok(held)
 }
 
