@@ -31,7 +31,7 @@ where
         now: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<RowOf<Self>>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_soft().await?;
         let mut query = sqlx::query(sql)
             .bind(host)
             .bind(Self::time(now))
@@ -205,7 +205,7 @@ where
         lease_until: DateTime<Utc>,
     ) -> StoreResult<()> {
         self.learn_lease(now, lease_until);
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_soft().await?;
         sqlx::query(Self::RENEW_LEASES)
             .bind(host)
             .bind(Self::time(lease_until))

@@ -190,6 +190,12 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     fn reads(&self) -> &Pool<Self::Db>;
     /// Begins a write transaction.
     fn begin(&self) -> impl Future<Output = StoreResult<Self::Tx>> + Send;
+    /// Begins a soft write transaction: one that writes only what the engine makes again if it
+    /// is lost in a power cut (claim locks, leases), which a backend may commit without waiting
+    /// for the disk. A plain [`Backend::begin`] where it makes no difference.
+    fn begin_soft(&self) -> impl Future<Output = StoreResult<Self::Tx>> + Send {
+        self.begin()
+    }
     /// Commits it.
     fn commit(tx: Self::Tx) -> impl Future<Output = StoreResult<()>> + Send;
     /// Stores and routes `messages` inside `tx`, each published at its time, a message whose id

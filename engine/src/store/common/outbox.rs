@@ -46,7 +46,7 @@ where
         limit: u32,
         ordered: &[String],
     ) -> StoreResult<Vec<OutboxRow>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_soft().await?;
         let mut query = sqlx::query(sql)
             .bind(host)
             .bind(Self::time(now))
@@ -77,7 +77,7 @@ where
         now: DateTime<Utc>,
         lock_until: DateTime<Utc>,
     ) -> StoreResult<Option<OutboxRow>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_soft().await?;
         let mut query = sqlx::query(sql).bind(port);
         if let Some(cutoff) = self.claim_cutoff(now) {
             query = query.bind(cutoff);

@@ -86,7 +86,7 @@ pub(super) async fn acquire(
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> StoreResult<Vec<InstanceRecord>> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_soft().await?;
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(batch::ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new("UPDATE instances SET owner = ");

@@ -246,10 +246,15 @@ pub(in crate::store) struct WriteTx {
 }
 
 impl SqliteStore {
-    /// A write transaction for the shared rooms.
-    async fn write_tx(&self) -> StoreResult<WriteTx> {
+    /// A write transaction for the shared rooms, durable or soft ([`writer::Writer::begin_soft`]).
+    async fn write_tx(&self, durable: bool) -> StoreResult<WriteTx> {
+        let tx = if durable {
+            self.writer.begin().await?
+        } else {
+            self.writer.begin_soft().await?
+        };
         Ok(WriteTx {
-            tx: self.write().await?,
+            tx,
             wake: self.wake.clone(),
             made_work: false,
         })
@@ -323,7 +328,10 @@ impl common::Backend for SqliteStore {
         &self.pool
     }
     fn begin(&self) -> impl Future<Output = StoreResult<WriteTx>> + Send {
-        self.write_tx()
+        self.write_tx(true)
+    }
+    fn begin_soft(&self) -> impl Future<Output = StoreResult<WriteTx>> + Send {
+        self.write_tx(false)
     }
     async fn commit(tx: WriteTx) -> StoreResult<()> {
         commit(tx.tx).await?;
@@ -351,7 +359,7 @@ impl common::Backend for SqliteStore {
     }
     async fn begin_again(&self, tx: WriteTx, _request_id: i64) -> StoreResult<Option<WriteTx>> {
         drop(tx);
-        self.write_tx().await.map(Some)
+        self.write_tx(true).await.map(Some)
     }
     async fn ready_messages(&self, _now: DateTime<Utc>) -> StoreResult<i64> {
         sqlx::query_scalar(claims::READY_MESSAGES)

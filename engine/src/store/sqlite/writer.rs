@@ -51,6 +51,9 @@ pub(super) struct Slot {
     /// manager does not know of (a script whose rollback failed, a `BEGIN` or `COMMIT` that
     /// failed): the next transaction checks the connection first.
     suspect: bool,
+    /// `conn` runs with `synchronous=NORMAL` (a soft transaction was last: see
+    /// [`Writer::begin_soft`]); every other transaction sets `FULL` back first.
+    soft: bool,
 }
 
 /// Where write transactions run.
@@ -205,7 +208,29 @@ impl Slot {
             tracing::info!("the SQLite write connection is open again");
             self.conn = Some(conn);
             self.suspect = false;
+            // Opened with the store's options: `synchronous=FULL`.
+            self.soft = false;
         }
+        Ok(())
+    }
+
+    /// Sets the connection's `synchronous` for the next transaction: `FULL` for a durable one
+    /// (the store's default), `NORMAL` for a soft one. Outside any transaction, so it takes.
+    async fn durable(&mut self, durable: bool) -> StoreResult<()> {
+        if self.soft != durable {
+            return Ok(());
+        }
+        let level = if durable { "FULL" } else { "NORMAL" };
+        if let Err(e) = self
+            .conn_mut()
+            .execute(format!("PRAGMA synchronous = {level}").as_str())
+            .await
+        {
+            // Which level the connection is at is now unknown: open it again (FULL).
+            self.conn = None;
+            return Err(map_err("set synchronous", e));
+        }
+        self.soft = !durable;
         Ok(())
     }
 }
@@ -254,21 +279,41 @@ impl Writer {
             options: options.clone(),
             closed: false,
             suspect: false,
+            soft: false,
         }))))
     }
 
-    /// Waits for the dedicated connection, ready for a new transaction ([`Slot::ready`]).
-    async fn dedicated(slot: &Arc<Mutex<Slot>>) -> StoreResult<OwnedMutexGuard<Slot>> {
+    /// Waits for the dedicated connection, ready for a new transaction ([`Slot::ready`]),
+    /// durable or soft ([`Writer::begin_soft`]).
+    async fn dedicated(
+        slot: &Arc<Mutex<Slot>>,
+        durable: bool,
+    ) -> StoreResult<OwnedMutexGuard<Slot>> {
         let mut slot = slot.clone().lock_owned().await;
         slot.ready().await?;
+        slot.durable(durable).await?;
         Ok(slot)
     }
 
     /// Waits for the connection and starts a write transaction (`BEGIN IMMEDIATE`: it takes the
     /// database's write lock now, so it cannot fail later for want of it).
     pub(super) async fn begin(&self) -> StoreResult<Tx> {
+        self.begin_with(true).await
+    }
+
+    /// [`Writer::begin`] for a soft transaction: one whose loss in a power cut or an operating
+    /// system crash harms nothing, as it writes only what the engine makes again (claim locks
+    /// and their delivery counts, leases, epochs taken by the host that would die with it). Its
+    /// commit does not wait for the disk (`synchronous=NORMAL`); the next durable commit's sync
+    /// takes it along, as the WAL is written in order. A process that is killed loses nothing
+    /// either way: what is committed is in the operating system's hands.
+    pub(super) async fn begin_soft(&self) -> StoreResult<Tx> {
+        self.begin_with(false).await
+    }
+
+    async fn begin_with(&self, durable: bool) -> StoreResult<Tx> {
         let conn = match self {
-            Writer::Dedicated(slot) => Held::Dedicated(Self::dedicated(slot).await?),
+            Writer::Dedicated(slot) => Held::Dedicated(Self::dedicated(slot, durable).await?),
             Writer::Pooled(pool) => {
                 let mut conn = pool.acquire().await.map_err(|e| map_err("begin", e))?;
                 if depth(&conn) > 0 {
@@ -304,7 +349,7 @@ impl Writer {
     pub(super) async fn alone(&self) -> StoreResult<Option<Alone>> {
         match self {
             Writer::Dedicated(slot) => Ok(Some(Alone {
-                conn: Some(Self::dedicated(slot).await?),
+                conn: Some(Self::dedicated(slot, true).await?),
             })),
             Writer::Pooled(_) => Ok(None),
         }
@@ -492,6 +537,46 @@ mod tests {
             .expect("counted");
         tx.commit().await.expect("committed");
         n
+    }
+
+    /// The `synchronous` level a transaction on `writer` runs at (1 NORMAL, 2 FULL).
+    async fn level(tx: &mut Tx) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut **tx)
+            .await
+            .expect("read")
+    }
+
+    /// A soft transaction commits without waiting for the disk, and every transaction after it
+    /// that is not soft waits again: a durable commit is never left at `NORMAL`, whether it
+    /// begins through the manager or as one script.
+    #[tokio::test]
+    async fn a_soft_transaction_leaves_the_next_durable_one_durable() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        let mut tx = writer.begin_soft().await.expect("a soft transaction");
+        assert_eq!(level(&mut tx).await, 1, "a soft transaction runs at NORMAL");
+        tx.commit().await.expect("committed");
+        let mut tx = writer.begin().await.expect("a durable transaction");
+        assert_eq!(
+            level(&mut tx).await,
+            2,
+            "a durable transaction after a soft one"
+        );
+        tx.commit().await.expect("committed");
+        let tx = writer.begin_soft().await.expect("a soft transaction");
+        tx.commit().await.expect("committed");
+        let mut alone = writer
+            .alone()
+            .await
+            .expect("taken")
+            .expect("a dedicated connection");
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(alone.conn.as_mut().expect("held").conn_mut())
+            .await
+            .expect("read");
+        alone.finished();
+        assert_eq!(level, 2, "a script after a soft transaction");
     }
 
     /// The check made in SQL (a row inserted into `checks` that is not ok) is told apart by
