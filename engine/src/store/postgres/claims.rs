@@ -162,7 +162,7 @@ pub(super) async fn acquire(
     lease_until: DateTime<Utc>,
 ) -> StoreResult<Vec<InstanceRecord>> {
     Backend::learn_lease(store, now, lease_until);
-    let mut tx = store.write().await?;
+    let mut tx = store.begin_soft().await?;
     // One statement; its rows are locked in index order, the same in every host.
     let rows = sqlx::query(
         "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \

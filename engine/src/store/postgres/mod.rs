@@ -216,6 +216,17 @@ impl common::Backend for PostgresStore {
     fn begin(&self) -> impl Future<Output = StoreResult<Tx>> + Send {
         self.write()
     }
+    async fn begin_soft(&self) -> StoreResult<Tx> {
+        // Committed without waiting for the WAL's flush: a server crash may lose it, which
+        // harms nothing (claim locks, leases, epochs: the fence checks the owner too), and the
+        // next synchronous commit flushes it along.
+        let mut tx = self.write().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| map_err("begin", e))?;
+        Ok(tx)
+    }
     fn commit(tx: Tx) -> impl Future<Output = StoreResult<()>> + Send {
         connect::commit(tx)
     }

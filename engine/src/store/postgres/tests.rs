@@ -339,3 +339,27 @@ async fn claims_read_instances_by_key_even_with_statistics_of_empty_tables() {
         .expect("timers");
     assert_eq!(due.len(), 64);
 }
+
+/// A soft transaction (claims, acquire, the heartbeat) commits without waiting for the WAL's
+/// flush, and only for itself: the next transaction waits again (`SET LOCAL` ends with it).
+#[tokio::test]
+async fn a_soft_transaction_is_asynchronous_and_the_next_is_not() {
+    use crate::store::common::Backend;
+    async fn setting(tx: &mut Tx) -> String {
+        sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut **tx)
+            .await
+            .expect("shown")
+    }
+    let Some(store) = fresh().await else { return };
+    let mut soft = store.begin_soft().await.expect("a soft transaction");
+    assert_eq!(setting(&mut soft).await, "off");
+    <PostgresStore as Backend>::commit(soft)
+        .await
+        .expect("committed");
+    let mut durable = store.begin().await.expect("a transaction");
+    assert_eq!(setting(&mut durable).await, "on");
+    <PostgresStore as Backend>::commit(durable)
+        .await
+        .expect("committed");
+}
