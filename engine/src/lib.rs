@@ -53,6 +53,8 @@ pub mod bench;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
+#[cfg(feature = "console")]
+pub mod console;
 pub mod codec;
 mod context;
 pub mod host;
