@@ -53,9 +53,9 @@ pub mod bench;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
+pub mod codec;
 #[cfg(feature = "console")]
 pub mod console;
-pub mod codec;
 mod context;
 pub mod host;
 mod orchestration;

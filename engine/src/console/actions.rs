@@ -67,7 +67,12 @@ fn refused(viewer: &Viewer, why: Refused) -> Response {
 }
 
 /// The outcome of an action on each item, as a page with a way back.
-fn outcome(viewer: &Viewer, title: &str, lines: &[(String, Result<String, String>)], back: &str) -> Response {
+fn outcome(
+    viewer: &Viewer,
+    title: &str,
+    lines: &[(String, Result<String, String>)],
+    back: &str,
+) -> Response {
     let body = html! {
         ul #outcome {
             @for (item, result) in lines {
@@ -142,10 +147,7 @@ pub async fn instances(State(c): State<Shared>, headers: HeaderMap, body: String
         Ok(f) => f,
         Err(page) => return page,
     };
-    let reason = form
-        .get("reason")
-        .map(str::trim)
-        .filter(|r| !r.is_empty());
+    let reason = form.get("reason").map(str::trim).filter(|r| !r.is_empty());
     let action = match form.get("action") {
         Some("suspend") => ControlAction::Suspend {
             reason: reason.unwrap_or("suspended from the console").to_owned(),

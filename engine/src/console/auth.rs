@@ -227,7 +227,9 @@ mod tests {
         assert_eq!(sessions.check_action(&headers, Some(&csrf)), Ok(()));
         assert!(sessions.check_action(&headers, Some("forged")).is_err());
         assert!(sessions.check_action(&headers, None).is_err());
-        assert!(sessions.check_action(&HeaderMap::new(), Some(&csrf)).is_err());
+        assert!(sessions
+            .check_action(&HeaderMap::new(), Some(&csrf))
+            .is_err());
     }
 
     #[test]

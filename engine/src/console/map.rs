@@ -210,7 +210,11 @@ mod tests {
 
     #[test]
     fn declared_transitions_complete_the_map_and_are_marked() {
-        let l = layout(&data(), &["Received", "Waiting", "Cancelled"], &[("Waiting", "Cancelled")]);
+        let l = layout(
+            &data(),
+            &["Received", "Waiting", "Cancelled"],
+            &[("Waiting", "Cancelled")],
+        );
         assert_eq!(l.edges[&("Waiting".into(), "Cancelled".into())], (0, true));
         assert_eq!(l.edges[&("Received".into(), "Waiting".into())], (4, false));
         assert!(l.at.contains_key("Cancelled"));

@@ -25,6 +25,7 @@
 
 mod actions;
 pub mod auth;
+pub mod bench;
 mod map;
 mod pages;
 mod view;
@@ -132,7 +133,10 @@ async fn secure_headers(mut response: Response) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     response
 }
 

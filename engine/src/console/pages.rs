@@ -229,7 +229,13 @@ pub async fn suspended(State(c): State<Shared>, headers: HeaderMap) -> Response 
     list_page(c, headers, q, "/suspended", "Suspended instances").await
 }
 
-async fn list_page(c: Shared, headers: HeaderMap, q: ListQuery, path: &str, title: &str) -> Response {
+async fn list_page(
+    c: Shared,
+    headers: HeaderMap,
+    q: ListQuery,
+    path: &str,
+    title: &str,
+) -> Response {
     let viewer = c.viewer(&headers);
     let reads = match c.reads() {
         Ok(r) => r,
@@ -440,7 +446,13 @@ pub async fn instance(
             (instance_rows(&waits.children, &viewer, &back, false))
         }
     };
-    view::page("/instances", &format!("Instance {}", &id.to_string()[..8]), &viewer, body).into_response()
+    view::page(
+        "/instances",
+        &format!("Instance {}", &id.to_string()[..8]),
+        &viewer,
+        body,
+    )
+    .into_response()
 }
 
 /// GET `/maps`: the orchestration versions there are maps of.
@@ -546,10 +558,11 @@ pub async fn messages(State(c): State<Shared>, headers: HeaderMap) -> Response {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let (unrouted, zombies) = match tokio::try_join!(reads.messages("unrouted"), reads.messages("zombie")) {
-        Ok(both) => both,
-        Err(e) => return super::failed(&viewer, e),
-    };
+    let (unrouted, zombies) =
+        match tokio::try_join!(reads.messages("unrouted"), reads.messages("zombie")) {
+            Ok(both) => both,
+            Err(e) => return super::failed(&viewer, e),
+        };
     let table = |rows: &[crate::store::console::MessageRow], id: &str, what: &str| {
         html! {
             table id=(id) {
@@ -653,7 +666,9 @@ mod tests {
 
     #[test]
     fn filter_times_read_as_utc_in_the_forms_people_type() {
-        let t = parse_time("2026-12-05 09:30").expect("reads").expect("some");
+        let t = parse_time("2026-12-05 09:30")
+            .expect("reads")
+            .expect("some");
         assert_eq!(t.to_rfc3339(), "2026-12-05T09:30:00+00:00");
         assert!(parse_time("yesterday").is_err());
         assert_eq!(parse_time("").expect("empty"), None);

@@ -246,7 +246,10 @@ mod tests {
     #[test]
     fn a_query_string_leaves_out_empty_fields_and_escapes_the_rest() {
         assert_eq!(
-            with_query("/instances", &[("status", "".into()), ("step", "A&B".into())]),
+            with_query(
+                "/instances",
+                &[("status", "".into()), ("step", "A&B".into())]
+            ),
             "/instances?step=A%26B"
         );
     }

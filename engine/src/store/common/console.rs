@@ -288,10 +288,7 @@ where
             u64::from(limit) + 1
         );
         let rows = self.fetch("console instances", &sql, params).await?;
-        let mut rows = readable(
-            rows.iter().map(summary_row::<Self>),
-            "console instances",
-        );
+        let mut rows = readable(rows.iter().map(summary_row::<Self>), "console instances");
         let next = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last().map(|r| Cursor {
@@ -395,10 +392,7 @@ where
                 what,
                 "SELECT step, status, COUNT(*) AS n FROM instances \
                  WHERE orchestration = $1 AND version = $2 GROUP BY step, status",
-                vec![
-                    Param::Text(orchestration.to_owned()),
-                    Param::Count(version),
-                ],
+                vec![Param::Text(orchestration.to_owned()), Param::Count(version)],
             )
             .await?;
         let by_step = readable(
@@ -425,14 +419,10 @@ where
             .fetch(
                 what,
                 &sql,
-                vec![
-                    Param::Text(orchestration.to_owned()),
-                    Param::Count(version),
-                ],
+                vec![Param::Text(orchestration.to_owned()), Param::Count(version)],
             )
             .await?;
-        let mut transitions: std::collections::BTreeMap<(String, String), i64> =
-            Default::default();
+        let mut transitions: std::collections::BTreeMap<(String, String), i64> = Default::default();
         for row in readable(
             rows.iter().map(|r| {
                 Ok((
