@@ -105,7 +105,7 @@ const ORCHESTRATION: &str =
     "CASE i % 5 WHEN 0 THEN 'order_fulfilment' WHEN 1 THEN 'order_fulfilment' \
      WHEN 2 THEN 'approval' WHEN 3 THEN 'invoice_batch' ELSE 'trip_booking' END";
 const VERSION: &str = "CASE i % 5 WHEN 1 THEN 2 ELSE 1 END";
-const STEP: &str = "CASE WHEN i % 100 = 2 OR i % 100 >= 8 THEN 'Closing' \
+const STEP: &str = "CASE WHEN i % 100 = 2 OR i % 100 >= 8 THEN CASE i % 100 WHEN 2 THEN 'failed' WHEN 8 THEN 'terminated' ELSE 'completed' END \
      ELSE CASE (i / 5) % 3 WHEN 0 THEN 'Received' WHEN 1 THEN 'AwaitingPayment' ELSE 'Shipping' END END";
 const WAITING: &str = "i % 100 >= 3 AND i % 100 <= 7";
 
@@ -379,7 +379,7 @@ pub async fn time_pages(
         "/instances".into(),
         "/instances?status=suspended".into(),
         "/instances?status=dehydrated&orchestration=approval".into(),
-        "/instances?orchestration=order_fulfilment&version=1&step=AwaitingPayment".into(),
+        "/instances?orchestration=order-fulfilment&version=1&step=AwaitingPayment".into(),
         "/instances?error=declined".into(),
         format!(
             "/instances?from={}&to={}",
@@ -387,7 +387,7 @@ pub async fn time_pages(
             (Utc::now() - chrono::Duration::days(2)).format("%Y-%m-%d+%H:%M")
         ),
         "/maps".into(),
-        "/maps/order_fulfilment/1".into(),
+        "/maps/order-fulfilment/1".into(),
         "/suspended".into(),
         "/dead-letters".into(),
         "/messages".into(),

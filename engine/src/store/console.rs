@@ -20,7 +20,7 @@ pub const LIST_LIMIT: u32 = 200;
 pub const DURATION_SAMPLE: u32 = 10_000;
 
 /// How many of the latest persistence points the map reads its transitions from.
-pub const MAP_SAMPLE: u32 = 20_000;
+pub const MAP_SAMPLE: u32 = 5_000;
 
 /// The overview: instances by definition and status, the last hour's activity, and what waits
 /// for an operator.
@@ -163,7 +163,7 @@ pub struct SendRow {
 /// What the map of one orchestration version is drawn from.
 #[derive(Debug, Clone, Default)]
 pub struct MapData {
-    /// Instances by step and status.
+    /// Instances that have not ended, by step and status.
     pub by_step: Vec<(String, InstanceStatus, i64)>,
     /// Transitions seen in the latest [`MAP_SAMPLE`] persistence points: from step, to step,
     /// how many times. The first point of an instance comes from [`MAP_START`]; a final point

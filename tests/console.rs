@@ -1,0 +1,271 @@
+//! The operations console in a real browser (headless Chromium through its WebDriver), on each
+//! backend: every page opened against a database a running host fills with the samples; an
+//! operator filters to a suspended instance, is refused a resume without signing in, signs in
+//! with the token, resumes it and sees it complete.
+//!
+//! With `CAIRN_SCREENSHOTS=DIR` (`just screenshots`) the SQLite run also saves a PNG of every
+//! page into DIR (`docs/console/`), the pictures of `docs/console.md`.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+
+#[path = "support/browser.rs"]
+mod browser;
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use browser::Browser;
+use cairn::console::{ConsoleSettings, ConsoleToken};
+use cairn::store::{ControlAction, InstanceStatus, NewMessage, PublishOutcome};
+use cairn::{Host, Ports};
+use serde_json::json;
+use support::fixtures::fast_config;
+use support::{Backend, TestDb};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+backend_tests!(the_console_shows_every_page_and_resumes_a_suspended_instance);
+
+const TOKEN: &str = "console-test-token";
+
+/// A host running the samples on `db`, fed a few of each, and the approval that the test
+/// suspends: its id.
+async fn fill(db: &TestDb, stop: &CancellationToken) -> Uuid {
+    let registry = cairn_orchestrations::registry();
+    let host = Host::new(db.store.clone(), registry, Ports::new()).with_config(fast_config());
+    let client = host.client();
+    let ports = cairn_orchestrations::ports::sample_ports(
+        host.client(),
+        cairn_orchestrations::ports::Ledger::from_env(),
+    );
+    let host = host.with_ports(ports);
+    host.sync_activations().await.unwrap();
+    tokio::spawn(host.run(stop.clone()));
+    let mut batch = Vec::new();
+    for i in 0..12 {
+        batch.extend(cairn_orchestrations::demo_messages(i, "console"));
+    }
+    client.publish_batch(batch).await.unwrap();
+    // An approval nobody decides within the test: it waits, is suspended, then resumed.
+    let (_, outcome) = client
+        .publish(
+            "approval.requested",
+            json!({ "request_id": "req-console", "approver": "bob", "summary": "a new desk",
+                    "escalate_after_ms": 3_600_000, "deadline_after_ms": 7_200_000 }),
+            Some("req-console-requested".into()),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let PublishOutcome::Routed(id) = outcome else {
+        panic!("the approval did not start: {outcome:?}")
+    };
+    db.wait_for(
+        "the approval to wait for its decision",
+        Duration::from_secs(30),
+        || async {
+            db.store
+                .instance_summaries(&[id])
+                .await
+                .unwrap()
+                .first()
+                .is_some_and(|s| s.step == "AwaitingDecision")
+        },
+    )
+    .await;
+    db.store
+        .control(
+            id,
+            ControlAction::Suspend {
+                reason: "held for the audit".into(),
+            },
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    // Its decision arrives while it is suspended: it waits, routed, for the resume.
+    client
+        .publish_batch(vec![NewMessage::published(
+            "req-console-decision",
+            "approval.decision",
+            json!({ "request_id": "req-console", "approved": true, "by": "bob" }),
+            BTreeMap::new(),
+        )])
+        .await
+        .unwrap();
+    // A message nobody subscribes to, a dead letter and a held send, for their pages.
+    client
+        .publish(
+            "invoice.paid",
+            json!({ "invoice_id": "inv-7" }),
+            Some("inv-7-paid".into()),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let now = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
+    sqlx::query(&format!(
+        "INSERT INTO dead_letters (id, instance_id, port, message_type, body, reason, attempts, dead_at) \
+         VALUES ('dl-console', '{id}', 'payments', 'payment.request', '{{}}', \
+         'HTTP 503 from payments after 10 attempts', 10, '{now}')"
+    ))
+    .execute(&db.sql)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+         attempts, next_attempt_at, last_error, created_at) VALUES ('held-console', '{id}', 'ledger', \
+         'ledger.entry', '{{}}', FALSE, 'held', 10, '{now}', 'ledger refused: connection reset', '{now}')"
+    ))
+    .execute(&db.sql)
+    .await
+    .unwrap();
+    id
+}
+
+async fn the_console_shows_every_page_and_resumes_a_suspended_instance(db: TestDb) {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let stop = CancellationToken::new();
+    let id = fill(&db, &stop).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cairn::console::serve(
+        listener,
+        db.store.clone(),
+        cairn_orchestrations::registry(),
+        ConsoleSettings {
+            token: Some(ConsoleToken::new(TOKEN)),
+        },
+        stop.clone(),
+    ));
+    let shots = std::env::var_os("CAIRN_SCREENSHOTS")
+        .filter(|_| db.backend == Backend::Sqlite)
+        .map(std::path::PathBuf::from);
+    if let Some(dir) = &shots {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let shot = |name: &'static str| {
+        let path = shots.as_ref().map(|d| d.join(format!("{name}.png")));
+        let browser = &browser;
+        async move {
+            if let Some(path) = path {
+                browser.screenshot(&path).await;
+            }
+        }
+    };
+
+    // Every page opens, read-only, with what the host and the test wrote.
+    let pages = [
+        ("/", "Overview", "overview", "#by-definition", "approval"),
+        (
+            "/instances",
+            "Instances",
+            "instances",
+            "#instances",
+            "approval",
+        ),
+        (
+            "/suspended",
+            "Suspended instances",
+            "suspended",
+            "#instances",
+            "held for the audit",
+        ),
+        ("/maps", "Maps", "maps", "#maps", "trip-booking v1"),
+        (
+            "/maps/approval/1",
+            "Map of approval v1",
+            "map",
+            "#map",
+            "AwaitingDecision",
+        ),
+        (
+            "/dead-letters",
+            "Dead letters",
+            "dead-letters",
+            "#dead-letters",
+            "dl-console",
+        ),
+        (
+            "/messages",
+            "Unrouted and zombie messages",
+            "messages",
+            "#unrouted",
+            "invoice.paid",
+        ),
+        ("/held", "Held ports", "held", "#held", "held-console"),
+        ("/hosts", "Hosts", "hosts", "#hosts", "live"),
+    ];
+    for (path, title, name, marker, shows) in pages {
+        browser.goto(&format!("{base}{path}")).await;
+        assert_eq!(browser.text("h1").await, title, "{path}");
+        let text = browser.text(marker).await;
+        assert!(
+            text.contains(shows),
+            "{path}: {marker} shows {shows:?}: {text}"
+        );
+        shot(name).await;
+    }
+    browser.goto(&format!("{base}/maps/approval/1")).await;
+    assert!(
+        browser.has("#map a[data-step=\"AwaitingDecision\"]").await,
+        "the map links the step the approval waits at to its instances"
+    );
+
+    // The operator filters to the suspended approval.
+    browser.goto(&format!("{base}/instances")).await;
+    browser
+        .type_into("input[name=orchestration]", "approval")
+        .await;
+    browser
+        .click("select[name=status] option[value=suspended]")
+        .await;
+    browser.type_into("input[name=error]", "AUDIT").await;
+    browser.click("#filter").await;
+    browser.wait_for_url("status=suspended").await;
+    let rows = browser.text("#instances").await;
+    assert!(rows.contains("held for the audit"), "{rows}");
+    assert!(rows.contains(&id.to_string()[..8]), "{rows}");
+    shot("instances-filtered").await;
+    browser.click(&format!("a[href=\"/instances/{id}\"]")).await;
+    assert_eq!(browser.text("#status").await, "suspended");
+    assert_eq!(
+        browser.text("#last-error").await,
+        "suspended by operator: held for the audit"
+    );
+    shot("instance").await;
+
+    // Without the token, a resume is refused, and nothing changes.
+    browser.click("#resume").await;
+    assert!(
+        browser.text("#refused").await.contains("sign in"),
+        "the refusal says to sign in"
+    );
+    assert_eq!(db.status(id).await, Some(InstanceStatus::Suspended));
+
+    // Signed in with the token, the resume goes through and the instance completes.
+    browser.goto(&format!("{base}/login")).await;
+    browser.type_into("#token", TOKEN).await;
+    browser.click("#sign-in").await;
+    browser
+        .wait_for_url_where("a page past the sign-in", |u| !u.contains("/login"))
+        .await;
+    assert_eq!(browser.text("h1").await, "Overview");
+    browser.goto(&format!("{base}/instances/{id}")).await;
+    browser.click("#resume").await;
+    assert!(browser.text("#outcome").await.contains(&id.to_string()));
+    db.wait_status(id, InstanceStatus::Completed, Duration::from_secs(30))
+        .await;
+    browser.goto(&format!("{base}/instances/{id}")).await;
+    assert_eq!(browser.text("#status").await, "completed");
+    assert!(browser.text("#history").await.contains("complete"));
+    assert!(browser.title().await.contains("Cairn console"));
+
+    browser.quit().await;
+    stop.cancel();
+}
