@@ -2,8 +2,9 @@
 -- The operations console (docs/console.md) reads these tables with a million instances in them;
 -- each page answers from an index.
 
--- Instances by definition, status and step: the overview's counts and the map's waiting counts.
-CREATE INDEX instances_by_definition ON instances (orchestration, version, status, step);
+-- Instances by orchestration, status, version and step: the list filtered on orchestration and
+-- status, the overview's counts and the map's waiting counts.
+CREATE INDEX instances_by_definition ON instances (orchestration, status, version, step);
 -- The instance list, newest change first, without a status filter (keyset on updated_at, id).
 CREATE INDEX instances_by_update ON instances (updated_at, id);
 -- The list filtered on error text reads only the instances that have one.

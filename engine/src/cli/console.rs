@@ -75,8 +75,10 @@ pub(super) async fn run(
     let settings = settings(command.console_token)?;
     let listener = bind(command.http).await?;
     if let Some(runs) = command.time_pages {
-        let figures =
-            console::bench::time_pages(listener, store, app.registry.clone(), runs).await?;
+        let mut figures =
+            console::bench::time_pages(listener, store.clone(), app.registry.clone(), runs)
+                .await?;
+        figures.push(console::bench::time_count(&*store, runs).await?);
         print!("{}", console::bench::table(&figures));
         return Ok(());
     }

@@ -426,6 +426,33 @@ pub async fn time_pages(
     Ok(figures)
 }
 
+/// Times the count of instances by definition that the overview keeps for a while
+/// (`counts.rs`), read `runs` times straight from the store.
+///
+/// # Errors
+/// [`ConsoleBenchError::Page`] when the store fails.
+pub async fn time_count(store: &dyn Store, runs: usize) -> Result<PageFigure, ConsoleBenchError> {
+    let page = "(overview's count by definition, uncached)".to_owned();
+    let fail = |answer: String| ConsoleBenchError::Page {
+        page: page.clone(),
+        answer,
+    };
+    let reads = store
+        .console()
+        .ok_or_else(|| fail("no console queries".into()))?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let started = Instant::now();
+        reads
+            .definition_counts()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(PageFigure { page, times })
+}
+
 /// The figures as a table: page, median, slowest.
 pub fn table(figures: &[PageFigure]) -> String {
     let mut out = format!("{:<72} {:>10} {:>10}\n", "page", "median ms", "max ms");

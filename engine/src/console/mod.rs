@@ -26,6 +26,7 @@
 mod actions;
 pub mod auth;
 pub mod bench;
+mod counts;
 mod map;
 mod pages;
 mod view;
@@ -59,6 +60,7 @@ struct Console {
     store: Arc<dyn Store>,
     registry: Registry,
     sessions: Sessions,
+    counts: Arc<counts::CountCache>,
 }
 
 type Shared = Arc<Console>;
@@ -86,10 +88,14 @@ impl Console {
 
 /// The console's routes over `store`; `registry` gives the maps their declared steps.
 pub fn router(store: Arc<dyn Store>, registry: Registry, settings: ConsoleSettings) -> Router {
+    let counts = Arc::new(counts::CountCache::default());
+    // The overview's first view need not wait for the count of every instance.
+    counts.refresh_in_background(store.clone());
     let console = Arc::new(Console {
         store,
         registry,
         sessions: Sessions::new(settings.token),
+        counts,
     });
     Router::new()
         .route("/", get(pages::overview))

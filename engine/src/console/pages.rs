@@ -36,16 +36,11 @@ pub async fn overview(State(c): State<Shared>, headers: HeaderMap) -> Response {
         Err(e) => return e,
     };
     let now = Utc::now();
-    let o = match reads.overview(now).await {
-        Ok(o) => o,
+    let (o, counted) = match tokio::try_join!(reads.overview(now), c.counts.get(&c.store)) {
+        Ok(both) => both,
         Err(e) => return super::failed(&viewer, e),
     };
-    let suspended: i64 = o
-        .by_definition
-        .iter()
-        .filter(|d| d.status == InstanceStatus::Suspended)
-        .map(|d| d.count)
-        .sum();
+    let suspended = o.suspended;
     let p50 = view::percentile(&o.durations_ms, 50);
     let p99 = view::percentile(&o.durations_ms, 99);
     let card = |n: i64, label: &str, href: &str| {
@@ -76,9 +71,11 @@ pub async fn overview(State(c): State<Shared>, headers: HeaderMap) -> Response {
             }
         }
         h2 { "Instances by orchestration, version and status" }
+        p.note { "Counted at " (time(counted.at)) " UTC; counted again at most every "
+            (super::counts::MAX_AGE.as_secs()) " s." }
         table #by-definition {
             tr { th { "orchestration" } th.num { "version" } th { "status" } th.num { "instances" } th { "" } }
-            @for d in &o.by_definition {
+            @for d in &counted.counts {
                 tr {
                     td { (d.orchestration) }
                     td.num { (d.version) }

@@ -190,15 +190,9 @@ where
              WHERE status = 'completed' AND updated_at >= $1 \
              ORDER BY updated_at DESC LIMIT {DURATION_SAMPLE}"
         );
-        // Side by side, each on a connection of the read pool: the page waits for the slowest
-        // (the count by definition, which reads a whole index), not for their sum.
-        let (rows, points, completions, durations) = tokio::try_join!(
-            self.fetch(
-                "console overview",
-                "SELECT orchestration, version, status, COUNT(*) AS n FROM instances \
-                 GROUP BY orchestration, version, status ORDER BY orchestration, version, status",
-                vec![],
-            ),
+        // Side by side, each on a connection of the read pool: the page waits for the slowest,
+        // not for their sum.
+        let (points, completions, durations) = tokio::try_join!(
             self.fetch(
                 "console points per minute",
                 &points_sql,
@@ -215,17 +209,6 @@ where
                 vec![Param::Time(hour_ago)]
             ),
         )?;
-        let by_definition = readable(
-            rows.iter().map(|r| {
-                Ok(DefinitionCount {
-                    orchestration: Self::col_text(r, "orchestration")?,
-                    version: Self::col_u32(r, "instances", "version")?,
-                    status: Self::col_word(r, "status")?,
-                    count: Self::col_i64(r, "n")?,
-                })
-            }),
-            "console overview",
-        );
         let mut durations_ms = readable(
             durations.iter().map(|r| {
                 let took = Self::col_time(r, "updated_at")? - Self::col_time(r, "created_at")?;
@@ -243,7 +226,12 @@ where
         .await
         .map_err(|e| Self::map_err("console live hosts", e))?;
         Ok(Overview {
-            by_definition,
+            suspended: self
+                .count_of(
+                    "console suspended",
+                    "SELECT COUNT(*) FROM instances WHERE status = 'suspended'",
+                )
+                .await?,
             points_per_minute: Self::per_minute(&points)?,
             completions_per_minute: Self::per_minute(&completions)?,
             durations_ms,
@@ -270,6 +258,29 @@ where
                 .await?,
             live_hosts,
         })
+    }
+
+    /// [`ConsoleReads::definition_counts`].
+    async fn definition_counts(&self) -> StoreResult<Vec<DefinitionCount>> {
+        let rows = self
+            .fetch(
+                "console counts",
+                "SELECT orchestration, version, status, COUNT(*) AS n FROM instances \
+                 GROUP BY orchestration, version, status ORDER BY orchestration, version, status",
+                vec![],
+            )
+            .await?;
+        Ok(readable(
+            rows.iter().map(|r| {
+                Ok(DefinitionCount {
+                    orchestration: Self::col_text(r, "orchestration")?,
+                    version: Self::col_u32(r, "instances", "version")?,
+                    status: Self::col_word(r, "status")?,
+                    count: Self::col_i64(r, "n")?,
+                })
+            }),
+            "console counts",
+        ))
     }
 
     /// [`ConsoleReads::instances`].
@@ -588,6 +599,9 @@ macro_rules! console_reads {
         impl ConsoleReads for $store {
             async fn overview(&self, now: DateTime<Utc>) -> StoreResult<Overview> {
                 ConsoleRoom::overview(self, now).await
+            }
+            async fn definition_counts(&self) -> StoreResult<Vec<DefinitionCount>> {
+                ConsoleRoom::definition_counts(self).await
             }
             async fn instances(
                 &self,
