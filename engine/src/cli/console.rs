@@ -76,8 +76,7 @@ pub(super) async fn run(
     let listener = bind(command.http).await?;
     if let Some(runs) = command.time_pages {
         let mut figures =
-            console::bench::time_pages(listener, store.clone(), app.registry.clone(), runs)
-                .await?;
+            console::bench::time_pages(listener, store.clone(), app.registry.clone(), runs).await?;
         figures.push(console::bench::time_count(&*store, runs).await?);
         print!("{}", console::bench::table(&figures));
         return Ok(());

@@ -255,15 +255,23 @@ async fn list_page(
         }
         (instance_table(&page, &viewer, &back))
         @if let Some(next) = page.next {
-            @let mut pairs = q.pairs();
-            @let _ = pairs.push(("after", format!("{}_{}", next.updated_at.to_rfc3339(), next.id)));
-            p { a #next-page href=(with_query(path, &pairs)) { "Next " (PAGE_ROWS) " →" } }
+            p { a #next-page href=(next_page(path, &q, next)) { "Next " (PAGE_ROWS) " →" } }
         }
         @if !q.after.is_empty() {
             p { a href=(with_query(path, &q.pairs())) { "← First page" } }
         }
     };
     view::page(path, title, &viewer, body).into_response()
+}
+
+/// The link to the page after `next`, with the same filters.
+fn next_page(path: &str, q: &ListQuery, next: Cursor) -> String {
+    let mut pairs = q.pairs();
+    pairs.push((
+        "after",
+        format!("{}_{}", next.updated_at.to_rfc3339(), next.id),
+    ));
+    with_query(path, &pairs)
 }
 
 fn filters(q: &ListQuery) -> Markup {
