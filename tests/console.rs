@@ -25,7 +25,10 @@ use support::{Backend, TestDb};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-backend_tests!(the_console_shows_every_page_and_resumes_a_suspended_instance);
+backend_tests!(
+    the_console_shows_every_page_and_resumes_a_suspended_instance,
+    the_console_benchmark_fills_a_database_and_every_page_answers,
+);
 
 const TOKEN: &str = "console-test-token";
 
@@ -268,4 +271,40 @@ async fn the_console_shows_every_page_and_resumes_a_suspended_instance(db: TestD
 
     browser.quit().await;
     stop.cancel();
+}
+
+/// `cairn console --fill N --time-pages` on a small fill: every page it times answers 200
+/// (`time_pages` fails otherwise), the list has a next page, and the filters find what the fill
+/// wrote (an instance page and a correlation filter were reached from them).
+async fn the_console_benchmark_fills_a_database_and_every_page_answers(db: TestDb) {
+    cairn::console::bench::fill(&db.url, &*db.store, 3000)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let figures = cairn::console::bench::time_pages(
+        listener,
+        db.store.clone(),
+        cairn_orchestrations::registry(),
+        1,
+    )
+    .await
+    .unwrap();
+    let pages: Vec<&str> = figures.iter().map(|f| f.page.as_str()).collect();
+    assert!(pages.iter().any(|p| p.contains("after=")), "{pages:?}");
+    assert!(
+        pages.iter().any(|p| p.starts_with("/instances/")),
+        "{pages:?}"
+    );
+    assert!(
+        pages.iter().any(|p| p.contains("ckey=order_id")),
+        "{pages:?}"
+    );
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM instances WHERE status = $1",
+            "suspended"
+        )
+        .await,
+        60
+    );
 }

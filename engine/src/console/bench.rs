@@ -62,12 +62,12 @@ impl Dialect {
         }
     }
 
-    /// The uuid of instance `i` of run `run`.
-    fn uuid(&self, run: u32, i: &str) -> String {
+    /// The uuid of row `i` of run `run`, `kind` (four hex digits) telling tables apart.
+    fn uuid(&self, run: u32, kind: &str, i: &str) -> String {
         if self.postgres {
-            format!("CAST(lpad(to_hex({run}), 8, '0') || '-0000-4000-8000-' || lpad(to_hex({i}), 12, '0') AS UUID)")
+            format!("CAST(lpad(to_hex({run}), 8, '0') || '-{kind}-4000-8000-' || lpad(to_hex({i}), 12, '0') AS UUID)")
         } else {
-            format!("printf('%08x-0000-4000-8000-%012x', {run}, {i})")
+            format!("printf('%08x-{kind}-4000-8000-%012x', {run}, {i})")
         }
     }
 
@@ -139,7 +139,8 @@ pub async fn fill(url: &str, store: &dyn Store, n: u64) -> Result<Duration, Cons
     }))
     .unwrap_or_default();
     let s = d.schema;
-    let uuid = d.uuid(run, "i");
+    let uuid = d.uuid(run, "0000", "i");
+    let subscription = d.uuid(run, "0001", "i");
     let order = d.text(&format!("'ord-{run}-' || {}", d.text("i")));
     let statements: Vec<(&'static str, String)> = vec![
         (
@@ -199,8 +200,7 @@ pub async fn fill(url: &str, store: &dyn Store, n: u64) -> Result<Duration, Cons
                 d.series(
                     n,
                     &format!(
-                        "'fill-{run}-' || {}, 'payment.received', {uuid}, 'order_id', 'order_id=' || {order}, {}",
-                        d.text("i"),
+                        "{subscription}, 'payment.received', {uuid}, 'order_id', 'order_id=' || {order}, {}",
                         d.time(&made)
                     ),
                     &format!("WHERE {WAITING}")

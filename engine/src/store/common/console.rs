@@ -156,6 +156,19 @@ where
             .map_err(|e| Self::map_err(what, e))
     }
 
+    /// Runs `sql` with `params` and reads each row with `read`, leaving out (with a warning)
+    /// a row that cannot be read.
+    async fn rows<T: Send>(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: Vec<Param>,
+        read: impl Fn(&RowOf<Self>) -> StoreResult<T> + Send,
+    ) -> StoreResult<Vec<T>> {
+        let rows = self.fetch(what, sql, params).await?;
+        Ok(readable(rows.iter().map(read), what))
+    }
+
     /// A count.
     async fn count_of(&self, what: &'static str, sql: &str) -> StoreResult<i64> {
         let (n,): (i64,) = sqlx::query_as(sql)
@@ -262,25 +275,21 @@ where
 
     /// [`ConsoleReads::definition_counts`].
     async fn definition_counts(&self) -> StoreResult<Vec<DefinitionCount>> {
-        let rows = self
-            .fetch(
-                "console counts",
-                "SELECT orchestration, version, status, COUNT(*) AS n FROM instances \
-                 GROUP BY orchestration, version, status ORDER BY orchestration, version, status",
-                vec![],
-            )
-            .await?;
-        Ok(readable(
-            rows.iter().map(|r| {
+        self.rows(
+            "console counts",
+            "SELECT orchestration, version, status, COUNT(*) AS n FROM instances \
+             GROUP BY orchestration, version, status ORDER BY orchestration, version, status",
+            vec![],
+            |r| {
                 Ok(DefinitionCount {
                     orchestration: Self::col_text(r, "orchestration")?,
                     version: Self::col_u32(r, "instances", "version")?,
                     status: Self::col_word(r, "status")?,
                     count: Self::col_i64(r, "n")?,
                 })
-            }),
-            "console counts",
-        ))
+            },
+        )
+        .await
     }
 
     /// [`ConsoleReads::instances`].
@@ -355,42 +364,45 @@ where
             .map(|r| Ok((Self::col_text(r, "name")?, Self::col_time(r, "due_at")?)))
             .collect::<StoreResult<_>>()?;
         let messages = self
-            .fetch(
+            .rows(
                 what,
                 &format!(
                     "SELECT {MESSAGE_COLUMNS} FROM messages WHERE instance_id = $1 \
-                     ORDER BY seq LIMIT {LIST_LIMIT}"
+                 ORDER BY seq LIMIT {LIST_LIMIT}"
                 ),
                 vec![Param::Id(id)],
+                message_row::<Self>,
             )
             .await?;
         let sends = self
-            .fetch(
+            .rows(
                 what,
                 &format!(
                     "SELECT {SEND_COLUMNS} FROM outbox WHERE instance_id = $1 \
-                     ORDER BY created_at, id LIMIT {LIST_LIMIT}"
+                 ORDER BY created_at, id LIMIT {LIST_LIMIT}"
                 ),
                 vec![Param::Id(id)],
+                send_row::<Self>,
             )
             .await?;
         let children = self
-            .fetch(
+            .rows(
                 what,
                 &format!(
                     "SELECT {SUMMARY_COLUMNS} FROM instances WHERE parent_id = $1 \
-                     ORDER BY updated_at DESC LIMIT {LIST_LIMIT}"
+                 ORDER BY updated_at DESC LIMIT {LIST_LIMIT}"
                 ),
                 vec![Param::Id(id)],
+                summary_row::<Self>,
             )
             .await?;
         Ok(InstanceWaits {
             parent,
             subscriptions,
             timers,
-            messages: readable(messages.iter().map(message_row::<Self>), what),
-            sends: readable(sends.iter().map(send_row::<Self>), what),
-            children: readable(children.iter().map(summary_row::<Self>), what),
+            messages,
+            sends,
+            children,
         })
     }
 
@@ -464,24 +476,20 @@ where
 
     /// [`ConsoleReads::activations`].
     async fn activations(&self) -> StoreResult<Vec<(String, u32)>> {
-        let rows = self
-            .fetch(
-                "console activations",
-                "SELECT DISTINCT orchestration, version FROM subscriptions \
-                 WHERE instance_id IS NULL AND orchestration IS NOT NULL AND version IS NOT NULL \
-                 ORDER BY orchestration, version",
-                vec![],
-            )
-            .await?;
-        Ok(readable(
-            rows.iter().map(|r| {
+        self.rows(
+            "console activations",
+            "SELECT DISTINCT orchestration, version FROM subscriptions \
+             WHERE instance_id IS NULL AND orchestration IS NOT NULL AND version IS NOT NULL \
+             ORDER BY orchestration, version",
+            vec![],
+            |r| {
                 Ok((
                     Self::col_text(r, "orchestration")?,
                     Self::col_u32(r, "subscriptions", "version")?,
                 ))
-            }),
-            "console activations",
-        ))
+            },
+        )
+        .await
     }
 
     /// [`ConsoleReads::messages`].
@@ -492,44 +500,35 @@ where
         } else {
             "seq DESC"
         };
-        let rows = self
-            .fetch(
-                "console messages",
-                &format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = $1 \
-                     ORDER BY {order} LIMIT {LIST_LIMIT}"
-                ),
-                vec![Param::Text(status.to_owned())],
-            )
-            .await?;
-        Ok(readable(
-            rows.iter().map(message_row::<Self>),
+        self.rows(
             "console messages",
-        ))
+            &format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = $1 \
+                 ORDER BY {order} LIMIT {LIST_LIMIT}"
+            ),
+            vec![Param::Text(status.to_owned())],
+            message_row::<Self>,
+        )
+        .await
     }
 
     /// [`ConsoleReads::held_sends`].
     async fn held_sends(&self) -> StoreResult<Vec<SendRow>> {
-        let rows = self
-            .fetch(
-                "console held sends",
-                &format!(
-                    "SELECT {SEND_COLUMNS} FROM outbox WHERE status = 'held' \
-                     ORDER BY port, seq LIMIT {LIST_LIMIT}"
-                ),
-                vec![],
-            )
-            .await?;
-        Ok(readable(
-            rows.iter().map(send_row::<Self>),
+        self.rows(
             "console held sends",
-        ))
+            &format!(
+                "SELECT {SEND_COLUMNS} FROM outbox WHERE status = 'held' \
+                 ORDER BY port, seq LIMIT {LIST_LIMIT}"
+            ),
+            vec![],
+            send_row::<Self>,
+        )
+        .await
     }
 
     /// [`ConsoleReads::hosts`].
     async fn hosts(&self) -> StoreResult<Vec<HostRow>> {
-        let rows = self
-            .fetch(
+        self.rows(
                 "console hosts",
                 &format!(
                     "SELECT h.id, h.name, CAST(h.pid AS BIGINT) AS pid, h.started_at, h.heartbeat_at, \
@@ -537,10 +536,7 @@ where
                      FROM hosts h ORDER BY h.heartbeat_at DESC LIMIT {LIST_LIMIT}"
                 ),
                 vec![],
-            )
-            .await?;
-        Ok(readable(
-            rows.iter().map(|r| {
+            |r| {
                 Ok(HostRow {
                     id: Self::col_text(r, "id")?,
                     name: Self::col_text(r, "name")?,
@@ -550,9 +546,9 @@ where
                     stopped_at: Self::col_time_opt(r, "stopped_at")?,
                     owned: Self::col_i64(r, "owned")?,
                 })
-            }),
-            "console hosts",
-        ))
+            },
+        )
+        .await
     }
 }
 
