@@ -307,4 +307,25 @@ async fn the_console_benchmark_fills_a_database_and_every_page_answers(db: TestD
         .await,
         60
     );
+    // The pages it times show what it wrote: the map of the definition it names has steps with
+    // instances waiting and transitions between them.
+    let map = db
+        .store
+        .console()
+        .unwrap()
+        .map("order-fulfilment", 1)
+        .await
+        .unwrap();
+    assert!(
+        map.by_step
+            .iter()
+            .any(|(step, _, n)| step == "AwaitingPayment" && *n > 0),
+        "{map:?}"
+    );
+    assert!(
+        map.transitions
+            .iter()
+            .any(|(from, to, _)| from == "Received" && to == "completed"),
+        "{map:?}"
+    );
 }

@@ -102,8 +102,8 @@ const STATUS: &str = "CASE WHEN i % 100 < 2 THEN 'suspended' WHEN i % 100 = 2 TH
      WHEN i % 100 < 7 THEN 'dehydrated' WHEN i % 100 = 7 THEN 'running' \
      WHEN i % 100 = 8 THEN 'terminated' ELSE 'completed' END";
 const ORCHESTRATION: &str =
-    "CASE i % 5 WHEN 0 THEN 'order_fulfilment' WHEN 1 THEN 'order_fulfilment' \
-     WHEN 2 THEN 'approval' WHEN 3 THEN 'invoice_batch' ELSE 'trip_booking' END";
+    "CASE i % 5 WHEN 0 THEN 'order-fulfilment' WHEN 1 THEN 'order-fulfilment' \
+     WHEN 2 THEN 'approval' WHEN 3 THEN 'invoice-batch' ELSE 'trip-booking' END";
 const VERSION: &str = "CASE i % 5 WHEN 1 THEN 2 ELSE 1 END";
 const STEP: &str = "CASE WHEN i % 100 = 2 OR i % 100 >= 8 THEN CASE i % 100 WHEN 2 THEN 'failed' WHEN 8 THEN 'terminated' ELSE 'completed' END \
      ELSE CASE (i / 5) % 3 WHEN 0 THEN 'Received' WHEN 1 THEN 'AwaitingPayment' ELSE 'Shipping' END END";

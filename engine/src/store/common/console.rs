@@ -85,6 +85,14 @@ fn instance_where<B: ConsoleSql>(
     if let Some(s) = &filter.step {
         let n = next(Param::Text(s.clone()), &mut params);
         terms.push(format!("step = {n}"));
+        if filter.status.is_none() {
+            // Every status, spelt out: the index on (orchestration, status, version, step) is
+            // then read at one place per status rather than along the whole orchestration.
+            terms.push(
+                "status IN ('running', 'dehydrated', 'suspended', 'completed', 'failed', 'terminated')"
+                    .to_owned(),
+            );
+        }
     }
     if let Some((k, v)) = &filter.correlation {
         let n = next(Param::Text(format!("{k}={v}")), &mut params);
