@@ -28,6 +28,7 @@ use uuid::Uuid;
 backend_tests!(
     the_console_shows_every_page_and_resumes_a_suspended_instance,
     the_console_benchmark_fills_a_database_and_every_page_answers,
+    cairn_console_serves_the_database_and_refuses_what_it_must,
 );
 
 const TOKEN: &str = "console-test-token";
@@ -328,4 +329,78 @@ async fn the_console_benchmark_fills_a_database_and_every_page_answers(db: TestD
             .any(|(from, to, _)| from == "Received" && to == "completed"),
         "{map:?}"
     );
+}
+
+/// `cairn console` as a process: it serves the database's pages to anyone, refuses a sign-in
+/// with a wrong token and an action from another site, and stops on SIGTERM.
+async fn cairn_console_serves_the_database_and_refuses_what_it_must(db: TestDb) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args([
+            "--database",
+            &db.url,
+            "console",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("CAIRN_CONSOLE_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let overview = loop {
+        if let Ok(r) = http.get(format!("{base}/")).send().await {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cairn console did not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(overview.status(), 200);
+    assert!(overview
+        .text()
+        .await
+        .unwrap()
+        .contains("Instances by orchestration"));
+
+    let form = |path: &'static str| {
+        http.post(format!("{base}{path}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+    };
+    let wrong = form("/login").body("token=guess").send().await.unwrap();
+    assert_eq!(wrong.status(), 403);
+    assert!(wrong
+        .text()
+        .await
+        .unwrap()
+        .contains("not the console token"));
+    let cross = form("/actions/instances")
+        .header("origin", "http://evil.example")
+        .body(format!("action=resume&ids={}", Uuid::nil()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    assert!(cross.text().await.unwrap().contains("is refused"));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("cairn console stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }
