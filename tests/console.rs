@@ -29,6 +29,7 @@ backend_tests!(
     the_console_shows_every_page_and_resumes_a_suspended_instance,
     the_console_benchmark_fills_a_database_and_every_page_answers,
     cairn_console_serves_the_database_and_refuses_what_it_must,
+    signed_in_actions_act_on_many_instances_dead_letters_and_held_sends,
 );
 
 const TOKEN: &str = "console-test-token";
@@ -108,6 +109,13 @@ async fn fill(db: &TestDb, stop: &CancellationToken) -> Uuid {
         )
         .await
         .unwrap();
+    dead_letter_and_held_send(db, id).await;
+    id
+}
+
+/// A dead letter `dl-console` and a held send `held-console` of instance `id`, written with SQL
+/// (as a port that gave up, and an ordered port stopped on a send, would leave them).
+async fn dead_letter_and_held_send(db: &TestDb, id: Uuid) {
     let now = chrono::Utc::now()
         .format("%Y-%m-%dT%H:%M:%S%.6fZ")
         .to_string();
@@ -127,7 +135,6 @@ async fn fill(db: &TestDb, stop: &CancellationToken) -> Uuid {
     .execute(&db.sql)
     .await
     .unwrap();
-    id
 }
 
 async fn the_console_shows_every_page_and_resumes_a_suspended_instance(db: TestDb) {
@@ -403,4 +410,138 @@ async fn cairn_console_serves_the_database_and_refuses_what_it_must(db: TestDb) 
         .expect("cairn console stops on SIGTERM")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// The value of the first hidden `csrf` input of a page.
+fn csrf_of(page: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = page.find(marker).expect("a csrf field") + marker.len();
+    page[start..][..64].to_owned()
+}
+
+/// Signed in, the forms' actions do what the command line's verbs do: terminate two instances
+/// at once, resume a held send, purge a dead letter; a forged CSRF token does nothing.
+async fn signed_in_actions_act_on_many_instances_dead_letters_and_held_sends(db: TestDb) {
+    let client = cairn::Client::new(db.store.clone(), cairn_orchestrations::registry());
+    let input = json!({ "request_id": "r", "approver": "a", "summary": "s",
+                        "escalate_after_ms": 3_600_000, "deadline_after_ms": 7_200_000 });
+    let first = client.start("approval", input.clone()).await.unwrap();
+    let second = client.start("approval", input).await.unwrap();
+    dead_letter_and_held_send(&db, first).await;
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cairn::console::serve(
+        listener,
+        db.store.clone(),
+        cairn_orchestrations::registry(),
+        ConsoleSettings {
+            token: Some(ConsoleToken::new(TOKEN)),
+        },
+        stop.clone(),
+    ));
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed = http
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        signed.status(),
+        303,
+        "signed in and sent on to the overview"
+    );
+    let cookie = signed.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let post = |path: &str, body: String| {
+        http.post(format!("{base}{path}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("cookie", &cookie)
+            .body(body)
+            .send()
+    };
+    let page = http
+        .get(format!("{base}/instances"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = csrf_of(&page);
+
+    let done = post(
+        "/actions/instances",
+        format!("csrf={csrf}&action=terminate&reason=duplicate+request&ids={first}&ids={second}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.status(), 200);
+    for id in [first, second] {
+        assert_eq!(db.status(id).await, Some(InstanceStatus::Terminated));
+    }
+    let detail = db.store.instance_detail(first).await.unwrap().unwrap();
+    assert!(
+        detail
+            .summary
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("duplicate request")),
+        "{:?}",
+        detail.summary.last_error
+    );
+
+    let resumed = post(
+        "/actions/sends",
+        format!("csrf={csrf}&action=resume&ids=held-console"),
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(resumed.contains("pending again"), "{resumed}");
+    assert_eq!(
+        db.count_with(
+            "SELECT COUNT(*) FROM outbox WHERE id = $1 AND status = 'pending'",
+            "held-console"
+        )
+        .await,
+        1
+    );
+
+    // A forged CSRF token changes nothing; the session's own purges.
+    let forged = post(
+        "/actions/dead-letters",
+        "csrf=forged&action=purge&ids=dl-console".to_owned(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(forged.status(), 403);
+    let count_dead = || {
+        db.count_with(
+            "SELECT COUNT(*) FROM dead_letters WHERE id = $1",
+            "dl-console",
+        )
+    };
+    assert_eq!(count_dead().await, 1);
+    post(
+        "/actions/dead-letters",
+        format!("csrf={csrf}&action=purge&ids=dl-console"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(count_dead().await, 0);
+    stop.cancel();
 }
