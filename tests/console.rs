@@ -30,6 +30,7 @@ backend_tests!(
     the_console_benchmark_fills_a_database_and_every_page_answers,
     cairn_console_serves_the_database_and_refuses_what_it_must,
     signed_in_actions_act_on_many_instances_dead_letters_and_held_sends,
+    cairn_host_serves_the_console_beside_it,
 );
 
 const TOKEN: &str = "console-test-token";
@@ -341,38 +342,9 @@ async fn the_console_benchmark_fills_a_database_and_every_page_answers(db: TestD
 /// `cairn console` as a process: it serves the database's pages to anyone, refuses a sign-in
 /// with a wrong token and an action from another site, and stops on SIGTERM.
 async fn cairn_console_serves_the_database_and_refuses_what_it_must(db: TestDb) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args([
-            "--database",
-            &db.url,
-            "console",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("CAIRN_CONSOLE_TOKEN", TOKEN)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let (child, base) = cairn_serving(&db, &["console", "--http"]).await;
     let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let overview = loop {
-        if let Ok(r) = http.get(format!("{base}/")).send().await {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "cairn console did not answer"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let overview = http.get(format!("{base}/")).send().await.unwrap();
     assert_eq!(overview.status(), 200);
     assert!(overview
         .text()
@@ -400,16 +372,7 @@ async fn cairn_console_serves_the_database_and_refuses_what_it_must(db: TestDb) 
     assert_eq!(cross.status(), 403);
     assert!(cross.text().await.unwrap().contains("is refused"));
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("cairn console stops on SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    stop_with_sigterm(child).await;
 }
 
 /// The value of the first hidden `csrf` input of a page.
@@ -544,4 +507,70 @@ async fn signed_in_actions_act_on_many_instances_dead_letters_and_held_sends(db:
     .unwrap();
     assert_eq!(count_dead().await, 0);
     stop.cancel();
+}
+
+/// `cairn` started with `args` and then a free loopback address, once it answers `GET /`: the
+/// process and the console's base URL.
+async fn cairn_serving(db: &TestDb, args: &[&str]) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--database", &db.url])
+        .args(args)
+        .arg(&addr)
+        .env("CAIRN_CONSOLE_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://{addr}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{base}/")).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cairn {args:?} did not serve the console on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (child, base)
+}
+
+/// Sends SIGTERM to `child` and checks that it exits, successfully, within 10 s.
+async fn stop_with_sigterm(mut child: tokio::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("cairn stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// `cairn host --console`: the host serves the console beside it, and lists itself as live.
+async fn cairn_host_serves_the_console_beside_it(db: TestDb) {
+    let (child, base) = cairn_serving(&db, &["host", "--console"]).await;
+    // The console answers as the host starts; the host registers itself a moment later.
+    db.wait_for(
+        "the host to list itself as live",
+        Duration::from_secs(30),
+        || async {
+            reqwest::get(format!("{base}/hosts"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .contains("<td>live</td>")
+        },
+    )
+    .await;
+    stop_with_sigterm(child).await;
 }
