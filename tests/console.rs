@@ -144,17 +144,7 @@ async fn the_console_shows_every_page_and_resumes_a_suspended_instance(db: TestD
     };
     let stop = CancellationToken::new();
     let id = fill(&db, &stop).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(cairn::console::serve(
-        listener,
-        db.store.clone(),
-        cairn_orchestrations::registry(),
-        ConsoleSettings {
-            token: Some(ConsoleToken::new(TOKEN)),
-        },
-        stop.clone(),
-    ));
+    let base = console_on(&db, &stop).await;
     let shots = std::env::var_os("CAIRN_SCREENSHOTS")
         .filter(|_| db.backend == Backend::Sqlite)
         .map(std::path::PathBuf::from);
@@ -392,17 +382,7 @@ async fn signed_in_actions_act_on_many_instances_dead_letters_and_held_sends(db:
     let second = client.start("approval", input).await.unwrap();
     dead_letter_and_held_send(&db, first).await;
     let stop = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(cairn::console::serve(
-        listener,
-        db.store.clone(),
-        cairn_orchestrations::registry(),
-        ConsoleSettings {
-            token: Some(ConsoleToken::new(TOKEN)),
-        },
-        stop.clone(),
-    ));
+    let base = console_on(&db, &stop).await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -573,4 +553,21 @@ async fn cairn_host_serves_the_console_beside_it(db: TestDb) {
     )
     .await;
     stop_with_sigterm(child).await;
+}
+
+/// The console (with the test's token) on `db`, on a free loopback port until `stop`: its base
+/// URL.
+async fn console_on(db: &TestDb, stop: &CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cairn::console::serve(
+        listener,
+        db.store.clone(),
+        cairn_orchestrations::registry(),
+        ConsoleSettings {
+            token: Some(ConsoleToken::new(TOKEN)),
+        },
+        stop.clone(),
+    ));
+    base
 }
