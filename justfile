@@ -34,6 +34,15 @@ soak:
 bench *ARGS:
     bash .ci/bench {{ARGS}}
 
+# The console's page times with CONSOLE_INSTANCES (default 1,000,000) instances on SQLite and a
+# throwaway PostgreSQL cluster (docs/console.md), release build.
+console-bench:
+    bash .ci/console-bench
+
+# The console's screenshots in docs/console/ (docs/console.md), taken by its browser test.
+screenshots:
+    CAIRN_SCREENSHOTS="$PWD/docs/console" cargo test -p cairn-orchestrations --test console sqlite -- --nocapture
+
 # Criterion micro-benchmarks of the transition path (decode, transition, encode, build the commit).
 microbench:
     cargo bench -p cairn --bench transition

@@ -406,3 +406,47 @@ fn trip_survives_a_crash_at_every_persistence_point_while_compensating() {
     assert_eq!(compensations, 3, "{report:?}");
     assert!(report.crashed_runs >= 14, "{report:?}");
 }
+
+/// A bell that rings once: it declares only its first step, so its one transition is undeclared.
+struct Bell;
+
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+enum BellState {
+    Idle,
+    Ringing,
+}
+
+impl cairn::Orchestration for Bell {
+    const NAME: &'static str = "bell";
+    const VERSION: u32 = 1;
+    const STEPS: &'static [&'static str] = &["Idle", "Ringing"];
+    const TRANSITIONS: &'static [(&'static str, &'static str)] = &[("(start)", "Idle")];
+    type Input = ();
+    type State = BellState;
+    type Output = ();
+
+    fn start(ctx: &mut cairn::Context, _: ()) -> Result<cairn::Next<Self>, cairn::Fault> {
+        ctx.receive("bell.pressed", cairn::Correlation::none());
+        Ok(cairn::Next::Continue(BellState::Idle))
+    }
+
+    fn on_event(
+        ctx: &mut cairn::Context,
+        _: BellState,
+        _: cairn::Event,
+    ) -> Result<cairn::Next<Self>, cairn::Fault> {
+        ctx.receive("bell.pressed", cairn::Correlation::none());
+        Ok(cairn::Next::Continue(BellState::Ringing))
+    }
+}
+
+#[test]
+fn a_transition_the_orchestration_does_not_declare_fails_its_scenario() {
+    let mut s = Scenario::<Bell>::start(()).unwrap();
+    assert_eq!(s.step(), "Idle");
+    let err = s.message("bell.pressed", json!({})).unwrap_err();
+    assert!(
+        matches!(&err, ScenarioError::UndeclaredTransition { from, to } if from == "Idle" && to == "Ringing"),
+        "{err}"
+    );
+}

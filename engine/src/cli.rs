@@ -11,7 +11,11 @@
 //! (`docs/operations.md`). On SQLite (an embedded file one process owns) every command migrates.
 //! A URL is only ever shown redacted ([`crate::store::redact_url`]).
 
+#[cfg(feature = "console")]
+mod console;
 mod send;
+#[cfg(feature = "console")]
+pub use console::ConsoleCommand;
 pub use send::{DeadLetterCommand, OutboxCommand};
 
 use std::collections::BTreeMap;
@@ -131,6 +135,19 @@ pub enum Command {
         /// Serve at most this many HTTP connections at once; more wait to be accepted.
         #[arg(long, value_name = "N", default_value_t = 1024)]
         http_max_connections: usize,
+        /// Also serve the operations console (docs/console.md) on this address, e.g.
+        /// 127.0.0.1:8081.
+        #[arg(long, value_name = "ADDR")]
+        console: Option<std::net::SocketAddr>,
+        /// The token the console's actions need (read-only without it). Prefer the environment
+        /// variable: a command line is visible to other users of the machine.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "CAIRN_CONSOLE_TOKEN",
+            hide_env_values = true
+        )]
+        console_token: Option<String>,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -207,6 +224,10 @@ pub enum Command {
         #[arg(long, default_value = "terminated from the command line")]
         reason: String,
     },
+    /// Serve the operations console (docs/console.md) against --database until stopped
+    /// (SIGINT or SIGTERM).
+    #[cfg(feature = "console")]
+    Console(console::ConsoleCommand),
     /// List, show, resubmit and purge dead letters.
     #[command(subcommand)]
     DeadLetters(send::DeadLetterCommand),
@@ -285,6 +306,10 @@ pub enum CliError {
     #[cfg(feature = "bench")]
     #[error(transparent)]
     Bench(#[from] crate::bench::BenchError),
+    /// The console's benchmark failed.
+    #[cfg(feature = "console")]
+    #[error(transparent)]
+    ConsoleBench(#[from] crate::console::bench::ConsoleBenchError),
     /// Setting up the runtime or signals failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -375,6 +400,8 @@ impl Command {
             Command::Migrate | Command::Demo { .. } | Command::Host { migrate: true, .. } => {
                 SchemaUse::Migrate
             }
+            #[cfg(feature = "console")]
+            Command::Console(c) if c.fill.is_some() => SchemaUse::Migrate,
             _ => SchemaUse::Check,
         }
     }
@@ -389,7 +416,7 @@ impl Command {
                 | Command::DeadLetters(
                     send::DeadLetterCommand::List { .. } | send::DeadLetterCommand::Show { .. }
                 )
-        )
+        ) || self.console_reads_only()
     }
 }
 
@@ -453,6 +480,8 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             http_header_timeout_ms,
             http_idle_timeout_ms,
             http_max_connections,
+            console,
+            console_token,
         } => {
             let config = HostConfig {
                 until_idle,
@@ -464,7 +493,7 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                 max_message_bytes,
                 ..HostConfig::default()
             };
-            let mut host = build_host(&app, store, config);
+            let mut host = build_host(&app, store.clone(), config);
             if let Some(dir) = file_drop {
                 host = host.with_receive_location(ReceiveLocation::FileDrop {
                     dir,
@@ -482,6 +511,9 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             }
             let stop = CancellationToken::new();
             spawn_signal_handler(stop.clone())?;
+            if let Some(addr) = console {
+                console_beside_host(addr, console_token, &app, store.clone(), stop.clone()).await?;
+            }
             host.run(stop).await?;
         }
         Command::Demo { instances } => demo(&app, store, instances, &cli.database).await?,
@@ -622,6 +654,8 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
         }
         Command::DeadLetters(command) => send::dead_letters(&*store, command).await?,
         Command::Outbox(command) => send::outbox(&*store, command).await?,
+        #[cfg(feature = "console")]
+        Command::Console(command) => console::run(command, &app, store, &cli.database).await?,
         #[cfg(feature = "bench")]
         Command::Bench { .. } => return bench(cli).await,
     }
@@ -859,4 +893,28 @@ async fn statuses(
         out.extend(store.instance_summaries(chunk).await?);
     }
     Ok(out)
+}
+
+#[cfg(feature = "console")]
+use console::console_beside_host;
+
+/// Without the `console` feature, `cairn host --console` says what is missing.
+#[cfg(not(feature = "console"))]
+async fn console_beside_host(
+    _addr: std::net::SocketAddr,
+    _token: Option<String>,
+    _app: &App,
+    _store: Arc<dyn Store>,
+    _stop: CancellationToken,
+) -> Result<(), CliError> {
+    Err(CliError::NotFound(
+        "this build of cairn has no console: build the cairn crate with feature `console`".into(),
+    ))
+}
+
+#[cfg(not(feature = "console"))]
+impl Command {
+    fn console_reads_only(&self) -> bool {
+        false
+    }
 }

@@ -54,6 +54,8 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod codec;
+#[cfg(feature = "console")]
+pub mod console;
 mod context;
 pub mod host;
 mod orchestration;

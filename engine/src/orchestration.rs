@@ -106,6 +106,15 @@ pub trait Orchestration: Send + Sync + 'static {
     /// What a fault no scope handles does to an instance: suspend it (the default) or end it
     /// as `failed`.
     const ON_UNHANDLED_FAULT: OnFault = OnFault::Suspend;
+    /// Its steps (the `State` variants' names), declared for the console's map, which draws
+    /// them even before an instance reaches them. Empty (the default): the map shows the steps
+    /// seen in the database.
+    const STEPS: &'static [&'static str] = &[];
+    /// Its transitions from step to step, declared: the console's map draws them, and when the
+    /// table is not empty the test kit ([`Scenario`](crate::testing)) fails a transition
+    /// outside it. An instance's first step comes from `"(start)"`; a step it stays at is no
+    /// transition. Empty (the default): not checked.
+    const TRANSITIONS: &'static [(&'static str, &'static str)] = &[];
 
     /// What an instance starts from.
     type Input: Serialize + DeserializeOwned;

@@ -65,6 +65,14 @@ pub trait Definition: Send + Sync {
     }
     /// `Orchestration::ON_UNHANDLED_FAULT`.
     fn on_unhandled_fault(&self) -> OnFault;
+    /// `Orchestration::STEPS`.
+    fn steps(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// `Orchestration::TRANSITIONS`.
+    fn transitions(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
     /// A copy of a state (a scope's rollback point).
     ///
     /// # Errors
@@ -142,6 +150,12 @@ impl<O: Orchestration> Definition for Typed<O> {
     }
     fn on_unhandled_fault(&self) -> OnFault {
         O::ON_UNHANDLED_FAULT
+    }
+    fn steps(&self) -> &'static [&'static str] {
+        O::STEPS
+    }
+    fn transitions(&self) -> &'static [(&'static str, &'static str)] {
+        O::TRANSITIONS
     }
     fn convoy(&self) -> &'static [&'static str] {
         O::CONVOY

@@ -70,6 +70,16 @@ pub enum ScenarioError {
     /// The orchestration is not in the scenario's registry.
     #[error("orchestration {0} is not registered")]
     Unregistered(&'static str),
+    /// The instance moved between steps along a transition its orchestration does not declare
+    /// ([`Orchestration::TRANSITIONS`](crate::Orchestration::TRANSITIONS), or a step not in
+    /// [`Orchestration::STEPS`](crate::Orchestration::STEPS)).
+    #[error("undeclared transition {from} -> {to}: add it to the orchestration's TRANSITIONS (and STEPS), or fix the transition")]
+    UndeclaredTransition {
+        /// The step it left (`(start)` for its first).
+        from: String,
+        /// The step it reached.
+        to: String,
+    },
 }
 
 /// How a scenario's instance stands.
@@ -94,6 +104,8 @@ pub struct Scenario<O: Orchestration> {
     points: Vec<Reason>,
     details: Vec<String>,
     outcome: Outcome<O::Output>,
+    /// The step after the last transition (`None` before the first), for the declared map.
+    last_step: Option<String>,
     _o: PhantomData<fn() -> O>,
 }
 
@@ -150,6 +162,7 @@ impl<O: Orchestration> Scenario<O> {
             points: Vec::new(),
             details: Vec::new(),
             outcome: Outcome::Running,
+            last_step: None,
             _o: PhantomData,
         };
         let input =
@@ -317,7 +330,39 @@ impl<O: Orchestration> Scenario<O> {
         self.after(delivery)
     }
 
+    /// Checks the step the last transition reached against the declared steps and transitions,
+    /// where the orchestration declares them.
+    fn check_declared(&mut self) -> Result<(), ScenarioError> {
+        if !matches!(self.outcome, Outcome::Running | Outcome::Suspended(_))
+            || self.state().is_none()
+        {
+            return Ok(());
+        }
+        let to = self.step();
+        let from = self
+            .last_step
+            .replace(to.clone())
+            .unwrap_or_else(|| "(start)".to_owned());
+        let undeclared_step = !O::STEPS.is_empty() && !O::STEPS.contains(&to.as_str());
+        let undeclared_move = !O::TRANSITIONS.is_empty()
+            && from != to
+            && !O::TRANSITIONS.contains(&(from.as_str(), to.as_str()));
+        if undeclared_step || undeclared_move {
+            return Err(ScenarioError::UndeclaredTransition { from, to });
+        }
+        Ok(())
+    }
+
     fn after(&mut self, delivery: Delivery) -> Result<&mut Self, ScenarioError> {
+        let ran = matches!(delivery, Delivery::Ran(_));
+        self.after_delivery(delivery)?;
+        if ran {
+            self.check_declared()?;
+        }
+        Ok(self)
+    }
+
+    fn after_delivery(&mut self, delivery: Delivery) -> Result<&mut Self, ScenarioError> {
         match delivery {
             Delivery::Held | Delivery::Ran(None) => {}
             Delivery::Faulted(text) => return Err(ScenarioError::Faulted(text.0)),

@@ -378,6 +378,10 @@ impl OperatorVerbs for FaultyStore {
         self.gate().await;
         self.inner.activity(now).await
     }
+
+    fn console(&self) -> Option<&dyn super::console::ConsoleReads> {
+        self.inner.console()
+    }
 }
 
 #[async_trait]

@@ -32,6 +32,7 @@
 //! CONTRIBUTING.md).
 
 mod common;
+pub mod console;
 pub mod faulty;
 mod model;
 mod plan;
@@ -407,6 +408,12 @@ pub trait OperatorVerbs: Send + Sync + std::fmt::Debug {
 
     /// Instance counts by status, and what is left to do.
     async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity>;
+
+    /// The operations console's read-only queries, where the store has them (every backend
+    /// does; a wrapper such as the fault-injecting store may not).
+    fn console(&self) -> Option<&dyn console::ConsoleReads> {
+        None
+    }
 }
 
 /// Keeping the store in shape: schema (migrate, check), a host's start (recover, activations),

@@ -15,6 +15,7 @@
 //!
 //! | room | what is in it |
 //! |---|---|
+//! | [`console`] | the operations console's read-only queries: overview, instance list and filters, waits, map, lists |
 //! | [`operator`] | control of an instance, give up and resume sends, dead letters, list, show, activity |
 //! | [`outbox`] | an outbox row read, dead-lettering a send, renewing locks, recording deliveries |
 //! | [`maintenance`] | `control` and `inbox` rows read, an inbox row published or dead-lettered, housekeeping |
@@ -30,6 +31,7 @@ use uuid::Uuid;
 use super::{NewMessage, PublishOutcome, StoreError, StoreResult};
 
 pub(super) mod claims;
+pub(super) mod console;
 pub(super) mod maintenance;
 pub(super) mod message_box;
 pub(super) mod operator;

@@ -539,6 +539,10 @@ macro_rules! operator_verbs {
             async fn activity(&self, now: DateTime<Utc>) -> StoreResult<Activity> {
                 Operator::activity(self, now).await
             }
+
+            fn console(&self) -> Option<&dyn $crate::store::console::ConsoleReads> {
+                Some(self)
+            }
         }
     };
 }
