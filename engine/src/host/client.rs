@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::eager::Eager;
+use super::metrics::{Door, Metrics};
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::Registry;
 use crate::store::{NewInstance, NewMessage, PublishOutcome, Store, StoreError};
@@ -77,6 +78,8 @@ pub struct Client {
     pub(super) wake: Arc<Notify>,
     pub(super) eager: Option<Eager>,
     pub(super) max_message_bytes: usize,
+    /// Where its publishes are counted, when its host keeps metrics, and under which door.
+    pub(super) metrics: Option<(Arc<Metrics>, Door)>,
 }
 
 impl Client {
@@ -90,7 +93,16 @@ impl Client {
             wake: Arc::new(Notify::new()),
             eager: None,
             max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
+            metrics: None,
         }
+    }
+
+    /// The same client, its publishes counted under `door` (a receive location's client).
+    pub(crate) fn through(mut self, door: Door) -> Self {
+        if let Some((_, d)) = &mut self.metrics {
+            *d = door;
+        }
+        self
     }
 
     /// Replaces the maximum message size: the largest body (or start input), as JSON text, this
@@ -168,6 +180,13 @@ impl Client {
     ) -> Result<Vec<PublishOutcome>, ClientError> {
         self.check_messages(&messages)?;
         let out = self.store.publish(messages, self.clock.now()).await?;
+        if let Some((metrics, door)) = &self.metrics {
+            let stored = out
+                .iter()
+                .filter(|o| !matches!(o, PublishOutcome::Duplicate))
+                .count();
+            metrics.published(*door, stored);
+        }
         self.wake.notify_one();
         Ok(out)
     }

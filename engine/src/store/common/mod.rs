@@ -18,6 +18,7 @@
 //! | [`operator`] | control of an instance, give up and resume sends, dead letters, list, show, activity |
 //! | [`outbox`] | an outbox row read, dead-lettering a send, renewing locks, recording deliveries |
 //! | [`maintenance`] | `control` and `inbox` rows read, an inbox row published or dead-lettered, housekeeping |
+//! | [`retention`] | ended instances purged with all that was theirs, the gauges the metrics read |
 
 use std::future::Future;
 use std::ops::DerefMut;
@@ -32,10 +33,12 @@ use super::{NewMessage, StoreError, StoreResult};
 pub(super) mod maintenance;
 pub(super) mod operator;
 pub(super) mod outbox;
+pub(super) mod retention;
 
 pub(super) use maintenance::Upkeep;
 pub(super) use operator::Operator;
 pub(super) use outbox::Outbox;
+pub(super) use retention::Retain;
 
 /// A row of backend `B`.
 pub(super) type RowOf<B> = <<B as Backend>::Db as Database>::Row;

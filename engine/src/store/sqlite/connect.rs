@@ -5,7 +5,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::SqlitePool;
 
 use super::writer::{self, Writer};
@@ -41,6 +43,9 @@ impl SqliteStore {
                 source,
             })?
             .create_if_missing(true)
+            // A new file gives the pages retention frees back to the file system, a few at a
+            // time (`retention.rs`); an existing file without it keeps them for reuse.
+            .auto_vacuum(SqliteAutoVacuum::Incremental)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
