@@ -218,7 +218,9 @@ fn otlp_layer() -> (Option<BoxedLayer>, Telemetry) {
     let tracer = provider.tracer("cairn");
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(tracing_subscriber::filter::Targets::new().with_target("cairn", tracing::Level::DEBUG))
+        .with_filter(
+            tracing_subscriber::filter::Targets::new().with_target("cairn", tracing::Level::DEBUG),
+        )
         .boxed();
     (
         Some(layer),
