@@ -271,6 +271,19 @@ pub enum Command {
         /// Also append the figures, one JSON object per line, to this file.
         #[arg(long, value_name = "PATH")]
         json_file: Option<std::path::PathBuf>,
+        /// The hosts keep Prometheus metrics and serve them on a loopback port (to measure
+        /// what metrics cost: W1 with and without).
+        #[arg(long)]
+        metrics: bool,
+        /// W7: how long it runs (e.g. 10m).
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+        duration: Duration,
+        /// W7: orchestrations started per second.
+        #[arg(long, value_name = "N", default_value_t = 200.0)]
+        rate: f64,
+        /// W7: how long an ended instance is kept before the host deletes it (e.g. 1m).
+        #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+        retain_ended: Duration,
     },
 }
 
@@ -696,6 +709,10 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         runs,
         json,
         json_file,
+        metrics,
+        duration,
+        rate,
+        retain_ended,
     } = cli.command
     else {
         return Ok(());
@@ -718,6 +735,12 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         },
         instances,
         runs,
+        settings: crate::bench::Settings {
+            metrics,
+            duration,
+            rate,
+            retain: retain_ended,
+        },
     };
     let figures = crate::bench::run(&url, &options).await?;
     if let Some(path) = json_file {

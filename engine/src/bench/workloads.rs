@@ -42,6 +42,35 @@ pub enum Workload {
     /// The raw ceiling of the database for what a persistence point writes.
     #[cfg_attr(feature = "cli", value(name = "ceiling"))]
     Ceiling,
+    /// Steady state: W1 orchestrations at a constant rate for a while, with a short retention;
+    /// database size and memory over time. Not in [`Workload::ALL`]: it runs for minutes.
+    #[cfg_attr(feature = "cli", value(name = "W7", alias = "w7"))]
+    W7,
+}
+
+/// How a workload's hosts run, beyond its size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The hosts keep [`Metrics`](crate::host::Metrics) and serve them on a loopback port
+    /// (the cost of metrics is W1 with this on against off).
+    pub metrics: bool,
+    /// W7: how long it runs.
+    pub duration: Duration,
+    /// W7: orchestrations started per second.
+    pub rate: f64,
+    /// W7: how long an ended instance is kept.
+    pub retain: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            metrics: false,
+            duration: Duration::from_secs(600),
+            rate: 200.0,
+            retain: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Workload {
@@ -64,6 +93,8 @@ impl Workload {
             Workload::W3 => 50,
             Workload::W5 => 100_000,
             Workload::Ceiling => 20_000,
+            // Not a count: it runs for `Settings::duration`.
+            Workload::W7 => 0,
         }
     }
 
@@ -72,10 +103,27 @@ impl Workload {
     /// # Errors
     /// See [`BenchError`].
     pub async fn run(self, url: &str, instances: Option<usize>) -> Result<Vec<Figure>, BenchError> {
+        self.run_with(url, instances, &Settings::default()).await
+    }
+
+    /// [`Workload::run`] with `settings`.
+    ///
+    /// # Errors
+    /// See [`BenchError`].
+    pub async fn run_with(
+        self,
+        url: &str,
+        instances: Option<usize>,
+        settings: &Settings,
+    ) -> Result<Vec<Figure>, BenchError> {
         let n = instances.unwrap_or(self.default_instances()).max(1);
         let backend = db::Backend::of(url)?.name();
         let mut figures = match self {
-            Workload::W1 => vec![w1(url, n, 3, 1).await?, w1(url, n, 5, 1).await?],
+            Workload::W1 => vec![
+                w1(url, n, 3, 1, settings).await?,
+                w1(url, n, 5, 1, settings).await?,
+            ],
+            Workload::W7 => vec![super::steady::w7(url, settings).await?],
             Workload::W2 => vec![w2(url, n).await?],
             Workload::W3 => vec![w3(url, n, 100).await?],
             Workload::W4 => vec![w4(url, n).await?],
@@ -95,18 +143,28 @@ impl Workload {
 const DEADLINE: Duration = Duration::from_secs(900);
 
 /// Hosts running in this process, all reporting endings to one channel.
-struct Running {
-    client: Client,
-    store: Arc<dyn Store>,
+pub(super) struct Running {
+    pub(super) client: Client,
+    pub(super) store: Arc<dyn Store>,
     stores: Vec<Arc<dyn Store>>,
-    endings: mpsc::UnboundedReceiver<Ended>,
+    pub(super) endings: mpsc::UnboundedReceiver<Ended>,
     stop: CancellationToken,
     hosts: Vec<JoinHandle<Result<HostStats, HostError>>>,
 }
 
 impl Running {
-    /// One host per store.
+    /// One host per store, with the default settings.
     fn start(stores: Vec<Arc<dyn Store>>) -> Self {
+        Self::start_with(stores, &Settings::default(), None)
+    }
+
+    /// One host per store, keeping metrics if `settings` say so, deleting ended instances
+    /// after `retain` if given.
+    pub(super) fn start_with(
+        stores: Vec<Arc<dyn Store>>,
+        settings: &Settings,
+        retain: Option<Duration>,
+    ) -> Self {
         let (tx, endings) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let registry = orchestrations::registry();
@@ -114,8 +172,21 @@ impl Running {
         let mut hosts = Vec::new();
         let first = stores[0].clone();
         for store in stores.iter().cloned() {
-            let host = Host::new(store, registry.clone(), orchestrations::ports())
+            let mut host = Host::new(store, registry.clone(), orchestrations::ports())
                 .with_endings(tx.clone());
+            if settings.metrics {
+                // Served on a loopback port nobody scrapes: the cost is the counting.
+                match std::net::TcpListener::bind("127.0.0.1:0") {
+                    Ok(listener) => host = host.with_operations(listener),
+                    Err(_) => host = host.with_metrics(),
+                }
+            }
+            if let Some(retain) = retain {
+                host = host.with_config(crate::HostConfig {
+                    retain_ended: Some(retain),
+                    ..crate::HostConfig::default()
+                });
+            }
             client.get_or_insert_with(|| host.client());
             hosts.push(tokio::spawn(host.run(stop.clone())));
         }
@@ -180,7 +251,7 @@ impl Running {
     }
 
     /// Stops the hosts; returns the persistence points they committed.
-    async fn stop(self) -> Result<u64, BenchError> {
+    pub(super) async fn stop(self) -> Result<u64, BenchError> {
         self.stop.cancel();
         let mut points = 0;
         for host in self.hosts {
@@ -194,7 +265,7 @@ impl Running {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -229,12 +300,18 @@ fn latencies(
     (lat, ended.values().max().copied())
 }
 
-async fn w1(url: &str, n: usize, calls: u32, hosts: usize) -> Result<Figure, BenchError> {
+async fn w1(
+    url: &str,
+    n: usize,
+    calls: u32,
+    hosts: usize,
+    settings: &Settings,
+) -> Result<Figure, BenchError> {
     let mut stores = vec![db::fresh(url).await?];
     for _ in 1..hosts {
         stores.push(db::open(url).await?);
     }
-    let mut running = Running::start(stores);
+    let mut running = Running::start_with(stores, settings, None);
     let t0 = Instant::now();
     let inputs = (0..n).map(|_| (Chain::NAME.to_owned(), json!({ "calls": calls })));
     let started = start_batches(&running.client, inputs, 500).await?;
@@ -358,7 +435,7 @@ async fn w4(url: &str, n: usize) -> Result<Figure, BenchError> {
 }
 
 /// (current, peak) resident set size of this process in MB, from `/proc/self/status`.
-fn rss_mb() -> (Option<f64>, Option<f64>) {
+pub(super) fn rss_mb() -> (Option<f64>, Option<f64>) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -427,7 +504,7 @@ async fn w6(url: &str, n: usize) -> Result<Vec<Figure>, BenchError> {
     }
     let mut out = Vec::new();
     for hosts in 1..=3 {
-        let mut f = w1(url, n, 3, hosts).await?;
+        let mut f = w1(url, n, 3, hosts, &Settings::default()).await?;
         f.workload = "W6".to_owned();
         out.push(f);
     }
