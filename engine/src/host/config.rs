@@ -75,7 +75,7 @@ impl Default for HostConfig {
             housekeeping_interval: Duration::from_secs(5),
             max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
             retain_ended: None,
-            retention_batch: 100,
+            retention_batch: 500,
             archive: None,
         }
     }

@@ -4,8 +4,10 @@
 //! through [`purge_ended`].
 //!
 //! A purge goes batch by batch ([`PurgeFilter::limit`] instances each, one short transaction),
-//! pausing between batches so that persistence points are never held up behind it for long (on
-//! SQLite the batch holds the one write connection). With an archive folder, each batch's
+//! pausing between batches as long as the batch took (at least `pause`, at most
+//! [`MAX_PAUSE`]), so that it takes at most about half of the database's write time and
+//! persistence points never wait behind it for longer than one batch (on SQLite the batch holds
+//! the one write connection). With an archive folder, each batch's
 //! instances are first written to `DIR/cairn-archive-YYYY-MM-DD.jsonl`, one JSON line per
 //! instance with its history, and the file synced, before they are deleted: a crash in between
 //! leaves them archived and not deleted, and they are archived again (a second line) when the
@@ -24,6 +26,9 @@ use crate::store::{Store, StoreError};
 
 /// Pages an incremental vacuum gives back after each batch (SQLite).
 const RECLAIM_PAGES: u32 = 2000;
+
+/// The longest pause between two batches.
+pub const MAX_PAUSE: Duration = Duration::from_millis(200);
 
 /// What a purge did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,11 +75,21 @@ async fn archive(path: PathBuf, instances: &[EndedInstance]) -> Result<(), Purge
     }
     let at = path.clone();
     let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        use std::io::Write;
+        use std::io::{Read, Seek, SeekFrom, Write};
         let mut file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&at)?;
+        // A line a crash cut short stays alone on its line.
+        if file.metadata()?.len() > 0 {
+            let mut last = [0u8];
+            file.seek(SeekFrom::End(-1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n")?;
+            }
+        }
         file.write_all(text.as_bytes())?;
         file.sync_all()
     })
@@ -85,7 +100,7 @@ async fn archive(path: PathBuf, instances: &[EndedInstance]) -> Result<(), Purge
 
 /// Purges the instances `filter` selects, batch by batch, until none is left, `stop` is
 /// cancelled, or another host holds the turn (PostgreSQL); archives each batch first into
-/// `archive_dir` when given. Pauses `pause` between batches.
+/// `archive_dir` when given. Pauses between batches as long as the batch took, at least `pause`.
 ///
 /// # Errors
 /// The store failed, or the archive could not be written (that batch is not deleted).
@@ -99,6 +114,7 @@ pub async fn purge_ended(
 ) -> Result<PurgeTotals, PurgeError> {
     let mut totals = PurgeTotals::default();
     loop {
+        let began = std::time::Instant::now();
         let batch = store.purgeable(filter, archive_dir.is_some()).await?;
         if batch.is_empty() {
             break;
@@ -123,9 +139,10 @@ pub async fn purge_ended(
         if batch.len() < filter.limit as usize || purged.instances == 0 {
             break;
         }
+        let rest = began.elapsed().clamp(pause, MAX_PAUSE.max(pause));
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(rest) => {}
         }
     }
     Ok(totals)
@@ -164,8 +181,7 @@ impl Retainer {
                 orchestration: None,
                 limit: self.batch,
             };
-            // Between batches, a fifth of the time a batch may hold the writer.
-            let pause = Duration::from_millis(20);
+            let pause = Duration::from_millis(10);
             match purge_ended(
                 self.store.as_ref(),
                 &filter,

@@ -139,8 +139,8 @@ pub trait Retention: Send + Sync {
     async fn purge(&self, ids: &[Uuid], filter: &PurgeFilter) -> StoreResult<Purged>;
 
     /// Gives freed space back to the file system where the backend can do it in small steps
-    /// (SQLite with `auto_vacuum = INCREMENTAL`: at most `pages` pages); nothing on PostgreSQL,
-    /// whose autovacuum reuses it.
+    /// (SQLite with `auto_vacuum = INCREMENTAL`: at most `pages` pages, once more than an eighth
+    /// of the file is free); nothing on PostgreSQL, whose autovacuum reuses it.
     async fn reclaim_space(&self, pages: u32) -> StoreResult<()>;
 
     /// Whether a host can work on this database, for `/readyz`: it answers, its schema is this

@@ -43,9 +43,6 @@ impl SqliteStore {
                 source,
             })?
             .create_if_missing(true)
-            // A new file gives the pages retention frees back to the file system, a few at a
-            // time (`retention.rs`); an existing file without it keeps them for reuse.
-            .auto_vacuum(SqliteAutoVacuum::Incremental)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
@@ -79,7 +76,11 @@ impl SqliteStore {
                 pool,
             });
         }
-        let writer = Writer::connect(&options)
+        // A new file gives the pages retention frees back to the file system, a few at a time
+        // (`retention.rs`); an existing file without it keeps them for reuse. Set by the write
+        // connection alone, which opens first and creates the file: the read connections never
+        // race it to write the new file's first page.
+        let writer = Writer::connect(&options.clone().auto_vacuum(SqliteAutoVacuum::Incremental))
             .await
             .map_err(|e| map_err("open", e))?;
         let pool = connect(3).await.map_err(|e| map_err("open", e))?;

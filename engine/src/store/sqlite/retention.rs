@@ -45,6 +45,19 @@ impl Retention for SqliteStore {
     }
 
     async fn reclaim_space(&self, pages: u32) -> StoreResult<()> {
+        // In a steady state the pages a purge frees are soon filled again by new rows: giving
+        // them back and growing the file again would only move pages about. They are given back
+        // once more than an eighth of the file is free (after a large purge, or a shorter
+        // retention).
+        let (free, total): (i64, i64) = sqlx::query_as(
+            "SELECT freelist_count, page_count FROM pragma_freelist_count, pragma_page_count",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| map_err("free pages", e))?;
+        if free * 8 <= total {
+            return Ok(());
+        }
         let mut tx = self.begin().await?;
         // Reads the pragma's rows: each is one step of the vacuum.
         sqlx::query(&format!("PRAGMA incremental_vacuum({pages})"))
