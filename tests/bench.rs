@@ -8,12 +8,13 @@ mod support;
 
 use std::process::Command;
 
-use cairn::bench::{BenchError, Drive, Workload};
+use cairn::bench::{BenchError, Settings, Workload};
 use cairn::store::NewInstance;
 use support::{Backend, TestDb};
 
 backend_tests!(
     every_workload_runs_small,
+    the_steady_state_workload_runs_small_and_reports_size_and_memory,
     the_benchmark_refuses_a_database_with_real_instances
 );
 
@@ -34,12 +35,13 @@ async fn every_workload_runs_small(db: TestDb) {
             continue;
         }
         // Every figure, the one-call-at-a-time and separate-client ones too.
-        let drive = Drive {
+        let settings = Settings {
             callers: 4,
             from_process: true,
+            ..Settings::default()
         };
         let figures = workload
-            .run(&db.url, Some(small(workload)), &drive)
+            .run_with(&db.url, Some(small(workload)), &settings)
             .await
             .unwrap_or_else(|e| panic!("{workload:?}: {e}"));
         assert!(!figures.is_empty(), "{workload:?} measured nothing");
@@ -67,10 +69,7 @@ async fn the_benchmark_refuses_a_database_with_real_instances(db: TestDb) {
         .await
         .unwrap();
     db.store.close().await;
-    let err = Workload::W2
-        .run(&db.url, Some(1), &Drive::default())
-        .await
-        .unwrap_err();
+    let err = Workload::W2.run(&db.url, Some(1)).await.unwrap_err();
     assert!(matches!(err, BenchError::NotABenchDatabase(_)), "{err}");
 }
 
@@ -134,4 +133,31 @@ fn the_bench_command_prints_one_json_object_per_figure() {
     }
     assert_eq!(figures[0]["workload"], "W2");
     assert!(figures[0]["p99_ms"].as_f64().unwrap() > 0.0);
+}
+
+async fn the_steady_state_workload_runs_small_and_reports_size_and_memory(db: TestDb) {
+    db.store.close().await;
+    let settings = cairn::bench::Settings {
+        metrics: true,
+        duration: std::time::Duration::from_secs(3),
+        rate: 40.0,
+        retain: std::time::Duration::from_secs(1),
+        ..Settings::default()
+    };
+    let figures = Workload::W7
+        .run_with(&db.url, None, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("W7: {e}"));
+    let f = &figures[0];
+    assert_eq!(f.workload, "W7");
+    assert!(f.instances >= 80, "{f:?}");
+    for key in [
+        "db_bytes_start",
+        "db_bytes_end",
+        "rss_mb_start",
+        "rss_mb_end",
+        "p99_ms_minute_01",
+    ] {
+        assert!(f.extra.get(key).is_some_and(|v| *v > 0.0), "{key} in {f:?}");
+    }
 }

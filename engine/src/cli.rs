@@ -13,9 +13,11 @@
 
 #[cfg(feature = "console")]
 mod console;
+mod ops;
 mod send;
 #[cfg(feature = "console")]
 pub use console::ConsoleCommand;
+pub use ops::{parse_duration, parse_time, LogFormat};
 pub use send::{DeadLetterCommand, OutboxCommand};
 
 use std::collections::BTreeMap;
@@ -66,6 +68,10 @@ pub struct Cli {
         default_value = "sqlite://cairn.db"
     )]
     pub database: String,
+    /// How log lines are written to stderr: text, or one JSON object per line carrying the
+    /// fields of its spans (instance id, orchestration, version, step, reason).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -148,6 +154,39 @@ pub enum Command {
             hide_env_values = true
         )]
         console_token: Option<String>,
+        /// Serve Prometheus metrics on GET /metrics, with GET /healthz and GET /readyz, at this
+        /// address (e.g. 127.0.0.1:9464); see docs/operations.md.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Delete ended instances (completed, failed, terminated) this long after they ended,
+        /// with their history, messages and sends: 90s, 30m, 12h, 7d; 0 keeps them forever.
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+        retain_ended: Duration,
+        /// Before deleting an ended instance, append it with its history as one JSON line to
+        /// DIR/cairn-archive-YYYY-MM-DD.jsonl.
+        #[arg(long, value_name = "DIR")]
+        archive: Option<std::path::PathBuf>,
+    },
+    /// Delete ended instances (completed, failed, terminated) that ended before a time, with
+    /// everything that belonged to them; what a host's --retain-ended does on its own.
+    Purge {
+        /// Only instances that ended before this time: RFC 3339 (2026-11-21T00:00:00Z) or a
+        /// duration ago (30d).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        ended_before: chrono::DateTime<chrono::Utc>,
+        /// Only instances of this orchestration.
+        #[arg(long, value_name = "NAME")]
+        orchestration: Option<String>,
+        /// Count what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Before deleting, append each instance with its history as one JSON line to
+        /// DIR/cairn-archive-YYYY-MM-DD.jsonl.
+        #[arg(long, value_name = "DIR")]
+        archive: Option<std::path::PathBuf>,
+        /// Instances deleted per transaction.
+        #[arg(long, value_name = "N", default_value_t = 500)]
+        batch: u32,
     },
     /// Run the host with the sample orchestrations and feed it instances; shows progress and a
     /// summary, and returns when every instance it started has ended.
@@ -261,6 +300,19 @@ pub enum Command {
         /// host hears of only through the database.
         #[arg(long)]
         from_process: bool,
+        /// The hosts keep Prometheus metrics and serve them on a loopback port (to measure
+        /// what metrics cost: W1 with and without).
+        #[arg(long)]
+        metrics: bool,
+        /// W7: how long it runs (e.g. 10m).
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+        duration: Duration,
+        /// W7: orchestrations started per second.
+        #[arg(long, value_name = "N", default_value_t = 200.0)]
+        rate: f64,
+        /// W7: how long an ended instance is kept before the host deletes it (e.g. 1m).
+        #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+        retain_ended: Duration,
     },
 }
 
@@ -322,16 +374,7 @@ pub fn main(app: App) -> ExitCode {
         Command::Host { .. } => "info",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written (stderr is a pipe whose reader has gone) is dropped.
-        // Reporting it would write to stderr too, and panic in whatever thread logged: a host
-        // task, or a database connection's worker thread, which would stop the host.
-        .log_internal_errors(false)
-        .init();
+    let telemetry = ops::init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -342,6 +385,7 @@ pub fn main(app: App) -> ExitCode {
     let result = runtime.block_on(run(cli, app));
     // Whatever still runs (a task the host gave up on at shutdown) does not hold up the exit.
     runtime.shutdown_timeout(EXIT_WITHIN);
+    drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -482,8 +526,21 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             http_max_connections,
             console,
             console_token,
+            metrics,
+            retain_ended,
+            archive,
         } => {
+            if let Some(dir) = &archive {
+                if !dir.is_dir() {
+                    return Err(CliError::NotFound(format!(
+                        "--archive {}: no such folder; create it first",
+                        dir.display()
+                    )));
+                }
+            }
             let config = HostConfig {
+                retain_ended: (!retain_ended.is_zero()).then_some(retain_ended),
+                archive,
                 until_idle,
                 dehydrate_after: Duration::from_millis(dehydrate_after_ms),
                 poll_interval: Duration::from_millis(poll_ms),
@@ -508,6 +565,15 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                     max_connections: http_max_connections,
                 };
                 host = host.with_receive_location(ReceiveLocation::Http { addr, settings });
+            }
+            if let Some(addr) = metrics {
+                let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("--metrics {addr}: cannot listen there: {e}"),
+                    )
+                })?;
+                host = host.with_operations(listener);
             }
             let stop = CancellationToken::new();
             spawn_signal_handler(stop.clone())?;
@@ -653,6 +719,20 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             control(&*store, id, ControlAction::Terminate { reason }).await?
         }
         Command::DeadLetters(command) => send::dead_letters(&*store, command).await?,
+        Command::Purge {
+            ended_before,
+            orchestration,
+            dry_run,
+            archive,
+            batch,
+        } => {
+            let filter = crate::store::retention::PurgeFilter {
+                ended_before,
+                orchestration,
+                limit: batch,
+            };
+            ops::purge(&*store, filter, archive, dry_run).await?
+        }
         Command::Outbox(command) => send::outbox(&*store, command).await?,
         #[cfg(feature = "console")]
         Command::Console(command) => console::run(command, &app, store, &cli.database).await?,
@@ -673,6 +753,10 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         json_file,
         callers,
         from_process,
+        metrics,
+        duration,
+        rate,
+        retain_ended,
     } = cli.command
     else {
         return Ok(());
@@ -695,7 +779,11 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         },
         instances,
         runs,
-        drive: crate::bench::Drive {
+        settings: crate::bench::Settings {
+            metrics,
+            duration,
+            rate,
+            retain: retain_ended,
             callers,
             from_process,
         },

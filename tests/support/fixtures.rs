@@ -446,6 +446,10 @@ pub struct HostSetup {
     pub locations: Vec<ReceiveLocation>,
     /// Wraps the store in a [`FaultyStore`] with this plan.
     pub plan: Option<Arc<FaultPlan>>,
+    /// Serves `/metrics`, `/healthz`, `/readyz` there ([`Host::with_operations`]).
+    pub operations: Option<std::net::TcpListener>,
+    /// The host's clock (the system's if `None`).
+    pub clock: Option<cairn::clock::SharedClock>,
 }
 
 impl HostSetup {
@@ -457,6 +461,8 @@ impl HostSetup {
             ports: Box::new(move |client| ports(client, deliveries)),
             locations: Vec::new(),
             plan: None,
+            operations: None,
+            clock: None,
         }
     }
 }
@@ -523,6 +529,12 @@ impl HostThread {
                     Host::new(store, setup.registry, Ports::new()).with_config(setup.config);
                 for location in setup.locations {
                     host = host.with_receive_location(location);
+                }
+                if let Some(listener) = setup.operations {
+                    host = host.with_operations(listener);
+                }
+                if let Some(clock) = setup.clock {
+                    host = host.with_clock(clock);
                 }
                 let client = host.client();
                 let host = host.with_ports((setup.ports)(client.clone()));

@@ -14,6 +14,7 @@
 //! | W4 | N instances wait dehydrated for a correlated message; N messages published 500 a call, and one a call by C callers |
 //! | W5 | N instances wait (half on messages, half on timers): memory, then waking 1,000 |
 //! | W6 | W1 with 1, 2 and 3 hosts on one PostgreSQL database |
+//! | W7 | steady state: W1's orchestrations at a constant rate for minutes with a short retention; database size, memory, p99 by minute ([`steady`](self::steady)) |
 //! | W8 | the HTTP receive location: C clients each posting one message a request, against `publish_batch` of 500 from one task |
 //! | ceiling | what a persistence point writes, by a bare sqlx loop: one at a time, 100 per transaction, and 100 per transaction as multi-row statements |
 //!
@@ -21,6 +22,7 @@
 
 pub mod db;
 pub mod orchestrations;
+mod steady;
 mod workloads;
 
 use std::collections::BTreeMap;
@@ -31,7 +33,7 @@ use serde::Serialize;
 use crate::host::{ClientError, HostError};
 use crate::store::StoreError;
 
-pub use workloads::{Drive, Workload, DEFAULT_CALLERS};
+pub use workloads::{Settings, Workload, DEFAULT_CALLERS};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -201,8 +203,8 @@ pub struct BenchOptions {
     pub instances: Option<usize>,
     /// Runs of each workload; the figures are their medians.
     pub runs: usize,
-    /// How the callers drive the engine.
-    pub drive: Drive,
+    /// How the hosts run (metrics on or off; W7's duration, rate and retention).
+    pub settings: Settings,
 }
 
 /// Runs the workloads on the database at `url`, `runs` times each, and returns the medians.
@@ -227,7 +229,9 @@ pub async fn run(url: &str, options: &BenchOptions) -> Result<Vec<Figure>, Bench
                 backend.name(),
                 options.runs.max(1)
             );
-            let figures = workload.run(url, options.instances, &options.drive).await?;
+            let figures = workload
+                .run_with(url, options.instances, &options.settings)
+                .await?;
             for f in &figures {
                 eprintln!("  {}", line(f));
             }

@@ -47,6 +47,41 @@ pub enum Workload {
     /// The raw ceiling of the database for what a persistence point writes.
     #[cfg_attr(feature = "cli", value(name = "ceiling"))]
     Ceiling,
+    /// Steady state: W1 orchestrations at a constant rate for a while, with a short retention;
+    /// database size and memory over time. Not in [`Workload::ALL`]: it runs for minutes.
+    #[cfg_attr(feature = "cli", value(name = "W7", alias = "w7"))]
+    W7,
+}
+
+/// How a workload's hosts run, beyond its size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The hosts keep [`Metrics`](crate::host::Metrics) and serve them on a loopback port
+    /// (the cost of metrics is W1 with this on against off).
+    pub metrics: bool,
+    /// W7: how long it runs.
+    pub duration: Duration,
+    /// W7: orchestrations started per second.
+    pub rate: f64,
+    /// W7: how long an ended instance is kept.
+    pub retain: Duration,
+    /// Tasks that each start one instance or publish one message per call (W1, W4, W8).
+    pub callers: usize,
+    /// W2 also from a separate client on its own connections.
+    pub from_process: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            metrics: false,
+            duration: Duration::from_secs(600),
+            rate: 200.0,
+            retain: Duration::from_secs(60),
+            callers: DEFAULT_CALLERS,
+            from_process: false,
+        }
+    }
 }
 
 impl Workload {
@@ -70,31 +105,42 @@ impl Workload {
             Workload::W3 => 50,
             Workload::W5 => 100_000,
             Workload::Ceiling => 20_000,
+            // Not a count: it runs for `Settings::duration`.
+            Workload::W7 => 0,
         }
     }
 
-    /// Runs it once on a fresh database at `url`, driven as `drive` says.
+    /// Runs it once on a fresh database at `url`, with the default [`Settings`].
     ///
     /// # Errors
     /// See [`BenchError`].
-    pub async fn run(
+    pub async fn run(self, url: &str, instances: Option<usize>) -> Result<Vec<Figure>, BenchError> {
+        self.run_with(url, instances, &Settings::default()).await
+    }
+
+    /// [`Workload::run`] with `settings`.
+    ///
+    /// # Errors
+    /// See [`BenchError`].
+    pub async fn run_with(
         self,
         url: &str,
         instances: Option<usize>,
-        drive: &Drive,
+        settings: &Settings,
     ) -> Result<Vec<Figure>, BenchError> {
         let n = instances.unwrap_or(self.default_instances()).max(1);
         let backend = db::Backend::of(url)?.name();
-        let callers = drive.callers.max(1);
+        let callers = settings.callers.max(1);
         let mut figures = match self {
             Workload::W1 => vec![
-                w1(url, n, 3, 1, None).await?,
-                w1(url, n, 5, 1, None).await?,
-                w1(url, n, 3, 1, Some(callers)).await?,
+                w1(url, n, 3, 1, None, settings).await?,
+                w1(url, n, 5, 1, None, settings).await?,
+                w1(url, n, 3, 1, Some(callers), settings).await?,
             ],
-            Workload::W2 if drive.from_process => {
+            Workload::W2 if settings.from_process => {
                 vec![w2(url, n).await?, w2_from_process(url, n).await?]
             }
+            Workload::W7 => vec![super::steady::w7(url, settings).await?],
             Workload::W2 => vec![w2(url, n).await?],
             Workload::W3 => vec![w3(url, n, 100).await?],
             Workload::W4 => vec![w4(url, n, None).await?, w4(url, n, Some(callers)).await?],
@@ -114,45 +160,33 @@ impl Workload {
 /// Callers of the one-call-at-a-time figures when `--callers` is not given.
 pub const DEFAULT_CALLERS: usize = 256;
 
-/// How a workload's callers drive the engine, besides the batches it arranges itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Drive {
-    /// Tasks that each start one instance or publish one message per call (W1, W4, W8).
-    pub callers: usize,
-    /// W2 also from a separate client on its own connections.
-    pub from_process: bool,
-}
-
-impl Default for Drive {
-    fn default() -> Self {
-        Self {
-            callers: DEFAULT_CALLERS,
-            from_process: false,
-        }
-    }
-}
-
 /// How long a workload may take before it is called stalled.
 const DEADLINE: Duration = Duration::from_secs(900);
 
 /// Hosts running in this process, all reporting endings to one channel.
-struct Running {
-    client: Client,
-    store: Arc<dyn Store>,
+pub(super) struct Running {
+    pub(super) client: Client,
+    pub(super) store: Arc<dyn Store>,
     stores: Vec<Arc<dyn Store>>,
-    endings: mpsc::UnboundedReceiver<Ended>,
+    pub(super) endings: mpsc::UnboundedReceiver<Ended>,
     stop: CancellationToken,
     hosts: Vec<JoinHandle<Result<HostStats, HostError>>>,
 }
 
 impl Running {
-    /// One host per store.
+    /// One host per store, with the default settings.
     fn start(stores: Vec<Arc<dyn Store>>) -> Self {
-        Self::start_receiving(stores, None)
+        Self::start_with(stores, &Settings::default(), None, None)
     }
 
-    /// One host per store, the first also with a receive location.
-    fn start_receiving(stores: Vec<Arc<dyn Store>>, receive: Option<ReceiveLocation>) -> Self {
+    /// One host per store, keeping metrics if `settings` say so, deleting ended instances
+    /// after `retain` if given; the first also with the receive location `receive`.
+    pub(super) fn start_with(
+        stores: Vec<Arc<dyn Store>>,
+        settings: &Settings,
+        retain: Option<Duration>,
+        receive: Option<ReceiveLocation>,
+    ) -> Self {
         let (tx, endings) = mpsc::unbounded_channel();
         let mut receive = receive;
         let stop = CancellationToken::new();
@@ -165,6 +199,19 @@ impl Running {
                 .with_endings(tx.clone());
             if let Some(location) = receive.take() {
                 host = host.with_receive_location(location);
+            }
+            if settings.metrics {
+                // Served on a loopback port nobody scrapes: the cost is the counting.
+                match std::net::TcpListener::bind("127.0.0.1:0") {
+                    Ok(listener) => host = host.with_operations(listener),
+                    Err(_) => host = host.with_metrics(),
+                }
+            }
+            if let Some(retain) = retain {
+                host = host.with_config(crate::HostConfig {
+                    retain_ended: Some(retain),
+                    ..crate::HostConfig::default()
+                });
             }
             client.get_or_insert_with(|| host.client());
             hosts.push(tokio::spawn(host.run(stop.clone())));
@@ -230,7 +277,7 @@ impl Running {
     }
 
     /// Stops the hosts; returns the persistence points they committed.
-    async fn stop(self) -> Result<u64, BenchError> {
+    pub(super) async fn stop(self) -> Result<u64, BenchError> {
         self.stop.cancel();
         let mut points = 0;
         for host in self.hosts {
@@ -244,7 +291,7 @@ impl Running {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -316,12 +363,13 @@ async fn w1(
     calls: u32,
     hosts: usize,
     callers: Option<usize>,
+    settings: &Settings,
 ) -> Result<Figure, BenchError> {
     let mut stores = vec![db::fresh(url).await?];
     for _ in 1..hosts {
         stores.push(db::open(url).await?);
     }
-    let mut running = Running::start(stores);
+    let mut running = Running::start_with(stores, settings, None, None);
     let t0 = Instant::now();
     let started = match callers {
         Some(c) => {
@@ -560,7 +608,12 @@ async fn w8(url: &str, n: usize, callers: usize) -> Result<Vec<Figure>, BenchErr
             .map_err(|e| BenchError::Task(e.to_string()))?
     };
     let store = db::fresh(url).await?;
-    let running = Running::start_receiving(vec![store], Some(ReceiveLocation::http(addr)));
+    let running = Running::start_with(
+        vec![store],
+        &Settings::default(),
+        None,
+        Some(ReceiveLocation::http(addr)),
+    );
     // The batched rate first, on the same host and database.
     let t0 = Instant::now();
     let mut batch_lat = Vec::new();
@@ -658,7 +711,7 @@ async fn w8(url: &str, n: usize, callers: usize) -> Result<Vec<Figure>, BenchErr
 }
 
 /// (current, peak) resident set size of this process in MB, from `/proc/self/status`.
-fn rss_mb() -> (Option<f64>, Option<f64>) {
+pub(super) fn rss_mb() -> (Option<f64>, Option<f64>) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -727,7 +780,7 @@ async fn w6(url: &str, n: usize) -> Result<Vec<Figure>, BenchError> {
     }
     let mut out = Vec::new();
     for hosts in 1..=3 {
-        let mut f = w1(url, n, 3, hosts, None).await?;
+        let mut f = w1(url, n, 3, hosts, None, &Settings::default()).await?;
         f.workload = "W6".to_owned();
         out.push(f);
     }

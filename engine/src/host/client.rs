@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::eager::Eager;
 use super::grouped::Grouped;
+use super::metrics::{Door, Metrics};
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::Registry;
 use crate::store::{NewInstance, NewMessage, PublishOutcome, Store, StoreError};
@@ -78,6 +79,8 @@ pub struct Client {
     pub(super) wake: Arc<Notify>,
     pub(super) eager: Option<Eager>,
     pub(super) max_message_bytes: usize,
+    /// Where its publishes are counted, when its host keeps metrics, and under which door.
+    pub(super) metrics: Option<(Arc<Metrics>, Door)>,
     pub(super) writes: Arc<Writes>,
 }
 
@@ -114,7 +117,16 @@ impl Client {
             eager: None,
             max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
             writes: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// The same client, its publishes counted under `door` (a receive location's client).
+    pub(crate) fn through(mut self, door: Door) -> Self {
+        if let Some((_, d)) = &mut self.metrics {
+            *d = door;
+        }
+        self
     }
 
     /// Replaces the maximum message size: the largest body (or start input), as JSON text, this
@@ -201,6 +213,13 @@ impl Client {
                 async move { store.publish(batch, now).await }
             })
             .await?;
+        if let Some((metrics, door)) = &self.metrics {
+            let stored = out
+                .iter()
+                .filter(|o| !matches!(o, PublishOutcome::Duplicate))
+                .count();
+            metrics.published(*door, stored);
+        }
         self.wake.notify_one();
         Ok(out)
     }

@@ -21,6 +21,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::instance::{FaultText, LiveInstance};
@@ -162,7 +163,14 @@ impl Runner {
             self.timer_due = Some(self.timer_due.map_or(due, |t| t.min(due)));
         }
         let store = self.host.store.clone();
-        let written = commit_isolating(store.as_ref(), &points).await;
+        let started = std::time::Instant::now();
+        let span = tracing::debug_span!("group_commit", points = points.len());
+        let written = commit_isolating(store.as_ref(), &points)
+            .instrument(span)
+            .await;
+        if let Some(metrics) = &self.host.metrics {
+            metrics.commit(points.len(), started.elapsed());
+        }
         let mut unwritten = Vec::new();
         let mut fenced = Vec::new();
         let mut refused = Vec::new();
@@ -172,6 +180,9 @@ impl Runner {
                 Written::Outcome(CommitOutcome::Fenced) => {
                     tracing::debug!(instance.id = %point.instance_id, "fenced: another writer holds the instance; dropping it");
                     self.stats.fenced += 1;
+                    if let Some(metrics) = &self.host.metrics {
+                        metrics.fenced(1);
+                    }
                     self.cache.remove(&point.instance_id);
                     fenced.push(point.instance_id);
                 }
@@ -289,6 +300,9 @@ impl Runner {
     /// dispatcher.
     pub(super) fn committed(&mut self, point: PersistencePoint) {
         *self.stats.points.entry(point.reason.as_str()).or_default() += 1;
+        if let Some(metrics) = &self.host.metrics {
+            metrics.point(point.reason.as_str());
+        }
         if let Some(endings) = &self.host.endings {
             if point.status.is_final() || point.status == InstanceStatus::Suspended {
                 let _ = endings.send(Ended {

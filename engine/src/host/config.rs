@@ -44,6 +44,16 @@ pub struct HostConfig {
     /// The largest message body, as JSON text, that any door (the publish API, the CLI, the
     /// `inbox` table, the file drop, HTTP) accepts; larger ones are refused with a clear error.
     pub max_message_bytes: usize,
+    /// How long an ended instance (completed, failed, terminated) is kept before the host
+    /// deletes it with everything that belonged to it; `None` keeps them forever. Looked at
+    /// every [`housekeeping_interval`](Self::housekeeping_interval). `None` by default for an
+    /// embedding application; `cairn host` keeps them 7 days unless told otherwise.
+    pub retain_ended: Option<Duration>,
+    /// Ended instances deleted per transaction by the retention.
+    pub retention_batch: u32,
+    /// A folder the retention writes each instance to, with its history, as one JSON line,
+    /// before deleting it.
+    pub archive: Option<std::path::PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -64,6 +74,9 @@ impl Default for HostConfig {
             unrouted_ttl: Duration::from_secs(7 * 24 * 3600),
             housekeeping_interval: Duration::from_secs(5),
             max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
+            retain_ended: None,
+            retention_batch: 500,
+            archive: None,
         }
     }
 }

@@ -60,6 +60,8 @@ pub(crate) struct Dispatcher {
     /// Replies handed to the host loop rather than recorded: an instance it holds takes the
     /// reply in memory, and its next persistence point marks the request delivered.
     pub replies: mpsc::UnboundedSender<(OutboxRow, serde_json::Value)>,
+    /// Where attempts are counted, when the host keeps metrics.
+    pub metrics: Option<Arc<super::Metrics>>,
 }
 
 /// Ids of the rows whose delivery is running: their locks are renewed.
@@ -271,11 +273,37 @@ impl Dispatcher {
         }
     }
 
+    /// Counts finished attempts (`cairn_send_attempts_total`), and the messages the loopback
+    /// port published.
+    fn count(&self, metrics: &super::Metrics, done: &[DeliveryOutcome]) {
+        for outcome in done {
+            let (row, word) = match outcome {
+                DeliveryOutcome::Delivered { row, .. } => (row, "delivered"),
+                DeliveryOutcome::Retry { row, .. } => (row, "retry"),
+                DeliveryOutcome::Held { row, .. } => (row, "held"),
+                DeliveryOutcome::Dead { row, .. } => (row, "dead"),
+            };
+            metrics.send_attempt(&row.port, word);
+            if word == "delivered"
+                && self
+                    .ports
+                    .by_name
+                    .get(&row.port)
+                    .is_some_and(|p| matches!(p.kind, PortKind::Loopback))
+            {
+                metrics.published(super::metrics::Door::Loopback, 1);
+            }
+        }
+    }
+
     async fn record(&self, done: &mut Vec<DeliveryOutcome>) {
         if done.is_empty() {
             return;
         }
         let count = done.len();
+        if let Some(metrics) = &self.metrics {
+            self.count(metrics, done);
+        }
         // A reply goes straight to the host loop: one transaction less per call. Until the
         // instance's next point commits, the request stays pending under its lock; if the host
         // dies first, it is delivered again under the same id (G2).

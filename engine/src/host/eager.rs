@@ -61,6 +61,8 @@ pub(super) struct Eager {
     pub(super) waiting: Arc<AtomicUsize>,
     /// Up to how many may wait before starts are left to the claims.
     pub(super) most_waiting: usize,
+    /// Where the first transitions are counted, when the host keeps metrics.
+    pub(super) metrics: Option<Arc<super::Metrics>>,
 }
 
 /// New instances after their first transitions, each with its first point.
@@ -126,6 +128,7 @@ impl Eager {
         for new in instances {
             let def = registry.get(&new.orchestration, new.version)?.clone();
             let mut instance = LiveInstance::load(InstanceRecord::started(new), def).ok()?;
+            instance.count_in(self.metrics.as_ref());
             let Delivery::Ran(Some(reason)) =
                 instance.start_new(new.input.clone(), registry, &has_port, now)
             else {

@@ -23,6 +23,7 @@ mod point;
 #[cfg(test)]
 mod tests;
 
+use super::metrics::{Metrics, TransitionOutcome};
 use super::scopes::Scopes;
 use crate::codec;
 use crate::context::{Context, Delay, Effect, Receive, ScopeKind};
@@ -170,6 +171,8 @@ pub struct LiveInstance {
     last_effects: Vec<Effect>,
     /// When it last handled an event (for dehydration).
     pub last_active: Instant,
+    /// Where its transitions are counted, when the host keeps metrics.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for LiveInstance {
@@ -225,6 +228,7 @@ impl LiveInstance {
             dirty: false,
             last_effects: Vec::new(),
             last_active: Instant::now(),
+            metrics: None,
         };
         if let Some(bytes) = &record.state {
             instance.saved_step = codec::step_name(bytes, "state");
@@ -257,6 +261,12 @@ impl LiveInstance {
             }
         }
         Ok(instance)
+    }
+
+    /// Counts its transitions in `metrics` from now on (`cairn_transitions_total`,
+    /// `cairn_transition_duration_seconds`).
+    pub(crate) fn count_in(&mut self, metrics: Option<&Arc<Metrics>>) {
+        self.metrics = metrics.cloned();
     }
 
     /// The definition's name.
@@ -544,11 +554,17 @@ impl LiveInstance {
         now: DateTime<Utc>,
         transition: impl FnOnce(&dyn Definition, &mut Context) -> Result<AnyNext, crate::Fault>,
     ) -> Delivery {
-        self.last_active = Instant::now();
+        let started = Instant::now();
+        self.last_active = started;
+        let span = tracing::debug_span!("transition", instance.id = %self.id,
+            orchestration.name = self.def.name(), orchestration.version = self.def.version(),
+            step = %self.saved_step, message.seq = seq);
+        let _entered = span.enter();
         let compensating = self.compensating_now.take();
         let mut ctx = Context::new(self.id, now);
         let def = self.def.clone();
         let outcome = catch_unwind(AssertUnwindSafe(|| transition(def.as_ref(), &mut ctx)));
+        let mut counted = TransitionOutcome::Ok;
         let delivery = match outcome {
             Ok(Ok(next)) => self.accept(
                 seq,
@@ -576,13 +592,23 @@ impl LiveInstance {
                         other => other,
                     }
                 }
-                Handled::No(text) => self.unhandled(seq, text),
-                Handled::Panicked(text) => self.panicked(seq, text),
+                Handled::No(text) => {
+                    counted = TransitionOutcome::Fault;
+                    self.unhandled(seq, text)
+                }
+                Handled::Panicked(text) => {
+                    counted = TransitionOutcome::Panic;
+                    self.panicked(seq, text)
+                }
             },
             Err(panic) => {
+                counted = TransitionOutcome::Panic;
                 self.panicked(seq, format!("transition panicked: {}", panic_text(&panic)))
             }
         };
+        if let Some(metrics) = &self.metrics {
+            metrics.transition(self.def.name(), counted, started.elapsed());
+        }
         if let (Delivery::Faulted(_), Some(seq)) = (&delivery, seq) {
             self.failed.push(seq);
         }

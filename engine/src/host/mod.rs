@@ -24,6 +24,8 @@
 //! | `instance.rs`, `instance/` | [`LiveInstance`](instance::LiveInstance): one instance in memory, and its persistence points |
 //! | `scopes.rs` | an instance's scopes and compensation chain |
 //! | `dispatcher.rs` | delivering committed sends through the send ports |
+//! | `metrics.rs`, `ops.rs` | [`Metrics`], and the `/metrics`, `/healthz`, `/readyz` endpoint |
+//! | `retention.rs` | deleting ended instances after the retention period; [`purge_ended`](retention::purge_ended) |
 //! | `ports/`, `receive.rs` | send ports and receive locations |
 
 mod client;
@@ -34,8 +36,11 @@ mod eager;
 mod grouped;
 mod heartbeat;
 pub mod instance;
+mod metrics;
+pub mod ops;
 pub mod ports;
 pub mod receive;
+pub mod retention;
 mod runner;
 pub mod scopes;
 
@@ -51,6 +56,7 @@ use uuid::Uuid;
 pub use self::client::{Client, ClientError};
 pub use self::config::HostConfig;
 pub use self::heartbeat::RELEASE_WITHIN;
+pub use self::metrics::{Door, Metrics, TransitionOutcome};
 
 use self::dispatcher::{DispatchSettings, Dispatcher};
 use self::eager::{Eager, Handed};
@@ -116,6 +122,10 @@ pub struct Host {
     client_ports: Arc<OnceLock<Ports>>,
     /// The writes its clients' concurrent calls share (group commit for callers).
     writes: Arc<client::Writes>,
+    /// Its metrics, when it keeps them.
+    metrics: Option<Arc<Metrics>>,
+    /// Where it serves `/metrics`, `/healthz` and `/readyz`.
+    operations: Option<std::net::TcpListener>,
 }
 
 impl std::fmt::Debug for Host {
@@ -149,7 +159,33 @@ impl Host {
             writes: Arc::default(),
             running: Arc::new(AtomicBool::new(false)),
             client_ports: Arc::new(OnceLock::new()),
+            metrics: None,
+            operations: None,
         }
+    }
+
+    /// Keeps [`Metrics`] (counted from now on, by this host and its clients). Take them with
+    /// [`Host::metrics`]; [`Host::with_operations`] serves them.
+    #[must_use]
+    pub fn with_metrics(mut self) -> Self {
+        if self.metrics.is_none() {
+            self.metrics = Some(Arc::new(Metrics::new()));
+        }
+        self
+    }
+
+    /// Keeps [`Metrics`] and serves them on `listener` while the host runs, with `/healthz` and
+    /// `/readyz` ([`ops`]). Bind it first (`127.0.0.1:0` picks a free port; its `local_addr`
+    /// tells which).
+    #[must_use]
+    pub fn with_operations(mut self, listener: std::net::TcpListener) -> Self {
+        self.operations = Some(listener);
+        self.with_metrics()
+    }
+
+    /// Its metrics, if it keeps them ([`Host::with_metrics`]).
+    pub fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.metrics.clone()
     }
 
     /// Adds a receive location (a file drop folder, an HTTP endpoint) the host runs while it
@@ -206,6 +242,7 @@ impl Host {
             wake: self.wake.clone(),
             max_message_bytes: self.config.max_message_bytes,
             writes: self.writes.clone(),
+            metrics: self.metrics.clone().map(|m| (m, Door::Api)),
             eager: Some(Eager {
                 host: self.id.clone(),
                 lease: self.config.lease_duration,
@@ -215,6 +252,7 @@ impl Host {
                 running: self.running.clone(),
                 waiting: self.held_waiting.clone(),
                 most_waiting: self.config.eager_backlog,
+                metrics: self.metrics.clone(),
             }),
         }
     }
@@ -287,6 +325,7 @@ impl Host {
             wake_host: self.wake.clone(),
             in_flight: in_flight.clone(),
             replies: replies_tx,
+            metrics: self.metrics.clone(),
         };
         let dispatcher = tokio::spawn(dispatcher.run(rows, stop_workers.clone()));
         let listener = {
@@ -304,14 +343,44 @@ impl Host {
         ));
         // Receive locations stop taking input as soon as the host is asked to stop.
         let stop_receiving = shutdown.child_token();
-        let receiving: Vec<_> = self
+        let mut receiving: Vec<_> = self
             .receive
             .iter()
             .map(|location| {
                 let location = location.clone();
-                tokio::spawn(location.run(self.client(), stop_receiving.clone()))
+                let client = self.client().through(location.door());
+                tokio::spawn(location.run(client, stop_receiving.clone()))
             })
             .collect();
+        // Served until the host has stopped; not ready from the moment it is asked to.
+        let stop_serving = CancellationToken::new();
+        let serving = match (self.operations.take(), &self.metrics) {
+            (Some(listener), Some(metrics)) => Some(tokio::spawn(ops::serve(
+                listener,
+                Arc::new(ops::Operations {
+                    metrics: metrics.clone(),
+                    store: self.store.clone(),
+                    clock: self.clock.clone(),
+                    draining: shutdown.clone(),
+                    refreshed: tokio::sync::Mutex::new(None),
+                }),
+                stop_serving.clone(),
+            ))),
+            _ => None,
+        };
+        if let Some(retain) = self.config.retain_ended {
+            let retainer = retention::Retainer {
+                store: self.store.clone(),
+                clock: self.clock.clone(),
+                retain,
+                batch: self.config.retention_batch.max(1),
+                interval: self.config.housekeeping_interval,
+                archive: self.config.archive.clone(),
+                metrics: self.metrics.clone(),
+            };
+            // Stopped with the receive locations: nothing to save.
+            receiving.push(tokio::spawn(retainer.run(stop_receiving.clone())));
+        }
         tracing::info!(host.id = %self.id, backend = self.store.backend(),
             definitions = ?self.registry, ports = ?self.ports, "host started");
 
@@ -377,6 +446,10 @@ impl Host {
             &runner.host.clock,
         )
         .await;
+        stop_serving.cancel();
+        if let Some(serving) = serving {
+            let _ = tokio::time::timeout(RELEASE_WITHIN, serving).await;
+        }
         tracing::info!(host.id = %runner.host.id, stats = ?runner.stats, "host stopped");
         result.map(|()| runner.stats)
     }

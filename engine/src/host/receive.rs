@@ -192,6 +192,14 @@ impl Envelope {
 }
 
 impl ReceiveLocation {
+    /// The door its messages come in through, for the metrics.
+    pub(crate) fn door(&self) -> super::metrics::Door {
+        match self {
+            ReceiveLocation::FileDrop { .. } => super::metrics::Door::File,
+            ReceiveLocation::Http { .. } => super::metrics::Door::Http,
+        }
+    }
+
     /// Runs until `stop` is cancelled.
     pub(crate) async fn run(self, client: Client, stop: CancellationToken) {
         match self {

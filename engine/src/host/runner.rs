@@ -220,6 +220,7 @@ impl Runner {
         let (messages, timers) = if self.claim {
             self.claim = false;
             self.last_claim = Some(Instant::now());
+            let claimed_at = Instant::now();
             let messages = match store.claim_messages(&host, now, batch).await {
                 Ok(messages) => messages,
                 Err(e) => {
@@ -227,11 +228,19 @@ impl Runner {
                     return Err(e);
                 }
             };
+            if let Some(metrics) = &self.host.metrics {
+                metrics.claim(claimed_at.elapsed());
+            }
             let timers = if self.claim_timers
                 || self.last_timer_claim.is_none_or(|at| at.elapsed() >= poll)
                 || self.timer_due.is_some_and(|t| t <= now)
             {
-                match store.claim_timers(&host, now, batch).await {
+                let timers_at = Instant::now();
+                let claimed = store.claim_timers(&host, now, batch).await;
+                if let Some(metrics) = &self.host.metrics {
+                    metrics.claim(timers_at.elapsed());
+                }
+                match claimed {
                     Ok(timers) => {
                         self.claim_timers = false;
                         self.last_timer_claim = Some(Instant::now());
@@ -287,6 +296,9 @@ impl Runner {
         }
         self.retry_panicked().await;
         self.write_receives(now).await;
+        if let Some(metrics) = &self.host.metrics {
+            metrics.in_memory(self.cache.len());
+        }
         Ok(worked || fired || controlled || received || replied)
     }
 

@@ -443,3 +443,59 @@ impl Maintenance for FaultyStore {
         self.inner.close().await;
     }
 }
+
+#[async_trait]
+impl Retention for FaultyStore {
+    async fn gauges(&self, now: DateTime<Utc>) -> StoreResult<StoreGauges> {
+        self.gate().await;
+        self.inner.gauges(now).await
+    }
+
+    async fn purgeable(
+        &self,
+        filter: &retention::PurgeFilter,
+        with_history: bool,
+    ) -> StoreResult<Vec<retention::EndedInstance>> {
+        self.gate().await;
+        self.inner.purgeable(filter, with_history).await
+    }
+
+    async fn purge(
+        &self,
+        ids: &[Uuid],
+        filter: &retention::PurgeFilter,
+    ) -> StoreResult<retention::Purged> {
+        self.gate().await;
+        self.inner.purge(ids, filter).await
+    }
+
+    async fn reclaim_space(&self, pages: u32) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.reclaim_space(pages).await
+    }
+
+    async fn ready(&self) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.ready().await
+    }
+
+    async fn count_purgeable(&self, filter: &retention::PurgeFilter) -> StoreResult<u64> {
+        self.gate().await;
+        self.inner.count_purgeable(filter).await
+    }
+
+    async fn expired_elsewhere(
+        &self,
+        host: &str,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Uuid>> {
+        self.gate().await;
+        self.inner.expired_elsewhere(host, ids, now).await
+    }
+
+    async fn database_bytes(&self) -> StoreResult<u64> {
+        self.gate().await;
+        self.inner.database_bytes().await
+    }
+}

@@ -9,8 +9,10 @@
 //!   list and show.
 //! * [`Maintenance`]: keeping the store in shape. Schema, a host's start, the rows people write
 //!   by hand (`control`, `inbox`), housekeeping.
+//! * [`Retention`]: deleting ended instances after a retention period, and the counts the
+//!   metrics' gauges show ([`retention`]).
 //!
-//! A backend implements the three; [`Store`] comes with them. Its contract, which the
+//! A backend implements the four; [`Store`] comes with them. Its contract, which the
 //! conformance suite (`tests/conformance.rs`) checks on every backend, is written on each method;
 //! the heart of it:
 //!
@@ -37,12 +39,14 @@ pub mod faulty;
 mod model;
 mod plan;
 pub mod postgres;
+pub mod retention;
 mod routing;
 pub mod sqlite;
 mod storable;
 mod url;
 
 pub use model::*;
+pub use retention::{Retention, StoreGauges};
 pub use storable::{
     check_body_size, check_text, json_len, storable_text, DEFAULT_MAX_MESSAGE_BYTES,
 };
@@ -497,9 +501,9 @@ pub trait Maintenance: Send + Sync + std::fmt::Debug {
 /// The storage boundary: the three sides of a store together, as the host and the command line
 /// hold it (`Arc<dyn Store>`). A backend implements [`MessageBox`], [`OperatorVerbs`] and
 /// [`Maintenance`]; this trait comes with them. See the module docs for the contract.
-pub trait Store: MessageBox + OperatorVerbs + Maintenance {}
+pub trait Store: MessageBox + OperatorVerbs + Maintenance + Retention {}
 
-impl<T: MessageBox + OperatorVerbs + Maintenance + ?Sized> Store for T {}
+impl<T: MessageBox + OperatorVerbs + Maintenance + Retention + ?Sized> Store for T {}
 
 /// The rows that decode, for a listing: a row that cannot be read (written by hand, say) is left
 /// out with a warning naming it, so that one bad row never hides the others from an operator.

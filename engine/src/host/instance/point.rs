@@ -24,6 +24,11 @@ impl LiveInstance {
         now: DateTime<Utc>,
         outbox_lock_until: DateTime<Utc>,
     ) -> Result<PersistencePoint, FaultText> {
+        let span = tracing::debug_span!("persistence_point", instance.id = %self.id,
+            orchestration.name = self.def.name(), orchestration.version = self.def.version(),
+            reason = reason.as_str(), step = tracing::field::Empty,
+            status = tracing::field::Empty);
+        let _entered = span.enter();
         let (status, output, last_error, release) = match &self.ending {
             Ending::Completed(output) => {
                 (InstanceStatus::Completed, Some(output.clone()), None, true)
@@ -54,6 +59,8 @@ impl LiveInstance {
             (_, Some(bytes)) => codec::step_name(bytes, "state"),
             (_, None) => self.saved_step.clone(),
         };
+        span.record("step", step.as_str());
+        span.record("status", status.as_str());
         let engine_state = codec::encode(&self.waits).map_err(|e| FaultText(e.to_string()))?;
         // The exact set is written only when it may differ from what the database holds.
         let unchanged = self.receives_exact

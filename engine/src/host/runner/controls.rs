@@ -31,6 +31,9 @@ impl Runner {
         // Rows taken: look again next round rather than after the interval.
         self.last_inbox = (taken == 0).then(Instant::now);
         if taken > 0 {
+            if let Some(metrics) = &self.host.metrics {
+                metrics.published(super::super::metrics::Door::Inbox, taken);
+            }
             tracing::debug!(taken, "published rows of the inbox table");
         }
         Ok(taken > 0)

@@ -89,10 +89,24 @@ impl Runner {
             return Ok(());
         }
         let store = self.host.store.clone();
+        // Only counted when metrics are kept: a read more per rehydration (none on SQLite).
+        let expired = match &self.host.metrics {
+            Some(_) => store
+                .expired_elsewhere(&self.host.id, &missing, now)
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let records = store
             .acquire(&self.host.id, &missing, now, self.lease_until(now))
             .await?;
         let acquired: HashSet<Uuid> = records.iter().map(|r| r.id).collect();
+        if let Some(metrics) = &self.host.metrics {
+            let taken = expired.iter().filter(|id| acquired.contains(id)).count();
+            if taken > 0 {
+                metrics.takeovers(taken as u64);
+            }
+        }
         let not_ours: Vec<Uuid> = missing
             .into_iter()
             .filter(|id| !acquired.contains(id))
@@ -134,7 +148,8 @@ impl Runner {
             return Err((record.id, error));
         };
         match LiveInstance::load(record, def) {
-            Ok(instance) => {
+            Ok(mut instance) => {
+                instance.count_in(self.host.metrics.as_ref());
                 self.cache.insert(instance.id, instance);
             }
             Err(fault) => {

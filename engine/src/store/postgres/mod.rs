@@ -48,6 +48,7 @@ mod maintenance;
 mod message_box;
 mod operator;
 mod outbox;
+mod retention;
 mod routing;
 
 use kept::KeptConnection;

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::SqlitePool;
 
 use super::wake::Wake;
@@ -77,7 +79,11 @@ impl SqliteStore {
                 wake: Arc::default(),
             });
         }
-        let writer = Writer::connect(&options)
+        // A new file gives the pages retention frees back to the file system, a few at a time
+        // (`retention.rs`); an existing file without it keeps them for reuse. Set by the write
+        // connection alone, which opens first and creates the file: the read connections never
+        // race it to write the new file's first page.
+        let writer = Writer::connect(&options.clone().auto_vacuum(SqliteAutoVacuum::Incremental))
             .await
             .map_err(|e| map_err("open", e))?;
         let pool = connect(3).await.map_err(|e| map_err("open", e))?;

@@ -39,6 +39,7 @@ mod maintenance;
 mod message_box;
 mod operator;
 mod outbox;
+mod retention;
 mod routing;
 mod wake;
 mod writer;
