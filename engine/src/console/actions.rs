@@ -122,6 +122,9 @@ pub async fn login(State(c): State<Shared>, headers: HeaderMap, body: String) ->
 
 /// POST `/logout`.
 pub async fn logout(State(c): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(why) = same_site(&headers) {
+        return refused(&c.viewer(&headers), why);
+    }
     c.sessions.sign_out(&headers);
     Redirect::to("/").into_response()
 }

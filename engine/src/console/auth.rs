@@ -10,10 +10,12 @@
 //! * the console has no token (read-only);
 //! * the request has no live session, or its CSRF token is not the session's.
 //!
-//! The token is never logged, shown or kept in a cookie: a session is a random id.
+//! The token is never logged, shown or kept in a cookie: a session is a random id, which lasts
+//! [`SESSION_LASTS`] (12 hours) or until the operator signs out or the console restarts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use axum::http::header::{HOST, ORIGIN};
 use axum::http::HeaderMap;
@@ -25,6 +27,9 @@ pub const COOKIE: &str = "cairn_console";
 
 /// Sessions kept at most; signing in beyond this forgets the others (they sign in again).
 const MAX_SESSIONS: usize = 10_000;
+
+/// How long a session lasts after signing in; then the operator signs in again.
+pub const SESSION_LASTS: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// The token actions need; its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -64,11 +69,11 @@ impl std::str::FromStr for ConsoleToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused(pub String);
 
-/// The console's sessions: session id to its CSRF token.
+/// The console's sessions: session id to its CSRF token and when it was signed in.
 #[derive(Debug, Default)]
 pub struct Sessions {
     token: Option<ConsoleToken>,
-    live: Mutex<HashMap<String, String>>,
+    live: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 fn random_hex() -> String {
@@ -107,7 +112,9 @@ impl Sessions {
     pub fn csrf(&self, headers: &HeaderMap) -> Option<String> {
         let session = cookie(headers, COOKIE)?;
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        live.get(session).cloned()
+        live.get(session)
+            .filter(|(_, since)| since.elapsed() < SESSION_LASTS)
+            .map(|(csrf, _)| csrf.clone())
     }
 
     /// Signs in with `given`: the new session's `Set-Cookie` value, or why not.
@@ -125,12 +132,14 @@ impl Sessions {
         }
         let session = random_hex();
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|_, (_, since)| since.elapsed() < SESSION_LASTS);
         if live.len() >= MAX_SESSIONS {
             live.clear();
         }
-        live.insert(session.clone(), random_hex());
+        live.insert(session.clone(), (random_hex(), Instant::now()));
         Ok(format!(
-            "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/"
+            "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            SESSION_LASTS.as_secs()
         ))
     }
 
@@ -240,6 +249,15 @@ mod tests {
         assert!(sessions.check_action(&headers, Some(&csrf)).is_err());
         headers.remove(ORIGIN);
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert!(sessions.check_action(&headers, Some(&csrf)).is_err());
+    }
+
+    #[test]
+    fn a_session_signed_out_acts_no_more() {
+        let sessions = Sessions::new(Some(ConsoleToken::new("secret")));
+        let (headers, csrf) = signed_in(&sessions);
+        sessions.sign_out(&headers);
+        assert_eq!(sessions.csrf(&headers), None);
         assert!(sessions.check_action(&headers, Some(&csrf)).is_err());
     }
 
