@@ -406,6 +406,48 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// What counting costs per W1 orchestration (3 calls: 4 transitions, 4 points, 3 sends, a
+    /// share of a group commit and a claim), from two threads at once as in a host. Run in
+    /// release: `cargo test --release -p cairn --lib -- --ignored what_counting_costs --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check; see docs/performance.md"]
+    fn what_counting_costs_per_w1_orchestration() {
+        let m = std::sync::Arc::new(Metrics::new());
+        let n = 1_000_000u32;
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let m = m.clone();
+                s.spawn(move || {
+                    for i in 0..n / 2 {
+                        for _ in 0..4 {
+                            m.transition(
+                                "bench.chain",
+                                TransitionOutcome::Ok,
+                                Duration::from_micros(2),
+                            );
+                        }
+                        m.point("send");
+                        m.point("send");
+                        m.point("send");
+                        m.point("complete");
+                        for _ in 0..3 {
+                            m.send_attempt("echo", "delivered");
+                        }
+                        if i % 64 == 0 {
+                            m.commit(256, Duration::from_millis(3));
+                            m.claim(Duration::from_micros(300));
+                            m.in_memory(1000);
+                        }
+                    }
+                });
+            }
+        });
+        // Two threads busy for `elapsed`: CPU time is twice the wall time.
+        let cpu = started.elapsed() * 2 / n;
+        eprintln!("counting per W1 orchestration: {cpu:?} of CPU");
+    }
+
     #[test]
     fn the_rendered_text_names_every_metric_of_the_issue() {
         let m = Metrics::new();

@@ -48,6 +48,20 @@ where
     /// Whether this host may purge now, inside `tx`: PostgreSQL takes a transaction-scoped
     /// advisory lock without waiting (one host at a time); SQLite has one host.
     fn take_turn(tx: &mut Self::Tx) -> impl std::future::Future<Output = StoreResult<bool>> + Send;
+    /// [`Retention::reclaim_space`].
+    fn reclaim_space(
+        &self,
+        pages: u32,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + Send;
+    /// [`Retention::database_bytes`].
+    fn database_bytes(&self) -> impl std::future::Future<Output = StoreResult<u64>> + Send;
+    /// [`Retention::expired_elsewhere`].
+    fn expired_elsewhere(
+        &self,
+        host: &str,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+    ) -> impl std::future::Future<Output = StoreResult<Vec<Uuid>>> + Send;
 
     /// [`Retention::gauges`].
     async fn gauges(&self, now: DateTime<Utc>) -> StoreResult<StoreGauges> {
@@ -243,3 +257,65 @@ where
         Ok(purged)
     }
 }
+
+/// `impl Retention for $store`: every method handed over to [`Retain`], `ready` being the schema
+/// check and an empty write transaction.
+macro_rules! retention_verbs {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Retention for $store {
+            async fn gauges(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<$crate::store::StoreGauges> {
+                $crate::store::common::Retain::gauges(self, now).await
+            }
+
+            async fn purgeable(
+                &self,
+                filter: &$crate::store::retention::PurgeFilter,
+                with_history: bool,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::retention::EndedInstance>> {
+                $crate::store::common::Retain::purgeable(self, filter, with_history).await
+            }
+
+            async fn purge(
+                &self,
+                ids: &[uuid::Uuid],
+                filter: &$crate::store::retention::PurgeFilter,
+            ) -> $crate::store::StoreResult<$crate::store::retention::Purged> {
+                $crate::store::common::Retain::purge(self, ids, filter).await
+            }
+
+            async fn reclaim_space(&self, pages: u32) -> $crate::store::StoreResult<()> {
+                $crate::store::common::Retain::reclaim_space(self, pages).await
+            }
+
+            async fn ready(&self) -> $crate::store::StoreResult<()> {
+                $crate::store::Maintenance::check_schema(self).await?;
+                $crate::store::common::Retain::takes_a_write(self).await
+            }
+
+            async fn count_purgeable(
+                &self,
+                filter: &$crate::store::retention::PurgeFilter,
+            ) -> $crate::store::StoreResult<u64> {
+                $crate::store::common::Retain::count_purgeable(self, filter).await
+            }
+
+            async fn expired_elsewhere(
+                &self,
+                host: &str,
+                ids: &[uuid::Uuid],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<Vec<uuid::Uuid>> {
+                $crate::store::common::Retain::expired_elsewhere(self, host, ids, now).await
+            }
+
+            async fn database_bytes(&self) -> $crate::store::StoreResult<u64> {
+                $crate::store::common::Retain::database_bytes(self).await
+            }
+        }
+    };
+}
+pub(in crate::store) use retention_verbs;

@@ -4,17 +4,15 @@
 //! transaction, so a host killed mid-purge holds nothing), and `pg_database_size`. Deletes come
 //! in bounded batches, which autovacuum keeps up with; nothing to give back by hand.
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{map_err, PostgresStore, Tx};
 use crate::store::common;
-use crate::store::retention::*;
-use crate::store::{Maintenance, StoreResult};
+use crate::store::StoreResult;
 
-/// The advisory lock key of the purge: `cairn` and `purge` in ASCII, so that it names itself in
-/// `pg_locks`.
+/// The advisory lock key of the purge: `cairnpur` in ASCII, so that it names itself in
+/// `pg_locks` (classid 1667328370, objid 1852863858).
 const PURGE_LOCK: i64 = 0x6361_6972_6e70_7572;
 
 impl common::Retain for PostgresStore {
@@ -33,37 +31,9 @@ impl common::Retain for PostgresStore {
             .map_err(|e| map_err("take the purge's turn", e))?;
         Ok(ours)
     }
-}
-
-#[async_trait]
-impl Retention for PostgresStore {
-    async fn gauges(&self, now: DateTime<Utc>) -> StoreResult<StoreGauges> {
-        common::Retain::gauges(self, now).await
-    }
-
-    async fn purgeable(
-        &self,
-        filter: &PurgeFilter,
-        with_history: bool,
-    ) -> StoreResult<Vec<EndedInstance>> {
-        common::Retain::purgeable(self, filter, with_history).await
-    }
-
-    async fn purge(&self, ids: &[Uuid], filter: &PurgeFilter) -> StoreResult<Purged> {
-        common::Retain::purge(self, ids, filter).await
-    }
 
     async fn reclaim_space(&self, _pages: u32) -> StoreResult<()> {
         Ok(())
-    }
-
-    async fn ready(&self) -> StoreResult<()> {
-        self.check_schema().await?;
-        common::Retain::takes_a_write(self).await
-    }
-
-    async fn count_purgeable(&self, filter: &PurgeFilter) -> StoreResult<u64> {
-        common::Retain::count_purgeable(self, filter).await
     }
 
     async fn expired_elsewhere(
@@ -93,3 +63,5 @@ impl Retention for PostgresStore {
         Ok(u64::try_from(bytes).unwrap_or(0))
     }
 }
+
+common::retention::retention_verbs!(PostgresStore);

@@ -4,14 +4,12 @@
 //! INCREMENTAL`, as `connect.rs` creates them; an older file keeps its free pages for reuse), and
 //! the size of the file and its write-ahead log.
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{map_err, SqliteStore, WriteTx};
 use crate::store::common::{self, Backend};
-use crate::store::retention::*;
-use crate::store::{Maintenance, StoreResult};
+use crate::store::StoreResult;
 
 impl common::Retain for SqliteStore {
     type Ids = String;
@@ -23,25 +21,6 @@ impl common::Retain for SqliteStore {
 
     async fn take_turn(_tx: &mut WriteTx) -> StoreResult<bool> {
         Ok(true)
-    }
-}
-
-#[async_trait]
-impl Retention for SqliteStore {
-    async fn gauges(&self, now: DateTime<Utc>) -> StoreResult<StoreGauges> {
-        common::Retain::gauges(self, now).await
-    }
-
-    async fn purgeable(
-        &self,
-        filter: &PurgeFilter,
-        with_history: bool,
-    ) -> StoreResult<Vec<EndedInstance>> {
-        common::Retain::purgeable(self, filter, with_history).await
-    }
-
-    async fn purge(&self, ids: &[Uuid], filter: &PurgeFilter) -> StoreResult<Purged> {
-        common::Retain::purge(self, ids, filter).await
     }
 
     async fn reclaim_space(&self, pages: u32) -> StoreResult<()> {
@@ -65,15 +44,6 @@ impl Retention for SqliteStore {
             .await
             .map_err(|e| map_err("incremental vacuum", e))?;
         Self::commit(tx).await
-    }
-
-    async fn ready(&self) -> StoreResult<()> {
-        self.check_schema().await?;
-        common::Retain::takes_a_write(self).await
-    }
-
-    async fn count_purgeable(&self, filter: &PurgeFilter) -> StoreResult<u64> {
-        common::Retain::count_purgeable(self, filter).await
     }
 
     async fn expired_elsewhere(
@@ -111,3 +81,5 @@ impl Retention for SqliteStore {
         Ok(bytes)
     }
 }
+
+common::retention::retention_verbs!(SqliteStore);
