@@ -288,18 +288,18 @@ impl Metrics {
     }
 
     /// A persistence point committed.
-    pub(crate) fn point(&self, reason: &'static str) {
+    pub fn point(&self, reason: &'static str) {
         self.points.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// A group commit of `points` points took `took`.
-    pub(crate) fn commit(&self, points: usize, took: Duration) {
+    pub fn commit(&self, points: usize, took: Duration) {
         self.commit_duration.observe(took.as_secs_f64());
         self.commit_points.observe(points as f64);
     }
 
     /// A transition of `orchestration` ran for `took`.
-    pub(crate) fn transition(
+    pub fn transition(
         &self,
         orchestration: &'static str,
         outcome: TransitionOutcome,
@@ -326,7 +326,7 @@ impl Metrics {
     }
 
     /// A delivery attempt through `port` ended with `outcome`.
-    pub(crate) fn send_attempt(&self, port: &str, outcome: &'static str) {
+    pub fn send_attempt(&self, port: &str, outcome: &'static str) {
         self.send_attempts
             .get_or_create(&SendLabels {
                 port: port.to_owned(),
@@ -346,12 +346,12 @@ impl Metrics {
     }
 
     /// A claim took `took`.
-    pub(crate) fn claim(&self, took: Duration) {
+    pub fn claim(&self, took: Duration) {
         self.claim_duration.observe(took.as_secs_f64());
     }
 
     /// The host holds `n` instances in memory.
-    pub(crate) fn in_memory(&self, n: usize) {
+    pub fn in_memory(&self, n: usize) {
         self.in_memory.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
@@ -405,48 +405,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// What counting costs per W1 orchestration (3 calls: 4 transitions, 4 points, 3 sends, a
-    /// share of a group commit and a claim), from two threads at once as in a host. Run in
-    /// release: `cargo test --release -p cairn --lib -- --ignored what_counting_costs --nocapture`.
-    #[test]
-    #[ignore = "a measurement, not a check; see docs/performance.md"]
-    fn what_counting_costs_per_w1_orchestration() {
-        let m = std::sync::Arc::new(Metrics::new());
-        let n = 1_000_000u32;
-        let started = std::time::Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                let m = m.clone();
-                s.spawn(move || {
-                    for i in 0..n / 2 {
-                        for _ in 0..4 {
-                            m.transition(
-                                "bench.chain",
-                                TransitionOutcome::Ok,
-                                Duration::from_micros(2),
-                            );
-                        }
-                        m.point("send");
-                        m.point("send");
-                        m.point("send");
-                        m.point("complete");
-                        for _ in 0..3 {
-                            m.send_attempt("echo", "delivered");
-                        }
-                        if i % 64 == 0 {
-                            m.commit(256, Duration::from_millis(3));
-                            m.claim(Duration::from_micros(300));
-                            m.in_memory(1000);
-                        }
-                    }
-                });
-            }
-        });
-        // Two threads busy for `elapsed`: CPU time is twice the wall time.
-        let cpu = started.elapsed() * 2 / n;
-        eprintln!("counting per W1 orchestration: {cpu:?} of CPU");
-    }
 
     #[test]
     fn the_rendered_text_names_every_metric_of_the_issue() {
