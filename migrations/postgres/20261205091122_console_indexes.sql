@@ -10,7 +10,7 @@ CREATE INDEX instances_by_update ON cairn.instances (updated_at, id);
 -- The list filtered on error text reads only the instances that have one.
 CREATE INDEX instances_with_error ON cairn.instances (updated_at) WHERE last_error IS NOT NULL;
 -- An instance's children.
-CREATE INDEX instances_by_parent ON cairn.instances (parent_id) WHERE parent_id IS NOT NULL;
+-- instances_by_parent (parent_id) comes with the retention migration just before.
 -- Points per minute over the last hour, and the map's recent transitions.
 CREATE INDEX history_by_time ON cairn.history (at);
 -- Instances by correlation value (the waits they have).
