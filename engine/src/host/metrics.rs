@@ -413,6 +413,16 @@ mod tests {
         m.transition("order", TransitionOutcome::Ok, Duration::from_millis(1));
         m.published(Door::Api, 2);
         m.send_attempt("email", "delivered");
+        // A family with no label set yet is not rendered: the store's gauges, once read.
+        m.set_store_gauges(&StoreGauges {
+            instances: vec![("order".into(), "running".into(), 3)],
+            outbox: vec![crate::store::retention::OutboxGauge {
+                port: "email".into(),
+                pending: 2,
+                oldest_seconds: 1.5,
+            }],
+            ..StoreGauges::default()
+        });
         let text = m.render();
         for name in [
             "cairn_persistence_points_total{reason=\"complete\"} 1",
@@ -425,8 +435,9 @@ mod tests {
             "cairn_dead_letters",
             "cairn_instances",
             "cairn_instances_in_memory",
-            "cairn_outbox_pending",
-            "cairn_outbox_oldest_seconds",
+            "cairn_instances{orchestration=\"order\",status=\"running\"} 3",
+            "cairn_outbox_pending{port=\"email\"} 2",
+            "cairn_outbox_oldest_seconds{port=\"email\"} 1.5",
             "cairn_send_attempts_total{port=\"email\",outcome=\"delivered\"} 1",
             "cairn_commits_fenced_total",
             "cairn_lease_takeovers_total",
