@@ -146,17 +146,17 @@ where
                 let _ = pending.answer.send(Err(StoreError::Corrupt(why.clone())));
             }
         }
-        Err(e) => {
-            if shared_error(&e).is_some() {
-                for pending in batch {
-                    let copy = shared_error(&e).unwrap_or(StoreError::Injected("grouped write"));
+        Err(e) if shared_error(&e).is_some() => {
+            for pending in batch {
+                if let Some(copy) = shared_error(&e) {
                     let _ = pending.answer.send(Err(copy));
                 }
-            } else {
-                // Refused: each call alone, so that only the one at fault is refused.
-                for Pending { items, answer } in batch {
-                    let _ = answer.send(write(items).await);
-                }
+            }
+        }
+        Err(_) => {
+            // Refused: each call alone, so that only the one at fault is refused.
+            for Pending { items, answer } in batch {
+                let _ = answer.send(write(items).await);
             }
         }
     }

@@ -259,6 +259,29 @@ where
         Self::commit(tx).await
     }
 
+    /// Ends the attempts of pending send `row` with `status` (`held` or `dead`) and `error`;
+    /// how many rows changed (none when it is no longer pending).
+    async fn stop_sending(
+        tx: &mut Self::Tx,
+        row: &OutboxRow,
+        status: &'static str,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(&format!(
+            "UPDATE outbox SET status = '{status}', attempts = attempts + 1, last_error = $2, \
+             last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
+             WHERE id = $1 AND status = 'pending'"
+        ))
+        .bind(row.id.as_str())
+        .bind(error)
+        .bind(Self::time(now))
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| Self::map_err("record deliveries", e))?;
+        Ok(Self::rows_affected(&done))
+    }
+
     /// [`MessageBox::record_deliveries`](crate::store::MessageBox::record_deliveries).
     async fn record_deliveries(
         &self,
@@ -318,31 +341,10 @@ where
                     .map_err(e)?;
                 }
                 DeliveryOutcome::Held { row, error } => {
-                    sqlx::query(
-                        "UPDATE outbox SET status = 'held', attempts = attempts + 1, last_error = $2, \
-                         last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
-                         WHERE id = $1 AND status = 'pending'",
-                    )
-                    .bind(row.id.as_str())
-                    .bind(error.as_str())
-                    .bind(Self::time(now))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(e)?;
+                    Self::stop_sending(&mut tx, row, "held", error, now).await?;
                 }
                 DeliveryOutcome::Dead { row, error } => {
-                    let done = sqlx::query(
-                        "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = $2, \
-                         last_attempt_at = $3, locked_by = NULL, locked_until = NULL \
-                         WHERE id = $1 AND status = 'pending'",
-                    )
-                    .bind(row.id.as_str())
-                    .bind(error.as_str())
-                    .bind(Self::time(now))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(e)?;
-                    if Self::rows_affected(&done) == 1 {
+                    if Self::stop_sending(&mut tx, row, "dead", error, now).await? == 1 {
                         Self::dead_letter_send(&mut tx, row, error, row.attempts + 1, now).await?;
                     }
                 }
