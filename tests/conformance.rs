@@ -35,6 +35,8 @@ mod operators;
 mod outbox;
 #[path = "conformance/publish.rs"]
 mod publish;
+#[path = "conformance/schema.rs"]
+mod schema;
 #[path = "conformance/timers.rs"]
 mod timers;
 #[path = "conformance/write_paths.rs"]

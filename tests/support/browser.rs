@@ -1,8 +1,7 @@
 //! A headless Chromium driven through its WebDriver (`chromedriver`), for the console's tests.
 //!
-//! The WebDriver protocol is plain JSON over HTTP: this speaks the dozen commands the tests need
-//! with `reqwest`, rather than adding a WebDriver crate and its dependency tree to the build.
-//! [`Browser::start`] starts `chromedriver` on a free loopback port and a browser with a fresh
+//! The WebDriver client is `fantoccini`'s; this adds what the tests share: finding the browser,
+//! starting its driver, and steps that panic with what they looked for. [`Browser::start`] starts `chromedriver` on a free loopback port and a browser with a fresh
 //! profile; dropping the [`Browser`] ends both. Without `chromedriver` the tests are skipped with
 //! a `SKIPPED:` line, unless `CAIRN_REQUIRE_BROWSER=1` (set by `.ci/run`), which makes that a
 //! failure.
@@ -11,15 +10,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
-/// The key under which WebDriver returns an element's reference.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
 
 /// A browser session.
 pub struct Browser {
-    http: reqwest::Client,
-    session: String,
+    client: Client,
     driver: Child,
     _profile: tempfile::TempDir,
 }
@@ -60,22 +56,8 @@ impl Browser {
             .spawn()
             .expect("chromedriver starts");
         let profile = tempfile::tempdir().expect("a profile folder");
-        let http = reqwest::Client::new();
         let base = format!("http://127.0.0.1:{port}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = http.get(format!("{base}/status")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "chromedriver did not answer on {base}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let caps = json!({ "capabilities": { "alwaysMatch": {
+        let caps = json!({
             "browserName": "chrome",
             // An element looked for right after a click that loads a page is waited for.
             "timeouts": { "implicit": 5000 },
@@ -89,117 +71,85 @@ impl Browser {
                     format!("--user-data-dir={}", profile.path().display()),
                 ]
             }
-        }}});
-        let answer: Value = http
-            .post(format!("{base}/session"))
-            .header("content-type", "application/json")
-            .body(caps.to_string())
-            .send()
-            .await
-            .expect("new session")
-            .text()
-            .await
-            .map(|t| serde_json::from_str(&t).expect("session JSON"))
-            .expect("session answer");
-        let session = answer["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session: {answer}"))
-            .to_owned();
+        });
+        let serde_json::Value::Object(caps) = caps else {
+            unreachable!("capabilities are an object")
+        };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        // chromedriver takes a moment to listen.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let client = loop {
+            match ClientBuilder::new(connector.clone())
+                .capabilities(caps.clone())
+                .connect(&base)
+                .await
+            {
+                Ok(client) => break client,
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "no browser session from chromedriver at {base}: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         Some(Self {
-            http,
-            session: format!("{base}/session/{session}"),
+            client,
             driver,
             _profile: profile,
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let url = format!("{}{path}", self.session);
-        let mut request = self.http.request(method, &url);
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let answer: Value = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("webdriver {path}: {e}"))
-            .text()
-            .await
-            .map(|t| {
-                serde_json::from_str(&t).unwrap_or_else(|e| panic!("webdriver {path}: {e}: {t}"))
-            })
-            .unwrap_or_else(|e| panic!("webdriver {path}: {e}"));
-        if let Some(error) = answer["value"]["error"].as_str() {
-            panic!("webdriver {path}: {error}: {}", answer["value"]["message"]);
-        }
-        answer["value"].clone()
-    }
-
     /// Opens `url` and waits for it to load.
     pub async fn goto(&self, url: &str) {
-        self.call(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
-            .await;
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("opening {url}: {e}"));
     }
 
     /// The element `css` selects (the first), or a panic naming it.
-    async fn element(&self, css: &str) -> String {
-        let found = self
-            .call(
-                reqwest::Method::POST,
-                "/element",
-                Some(json!({ "using": "css selector", "value": css })),
-            )
-            .await;
-        found[ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}: {found}"))
-            .to_owned()
+    async fn element(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css}: {e}"))
     }
 
     /// Whether `css` selects anything.
     pub async fn has(&self, css: &str) -> bool {
-        let found = self
-            .call(
-                reqwest::Method::POST,
-                "/elements",
-                Some(json!({ "using": "css selector", "value": css })),
-            )
-            .await;
-        found.as_array().is_some_and(|a| !a.is_empty())
+        !self
+            .client
+            .find_all(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("looking for {css}: {e}"))
+            .is_empty()
     }
 
     /// Clicks the element `css` selects.
     pub async fn click(&self, css: &str) {
-        let e = self.element(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{e}/click"),
-            Some(json!({})),
-        )
-        .await;
+        self.element(css)
+            .await
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
     }
 
     /// Types `text` into the element `css` selects.
     pub async fn type_into(&self, css: &str, text: &str) {
-        let e = self.element(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{e}/value"),
-            Some(json!({ "text": text })),
-        )
-        .await;
+        self.element(css)
+            .await
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("typing into {css}: {e}"));
     }
 
     /// The visible text of the element `css` selects.
     pub async fn text(&self, css: &str) -> String {
-        let e = self.element(css).await;
-        self.call(reqwest::Method::GET, &format!("/element/{e}/text"), None)
+        self.element(css)
             .await
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("the text of {css}: {e}"))
     }
 
     /// Waits until the address of the page shown contains `part` (after a click that loads
@@ -212,8 +162,12 @@ impl Browser {
     pub async fn wait_for_url_where(&self, what: &str, is: impl Fn(&str) -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let url = self.call(reqwest::Method::GET, "/url", None).await;
-            if url.as_str().is_some_and(&is) {
+            let url = self
+                .client
+                .current_url()
+                .await
+                .unwrap_or_else(|e| panic!("the browser's address: {e}"));
+            if is(url.as_str()) {
                 return;
             }
             assert!(
@@ -226,25 +180,25 @@ impl Browser {
 
     /// The page's title.
     pub async fn title(&self) -> String {
-        self.call(reqwest::Method::GET, "/title", None)
+        self.client
+            .title()
             .await
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+            .unwrap_or_else(|e| panic!("the page's title: {e}"))
     }
 
     /// Saves a PNG of the window to `path`.
     pub async fn screenshot(&self, path: &Path) {
-        let b64 = self.call(reqwest::Method::GET, "/screenshot", None).await;
-        let png = decode_base64(b64.as_str().expect("base64 PNG"));
+        let png = self
+            .client
+            .screenshot()
+            .await
+            .unwrap_or_else(|e| panic!("a screenshot: {e}"));
         std::fs::write(path, png).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
-}
 
-impl Browser {
     /// Ends the session (closing the browser), then the driver.
     pub async fn quit(self) {
-        let _ = self.http.delete(&self.session).send().await;
+        let _ = self.client.clone().close().await;
     }
 }
 
@@ -254,34 +208,4 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
-}
-
-/// Standard base64 (with padding) to bytes.
-fn decode_base64(text: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let digits: Vec<u8> = text.bytes().filter_map(value).collect();
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let mut n: u32 = 0;
-        for (i, d) in chunk.iter().enumerate() {
-            n |= u32::from(*d) << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
-}
-
-#[test]
-fn base64_decodes_with_and_without_padding() {
-    assert_eq!(decode_base64("aGVsbG8="), b"hello");
-    assert_eq!(decode_base64("aGk="), b"hi");
-    assert_eq!(decode_base64("YWJj"), b"abc");
 }

@@ -19,8 +19,9 @@ pub const LIST_LIMIT: u32 = 200;
 /// How many completions the overview's percentiles are taken over at most (the latest ones).
 pub const DURATION_SAMPLE: u32 = 10_000;
 
-/// How many of the latest persistence points the map reads its transitions from.
-pub const MAP_SAMPLE: u32 = 5_000;
+/// How many of the latest changed instances (of every orchestration) the map reads its
+/// transitions from, in their history.
+pub const MAP_SAMPLE: u32 = 1_000;
 
 /// The overview: instances by definition and status, the last hour's activity, and what waits
 /// for an operator.

@@ -4,8 +4,7 @@
 //!
 //! Each statement is written to answer from an index of migration `console_indexes` (or an older
 //! one) and to read at most a page of rows; `docs/console.md` gives the page times with a million
-//! instances. The two fragments in which the backends differ (a time cut to the minute, a
-//! case-insensitive `LIKE`) are [`ConsoleSql`]'s.
+//! instances. The fragment in which the backends differ (a time cut to the minute) is [`ConsoleSql`]'s.
 
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
@@ -22,8 +21,6 @@ use crate::store::*;
 pub(in crate::store) trait ConsoleSql {
     /// A time column cut to the minute, as text `YYYY-MM-DDTHH:MM` (UTC).
     fn minute(column: &str) -> String;
-    /// Case-insensitive `LIKE`.
-    const ILIKE: &'static str;
 }
 
 impl ConsoleSql for SqliteStore {
@@ -31,15 +28,12 @@ impl ConsoleSql for SqliteStore {
         // Times are ISO-8601 UTC text: the minute is its first 16 characters.
         format!("substr({column}, 1, 16)")
     }
-    // LIKE is case-insensitive for ASCII on SQLite.
-    const ILIKE: &'static str = "LIKE";
 }
 
 impl ConsoleSql for PostgresStore {
     fn minute(column: &str) -> String {
         format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI')")
     }
-    const ILIKE: &'static str = "ILIKE";
 }
 
 /// A value bound to a statement built at run time.
@@ -59,77 +53,123 @@ fn contains_pattern(text: &str) -> String {
     format!("%{escaped}%")
 }
 
-/// The `WHERE` clause of the instance list and its parameters, numbered from `$1`.
-fn instance_where<B: ConsoleSql>(
+/// Every status, as an SQL list.
+const ALL_STATUSES: &str =
+    "('running', 'dehydrated', 'suspended', 'completed', 'failed', 'terminated')";
+
+/// Every status an instance can have, each read apart in the instance list.
+const STATUSES: [InstanceStatus; 6] = [
+    InstanceStatus::Running,
+    InstanceStatus::Dehydrated,
+    InstanceStatus::Suspended,
+    InstanceStatus::Completed,
+    InstanceStatus::Failed,
+    InstanceStatus::Terminated,
+];
+
+/// The instance list's statement and its parameters (numbered from `$1`): at most `rows` rows,
+/// newest change first, after `after`.
+///
+/// No index is kept on `updated_at` alone, nor on the step: every persistence point rewrites both,
+/// and each index on them would be rewritten with them. So the list is read per status, each
+/// status along `instances_by_status (status, updated_at)` in order, at most `rows` of each, and
+/// the statuses are merged; a status other than `running` may instead be read through the partial
+/// index `instances_by_definition`, which a point of a running instance does not touch. With an
+/// error filter, the instances that have an error are read in order along `instances_with_error`.
+pub(in crate::store) fn instance_list<B: Backend>(
+    filter: &InstanceFilter,
+    after: Option<Cursor>,
+    rows: u64,
+) -> (String, Vec<Param>) {
+    let (terms, params) = instance_terms::<B>(filter, after);
+    let statuses: Vec<Option<InstanceStatus>> = match (filter.status, &filter.error) {
+        (Some(status), _) => vec![Some(status)],
+        // Instances with an error are read in order along instances_with_error.
+        (None, Some(_)) => vec![None],
+        (None, None) => STATUSES.into_iter().map(Some).collect(),
+    };
+    let of_status = |status: &Option<InstanceStatus>| {
+        let status = match status.map(InstanceStatus::as_str) {
+            None => String::new(),
+            Some("running") => " AND status = 'running'".to_owned(),
+            // Written out, `<> 'running'` lets the planner use the partial index.
+            Some(s) => format!(" AND status = '{s}' AND status <> 'running'"),
+        };
+        format!(
+            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE {}{status}{terms} \
+             ORDER BY updated_at DESC, id DESC LIMIT {rows}",
+            B::TRUE
+        )
+    };
+    let sql = match statuses.as_slice() {
+        [one] => of_status(one),
+        all => format!(
+            "SELECT * FROM ({}) AS l ORDER BY updated_at DESC, id DESC LIMIT {rows}",
+            all.iter()
+                .enumerate()
+                .map(|(n, s)| format!("SELECT * FROM ({}) AS s{n}", of_status(s)))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ")
+        ),
+    };
+    (sql, params)
+}
+
+/// The instance list's conditions other than the status, each starting with ` AND `, and their
+/// parameters, numbered from `$1`.
+fn instance_terms<B: Backend>(
     filter: &InstanceFilter,
     after: Option<Cursor>,
 ) -> (String, Vec<Param>) {
     let mut terms: Vec<String> = Vec::new();
     let mut params: Vec<Param> = Vec::new();
-    let next = |p: Param, params: &mut Vec<Param>| {
+    let mut bind = |p: Param| {
         params.push(p);
         format!("${}", params.len())
     };
     if let Some(o) = &filter.orchestration {
-        let n = next(Param::Text(o.clone()), &mut params);
-        terms.push(format!("orchestration = {n}"));
+        terms.push(format!("orchestration = {}", bind(Param::Text(o.clone()))));
     }
     if let Some(v) = filter.version {
-        let n = next(Param::Count(v), &mut params);
-        terms.push(format!("version = {n}"));
-    }
-    if let Some(s) = filter.status {
-        let n = next(Param::Text(s.as_str().to_owned()), &mut params);
-        terms.push(format!("status = {n}"));
+        terms.push(format!("version = {}", bind(Param::Count(v))));
     }
     if let Some(s) = &filter.step {
-        let n = next(Param::Text(s.clone()), &mut params);
-        terms.push(format!("step = {n}"));
-        if filter.status.is_none() {
-            // Every status, spelt out: the index on (orchestration, status, version, step) is
-            // then read at one place per status rather than along the whole orchestration.
-            terms.push(
-                "status IN ('running', 'dehydrated', 'suspended', 'completed', 'failed', 'terminated')"
-                    .to_owned(),
-            );
-        }
+        terms.push(format!("step = {}", bind(Param::Text(s.clone()))));
     }
     if let Some((k, v)) = &filter.correlation {
-        let n = next(Param::Text(format!("{k}={v}")), &mut params);
+        // Through `subscriptions_route (message_type, correlation)`: the message types waited on
+        // with correlation keys are those of `subscription_keys`.
+        let n = bind(Param::Text(format!("{k}={v}")));
         terms.push(format!(
-            "id IN (SELECT instance_id FROM subscriptions WHERE correlation = {n} AND instance_id IS NOT NULL)"
+            "id IN (SELECT instance_id FROM subscriptions WHERE message_type IN \
+             (SELECT message_type FROM subscription_keys) AND correlation = {n} \
+             AND instance_id IS NOT NULL)"
         ));
     }
     if let Some(t) = filter.from {
-        let n = next(Param::Time(t), &mut params);
-        terms.push(format!("updated_at >= {n}"));
+        terms.push(format!("updated_at >= {}", bind(Param::Time(t))));
     }
     if let Some(t) = filter.to {
-        let n = next(Param::Time(t), &mut params);
-        terms.push(format!("updated_at < {n}"));
+        terms.push(format!("updated_at < {}", bind(Param::Time(t))));
     }
     if let Some(e) = &filter.error {
-        let n = next(Param::Text(contains_pattern(e)), &mut params);
         // `IS NOT NULL` lets the planner read the index of instances with an error only.
+        let n = bind(Param::Text(contains_pattern(e)));
         terms.push(format!(
             "last_error IS NOT NULL AND last_error {} {n} ESCAPE '\\'",
             B::ILIKE
         ));
     }
     if let Some(c) = after {
-        let t = next(Param::Time(c.updated_at), &mut params);
-        let id = next(Param::Id(c.id), &mut params);
+        let t = bind(Param::Time(c.updated_at));
+        let id = bind(Param::Id(c.id));
         // Index-friendly on both backends: a range on updated_at, the tie broken by id.
         terms.push(format!(
             "updated_at <= {t} AND (updated_at < {t} OR id < {id})"
         ));
     }
-    let clause = if terms.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", terms.join(" AND "))
-    };
-    (clause, params)
+    let terms = terms.iter().map(|t| format!(" AND {t}")).collect();
+    (terms, params)
 }
 
 /// The console's queries over a [`Backend`]; `impl ConsoleReads` for each store hands over here.
@@ -196,8 +236,12 @@ where
     /// [`ConsoleReads::overview`].
     async fn overview(&self, now: DateTime<Utc>) -> StoreResult<Overview> {
         let hour_ago = now - Duration::hours(1);
+        // The points of the last hour are those of the instances changed in it (history has no
+        // index on its time: a point would write one more index), read by instances_by_status.
         let points_sql = format!(
-            "SELECT {m} AS minute, COUNT(*) AS n FROM history WHERE at >= $1 \
+            "SELECT {m} AS minute, COUNT(*) AS n FROM history \
+             WHERE instance_id IN (SELECT id FROM instances WHERE status IN {ALL_STATUSES} \
+               AND updated_at >= $1) AND at >= $1 \
              GROUP BY {m} ORDER BY {m}",
             m = Self::minute("at")
         );
@@ -285,8 +329,13 @@ where
     async fn definition_counts(&self) -> StoreResult<Vec<DefinitionCount>> {
         self.rows(
             "console counts",
+            // Every status but running from the partial index instances_by_definition alone;
+            // the running ones along instances_by_status.
             "SELECT orchestration, version, status, COUNT(*) AS n FROM instances \
-             GROUP BY orchestration, version, status ORDER BY orchestration, version, status",
+             WHERE status <> 'running' GROUP BY orchestration, version, status \
+             UNION ALL SELECT orchestration, version, status, COUNT(*) AS n FROM instances \
+             WHERE status = 'running' GROUP BY orchestration, version, status \
+             ORDER BY orchestration, version, status",
             vec![],
             |r| {
                 Ok(DefinitionCount {
@@ -307,13 +356,8 @@ where
         after: Option<Cursor>,
         limit: u32,
     ) -> StoreResult<InstancePage> {
-        let (clause, params) = instance_where::<Self>(filter, after);
         // One row more than the page, to know whether there is a next one.
-        let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM instances {clause} \
-             ORDER BY updated_at DESC, id DESC LIMIT {}",
-            u64::from(limit) + 1
-        );
+        let (sql, params) = instance_list::<Self>(filter, after, u64::from(limit) + 1);
         let rows = self.fetch("console instances", &sql, params).await?;
         let mut rows = readable(rows.iter().map(summary_row::<Self>), "console instances");
         let next = if rows.len() > limit as usize {
@@ -420,9 +464,15 @@ where
         let by_step = self
             .fetch(
                 what,
+                // Dehydrated and suspended from the partial index, running along
+                // instances_by_status.
                 "SELECT step, status, COUNT(*) AS n FROM instances \
                  WHERE orchestration = $1 AND version = $2 \
-                 AND status IN ('running', 'dehydrated', 'suspended') GROUP BY step, status",
+                 AND status IN ('dehydrated', 'suspended') AND status <> 'running' \
+                 GROUP BY step, status \
+                 UNION ALL SELECT step, status, COUNT(*) AS n FROM instances \
+                 WHERE status = 'running' AND orchestration = $1 AND version = $2 \
+                 GROUP BY step, status",
                 vec![Param::Text(orchestration.to_owned()), Param::Count(version)],
             )
             .await?;
@@ -436,12 +486,15 @@ where
             }),
             what,
         );
-        // The latest points of this definition, each with the step of the point before it
-        // (none for an instance's first point): the transitions seen recently.
+        // The points of the latest changed instances (of every definition: the list's merge
+        // per status), those of this definition each with the step of the point before it (none
+        // for an instance's first point): the transitions seen recently.
+        let (recent, _) =
+            instance_list::<Self>(&InstanceFilter::default(), None, u64::from(MAP_SAMPLE));
         let sql = format!(
             "SELECT COALESCE(p.step, '{MAP_START}') AS from_step, h.step AS to_step, h.status AS status, COUNT(*) AS n \
-             FROM (SELECT instance_id, seq, step, status FROM history ORDER BY at DESC LIMIT {MAP_SAMPLE}) h \
-             JOIN instances i ON i.id = h.instance_id \
+             FROM ({recent}) i \
+             JOIN history h ON h.instance_id = i.id \
              LEFT JOIN history p ON p.instance_id = h.instance_id AND p.seq = h.seq - 1 \
              WHERE i.orchestration = $1 AND i.version = $2 \
              GROUP BY p.step, h.step, h.status"
@@ -659,11 +712,15 @@ mod tests {
             updated_at: Utc::now(),
             id: Uuid::nil(),
         };
-        let (clause, params) = instance_where::<SqliteStore>(&filter, Some(cursor));
-        assert_eq!(
-            clause,
-            "WHERE status = $1 AND updated_at <= $2 AND (updated_at < $2 OR id < $3)"
+        let (sql, params) = instance_list::<SqliteStore>(&filter, Some(cursor), 51);
+        assert!(
+            sql.contains(
+                "WHERE 1 AND status = 'suspended' AND status <> 'running' \
+                 AND updated_at <= $1 AND (updated_at < $1 OR id < $2) \
+                 ORDER BY updated_at DESC, id DESC LIMIT 51"
+            ),
+            "{sql}"
         );
-        assert_eq!(params.len(), 3);
+        assert_eq!(params.len(), 2);
     }
 }

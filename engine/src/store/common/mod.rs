@@ -127,8 +127,8 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     const IN_LIST_1: &'static str;
     /// Membership in the list bound as `$3`.
     const IN_LIST_3: &'static str;
-    /// Parameter `$1` when it is text that may be NULL, typed where the database wants it.
-    const TEXT_OR_NULL_1: &'static str;
+    /// Case-insensitive `LIKE`.
+    const ILIKE: &'static str;
     /// The `dead_letters.body` column as selected: bytes on SQLite, where a hand-written row
     /// may hold text that is not UTF-8.
     const DEAD_LETTER_BODY: &'static str;

@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 use uuid::Uuid;
 
+use super::console::instance_list;
 use super::{Backend, Bind, Outbox, RowOf};
+use crate::store::console::InstanceFilter;
 use crate::store::*;
 
 /// The `history.host` of points written by an operator's action (suspend, terminate).
@@ -349,16 +351,16 @@ where
         status: Option<InstanceStatus>,
         limit: u32,
     ) -> StoreResult<Vec<InstanceSummary>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SUMMARY_COLUMNS} FROM instances WHERE ({} IS NULL OR status = $1) \
-             ORDER BY updated_at DESC, id LIMIT $2",
-            Self::TEXT_OR_NULL_1
-        ))
-        .bind(status.map(InstanceStatus::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(self.reads())
-        .await
-        .map_err(|e| Self::map_err("list instances", e))?;
+        // The console's list: read per status, newest change first.
+        let filter = InstanceFilter {
+            status,
+            ..InstanceFilter::default()
+        };
+        let (sql, _) = instance_list::<Self>(&filter, None, u64::from(limit));
+        let rows = sqlx::query(&sql)
+            .fetch_all(self.reads())
+            .await
+            .map_err(|e| Self::map_err("list instances", e))?;
         Ok(readable(
             rows.iter().map(summary_row::<Self>),
             "listing instances",

@@ -168,7 +168,7 @@ impl common::Backend for PostgresStore {
     const TRUE: &'static str = "TRUE";
     const IN_LIST_1: &'static str = "= ANY($1)";
     const IN_LIST_3: &'static str = "= ANY($3)";
-    const TEXT_OR_NULL_1: &'static str = "$1::text";
+    const ILIKE: &'static str = "ILIKE";
     const DEAD_LETTER_BODY: &'static str = "body";
     const COUNT_AS: &'static str = "n";
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";

@@ -290,7 +290,8 @@ impl common::Backend for SqliteStore {
     const TRUE: &'static str = "1";
     const IN_LIST_1: &'static str = "IN (SELECT value FROM json_each($1))";
     const IN_LIST_3: &'static str = "IN (SELECT value FROM json_each($3))";
-    const TEXT_OR_NULL_1: &'static str = "$1";
+    // LIKE is case-insensitive for ASCII on SQLite.
+    const ILIKE: &'static str = "LIKE";
     const DEAD_LETTER_BODY: &'static str = "CAST(body AS BLOB) AS body";
     const COUNT_AS: &'static str = "count";
     const SKIP_LOCKED: &'static str = "";
