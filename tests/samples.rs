@@ -11,6 +11,7 @@ use cairn::testing::{CrashTest, Outcome, Recorder, Scenario, ScenarioError};
 use cairn::{Client, Effect, OutboundMessage, PortError, Ports};
 use cairn_orchestrations::approval::{self, Approval};
 use cairn_orchestrations::invoice_batch::{Invoice, InvoiceBatch};
+use cairn_orchestrations::loan_application::{self, LoanApplication};
 use cairn_orchestrations::order_fulfilment::{self, OrderFulfilment};
 use cairn_orchestrations::registry;
 use cairn_orchestrations::trip_booking::{self, TripBooking};
@@ -449,4 +450,63 @@ fn a_transition_the_orchestration_does_not_declare_fails_its_scenario() {
         matches!(&err, ScenarioError::UndeclaredTransition { from, to } if from == "Idle" && to == "Ringing"),
         "{err}"
     );
+}
+
+fn loan() -> loan_application::LoanRequest {
+    loan_application::LoanRequest {
+        loan_id: "l-1".into(),
+        customer: "ada".into(),
+        amount: 2500.0,
+    }
+}
+
+#[test]
+fn a_loan_calls_its_credit_check_inside_its_own_instance() {
+    let mut s = Scenario::<LoanApplication>::start(loan()).unwrap();
+    // The called credit check's send and wait are the loan's.
+    assert_eq!(s.step(), "CheckingCredit");
+    assert_eq!(s.waiting_for(), "message credit.checked {loan_id=l-1}");
+    assert_eq!(
+        s.sends(),
+        [(
+            "notifications",
+            "credit.check.requested",
+            &json!({"loan_id": "l-1"})
+        )]
+    );
+    s.message("credit.checked", json!({"loan_id": "l-1", "score": 640}))
+        .unwrap();
+    assert_eq!(
+        s.output(),
+        Some(&loan_application::Decision {
+            loan_id: "l-1".into(),
+            score: 640,
+            granted: true
+        })
+    );
+    assert_eq!(
+        s.sends(),
+        [(
+            "notifications",
+            "loan.decided",
+            &json!({"loan_id": "l-1", "score": 640, "granted": true})
+        )]
+    );
+    assert_eq!(s.persistence_points(), [Reason::Send, Reason::Complete]);
+}
+
+#[test]
+fn loan_application_survives_a_crash_at_every_persistence_point() {
+    let answer = NewMessage::published(
+        "checked-1",
+        "credit.checked",
+        json!({"loan_id": "l-1", "score": 500}),
+        BTreeMap::new(),
+    );
+    let report = CrashTest::new(registry(), "loan-application", json!(loan()))
+        .ports(recording_ports)
+        .publish(answer)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Completed);
 }

@@ -77,7 +77,116 @@ backend_tests!(
     an_instance_with_unreadable_state_is_not_resumable_without_force,
     operators_steer_instances_by_inserting_control_rows,
     a_poison_message_suspends_its_instance_after_the_configured_attempts,
+    a_fault_in_a_called_orchestration_reaches_the_callers_exception_handler,
+    a_called_orchestrations_scope_is_compensated_by_the_callers_compensate,
 );
+
+/// An instance's `output` column.
+async fn output_of(db: &TestDb, id: Uuid) -> Vec<String> {
+    db.texts(
+        "SELECT output FROM instances WHERE CAST(id AS TEXT) = $1",
+        &id.to_string(),
+    )
+    .await
+}
+
+/// The bodies the `log` port delivered, in order.
+fn logged(deliveries: &Deliveries) -> Vec<serde_json::Value> {
+    deliveries.bodies("log")
+}
+
+/// Call Orchestration: `reserving` calls `reservation` inside its scope `order`; the called
+/// orchestration's `NoStock` fault goes through its own scope `reserve` (whose handler, reached
+/// through the caller's, re-raises it) to the caller's `order` handler. One instance, one history.
+async fn a_fault_in_a_called_orchestration_reaches_the_callers_exception_handler(db: TestDb) {
+    let deliveries = Deliveries::default();
+    let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
+    let id = client.start("reserving", json!("k-fail")).await.unwrap();
+    wait_subscribed(&db, "stock.answer", 1).await;
+    publish(
+        &client,
+        "answer-1",
+        "stock.answer",
+        json!({"key": "k-fail", "ok": false}),
+    )
+    .await;
+    db.wait_status(id, InstanceStatus::Completed, WAIT).await;
+    let output = output_of(&db, id).await;
+    assert_eq!(
+        output,
+        vec![json!("handled in order: no stock for k-fail").to_string()]
+    );
+    db.wait_for("both sends delivered", WAIT, || async {
+        logged(&deliveries).len() == 2
+    })
+    .await;
+    assert_eq!(
+        logged(&deliveries),
+        vec![
+            json!("k-fail"),
+            json!({"scope": "order", "error": "no stock for k-fail"})
+        ]
+    );
+    // The call ran inside the caller: one instance, its waits and points the caller's.
+    assert_eq!(db.count("SELECT COUNT(*) FROM instances").await, 1);
+    assert_eq!(
+        reasons(&db, id).await.last().map(String::as_str),
+        Some("complete")
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'")
+            .await,
+        0
+    );
+    host.stop();
+}
+
+/// Call Orchestration: the scope `reserve` that the called `reservation` completed is compensated
+/// (its `release` sent once) when the caller compensates everything after the call returned.
+async fn a_called_orchestrations_scope_is_compensated_by_the_callers_compensate(db: TestDb) {
+    let deliveries = Deliveries::default();
+    let (host, client) = HostThread::start(&db, fast_config(), deliveries.clone()).await;
+    let id = client.start("reserving", json!("k-ok")).await.unwrap();
+    wait_subscribed(&db, "stock.answer", 1).await;
+    publish(
+        &client,
+        "answer-2",
+        "stock.answer",
+        json!({"key": "k-ok", "ok": true}),
+    )
+    .await;
+    wait_subscribed(&db, "order.cancel", 1).await;
+    assert_eq!(
+        db.texts(
+            "SELECT step FROM instances WHERE CAST(id AS TEXT) = $1",
+            &id.to_string()
+        )
+        .await,
+        vec!["Reserved".to_owned()]
+    );
+    publish(&client, "cancel-2", "order.cancel", json!({"key": "k-ok"})).await;
+    db.wait_status(id, InstanceStatus::Completed, WAIT).await;
+    db.wait_for("both sends delivered", WAIT, || async {
+        logged(&deliveries).len() == 2
+    })
+    .await;
+    assert_eq!(logged(&deliveries), vec![json!("k-ok"), json!("k-ok")]);
+    let output = output_of(&db, id).await;
+    assert_eq!(
+        output,
+        vec![json!("k-ok cancelled, 2 compensated").to_string()]
+    );
+    let compensations = reasons(&db, id)
+        .await
+        .into_iter()
+        .filter(|r| r == "compensate")
+        .count();
+    // One point for each scope compensated (the called orchestration's `reserve`, the caller's
+    // `order`), and one for `Compensated`.
+    assert_eq!(compensations, 3, "{:?}", reasons(&db, id).await);
+    assert_eq!(db.count("SELECT COUNT(*) FROM instances").await, 1);
+    host.stop();
+}
 
 async fn an_atomic_scope_commits_its_sends_together_at_its_end(db: TestDb) {
     let deliveries = Deliveries::default();

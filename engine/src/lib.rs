@@ -50,6 +50,7 @@
 
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod call;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
@@ -64,6 +65,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use call::{Call, Called};
 pub use context::{Context, Delay, Effect, Receive, ScopeKind};
 pub use host::ports::{
     Delivering, FilePort, HttpPort, OutboundMessage, PortError, Ports, RetryPolicy, SendPort,

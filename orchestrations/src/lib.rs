@@ -7,6 +7,7 @@
 pub mod approval;
 pub mod audit_trail;
 pub mod invoice_batch;
+pub mod loan_application;
 pub mod order_fulfilment;
 pub mod ports;
 pub mod trip_booking;
@@ -26,6 +27,7 @@ pub fn registry() -> Registry {
         .register::<invoice_batch::Invoice>()
         .register::<trip_booking::TripBooking>()
         .register::<audit_trail::AuditTrail>()
+        .register::<loan_application::LoanApplication>()
 }
 
 /// The messages `cairn demo` publishes for its `i`-th instance: the first one activates it. Every
@@ -56,6 +58,18 @@ pub fn demo_messages(i: usize, run: &str) -> Vec<NewMessage> {
                 json!({ "request_id": request_id, "approver": "alice", "summary": "new laptop",
                         "escalate_after_ms": 800, "deadline_after_ms": 800 }),
             )];
+            // A loan, whose credit check is a called orchestration, and the bureau's answer.
+            let loan_id = format!("{run}-loan-{i}");
+            out.push(published(
+                format!("{loan_id}-requested"),
+                "loan.requested",
+                json!({ "loan_id": loan_id, "customer": format!("customer-{}", i % 17), "amount": 2500.0 }),
+            ));
+            out.push(published(
+                format!("{loan_id}-checked"),
+                "credit.checked",
+                json!({ "loan_id": loan_id, "score": 450 + (i % 7) * 50 }),
+            ));
             if i % 2 == 0 {
                 out.push(published(
                     format!("{request_id}-decision"),

@@ -8,8 +8,8 @@ use cairn::host::receive::ReceiveLocation;
 use cairn::store::faulty::{FaultPlan, FaultyStore};
 use cairn::store::Store;
 use cairn::{
-    Client, Context, Correlation, Event, Fault, Host, HostConfig, HostStats, Next, OnFault,
-    Orchestration, OutboundMessage, PortError, Ports, Registry, ScopeFault, ScopeKind,
+    Call, Called, Client, Context, Correlation, Event, Fault, Host, HostConfig, HostStats, Next,
+    OnFault, Orchestration, OutboundMessage, PortError, Ports, Registry, ScopeFault, ScopeKind,
     UnexpectedEvent,
 };
 use serde::{Deserialize, Serialize};
@@ -341,6 +341,179 @@ pub fn registry() -> Registry {
         .register::<FailFast>()
         .register::<LineConvoy>()
         .register::<DocPair>()
+        .register::<Reserving>()
+}
+
+/// Called by [`Reserving`] (never started alone): in a (long-running) scope `reserve`, sends
+/// `reserve` to the `log` port and waits for `stock.answer` correlated on its key; a
+/// `{"ok": false}` answer is a fault; `{"ok": true}` ends the scope (recording the key for its
+/// compensation, which sends `release`) and returns the key.
+pub struct Reservation;
+
+#[derive(Debug, thiserror::Error)]
+#[error("no stock for {0}")]
+pub struct NoStock(pub String);
+
+impl Orchestration for Reservation {
+    const NAME: &'static str = "reservation";
+    const VERSION: u32 = 1;
+    type Input = String;
+    type State = String;
+    type Output = String;
+
+    fn start(ctx: &mut Context, key: String) -> Result<Next<Self>, Fault> {
+        ctx.begin_scope("reserve", ScopeKind::LongRunning);
+        ctx.send("log", "reserve", &key)?;
+        ctx.receive("stock.answer", Correlation::on("key", &key));
+        Ok(Next::Continue(key))
+    }
+
+    fn on_event(ctx: &mut Context, key: String, event: Event) -> Result<Next<Self>, Fault> {
+        match event {
+            Event::Compensate { data, .. } => {
+                ctx.send("log", "release", &data)?;
+                Ok(Next::Continue(key))
+            }
+            event => {
+                if event.message()?.body::<serde_json::Value>()?["ok"] != json!(true) {
+                    return Err(Box::new(NoStock(key)));
+                }
+                ctx.end_scope_with(&key)?;
+                Ok(Next::Complete(key))
+            }
+        }
+    }
+}
+
+/// Calls [`Reservation`] inside a scope `order` of its own, for a key: a fault of the call
+/// reaches `order`'s exception handler, which sends `handled` and completes with the error. After
+/// the call returns it waits for `order.cancel`, then compensates everything (the called
+/// orchestration's `reserve` scope among it) and completes on `Compensated`.
+pub struct Reserving;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReservingState {
+    Reserving {
+        key: String,
+        call: Call<Reservation>,
+    },
+    Reserved {
+        key: String,
+        call: Option<Call<Reservation>>,
+    },
+}
+
+impl Orchestration for Reserving {
+    const NAME: &'static str = "reserving";
+    const VERSION: u32 = 1;
+    type Input = String;
+    type State = ReservingState;
+    type Output = String;
+
+    fn start(ctx: &mut Context, key: String) -> Result<Next<Self>, Fault> {
+        ctx.begin_scope("order", ScopeKind::LongRunning);
+        let called = ctx.call::<Reservation>(key.clone())?;
+        Self::after(ctx, key, called)
+    }
+
+    fn on_event(
+        ctx: &mut Context,
+        state: ReservingState,
+        event: Event,
+    ) -> Result<Next<Self>, Fault> {
+        match (state, event) {
+            (ReservingState::Reserving { key, call }, event) => {
+                let called = call.on_event(ctx, event)?;
+                Self::after(ctx, key, called)
+            }
+            (
+                ReservingState::Reserved { key, call },
+                Event::Compensate {
+                    scope,
+                    data,
+                    remaining,
+                },
+            ) => {
+                let call = match (scope.as_str(), call) {
+                    ("reserve", Some(call)) => match call.on_event(
+                        ctx,
+                        Event::Compensate {
+                            scope,
+                            data,
+                            remaining,
+                        },
+                    )? {
+                        Called::Running(call) => Some(call),
+                        other => {
+                            return Err(format!(
+                                "the reservation's compensation ended it: {other:?}"
+                            )
+                            .into())
+                        }
+                    },
+                    (_, call) => call,
+                };
+                Ok(Next::Continue(ReservingState::Reserved { key, call }))
+            }
+            (ReservingState::Reserved { key, .. }, Event::Compensated { count, .. }) => Ok(
+                Next::Complete(format!("{key} cancelled, {count} compensated")),
+            ),
+            (ReservingState::Reserved { key, call }, event) => {
+                if event.message()?.message_type != "order.cancel" {
+                    return Err(UnexpectedEvent(event.label()).into());
+                }
+                ctx.compensate_all();
+                Ok(Next::Continue(ReservingState::Reserved { key, call }))
+            }
+        }
+    }
+
+    fn on_fault(
+        ctx: &mut Context,
+        state: ReservingState,
+        fault: ScopeFault,
+    ) -> Result<Next<Self>, Fault> {
+        if fault.scope == "reserve" {
+            // The called orchestration's scope: its handler (the default re-raises, on to
+            // `order`, this orchestration's).
+            let ReservingState::Reserving { key, call } = state else {
+                return Err(fault.error);
+            };
+            let called = call.on_fault(ctx, fault)?;
+            return Self::after(ctx, key, called);
+        }
+        let error = fault
+            .downcast_ref::<NoStock>()
+            .ok_or("not a NoStock")?
+            .to_string();
+        ctx.send(
+            "log",
+            "handled",
+            &json!({ "scope": fault.scope, "error": error }),
+        )?;
+        Ok(Next::Complete(format!(
+            "handled in {}: {error}",
+            fault.scope
+        )))
+    }
+}
+
+impl Reserving {
+    fn after(
+        ctx: &mut Context,
+        key: String,
+        called: Called<Reservation>,
+    ) -> Result<Next<Self>, Fault> {
+        Ok(match called {
+            Called::Running(call) => Next::Continue(ReservingState::Reserving { key, call }),
+            Called::Returned { output, last } => {
+                ctx.end_scope();
+                ctx.receive("order.cancel", Correlation::on("key", &output));
+                Next::Continue(ReservingState::Reserved { key, call: last })
+            }
+            Called::Failed(why) => Next::Fail(why),
+        })
+    }
 }
 
 /// What the ports delivered: (port, message id, body).

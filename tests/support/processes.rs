@@ -145,6 +145,11 @@ pub async fn new_run(db: TestDb) -> Run {
 
 /// The load: orders that ship, approvals with their decisions, invoice batches. Timeouts are long
 /// so that every outcome is known in advance whatever the kills do to timing.
+/// The credit score the bureau answers for loan `i` of a load.
+fn loan_score(i: usize) -> u32 {
+    450 + (i % 7) as u32 * 50
+}
+
 pub fn load(wave: usize, count: usize) -> (Vec<NewMessage>, Vec<NewMessage>) {
     let mut starts = Vec::new();
     let mut follow = Vec::new();
@@ -182,6 +187,19 @@ pub fn load(wave: usize, count: usize) -> (Vec<NewMessage>, Vec<NewMessage>) {
                     format!("{request_id}-decision"),
                     "approval.decision",
                     json!({"request_id": request_id, "approved": true, "by": "alice"}),
+                ));
+                // A loan: its credit check is a called orchestration (one instance, the
+                // caller's points) that sends and waits for the bureau's correlated answer.
+                let loan_id = format!("w{wave}-loan-{i}");
+                starts.push(publish(
+                    format!("{loan_id}-requested"),
+                    "loan.requested",
+                    json!({"loan_id": loan_id, "customer": "c", "amount": 2500.0}),
+                ));
+                follow.push(publish(
+                    format!("{loan_id}-checked"),
+                    "credit.checked",
+                    json!({"loan_id": loan_id, "score": loan_score(i)}),
                 ));
             }
             _ => {
@@ -285,6 +303,41 @@ pub async fn check_guarantees(run: &Run, ids: &[Uuid], published: &[String]) {
         let output: serde_json::Value = serde_json::from_str(&output).unwrap();
         assert_eq!(output["total"], json!(100.0), "{output}");
     }
+    // Call Orchestration: every loan completed once, decided on the score its bureau answer
+    // carried (the called credit check's result), and sent its decision.
+    let loans: Vec<String> =
+        sqlx::query_scalar("SELECT output FROM instances WHERE orchestration = 'loan-application'")
+            .fetch_all(&db.sql)
+            .await
+            .unwrap();
+    for output in &loans {
+        let output: serde_json::Value = serde_json::from_str(output).unwrap();
+        let i: usize = output["loan_id"]
+            .as_str()
+            .unwrap()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(output["score"], json!(loan_score(i)), "{output}");
+        assert_eq!(
+            output["granted"],
+            json!(loan_score(i) >= cairn_orchestrations::loan_application::GRANTED_FROM),
+            "{output}"
+        );
+    }
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'loan-application' AND status = 'completed'").await,
+        db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'loan.requested'").await,
+    );
+    assert!(!loans.is_empty(), "the load had no loans");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'credit-check'")
+            .await,
+        0,
+        "a called orchestration has no instance of its own"
+    );
     // History rows are numbered without gaps: no persistence point lost or written twice.
     let gaps = db.count("SELECT COUNT(*) FROM instances i WHERE i.history_seq <> (SELECT COUNT(*) FROM history h WHERE h.instance_id = i.id)").await;
     assert_eq!(gaps, 0);
