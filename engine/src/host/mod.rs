@@ -219,6 +219,36 @@ impl Host {
         self
     }
 
+    /// Replaces the send ports with those `ports` builds from this host's [`Client`]: for ports
+    /// that publish back into the MessageBox (a reply from a real system, a port that confirms
+    /// what it did with a message). Call it after [`Host::with_config`], as the client takes the
+    /// settings as they are then.
+    ///
+    /// ```no_run
+    /// # async fn run(store: std::sync::Arc<dyn cairn::store::Store>) {
+    /// use cairn::{Host, OutboundMessage, PortError, Ports, Registry};
+    ///
+    /// let host = Host::new(store, Registry::new(), Ports::new()).with_ports_from(|client| {
+    ///     Ports::new().function("warehouse", move |msg: OutboundMessage| {
+    ///         let client = client.clone();
+    ///         async move {
+    ///             let body = serde_json::json!({ "order_id": msg.body["order_id"] });
+    ///             client
+    ///                 .publish("shipment.confirmed", body, Some(format!("shipped-{}", msg.id)), Default::default())
+    ///                 .await
+    ///                 .map_err(|e| PortError::transient(e.to_string()))?;
+    ///             Ok(None)
+    ///         }
+    ///     })
+    /// });
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_ports_from(self, ports: impl FnOnce(Client) -> Ports) -> Self {
+        let ports = ports(self.client());
+        self.with_ports(ports)
+    }
+
     /// Replaces the clock (tests).
     #[must_use]
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
