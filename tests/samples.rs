@@ -450,3 +450,44 @@ fn a_transition_the_orchestration_does_not_declare_fails_its_scenario() {
         "{err}"
     );
 }
+
+/// Completes at once with what started it, as its start transition saw it.
+struct StartedByEcho;
+
+impl cairn::Orchestration for StartedByEcho {
+    const NAME: &'static str = "started-by-echo";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["echo.asked"];
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = Option<cairn::StartedBy>;
+    fn start(
+        ctx: &mut cairn::Context,
+        _: serde_json::Value,
+    ) -> Result<cairn::Next<Self>, cairn::Fault> {
+        Ok(cairn::Next::Complete(ctx.started_by().cloned()))
+    }
+    fn on_event(
+        _: &mut cairn::Context,
+        _: (),
+        event: cairn::Event,
+    ) -> Result<cairn::Next<Self>, cairn::Fault> {
+        Err(cairn::UnexpectedEvent(event.label()).into())
+    }
+}
+
+#[test]
+fn a_scenario_start_and_activation_show_what_started_the_instance() {
+    let s = Scenario::<StartedByEcho>::activate("echo.asked", json!({"order_id": "o-9"})).unwrap();
+    let by = s.output().cloned().flatten().expect("started by a message");
+    assert!(by.by_message);
+    assert_eq!(by.message_type, "echo.asked");
+    assert_eq!(by.property("order_id"), Some("o-9"));
+
+    let s = Scenario::<StartedByEcho>::start(json!({})).unwrap();
+    let by = s.output().cloned().flatten().expect("started");
+    assert!(!by.by_message);
+    assert_eq!(by.message_type, "started-by-echo.start");
+    assert!(by.id.ends_with(":start"), "{}", by.id);
+    assert!(by.properties.is_empty());
+}

@@ -64,7 +64,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use context::{Context, Delay, Effect, Receive, ScopeKind};
+pub use context::{Context, Delay, Effect, Receive, ScopeKind, StartedBy};
 pub use host::ports::{
     Delivering, FilePort, HttpPort, OutboundMessage, PortError, Ports, RetryPolicy, SendPort,
 };

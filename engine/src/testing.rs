@@ -136,6 +136,46 @@ impl<O: Orchestration> Scenario<O> {
         now: DateTime<Utc>,
         input: O::Input,
     ) -> Result<Self, ScenarioError> {
+        let input =
+            serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
+        Self::begin(registry, now, None, input, BTreeMap::new())
+    }
+
+    /// Starts an instance as a published message of `message_type` would activate it: `body` is
+    /// its input, its top-level fields are promoted to properties (as on publish), and the start
+    /// transition sees the message in [`Context::started_by`](crate::Context::started_by).
+    ///
+    /// # Errors
+    /// The start transition failed.
+    pub fn activate(message_type: &str, body: serde_json::Value) -> Result<Self, ScenarioError> {
+        Self::activate_with(Registry::new(), Utc::now(), message_type, body, BTreeMap::new())
+    }
+
+    /// [`Scenario::activate`] with a registry, a time and properties set by the publisher (which
+    /// win over promoted ones).
+    ///
+    /// # Errors
+    /// The start transition failed.
+    pub fn activate_with(
+        registry: Registry,
+        now: DateTime<Utc>,
+        message_type: &str,
+        body: serde_json::Value,
+        properties: BTreeMap<String, String>,
+    ) -> Result<Self, ScenarioError> {
+        let properties =
+            NewMessage::published("", message_type, body.clone(), properties).properties;
+        Self::begin(registry, now, Some(message_type), body, properties)
+    }
+
+    /// Starts the instance: by a start (`activating` is `None`) or by a message of that type.
+    fn begin(
+        registry: Registry,
+        now: DateTime<Utc>,
+        activating: Option<&str>,
+        input: serde_json::Value,
+        properties: BTreeMap<String, String>,
+    ) -> Result<Self, ScenarioError> {
         let registry = registry.register::<O>();
         let def = registry
             .get(O::NAME, O::VERSION)
@@ -165,9 +205,18 @@ impl<O: Orchestration> Scenario<O> {
             last_step: None,
             _o: PhantomData,
         };
-        let input =
-            serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
-        scenario.deliver(MessageKind::Start, "start", input, BTreeMap::new())?;
+        let id = scenario.instance.id;
+        let (message_id, message_type) = match activating {
+            Some(ty) => ("scenario-activation".to_owned(), ty.to_owned()),
+            None => (format!("{id}:start"), format!("{}.start", O::NAME)),
+        };
+        scenario.deliver_as(
+            message_id,
+            MessageKind::Start,
+            &message_type,
+            input,
+            properties,
+        )?;
         Ok(scenario)
     }
 
@@ -305,11 +354,23 @@ impl<O: Orchestration> Scenario<O> {
         body: serde_json::Value,
         properties: BTreeMap<String, String>,
     ) -> Result<&mut Self, ScenarioError> {
+        let id = format!("scenario-{}", self.seq + 1);
+        self.deliver_as(id, kind, message_type, body, properties)
+    }
+
+    fn deliver_as(
+        &mut self,
+        id: String,
+        kind: MessageKind,
+        message_type: &str,
+        body: serde_json::Value,
+        properties: BTreeMap<String, String>,
+    ) -> Result<&mut Self, ScenarioError> {
         self.ensure_running()?;
         self.seq += 1;
         let msg = StoredMessage {
             seq: self.seq,
-            id: format!("scenario-{}", self.seq),
+            id,
             message_type: message_type.to_owned(),
             kind,
             properties,

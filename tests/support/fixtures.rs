@@ -331,6 +331,28 @@ impl Orchestration for DocPair {
     }
 }
 
+/// Completes at once with what started it ([`Context::started_by`]) as its output: activated by
+/// `probe.activate`, or started by a client.
+pub struct StartProbe;
+
+impl Orchestration for StartProbe {
+    const NAME: &'static str = "start-probe";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["probe.activate"];
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = serde_json::Value;
+    fn start(ctx: &mut Context, input: serde_json::Value) -> Result<Next<Self>, Fault> {
+        let started_by = ctx.started_by().ok_or("a start transition without started_by")?;
+        Ok(Next::Complete(
+            json!({ "input": input, "started_by": serde_json::to_value(started_by)? }),
+        ))
+    }
+    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
+        Err(UnexpectedEvent(event.label()).into())
+    }
+}
+
 /// Every orchestration the engine tests use (with the buggy `fixable`).
 pub fn registry() -> Registry {
     cairn_orchestrations::registry()
@@ -341,6 +363,7 @@ pub fn registry() -> Registry {
         .register::<FailFast>()
         .register::<LineConvoy>()
         .register::<DocPair>()
+        .register::<StartProbe>()
 }
 
 /// What the ports delivered: (port, message id, body).
