@@ -18,6 +18,7 @@
 //! | `timers.rs` | timers claimed when due, once |
 //! | `write_paths.rs` | random points in random groups end as one transaction per point would (a property test) |
 //! | `operators.rs` | operator verbs: control, dead letters |
+//! | `late.rs` | late messages: a message for the key of an ended instance is its zombie, a later instance gets only what follows it |
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 
@@ -29,6 +30,8 @@ mod claims;
 mod fencing;
 #[path = "conformance/group_commit.rs"]
 mod group_commit;
+#[path = "conformance/late.rs"]
+mod late;
 #[path = "conformance/operators.rs"]
 mod operators;
 #[path = "conformance/outbox.rs"]
@@ -83,6 +86,7 @@ async fn started_and_receiving(
         id: Uuid::new_v4(),
         message_type: "paid".into(),
         correlation: Correlation::on("order", round),
+        earlier: false,
     }]);
     (inst, rec[0].epoch, p)
 }

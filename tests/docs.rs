@@ -114,7 +114,11 @@ fn every_rust_example_is_a_doc_test_or_a_verbatim_excerpt() {
     let mut whole = 0;
     for page in pages() {
         let text = std::fs::read_to_string(&page).expect("a page is readable");
-        let name = page.strip_prefix(root()).expect("under the root").display().to_string();
+        let name = page
+            .strip_prefix(root())
+            .expect("under the root")
+            .display()
+            .to_string();
         for block in rust_blocks(&text) {
             let at = format!("{name}:{}", block.line);
             let excerpt_of = block
@@ -150,5 +154,8 @@ fn every_rust_example_is_a_doc_test_or_a_verbatim_excerpt() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    assert!(whole > 0 && excerpts > 0, "{whole} doc tests, {excerpts} excerpts");
+    assert!(
+        whole > 0 && excerpts > 0,
+        "{whole} doc tests, {excerpts} excerpts"
+    );
 }

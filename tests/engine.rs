@@ -72,7 +72,8 @@ async fn the_start_transition_sees_the_activating_message_or_the_start(db: TestD
         .await
         .unwrap();
     let activated = routed(outcome);
-    db.wait_status(activated, InstanceStatus::Completed, WAIT).await;
+    db.wait_status(activated, InstanceStatus::Completed, WAIT)
+        .await;
     let output = output_of(&db, activated).await;
     let started_by = &output["started_by"];
     assert_eq!(output["input"], json!({"order_id": "o-3", "amount": 12}));
@@ -134,15 +135,7 @@ async fn a_fault_before_the_first_point_shows_the_step_the_last_transition_reach
     // first point.
     let client = Client::new(db.store.clone(), support::fixtures::registry());
     let id = client.start("fixable", json!("step-5")).await.unwrap();
-    db.wait_for("the start transition's receive", WAIT, || async {
-        db.count_with(
-            "SELECT COUNT(*) FROM subscriptions WHERE CAST(instance_id AS TEXT) = $1",
-            &id.to_string(),
-        )
-        .await
-            > 0
-    })
-    .await;
+    db.wait_subscribed(id, WAIT).await;
     publish(&client, "go-step-5", "fixable.go", json!({"key": "step-5"})).await;
     db.wait_status(id, InstanceStatus::Suspended, WAIT).await;
     let step = db

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cairn::host::receive::ReceiveLocation;
-use cairn::store::{InstanceStatus, MessageKind, NewMessage};
+use cairn::store::{InstanceStatus, MessageKind, NewMessage, PublishOutcome};
 use cairn::{Client, HostConfig};
 use serde_json::json;
 use support::fixtures::{fast_config, Deliveries, HostThread, CONVOY_BATCH};
@@ -28,6 +28,7 @@ backend_tests!(
     files_dropped_in_a_folder_are_published_then_removed,
     http_posts_are_accepted_after_commit_and_deduplicated_by_their_key,
     properties_set_by_the_publisher_route_and_win_over_promoted_body_fields,
+    a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted_one,
 );
 
 async fn publish(client: &Client, id: String, ty: &str, body: serde_json::Value) {
@@ -543,5 +544,109 @@ async fn properties_set_by_the_publisher_route_and_win_over_promoted_body_fields
         properties[0].contains("\"approved\":\"true\""),
         "body fields are promoted: {properties:?}"
     );
+    host.stop();
+}
+
+/// Issue 25, point 4, the purchase order of docs/messaging.md#late-messages. An ack that arrives
+/// after its PO escalated and ended is a zombie naming that PO; the resubmitted PO (same po_id)
+/// does not take it and completes with the ack published after it waits; a PO whose receive asks
+/// for earlier messages takes the zombie. An ack published before any PO of its id waited keeps
+/// today's behaviour: held unrouted, then routed to the first PO that waits on it.
+async fn a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted_one(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let submit = |id: &str, body: serde_json::Value| {
+        let client = client.clone();
+        let id = id.to_owned();
+        async move {
+            let (_, outcome) = client
+                .publish("po.submitted", body, Some(id), BTreeMap::new())
+                .await
+                .unwrap();
+            match outcome {
+                PublishOutcome::Routed(instance) => instance,
+                other => panic!("a PO is routed: {other:?}"),
+            }
+        }
+    };
+    let ack = |id: &str, po: &str, by: &str| {
+        let client = client.clone();
+        let (id, body) = (id.to_owned(), json!({"po_id": po, "by": by}));
+        async move {
+            client
+                .publish("po.ack", body, Some(id), BTreeMap::new())
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    let output = |id: uuid::Uuid| {
+        let db = &db;
+        async move {
+            db.store
+                .instance_detail(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .output
+                .unwrap()
+        }
+    };
+
+    // The first PO escalates and ends; its ack comes too late.
+    let first = submit("po-1", json!({"po_id": "po-1", "escalate_ms": 100})).await;
+    db.wait_status(first, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(first).await, json!("escalated"));
+    assert_eq!(
+        ack("ack-stale", "po-1", "stale").await,
+        PublishOutcome::Zombie(first)
+    );
+    let row: (String, String, String) = sqlx::query_as(
+        "SELECT status, CAST(instance_id AS TEXT), reason FROM messages WHERE id = $1",
+    )
+    .bind("ack-stale")
+    .fetch_one(&db.sql)
+    .await
+    .unwrap();
+    assert_eq!(
+        (row.0.as_str(), row.1.clone()),
+        ("zombie", first.to_string())
+    );
+    assert!(row.2.starts_with("late: "), "{}", row.2);
+    let detail = db.store.instance_detail(first).await.unwrap().unwrap();
+    assert_eq!(
+        detail.zombies,
+        [("ack-stale".to_owned(), "po.ack".to_owned())]
+    );
+
+    // The same PO resubmitted: it does not complete with the stale ack, but with the next one.
+    let again = submit("po-1-again", json!({"po_id": "po-1"})).await;
+    db.wait_subscribed(again, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(db.status(again).await, Some(InstanceStatus::Running));
+    assert_eq!(
+        db.texts("SELECT status FROM messages WHERE id = $1", "ack-stale")
+            .await,
+        ["zombie"]
+    );
+    assert_eq!(
+        ack("ack-fresh", "po-1", "fresh").await,
+        PublishOutcome::Routed(again)
+    );
+    db.wait_status(again, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(again).await, json!("fresh"));
+
+    // A PO whose receive asks for earlier messages takes the zombie.
+    let third = submit("po-1-third", json!({"po_id": "po-1", "earlier": true})).await;
+    db.wait_status(third, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(third).await, json!("stale"));
+
+    // An ack before any PO of its id ever waited: unrouted, then taken by the first PO.
+    assert_eq!(
+        ack("ack-early", "po-2", "early").await,
+        PublishOutcome::Unrouted
+    );
+    let early = submit("po-2", json!({"po_id": "po-2"})).await;
+    db.wait_status(early, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(early).await, json!("early"));
     host.stop();
 }

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -490,4 +492,47 @@ fn a_scenario_start_and_activation_show_what_started_the_instance() {
     assert_eq!(by.message_type, "started-by-echo.start");
     assert!(by.id.ends_with(":start"), "{}", by.id);
     assert!(by.properties.is_empty());
+}
+
+backend_tests!(approval_escalates_by_the_clock_and_survives_a_crash_at_every_point_on_each_backend);
+
+/// Issue 25, point 6: the crash test on SQLite and on PostgreSQL (`CrashTest::database`), with
+/// time moved and a message published at the steps the test names, not only after the start.
+/// The approval waits a day before escalating: the clock moves a day at `AwaitingDecision`; the
+/// decision is published once it shows `Escalated`. Every run (clean, and a crash before and
+/// after each commit) must end completed, approved by carol, with the clean run's history.
+async fn approval_escalates_by_the_clock_and_survives_a_crash_at_every_point_on_each_backend(
+    db: support::TestDb,
+) {
+    let request = approval::Request {
+        escalate_after_ms: 86_400_000,
+        deadline_after_ms: 86_400_000,
+        ..request()
+    };
+    let decision = NewMessage::published(
+        "decision-carol",
+        "approval.decision",
+        json!({"request_id": "r-1", "approved": true, "by": "carol"}),
+        BTreeMap::new(),
+    );
+    let url = db.url.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        CrashTest::new(registry(), "approval", json!(request))
+            .database(&url)
+            .ports(recording_ports)
+            .advance_at("AwaitingDecision", chrono::Duration::days(1))
+            .publish_at("Escalated", decision)
+            .run()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Completed);
+    let steps: Vec<&str> = report.history.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(
+        steps,
+        ["AwaitingDecision", "Escalated", "completed"],
+        "{report:?}"
+    );
+    assert!(report.crashed_runs >= 6, "{report:?}");
 }

@@ -95,6 +95,12 @@ pub struct Receive {
     pub message_type: String,
     /// The properties the message must carry.
     pub correlation: Correlation,
+    /// Whether it also takes the messages of its key published before it waited: those late for
+    /// an earlier, ended instance of the key (zombies) and those held unrouted
+    /// ([`Context::receive_earlier`]). Without it, an instance receives only what is published
+    /// after it waits, once another instance has waited on the key.
+    #[serde(default)]
+    pub earlier: bool,
 }
 
 /// A wait for a time.
@@ -223,10 +229,29 @@ impl Context {
     }
 
     /// Waits for a published message of `message_type` whose properties carry `correlation`.
+    ///
+    /// Once an instance has waited on a key (a type and correlation values), a message for that
+    /// key published after that instance ended is a zombie naming it, and a later instance that
+    /// waits on the key receives only what is published after it waits
+    /// ([docs/messaging.md](https://github.com/cairn/cairn/blob/main/docs/messaging.md#late-messages));
+    /// [`Context::receive_earlier`] takes those earlier messages too.
     pub fn receive(&mut self, message_type: &str, correlation: Correlation) {
         self.effects.push(Effect::Receive(Receive {
             message_type: message_type.to_owned(),
             correlation,
+            earlier: false,
+        }));
+    }
+
+    /// Like [`Context::receive`], and also takes the messages of this key published before the
+    /// receive: those late for an earlier instance of the key that ended (zombies, named by
+    /// `reason LIKE 'late:%'`) and those held unrouted, oldest first. For a resubmission that
+    /// must see what its predecessor missed.
+    pub fn receive_earlier(&mut self, message_type: &str, correlation: Correlation) {
+        self.effects.push(Effect::Receive(Receive {
+            message_type: message_type.to_owned(),
+            correlation,
+            earlier: true,
         }));
     }
 

@@ -223,6 +223,7 @@ async fn a_message_of_a_cancelled_receive_is_routed_again(db: TestDb) {
                     id: Uuid::now_v7(),
                     message_type: "approval.decision".into(),
                     correlation: Correlation::on("request_id", "r1"),
+                    earlier: false,
                 })
                 .collect(),
         );

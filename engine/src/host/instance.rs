@@ -503,6 +503,7 @@ impl LiveInstance {
                 Receive {
                     message_type: (*message_type).to_owned(),
                     correlation: values.clone(),
+                    earlier: false,
                 },
             ));
         }
@@ -602,10 +603,7 @@ impl LiveInstance {
                 registry,
                 ports,
             ),
-            Ok(Err(error)) => match {
-                self.note_reached(before.as_ref());
-                self.handle_fault(error, before, now)
-            } {
+            Ok(Err(error)) => match self.handle_fault(error, before, now) {
                 Handled::Yes {
                     next,
                     effects,
@@ -663,6 +661,7 @@ impl LiveInstance {
         mut before: Option<AnyState>,
         now: DateTime<Utc>,
     ) -> Handled {
+        self.note_reached(before.as_ref());
         let mut details = Vec::new();
         loop {
             let Some(scope) = self.waits.scopes.open.pop() else {
@@ -1088,6 +1087,7 @@ fn subscription_row(id: Uuid, r: &Receive) -> SubscriptionRow {
         id,
         message_type: r.message_type.clone(),
         correlation: r.correlation.clone(),
+        earlier: r.earlier,
     }
 }
 

@@ -669,6 +669,9 @@ impl Door {
                     Some(PublishOutcome::Unrouted) => {
                         serde_json::json!({ "id": id, "outcome": "unrouted" })
                     }
+                    Some(PublishOutcome::Zombie(instance)) => {
+                        serde_json::json!({ "id": id, "outcome": "zombie", "instance": instance })
+                    }
                     _ => serde_json::json!({ "id": id, "outcome": "duplicate" }),
                 };
                 json_answer(StatusCode::ACCEPTED, &outcome)

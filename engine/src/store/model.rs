@@ -310,6 +310,10 @@ pub enum PublishOutcome {
     Unrouted,
     /// A message with this id was already stored; nothing was written.
     Duplicate,
+    /// Stored as a zombie of this ended instance: the newest instance that waited on the
+    /// message's key had ended when it arrived, and nothing else subscribes to it (a late
+    /// message, docs/messaging.md#late-messages).
+    Zombie(Uuid),
 }
 
 /// An instance to create, with its start message.
@@ -473,6 +477,7 @@ pub(crate) fn convoy_subscriptions(
             id: convoy_subscription_id(instance, &message_type),
             message_type,
             correlation: values.clone(),
+            earlier: false,
         })
         .collect()
 }
@@ -587,6 +592,10 @@ pub struct SubscriptionRow {
     pub message_type: String,
     /// The correlation values.
     pub correlation: Correlation,
+    /// Whether it takes the messages of its key that arrived before it: late for an ended
+    /// instance (zombies) or unrouted ([`Context::receive_earlier`](crate::Context::receive_earlier)).
+    #[serde(default)]
+    pub earlier: bool,
 }
 
 /// Receives an instance declared since its last persistence point, written at once so that
@@ -837,6 +846,24 @@ pub(crate) fn held_receives<'a>(
         })
         .collect();
     (rows, outcomes)
+}
+
+/// The subscriptions of the points that committed (`outcomes` in the order of `points`), with
+/// their instances: what a commit's late-message adoption looks at.
+pub(crate) fn committed_subscriptions<'p>(
+    points: &'p [PersistencePoint],
+    outcomes: &'p [CommitOutcome],
+) -> impl Iterator<Item = (Uuid, &'p SubscriptionRow)> + 'p {
+    points
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| **o == CommitOutcome::Committed)
+        .flat_map(|(p, _)| {
+            p.subscriptions
+                .iter()
+                .flatten()
+                .map(move |s| (p.instance_id, s))
+        })
 }
 
 /// How the subscription rows of points that give their set (`subscriptions: Some`) differ from

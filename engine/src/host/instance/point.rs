@@ -174,7 +174,10 @@ impl LiveInstance {
             failed: std::mem::take(&mut self.failed),
             state: None,
             engine_state: None,
-            step: self.reached_step.take().unwrap_or_else(|| self.saved_step.clone()),
+            step: self
+                .reached_step
+                .take()
+                .unwrap_or_else(|| self.saved_step.clone()),
             waiting_for: self.saved_waits.describe(),
             next_timer_at: self.saved_waits.next_timer(),
             last_error: Some(error.0.clone()),

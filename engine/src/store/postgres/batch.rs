@@ -801,8 +801,16 @@ pub(super) async fn publish_all(
                 PublishOutcome::Routed(id)
             }
             Route::Unrouted(reason) => {
-                routes.push(*seq, "unrouted", None, None, Some(reason), msg.kind);
-                PublishOutcome::Unrouted
+                match common::late::late_for::<super::PostgresStore>(tx, msg).await? {
+                    Some((instance, zombie)) => {
+                        routes.push(*seq, "zombie", Some(instance), None, Some(zombie), msg.kind);
+                        PublishOutcome::Zombie(instance)
+                    }
+                    None => {
+                        routes.push(*seq, "unrouted", None, None, Some(reason), msg.kind);
+                        PublishOutcome::Unrouted
+                    }
+                }
             }
         });
     }
@@ -1064,6 +1072,7 @@ mod tests {
                         id: Uuid::new_v4(),
                         message_type: "payment.received".into(),
                         correlation: Correlation::on("order", shape.0),
+                        earlier: false,
                     }]
                 });
             }
