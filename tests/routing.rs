@@ -29,6 +29,7 @@ backend_tests!(
     http_posts_are_accepted_after_commit_and_deduplicated_by_their_key,
     properties_set_by_the_publisher_route_and_win_over_promoted_body_fields,
     a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted_one,
+    a_message_starts_one_instance_of_each_orchestration_whose_filter_it_passes,
 );
 
 async fn publish(client: &Client, id: String, ty: &str, body: serde_json::Value) {
@@ -648,5 +649,124 @@ async fn a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted
     let early = submit("po-2", json!({"po_id": "po-2"})).await;
     db.wait_status(early, InstanceStatus::Completed, WAIT).await;
     assert_eq!(output(early).await, json!("early"));
+    host.stop();
+}
+
+/// Issue 25, point 8: publish-subscribe. `invoice.issued` activates `invoice-audit` (no filter)
+/// and `large-invoice-review` (`amount >= 1000 AND region = 'EU'`): a large EU invoice starts
+/// one instance of each (the message and a copy, each consumed once), a small one the audit
+/// only, a duplicate nothing. The filters are data in `subscriptions`. A filter row written by
+/// hand that does not parse routes nothing, says why in `filter_error`, and the other
+/// subscription still receives.
+async fn a_message_starts_one_instance_of_each_orchestration_whose_filter_it_passes(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let filters: Vec<(String, String)> = sqlx::query_as(
+        "SELECT orchestration, filter FROM subscriptions \
+         WHERE message_type = 'invoice.issued' AND instance_id IS NULL ORDER BY orchestration",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    assert_eq!(
+        filters,
+        [
+            ("invoice-audit".to_owned(), String::new()),
+            (
+                "large-invoice-review".to_owned(),
+                "amount >= 1000 AND region = 'EU'".to_owned()
+            )
+        ]
+    );
+    let invoice = |id: &str, amount: i64, region: &str| {
+        NewMessage::published(
+            id,
+            "invoice.issued",
+            json!({"amount": amount, "region": region}),
+            BTreeMap::new(),
+        )
+    };
+    let outcomes = client
+        .publish_batch(vec![
+            invoice("inv-big", 1500, "EU"),
+            invoice("inv-small", 10, "EU"),
+            invoice("inv-us", 5000, "US"),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, PublishOutcome::Routed(_))),
+        "{outcomes:?}"
+    );
+    let ended = |orchestration: &'static str| {
+        let db = &db;
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT output FROM instances WHERE orchestration = $1 AND status = 'completed' \
+                 ORDER BY output",
+            )
+            .bind(orchestration)
+            .fetch_all(&db.sql)
+            .await
+            .unwrap()
+        }
+    };
+    db.wait_for("every invoice instance completed", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration LIKE '%invoice%' AND status = 'completed'")
+            .await
+            == 4
+    })
+    .await;
+    assert_eq!(
+        ended("invoice-audit").await,
+        ["\"inv-big\"", "\"inv-small\"", "\"inv-us\""]
+    );
+    assert_eq!(
+        ended("large-invoice-review").await,
+        ["\"inv-big/large-invoice-review\""]
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'invoice.issued' AND status = 'consumed'")
+            .await,
+        4
+    );
+    // Published again: stored once, no instance more.
+    let again = client
+        .publish_batch(vec![invoice("inv-big", 1500, "EU")])
+        .await
+        .unwrap();
+    assert_eq!(again, [PublishOutcome::Duplicate]);
+
+    // A filter written by hand that does not parse: the audit routes nothing, the review still
+    // receives, and the row says why.
+    sqlx::query(
+        "UPDATE subscriptions SET filter = 'amount >>> (' \
+         WHERE orchestration = 'invoice-audit' AND instance_id IS NULL",
+    )
+    .execute(&db.sql)
+    .await
+    .unwrap();
+    let outcomes = client
+        .publish_batch(vec![invoice("inv-after", 2000, "EU")])
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[0], PublishOutcome::Routed(_)),
+        "{outcomes:?}"
+    );
+    db.wait_for("the review of inv-after", WAIT, || async {
+        ended("large-invoice-review").await.len() == 2
+    })
+    .await;
+    let noted: Vec<String> = sqlx::query_scalar(
+        "SELECT COALESCE(filter_error, '') FROM subscriptions \
+         WHERE orchestration = 'invoice-audit' AND instance_id IS NULL",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    assert!(noted[0].contains("does not parse"), "{noted:?}");
+    assert_eq!(ended("invoice-audit").await.len(), 3);
     host.stop();
 }

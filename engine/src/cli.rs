@@ -300,6 +300,10 @@ pub enum Command {
         /// host hears of only through the database.
         #[arg(long)]
         from_process: bool,
+        /// W4 with this many filtered activating subscriptions on its message type besides
+        /// (filters no message passes): what reading and keeping filters costs routing.
+        #[arg(long, default_value_t = 0)]
+        filtered_subscriptions: usize,
         /// The hosts keep Prometheus metrics and serve them on a loopback port (to measure
         /// what metrics cost: W1 with and without).
         #[arg(long)]
@@ -757,6 +761,7 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         json_file,
         callers,
         from_process,
+        filtered_subscriptions,
         metrics,
         duration,
         rate,
@@ -790,6 +795,7 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
             retain: retain_ended,
             callers,
             from_process,
+            filtered_subscriptions,
         },
     };
     let figures = crate::bench::run(&url, &options).await?;

@@ -57,6 +57,7 @@ pub mod codec;
 #[cfg(feature = "console")]
 pub mod console;
 mod context;
+pub mod filter;
 pub mod host;
 mod orchestration;
 pub mod registry;

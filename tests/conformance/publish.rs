@@ -42,6 +42,7 @@ async fn publish_routes_dedupes_and_reroutes(db: TestDb) {
         orchestration: "order".into(),
         version: 3,
         convoy: String::new(),
+        filter: String::new(),
     };
     store
         .sync_activations(std::slice::from_ref(&activation), now)
@@ -91,6 +92,7 @@ async fn concurrent_publishers_of_one_id_store_it_once_and_activate_once(db: Tes
         orchestration: "runner".into(),
         version: 1,
         convoy: String::new(),
+        filter: String::new(),
     };
     store
         .sync_activations(&[activation], now)

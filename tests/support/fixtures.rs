@@ -398,6 +398,48 @@ impl Orchestration for PurchaseOrder {
     }
 }
 
+/// Publish-subscribe: `invoice.issued` activates both of these. The audit takes every invoice;
+/// the review only large EU ones (its `FILTER`). Each completes at once with the id of the
+/// message that started it.
+pub struct InvoiceAudit;
+/// See [`InvoiceAudit`].
+pub struct LargeInvoiceReview;
+
+fn started_by_id(ctx: &Context) -> Result<String, Fault> {
+    Ok(ctx.started_by().ok_or("no started_by")?.id.clone())
+}
+
+impl Orchestration for InvoiceAudit {
+    const NAME: &'static str = "invoice-audit";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["invoice.issued"];
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = String;
+    fn start(ctx: &mut Context, _: serde_json::Value) -> Result<Next<Self>, Fault> {
+        Ok(Next::Complete(started_by_id(ctx)?))
+    }
+    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
+        Err(UnexpectedEvent(event.label()).into())
+    }
+}
+
+impl Orchestration for LargeInvoiceReview {
+    const NAME: &'static str = "large-invoice-review";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["invoice.issued"];
+    const FILTER: &'static str = "amount >= 1000 AND region = 'EU'";
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = String;
+    fn start(ctx: &mut Context, _: serde_json::Value) -> Result<Next<Self>, Fault> {
+        Ok(Next::Complete(started_by_id(ctx)?))
+    }
+    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
+        Err(UnexpectedEvent(event.label()).into())
+    }
+}
+
 /// Every orchestration the engine tests use (with the buggy `fixable`).
 pub fn registry() -> Registry {
     cairn_orchestrations::registry()
@@ -410,6 +452,8 @@ pub fn registry() -> Registry {
         .register::<DocPair>()
         .register::<StartProbe>()
         .register::<PurchaseOrder>()
+        .register::<InvoiceAudit>()
+        .register::<LargeInvoiceReview>()
 }
 
 /// What the ports delivered: (port, message id, body).

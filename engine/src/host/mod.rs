@@ -292,16 +292,25 @@ impl Host {
     /// before the host runs.
     ///
     /// # Errors
-    /// The store failed.
+    /// The store failed, or an orchestration's `FILTER` does not parse
+    /// ([`StoreError::Refused`], naming the orchestration: fix its filter).
     pub async fn sync_activations(&self) -> Result<(), StoreError> {
         let mut newest: BTreeMap<(String, String), Activation> = BTreeMap::new();
         for d in self.registry.definitions() {
+            if let Err(e) = crate::filter::Filter::parse(d.filter()) {
+                return Err(StoreError::Refused(format!(
+                    "orchestration {} version {}: its FILTER {e}; fix the filter",
+                    d.name(),
+                    d.version()
+                )));
+            }
             for t in d.activated_by() {
                 let a = Activation {
                     message_type: (*t).to_owned(),
                     orchestration: d.name().to_owned(),
                     version: d.version(),
                     convoy: d.convoy_keys(),
+                    filter: d.filter().to_owned(),
                 };
                 newest.insert((a.message_type.clone(), a.orchestration.clone()), a);
             }

@@ -316,6 +316,23 @@ pub enum PublishOutcome {
     Zombie(Uuid),
 }
 
+impl NewMessage {
+    /// The copy of this published message that starts `instance` of `orchestration`, when the
+    /// message passes the activating subscriptions of several orchestrations (publish-subscribe:
+    /// one copy a subscriber, each consumed once): id `<id>/<orchestration>`, addressed to the new
+    /// instance as its start message.
+    pub(crate) fn copy_for(&self, orchestration: &str, instance: Uuid) -> NewMessage {
+        NewMessage {
+            id: format!("{}/{orchestration}", self.id),
+            message_type: self.message_type.clone(),
+            kind: MessageKind::Start,
+            properties: self.properties.clone(),
+            body: self.body.clone(),
+            target: Some(instance),
+        }
+    }
+}
+
 /// An instance to create, with its start message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewInstance {
@@ -456,6 +473,9 @@ pub struct Activation {
     /// with the activating message's values, so that later messages with the same values go to
     /// it rather than starting another instance.
     pub convoy: String,
+    /// The filter on the message's properties (`subscriptions.filter`, [`crate::filter`]): a
+    /// message starts an instance only if it passes. Empty: every message of the type.
+    pub filter: String,
 }
 
 /// The id of the subscription a convoy activation gives `instance` for `message_type`; the

@@ -8,11 +8,11 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use sqlx::QueryBuilder;
 
-use crate::store::common::late;
+use crate::store::common::{self, late};
 use crate::store::routing::{Route, RouteCache};
 
 use super::batch::{execute, fetch_texts, reuse, ROWS_PER_STATEMENT};
-use super::routing::{activate, find_route};
+use super::routing::activate;
 use super::{
     map_err, ts, MessageKind, NewMessage, PublishOutcome, SqliteStore, StoreError, StoreResult, Tx,
 };
@@ -32,6 +32,9 @@ pub(super) async fn publish_all(
     let published: Vec<&NewMessage> = messages.iter().map(|(m, _)| *m).collect();
     let mut routes = Some(read_routes(tx, &published).await?);
     let mut seen = HashSet::new();
+    // The copies of messages that activate several orchestrations (fan_out), each routed to
+    // its own new instance: written after the loop, with the rest.
+    let mut copies: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
     let mut rows = Vec::with_capacity(messages.len());
     let mut out = Vec::with_capacity(messages.len());
     for (msg, at) in messages {
@@ -39,10 +42,23 @@ pub(super) async fn publish_all(
             out.push(PublishOutcome::Duplicate);
             continue;
         }
-        let route = match routes.as_mut() {
-            Some(cache) => cache.route(msg),
-            None => find_route(tx, msg).await?,
+        let (route, extra) = match routes.as_mut() {
+            Some(cache) => {
+                let route = cache.route(msg);
+                let extra = cache.fan_out(msg, &route);
+                (route, extra)
+            }
+            None => {
+                let cache = read_routes(tx, &[msg]).await?;
+                let route = cache.route(msg);
+                let extra = cache.fan_out(msg, &route);
+                (route, extra)
+            }
         };
+        for (orchestration, version) in extra {
+            let id = activate(tx, &orchestration, version, None, *at).await?;
+            copies.push((msg.copy_for(&orchestration, id), *at));
+        }
         let (instance, subscription, reason, outcome) = match route {
             Route::Instance(id, sub) => (Some(id), sub, None, PublishOutcome::Routed(id)),
             Route::Activate {
@@ -79,6 +95,9 @@ pub(super) async fn publish_all(
         };
         rows.push((*msg, kind, instance, subscription, reason, *at));
         out.push(outcome);
+    }
+    for (copy, at) in &copies {
+        rows.push((copy, MessageKind::Start, copy.target, None, None, *at));
     }
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new(
@@ -170,24 +189,9 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
                 }
             }
         }
-        let activation = sqlx::query(
-            "SELECT orchestration, version, correlation_keys FROM subscriptions \
-             WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
-        )
-        .bind(message_type)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(|e| map_err("read routes", e))?;
-        let activation = activation.as_ref().and_then(|row| {
-            readable((|| {
-                Ok::<_, StoreError>((
-                    super::col::<String>(row, "orchestration")?,
-                    super::col_u32(row, "version")?,
-                    super::col::<String>(row, "correlation_keys")?,
-                ))
-            })())
-        });
-        cache.activation(message_type, activation);
+        let activations =
+            common::routing::read_activations::<SqliteStore>(tx, message_type).await?;
+        cache.activations(message_type, activations);
     }
     Ok(cache)
 }
