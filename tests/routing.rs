@@ -30,6 +30,7 @@ backend_tests!(
     properties_set_by_the_publisher_route_and_win_over_promoted_body_fields,
     a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted_one,
     a_message_starts_one_instance_of_each_orchestration_whose_filter_it_passes,
+    a_send_port_subscribes_by_filter_and_receives_published_messages_directly,
 );
 
 async fn publish(client: &Client, id: String, ty: &str, body: serde_json::Value) {
@@ -768,5 +769,105 @@ async fn a_message_starts_one_instance_of_each_orchestration_whose_filter_it_pas
     .unwrap();
     assert!(noted[0].contains("does not parse"), "{noted:?}");
     assert_eq!(ended("invoice-audit").await.len(), 3);
+    host.stop();
+}
+
+/// Issue 25, point 8: a send port subscribes to published messages by itself (messaging-only
+/// routing). `log` takes `invoice.issued` of 1000 or more besides the orchestrations that
+/// activate on it; `refuser` takes every `shipment.scanned`, which nothing else subscribes to,
+/// and refuses it: the send is dead-lettered, as any send is. The subscriptions are rows of
+/// `subscriptions` with `port` set.
+async fn a_send_port_subscribes_by_filter_and_receives_published_messages_directly(db: TestDb) {
+    let deliveries = Deliveries::default();
+    let recorded = deliveries.clone();
+    let setup = support::fixtures::HostSetup {
+        ports: Box::new(move |client| {
+            support::fixtures::ports(client, recorded)
+                .function("refuser", |_msg: cairn::OutboundMessage| async move {
+                    Err::<Option<serde_json::Value>, _>(cairn::PortError::permanent(
+                        "the scanner archive refuses everything",
+                    ))
+                })
+                .subscribe("log", "invoice.issued", "amount >= 1000")
+                .subscribe("refuser", "shipment.scanned", "")
+        }),
+        ..support::fixtures::HostSetup::new(fast_config(), Deliveries::default())
+    };
+    let (host, client) = HostThread::launch(&db, setup).await;
+    let ports: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT port, message_type, filter FROM subscriptions WHERE port IS NOT NULL ORDER BY port",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    assert_eq!(
+        ports,
+        [
+            (
+                "log".to_owned(),
+                "invoice.issued".to_owned(),
+                "amount >= 1000".to_owned()
+            ),
+            (
+                "refuser".to_owned(),
+                "shipment.scanned".to_owned(),
+                String::new()
+            ),
+        ]
+    );
+    let invoice = |id: &str, amount: i64| {
+        NewMessage::published(
+            id,
+            "invoice.issued",
+            json!({"amount": amount, "region": "US"}),
+            BTreeMap::new(),
+        )
+    };
+    client
+        .publish_batch(vec![invoice("inv-a", 5000), invoice("inv-b", 5)])
+        .await
+        .unwrap();
+    db.wait_for("the log port's delivery", WAIT, || async {
+        deliveries.ids().contains(&"inv-a@log".to_owned())
+    })
+    .await;
+    // The orchestrations still got both invoices; the port only the large one.
+    db.wait_for("both audits", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'invoice-audit' AND status = 'completed'")
+            .await
+            == 2
+    })
+    .await;
+    assert!(!deliveries.ids().iter().any(|id| id.starts_with("inv-b")));
+
+    let (_, outcome) = client
+        .publish(
+            "shipment.scanned",
+            json!({"parcel": "p-1"}),
+            Some("scan-1".into()),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::ToPorts);
+    assert_eq!(
+        db.texts("SELECT status FROM messages WHERE id = $1", "scan-1")
+            .await,
+        ["consumed"]
+    );
+    db.wait_for("the refused send dead-lettered", WAIT, || async {
+        db.count_with(
+            "SELECT COUNT(*) FROM dead_letters WHERE id = $1 AND port = 'refuser'",
+            "scan-1@refuser",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        db.texts("SELECT status FROM outbox WHERE id = $1", "scan-1@refuser")
+            .await,
+        ["dead"]
+    );
     host.stop();
 }

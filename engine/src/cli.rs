@@ -621,6 +621,9 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                      it is routed when a matching receive appears"
                 ),
                 PublishOutcome::Duplicate => println!("{id}: already published; ignored"),
+                PublishOutcome::ToPorts => {
+                    println!("{id}: sent to the send ports that subscribe to {message_type:?}")
+                }
                 PublishOutcome::Zombie(instance) => println!(
                     "{id}: stored as a zombie of instance {instance}, which waited on its key and has ended \
                      (a late message; `cairn show {instance}` lists it)"

@@ -43,6 +43,7 @@ async fn publish_routes_dedupes_and_reroutes(db: TestDb) {
         version: 3,
         convoy: String::new(),
         filter: String::new(),
+        port: None,
     };
     store
         .sync_activations(std::slice::from_ref(&activation), now)
@@ -93,6 +94,7 @@ async fn concurrent_publishers_of_one_id_store_it_once_and_activate_once(db: Tes
         version: 1,
         convoy: String::new(),
         filter: String::new(),
+        port: None,
     };
     store
         .sync_activations(&[activation], now)

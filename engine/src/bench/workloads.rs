@@ -596,6 +596,7 @@ async fn w4(
                 version: 1,
                 convoy: String::new(),
                 filter: format!("amount >= {} AND region = 'nowhere-{i}'", 1000 * (i + 1)),
+                port: None,
             })
             .collect();
         store.sync_activations(&activations, Utc::now()).await?;

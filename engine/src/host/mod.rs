@@ -311,11 +311,27 @@ impl Host {
                     version: d.version(),
                     convoy: d.convoy_keys(),
                     filter: d.filter().to_owned(),
+                    port: None,
                 };
                 newest.insert((a.message_type.clone(), a.orchestration.clone()), a);
             }
         }
-        let activations: Vec<_> = newest.into_values().collect();
+        let mut activations: Vec<_> = newest.into_values().collect();
+        for (port, message_type, filter) in self.ports.subscriptions() {
+            if let Err(e) = crate::filter::Filter::parse(&filter) {
+                return Err(StoreError::Refused(format!(
+                    "send port {port}'s subscription to {message_type}: its filter {e}; fix the filter"
+                )));
+            }
+            activations.push(Activation {
+                message_type,
+                orchestration: String::new(),
+                version: 0,
+                convoy: String::new(),
+                filter,
+                port: Some(port),
+            });
+        }
         self.store
             .sync_activations(&activations, self.clock.now())
             .await

@@ -314,6 +314,9 @@ pub enum PublishOutcome {
     /// message's key had ended when it arrived, and nothing else subscribes to it (a late
     /// message, docs/messaging.md#late-messages).
     Zombie(Uuid),
+    /// Stored and sent to the send ports that subscribe to it (`Ports::subscribe`); no instance
+    /// or activation takes it, so it is `consumed` at once.
+    ToPorts,
 }
 
 impl NewMessage {
@@ -476,6 +479,9 @@ pub struct Activation {
     /// The filter on the message's properties (`subscriptions.filter`, [`crate::filter`]): a
     /// message starts an instance only if it passes. Empty: every message of the type.
     pub filter: String,
+    /// For a send port's subscription: the port (then `orchestration` and `version` are not
+    /// used). Every message of the type that passes `filter` is sent to it through the outbox.
+    pub port: Option<String>,
 }
 
 /// The id of the subscription a convoy activation gives `instance` for `message_type`; the

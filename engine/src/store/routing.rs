@@ -122,6 +122,8 @@ pub(crate) struct RouteCache {
     subscriptions: HashMap<(String, String), (Uuid, Uuid)>,
     /// Per type: the activating subscriptions, by orchestration name.
     activations: HashMap<String, Vec<ActivationRow>>,
+    /// Per type: the send ports' subscriptions.
+    ports: HashMap<String, Vec<ActivationRow>>,
 }
 
 /// An activating subscription as routing reads it: a definition, the version new instances
@@ -133,6 +135,8 @@ pub(crate) struct ActivationRow {
     pub(crate) version: u32,
     pub(crate) convoy: String,
     pub(crate) filter: Result<Filter, String>,
+    /// A send port's subscription: the port (the message is sent to it, besides its route).
+    pub(crate) port: Option<String>,
 }
 
 impl ActivationRow {
@@ -193,7 +197,23 @@ impl RouteCache {
 
     /// Records a type's activating subscriptions (none: an empty list), by orchestration name.
     pub(crate) fn activations(&mut self, message_type: &str, rows: Vec<ActivationRow>) {
+        let (ports, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|a| a.port.is_some());
         self.activations.insert(message_type.to_owned(), rows);
+        self.ports.insert(message_type.to_owned(), ports);
+    }
+
+    /// The send ports that subscribe to `msg` (its type, and a filter it passes).
+    pub(crate) fn ports_for(&self, msg: &NewMessage) -> Vec<String> {
+        if msg.target.is_some() {
+            return Vec::new();
+        }
+        self.ports
+            .get(&msg.message_type)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.passes(msg))
+            .filter_map(|a| a.port.clone())
+            .collect()
     }
 
     /// The other orchestrations a message that activates `route` also starts an instance of:

@@ -74,7 +74,8 @@ where
     // A type that activates an orchestration is not late for anyone: its message starts an
     // instance or goes to its convoy's next one.
     let activates = sqlx::query(
-        "SELECT message_type FROM subscriptions WHERE message_type = $1 AND instance_id IS NULL",
+        "SELECT message_type FROM subscriptions \
+         WHERE message_type = $1 AND instance_id IS NULL AND port IS NULL",
     )
     .bind(message_type)
     .fetch_optional(&mut *conn)

@@ -756,6 +756,8 @@ pub(super) async fn publish_all(
     // The copies of messages that activate several orchestrations (fan_out), each addressed to
     // its own new instance: inserted after the loop.
     let mut copies: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
+    // What send ports' subscriptions take: (message, port, time), sent after the loop.
+    let mut to_ports: Vec<(&NewMessage, String, DateTime<Utc>)> = Vec::new();
     let mut out = Vec::with_capacity(messages.len());
     for ((msg, at), first) in messages.iter().zip(first) {
         let Some(seq) = stored.get(&msg.id).filter(|_| first) else {
@@ -778,10 +780,20 @@ pub(super) async fn publish_all(
             },
             None => find_route(tx, msg).await?,
         };
-        let extra = match &cache {
-            Some(c) => c.fan_out(msg, &route),
-            None => read_routes(tx, &[msg]).await?.fan_out(msg, &route),
+        let (extra, ports) = match &cache {
+            Some(c) => (c.fan_out(msg, &route), c.ports_for(msg)),
+            None => {
+                let c = read_routes(tx, &[msg]).await?;
+                (c.fan_out(msg, &route), c.ports_for(msg))
+            }
         };
+        let sent = (!ports.is_empty()).then(|| {
+            format!(
+                "sent to send port(s) {} by their subscriptions",
+                ports.join(", ")
+            )
+        });
+        to_ports.extend(ports.into_iter().map(|port| (*msg, port, *at)));
         for (orchestration, version) in extra {
             let id = Uuid::now_v7();
             common::routing::insert_instance::<super::PostgresStore>(
@@ -796,6 +808,10 @@ pub(super) async fn publish_all(
             copies.push((msg.copy_for(&orchestration, id), *at));
         }
         out.push(match route {
+            Route::Unrouted(_) if sent.is_some() => {
+                routes.push(*seq, "consumed", None, None, sent, msg.kind);
+                PublishOutcome::ToPorts
+            }
             Route::Instance(id, sub) => {
                 routes.push(*seq, "routed", Some(id), sub, None, msg.kind);
                 PublishOutcome::Routed(id)
@@ -835,6 +851,7 @@ pub(super) async fn publish_all(
         });
     }
     routes.write(tx).await?;
+    common::routing::send_to_ports::<super::PostgresStore>(tx, &to_ports).await?;
     if !copies.is_empty() {
         let copies: Vec<(&NewMessage, DateTime<Utc>)> =
             copies.iter().map(|(m, at)| (m, *at)).collect();

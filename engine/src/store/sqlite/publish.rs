@@ -35,6 +35,8 @@ pub(super) async fn publish_all(
     // The copies of messages that activate several orchestrations (fan_out), each routed to
     // its own new instance: written after the loop, with the rest.
     let mut copies: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
+    // What send ports' subscriptions take: (message, port, time), sent after the loop.
+    let mut to_ports: Vec<(&NewMessage, String, DateTime<Utc>)> = Vec::new();
     let mut rows = Vec::with_capacity(messages.len());
     let mut out = Vec::with_capacity(messages.len());
     for (msg, at) in messages {
@@ -42,24 +44,27 @@ pub(super) async fn publish_all(
             out.push(PublishOutcome::Duplicate);
             continue;
         }
-        let (route, extra) = match routes.as_mut() {
+        let (route, extra, ports) = match routes.as_mut() {
             Some(cache) => {
                 let route = cache.route(msg);
                 let extra = cache.fan_out(msg, &route);
-                (route, extra)
+                (route, extra, cache.ports_for(msg))
             }
             None => {
                 let cache = read_routes(tx, &[msg]).await?;
                 let route = cache.route(msg);
                 let extra = cache.fan_out(msg, &route);
-                (route, extra)
+                (route, extra, cache.ports_for(msg))
             }
         };
+        let sent = (!ports.is_empty()).then(|| sent_to_ports(&ports));
+        to_ports.extend(ports.into_iter().map(|port| (*msg, port, *at)));
         for (orchestration, version) in extra {
             let id = activate(tx, &orchestration, version, None, *at).await?;
             copies.push((msg.copy_for(&orchestration, id), *at));
         }
         let (instance, subscription, reason, outcome) = match route {
+            Route::Unrouted(_) if sent.is_some() => (None, None, sent, PublishOutcome::ToPorts),
             Route::Instance(id, sub) => (Some(id), sub, None, PublishOutcome::Routed(id)),
             Route::Activate {
                 orchestration,
@@ -93,36 +98,58 @@ pub(super) async fn publish_all(
         } else {
             msg.kind
         };
-        rows.push((*msg, kind, instance, subscription, reason, *at));
+        let status = match (&outcome, instance, &reason) {
+            (PublishOutcome::ToPorts, _, _) => "consumed",
+            (_, Some(_), Some(_)) => "zombie",
+            (_, Some(_), None) => "routed",
+            (_, None, _) => "unrouted",
+        };
+        rows.push((*msg, kind, status, instance, subscription, reason, *at));
         out.push(outcome);
     }
     for (copy, at) in &copies {
-        rows.push((copy, MessageKind::Start, copy.target, None, None, *at));
+        rows.push((
+            copy,
+            MessageKind::Start,
+            "routed",
+            copy.target,
+            None,
+            None,
+            *at,
+        ));
     }
+    common::routing::send_to_ports::<SqliteStore>(tx, &to_ports).await?;
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::new(
             "INSERT INTO messages (id, message_type, kind, properties, body, status, \
              instance_id, subscription_id, reason, published_at) ",
         );
-        q.push_values(chunk, |mut row, (msg, kind, instance, sub, reason, at)| {
-            row.push_bind(&msg.id)
-                .push_bind(&msg.message_type)
-                .push_bind(kind.as_str())
-                .push_bind(serde_json::to_string(&msg.properties).unwrap_or_default())
-                .push_bind(msg.body.to_string())
-                .push_bind(match (instance, reason) {
-                    (Some(_), Some(_)) => "zombie",
-                    (Some(_), None) => "routed",
-                    (None, _) => "unrouted",
-                })
-                .push_bind(instance.map(|i| i.to_string()))
-                .push_bind(sub.map(|s| s.to_string()))
-                .push_bind(reason.as_deref())
-                .push_bind(ts(*at));
-        });
+        q.push_values(
+            chunk,
+            |mut row, (msg, kind, status, instance, sub, reason, at)| {
+                row.push_bind(&msg.id)
+                    .push_bind(&msg.message_type)
+                    .push_bind(kind.as_str())
+                    .push_bind(serde_json::to_string(&msg.properties).unwrap_or_default())
+                    .push_bind(msg.body.to_string())
+                    .push_bind(*status)
+                    .push_bind(instance.map(|i| i.to_string()))
+                    .push_bind(sub.map(|s| s.to_string()))
+                    .push_bind(reason.as_deref())
+                    .push_bind(ts(*at));
+            },
+        );
         execute(tx, q, chunk.len()).await?;
     }
     Ok(out)
+}
+
+/// The reason of a message no instance or activation took, but send ports did.
+fn sent_to_ports(ports: &[String]) -> String {
+    format!(
+        "sent to send port(s) {} by their subscriptions",
+        ports.join(", ")
+    )
 }
 
 /// The ids of these messages already stored.
