@@ -232,9 +232,8 @@ impl Context {
     ///
     /// Once an instance has waited on a key (a type and correlation values), a message for that
     /// key published after that instance ended is a zombie naming it, and a later instance that
-    /// waits on the key receives only what is published after it waits
-    /// ([docs/messaging.md](https://github.com/cairn/cairn/blob/main/docs/messaging.md#late-messages));
-    /// [`Context::receive_earlier`] takes those earlier messages too.
+    /// waits on the key receives only what is published after it waits (docs/messaging.md,
+    /// "Late messages"); [`Context::receive_earlier`] takes those earlier messages too.
     pub fn receive(&mut self, message_type: &str, correlation: Correlation) {
         self.effects.push(Effect::Receive(Receive {
             message_type: message_type.to_owned(),
