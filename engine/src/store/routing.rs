@@ -181,6 +181,20 @@ impl RouteCache {
         values.into_iter().collect()
     }
 
+    /// Whether `msg` may be late for an ended instance ([`common::late`]): its type has a
+    /// correlation key set that the message carries. When not, no instance ever waited on its
+    /// key, and the late check is skipped (a message of a type nothing correlates on costs no
+    /// more than before).
+    ///
+    /// [`common::late`]: super::common::late
+    pub(crate) fn may_be_late(&self, msg: &NewMessage) -> bool {
+        self.key_sets.get(&msg.message_type).is_some_and(|sets| {
+            sets.iter().any(|keys| {
+                !keys.is_empty() && Correlation::from_properties(keys, &msg.properties).is_some()
+            })
+        })
+    }
+
     /// Records a matching instance subscription; rows must come oldest first (`ORDER BY
     /// created_at, id`), as the first one per correlation is the one routed to.
     pub(crate) fn subscription(

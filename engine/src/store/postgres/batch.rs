@@ -837,7 +837,13 @@ pub(super) async fn publish_all(
                 PublishOutcome::Routed(id)
             }
             Route::Unrouted(reason) => {
-                match common::late::late_for::<super::PostgresStore>(tx, msg).await? {
+                let may_be_late = cache.as_ref().is_none_or(|c| c.may_be_late(msg));
+                let late = if may_be_late {
+                    common::late::late_for::<super::PostgresStore>(tx, msg).await?
+                } else {
+                    None
+                };
+                match late {
                     Some((instance, zombie)) => {
                         routes.push(*seq, "zombie", Some(instance), None, Some(zombie), msg.kind);
                         PublishOutcome::Zombie(instance)

@@ -77,7 +77,7 @@ pub(super) async fn publish_all(
                 let id = activate(tx, &orchestration, version, convoy, *at).await?;
                 (Some(id), None, None, PublishOutcome::Routed(id))
             }
-            Route::Unrouted(reason) => match late::late_for::<SqliteStore>(tx, msg).await? {
+            Route::Unrouted(reason) => match late_for(tx, routes.as_ref(), msg).await? {
                 Some((instance, zombie)) => (
                     Some(instance),
                     None,
@@ -142,6 +142,19 @@ pub(super) async fn publish_all(
         execute(tx, q, chunk.len()).await?;
     }
     Ok(out)
+}
+
+/// [`late::late_for`], skipped when the batch's routing rows show that no instance can have
+/// waited on the message's key.
+async fn late_for(
+    tx: &mut Tx,
+    routes: Option<&RouteCache>,
+    msg: &NewMessage,
+) -> StoreResult<Option<(uuid::Uuid, String)>> {
+    if routes.is_some_and(|r| !r.may_be_late(msg)) {
+        return Ok(None);
+    }
+    late::late_for::<SqliteStore>(tx, msg).await
 }
 
 /// The reason of a message no instance or activation took, but send ports did.
