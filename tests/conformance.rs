@@ -18,6 +18,7 @@
 //! | `timers.rs` | timers claimed when due, once |
 //! | `write_paths.rs` | random points in random groups end as one transaction per point would (a property test) |
 //! | `operators.rs` | operator verbs: control, dead letters |
+//! | `subscribers.rs` | publish-subscribe: every subscriber whose filter a message passes, send port subscriptions, broken filters recorded |
 //! | `late.rs` | late messages: a message for the key of an ended instance is its zombie, a later instance gets only what follows it |
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
@@ -38,6 +39,8 @@ mod operators;
 mod outbox;
 #[path = "conformance/publish.rs"]
 mod publish;
+#[path = "conformance/subscribers.rs"]
+mod subscribers;
 #[path = "conformance/timers.rs"]
 mod timers;
 #[path = "conformance/write_paths.rs"]
