@@ -18,6 +18,8 @@
 //! | `timers.rs` | timers claimed when due, once |
 //! | `write_paths.rs` | random points in random groups end as one transaction per point would (a property test) |
 //! | `operators.rs` | operator verbs: control, dead letters |
+//! | `subscribers.rs` | publish-subscribe: every subscriber whose filter a message passes, send port subscriptions, broken filters recorded |
+//! | `late.rs` | late messages: a message for the key of an ended instance is its zombie, a later instance gets only what follows it |
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 
@@ -29,6 +31,8 @@ mod claims;
 mod fencing;
 #[path = "conformance/group_commit.rs"]
 mod group_commit;
+#[path = "conformance/late.rs"]
+mod late;
 #[path = "conformance/operators.rs"]
 mod operators;
 #[path = "conformance/outbox.rs"]
@@ -37,6 +41,8 @@ mod outbox;
 mod publish;
 #[path = "conformance/schema.rs"]
 mod schema;
+#[path = "conformance/subscribers.rs"]
+mod subscribers;
 #[path = "conformance/timers.rs"]
 mod timers;
 #[path = "conformance/write_paths.rs"]
@@ -85,6 +91,7 @@ async fn started_and_receiving(
         id: Uuid::new_v4(),
         message_type: "paid".into(),
         correlation: Correlation::on("order", round),
+        earlier: false,
     }]);
     (inst, rec[0].epoch, p)
 }

@@ -52,7 +52,108 @@ backend_tests!(
     a_hosts_client_leaves_starts_to_claims_once_its_backlog_waits,
     an_eager_start_is_written_with_its_first_point_in_one_commit,
     an_eager_start_whose_first_transition_panics_is_stored_and_suspended_as_poison,
+    a_fault_before_the_first_point_shows_the_step_the_last_transition_reached,
+    the_start_transition_sees_the_activating_message_or_the_start,
 );
+
+/// Issue 25, point 3: the start transition sees what started it beside its input. Activated by a
+/// published message: its type, id, properties (set and promoted) and received time. Started
+/// through a client (the host's, run eagerly, and a plain one, claimed by the host): the start's
+/// id `<instance id>:start` and type `start-probe.start`.
+async fn the_start_transition_sees_the_activating_message_or_the_start(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let (_, outcome) = client
+        .publish(
+            "probe.activate",
+            json!({"order_id": "o-3", "amount": 12}),
+            Some("activation-1".into()),
+            BTreeMap::from([("region".to_owned(), "eu".to_owned())]),
+        )
+        .await
+        .unwrap();
+    let activated = routed(outcome);
+    db.wait_status(activated, InstanceStatus::Completed, WAIT)
+        .await;
+    let output = output_of(&db, activated).await;
+    let started_by = &output["started_by"];
+    assert_eq!(output["input"], json!({"order_id": "o-3", "amount": 12}));
+    assert_eq!(started_by["id"], "activation-1");
+    assert_eq!(started_by["message_type"], "probe.activate");
+    assert_eq!(started_by["by_message"], true);
+    assert_eq!(
+        started_by["properties"],
+        json!({"region": "eu", "order_id": "o-3", "amount": "12"})
+    );
+    let published_at = db
+        .texts(
+            "SELECT CAST(published_at AS TEXT) FROM messages WHERE id = $1",
+            "activation-1",
+        )
+        .await;
+    let received: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(started_by["received_at"].clone()).unwrap();
+    let stored = chrono::DateTime::parse_from_rfc3339(&published_at[0].replace(' ', "T"))
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .or_else(|_| {
+            chrono::DateTime::parse_from_str(&published_at[0], "%Y-%m-%d %H:%M:%S%.f%#z")
+                .map(|t| t.with_timezone(&chrono::Utc))
+        })
+        .unwrap_or_else(|e| panic!("{published_at:?}: {e}"));
+    assert_eq!(received.timestamp_millis(), stored.timestamp_millis());
+
+    let plain = Client::new(db.store.clone(), support::fixtures::registry());
+    for client in [client, plain] {
+        let id = client.start("start-probe", json!({"n": 1})).await.unwrap();
+        db.wait_status(id, InstanceStatus::Completed, WAIT).await;
+        let output = output_of(&db, id).await;
+        assert_eq!(output["input"], json!({"n": 1}));
+        assert_eq!(output["started_by"]["id"], format!("{id}:start"));
+        assert_eq!(output["started_by"]["message_type"], "start-probe.start");
+        assert_eq!(output["started_by"]["by_message"], false);
+        assert_eq!(output["started_by"]["properties"], json!({}));
+    }
+    host.stop();
+}
+
+async fn output_of(db: &TestDb, id: Uuid) -> serde_json::Value {
+    db.store
+        .instance_detail(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .output
+        .unwrap()
+}
+
+/// Issue 25, point 5: `fixable` (the buggy build) waits after its start transition (memory only,
+/// no persistence point), then fails on `fixable.go`. The suspended instance shows the step its
+/// start transition reached, `Waiting`, not `created`; its stored state is still none (it
+/// resumes from the start).
+async fn a_fault_before_the_first_point_shows_the_step_the_last_transition_reached(db: TestDb) {
+    let (host, _) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    // A client that is not the host's: the start is claimed by the host, not run eagerly with a
+    // first point.
+    let client = Client::new(db.store.clone(), support::fixtures::registry());
+    let id = client.start("fixable", json!("step-5")).await.unwrap();
+    db.wait_subscribed(id, WAIT).await;
+    publish(&client, "go-step-5", "fixable.go", json!({"key": "step-5"})).await;
+    db.wait_status(id, InstanceStatus::Suspended, WAIT).await;
+    let step = db
+        .texts(
+            "SELECT step FROM instances WHERE CAST(id AS TEXT) = $1",
+            &id.to_string(),
+        )
+        .await;
+    assert_eq!(step, vec!["Waiting".to_owned()]);
+    let history = db
+        .texts(
+            "SELECT reason || ':' || step FROM history WHERE CAST(instance_id AS TEXT) = $1 ORDER BY seq",
+            &id.to_string(),
+        )
+        .await;
+    assert_eq!(history, vec!["suspend:Waiting".to_owned()], "{history:?}");
+    host.stop();
+}
 
 async fn samples_run_to_completion_on_the_host(db: TestDb) {
     let deliveries = Deliveries::default();

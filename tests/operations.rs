@@ -310,12 +310,13 @@ fn in_list(column: &str, ids: &[Uuid]) -> String {
 }
 
 /// The tables that hold rows of an instance, and their instance column.
-const OWNED: [(&str, &str); 7] = [
+const OWNED: [(&str, &str); 8] = [
     ("instances", "id"),
     ("history", "instance_id"),
     ("messages", "instance_id"),
     ("outbox", "instance_id"),
     ("subscriptions", "instance_id"),
+    ("waited_keys", "instance_id"),
     ("timers", "instance_id"),
     ("control", "instance_id"),
 ];

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cairn::host::receive::ReceiveLocation;
-use cairn::store::{InstanceStatus, MessageKind, NewMessage};
+use cairn::store::{InstanceStatus, MessageKind, NewMessage, PublishOutcome};
 use cairn::{Client, HostConfig};
 use serde_json::json;
 use support::fixtures::{fast_config, Deliveries, HostThread, CONVOY_BATCH};
@@ -28,6 +28,9 @@ backend_tests!(
     files_dropped_in_a_folder_are_published_then_removed,
     http_posts_are_accepted_after_commit_and_deduplicated_by_their_key,
     properties_set_by_the_publisher_route_and_win_over_promoted_body_fields,
+    a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted_one,
+    a_message_starts_one_instance_of_each_orchestration_whose_filter_it_passes,
+    a_send_port_subscribes_by_filter_and_receives_published_messages_directly,
 );
 
 async fn publish(client: &Client, id: String, ty: &str, body: serde_json::Value) {
@@ -542,6 +545,329 @@ async fn properties_set_by_the_publisher_route_and_win_over_promoted_body_fields
     assert!(
         properties[0].contains("\"approved\":\"true\""),
         "body fields are promoted: {properties:?}"
+    );
+    host.stop();
+}
+
+/// Issue 25, point 4, the purchase order of docs/messaging.md#late-messages. An ack that arrives
+/// after its PO escalated and ended is a zombie naming that PO; the resubmitted PO (same po_id)
+/// does not take it and completes with the ack published after it waits; a PO whose receive asks
+/// for earlier messages takes the zombie. An ack published before any PO of its id waited keeps
+/// today's behaviour: held unrouted, then routed to the first PO that waits on it.
+async fn a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted_one(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let submit = |id: &str, body: serde_json::Value| {
+        let client = client.clone();
+        let id = id.to_owned();
+        async move {
+            let (_, outcome) = client
+                .publish("po.submitted", body, Some(id), BTreeMap::new())
+                .await
+                .unwrap();
+            match outcome {
+                PublishOutcome::Routed(instance) => instance,
+                other => panic!("a PO is routed: {other:?}"),
+            }
+        }
+    };
+    let ack = |id: &str, po: &str, by: &str| {
+        let client = client.clone();
+        let (id, body) = (id.to_owned(), json!({"po_id": po, "by": by}));
+        async move {
+            client
+                .publish("po.ack", body, Some(id), BTreeMap::new())
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    let output = |id: uuid::Uuid| {
+        let db = &db;
+        async move {
+            db.store
+                .instance_detail(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .output
+                .unwrap()
+        }
+    };
+
+    // The first PO escalates and ends; its ack comes too late.
+    let first = submit("po-1", json!({"po_id": "po-1", "escalate_ms": 100})).await;
+    db.wait_status(first, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(first).await, json!("escalated"));
+    assert_eq!(
+        ack("ack-stale", "po-1", "stale").await,
+        PublishOutcome::Zombie(first)
+    );
+    let row: (String, String, String) = sqlx::query_as(
+        "SELECT status, CAST(instance_id AS TEXT), reason FROM messages WHERE id = $1",
+    )
+    .bind("ack-stale")
+    .fetch_one(&db.sql)
+    .await
+    .unwrap();
+    assert_eq!(
+        (row.0.as_str(), row.1.clone()),
+        ("zombie", first.to_string())
+    );
+    assert!(row.2.starts_with("late: "), "{}", row.2);
+    let detail = db.store.instance_detail(first).await.unwrap().unwrap();
+    assert_eq!(
+        detail.zombies,
+        [("ack-stale".to_owned(), "po.ack".to_owned())]
+    );
+
+    // The same PO resubmitted: it does not complete with the stale ack, but with the next one.
+    let again = submit("po-1-again", json!({"po_id": "po-1"})).await;
+    db.wait_subscribed(again, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(db.status(again).await, Some(InstanceStatus::Running));
+    assert_eq!(
+        db.texts("SELECT status FROM messages WHERE id = $1", "ack-stale")
+            .await,
+        ["zombie"]
+    );
+    assert_eq!(
+        ack("ack-fresh", "po-1", "fresh").await,
+        PublishOutcome::Routed(again)
+    );
+    db.wait_status(again, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(again).await, json!("fresh"));
+
+    // A PO whose receive asks for earlier messages takes the zombie.
+    let third = submit("po-1-third", json!({"po_id": "po-1", "earlier": true})).await;
+    db.wait_status(third, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(third).await, json!("stale"));
+
+    // An ack before any PO of its id ever waited: unrouted, then taken by the first PO.
+    assert_eq!(
+        ack("ack-early", "po-2", "early").await,
+        PublishOutcome::Unrouted
+    );
+    let early = submit("po-2", json!({"po_id": "po-2"})).await;
+    db.wait_status(early, InstanceStatus::Completed, WAIT).await;
+    assert_eq!(output(early).await, json!("early"));
+    host.stop();
+}
+
+/// Issue 25, point 8: publish-subscribe. `invoice.issued` activates `invoice-audit` (no filter)
+/// and `large-invoice-review` (`amount >= 1000 AND region = 'EU'`): a large EU invoice starts
+/// one instance of each (the message and a copy, each consumed once), a small one the audit
+/// only, a duplicate nothing. The filters are data in `subscriptions`. A filter row written by
+/// hand that does not parse routes nothing, says why in `filter_error`, and the other
+/// subscription still receives.
+async fn a_message_starts_one_instance_of_each_orchestration_whose_filter_it_passes(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let filters: Vec<(String, String)> = sqlx::query_as(
+        "SELECT orchestration, filter FROM subscriptions \
+         WHERE message_type = 'invoice.issued' AND instance_id IS NULL ORDER BY orchestration",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    assert_eq!(
+        filters,
+        [
+            ("invoice-audit".to_owned(), String::new()),
+            (
+                "large-invoice-review".to_owned(),
+                "amount >= 1000 AND region = 'EU'".to_owned()
+            )
+        ]
+    );
+    let invoice = |id: &str, amount: i64, region: &str| {
+        NewMessage::published(
+            id,
+            "invoice.issued",
+            json!({"amount": amount, "region": region}),
+            BTreeMap::new(),
+        )
+    };
+    let outcomes = client
+        .publish_batch(vec![
+            invoice("inv-big", 1500, "EU"),
+            invoice("inv-small", 10, "EU"),
+            invoice("inv-us", 5000, "US"),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, PublishOutcome::Routed(_))),
+        "{outcomes:?}"
+    );
+    let ended = |orchestration: &'static str| {
+        let db = &db;
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT output FROM instances WHERE orchestration = $1 AND status = 'completed' \
+                 ORDER BY output",
+            )
+            .bind(orchestration)
+            .fetch_all(&db.sql)
+            .await
+            .unwrap()
+        }
+    };
+    db.wait_for("every invoice instance completed", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration LIKE '%invoice%' AND status = 'completed'")
+            .await
+            == 4
+    })
+    .await;
+    assert_eq!(
+        ended("invoice-audit").await,
+        ["\"inv-big\"", "\"inv-small\"", "\"inv-us\""]
+    );
+    assert_eq!(
+        ended("large-invoice-review").await,
+        ["\"inv-big/large-invoice-review\""]
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM messages WHERE message_type = 'invoice.issued' AND status = 'consumed'")
+            .await,
+        4
+    );
+    // Published again: stored once, no instance more.
+    let again = client
+        .publish_batch(vec![invoice("inv-big", 1500, "EU")])
+        .await
+        .unwrap();
+    assert_eq!(again, [PublishOutcome::Duplicate]);
+
+    // A filter written by hand that does not parse: the audit routes nothing, the review still
+    // receives, and the row says why.
+    sqlx::query(
+        "UPDATE subscriptions SET filter = 'amount >>> (' \
+         WHERE orchestration = 'invoice-audit' AND instance_id IS NULL",
+    )
+    .execute(&db.sql)
+    .await
+    .unwrap();
+    let outcomes = client
+        .publish_batch(vec![invoice("inv-after", 2000, "EU")])
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[0], PublishOutcome::Routed(_)),
+        "{outcomes:?}"
+    );
+    db.wait_for("the review of inv-after", WAIT, || async {
+        ended("large-invoice-review").await.len() == 2
+    })
+    .await;
+    let noted: Vec<String> = sqlx::query_scalar(
+        "SELECT COALESCE(filter_error, '') FROM subscriptions \
+         WHERE orchestration = 'invoice-audit' AND instance_id IS NULL",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    assert!(noted[0].contains("does not parse"), "{noted:?}");
+    assert_eq!(ended("invoice-audit").await.len(), 3);
+    host.stop();
+}
+
+/// Issue 25, point 8: a send port subscribes to published messages by itself (messaging-only
+/// routing). `log` takes `invoice.issued` of 1000 or more besides the orchestrations that
+/// activate on it; `refuser` takes every `shipment.scanned`, which nothing else subscribes to,
+/// and refuses it: the send is dead-lettered, as any send is. The subscriptions are rows of
+/// `subscriptions` with `port` set.
+async fn a_send_port_subscribes_by_filter_and_receives_published_messages_directly(db: TestDb) {
+    let deliveries = Deliveries::default();
+    let recorded = deliveries.clone();
+    let setup = support::fixtures::HostSetup {
+        ports: Box::new(move |client| {
+            support::fixtures::ports(client, recorded)
+                .function("refuser", |_msg: cairn::OutboundMessage| async move {
+                    Err::<Option<serde_json::Value>, _>(cairn::PortError::permanent(
+                        "the scanner archive refuses everything",
+                    ))
+                })
+                .subscribe("log", "invoice.issued", "amount >= 1000")
+                .subscribe("refuser", "shipment.scanned", "")
+        }),
+        ..support::fixtures::HostSetup::new(fast_config(), Deliveries::default())
+    };
+    let (host, client) = HostThread::launch(&db, setup).await;
+    let ports: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT port, message_type, filter FROM subscriptions WHERE port IS NOT NULL ORDER BY port",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    assert_eq!(
+        ports,
+        [
+            (
+                "log".to_owned(),
+                "invoice.issued".to_owned(),
+                "amount >= 1000".to_owned()
+            ),
+            (
+                "refuser".to_owned(),
+                "shipment.scanned".to_owned(),
+                String::new()
+            ),
+        ]
+    );
+    let invoice = |id: &str, amount: i64| {
+        NewMessage::published(
+            id,
+            "invoice.issued",
+            json!({"amount": amount, "region": "US"}),
+            BTreeMap::new(),
+        )
+    };
+    client
+        .publish_batch(vec![invoice("inv-a", 5000), invoice("inv-b", 5)])
+        .await
+        .unwrap();
+    db.wait_for("the log port's delivery", WAIT, || async {
+        deliveries.ids().contains(&"inv-a@log".to_owned())
+    })
+    .await;
+    // The orchestrations still got both invoices; the port only the large one.
+    db.wait_for("both audits", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'invoice-audit' AND status = 'completed'")
+            .await
+            == 2
+    })
+    .await;
+    assert!(!deliveries.ids().iter().any(|id| id.starts_with("inv-b")));
+
+    let (_, outcome) = client
+        .publish(
+            "shipment.scanned",
+            json!({"parcel": "p-1"}),
+            Some("scan-1".into()),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::ToPorts);
+    assert_eq!(
+        db.texts("SELECT status FROM messages WHERE id = $1", "scan-1")
+            .await,
+        ["consumed"]
+    );
+    db.wait_for("the refused send dead-lettered", WAIT, || async {
+        db.count_with(
+            "SELECT COUNT(*) FROM dead_letters WHERE id = $1 AND port = 'refuser'",
+            "scan-1@refuser",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        db.texts("SELECT status FROM outbox WHERE id = $1", "scan-1@refuser")
+            .await,
+        ["dead"]
     );
     host.stop();
 }

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -450,6 +452,90 @@ fn a_transition_the_orchestration_does_not_declare_fails_its_scenario() {
         matches!(&err, ScenarioError::UndeclaredTransition { from, to } if from == "Idle" && to == "Ringing"),
         "{err}"
     );
+}
+
+/// Completes at once with what started it, as its start transition saw it.
+struct StartedByEcho;
+
+impl cairn::Orchestration for StartedByEcho {
+    const NAME: &'static str = "started-by-echo";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["echo.asked"];
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = Option<cairn::StartedBy>;
+    fn start(
+        ctx: &mut cairn::Context,
+        _: serde_json::Value,
+    ) -> Result<cairn::Next<Self>, cairn::Fault> {
+        Ok(cairn::Next::Complete(ctx.started_by().cloned()))
+    }
+    fn on_event(
+        _: &mut cairn::Context,
+        _: (),
+        event: cairn::Event,
+    ) -> Result<cairn::Next<Self>, cairn::Fault> {
+        Err(cairn::UnexpectedEvent(event.label()).into())
+    }
+}
+
+#[test]
+fn a_scenario_start_and_activation_show_what_started_the_instance() {
+    let s = Scenario::<StartedByEcho>::activate("echo.asked", json!({"order_id": "o-9"})).unwrap();
+    let by = s.output().cloned().flatten().expect("started by a message");
+    assert!(by.by_message);
+    assert_eq!(by.message_type, "echo.asked");
+    assert_eq!(by.property("order_id"), Some("o-9"));
+
+    let s = Scenario::<StartedByEcho>::start(json!({})).unwrap();
+    let by = s.output().cloned().flatten().expect("started");
+    assert!(!by.by_message);
+    assert_eq!(by.message_type, "started-by-echo.start");
+    assert!(by.id.ends_with(":start"), "{}", by.id);
+    assert!(by.properties.is_empty());
+}
+
+backend_tests!(approval_escalates_by_the_clock_and_survives_a_crash_at_every_point_on_each_backend);
+
+/// Issue 25, point 6: the crash test on SQLite and on PostgreSQL (`CrashTest::database`), with
+/// time moved and a message published at the steps the test names, not only after the start.
+/// The approval waits a day before escalating: the clock moves a day at `AwaitingDecision`; the
+/// decision is published once it shows `Escalated`. Every run (clean, and a crash before and
+/// after each commit) must end completed, approved by carol, with the clean run's history.
+async fn approval_escalates_by_the_clock_and_survives_a_crash_at_every_point_on_each_backend(
+    db: support::TestDb,
+) {
+    let request = approval::Request {
+        escalate_after_ms: 86_400_000,
+        deadline_after_ms: 86_400_000,
+        ..request()
+    };
+    let decision = NewMessage::published(
+        "decision-carol",
+        "approval.decision",
+        json!({"request_id": "r-1", "approved": true, "by": "carol"}),
+        BTreeMap::new(),
+    );
+    let url = db.url.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        CrashTest::new(registry(), "approval", json!(request))
+            .database(&url)
+            .ports(recording_ports)
+            .advance_at("AwaitingDecision", chrono::Duration::days(1))
+            .publish_at("Escalated", decision)
+            .run()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Completed);
+    let steps: Vec<&str> = report.history.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(
+        steps,
+        ["AwaitingDecision", "Escalated", "completed"],
+        "{report:?}"
+    );
+    assert!(report.crashed_runs >= 6, "{report:?}");
 }
 
 fn loan() -> loan_application::LoanRequest {

@@ -300,6 +300,10 @@ pub enum Command {
         /// host hears of only through the database.
         #[arg(long)]
         from_process: bool,
+        /// W4 with this many filtered activating subscriptions on its message type besides
+        /// (filters no message passes): what reading and keeping filters costs routing.
+        #[arg(long, default_value_t = 0)]
+        filtered_subscriptions: usize,
         /// The hosts keep Prometheus metrics and serve them on a loopback port (to measure
         /// what metrics cost: W1 with and without).
         #[arg(long)]
@@ -617,6 +621,13 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                      it is routed when a matching receive appears"
                 ),
                 PublishOutcome::Duplicate => println!("{id}: already published; ignored"),
+                PublishOutcome::ToPorts => {
+                    println!("{id}: sent to the send ports that subscribe to {message_type:?}")
+                }
+                PublishOutcome::Zombie(instance) => println!(
+                    "{id}: stored as a zombie of instance {instance}, which waited on its key and has ended \
+                     (a late message; `cairn show {instance}` lists it)"
+                ),
             }
         }
         Command::List { status, limit } => {
@@ -753,6 +764,7 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
         json_file,
         callers,
         from_process,
+        filtered_subscriptions,
         metrics,
         duration,
         rate,
@@ -786,6 +798,7 @@ async fn bench(cli: Cli) -> Result<(), CliError> {
             retain: retain_ended,
             callers,
             from_process,
+            filtered_subscriptions,
         },
     };
     let figures = crate::bench::run(&url, &options).await?;

@@ -10,6 +10,8 @@
 //! cancelled in the same step: the transition that handles the event declares what it waits for
 //! next. Replies, child results and send failures are addressed to the instance and need no wait.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -93,6 +95,12 @@ pub struct Receive {
     pub message_type: String,
     /// The properties the message must carry.
     pub correlation: Correlation,
+    /// Whether it also takes the messages of its key published before it waited: those late for
+    /// an earlier, ended instance of the key (zombies) and those held unrouted
+    /// ([`Context::receive_earlier`]). Without it, an instance receives only what is published
+    /// after it waits, once another instance has waited on the key.
+    #[serde(default)]
+    pub earlier: bool,
 }
 
 /// A wait for a time.
@@ -104,12 +112,40 @@ pub struct Delay {
     pub at: DateTime<Utc>,
 }
 
+/// What started an instance, as its start transition sees it beside its input
+/// ([`Context::started_by`]): the activating message's type, id, properties and the time it was
+/// received, for an activation by a published message; for a start through `cairn start`,
+/// [`Client::start`](crate::Client::start) or a parent's [`Context::start`], the start's own id
+/// (`<instance id>:start`) and type (`<orchestration>.start`), with no properties.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartedBy {
+    /// The message id: the activating message's, or `<instance id>:start`.
+    pub id: String,
+    /// The message type: the activating message's, or `<orchestration>.start`.
+    pub message_type: String,
+    /// The activating message's routing properties (set by its publisher or promoted from its
+    /// body); empty for a start.
+    pub properties: BTreeMap<String, String>,
+    /// When the message was received (published into the MessageBox), or the instance started.
+    pub received_at: DateTime<Utc>,
+    /// Whether a published message activated the instance (rather than a start).
+    pub by_message: bool,
+}
+
+impl StartedBy {
+    /// A routing property of the activating message.
+    pub fn property(&self, key: &str) -> Option<&str> {
+        self.properties.get(key).map(String::as_str)
+    }
+}
+
 /// What a transition uses to ask for effects; see the module docs.
 #[derive(Debug)]
 pub struct Context {
     instance_id: Uuid,
     now: DateTime<Utc>,
     effects: Vec<Effect>,
+    started_by: Option<StartedBy>,
 }
 
 impl Context {
@@ -119,7 +155,22 @@ impl Context {
             instance_id,
             now,
             effects: Vec::new(),
+            started_by: None,
         }
+    }
+
+    /// The same context for a start transition, started by `started_by`.
+    #[must_use]
+    pub fn starting(mut self, started_by: StartedBy) -> Self {
+        self.started_by = Some(started_by);
+        self
+    }
+
+    /// In the start transition, what started the instance: the activating message's type, id,
+    /// properties and received time, or the start's id ([`StartedBy`]). `None` in every other
+    /// transition.
+    pub fn started_by(&self) -> Option<&StartedBy> {
+        self.started_by.as_ref()
     }
 
     /// This instance's id.
@@ -178,10 +229,28 @@ impl Context {
     }
 
     /// Waits for a published message of `message_type` whose properties carry `correlation`.
+    ///
+    /// Once an instance has waited on a key (a type and correlation values), a message for that
+    /// key published after that instance ended is a zombie naming it, and a later instance that
+    /// waits on the key receives only what is published after it waits (docs/messaging.md,
+    /// "Late messages"); [`Context::receive_earlier`] takes those earlier messages too.
     pub fn receive(&mut self, message_type: &str, correlation: Correlation) {
         self.effects.push(Effect::Receive(Receive {
             message_type: message_type.to_owned(),
             correlation,
+            earlier: false,
+        }));
+    }
+
+    /// Like [`Context::receive`], and also takes the messages of this key published before the
+    /// receive: those late for an earlier instance of the key that ended (zombies, named by
+    /// `reason LIKE 'late:%'`) and those held unrouted, oldest first. For a resubmission that
+    /// must see what its predecessor missed.
+    pub fn receive_earlier(&mut self, message_type: &str, correlation: Correlation) {
+        self.effects.push(Effect::Receive(Receive {
+            message_type: message_type.to_owned(),
+            correlation,
+            earlier: true,
         }));
     }
 

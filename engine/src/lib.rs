@@ -58,6 +58,7 @@ pub mod codec;
 #[cfg(feature = "console")]
 pub mod console;
 mod context;
+pub mod filter;
 pub mod host;
 mod orchestration;
 pub mod registry;
@@ -66,7 +67,7 @@ pub mod store;
 pub mod testing;
 
 pub use call::{Call, Called};
-pub use context::{Context, Delay, Effect, Receive, ScopeKind};
+pub use context::{Context, Delay, Effect, Receive, ScopeKind, StartedBy};
 pub use host::ports::{
     Delivering, FilePort, HttpPort, OutboundMessage, PortError, Ports, RetryPolicy, SendPort,
 };

@@ -103,6 +103,12 @@ pub trait Orchestration: Send + Sync + 'static {
     /// instance starts waiting for them (cancel with [`Context::cancel_waits`]); after it ends,
     /// the next message with the value starts a new instance.
     const CONVOY: &'static [&'static str] = &[];
+    /// A filter on the activating message's properties ([`crate::filter`]), for every type in
+    /// `ACTIVATED_BY`: a message starts an instance only if it passes, for example
+    /// `"amount >= 1000 AND region = 'EU'"`. Empty (the default): every message of the types.
+    /// Stored in `subscriptions.filter`; a message that passes the activating subscriptions of
+    /// several orchestrations starts one instance of each (a copy of it for each).
+    const FILTER: &'static str = "";
     /// What a fault no scope handles does to an instance: suspend it (the default) or end it
     /// as `failed`.
     const ON_UNHANDLED_FAULT: OnFault = OnFault::Suspend;

@@ -65,6 +65,10 @@ pub trait Definition: Send + Sync {
     }
     /// `Orchestration::ON_UNHANDLED_FAULT`.
     fn on_unhandled_fault(&self) -> OnFault;
+    /// `Orchestration::FILTER`.
+    fn filter(&self) -> &'static str {
+        ""
+    }
     /// `Orchestration::STEPS`.
     fn steps(&self) -> &'static [&'static str] {
         &[]
@@ -159,6 +163,9 @@ impl<O: Orchestration> Definition for Typed<O> {
     }
     fn convoy(&self) -> &'static [&'static str] {
         O::CONVOY
+    }
+    fn filter(&self) -> &'static str {
+        O::FILTER
     }
     fn clone_state(&self, state: &AnyState) -> Result<AnyState, Fault> {
         let state = state

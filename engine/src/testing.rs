@@ -6,9 +6,11 @@
 //!   events, then assert on its state, its step, the effects it asked for and its outcome. It uses
 //!   the engine's own event handling, so what a scenario accepts the host accepts too (a message
 //!   the instance does not wait for is refused, as the host would hold it back).
-//! * [`CrashTest`] runs one instance under the real engine on a temporary SQLite database, once
-//!   cleanly and then with a crash injected at every persistence point in turn (just before its
-//!   commit, and just after it), restarting a fresh host each time. It checks G1-G3 and G5 for
+//! * [`CrashTest`] runs one instance under the real engine on a temporary SQLite database, or on
+//!   a fresh PostgreSQL database per run ([`CrashTest::database`]), once cleanly and then with a
+//!   crash injected at every persistence point in turn (just before its commit, and just after
+//!   it), restarting a fresh host each time. It can publish messages and move the engine's clock
+//!   when the instance reaches a step ([`CrashTest::publish_at`], [`CrashTest::advance_at`]). It checks G1-G3 and G5 for
 //!   the orchestration: the instance ends as in the clean run, every message addressed to it is
 //!   consumed exactly once, its history is the clean run's history, every committed send was
 //!   delivered and no uncommitted one was.
@@ -33,10 +35,8 @@
 //! assert_eq!(s.output(), Some(&"hello ada".to_owned()));
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -44,16 +44,15 @@ use uuid::Uuid;
 use crate::codec;
 use crate::context::Effect;
 use crate::host::instance::{Delivery, LiveInstance, Waits};
-use crate::host::{Client, Host, HostConfig};
 use crate::orchestration::Orchestration;
 use crate::registry::Registry;
-use crate::store::faulty::{CrashPoint, FaultPlan, FaultyStore};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{
-    HistoryRow, InstanceRecord, InstanceStatus, Maintenance, MessageKind, NewMessage,
-    OperatorVerbs, Reason, Store, StoredMessage,
+    InstanceRecord, InstanceStatus, MessageKind, NewMessage, Reason, StoredMessage,
 };
-use crate::Ports;
+
+mod crash;
+
+pub use crash::{CrashReport, CrashTest, CrashTestFailure, PortFactory, Recorder};
 
 /// A scenario step that could not be taken.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -136,6 +135,52 @@ impl<O: Orchestration> Scenario<O> {
         now: DateTime<Utc>,
         input: O::Input,
     ) -> Result<Self, ScenarioError> {
+        let input =
+            serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
+        Self::begin(registry, now, None, input, BTreeMap::new())
+    }
+
+    /// Starts an instance as a published message of `message_type` would activate it: `body` is
+    /// its input, its top-level fields are promoted to properties (as on publish), and the start
+    /// transition sees the message in [`Context::started_by`](crate::Context::started_by).
+    ///
+    /// # Errors
+    /// The start transition failed.
+    pub fn activate(message_type: &str, body: serde_json::Value) -> Result<Self, ScenarioError> {
+        Self::activate_with(
+            Registry::new(),
+            Utc::now(),
+            message_type,
+            body,
+            BTreeMap::new(),
+        )
+    }
+
+    /// [`Scenario::activate`] with a registry, a time and properties set by the publisher (which
+    /// win over promoted ones).
+    ///
+    /// # Errors
+    /// The start transition failed.
+    pub fn activate_with(
+        registry: Registry,
+        now: DateTime<Utc>,
+        message_type: &str,
+        body: serde_json::Value,
+        properties: BTreeMap<String, String>,
+    ) -> Result<Self, ScenarioError> {
+        let properties =
+            NewMessage::published("", message_type, body.clone(), properties).properties;
+        Self::begin(registry, now, Some(message_type), body, properties)
+    }
+
+    /// Starts the instance: by a start (`activating` is `None`) or by a message of that type.
+    fn begin(
+        registry: Registry,
+        now: DateTime<Utc>,
+        activating: Option<&str>,
+        input: serde_json::Value,
+        properties: BTreeMap<String, String>,
+    ) -> Result<Self, ScenarioError> {
         let registry = registry.register::<O>();
         let def = registry
             .get(O::NAME, O::VERSION)
@@ -165,9 +210,18 @@ impl<O: Orchestration> Scenario<O> {
             last_step: None,
             _o: PhantomData,
         };
-        let input =
-            serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
-        scenario.deliver(MessageKind::Start, "start", input, BTreeMap::new())?;
+        let id = scenario.instance.id;
+        let (message_id, message_type) = match activating {
+            Some(ty) => ("scenario-activation".to_owned(), ty.to_owned()),
+            None => (format!("{id}:start"), format!("{}.start", O::NAME)),
+        };
+        scenario.deliver_as(
+            message_id,
+            MessageKind::Start,
+            &message_type,
+            input,
+            properties,
+        )?;
         Ok(scenario)
     }
 
@@ -305,11 +359,23 @@ impl<O: Orchestration> Scenario<O> {
         body: serde_json::Value,
         properties: BTreeMap<String, String>,
     ) -> Result<&mut Self, ScenarioError> {
+        let id = format!("scenario-{}", self.seq + 1);
+        self.deliver_as(id, kind, message_type, body, properties)
+    }
+
+    fn deliver_as(
+        &mut self,
+        id: String,
+        kind: MessageKind,
+        message_type: &str,
+        body: serde_json::Value,
+        properties: BTreeMap<String, String>,
+    ) -> Result<&mut Self, ScenarioError> {
         self.ensure_running()?;
         self.seq += 1;
         let msg = StoredMessage {
             seq: self.seq,
-            id: format!("scenario-{}", self.seq),
+            id,
             message_type: message_type.to_owned(),
             kind,
             properties,
@@ -486,403 +552,4 @@ impl<O: Orchestration> Scenario<O> {
             _ => None,
         }
     }
-}
-
-/// What send ports delivered, shared by every host life of a [`CrashTest`]: the ports' own record.
-#[derive(Debug, Clone, Default)]
-pub struct Recorder(Arc<Mutex<Vec<(String, String)>>>);
-
-impl Recorder {
-    /// Records that `port` delivered message `id`.
-    pub fn record(&self, port: &str, id: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((port.to_owned(), id.to_owned()));
-    }
-
-    /// Every delivery so far: (port, message id).
-    pub fn deliveries(&self) -> Vec<(String, String)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn clear(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
-}
-
-/// Builds the send ports for a crash test; record every delivery in the recorder.
-pub type PortFactory = Arc<dyn Fn(Client, Recorder) -> Ports + Send + Sync>;
-
-/// A guarantee the crash test found broken.
-#[derive(Debug, thiserror::Error)]
-#[error("crash at commit {commit} ({point:?}): {problem}")]
-pub struct CrashTestFailure {
-    /// Which commit the crash was injected at (0 for the clean run).
-    pub commit: u64,
-    /// Before or after it.
-    pub point: Option<CrashPoint>,
-    /// What was wrong.
-    pub problem: String,
-}
-
-/// What a crash test ran.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CrashReport {
-    /// Commits in the clean run (each one a crash site, before and after).
-    pub commits: u64,
-    /// Runs with a crash.
-    pub crashed_runs: usize,
-    /// How the instance ended.
-    pub status: InstanceStatus,
-    /// The history of the clean run (reasons and steps, without dehydrate or shutdown).
-    pub history: Vec<(Reason, String)>,
-}
-
-/// One instance under the real engine with a crash at every persistence point. See the module
-/// docs.
-pub struct CrashTest {
-    registry: Registry,
-    ports: PortFactory,
-    orchestration: String,
-    input: serde_json::Value,
-    messages: Vec<NewMessage>,
-    timeout: Duration,
-}
-
-impl std::fmt::Debug for CrashTest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CrashTest")
-            .field("orchestration", &self.orchestration)
-            .field("messages", &self.messages.len())
-            .finish_non_exhaustive()
-    }
-}
-
-struct Life {
-    status: Option<InstanceStatus>,
-}
-
-impl CrashTest {
-    /// A crash test of one instance of `orchestration` started with `input`.
-    pub fn new(registry: Registry, orchestration: &str, input: serde_json::Value) -> Self {
-        Self {
-            registry,
-            ports: Arc::new(|_, _| Ports::new()),
-            orchestration: orchestration.to_owned(),
-            input,
-            messages: Vec::new(),
-            timeout: Duration::from_secs(30),
-        }
-    }
-
-    /// The send ports; each must record its deliveries in the [`Recorder`] it is given.
-    #[must_use]
-    pub fn ports(
-        mut self,
-        ports: impl Fn(Client, Recorder) -> Ports + Send + Sync + 'static,
-    ) -> Self {
-        self.ports = Arc::new(ports);
-        self
-    }
-
-    /// A message to publish right after the start (it waits, unrouted, until the instance
-    /// subscribes to it).
-    #[must_use]
-    pub fn publish(mut self, message: NewMessage) -> Self {
-        self.messages.push(message);
-        self
-    }
-
-    /// How long each run may take.
-    #[must_use]
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Runs the clean run and every crash run.
-    ///
-    /// # Errors
-    /// The first broken guarantee.
-    pub fn run(&self) -> Result<CrashReport, CrashTestFailure> {
-        let fail = |commit, point, problem: String| CrashTestFailure {
-            commit,
-            point,
-            problem,
-        };
-        let clean = self.one_run(None).map_err(|p| fail(0, None, p))?;
-        let mut crashed_runs = 0;
-        for k in 1..=clean.commits {
-            for point in [CrashPoint::BeforeCommit, CrashPoint::AfterCommit] {
-                let run = self
-                    .one_run(Some((k, point)))
-                    .map_err(|p| fail(k, Some(point), p))?;
-                if run.status != clean.status {
-                    return Err(fail(
-                        k,
-                        Some(point),
-                        format!(
-                            "ended {} where the clean run ended {}",
-                            run.status, clean.status
-                        ),
-                    ));
-                }
-                if run.history != clean.history {
-                    return Err(fail(
-                        k,
-                        Some(point),
-                        format!(
-                            "history {:?} differs from the clean run's {:?}",
-                            run.history, clean.history
-                        ),
-                    ));
-                }
-                crashed_runs += 1;
-            }
-        }
-        Ok(CrashReport {
-            crashed_runs,
-            ..clean
-        })
-    }
-
-    fn one_run(&self, crash: Option<(u64, CrashPoint)>) -> Result<CrashReport, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let url = format!("sqlite://{}", dir.path().join("crash-test.db").display());
-        let recorder = Recorder::default();
-        recorder.clear();
-        let plan = FaultPlan::new();
-        if let Some((k, point)) = crash {
-            plan.crash_at_commit(k, point);
-        }
-        // The instance is started before the first host life, as a client would.
-        let id = self.host_life(&url, &recorder, None, Setup::Start)?.1;
-        let (life, _) = self.host_life(&url, &recorder, Some(plan.clone()), Setup::Run(id))?;
-        let mut status = life.status;
-        if crash.is_some() && !plan.has_crashed() && status.is_none() {
-            return Err("the planned crash never happened and the instance did not end".into());
-        }
-        if status.is_none() || crash.is_some() {
-            // Restart: a fresh host on the same database picks up where the last commit left.
-            status = self
-                .host_life(&url, &recorder, None, Setup::Run(id))?
-                .0
-                .status;
-        }
-        let Some(status) = status else {
-            return Err(format!(
-                "instance did not end within {:?}; {}",
-                self.timeout,
-                self.describe(&url, id)
-            ));
-        };
-        let commits = plan.commits();
-        self.check(&url, id, &recorder).map(|history| CrashReport {
-            commits,
-            crashed_runs: 0,
-            status,
-            history,
-        })
-    }
-
-    fn host_life(
-        &self,
-        url: &str,
-        recorder: &Recorder,
-        plan: Option<Arc<FaultPlan>>,
-        setup: Setup,
-    ) -> Result<(Life, Uuid), String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        let result = runtime.block_on(async {
-            let plain: Arc<dyn Store> =
-                Arc::new(SqliteStore::open(url).await.map_err(|e| e.to_string())?);
-            plain.migrate().await.map_err(|e| e.to_string())?;
-            let store: Arc<dyn Store> = match &plan {
-                Some(plan) => Arc::new(FaultyStore::new(plain.clone(), plan.clone())),
-                None => plain.clone(),
-            };
-            let config = HostConfig {
-                poll_interval: Duration::from_millis(10),
-                dehydrate_after: Duration::from_millis(200),
-                outbox_lock: Duration::from_millis(500),
-                drain_timeout: Duration::from_millis(500),
-                ..HostConfig::default()
-            };
-            let host = Host::new(store, self.registry.clone(), Ports::new()).with_config(config);
-            let ports = (self.ports)(host.client(), recorder.clone());
-            let host = host.with_ports(ports);
-            let id = match setup {
-                Setup::Start => {
-                    host.sync_activations().await.map_err(|e| e.to_string())?;
-                    let client = host.client();
-                    let id = client
-                        .start(&self.orchestration, self.input.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if !self.messages.is_empty() {
-                        client
-                            .publish_batch(self.messages.clone())
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                    return Ok((Life { status: None }, id));
-                }
-                Setup::Run(id) => id,
-            };
-            let stop = tokio_util::sync::CancellationToken::new();
-            let running = tokio::spawn(host.run(stop.clone()));
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            let crashed = async {
-                match &plan {
-                    Some(plan) => plan.crashed().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(crashed);
-            let mut status = None;
-            loop {
-                tokio::select! {
-                    _ = &mut crashed => break,
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-                let summaries = plain
-                    .instance_summaries(&[id])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let now_status = summaries.first().map(|s| s.status);
-                let sends_pending = plain
-                    .activity(Utc::now())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .pending_sends;
-                if let Some(s) =
-                    now_status.filter(|s| s.is_final() || *s == InstanceStatus::Suspended)
-                {
-                    if sends_pending == 0 {
-                        status = Some(s);
-                        break;
-                    }
-                }
-                if tokio::time::Instant::now() > deadline {
-                    break;
-                }
-            }
-            if plan.as_ref().is_some_and(|p| p.has_crashed()) {
-                // The crash: nothing more of this host runs; the runtime is dropped below.
-                return Ok((Life { status: None }, id));
-            }
-            stop.cancel();
-            let _ = running.await;
-            Ok((Life { status }, id))
-        });
-        runtime.shutdown_background();
-        result
-    }
-
-    /// Where the instance stands in the database, for an error.
-    fn describe(&self, url: &str, id: Uuid) -> String {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return "its state could not be read".into();
-        };
-        runtime.block_on(async {
-            let store = match SqliteStore::open(url).await {
-                Ok(store) => store,
-                Err(e) => return format!("its state could not be read: {e}"),
-            };
-            let read = async {
-                let instance: (String, String, Option<String>, i64) = sqlx::query_as(
-                    "SELECT status, step, owner, epoch FROM instances WHERE id = $1",
-                )
-                .bind(id.to_string())
-                .fetch_one(store.pool())
-                .await?;
-                let messages: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
-                    "SELECT id, status, locked_by, delivery_count FROM messages \
-                     WHERE status <> 'consumed'",
-                )
-                .fetch_all(store.pool())
-                .await?;
-                let sends: Vec<(String, String, Option<String>)> = sqlx::query_as(
-                    "SELECT id, status, locked_by FROM outbox WHERE status <> 'delivered'",
-                )
-                .fetch_all(store.pool())
-                .await?;
-                Ok::<_, sqlx::Error>(format!(
-                    "instance (status, step, owner, epoch) {instance:?}; messages not consumed \
-                     {messages:?}; sends not delivered {sends:?}"
-                ))
-            };
-            let described = read
-                .await
-                .unwrap_or_else(|e| format!("its state could not be read: {e}"));
-            store.close().await;
-            described
-        })
-    }
-
-    /// Checks G1, G2, G3 and G5 from the database and the ports' record.
-    fn check(
-        &self,
-        url: &str,
-        id: Uuid,
-        recorder: &Recorder,
-    ) -> Result<Vec<(Reason, String)>, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        runtime.block_on(async {
-            let store = SqliteStore::open(url).await.map_err(|e| e.to_string())?;
-            let pool = store.pool();
-            let sent: BTreeSet<String> = sqlx::query_scalar::<_, String>("SELECT id FROM outbox")
-                .fetch_all(pool)
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .collect();
-            let delivered: BTreeSet<String> = recorder.deliveries().into_iter().map(|(_, id)| id).collect();
-            if let Some(ghost) = delivered.difference(&sent).next() {
-                return Err(format!("G2: message {ghost} was delivered but no committed point sent it"));
-            }
-            if let Some(lost) = sent.difference(&delivered).next() {
-                return Err(format!("G2: committed send {lost} was never delivered"));
-            }
-            let left: Vec<(String, String)> = sqlx::query_as(
-                "SELECT id, status FROM messages WHERE status <> 'consumed' AND (instance_id IS NULL OR instance_id = $1)",
-            )
-            .bind(id.to_string())
-            .fetch_all(pool)
-            .await
-            .map_err(|e| e.to_string())?;
-            if let Some((mid, status)) = left.first() {
-                return Err(format!("G1/G5: message {mid} is still {status}, never consumed"));
-            }
-            let mut history = Vec::new();
-            let rows = store.instance_detail(id).await.map_err(|e| e.to_string())?.map(|d| d.history);
-            let rows: Vec<HistoryRow> = rows.unwrap_or_default();
-            for (i, row) in rows.iter().enumerate() {
-                if row.seq != i as i64 + 1 {
-                    return Err(format!("G3: history seq {} at position {}", row.seq, i + 1));
-                }
-                if !matches!(row.reason, Reason::Dehydrate | Reason::Shutdown) {
-                    history.push((row.reason, row.step.clone()));
-                }
-            }
-            store.close().await;
-            Ok(history)
-        })
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Setup {
-    Start,
-    Run(Uuid),
 }

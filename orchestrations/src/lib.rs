@@ -104,3 +104,23 @@ pub fn demo_messages(i: usize, run: &str) -> Vec<NewMessage> {
         }
     }
 }
+
+/// The code examples of the README and of `docs/`, compiled and run as this crate's doc tests
+/// (`cargo test -p cairn-orchestrations --doc`), so that an example cannot drift from the engine.
+/// Excerpts of code compiled elsewhere are fenced `rust,ignore` and checked to be still there by
+/// `tests/docs.rs`, which also checks that every page with examples is listed here.
+#[cfg(doctest)]
+pub mod doc_examples {
+    #[doc = include_str!("../../README.md")]
+    pub struct Readme;
+    #[doc = include_str!("../../docs/console.md")]
+    pub struct Console;
+    #[doc = include_str!("../../docs/messaging.md")]
+    pub struct Messaging;
+    #[doc = include_str!("../../docs/scopes-and-lifecycle.md")]
+    pub struct ScopesAndLifecycle;
+    #[doc = include_str!("../../docs/send-ports.md")]
+    pub struct SendPorts;
+    #[doc = include_str!("../../docs/writing-an-orchestration.md")]
+    pub struct WritingAnOrchestration;
+}

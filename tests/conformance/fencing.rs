@@ -54,6 +54,7 @@ async fn a_point_commits_once_and_a_stale_epoch_is_fenced(db: TestDb) {
         id: Uuid::new_v4(),
         message_type: "payment.received".into(),
         correlation: Correlation::on("order", "A"),
+        earlier: false,
     };
     let mut p = point(inst.id, epoch, "host-a", 1, now);
     p.reason = Reason::Send;
@@ -390,6 +391,7 @@ async fn receives_declared_between_points_are_fenced_like_points(db: TestDb) {
             id: Uuid::now_v7(),
             message_type: "approval.decision".into(),
             correlation: Correlation::on("request_id", value),
+            earlier: false,
         }],
     };
     let decision = |id: &str, value: &str| {
@@ -553,6 +555,7 @@ async fn a_first_point_writes_its_instance_with_its_start(db: TestDb) {
         id: Uuid::now_v7(),
         message_type: "approval.decision".into(),
         correlation: Correlation::on("request_id", "y1"),
+        earlier: false,
     }]);
     large.set_timers = vec![("reminder".into(), now + chrono::Duration::hours(1))];
     for point in [&small, &large] {

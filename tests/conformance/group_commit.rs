@@ -31,6 +31,7 @@ async fn a_group_commit_fences_each_point_and_writes_an_instances_points_in_orde
             id: Uuid::now_v7(),
             message_type: "approval.decision".into(),
             correlation: Correlation::on("request_id", step),
+            earlier: false,
         }]);
         point
     };
@@ -111,6 +112,7 @@ async fn a_large_group_commit_fences_each_point_too(db: TestDb) {
             id: Uuid::now_v7(),
             message_type: "approval.decision".into(),
             correlation: Correlation::on("request_id", format!("r{n}")),
+            earlier: false,
         }]);
         points.push(point);
     }
@@ -172,6 +174,7 @@ async fn a_point_consuming_a_message_not_routed_to_its_instance_fails_and_writes
                     id: Uuid::now_v7(),
                     message_type: "approval.decision".into(),
                     correlation: Correlation::on("request_id", format!("r{k}")),
+                    earlier: false,
                 }]);
                 points.push(point);
             }

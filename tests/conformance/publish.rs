@@ -42,6 +42,8 @@ async fn publish_routes_dedupes_and_reroutes(db: TestDb) {
         orchestration: "order".into(),
         version: 3,
         convoy: String::new(),
+        filter: String::new(),
+        port: None,
     };
     store
         .sync_activations(std::slice::from_ref(&activation), now)
@@ -91,6 +93,8 @@ async fn concurrent_publishers_of_one_id_store_it_once_and_activate_once(db: Tes
         orchestration: "runner".into(),
         version: 1,
         convoy: String::new(),
+        filter: String::new(),
+        port: None,
     };
     store
         .sync_activations(&[activation], now)
@@ -223,6 +227,7 @@ async fn a_message_of_a_cancelled_receive_is_routed_again(db: TestDb) {
                     id: Uuid::now_v7(),
                     message_type: "approval.decision".into(),
                     correlation: Correlation::on("request_id", "r1"),
+                    earlier: false,
                 })
                 .collect(),
         );

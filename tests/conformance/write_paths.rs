@@ -166,6 +166,7 @@ async fn points(
                     id: Uuid::from_u128(id.as_u128() ^ (n as u128 + 1)),
                     message_type: "prop.event".into(),
                     correlation: Correlation::on("case", format!("{case_no}-{n}")),
+                    earlier: false,
                 }]
             } else {
                 vec![]

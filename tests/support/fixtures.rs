@@ -331,6 +331,115 @@ impl Orchestration for DocPair {
     }
 }
 
+/// Completes at once with what started it ([`Context::started_by`]) as its output: activated by
+/// `probe.activate`, or started by a client.
+pub struct StartProbe;
+
+impl Orchestration for StartProbe {
+    const NAME: &'static str = "start-probe";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["probe.activate"];
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = serde_json::Value;
+    fn start(ctx: &mut Context, input: serde_json::Value) -> Result<Next<Self>, Fault> {
+        let started_by = ctx
+            .started_by()
+            .ok_or("a start transition without started_by")?;
+        Ok(Next::Complete(
+            json!({ "input": input, "started_by": serde_json::to_value(started_by)? }),
+        ))
+    }
+    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
+        Err(UnexpectedEvent(event.label()).into())
+    }
+}
+
+/// The purchase order of docs/messaging.md#late-messages: activated by `po.submitted`
+/// (`{po_id, escalate_ms, earlier}`), it waits for a `po.ack` of its `po_id` (with
+/// `receive_earlier` when `earlier`), completing with the ack's `by`; if none comes within
+/// `escalate_ms` it escalates and completes with `"escalated"`.
+pub struct PurchaseOrder;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PurchaseOrderState {
+    AwaitingAck { po_id: String },
+}
+
+impl Orchestration for PurchaseOrder {
+    const NAME: &'static str = "purchase-order";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["po.submitted"];
+    type Input = serde_json::Value;
+    type State = PurchaseOrderState;
+    type Output = String;
+    fn start(ctx: &mut Context, po: serde_json::Value) -> Result<Next<Self>, Fault> {
+        let po_id = po["po_id"].as_str().ok_or("a PO without po_id")?.to_owned();
+        let on = Correlation::on("po_id", &po_id);
+        if po["earlier"].as_bool() == Some(true) {
+            ctx.receive_earlier("po.ack", on);
+        } else {
+            ctx.receive("po.ack", on);
+        }
+        let after = po["escalate_ms"].as_i64().unwrap_or(60_000);
+        ctx.delay("escalate", chrono::Duration::milliseconds(after));
+        Ok(Next::Continue(PurchaseOrderState::AwaitingAck { po_id }))
+    }
+    fn on_event(_: &mut Context, _: PurchaseOrderState, event: Event) -> Result<Next<Self>, Fault> {
+        match event {
+            Event::Timer { .. } => Ok(Next::Complete("escalated".to_owned())),
+            event => Ok(Next::Complete(
+                event.message()?.body["by"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )),
+        }
+    }
+}
+
+/// Publish-subscribe: `invoice.issued` activates both of these. The audit takes every invoice;
+/// the review only large EU ones (its `FILTER`). Each completes at once with the id of the
+/// message that started it.
+pub struct InvoiceAudit;
+/// See [`InvoiceAudit`].
+pub struct LargeInvoiceReview;
+
+fn started_by_id(ctx: &Context) -> Result<String, Fault> {
+    Ok(ctx.started_by().ok_or("no started_by")?.id.clone())
+}
+
+impl Orchestration for InvoiceAudit {
+    const NAME: &'static str = "invoice-audit";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["invoice.issued"];
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = String;
+    fn start(ctx: &mut Context, _: serde_json::Value) -> Result<Next<Self>, Fault> {
+        Ok(Next::Complete(started_by_id(ctx)?))
+    }
+    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
+        Err(UnexpectedEvent(event.label()).into())
+    }
+}
+
+impl Orchestration for LargeInvoiceReview {
+    const NAME: &'static str = "large-invoice-review";
+    const VERSION: u32 = 1;
+    const ACTIVATED_BY: &'static [&'static str] = &["invoice.issued"];
+    const FILTER: &'static str = "amount >= 1000 AND region = 'EU'";
+    type Input = serde_json::Value;
+    type State = ();
+    type Output = String;
+    fn start(ctx: &mut Context, _: serde_json::Value) -> Result<Next<Self>, Fault> {
+        Ok(Next::Complete(started_by_id(ctx)?))
+    }
+    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
+        Err(UnexpectedEvent(event.label()).into())
+    }
+}
+
 /// Every orchestration the engine tests use (with the buggy `fixable`).
 pub fn registry() -> Registry {
     cairn_orchestrations::registry()
@@ -341,6 +450,10 @@ pub fn registry() -> Registry {
         .register::<FailFast>()
         .register::<LineConvoy>()
         .register::<DocPair>()
+        .register::<StartProbe>()
+        .register::<PurchaseOrder>()
+        .register::<InvoiceAudit>()
+        .register::<LargeInvoiceReview>()
         .register::<Reserving>()
 }
 

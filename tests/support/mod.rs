@@ -126,6 +126,19 @@ impl TestDb {
         }
     }
 
+    /// Waits until instance `id` has a subscription (its receive is written).
+    pub async fn wait_subscribed(&self, id: Uuid, timeout: Duration) {
+        self.wait_for("the instance's receive", timeout, || async {
+            self.count_with(
+                "SELECT COUNT(*) FROM subscriptions WHERE CAST(instance_id AS TEXT) = $1",
+                &id.to_string(),
+            )
+            .await
+                > 0
+        })
+        .await;
+    }
+
     /// Waits until the instance has written its first persistence point.
     pub async fn wait_first_point(&self, id: Uuid, timeout: Duration) {
         self.wait_for(

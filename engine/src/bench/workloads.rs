@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -16,7 +17,7 @@ use super::orchestrations::{self, Chain, FanOut, Waiter, GO_TYPE};
 use super::{db, percentile, BenchError, Figure};
 use crate::host::receive::ReceiveLocation;
 use crate::host::{Ended, HostStats};
-use crate::store::{InstanceStatus, NewMessage, Store};
+use crate::store::{Activation, InstanceStatus, NewMessage, Store};
 use crate::{Client, Host, HostError, Orchestration};
 
 /// A benchmark workload; see the [module docs](super).
@@ -69,6 +70,8 @@ pub struct Settings {
     pub callers: usize,
     /// W2 also from a separate client on its own connections.
     pub from_process: bool,
+    /// W4: filtered activating subscriptions on its message type besides (none passes).
+    pub filtered_subscriptions: usize,
 }
 
 impl Default for Settings {
@@ -80,6 +83,7 @@ impl Default for Settings {
             retain: Duration::from_secs(60),
             callers: DEFAULT_CALLERS,
             from_process: false,
+            filtered_subscriptions: 0,
         }
     }
 }
@@ -143,7 +147,13 @@ impl Workload {
             Workload::W7 => vec![super::steady::w7(url, settings).await?],
             Workload::W2 => vec![w2(url, n).await?],
             Workload::W3 => vec![w3(url, n, 100).await?],
-            Workload::W4 => vec![w4(url, n, None).await?, w4(url, n, Some(callers)).await?],
+            Workload::W4 => {
+                let filtered = settings.filtered_subscriptions;
+                vec![
+                    w4(url, n, None, filtered).await?,
+                    w4(url, n, Some(callers), filtered).await?,
+                ]
+            }
             Workload::W8 => w8(url, n, callers).await?,
             Workload::W5 => vec![w5(url, n).await?],
             Workload::W6 => w6(url, n).await?,
@@ -569,8 +579,28 @@ async fn publish_go_by_callers(
 
 /// W4: `n` dehydrated instances woken by `n` correlated messages, published 500 a call, or one a
 /// call by `callers`.
-async fn w4(url: &str, n: usize, callers: Option<usize>) -> Result<Figure, BenchError> {
+async fn w4(
+    url: &str,
+    n: usize,
+    callers: Option<usize>,
+    filtered: usize,
+) -> Result<Figure, BenchError> {
     let store = db::fresh(url).await?;
+    if filtered > 0 {
+        // Other orchestrations' activating subscriptions on `bench.go`, each with a filter no
+        // W4 message passes: routing reads them with every batch.
+        let activations: Vec<Activation> = (0..filtered)
+            .map(|i| Activation {
+                message_type: GO_TYPE.into(),
+                orchestration: format!("bench-filtered-{i}"),
+                version: 1,
+                convoy: String::new(),
+                filter: format!("amount >= {} AND region = 'nowhere-{i}'", 1000 * (i + 1)),
+                port: None,
+            })
+            .collect();
+        store.sync_activations(&activations, Utc::now()).await?;
+    }
     let mut running = Running::start(vec![store]);
     let inputs = (0..n).map(|i| waiter(Some(format!("k{i}")), None));
     start_batches(&running.client, inputs, 1000).await?;
@@ -590,6 +620,9 @@ async fn w4(url: &str, n: usize, callers: Option<usize>) -> Result<Figure, Bench
     let mut extra = BTreeMap::new();
     if let Some(c) = callers {
         extra.insert("callers".to_owned(), c as f64);
+    }
+    if filtered > 0 {
+        extra.insert("filtered_subscriptions".to_owned(), filtered as f64);
     }
     Ok(timed("W4", n, wall, None, lat, extra))
 }

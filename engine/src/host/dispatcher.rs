@@ -453,7 +453,7 @@ async fn loopback(
         Ok(outcomes) => {
             let routed = outcomes
                 .first()
-                .map(|o| !matches!(o, PublishOutcome::Unrouted));
+                .map(|o| !matches!(o, PublishOutcome::Unrouted | PublishOutcome::Zombie(_)));
             Ok(Some(
                 serde_json::json!({ "published": message.id, "routed": routed }),
             ))

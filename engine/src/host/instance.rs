@@ -10,7 +10,7 @@
 //! the points it makes due are built in `instance/point.rs`, and `instance/tests.rs` tests the
 //! whole as a state machine: an event in, a point out.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +26,7 @@ mod tests;
 use super::metrics::{Metrics, TransitionOutcome};
 use super::scopes::Scopes;
 use crate::codec;
-use crate::context::{Context, Delay, Effect, Receive, ScopeKind};
+use crate::context::{Context, Delay, Effect, Receive, ScopeKind, StartedBy};
 use crate::orchestration::{Correlation, Event, Message, OnFault, ScopeFault};
 use crate::registry::{AnyNext, AnyState, Definition, Registry};
 use crate::store::{
@@ -153,6 +153,11 @@ pub struct LiveInstance {
     /// point; false after loading, as a host that died may have added rows since).
     receives_exact: bool,
     saved_step: String,
+    /// The step of the state the last transition before a fault reached, when it differs from
+    /// the saved one: what a fault point shows (`instances.step`), also before the first point.
+    reached_step: Option<String>,
+    /// What started it, for its start transition's context (set just before it runs).
+    starting: Option<StartedBy>,
     waits: Waits,
     consumed: Vec<i64>,
     fired_timers: BTreeSet<String>,
@@ -212,6 +217,8 @@ impl LiveInstance {
             written_receives: BTreeSet::new(),
             receives_exact: false,
             saved_step: "created".to_owned(),
+            reached_step: None,
+            starting: None,
             waits: Waits::default(),
             consumed: Vec::new(),
             fired_timers: BTreeSet::new(),
@@ -304,6 +311,13 @@ impl LiveInstance {
         ports: &dyn Fn(&str) -> bool,
         now: DateTime<Utc>,
     ) -> Delivery {
+        self.starting = Some(StartedBy {
+            id: format!("{}:start", self.id),
+            message_type: format!("{}.start", self.def.name()),
+            properties: BTreeMap::new(),
+            received_at: now,
+            by_message: false,
+        });
         self.run(None, None, registry, ports, now, |def, ctx| {
             def.start(ctx, input)
         })
@@ -333,6 +347,15 @@ impl LiveInstance {
                 }
                 self.join_convoy(&msg);
                 let seq = msg.seq;
+                self.starting = Some(StartedBy {
+                    // A start's message is `<instance id>:start` (NewInstance::start_message_id);
+                    // any other start message is the published message that activated it.
+                    by_message: msg.id != format!("{}:start", self.id),
+                    id: msg.id.clone(),
+                    message_type: msg.message_type.clone(),
+                    properties: msg.properties.clone(),
+                    received_at: msg.published_at,
+                });
                 return self.run(Some(seq), None, registry, ports, now, |def, ctx| {
                     def.start(ctx, msg.body)
                 });
@@ -480,6 +503,7 @@ impl LiveInstance {
                 Receive {
                     message_type: (*message_type).to_owned(),
                     correlation: values.clone(),
+                    earlier: false,
                 },
             ));
         }
@@ -561,7 +585,11 @@ impl LiveInstance {
             step = %self.saved_step, message.seq = seq);
         let _entered = span.enter();
         let compensating = self.compensating_now.take();
+        self.reached_step = None;
         let mut ctx = Context::new(self.id, now);
+        if let Some(started_by) = self.starting.take() {
+            ctx = ctx.starting(started_by);
+        }
         let def = self.def.clone();
         let outcome = catch_unwind(AssertUnwindSafe(|| transition(def.as_ref(), &mut ctx)));
         let mut counted = TransitionOutcome::Ok;
@@ -603,6 +631,7 @@ impl LiveInstance {
             },
             Err(panic) => {
                 counted = TransitionOutcome::Panic;
+                self.note_reached(before.as_ref());
                 self.panicked(seq, format!("transition panicked: {}", panic_text(&panic)))
             }
         };
@@ -615,6 +644,15 @@ impl LiveInstance {
         delivery
     }
 
+    /// Notes the step of `state`, the state the failing transition was given (the one the
+    /// transition before it reached), for the fault point to show. Runs on faults only: it
+    /// encodes the state.
+    fn note_reached(&mut self, state: Option<&AnyState>) {
+        self.reached_step = state
+            .and_then(|s| self.def.encode_state(s).ok())
+            .map(|bytes| codec::step_name(&bytes, "state"));
+    }
+
     /// Offers a fault to the open scopes' handlers, innermost first. Each scope it passes
     /// ends; an atomic one rolls the instance back to where it began.
     fn handle_fault(
@@ -623,6 +661,7 @@ impl LiveInstance {
         mut before: Option<AnyState>,
         now: DateTime<Utc>,
     ) -> Handled {
+        self.note_reached(before.as_ref());
         let mut details = Vec::new();
         loop {
             let Some(scope) = self.waits.scopes.open.pop() else {
@@ -1048,6 +1087,7 @@ fn subscription_row(id: Uuid, r: &Receive) -> SubscriptionRow {
         id,
         message_type: r.message_type.clone(),
         correlation: r.correlation.clone(),
+        earlier: r.earlier,
     }
 }
 

@@ -219,6 +219,36 @@ impl Host {
         self
     }
 
+    /// Replaces the send ports with those `ports` builds from this host's [`Client`]: for ports
+    /// that publish back into the MessageBox (a reply from a real system, a port that confirms
+    /// what it did with a message). Call it after [`Host::with_config`], as the client takes the
+    /// settings as they are then.
+    ///
+    /// ```no_run
+    /// # async fn run(store: std::sync::Arc<dyn cairn::store::Store>) {
+    /// use cairn::{Host, OutboundMessage, PortError, Ports, Registry};
+    ///
+    /// let host = Host::new(store, Registry::new(), Ports::new()).with_ports_from(|client| {
+    ///     Ports::new().function("warehouse", move |msg: OutboundMessage| {
+    ///         let client = client.clone();
+    ///         async move {
+    ///             let body = serde_json::json!({ "order_id": msg.body["order_id"] });
+    ///             client
+    ///                 .publish("shipment.confirmed", body, Some(format!("shipped-{}", msg.id)), Default::default())
+    ///                 .await
+    ///                 .map_err(|e| PortError::transient(e.to_string()))?;
+    ///             Ok(None)
+    ///         }
+    ///     })
+    /// });
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_ports_from(self, ports: impl FnOnce(Client) -> Ports) -> Self {
+        let ports = ports(self.client());
+        self.with_ports(ports)
+    }
+
     /// Replaces the clock (tests).
     #[must_use]
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
@@ -262,21 +292,46 @@ impl Host {
     /// before the host runs.
     ///
     /// # Errors
-    /// The store failed.
+    /// The store failed, or an orchestration's `FILTER` does not parse
+    /// ([`StoreError::Refused`], naming the orchestration: fix its filter).
     pub async fn sync_activations(&self) -> Result<(), StoreError> {
         let mut newest: BTreeMap<(String, String), Activation> = BTreeMap::new();
         for d in self.registry.definitions() {
+            if let Err(e) = crate::filter::Filter::parse(d.filter()) {
+                return Err(StoreError::Refused(format!(
+                    "orchestration {} version {}: its FILTER {e}; fix the filter",
+                    d.name(),
+                    d.version()
+                )));
+            }
             for t in d.activated_by() {
                 let a = Activation {
                     message_type: (*t).to_owned(),
                     orchestration: d.name().to_owned(),
                     version: d.version(),
                     convoy: d.convoy_keys(),
+                    filter: d.filter().to_owned(),
+                    port: None,
                 };
                 newest.insert((a.message_type.clone(), a.orchestration.clone()), a);
             }
         }
-        let activations: Vec<_> = newest.into_values().collect();
+        let mut activations: Vec<_> = newest.into_values().collect();
+        for (port, message_type, filter) in self.ports.subscriptions() {
+            if let Err(e) = crate::filter::Filter::parse(&filter) {
+                return Err(StoreError::Refused(format!(
+                    "send port {port}'s subscription to {message_type}: its filter {e}; fix the filter"
+                )));
+            }
+            activations.push(Activation {
+                message_type,
+                orchestration: String::new(),
+                version: 0,
+                convoy: String::new(),
+                filter,
+                port: Some(port),
+            });
+        }
         self.store
             .sync_activations(&activations, self.clock.now())
             .await

@@ -669,6 +669,12 @@ impl Door {
                     Some(PublishOutcome::Unrouted) => {
                         serde_json::json!({ "id": id, "outcome": "unrouted" })
                     }
+                    Some(PublishOutcome::ToPorts) => {
+                        serde_json::json!({ "id": id, "outcome": "to_ports" })
+                    }
+                    Some(PublishOutcome::Zombie(instance)) => {
+                        serde_json::json!({ "id": id, "outcome": "zombie", "instance": instance })
+                    }
                     _ => serde_json::json!({ "id": id, "outcome": "duplicate" }),
                 };
                 json_answer(StatusCode::ACCEPTED, &outcome)

@@ -310,6 +310,30 @@ pub enum PublishOutcome {
     Unrouted,
     /// A message with this id was already stored; nothing was written.
     Duplicate,
+    /// Stored as a zombie of this ended instance: the newest instance that waited on the
+    /// message's key had ended when it arrived, and nothing else subscribes to it (a late
+    /// message, docs/messaging.md#late-messages).
+    Zombie(Uuid),
+    /// Stored and sent to the send ports that subscribe to it (`Ports::subscribe`); no instance
+    /// or activation takes it, so it is `consumed` at once.
+    ToPorts,
+}
+
+impl NewMessage {
+    /// The copy of this published message that starts `instance` of `orchestration`, when the
+    /// message passes the activating subscriptions of several orchestrations (publish-subscribe:
+    /// one copy a subscriber, each consumed once): id `<id>/<orchestration>`, addressed to the new
+    /// instance as its start message.
+    pub(crate) fn copy_for(&self, orchestration: &str, instance: Uuid) -> NewMessage {
+        NewMessage {
+            id: format!("{}/{orchestration}", self.id),
+            message_type: self.message_type.clone(),
+            kind: MessageKind::Start,
+            properties: self.properties.clone(),
+            body: self.body.clone(),
+            target: Some(instance),
+        }
+    }
 }
 
 /// An instance to create, with its start message.
@@ -452,6 +476,12 @@ pub struct Activation {
     /// with the activating message's values, so that later messages with the same values go to
     /// it rather than starting another instance.
     pub convoy: String,
+    /// The filter on the message's properties (`subscriptions.filter`, [`crate::filter`]): a
+    /// message starts an instance only if it passes. Empty: every message of the type.
+    pub filter: String,
+    /// For a send port's subscription: the port (then `orchestration` and `version` are not
+    /// used). Every message of the type that passes `filter` is sent to it through the outbox.
+    pub port: Option<String>,
 }
 
 /// The id of the subscription a convoy activation gives `instance` for `message_type`; the
@@ -473,6 +503,7 @@ pub(crate) fn convoy_subscriptions(
             id: convoy_subscription_id(instance, &message_type),
             message_type,
             correlation: values.clone(),
+            earlier: false,
         })
         .collect()
 }
@@ -587,6 +618,10 @@ pub struct SubscriptionRow {
     pub message_type: String,
     /// The correlation values.
     pub correlation: Correlation,
+    /// Whether it takes the messages of its key that arrived before it: late for an ended
+    /// instance (zombies) or unrouted ([`Context::receive_earlier`](crate::Context::receive_earlier)).
+    #[serde(default)]
+    pub earlier: bool,
 }
 
 /// Receives an instance declared since its last persistence point, written at once so that
@@ -837,6 +872,24 @@ pub(crate) fn held_receives<'a>(
         })
         .collect();
     (rows, outcomes)
+}
+
+/// The subscriptions of the points that committed (`outcomes` in the order of `points`), with
+/// their instances: what a commit's late-message adoption looks at.
+pub(crate) fn committed_subscriptions<'p>(
+    points: &'p [PersistencePoint],
+    outcomes: &'p [CommitOutcome],
+) -> impl Iterator<Item = (Uuid, &'p SubscriptionRow)> + 'p {
+    points
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| **o == CommitOutcome::Committed)
+        .flat_map(|(p, _)| {
+            p.subscriptions
+                .iter()
+                .flatten()
+                .map(move |s| (p.instance_id, s))
+        })
 }
 
 /// How the subscription rows of points that give their set (`subscriptions: Some`) differ from

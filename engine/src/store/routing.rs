@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
 
 use super::NewMessage;
+use crate::filter::Filter;
 use crate::orchestration::Correlation;
 
 /// Where a message goes.
@@ -93,6 +94,25 @@ fn unrouted(msg: &NewMessage) -> Route {
     ))
 }
 
+/// The route of a message of a type whose activating subscriptions' filters all turn it away.
+fn filtered_out(msg: &NewMessage, rows: &[ActivationRow]) -> Route {
+    let Route::Unrouted(reason) = unrouted(msg) else {
+        return unrouted(msg);
+    };
+    let names: Vec<String> = rows
+        .iter()
+        .take(NAMED_PROPERTIES)
+        .map(|a| match &a.filter {
+            Ok(_) => quote(&a.orchestration).into_owned(),
+            Err(_) => format!("{} (its filter does not parse)", quote(&a.orchestration)),
+        })
+        .collect();
+    Route::Unrouted(format!(
+        "{reason}: the filters of the activating subscriptions of {} do not pass it",
+        names.join(", ")
+    ))
+}
+
 /// The routing rows of a batch's message types, read once per type.
 #[derive(Default)]
 pub(crate) struct RouteCache {
@@ -100,8 +120,32 @@ pub(crate) struct RouteCache {
     key_sets: HashMap<String, Vec<String>>,
     /// Per (type, canonical correlation): the oldest instance subscription and its instance.
     subscriptions: HashMap<(String, String), (Uuid, Uuid)>,
-    /// Per type: the activating subscription (definition, version, convoy keys), if any.
-    activations: HashMap<String, Option<(String, u32, String)>>,
+    /// Per type: the activating subscriptions, by orchestration name.
+    activations: HashMap<String, Vec<ActivationRow>>,
+    /// Per type: the send ports' subscriptions.
+    ports: HashMap<String, Vec<ActivationRow>>,
+}
+
+/// An activating subscription as routing reads it: a definition, the version new instances
+/// start on, its convoy keys, and its filter (parsed, or why it does not parse: then it routes
+/// nothing, and the row says why in `filter_error`).
+#[derive(Debug, Clone)]
+pub(crate) struct ActivationRow {
+    pub(crate) orchestration: String,
+    pub(crate) version: u32,
+    pub(crate) convoy: String,
+    pub(crate) filter: Result<Filter, String>,
+    /// A send port's subscription: the port (the message is sent to it, besides its route).
+    pub(crate) port: Option<String>,
+}
+
+impl ActivationRow {
+    /// Whether `msg` passes its filter (a filter that does not parse passes nothing).
+    fn passes(&self, msg: &NewMessage) -> bool {
+        self.filter
+            .as_ref()
+            .is_ok_and(|f| f.matches(&msg.properties))
+    }
 }
 
 impl RouteCache {
@@ -137,6 +181,20 @@ impl RouteCache {
         values.into_iter().collect()
     }
 
+    /// Whether `msg` may be late for an ended instance ([`common::late`]): its type has a
+    /// correlation key set that the message carries. When not, no instance ever waited on its
+    /// key, and the late check is skipped (a message of a type nothing correlates on costs no
+    /// more than before).
+    ///
+    /// [`common::late`]: super::common::late
+    pub(crate) fn may_be_late(&self, msg: &NewMessage) -> bool {
+        self.key_sets.get(&msg.message_type).is_some_and(|sets| {
+            sets.iter().any(|keys| {
+                !keys.is_empty() && Correlation::from_properties(keys, &msg.properties).is_some()
+            })
+        })
+    }
+
     /// Records a matching instance subscription; rows must come oldest first (`ORDER BY
     /// created_at, id`), as the first one per correlation is the one routed to.
     pub(crate) fn subscription(
@@ -151,9 +209,43 @@ impl RouteCache {
             .or_insert((subscription, instance));
     }
 
-    /// Records a type's activating subscription (definition, version, convoy keys), or none.
-    pub(crate) fn activation(&mut self, message_type: &str, row: Option<(String, u32, String)>) {
-        self.activations.insert(message_type.to_owned(), row);
+    /// Records a type's activating subscriptions (none: an empty list), by orchestration name.
+    pub(crate) fn activations(&mut self, message_type: &str, rows: Vec<ActivationRow>) {
+        let (ports, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|a| a.port.is_some());
+        self.activations.insert(message_type.to_owned(), rows);
+        self.ports.insert(message_type.to_owned(), ports);
+    }
+
+    /// The send ports that subscribe to `msg` (its type, and a filter it passes).
+    pub(crate) fn ports_for(&self, msg: &NewMessage) -> Vec<String> {
+        if msg.target.is_some() {
+            return Vec::new();
+        }
+        self.ports
+            .get(&msg.message_type)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.passes(msg))
+            .filter_map(|a| a.port.clone())
+            .collect()
+    }
+
+    /// The other orchestrations a message that activates `route` also starts an instance of:
+    /// every activating subscription of its type but the route's own whose filter it passes,
+    /// convoys aside (a convoy's activation stays one instance a value, decided with its lock).
+    /// Empty when the route is not an activation: a message that goes to an instance's receive
+    /// goes there alone.
+    pub(crate) fn fan_out(&self, msg: &NewMessage, route: &Route) -> Vec<(String, u32)> {
+        let Route::Activate { orchestration, .. } = route else {
+            return Vec::new();
+        };
+        self.activations
+            .get(&msg.message_type)
+            .into_iter()
+            .flatten()
+            .filter(|a| &a.orchestration != orchestration && a.convoy.is_empty() && a.passes(msg))
+            .map(|a| (a.orchestration.clone(), a.version))
+            .collect()
     }
 
     /// Where `msg` goes, from the rows recorded.
@@ -170,11 +262,13 @@ impl RouteCache {
                 return Route::Instance(*instance, Some(*sub));
             }
         }
-        match self.activations.get(&msg.message_type).cloned().flatten() {
-            Some((orchestration, version, keys)) => {
-                activation_route(msg, orchestration, version, &keys)
-            }
-            None => unrouted(msg),
+        let rows = self.activations.get(&msg.message_type);
+        match rows.into_iter().flatten().find(|a| a.passes(msg)) {
+            Some(a) => activation_route(msg, a.orchestration.clone(), a.version, &a.convoy),
+            None => match rows.filter(|r| !r.is_empty()) {
+                Some(rows) => filtered_out(msg, rows),
+                None => unrouted(msg),
+            },
         }
     }
 }

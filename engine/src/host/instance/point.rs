@@ -153,7 +153,8 @@ impl LiveInstance {
     }
 
     /// The point that suspends the instance at its last persistence point after a fault: its
-    /// stored state and waits stay as they were, and the messages it consumed since are not
+    /// stored state and waits stay as they were (its `step` is the step the last transition
+    /// before the fault reached, also when that was before the first point), and the messages it consumed since are not
     /// consumed (they are delivered again on resume).
     pub fn fault_point(
         &mut self,
@@ -173,7 +174,10 @@ impl LiveInstance {
             failed: std::mem::take(&mut self.failed),
             state: None,
             engine_state: None,
-            step: self.saved_step.clone(),
+            step: self
+                .reached_step
+                .take()
+                .unwrap_or_else(|| self.saved_step.clone()),
             waiting_for: self.saved_waits.describe(),
             next_timer_at: self.saved_waits.next_timer(),
             last_error: Some(error.0.clone()),

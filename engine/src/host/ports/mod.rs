@@ -156,6 +156,8 @@ pub(crate) struct PortConfig {
     pub backup: Option<Arc<dyn SendPort>>,
     /// One message at a time, in commit order; stops on a message that keeps failing.
     pub ordered: bool,
+    /// The published messages it subscribes to by itself: (message type, filter).
+    pub subscriptions: Vec<(String, String)>,
 }
 
 impl PortConfig {
@@ -165,6 +167,7 @@ impl PortConfig {
             retry: RetryPolicy::default(),
             backup: None,
             ordered: false,
+            subscriptions: Vec::new(),
         }
     }
 }
@@ -254,6 +257,33 @@ impl Ports {
             port.ordered = true;
         }
         self
+    }
+
+    /// Subscribes a port added before to published messages of `message_type` that pass
+    /// `filter` ([`crate::filter`]; empty for all): BizTalk's messaging-only routing, a receive
+    /// location to a send port with no orchestration. Each such message is sent to the port
+    /// through the outbox (id `<message id>@<port>`), with the port's retries, backup, leases and
+    /// dead letters; a message no instance or activation takes, but a port does, is `consumed`.
+    /// The host writes the subscription when it starts (`subscriptions.port`).
+    #[must_use]
+    pub fn subscribe(mut self, name: &str, message_type: &str, filter: &str) -> Self {
+        if let Some(port) = self.by_name.get_mut(name) {
+            port.subscriptions
+                .push((message_type.to_owned(), filter.to_owned()));
+        }
+        self
+    }
+
+    /// Every port subscription: (port, message type, filter).
+    pub fn subscriptions(&self) -> Vec<(String, String, String)> {
+        self.by_name
+            .iter()
+            .flat_map(|(name, p)| {
+                p.subscriptions
+                    .iter()
+                    .map(move |(t, f)| (name.clone(), t.clone(), f.clone()))
+            })
+            .collect()
     }
 
     /// The names of the ordered ports.

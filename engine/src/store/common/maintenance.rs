@@ -225,11 +225,29 @@ where
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         for a in activations {
+            if let Some(port) = &a.port {
+                sqlx::query(
+                    "INSERT INTO subscriptions (id, message_type, port, correlation_keys, created_at, filter) \
+                     VALUES ($1, $2, $3, '', $4, $5) \
+                     ON CONFLICT (message_type, port) WHERE port IS NOT NULL \
+                     DO UPDATE SET filter = excluded.filter, filter_error = NULL",
+                )
+                .bind(Self::uuid(Uuid::new_v4()))
+                .bind(a.message_type.as_str())
+                .bind(port.as_str())
+                .bind(Self::time(now))
+                .bind(a.filter.as_str())
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| Self::map_err("sync port subscriptions", e))?;
+                continue;
+            }
             sqlx::query(
-                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
+                "INSERT INTO subscriptions (id, message_type, orchestration, version, correlation_keys, created_at, filter) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
                  ON CONFLICT (message_type, orchestration) WHERE instance_id IS NULL \
-                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys",
+                 DO UPDATE SET version = excluded.version, correlation_keys = excluded.correlation_keys, \
+                   filter = excluded.filter, filter_error = NULL",
             )
             .bind(Self::uuid(Uuid::new_v4()))
             .bind(a.message_type.as_str())
@@ -237,6 +255,7 @@ where
             .bind(Self::count(a.version))
             .bind(a.convoy.as_str())
             .bind(Self::time(now))
+            .bind(a.filter.as_str())
             .execute(&mut **tx)
             .await
             .map_err(|e| Self::map_err("sync activations", e))?;

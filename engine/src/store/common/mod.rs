@@ -33,6 +33,7 @@ use super::{NewMessage, PublishOutcome, StoreError, StoreResult};
 
 pub(super) mod claims;
 pub(super) mod console;
+pub(super) mod late;
 pub(super) mod maintenance;
 pub(super) mod message_box;
 pub(super) mod operator;

@@ -148,7 +148,14 @@ where
         .await
         .map_err(e)?;
         if let (Ok(instance), Ok(message_type)) = (
-            Self::col_uuid(row, "instance_id"),
+            Self::col_uuid(row, "instance_id").and_then(|i| {
+                // A port subscription's send (the nil id) has no instance to tell.
+                if i.is_nil() {
+                    Err(crate::store::StoreError::Corrupt("no instance".into()))
+                } else {
+                    Ok(i)
+                }
+            }),
             Self::col_text(row, "message_type"),
         ) {
             let msg = NewMessage::to_instance(
@@ -226,14 +233,17 @@ where
         .execute(&mut **tx)
         .await
         .map_err(|e| Self::map_err("dead letter send", e))?;
-        let msg = NewMessage::to_instance(
-            format!("{}:failed", row.id),
-            format!("{}.failed", row.message_type),
-            MessageKind::SendFailed,
-            serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
-            row.instance_id,
-        );
-        Self::publish_one(tx, &msg, now).await?;
+        // A port subscription's send (the nil id) has no instance to tell.
+        if !row.instance_id.is_nil() {
+            let msg = NewMessage::to_instance(
+                format!("{}:failed", row.id),
+                format!("{}.failed", row.message_type),
+                MessageKind::SendFailed,
+                serde_json::json!({ "message_id": row.id, "port": row.port, "error": error }),
+                row.instance_id,
+            );
+            Self::publish_one(tx, &msg, now).await?;
+        }
         Self::notify(tx).await
     }
 

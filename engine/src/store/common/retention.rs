@@ -20,11 +20,12 @@ const NOTHING_DEPENDS: &str = "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.instan
        AND c.status NOT IN ('completed', 'failed', 'terminated'))";
 
 /// The statements a purge runs on the confirmed ids bound as `$1`, dependents first.
-const DELETES: [&str; 6] = [
+const DELETES: [&str; 7] = [
     "DELETE FROM history WHERE instance_id ",
     "DELETE FROM messages WHERE instance_id ",
     "DELETE FROM outbox WHERE instance_id ",
     "DELETE FROM subscriptions WHERE instance_id ",
+    "DELETE FROM waited_keys WHERE instance_id ",
     "DELETE FROM timers WHERE instance_id ",
     "DELETE FROM control WHERE status <> 'pending' AND instance_id ",
 ];

@@ -8,6 +8,8 @@ use sqlx::{Database, Encode, Executor, IntoArguments, Type};
 use uuid::Uuid;
 
 use super::{Backend, Bind};
+use crate::filter::Filter;
+use crate::store::routing::ActivationRow;
 use crate::store::{NewMessage, PublishOutcome, StoreResult};
 
 /// A connection of backend `B`, inside its transaction.
@@ -82,5 +84,117 @@ pub(in crate::store) async fn publish<B: Backend>(
         B::notify(&mut tx).await?;
     }
     B::commit(tx).await?;
+    Ok(out)
+}
+
+/// Sends each (message, port, time) to its port through the outbox: a pending send no host
+/// holds yet (any host's dispatcher claims it), id `<message id>@<port>`, of no instance (the
+/// nil id: no instance hears of its failure). A message sent twice is sent once.
+///
+/// # Errors
+/// The database failed.
+pub(in crate::store) async fn send_to_ports<B: Backend>(
+    conn: &mut Conn<B>,
+    sends: &[(&NewMessage, String, DateTime<Utc>)],
+) -> StoreResult<()>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    String: Bind<B::Db>,
+    bool: Bind<B::Db>,
+{
+    for (msg, port, at) in sends {
+        sqlx::query(
+            "INSERT INTO outbox (id, instance_id, port, message_type, body, expects_reply, status, \
+               next_attempt_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(format!("{}@{port}", msg.id))
+        .bind(B::uuid(Uuid::nil()))
+        .bind(port.as_str())
+        .bind(msg.message_type.as_str())
+        .bind(msg.body.to_string())
+        .bind(false)
+        .bind(B::time(*at))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| B::map_err("send to a subscribed port", e))?;
+    }
+    Ok(())
+}
+
+/// The activating subscriptions of `message_type`, by orchestration name, their filters parsed.
+/// A row that cannot be read (a tool wrote it) is left out with a warning; a filter that does not
+/// parse routes nothing, and the row says why in `filter_error` (written once): neither stops
+/// the routing of the type for the other subscriptions.
+///
+/// # Errors
+/// The database failed.
+pub(in crate::store) async fn read_activations<B: Backend>(
+    conn: &mut Conn<B>,
+    message_type: &str,
+) -> StoreResult<Vec<ActivationRow>>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    String: Bind<B::Db>,
+{
+    let rows = sqlx::query(
+        "SELECT id, COALESCE(orchestration, '') AS orchestration, COALESCE(version, 0) AS version, \
+           correlation_keys, filter, filter_error, port \
+         FROM subscriptions WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration, port",
+    )
+    .bind(message_type)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| B::map_err("read routes", e))?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut bad = Vec::new();
+    for row in &rows {
+        let read = (|| {
+            Ok::<_, crate::store::StoreError>((
+                B::col_uuid(row, "id")?,
+                B::col_text(row, "orchestration")?,
+                B::col_u32(row, "subscriptions", "version")?,
+                B::col_text(row, "correlation_keys")?,
+                B::col_text(row, "filter")?,
+                B::col_text_opt(row, "filter_error")?,
+                B::col_text_opt(row, "port")?,
+            ))
+        })();
+        let (id, orchestration, version, convoy, filter, noted, port) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, message.r#type = message_type,
+                    "an activating subscription row cannot be read; left out of routing");
+                continue;
+            }
+        };
+        let filter = Filter::parse(&filter).map_err(|e| e.to_string());
+        if let Err(why) = &filter {
+            if noted.as_deref() != Some(why.as_str()) {
+                tracing::warn!(%orchestration, message.r#type = message_type, error = %why,
+                    "an activating subscription's filter does not parse; it routes nothing until fixed");
+                bad.push((id, why.clone()));
+            }
+        }
+        out.push(ActivationRow {
+            orchestration,
+            version,
+            convoy,
+            filter,
+            port,
+        });
+    }
+    for (id, why) in bad {
+        sqlx::query("UPDATE subscriptions SET filter_error = $2 WHERE id = $1")
+            .bind(B::uuid(id))
+            .bind(why)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| B::map_err("note a filter that does not parse", e))?;
+    }
     Ok(out)
 }

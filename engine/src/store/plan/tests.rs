@@ -71,6 +71,7 @@ fn subscription(message_type: &str) -> SubscriptionRow {
         id: Uuid::new_v4(),
         message_type: message_type.into(),
         correlation: Correlation::on("order", 1),
+        earlier: false,
     }
 }
 

@@ -26,7 +26,7 @@ use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
 use super::routing::{find_route, subscribe_convoy, unroute, Reroute};
 use super::{
-    int4, map_err, uint, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
+    int4, map_err, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
     PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx,
 };
 
@@ -753,6 +753,11 @@ pub(super) async fn publish_all(
         .collect();
     let mut cache = Some(read_routes(tx, &published).await?);
     let mut routes = RouteRows::default();
+    // The copies of messages that activate several orchestrations (fan_out), each addressed to
+    // its own new instance: inserted after the loop.
+    let mut copies: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
+    // What send ports' subscriptions take: (message, port, time), sent after the loop.
+    let mut to_ports: Vec<(&NewMessage, String, DateTime<Utc>)> = Vec::new();
     let mut out = Vec::with_capacity(messages.len());
     for ((msg, at), first) in messages.iter().zip(first) {
         let Some(seq) = stored.get(&msg.id).filter(|_| first) else {
@@ -775,7 +780,38 @@ pub(super) async fn publish_all(
             },
             None => find_route(tx, msg).await?,
         };
+        let (extra, ports) = match &cache {
+            Some(c) => (c.fan_out(msg, &route), c.ports_for(msg)),
+            None => {
+                let c = read_routes(tx, &[msg]).await?;
+                (c.fan_out(msg, &route), c.ports_for(msg))
+            }
+        };
+        let sent = (!ports.is_empty()).then(|| {
+            format!(
+                "sent to send port(s) {} by their subscriptions",
+                ports.join(", ")
+            )
+        });
+        to_ports.extend(ports.into_iter().map(|port| (*msg, port, *at)));
+        for (orchestration, version) in extra {
+            let id = Uuid::now_v7();
+            common::routing::insert_instance::<super::PostgresStore>(
+                tx,
+                id,
+                &orchestration,
+                version,
+                None,
+                *at,
+            )
+            .await?;
+            copies.push((msg.copy_for(&orchestration, id), *at));
+        }
         out.push(match route {
+            Route::Unrouted(_) if sent.is_some() => {
+                routes.push(*seq, "consumed", None, None, sent, msg.kind);
+                PublishOutcome::ToPorts
+            }
             Route::Instance(id, sub) => {
                 routes.push(*seq, "routed", Some(id), sub, None, msg.kind);
                 PublishOutcome::Routed(id)
@@ -801,12 +837,33 @@ pub(super) async fn publish_all(
                 PublishOutcome::Routed(id)
             }
             Route::Unrouted(reason) => {
-                routes.push(*seq, "unrouted", None, None, Some(reason), msg.kind);
-                PublishOutcome::Unrouted
+                let may_be_late = cache.as_ref().is_none_or(|c| c.may_be_late(msg));
+                let late = if may_be_late {
+                    common::late::late_for::<super::PostgresStore>(tx, msg).await?
+                } else {
+                    None
+                };
+                match late {
+                    Some((instance, zombie)) => {
+                        routes.push(*seq, "zombie", Some(instance), None, Some(zombie), msg.kind);
+                        PublishOutcome::Zombie(instance)
+                    }
+                    None => {
+                        routes.push(*seq, "unrouted", None, None, Some(reason), msg.kind);
+                        PublishOutcome::Unrouted
+                    }
+                }
             }
         });
     }
     routes.write(tx).await?;
+    common::routing::send_to_ports::<super::PostgresStore>(tx, &to_ports).await?;
+    if !copies.is_empty() {
+        let copies: Vec<(&NewMessage, DateTime<Utc>)> =
+            copies.iter().map(|(m, at)| (m, *at)).collect();
+        let refs: Vec<&(&NewMessage, DateTime<Utc>)> = copies.iter().collect();
+        insert_messages(tx, &refs).await?;
+    }
     Ok(out)
 }
 
@@ -874,22 +931,9 @@ pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreR
                 cache.subscription(message_type, correlation, sub, instance);
             }
         }
-        let activation: Option<(String, i32, String)> = sqlx::query_as(
-            "SELECT orchestration, version, correlation_keys FROM subscriptions \
-             WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
-        )
-        .bind(message_type)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(|e| map_err("read routes", e))?;
-        let activation = activation.and_then(|(o, v, k)| match uint(v, "subscriptions.version") {
-            Ok(v) => Some((o, v, k)),
-            Err(e) => {
-                tracing::warn!(error = %e, "a subscription row cannot be read; left out of routing");
-                None
-            }
-        });
-        cache.activation(message_type, activation);
+        let activations =
+            common::routing::read_activations::<super::PostgresStore>(tx, message_type).await?;
+        cache.activations(message_type, activations);
     }
     Ok(cache)
 }
@@ -1064,6 +1108,7 @@ mod tests {
                         id: Uuid::new_v4(),
                         message_type: "payment.received".into(),
                         correlation: Correlation::on("order", shape.0),
+                        earlier: false,
                     }]
                 });
             }

@@ -140,7 +140,8 @@ impl Reroute {
 /// same routing as [`publish_one`]). The types must be locked exclusively for routing
 /// ([`lock_routes`]).
 pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreResult<()> {
-    let mut candidates: BTreeMap<i64, (String, BTreeMap<String, String>)> = BTreeMap::new();
+    type Candidate = (String, BTreeMap<String, String>, Option<DateTime<Utc>>);
+    let mut candidates: BTreeMap<i64, Candidate> = BTreeMap::new();
     let scanned: BTreeSet<&str> = changes
         .types
         .iter()
@@ -149,7 +150,8 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
         .collect();
     for message_type in scanned {
         let rows = sqlx::query(
-            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1",
+            "SELECT seq, properties, published_at FROM messages \
+             WHERE status = 'unrouted' AND message_type = $1",
         )
         .bind(message_type)
         .fetch_all(&mut **tx)
@@ -172,14 +174,15 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
                     .iter()
                     .any(|(t, corr)| t == message_type && corr.matches(&properties));
             if matches {
-                candidates.insert(col(&row, "seq")?, (message_type.to_owned(), properties));
+                let at = col(&row, "published_at").ok();
+                candidates.insert(col(&row, "seq")?, (message_type.to_owned(), properties, at));
             }
         }
     }
     if !changes.seqs.is_empty() {
         let seqs: Vec<i64> = changes.seqs.iter().copied().collect();
         let rows = sqlx::query(
-            "SELECT seq, message_type, properties FROM messages \
+            "SELECT seq, message_type, properties, published_at FROM messages \
              WHERE seq = ANY($1) AND status = 'unrouted'",
         )
         .bind(&seqs)
@@ -189,7 +192,11 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
         for row in rows {
             match col_json(&row, "properties") {
                 Ok(properties) => {
-                    candidates.insert(col(&row, "seq")?, (col(&row, "message_type")?, properties));
+                    let at = col(&row, "published_at").ok();
+                    candidates.insert(
+                        col(&row, "seq")?,
+                        (col(&row, "message_type")?, properties, at),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "an unrouted message cannot be read; left unrouted");
@@ -197,7 +204,7 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
             }
         }
     }
-    for (seq, (message_type, properties)) in candidates {
+    for (seq, (message_type, properties, published_at)) in candidates {
         let probe = NewMessage {
             id: String::new(),
             message_type,
@@ -207,7 +214,24 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
             target: None,
         };
         let (instance, sub, kind, activate) = match find_route(tx, &probe).await? {
-            Route::Instance(id, sub) => (id, sub, MessageKind::Published, None),
+            Route::Instance(id, Some(sub)) => {
+                // Late for this subscriber: another instance waited on its key before it was
+                // published, and has ended (a running one may share it, as before).
+                let earlier = common::late::waited_before::<PostgresStore>(
+                    tx,
+                    &probe.message_type,
+                    &probe.properties,
+                    published_at,
+                    Some(id),
+                )
+                .await?;
+                if let Some(late) = earlier.filter(|l| l.zombie().is_some()) {
+                    common::late::make_zombie::<PostgresStore>(tx, seq, &late).await?;
+                    continue;
+                }
+                (id, Some(sub), MessageKind::Published, None)
+            }
+            Route::Instance(id, None) => (id, None, MessageKind::Published, None),
             Route::Activate {
                 orchestration,
                 version,
@@ -218,7 +242,20 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
                 MessageKind::Start,
                 Some((orchestration, version, convoy)),
             ),
-            Route::Unrouted(_) => continue,
+            Route::Unrouted(_) => {
+                let waiter = common::late::waited_before::<PostgresStore>(
+                    tx,
+                    &probe.message_type,
+                    &probe.properties,
+                    None,
+                    None,
+                )
+                .await?;
+                if let Some(late) = waiter {
+                    common::late::make_zombie::<PostgresStore>(tx, seq, &late).await?;
+                }
+                continue;
+            }
         };
         let routed = sqlx::query(
             "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
@@ -344,6 +381,8 @@ pub(super) async fn commit_points(
     batch::publish_all(&mut tx, &messages).await?;
     let now = points.iter().map(|p| p.at).max().unwrap_or_default();
     reroute(&mut tx, &changes, now).await?;
+    let earlier = committed_subscriptions(points, &out).collect();
+    common::late::adopt_all_earlier::<PostgresStore>(&mut tx, earlier).await?;
     // Other hosts are woken only for work they may claim; the committing host follows its
     // own (a NOTIFY for every commit woke it for an empty claim after each point).
     let claimable = points
@@ -377,6 +416,8 @@ pub(super) async fn subscribe(
     // As in `commit`: the routing locks after the rows.
     lock_routes(&mut tx, [], changes.lock_types()).await?;
     reroute(&mut tx, &changes, now).await?;
+    let earlier = rows.iter().map(|(i, sub, _)| (*i, *sub)).collect();
+    common::late::adopt_all_earlier::<PostgresStore>(&mut tx, earlier).await?;
     notify(&mut tx).await?;
     commit(tx).await?;
     Ok(out)

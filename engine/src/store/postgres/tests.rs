@@ -103,7 +103,8 @@ async fn migrations_put_everything_in_the_cairn_schema_and_run_twice() {
             "outbox",
             "subscription_keys",
             "subscriptions",
-            "timers"
+            "timers",
+            "waited_keys"
         ]
     );
     assert_eq!(store.backend(), "postgres");

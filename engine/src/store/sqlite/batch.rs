@@ -24,15 +24,13 @@ use sqlx::{Either, Executor, QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use crate::store::plan::{not_routed, CommitPlan, Row, RunPlan, StoredSubscription, Written};
-use crate::store::routing::{Route, RouteCache};
 use crate::store::{HeldStart, Holder, OutboxRow, FIRST_EPOCH};
 
-use super::routing::{activate, find_route};
 use super::writer::Alone;
 use super::SqliteStore;
 use super::{
-    map_err, parse_uuid, ts, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
-    PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx, Writer,
+    map_err, parse_uuid, ts, CommitOutcome, MessageKind, NewInstance, NewSubscription,
+    PersistencePoint, StoreError, StoreResult, Tx, Writer,
 };
 use crate::store::common::Backend as _;
 
@@ -44,7 +42,7 @@ pub(super) fn reuse(rows: usize) -> bool {
 }
 
 /// Runs a multi-row statement, kept prepared when small ([`reuse`]).
-async fn execute(
+pub(super) async fn execute(
     tx: &mut Tx,
     mut q: QueryBuilder<'_, Sqlite>,
     rows: usize,
@@ -57,7 +55,7 @@ async fn execute(
 }
 
 /// Runs `q` (kept prepared as [`execute`] does) and returns its one text column.
-async fn fetch_texts(
+pub(super) async fn fetch_texts(
     tx: &mut Tx,
     mut q: QueryBuilder<'_, Sqlite>,
     rows: usize,
@@ -205,7 +203,7 @@ pub(super) async fn write_points(
         sync_subscriptions(tx, &written, stored, reroute_types).await?;
         start_instances(tx, &written.children, None).await?;
         write_timers(tx, &written).await?;
-        publish_all(tx, &written.messages).await?;
+        super::publish::publish_all(tx, &written.messages).await?;
         outcomes.extend(plan.outcomes(&committed));
     }
     Ok(outcomes)
@@ -1023,174 +1021,4 @@ fn read_held(
         .map(|(id, seq)| Ok((parse_uuid(id)?, *seq)))
         .collect::<StoreResult<Vec<_>>>()?;
     HeldStart::all(starts, seqs)
-}
-
-/// Stores and routes messages in order, each published at its time: duplicates (of a stored
-/// message or of one earlier in the batch) are reported and not written.
-///
-/// The routing reads are made per message type for the whole batch: the key sets the type is
-/// correlated on, then every subscription matching one of the batch's values. A convoy's
-/// activation subscribes its new instance at once, which can change where the next messages go,
-/// so after one the rest of the batch is routed message by message.
-pub(super) async fn publish_all(
-    tx: &mut Tx,
-    messages: &[(&NewMessage, DateTime<Utc>)],
-) -> StoreResult<Vec<PublishOutcome>> {
-    let stored = stored_ids(tx, messages).await?;
-    let published: Vec<&NewMessage> = messages.iter().map(|(m, _)| *m).collect();
-    let mut routes = Some(read_routes(tx, &published).await?);
-    let mut seen = HashSet::new();
-    let mut rows = Vec::with_capacity(messages.len());
-    let mut out = Vec::with_capacity(messages.len());
-    for (msg, at) in messages {
-        if stored.contains(msg.id.as_str()) || !seen.insert(msg.id.as_str()) {
-            out.push(PublishOutcome::Duplicate);
-            continue;
-        }
-        let route = match routes.as_mut() {
-            Some(cache) => cache.route(msg),
-            None => find_route(tx, msg).await?,
-        };
-        let (instance, subscription, reason, outcome) = match route {
-            Route::Instance(id, sub) => (Some(id), sub, None, PublishOutcome::Routed(id)),
-            Route::Activate {
-                orchestration,
-                version,
-                convoy,
-            } => {
-                if convoy.is_some() {
-                    routes = None;
-                }
-                let id = activate(tx, &orchestration, version, convoy, *at).await?;
-                (Some(id), None, None, PublishOutcome::Routed(id))
-            }
-            Route::Unrouted(reason) => (None, None, Some(reason), PublishOutcome::Unrouted),
-        };
-        // An activating message is the new instance's start message.
-        let kind = if msg.target.is_none() && subscription.is_none() && instance.is_some() {
-            MessageKind::Start
-        } else {
-            msg.kind
-        };
-        rows.push((*msg, kind, instance, subscription, reason, *at));
-        out.push(outcome);
-    }
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new(
-            "INSERT INTO messages (id, message_type, kind, properties, body, status, \
-             instance_id, subscription_id, reason, published_at) ",
-        );
-        q.push_values(chunk, |mut row, (msg, kind, instance, sub, reason, at)| {
-            row.push_bind(&msg.id)
-                .push_bind(&msg.message_type)
-                .push_bind(kind.as_str())
-                .push_bind(serde_json::to_string(&msg.properties).unwrap_or_default())
-                .push_bind(msg.body.to_string())
-                .push_bind(if instance.is_some() {
-                    "routed"
-                } else {
-                    "unrouted"
-                })
-                .push_bind(instance.map(|i| i.to_string()))
-                .push_bind(sub.map(|s| s.to_string()))
-                .push_bind(reason.as_deref())
-                .push_bind(ts(*at));
-        });
-        execute(tx, q, chunk.len()).await?;
-    }
-    Ok(out)
-}
-
-/// The ids of these messages already stored.
-async fn stored_ids(
-    tx: &mut Tx,
-    messages: &[(&NewMessage, DateTime<Utc>)],
-) -> StoreResult<HashSet<String>> {
-    let mut stored = HashSet::new();
-    for chunk in messages.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::new("SELECT id FROM messages WHERE id IN (");
-        let mut list = q.separated(", ");
-        for (msg, _) in chunk {
-            list.push_bind(&msg.id);
-        }
-        q.push(")");
-        stored.extend(fetch_texts(tx, q, chunk.len()).await?);
-    }
-    Ok(stored)
-}
-
-/// Reads the routing rows of a batch's message types, once per type. A subscription row that
-/// cannot be read (a tool wrote it) is left out, with a warning: it routes nothing, and never
-/// stops the publishing of its type.
-pub(super) async fn read_routes(tx: &mut Tx, messages: &[&NewMessage]) -> StoreResult<RouteCache> {
-    let mut cache = RouteCache::default();
-    for (message_type, msgs) in RouteCache::by_type(messages.iter().copied()) {
-        let key_sets: Vec<String> =
-            sqlx::query("SELECT correlation_keys FROM subscription_keys WHERE message_type = $1")
-                .bind(message_type)
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(|e| map_err("read routes", e))?
-                .iter()
-                .filter_map(|row| readable(super::col(row, "correlation_keys")))
-                .collect();
-        let values = cache.key_sets(message_type, key_sets, &msgs);
-        for chunk in values.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::new(
-                "SELECT correlation, id, instance_id FROM subscriptions WHERE message_type = ",
-            );
-            q.push_bind(message_type)
-                .push(" AND instance_id IS NOT NULL AND correlation IN (");
-            let mut list = q.separated(", ");
-            for value in chunk {
-                list.push_bind(value);
-            }
-            q.push(") ORDER BY created_at, id");
-            let rows = q
-                .build()
-                .persistent(reuse(chunk.len()))
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(|e| map_err("read routes", e))?;
-            for row in &rows {
-                let read = (|| {
-                    Ok::<_, StoreError>((
-                        super::col::<String>(row, "correlation")?,
-                        super::col_uuid(row, "id")?,
-                        super::col_uuid(row, "instance_id")?,
-                    ))
-                })();
-                if let Some((correlation, sub, instance)) = readable(read) {
-                    cache.subscription(message_type, correlation, sub, instance);
-                }
-            }
-        }
-        let activation = sqlx::query(
-            "SELECT orchestration, version, correlation_keys FROM subscriptions \
-             WHERE message_type = $1 AND instance_id IS NULL ORDER BY orchestration LIMIT 1",
-        )
-        .bind(message_type)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(|e| map_err("read routes", e))?;
-        let activation = activation.as_ref().and_then(|row| {
-            readable((|| {
-                Ok::<_, StoreError>((
-                    super::col::<String>(row, "orchestration")?,
-                    super::col_u32(row, "version")?,
-                    super::col::<String>(row, "correlation_keys")?,
-                ))
-            })())
-        });
-        cache.activation(message_type, activation);
-    }
-    Ok(cache)
-}
-
-/// A subscription row read, or `None` with a warning when it cannot be read.
-fn readable<T>(read: StoreResult<T>) -> Option<T> {
-    read.map_err(
-        |e| tracing::warn!(error = %e, "a subscription row cannot be read; left out of routing"),
-    )
-    .ok()
 }

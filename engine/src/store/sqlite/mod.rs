@@ -39,6 +39,7 @@ mod maintenance;
 mod message_box;
 mod operator;
 mod outbox;
+mod publish;
 mod retention;
 mod routing;
 mod wake;
@@ -346,7 +347,7 @@ impl common::Backend for SqliteStore {
         tx: &mut WriteTx,
         messages: &[(&NewMessage, DateTime<Utc>)],
     ) -> StoreResult<Vec<PublishOutcome>> {
-        batch::publish_all(&mut tx.tx, messages).await
+        publish::publish_all(&mut tx.tx, messages).await
     }
     async fn notify(tx: &mut WriteTx) -> StoreResult<()> {
         // Told after the commit: a host woken now would wait on the write lock held here.

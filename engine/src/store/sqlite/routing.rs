@@ -7,18 +7,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{batch, col, col_json, commit, map_err, SqliteStore, Tx};
+use super::{batch, col, col_json, commit, map_err, publish, SqliteStore, Tx};
 use crate::orchestration::Correlation;
 use crate::store::common;
+use crate::store::common::late;
 use crate::store::routing::Route;
 use crate::store::{
-    convoy_subscriptions, held_receives, CommitOutcome, HeldStart, Holder, MessageKind,
-    NewInstance, NewMessage, NewReceives, PersistencePoint, StoreResult,
+    committed_subscriptions, convoy_subscriptions, held_receives, CommitOutcome, HeldStart, Holder,
+    MessageKind, NewInstance, NewMessage, NewReceives, PersistencePoint, StoreResult,
 };
 
 /// Where `msg` goes.
 pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
-    Ok(batch::read_routes(tx, &[msg]).await?.route(msg))
+    Ok(publish::read_routes(tx, &[msg]).await?.route(msg))
 }
 
 /// Creates the instance an activating message starts. For a convoy, also subscribes it to every
@@ -47,8 +48,8 @@ pub(super) async fn activate(
 pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
     for message_type in types {
         let rows = sqlx::query(
-            "SELECT seq, properties FROM messages WHERE status = 'unrouted' AND message_type = $1 \
-             ORDER BY seq",
+            "SELECT seq, properties, published_at FROM messages WHERE status = 'unrouted' \
+             AND message_type = $1 ORDER BY seq",
         )
         .bind(message_type)
         .fetch_all(&mut **tx)
@@ -73,8 +74,27 @@ pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResul
                 body: serde_json::Value::Null,
                 target: None,
             };
+            let published_at =
+                <SqliteStore as common::Backend>::col_time(&row, "published_at").ok();
             let (instance, sub, kind) = match find_route(tx, &probe).await? {
-                Route::Instance(id, sub) => (id, sub, MessageKind::Published),
+                Route::Instance(id, Some(sub)) => {
+                    // Late for this subscriber: another instance waited on its key before it was
+                    // published, and has ended (a running one may share it, as before).
+                    let earlier = late::waited_before::<SqliteStore>(
+                        tx,
+                        message_type,
+                        &probe.properties,
+                        published_at,
+                        Some(id),
+                    )
+                    .await?;
+                    if let Some(late) = earlier.filter(|l| l.zombie().is_some()) {
+                        late::make_zombie::<SqliteStore>(tx, seq, &late).await?;
+                        continue;
+                    }
+                    (id, Some(sub), MessageKind::Published)
+                }
+                Route::Instance(id, None) => (id, None, MessageKind::Published),
                 Route::Activate {
                     orchestration,
                     version,
@@ -83,7 +103,20 @@ pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResul
                     let id = activate(tx, &orchestration, version, convoy, Utc::now()).await?;
                     (id, None, MessageKind::Start)
                 }
-                Route::Unrouted(_) => continue,
+                Route::Unrouted(_) => {
+                    let waiter = late::waited_before::<SqliteStore>(
+                        tx,
+                        message_type,
+                        &probe.properties,
+                        None,
+                        None,
+                    )
+                    .await?;
+                    if let Some(late) = waiter {
+                        late::make_zombie::<SqliteStore>(tx, seq, &late).await?;
+                    }
+                    continue;
+                }
             };
             sqlx::query(
                 "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
@@ -138,6 +171,8 @@ pub(super) async fn commit_points(
     let mut reroute_types = BTreeSet::new();
     let out = batch::write_points(&mut tx, points, &mut reroute_types).await?;
     reroute(&mut tx, &reroute_types).await?;
+    let earlier = committed_subscriptions(points, &out).collect();
+    late::adopt_all_earlier::<SqliteStore>(&mut tx, earlier).await?;
     commit(tx).await?;
     Ok(out)
 }
@@ -158,6 +193,8 @@ pub(super) async fn subscribe(
         .map(|(_, sub, _)| sub.message_type.clone())
         .collect();
     reroute(&mut tx, &types).await?;
+    let earlier = rows.iter().map(|(i, sub, _)| (*i, *sub)).collect();
+    late::adopt_all_earlier::<SqliteStore>(&mut tx, earlier).await?;
     commit(tx).await?;
     Ok(out)
 }
