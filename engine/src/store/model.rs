@@ -96,6 +96,8 @@ word_enum! {
         Shutdown => "shutdown",
         /// The instance completed, failed or was terminated.
         Complete => "complete",
+        /// `cairn upgrade` moved the instance to another version of its orchestration.
+        Upgrade => "upgrade",
     }
 }
 
