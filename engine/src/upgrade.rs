@@ -30,7 +30,9 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::codec;
 use crate::registry::Registry;
-use crate::store::{Store, StoreError, UpgradeCandidate, UpgradeFilter, UpgradeOutcome, UpgradePoint};
+use crate::store::{
+    Store, StoreError, UpgradeCandidate, UpgradeFilter, UpgradeOutcome, UpgradePoint,
+};
 
 /// A state migrated to the target version, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +220,9 @@ pub async fn run(
                         report.moved += 1;
                     }
                     Ok(Ok(point)) => match c.held_by {
-                        Some(host) => pending.push((c.id, format!("held in memory by host {host}"))),
+                        Some(host) => {
+                            pending.push((c.id, format!("held in memory by host {host}")))
+                        }
                         None => ready.push(point),
                     },
                 }
@@ -242,11 +246,20 @@ pub async fn run(
                 }
             }
         }
-        if pending.is_empty() || plan.dry_run || report.full(plan) || started.elapsed() >= plan.wait {
-            report.pending = if report.full(plan) { Vec::new() } else { pending };
+        if pending.is_empty() || plan.dry_run || report.full(plan) || started.elapsed() >= plan.wait
+        {
+            report.pending = if report.full(plan) {
+                Vec::new()
+            } else {
+                pending
+            };
             return Ok(report);
         }
-        tracing::info!(moved = report.moved, waiting = pending.len(), "instances held by hosts or changed meanwhile; reading them again");
+        tracing::info!(
+            moved = report.moved,
+            waiting = pending.len(),
+            "instances held by hosts or changed meanwhile; reading them again"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

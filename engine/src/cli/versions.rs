@@ -21,16 +21,26 @@ use crate::Registry;
 ///
 /// # Errors
 /// [`CliError`]: the store failed, the version is not in this build, or instances stayed.
-pub async fn run_upgrade(store: &dyn Store, registry: &Registry, plan: Plan) -> Result<(), CliError> {
+pub async fn run_upgrade(
+    store: &dyn Store,
+    registry: &Registry,
+    plan: Plan,
+) -> Result<(), CliError> {
     let report = upgrade::run(store, registry, &SystemClock, &plan)
         .await
         .map_err(|e| CliError::NotFound(e.to_string()))?;
     let to = plan.to;
     let name = &plan.orchestration;
     if plan.dry_run {
-        println!("dry run: {} instance(s) of {name} would move to version {to}", report.moved);
+        println!(
+            "dry run: {} instance(s) of {name} would move to version {to}",
+            report.moved
+        );
     } else {
-        println!("moved {} instance(s) of {name} to version {to}", report.moved);
+        println!(
+            "moved {} instance(s) of {name} to version {to}",
+            report.moved
+        );
     }
     for (id, version, error) in &report.failed {
         println!("failed  {id}  stays on version {version}: {error}");
@@ -132,7 +142,9 @@ async fn fixture(store: &dyn Store, id: Uuid) -> Result<crate::upgrade::Fixture,
         .await?
         .ok_or(CliError::NoInstance(id))?;
     let state = detail.state.ok_or_else(|| {
-        CliError::NotFound(format!("instance {id} has no stored state yet (not started)"))
+        CliError::NotFound(format!(
+            "instance {id} has no stored state yet (not started)"
+        ))
     })?;
     Ok(crate::upgrade::Fixture::new(
         id,

@@ -235,7 +235,8 @@ impl LiveInstance {
             match instance.def.decode_state(bytes) {
                 Ok(state) => instance.state = Some(state),
                 Err(e) => {
-                    let (name, version, id) = (instance.def.name(), instance.def.version(), record.id);
+                    let (name, version, id) =
+                        (instance.def.name(), instance.def.version(), record.id);
                     return Err(Box::new(LoadFault {
                         error: FaultText(format!(
                             "{e}; this build's {name} version {version} cannot read the state \

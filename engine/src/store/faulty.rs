@@ -520,7 +520,11 @@ impl Versions for FaultyStore {
         self.inner.upgrade_candidates(filter, now).await
     }
 
-    async fn upgrade(&self, point: &UpgradePoint, now: DateTime<Utc>) -> StoreResult<UpgradeOutcome> {
+    async fn upgrade(
+        &self,
+        point: &UpgradePoint,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UpgradeOutcome> {
         self.gate().await;
         self.inner.upgrade(point, now).await
     }

@@ -116,10 +116,9 @@ pub struct HostRegistrations {
 impl HostRegistrations {
     /// Whether this host runs `orchestration` at `version` (a host that did not say runs all).
     pub fn runs(&self, orchestration: &str, version: u32) -> bool {
-        self.registrations.as_ref().is_none_or(|r| {
-            r.iter()
-                .any(|(n, v)| n == orchestration && *v == version)
-        })
+        self.registrations
+            .as_ref()
+            .is_none_or(|r| r.iter().any(|(n, v)| n == orchestration && *v == version))
     }
 }
 
@@ -154,8 +153,11 @@ pub trait Versions: Send + Sync + std::fmt::Debug {
     /// Records the definitions host `host` runs in its `hosts` row (written by
     /// [`Maintenance::recover`](super::Maintenance::recover)); from then on its claims take work
     /// only for those versions.
-    async fn record_registrations(&self, host: &str, definitions: &[(String, u32)])
-        -> StoreResult<()>;
+    async fn record_registrations(
+        &self,
+        host: &str,
+        definitions: &[(String, u32)],
+    ) -> StoreResult<()>;
 
     /// The instances of `filter.orchestration` waiting (running, dehydrated or suspended) on a
     /// version `filter` selects, in id order.
@@ -170,8 +172,11 @@ pub trait Versions: Send + Sync + std::fmt::Debug {
     /// `point.from` at `point.epoch`, waiting, with no live lease on it (G4: the epoch taken
     /// fences any host that held it). A suspension becomes resumable: the new version reads the
     /// state.
-    async fn upgrade(&self, point: &UpgradePoint, now: DateTime<Utc>)
-        -> StoreResult<UpgradeOutcome>;
+    async fn upgrade(
+        &self,
+        point: &UpgradePoint,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UpgradeOutcome>;
 
     /// Instances by orchestration, version and status (ended ones included).
     async fn version_counts(&self) -> StoreResult<Vec<VersionCount>>;
@@ -183,6 +188,9 @@ pub trait Versions: Send + Sync + std::fmt::Debug {
     /// Instances that need an operator, at most `limit`: suspended ones (the reason is their
     /// `last_error`), and waiting ones whose version no running host registers: the documented
     /// "needs attention" query (docs/sql.md).
-    async fn needing_attention(&self, now: DateTime<Utc>, limit: u32)
-        -> StoreResult<Vec<Attention>>;
+    async fn needing_attention(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Attention>>;
 }

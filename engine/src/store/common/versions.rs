@@ -98,7 +98,11 @@ where
     }
 
     /// [`Versions::upgrade`].
-    async fn upgrade(&self, point: &UpgradePoint, now: DateTime<Utc>) -> StoreResult<UpgradeOutcome> {
+    async fn upgrade(
+        &self,
+        point: &UpgradePoint,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UpgradeOutcome> {
         let e = |e| Self::map_err("upgrade", e);
         let mut tx = self.begin().await?;
         let done = sqlx::query(&format!(

@@ -81,7 +81,6 @@ pub(super) static NEXT_TIMER: LazyLock<String> = LazyLock::new(|| {
 /// Instances some host may run.
 const RUNNABLE: &str = "i.status IN ('running', 'dehydrated')";
 
-
 /// Whether the lock on row `x` (a message or timer of instance `i`) leaves it to host `$1`, given
 /// [`CLAIMABLE`]; `$2` is the current time, `$4` the heartbeat cutoff below which a host is
 /// presumed gone. A lock is stale when:
