@@ -11,7 +11,11 @@
 //!   commit, and just after it), restarting a fresh host each time. It checks G1-G3 and G5 for
 //!   the orchestration: the instance ends as in the clean run, every message addressed to it is
 //!   consumed exactly once, its history is the clean run's history, every committed send was
-//!   delivered and no uncommitted one was.
+//!   delivered and no uncommitted one was. With [`CrashTest::upgrade_to`] the instance is moved
+//!   to a newer version while it waits, and the crashes cover that upgrade point too.
+//! * [`Scenario::upgraded`] checks a migration against real stored states: it loads a state of an
+//!   older version ([`Fixture`], exported with `cairn export ID` or read from a database with
+//!   [`Fixture::from_database`]), migrates it as `cairn upgrade` would, and runs it on.
 //!
 //! ```
 //! use cairn::testing::Scenario;
@@ -55,6 +59,9 @@ use crate::store::{
 };
 use crate::Ports;
 
+mod upgrade;
+pub use crate::upgrade::Fixture;
+
 /// A scenario step that could not be taken.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ScenarioError {
@@ -80,6 +87,9 @@ pub enum ScenarioError {
         /// The step it reached.
         to: String,
     },
+    /// A stored state did not load or migrate ([`Scenario::upgraded`]).
+    #[error("the stored state does not move to this version: {0}")]
+    Upgrade(String),
 }
 
 /// How a scenario's instance stands.
@@ -548,6 +558,7 @@ pub struct CrashTest {
     input: serde_json::Value,
     messages: Vec<NewMessage>,
     timeout: Duration,
+    upgrade: Option<upgrade::Planned>,
 }
 
 impl std::fmt::Debug for CrashTest {
@@ -573,6 +584,7 @@ impl CrashTest {
             input,
             messages: Vec::new(),
             timeout: Duration::from_secs(30),
+            upgrade: None,
         }
     }
 
@@ -712,7 +724,8 @@ impl CrashTest {
                 drain_timeout: Duration::from_millis(500),
                 ..HostConfig::default()
             };
-            let host = Host::new(store, self.registry.clone(), Ports::new()).with_config(config);
+            let host =
+                Host::new(store.clone(), self.registry.clone(), Ports::new()).with_config(config);
             let ports = (self.ports)(host.client(), recorder.clone());
             let host = host.with_ports(ports);
             let id = match setup {
@@ -733,6 +746,8 @@ impl CrashTest {
                 }
                 Setup::Run(id) => id,
             };
+            let client = host.client();
+            let mut upgrading = upgrade::Upgrading::default();
             let stop = tokio_util::sync::CancellationToken::new();
             let running = tokio::spawn(host.run(stop.clone()));
             let deadline = tokio::time::Instant::now() + self.timeout;
@@ -748,6 +763,11 @@ impl CrashTest {
                 tokio::select! {
                     _ = &mut crashed => break,
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                if let Some(planned) = &self.upgrade {
+                    upgrading
+                        .step(planned, &self.registry, &store, &plain, &client, id)
+                        .await?;
                 }
                 let summaries = plain
                     .instance_summaries(&[id])

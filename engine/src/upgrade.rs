@@ -296,7 +296,7 @@ fn prepare(
 }
 
 /// An instance's stored state as a file: what `cairn export ID` prints, and what the test kit
-/// ([`testing::upgraded`](crate::testing)) loads to check a migration against real states.
+/// ([`Scenario::upgraded`](crate::testing)) loads to check a migration against real states.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fixture {
     /// The instance it came from.
@@ -309,43 +309,104 @@ pub struct Fixture {
     pub step: String,
     /// The state as stored (MessagePack), in hex.
     pub state_hex: String,
+    /// The engine's bookkeeping stored with it (what the instance waits for), in hex.
+    #[serde(default)]
+    pub engine_state_hex: Option<String>,
 }
 
-/// A fixture whose `state_hex` is not hex.
+/// A fixture whose hex is not hex.
 #[derive(Debug, thiserror::Error)]
-#[error("state_hex is not an even number of hex digits (at digit {0})")]
+#[error("the fixture's hex is not an even number of hex digits (at digit {0})")]
 pub struct NotHex(usize);
 
 impl Fixture {
-    /// A fixture of this state.
-    pub fn new(id: Uuid, orchestration: String, version: u32, step: String, state: &[u8]) -> Self {
-        let state_hex = state.iter().map(|b| format!("{b:02x}")).collect();
-        Fixture {
-            id,
-            orchestration,
-            version,
-            step,
-            state_hex,
-        }
+    /// A fixture of an instance as
+    /// [`OperatorVerbs::instance_detail`](crate::store::OperatorVerbs::instance_detail) read
+    /// it; `None` before its first point (no state).
+    pub fn of(detail: &crate::store::InstanceDetail) -> Option<Self> {
+        let s = &detail.summary;
+        Some(Fixture {
+            id: s.id,
+            orchestration: s.orchestration.clone(),
+            version: s.version,
+            step: s.step.clone(),
+            state_hex: to_hex(detail.state.as_deref()?),
+            engine_state_hex: detail.engine_state.as_deref().map(to_hex),
+        })
     }
 
-    /// The stored bytes.
+    /// Reads a fixture file (`cairn export ID > FILE`).
+    ///
+    /// # Errors
+    /// The file cannot be read or is not a fixture, in words.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{} is not a fixture: {e}", path.display()))
+    }
+
+    /// The fixtures of the waiting instances of `orchestration` at `version` in a database (at
+    /// most `limit`), to check a migration against real stored states.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn from_database(
+        store: &dyn Store,
+        orchestration: &str,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<Self>, StoreError> {
+        let filter = UpgradeFilter {
+            orchestration: orchestration.to_owned(),
+            from: Some(version),
+            to: version,
+            after: None,
+            limit,
+        };
+        let mut out = Vec::new();
+        for c in store
+            .upgrade_candidates(&filter, chrono::Utc::now())
+            .await?
+        {
+            if let Some(detail) = store.instance_detail(c.id).await? {
+                out.extend(Self::of(&detail));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored state's bytes.
     ///
     /// # Errors
     /// [`NotHex`].
     pub fn state(&self) -> Result<Vec<u8>, NotHex> {
-        let hex = self.state_hex.trim().as_bytes();
-        if hex.len() % 2 != 0 {
-            return Err(NotHex(hex.len()));
-        }
-        hex.chunks(2)
-            .enumerate()
-            .map(|(i, pair)| {
-                std::str::from_utf8(pair)
-                    .ok()
-                    .and_then(|p| u8::from_str_radix(p, 16).ok())
-                    .ok_or(NotHex(i * 2))
-            })
-            .collect()
+        from_hex(&self.state_hex)
     }
+
+    /// The stored bookkeeping's bytes, if exported.
+    ///
+    /// # Errors
+    /// [`NotHex`].
+    pub fn engine_state(&self) -> Result<Option<Vec<u8>>, NotHex> {
+        self.engine_state_hex.as_deref().map(from_hex).transpose()
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Result<Vec<u8>, NotHex> {
+    let hex = text.trim().as_bytes();
+    if hex.len() % 2 != 0 {
+        return Err(NotHex(hex.len()));
+    }
+    hex.chunks(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or(NotHex(i * 2))
+        })
+        .collect()
 }

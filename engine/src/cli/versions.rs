@@ -101,8 +101,11 @@ pub async fn versions(store: &dyn Store, registry: &Registry) -> Result<(), CliE
             .filter(|h| h.runs(&name, version))
             .map(|h| h.id.as_str())
             .collect();
-        let running = if running.is_empty() {
+        let waiting = statuses.contains("running") || statuses.contains("dehydrated");
+        let running = if running.is_empty() && waiting {
             "none: its waiting instances need attention".to_owned()
+        } else if running.is_empty() {
+            "none".to_owned()
         } else {
             running.join(", ")
         };
@@ -141,18 +144,11 @@ async fn fixture(store: &dyn Store, id: Uuid) -> Result<crate::upgrade::Fixture,
         .instance_detail(id)
         .await?
         .ok_or(CliError::NoInstance(id))?;
-    let state = detail.state.ok_or_else(|| {
+    crate::upgrade::Fixture::of(&detail).ok_or_else(|| {
         CliError::NotFound(format!(
             "instance {id} has no stored state yet (not started)"
         ))
-    })?;
-    Ok(crate::upgrade::Fixture::new(
-        id,
-        detail.summary.orchestration,
-        detail.summary.version,
-        detail.summary.step,
-        &state,
-    ))
+    })
 }
 
 /// `cairn resume`: a suspension marked not resumable is resumed without `--force` when this

@@ -520,12 +520,21 @@ impl Versions for FaultyStore {
         self.inner.upgrade_candidates(filter, now).await
     }
 
+    /// An upgrade point counts as a commit: a crash planned at it happens before or after it.
     async fn upgrade(
         &self,
         point: &UpgradePoint,
         now: DateTime<Utc>,
     ) -> StoreResult<UpgradeOutcome> {
         self.gate().await;
+        let n = self.plan.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.crash_at.load(Ordering::SeqCst) == n as i64 {
+            if self.plan.crash_after.load(Ordering::SeqCst) {
+                let _ = self.inner.upgrade(point, now).await;
+            }
+            self.plan.crash();
+            std::future::pending::<()>().await;
+        }
         self.inner.upgrade(point, now).await
     }
 

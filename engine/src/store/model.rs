@@ -1035,6 +1035,8 @@ pub struct InstanceDetail {
     pub summary: InstanceSummary,
     /// The stored state.
     pub state: Option<Vec<u8>>,
+    /// The engine's bookkeeping stored with it (its waits, scopes), MessagePack.
+    pub engine_state: Option<Vec<u8>>,
     /// The output.
     pub output: Option<serde_json::Value>,
     /// The next timer.
