@@ -610,3 +610,69 @@ async fn cairn_versions_shows_instances_by_version_and_the_hosts_that_register_t
     );
     host.stop();
 }
+
+/// The upgrade rate (`just upgrade-bench`): `CAIRN_UPGRADE_BENCH` (default 10,000) version-1
+/// approvals wait, dehydrated, while a host with versions 1 and 2 runs, idle; the time
+/// `upgrade::run` (what `cairn upgrade` runs) takes to move them all is printed as instances/s.
+/// Measure it in a release build: `cargo test --release ... -- --ignored --nocapture`.
+async fn upgrade_rate(db: TestDb) {
+    let n: usize = std::env::var("CAIRN_UPGRADE_BENCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let (host, client) = HostThread::launch(&db, samples_setup()).await;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let starts = chunk
+            .iter()
+            .map(|i| ("approval".to_owned(), request(&format!("b{i}"), "alice")))
+            .collect();
+        client.start_many(starts).await.unwrap();
+    }
+    db.wait_for(
+        "every v1 instance dehydrated",
+        Duration::from_secs(600),
+        || async {
+            db.count("SELECT COUNT(*) FROM instances WHERE version = 1 AND status = 'dehydrated'")
+                .await
+                == n as i64
+        },
+    )
+    .await;
+    let registry = cairn_orchestrations::registry();
+    let started = Instant::now();
+    let report = upgrade::run(
+        &*db.store,
+        &registry,
+        &cairn::clock::SystemClock,
+        &plan(2, false),
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(report.moved, n as u64, "{report:?}");
+    println!(
+        "upgrade rate, {:?}: {n} instances in {:.2} s = {:.0} instances/s",
+        db.backend,
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
+    host.stop();
+}
+
+mod upgrade_rate {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a test: just upgrade-bench"]
+    async fn sqlite() {
+        if let Some(db) = super::TestDb::new(super::Backend::Sqlite).await {
+            super::upgrade_rate(db).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a test: just upgrade-bench"]
+    async fn postgres() {
+        if let Some(db) = super::TestDb::new(super::Backend::Postgres).await {
+            super::upgrade_rate(db).await;
+        }
+    }
+}

@@ -966,7 +966,13 @@ async fn demo(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let mut upgrades = None;
     let summary = loop {
+        // Once the first instances wait, dehydrated, move those of a version older than one
+        // this build registers, as `cairn upgrade` does, while the host runs.
+        if upgrades.is_none() && started_at.elapsed() > Duration::from_millis(700) {
+            upgrades = Some(versions::demo_upgrades(&*store, &app.registry).await);
+        }
         let summary = statuses(&*store, &ids).await?;
         let ended = summary
             .iter()
@@ -1010,6 +1016,9 @@ async fn demo(
         .collect();
     println!("  persistence points: {}", points.join(", "));
     println!("  events delivered:   {}", stats.events);
+    for line in upgrades.unwrap_or_default() {
+        println!("  {line}");
+    }
     println!();
     let shell = match url.strip_prefix("sqlite://") {
         Some(path) => format!("sqlite3 {path}"),

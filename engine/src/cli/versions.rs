@@ -206,3 +206,37 @@ pub fn plan(
         by: "cairn upgrade".to_owned(),
     }
 }
+
+/// `cairn demo`: moves the waiting instances of every orchestration whose current version is not
+/// its newest to the newest, as `cairn upgrade` would (instances a host holds stay); one line
+/// each, in words.
+pub async fn demo_upgrades(store: &dyn Store, registry: &Registry) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut names: Vec<String> = registry.versions().into_iter().map(|(n, _)| n).collect();
+    names.dedup();
+    for name in names {
+        let (Some(current), Some(newest)) = (registry.current(&name), registry.latest(&name))
+        else {
+            continue;
+        };
+        let (from, to) = (current.version(), newest.version());
+        if from == to {
+            continue;
+        }
+        let mut plan = plan(name.clone(), to, Some(from), false, None, Duration::ZERO);
+        plan.by = "cairn demo".to_owned();
+        lines.push(
+            match upgrade::run(store, registry, &SystemClock, &plan).await {
+                Ok(r) => format!(
+                "upgraded while the host ran: {} {name} instance(s) from version {from} to {to} \
+                 ({} failed to migrate, {} held by the host: they finished on version {from})",
+                r.moved,
+                r.failed.len(),
+                r.pending.len()
+            ),
+                Err(e) => format!("upgrade of {name} to version {to} failed: {e}"),
+            },
+        );
+    }
+    lines
+}
