@@ -164,7 +164,16 @@ impl<O: Orchestration> Scenario<O> {
         };
         let instance =
             LiveInstance::load(record, def).map_err(|f| ScenarioError::Faulted(f.error.0))?;
-        let mut scenario = Self {
+        let mut scenario = Self::of(instance, registry, now);
+        let input =
+            serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
+        scenario.deliver(MessageKind::Start, "start", input, BTreeMap::new())?;
+        Ok(scenario)
+    }
+
+    /// A scenario of an instance loaded, before any event.
+    fn of(instance: LiveInstance, registry: Registry, now: DateTime<Utc>) -> Self {
+        Self {
             instance,
             registry,
             now,
@@ -174,11 +183,7 @@ impl<O: Orchestration> Scenario<O> {
             outcome: Outcome::Running,
             last_step: None,
             _o: PhantomData,
-        };
-        let input =
-            serde_json::to_value(input).map_err(|e| ScenarioError::Faulted(e.to_string()))?;
-        scenario.deliver(MessageKind::Start, "start", input, BTreeMap::new())?;
-        Ok(scenario)
+        }
     }
 
     /// Moves the scenario's clock forward.

@@ -88,6 +88,36 @@ pub struct Comment {
     pub text: String,
 }
 
+/// Asks the approver, and waits for a decision or a comment, or the escalation delay.
+pub(crate) fn ask(ctx: &mut Context, request: &Request) -> Result<(), Fault> {
+    ctx.send(
+        "notifications",
+        "approval.asked",
+        &serde_json::json!({ "to": request.approver, "request_id": request.request_id }),
+    )?;
+    listen(ctx, &request.request_id);
+    ctx.delay(
+        "escalate",
+        Duration::milliseconds(request.escalate_after_ms),
+    );
+    Ok(())
+}
+
+/// Tells the escalation contact, and waits again, until the deadline.
+pub(crate) fn escalate(ctx: &mut Context, request: &Request) -> Result<(), Fault> {
+    ctx.send(
+        "notifications",
+        "approval.escalated",
+        &serde_json::json!({ "to": request.escalate_to, "request_id": request.request_id }),
+    )?;
+    listen(ctx, &request.request_id);
+    ctx.delay(
+        "deadline",
+        Duration::milliseconds(request.deadline_after_ms),
+    );
+    Ok(())
+}
+
 /// Waits for a decision or a comment on `request_id`.
 pub(crate) fn listen(ctx: &mut Context, request_id: &str) {
     ctx.receive(
@@ -126,16 +156,7 @@ impl Orchestration for Approval {
     type Output = Decision;
 
     fn start(ctx: &mut Context, request: Request) -> Result<Next<Self>, Fault> {
-        ctx.send(
-            "notifications",
-            "approval.asked",
-            &serde_json::json!({ "to": request.approver, "request_id": request.request_id }),
-        )?;
-        listen(ctx, &request.request_id);
-        ctx.delay(
-            "escalate",
-            Duration::milliseconds(request.escalate_after_ms),
-        );
+        ask(ctx, &request)?;
         Ok(Next::Continue(State::AwaitingDecision {
             request,
             comments: Vec::new(),
@@ -161,16 +182,7 @@ impl Orchestration for Approval {
                 Ok(Next::Complete(message.body::<Decision>()?))
             }
             (State::AwaitingDecision { request, comments }, Event::Timer { .. }) => {
-                ctx.send(
-                    "notifications",
-                    "approval.escalated",
-                    &serde_json::json!({ "to": request.escalate_to, "request_id": request.request_id }),
-                )?;
-                listen(ctx, &request.request_id);
-                ctx.delay(
-                    "deadline",
-                    Duration::milliseconds(request.deadline_after_ms),
-                );
+                escalate(ctx, &request)?;
                 Ok(Next::Continue(State::Escalated { request, comments }))
             }
             (State::Escalated { request, .. }, Event::Timer { .. }) => {

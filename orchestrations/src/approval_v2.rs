@@ -18,10 +18,9 @@
 //! ```
 
 use cairn::{Context, Event, Fault, Next, Orchestration, StoredState, UnexpectedEvent};
-use chrono::Duration;
 use serde::{Deserialize, Serialize};
 
-use crate::approval::{self, listen, Approval, Comment, Decision, Request};
+use crate::approval::{self, ask, escalate, listen, Approval, Comment, Decision, Request};
 
 /// The orchestration, version 2.
 pub struct ApprovalV2;
@@ -69,16 +68,7 @@ impl Orchestration for ApprovalV2 {
     type Output = Outcome;
 
     fn start(ctx: &mut Context, request: Request) -> Result<Next<Self>, Fault> {
-        ctx.send(
-            "notifications",
-            "approval.asked",
-            &serde_json::json!({ "to": request.approver, "request_id": request.request_id }),
-        )?;
-        listen(ctx, &request.request_id);
-        ctx.delay(
-            "escalate",
-            Duration::milliseconds(request.escalate_after_ms),
-        );
+        ask(ctx, &request)?;
         Ok(Next::Continue(State::Pending {
             request,
             escalated: false,
@@ -111,16 +101,7 @@ impl Orchestration for ApprovalV2 {
                 upgraded_from,
             })),
             Event::Timer { .. } if !escalated => {
-                ctx.send(
-                    "notifications",
-                    "approval.escalated",
-                    &serde_json::json!({ "to": request.escalate_to, "request_id": request.request_id }),
-                )?;
-                listen(ctx, &request.request_id);
-                ctx.delay(
-                    "deadline",
-                    Duration::milliseconds(request.deadline_after_ms),
-                );
+                escalate(ctx, &request)?;
                 Ok(Next::Continue(State::Pending {
                     request,
                     escalated: true,

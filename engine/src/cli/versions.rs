@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::CliError;
 use crate::clock::SystemClock;
-use crate::store::{ControlAction, InstanceStatus, Store, StoreError};
+use crate::store::{ControlAction, InstanceStatus, Store};
 use crate::upgrade::{self, Plan};
 use crate::Registry;
 
@@ -83,8 +83,8 @@ pub async fn versions(store: &dyn Store, registry: &Registry) -> Result<(), CliE
         rows.entry((name, version)).or_default();
     }
     println!(
-        "{:<24} {:>7}  {:<44} {}",
-        "orchestration", "version", "instances by status", "registered in running hosts"
+        "{:<24} {:>7}  {:<44} registered in running hosts",
+        "orchestration", "version", "instances by status"
     );
     for ((name, version), statuses) in rows {
         let statuses = if statuses.is_empty() {
@@ -176,15 +176,7 @@ pub async fn resume(
             }
         }
     }
-    let status = store
-        .control(id, ControlAction::Resume { force }, chrono::Utc::now())
-        .await
-        .map_err(|e| match e {
-            StoreError::NoSuchInstance(id) => CliError::NoInstance(id),
-            other => CliError::Store(other),
-        })?;
-    println!("{id}: {status}");
-    Ok(())
+    super::control(store, id, ControlAction::Resume { force }).await
 }
 
 /// The plan `cairn upgrade` runs.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{CrashTest, Outcome, Scenario, ScenarioError};
+use super::{CrashTest, Scenario, ScenarioError};
 use crate::clock::SystemClock;
 use crate::host::instance::LiveInstance;
 use crate::host::Client;
@@ -82,17 +82,7 @@ impl<O: Orchestration> Scenario<O> {
             parent_id: None,
         };
         let instance = LiveInstance::load(record, def).map_err(|f| fail(f.error.0))?;
-        let mut scenario = Self {
-            instance,
-            registry,
-            now,
-            seq: 0,
-            points: Vec::new(),
-            details: Vec::new(),
-            outcome: Outcome::Running,
-            last_step: None,
-            _o: std::marker::PhantomData,
-        };
+        let mut scenario = Self::of(instance, registry, now);
         scenario.last_step = Some(scenario.step());
         Ok(scenario)
     }
