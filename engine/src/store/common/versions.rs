@@ -12,10 +12,13 @@ use crate::store::*;
 
 /// Whether instance `i` may be worked on by host `$1` at time `$2`: waiting, not leased to
 /// another host (or its lease ran out), and of a version host `$1` registers (a host that did not
-/// say, `registrations` NULL, runs every version). The claims of both backends use it.
+/// say, `registrations` NULL, runs every version). A row whose version is no version at all
+/// (written by hand: text, a negative number) is claimed all the same, so that the host that
+/// reads it suspends it with the reason (G6). The claims of both backends use it.
 pub(in crate::store) const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
      AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2) \
      AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.id = $1 \
+       AND i.version BETWEEN 0 AND 4294967295 \
        AND h.registrations NOT LIKE '%,' || i.orchestration || '@' || CAST(i.version AS TEXT) || ',%')";
 
 /// The statuses of an instance that waits: what `cairn upgrade` moves.
