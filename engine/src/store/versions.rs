@@ -170,8 +170,9 @@ pub trait Versions: Send + Sync + std::fmt::Debug {
     /// Moves one instance to `point.to` in a persistence point of its own: its version, state,
     /// step and a history row with reason `upgrade`, all or nothing, and only if it is still on
     /// `point.from` at `point.epoch`, waiting, with no live lease on it (G4: the epoch taken
-    /// fences any host that held it). A suspension becomes resumable: the new version reads the
-    /// state.
+    /// fences any host that held it; the owner column and its expired lease stay, so that the
+    /// messages that owner had claimed are taken again in order). A suspension becomes
+    /// resumable: the new version reads the state.
     async fn upgrade(
         &self,
         point: &UpgradePoint,

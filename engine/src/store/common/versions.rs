@@ -108,11 +108,12 @@ where
     ) -> StoreResult<UpgradeOutcome> {
         let e = |e| Self::map_err("upgrade", e);
         let mut tx = self.begin().await?;
+        // The owner and its expired lease stay: a message the gone owner had claimed is free
+        // once its lease ran out (`locked_by = owner`), so it is taken again in its order, not
+        // after the messages behind it. The new epoch fences that owner all the same.
         let done = sqlx::query(&format!(
             "UPDATE instances SET version = $2, state = $3, step = $4, epoch = epoch + 1, \
-               history_seq = history_seq + 1, updated_at = $5, resumable = {}, owner = NULL, \
-               lease_expires_at = NULL, \
-               status = CASE WHEN status = 'running' THEN 'dehydrated' ELSE status END, \
+               history_seq = history_seq + 1, updated_at = $5, resumable = {}, \
                last_error = CASE WHEN status = 'suspended' THEN last_error ELSE NULL END \
              WHERE id = $1 AND version = $6 AND epoch = $7 AND status IN {STATUSES_WAITING} \
                AND (owner IS NULL OR lease_expires_at < $5)",
