@@ -31,6 +31,7 @@ backend_tests!(
     an_instance_no_running_host_can_run_is_found_then_run_by_a_host_that_has_its_version,
     a_suspension_not_resumable_is_resumed_without_force_once_the_build_reads_the_state,
     cairn_versions_shows_instances_by_version_and_the_hosts_that_register_them,
+    an_upgrade_point_is_fenced_by_the_epoch_and_by_a_live_lease,
 );
 
 /// The documented "needs attention" query (docs/sql.md); `{cutoff}` is a minute ago, written the
@@ -681,4 +682,97 @@ mod upgrade_rate {
             super::upgrade_rate(db).await;
         }
     }
+}
+
+/// The store's upgrade point (G4): written only at the epoch the instance was read at and with
+/// no live lease on it; otherwise `Changed` and nothing written. Written, it is one history row
+/// with reason `upgrade` naming both versions.
+async fn an_upgrade_point_is_fenced_by_the_epoch_and_by_a_live_lease(db: TestDb) {
+    use cairn::store::{UpgradeFilter, UpgradeOutcome, UpgradePoint};
+    let (host, client) = HostThread::launch(&db, samples_setup()).await;
+    let id = client
+        .start("approval", request("f1", "alice"))
+        .await
+        .unwrap();
+    db.wait_status(id, InstanceStatus::Dehydrated, WAIT).await;
+    host.stop();
+    let registry = cairn_orchestrations::registry();
+    let read = |db: &TestDb| {
+        let store = db.store.clone();
+        async move {
+            let filter = UpgradeFilter {
+                orchestration: "approval".into(),
+                from: Some(1),
+                to: 2,
+                after: None,
+                limit: 10,
+            };
+            store
+                .upgrade_candidates(&filter, chrono::Utc::now())
+                .await
+                .unwrap()
+                .remove(0)
+        }
+    };
+    let c = read(&db).await;
+    let migrated =
+        upgrade::migrate(&registry, "approval", 1, 2, c.state.as_deref().unwrap()).unwrap();
+    let point = UpgradePoint {
+        id,
+        from: 1,
+        to: 2,
+        epoch: c.epoch,
+        state: migrated.state,
+        step: migrated.step,
+        by: "test".into(),
+    };
+    // A host takes the instance after it was read: the point read before is fenced.
+    let now = chrono::Utc::now();
+    db.store
+        .acquire("host-x", &[id], now, now + chrono::Duration::seconds(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store.upgrade(&point, now).await.unwrap(),
+        UpgradeOutcome::Changed
+    );
+    // Read again: the live lease of host-x still holds it.
+    let c = read(&db).await;
+    assert_eq!(c.held_by.as_deref(), Some("host-x"));
+    let point = UpgradePoint {
+        epoch: c.epoch,
+        ..point
+    };
+    assert_eq!(
+        db.store.upgrade(&point, now).await.unwrap(),
+        UpgradeOutcome::Changed
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE version = 2")
+            .await,
+        0
+    );
+    // Once the lease ran out, the same point is written, once.
+    let later = now + chrono::Duration::seconds(31);
+    assert_eq!(
+        db.store.upgrade(&point, later).await.unwrap(),
+        UpgradeOutcome::Moved
+    );
+    assert_eq!(
+        db.store.upgrade(&point, later).await.unwrap(),
+        UpgradeOutcome::Changed
+    );
+    let detail = db.store.instance_detail(id).await.unwrap().unwrap();
+    assert_eq!(detail.summary.version, 2);
+    assert_eq!(detail.summary.step, "Pending");
+    let upgrades: Vec<_> = detail
+        .history
+        .iter()
+        .filter(|h| h.reason == cairn::store::Reason::Upgrade)
+        .collect();
+    assert_eq!(upgrades.len(), 1);
+    assert_eq!(
+        upgrades[0].detail.as_deref(),
+        Some("upgraded from version 1 to version 2")
+    );
 }
