@@ -211,14 +211,11 @@ pub async fn run(
                 match prepare(registry, plan, &c) {
                     Err(Wait(why)) => pending.push((c.id, why)),
                     Ok(Err(error)) => {
-                        tracing::warn!(instance.id = %c.id, orchestration.version = c.version, %error, "migration failed; the instance stays on its version");
+                        tracing::warn!(instance.id = %c.id, orchestration.name = %plan.orchestration, orchestration.version = c.version, %error, "migration failed; the instance stays on its version");
                         failed.insert(c.id);
                         report.failed.push((c.id, c.version, error.to_string()));
                     }
-                    Ok(Ok(point)) if plan.dry_run => {
-                        let _ = point;
-                        report.moved += 1;
-                    }
+                    Ok(Ok(_)) if plan.dry_run => report.moved += 1,
                     Ok(Ok(point)) => match c.held_by {
                         Some(host) => {
                             pending.push((c.id, format!("held in memory by host {host}")))
