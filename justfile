@@ -34,6 +34,11 @@ soak:
 bench *ARGS:
     bash .ci/bench {{ARGS}}
 
+# The upgrade rate (docs/versioning.md): CAIRN_UPGRADE_BENCH (default 10,000) dehydrated version-1
+# approvals moved to version 2 by `cairn upgrade`'s code, on SQLite and PostgreSQL, release build.
+upgrade-bench:
+    cargo test --release -p cairn-orchestrations --test versioning upgrade_rate -- --ignored --nocapture
+
 # The console's page times with CONSOLE_INSTANCES (default 1,000,000) instances on SQLite and a
 # throwaway PostgreSQL cluster (docs/console.md), release build.
 console-bench:

@@ -12,6 +12,7 @@ use cairn::store::{InstanceStatus, NewMessage, Reason};
 use cairn::testing::{CrashTest, Outcome, Recorder, Scenario, ScenarioError};
 use cairn::{Client, Effect, OutboundMessage, PortError, Ports};
 use cairn_orchestrations::approval::{self, Approval};
+use cairn_orchestrations::approval_v2::ApprovalV2;
 use cairn_orchestrations::invoice_batch::{Invoice, InvoiceBatch};
 use cairn_orchestrations::loan_application::{self, LoanApplication};
 use cairn_orchestrations::order_fulfilment::{self, OrderFulfilment};
@@ -595,4 +596,109 @@ fn loan_application_survives_a_crash_at_every_persistence_point() {
         .run()
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.status, InstanceStatus::Completed);
+}
+
+/// A state exported from a database of version 1 (`cairn export ID`: an approval waiting with
+/// one comment) migrates to version 2 and runs on to completion there, carrying the comment.
+#[test]
+fn an_exported_v1_approval_upgrades_to_v2_and_completes() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/approval-v1.json");
+    let fixture = cairn::testing::Fixture::load(&path).unwrap();
+    assert_eq!(fixture.version, 1);
+    let mut s = Scenario::<ApprovalV2>::upgraded(&fixture).unwrap();
+    assert_eq!(s.step(), "Pending");
+    s.message(
+        "approval.comment",
+        json!({"request_id": "fx-1", "by": "ann", "text": "fine"}),
+    )
+    .unwrap();
+    s.message(
+        "approval.decision",
+        json!({"request_id": "fx-1", "approved": true, "by": "ann"}),
+    )
+    .unwrap();
+    let outcome = s.output().unwrap();
+    assert_eq!(outcome.upgraded_from, Some(1));
+    let texts: Vec<&str> = outcome.comments.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(texts, ["cheaper model?", "fine"]);
+}
+
+/// A version-1 state version 2 refuses (no approver) is a clear error, not a panic.
+#[test]
+fn a_v1_approval_without_an_approver_does_not_upgrade() {
+    let v1 = Scenario::<Approval>::start(approval::Request {
+        approver: String::new(),
+        ..request()
+    })
+    .unwrap();
+    let state = cairn::codec::encode(v1.state().unwrap()).unwrap();
+    let fixture = cairn::testing::Fixture {
+        id: uuid::Uuid::new_v4(),
+        orchestration: "approval".into(),
+        version: 1,
+        step: v1.step(),
+        state_hex: state.iter().map(|b| format!("{b:02x}")).collect(),
+        engine_state_hex: None,
+    };
+    let err = Scenario::<ApprovalV2>::upgraded(&fixture).unwrap_err();
+    assert!(err.to_string().contains("has no approver"), "{err}");
+}
+
+/// An approval moved to version 2 while it waits, with a crash before and after every point,
+/// the upgrade point included: it completes on version 2 as in the clean run.
+#[test]
+fn approval_survives_a_crash_at_every_point_including_its_upgrade_to_v2() {
+    let decision = NewMessage::published(
+        "decision-u-1",
+        "approval.decision",
+        json!({"request_id": "u-1", "approved": true, "by": "alice"}),
+        BTreeMap::new(),
+    );
+    let request = approval::Request {
+        request_id: "u-1".into(),
+        escalate_after_ms: 3_600_000,
+        deadline_after_ms: 3_600_000,
+        ..request()
+    };
+    let report = CrashTest::new(registry(), "approval", json!(request))
+        .ports(recording_ports)
+        .upgrade_to(2, vec![decision])
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, InstanceStatus::Completed);
+    assert!(
+        report.history.iter().any(|(r, _)| *r == Reason::Upgrade),
+        "{report:?}"
+    );
+    assert!(report.crashed_runs >= 4, "{report:?}");
+}
+
+/// A comment wins the Listen like any event, which cancels every wait, the escalation timer too:
+/// both versions of the approval declare it again, so a commented request still escalates and
+/// then still meets its deadline.
+#[test]
+fn a_commented_approval_still_escalates_and_meets_its_deadline_on_both_versions() {
+    let comment = json!({"request_id": "r-1", "by": "carol", "text": "looks fine"});
+    let mut v1 = Scenario::<Approval>::start(request()).unwrap();
+    v1.message("approval.comment", comment.clone()).unwrap();
+    assert!(
+        v1.waiting_for().contains("timer escalate"),
+        "{}",
+        v1.waiting_for()
+    );
+    v1.timer("escalate").unwrap();
+    assert_eq!(v1.step(), "Escalated");
+    v1.message("approval.comment", comment.clone()).unwrap();
+    v1.timer("deadline").unwrap();
+    assert!(matches!(v1.outcome(), Outcome::Completed(d) if !d.approved));
+
+    let mut v2 = Scenario::<ApprovalV2>::start(request()).unwrap();
+    v2.message("approval.comment", comment.clone()).unwrap();
+    v2.timer("escalate").unwrap();
+    v2.message("approval.comment", comment).unwrap();
+    v2.timer("deadline").unwrap();
+    assert!(
+        matches!(v2.outcome(), Outcome::Completed(o) if !o.decision.approved && o.comments.len() == 2)
+    );
 }

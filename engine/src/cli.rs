@@ -15,6 +15,7 @@
 mod console;
 mod ops;
 mod send;
+pub mod versions;
 #[cfg(feature = "console")]
 pub use console::ConsoleCommand;
 pub use ops::{parse_duration, parse_time, LogFormat};
@@ -236,7 +237,44 @@ pub enum Command {
     Show {
         /// The instance id.
         id: Uuid,
+        /// Print only the stored state's bytes, in hex (for a test fixture).
+        #[arg(long)]
+        state_bytes: bool,
     },
+    /// Print an instance's stored state as a JSON fixture for the test kit
+    /// (`cairn::testing::upgraded`): orchestration, version, step and the state's bytes in hex.
+    Export {
+        /// The instance id.
+        id: Uuid,
+    },
+    /// Move the waiting instances (dehydrated, suspended, and running ones once their host lets
+    /// them go) of an orchestration to another version, each in a persistence point of its own
+    /// (history reason `upgrade`), through the new version's `Orchestration::upgrade`. An
+    /// instance whose migration fails stays on its version, unchanged, and is listed. Safe to run
+    /// again after a crash, and beside running hosts.
+    Upgrade {
+        /// The orchestration's name.
+        orchestration: String,
+        /// The version to move to (registered in this build).
+        #[arg(long)]
+        to: u32,
+        /// Only instances on this version (default: every version below --to).
+        #[arg(long)]
+        from: Option<u32>,
+        /// Decode and migrate every instance, write nothing; report how many would move and
+        /// every failure.
+        #[arg(long)]
+        dry_run: bool,
+        /// Move at most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// How long to wait for instances hosts hold in memory before reporting them as pending.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Instances per orchestration and version, by status, and which running hosts register
+    /// each version.
+    Versions,
     /// Suspend an instance at its last persistence point.
     Suspend {
         /// The instance id.
@@ -250,8 +288,8 @@ pub enum Command {
     Resume {
         /// The instance id.
         id: Uuid,
-        /// Resume even an instance suspended as not resumable (its state did not decode): for
-        /// after deploying a build that reads it.
+        /// Resume even an instance suspended as not resumable whose state this build does not
+        /// read either (without it, such an instance is resumed once this build reads its state).
         #[arg(long)]
         force: bool,
     },
@@ -461,6 +499,9 @@ impl Command {
             self,
             Command::List { .. }
                 | Command::Show { .. }
+                | Command::Export { .. }
+                | Command::Versions
+                | Command::Upgrade { dry_run: true, .. }
                 | Command::DeadLetters(
                     send::DeadLetterCommand::List { .. } | send::DeadLetterCommand::Show { .. }
                 )
@@ -652,7 +693,24 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
                 );
             }
         }
-        Command::Show { id } => {
+        Command::Show {
+            id,
+            state_bytes: true,
+        } => versions::state_bytes(&*store, id).await?,
+        Command::Export { id } => versions::export(&*store, id).await?,
+        Command::Versions => versions::versions(&*store, &app.registry).await?,
+        Command::Upgrade {
+            orchestration,
+            to,
+            from,
+            dry_run,
+            limit,
+            wait,
+        } => {
+            let plan = versions::plan(orchestration, to, from, dry_run, limit, wait);
+            versions::run_upgrade(&*store, &app.registry, plan).await?
+        }
+        Command::Show { id, .. } => {
             let detail = store
                 .instance_detail(id)
                 .await?
@@ -724,7 +782,7 @@ async fn execute(cli: Cli, app: App, store: Arc<dyn Store>) -> Result<(), CliErr
             control(&*store, id, ControlAction::Suspend { reason }).await?
         }
         Command::Resume { id, force } => {
-            control(&*store, id, ControlAction::Resume { force }).await?
+            versions::resume(&*store, &app.registry, id, force).await?
         }
         Command::Terminate { id, reason } => {
             control(&*store, id, ControlAction::Terminate { reason }).await?
@@ -921,7 +979,13 @@ async fn demo(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let mut upgrades = None;
     let summary = loop {
+        // Once the first instances wait, dehydrated, move those of a version older than one
+        // this build registers, as `cairn upgrade` does, while the host runs.
+        if upgrades.is_none() && started_at.elapsed() > Duration::from_millis(700) {
+            upgrades = Some(versions::demo_upgrades(&*store, &app.registry).await);
+        }
         let summary = statuses(&*store, &ids).await?;
         let ended = summary
             .iter()
@@ -965,6 +1029,9 @@ async fn demo(
         .collect();
     println!("  persistence points: {}", points.join(", "));
     println!("  events delivered:   {}", stats.events);
+    for line in upgrades.unwrap_or_default() {
+        println!("  {line}");
+    }
     println!();
     let shell = match url.strip_prefix("sqlite://") {
         Some(path) => format!("sqlite3 {path}"),

@@ -65,6 +65,7 @@ pub mod registry;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod upgrade;
 
 pub use call::{Call, Called};
 pub use context::{Context, Delay, Effect, Receive, ScopeKind, StartedBy};
@@ -74,6 +75,6 @@ pub use host::ports::{
 pub use host::{Client, ClientError, Host, HostConfig, HostError, HostStats};
 pub use orchestration::{
     BodyError, Correlation, Event, Fault, Message, Next, OnFault, Orchestration, ScopeFault,
-    UnexpectedEvent,
+    StoredState, UnexpectedEvent, WrongVersion,
 };
 pub use registry::Registry;

@@ -143,6 +143,27 @@ pub trait Orchestration: Send + Sync + 'static {
     /// when the instance is resumed.
     fn on_event(ctx: &mut Context, state: Self::State, event: Event) -> Result<Next<Self>, Fault>;
 
+    /// Reads the state of an instance of an older version of this orchestration, for `cairn
+    /// upgrade` ([`docs/versioning.md`](https://github.com/cairn/cairn/blob/main/docs/versioning.md)).
+    /// `stored` carries the old version and the stored bytes; decode them as that version's
+    /// state with [`StoredState::decode_as`] (or [`StoredState::decode`]) and return this
+    /// version's state. A chain of steps is a match on [`StoredState::version`] calling the
+    /// previous version's `upgrade` first. The default migrates nothing: every instance of an
+    /// older version stays on it, with this error.
+    ///
+    /// # Errors
+    /// A state this version cannot take over: the instance stays on its version, unchanged,
+    /// and `cairn upgrade` lists it with this error.
+    fn upgrade(stored: StoredState<'_>) -> Result<Self::State, Fault> {
+        Err(format!(
+            "{} version {} declares no migration (Orchestration::upgrade) from version {}",
+            Self::NAME,
+            Self::VERSION,
+            stored.version
+        )
+        .into())
+    }
+
     /// The exception handler of the scope named in `fault.scope`: called when a transition inside
     /// it failed. `state` is the state before the failing transition, or for an atomic scope the
     /// state before the scope began. The scope has ended; whatever this returns continues after
@@ -379,5 +400,49 @@ impl Correlation {
     /// True when nothing is correlated.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// The stored state of an instance of an older version, handed to [`Orchestration::upgrade`].
+#[derive(Debug, Clone, Copy)]
+pub struct StoredState<'a> {
+    /// The version the instance is on.
+    pub version: u32,
+    /// Its state as stored (`instances.state`, MessagePack).
+    pub bytes: &'a [u8],
+}
+
+/// A stored state handed to [`StoredState::decode_as`] with the definition of another version.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored state is of version {stored}, not of {name} version {asked}")]
+pub struct WrongVersion {
+    name: &'static str,
+    asked: u32,
+    stored: u32,
+}
+
+impl StoredState<'_> {
+    /// The state decoded as `T`.
+    ///
+    /// # Errors
+    /// The bytes do not decode as `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, crate::codec::CodecError> {
+        crate::codec::decode(self.bytes)
+    }
+
+    /// The state decoded as the state of `Old`, which must be the version it was stored by.
+    ///
+    /// # Errors
+    /// [`WrongVersion`] when `Old::VERSION` is not [`StoredState::version`]; the bytes do not
+    /// decode as `Old::State`.
+    pub fn decode_as<Old: Orchestration>(&self) -> Result<Old::State, Fault> {
+        if Old::VERSION != self.version {
+            return Err(Box::new(WrongVersion {
+                name: Old::NAME,
+                asked: Old::VERSION,
+                stored: self.version,
+            }));
+        }
+        Ok(self.decode::<Old::State>()?)
     }
 }

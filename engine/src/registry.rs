@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::codec::{self, CodecError};
 use crate::context::Context;
-use crate::orchestration::{Event, Fault, Next, OnFault, Orchestration, ScopeFault};
+use crate::orchestration::{Event, Fault, Next, OnFault, Orchestration, ScopeFault, StoredState};
 
 /// A state held in memory, of whichever definition's type.
 pub type AnyState = Box<dyn Any + Send + Sync>;
@@ -92,6 +92,12 @@ pub trait Definition: Send + Sync {
     /// # Errors
     /// [`CodecError::Encode`].
     fn encode_state(&self, state: &AnyState) -> Result<Vec<u8>, CodecError>;
+    /// `Orchestration::upgrade`: the state of version `from`, as stored, migrated to this
+    /// version and encoded.
+    ///
+    /// # Errors
+    /// The migration refused the state, or its result does not encode.
+    fn upgrade_state(&self, from: u32, bytes: &[u8]) -> Result<Vec<u8>, Fault>;
 }
 
 struct Typed<O>(PhantomData<fn() -> O>);
@@ -184,12 +190,21 @@ impl<O: Orchestration> Definition for Typed<O> {
             ))),
         }
     }
+    fn upgrade_state(&self, from: u32, bytes: &[u8]) -> Result<Vec<u8>, Fault> {
+        let state = O::upgrade(StoredState {
+            version: from,
+            bytes,
+        })?;
+        Ok(codec::encode(&state)?)
+    }
 }
 
 /// The definitions a host runs.
 #[derive(Clone, Default)]
 pub struct Registry {
     by_key: BTreeMap<(String, u32), Arc<dyn Definition>>,
+    /// Versions pinned as the default of their name ([`Registry::register_default`]).
+    defaults: BTreeMap<String, u32>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -212,6 +227,29 @@ impl Registry {
             Arc::new(Typed::<O>(PhantomData)),
         );
         self
+    }
+
+    /// Adds a definition and pins it as the default of its name: new starts and activations
+    /// take it even when a newer version is registered (the newer one runs the instances that
+    /// are on it, or that `cairn upgrade` moves to it).
+    #[must_use]
+    pub fn register_default<O: Orchestration>(mut self) -> Self {
+        self.defaults.insert(O::NAME.to_owned(), O::VERSION);
+        self.register::<O>()
+    }
+
+    /// The version new starts and activations of `name` take: the one pinned with
+    /// [`Registry::register_default`], else the newest registered.
+    pub fn current(&self, name: &str) -> Option<&Arc<dyn Definition>> {
+        self.defaults
+            .get(name)
+            .and_then(|v| self.get(name, *v))
+            .or_else(|| self.latest(name))
+    }
+
+    /// Every registered `(name, version)`, in order.
+    pub fn versions(&self) -> Vec<(String, u32)> {
+        self.by_key.keys().cloned().collect()
     }
 
     /// The definition with this name and version.

@@ -13,7 +13,11 @@
 //!   when the instance reaches a step ([`CrashTest::publish_at`], [`CrashTest::advance_at`]). It checks G1-G3 and G5 for
 //!   the orchestration: the instance ends as in the clean run, every message addressed to it is
 //!   consumed exactly once, its history is the clean run's history, every committed send was
-//!   delivered and no uncommitted one was.
+//!   delivered and no uncommitted one was. With [`CrashTest::upgrade_to`] the instance is moved
+//!   to a newer version while it waits, and the crashes cover that upgrade point too.
+//! * [`Scenario::upgraded`] checks a migration against real stored states: it loads a state of an
+//!   older version ([`Fixture`], exported with `cairn export ID` or read from a database with
+//!   [`Fixture::from_database`]), migrates it as `cairn upgrade` would, and runs it on.
 //!
 //! ```
 //! use cairn::testing::Scenario;
@@ -54,6 +58,9 @@ mod crash;
 
 pub use crash::{CrashReport, CrashTest, CrashTestFailure, PortFactory, Recorder};
 
+mod upgrade;
+pub use crate::upgrade::Fixture;
+
 /// A scenario step that could not be taken.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ScenarioError {
@@ -79,6 +86,9 @@ pub enum ScenarioError {
         /// The step it reached.
         to: String,
     },
+    /// A stored state did not load or migrate ([`Scenario::upgraded`]).
+    #[error("the stored state does not move to this version: {0}")]
+    Upgrade(String),
 }
 
 /// How a scenario's instance stands.
@@ -199,17 +209,7 @@ impl<O: Orchestration> Scenario<O> {
         };
         let instance =
             LiveInstance::load(record, def).map_err(|f| ScenarioError::Faulted(f.error.0))?;
-        let mut scenario = Self {
-            instance,
-            registry,
-            now,
-            seq: 0,
-            points: Vec::new(),
-            details: Vec::new(),
-            outcome: Outcome::Running,
-            last_step: None,
-            _o: PhantomData,
-        };
+        let mut scenario = Self::of(instance, registry, now);
         let id = scenario.instance.id;
         let (message_id, message_type) = match activating {
             Some(ty) => ("scenario-activation".to_owned(), ty.to_owned()),
@@ -223,6 +223,21 @@ impl<O: Orchestration> Scenario<O> {
             properties,
         )?;
         Ok(scenario)
+    }
+
+    /// A scenario of an instance loaded, before any event.
+    fn of(instance: LiveInstance, registry: Registry, now: DateTime<Utc>) -> Self {
+        Self {
+            instance,
+            registry,
+            now,
+            seq: 0,
+            points: Vec::new(),
+            details: Vec::new(),
+            outcome: Outcome::Running,
+            last_step: None,
+            _o: PhantomData,
+        }
     }
 
     /// Moves the scenario's clock forward.

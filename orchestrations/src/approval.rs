@@ -4,7 +4,12 @@
 //! (one-way send to the `notifications` port), then waits for an `approval.decision` message
 //! correlated on the request id. If none comes before the escalation delay, it notifies the
 //! escalation contact and waits again; if none comes before the final deadline, the request is
-//! rejected by default.
+//! rejected by default. While it waits it keeps the `approval.comment` messages it receives
+//! (correlated on the request id too).
+//!
+//! Version 2 ([`crate::approval_v2`]) stores its state in another shape and reads this version's
+//! states through its migration; the samples' registry runs both and still starts new requests
+//! here (version 1 is pinned as the default), so `cairn upgrade approval --to 2` moves them.
 //!
 //! ```text
 //!  requested ──► AwaitingDecision ──decision──► completed
@@ -57,12 +62,90 @@ pub enum State {
     AwaitingDecision {
         /// The request.
         request: Request,
+        /// The comments received so far (a field added with a default: states stored before
+        /// it still decode, so no new version was needed).
+        #[serde(default)]
+        comments: Vec<Comment>,
     },
     /// Escalated; waiting for anyone's decision or the deadline.
     Escalated {
         /// The request.
         request: Request,
+        /// The comments received so far.
+        #[serde(default)]
+        comments: Vec<Comment>,
     },
+}
+
+/// The body of `approval.comment`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comment {
+    /// The request commented on.
+    pub request_id: String,
+    /// Who wrote it.
+    pub by: String,
+    /// What they wrote.
+    pub text: String,
+}
+
+/// Asks the approver, and waits for a decision or a comment, or the escalation delay.
+pub(crate) fn ask(ctx: &mut Context, request: &Request) -> Result<(), Fault> {
+    ctx.send(
+        "notifications",
+        "approval.asked",
+        &serde_json::json!({ "to": request.approver, "request_id": request.request_id }),
+    )?;
+    listen(ctx, &request.request_id);
+    ctx.delay(
+        "escalate",
+        Duration::milliseconds(request.escalate_after_ms),
+    );
+    Ok(())
+}
+
+/// Tells the escalation contact, and waits again, until the deadline.
+pub(crate) fn escalate(ctx: &mut Context, request: &Request) -> Result<(), Fault> {
+    ctx.send(
+        "notifications",
+        "approval.escalated",
+        &serde_json::json!({ "to": request.escalate_to, "request_id": request.request_id }),
+    )?;
+    listen(ctx, &request.request_id);
+    ctx.delay(
+        "deadline",
+        Duration::milliseconds(request.deadline_after_ms),
+    );
+    Ok(())
+}
+
+/// After a comment: waits again for a decision or a comment, and for the escalation (or, once
+/// escalated, the deadline) restarted: a comment is activity on the request. (A comment wins the
+/// Listen like any event, which cancels every wait, the timer too.)
+pub(crate) fn after_comment(ctx: &mut Context, request: &Request, escalated: bool) {
+    listen(ctx, &request.request_id);
+    if escalated {
+        ctx.delay(
+            "deadline",
+            Duration::milliseconds(request.deadline_after_ms),
+        );
+    } else {
+        ctx.delay(
+            "escalate",
+            Duration::milliseconds(request.escalate_after_ms),
+        );
+    }
+}
+
+/// Waits for a decision or a comment on `request_id`.
+pub(crate) fn listen(ctx: &mut Context, request_id: &str) {
+    ctx.receive(
+        "approval.decision",
+        Correlation::on("request_id", request_id),
+    );
+    ctx.receive(
+        "approval.comment",
+        Correlation::on("request_id", request_id),
+    );
 }
 
 /// The body of `approval.decision`.
@@ -91,48 +174,42 @@ impl Orchestration for Approval {
     type Output = Decision;
 
     fn start(ctx: &mut Context, request: Request) -> Result<Next<Self>, Fault> {
-        ctx.send(
-            "notifications",
-            "approval.asked",
-            &serde_json::json!({ "to": request.approver, "request_id": request.request_id }),
-        )?;
-        ctx.receive(
-            "approval.decision",
-            Correlation::on("request_id", &request.request_id),
-        );
-        ctx.delay(
-            "escalate",
-            Duration::milliseconds(request.escalate_after_ms),
-        );
-        Ok(Next::Continue(State::AwaitingDecision { request }))
+        ask(ctx, &request)?;
+        Ok(Next::Continue(State::AwaitingDecision {
+            request,
+            comments: Vec::new(),
+        }))
     }
 
     fn on_event(ctx: &mut Context, state: State, event: Event) -> Result<Next<Self>, Fault> {
         match (state, event) {
+            (state, Event::Message(message)) if message.message_type == "approval.comment" => {
+                let comment: Comment = message.body()?;
+                let (State::AwaitingDecision { request, comments }
+                | State::Escalated { request, comments }) = &state;
+                after_comment(ctx, request, matches!(state, State::Escalated { .. }));
+                let mut comments = comments.clone();
+                comments.push(comment);
+                let request = request.clone();
+                Ok(Next::Continue(match state {
+                    State::AwaitingDecision { .. } => State::AwaitingDecision { request, comments },
+                    State::Escalated { .. } => State::Escalated { request, comments },
+                }))
+            }
             (State::AwaitingDecision { .. } | State::Escalated { .. }, Event::Message(message)) => {
                 Ok(Next::Complete(message.body::<Decision>()?))
             }
-            (State::AwaitingDecision { request }, Event::Timer { .. }) => {
-                ctx.send(
-                    "notifications",
-                    "approval.escalated",
-                    &serde_json::json!({ "to": request.escalate_to, "request_id": request.request_id }),
-                )?;
-                ctx.receive(
-                    "approval.decision",
-                    Correlation::on("request_id", &request.request_id),
-                );
-                ctx.delay(
-                    "deadline",
-                    Duration::milliseconds(request.deadline_after_ms),
-                );
-                Ok(Next::Continue(State::Escalated { request }))
+            (State::AwaitingDecision { request, comments }, Event::Timer { .. }) => {
+                escalate(ctx, &request)?;
+                Ok(Next::Continue(State::Escalated { request, comments }))
             }
-            (State::Escalated { request }, Event::Timer { .. }) => Ok(Next::Complete(Decision {
-                request_id: request.request_id,
-                approved: false,
-                by: "nobody (deadline passed)".to_owned(),
-            })),
+            (State::Escalated { request, .. }, Event::Timer { .. }) => {
+                Ok(Next::Complete(Decision {
+                    request_id: request.request_id,
+                    approved: false,
+                    by: "nobody (deadline passed)".to_owned(),
+                }))
+            }
             (_, Event::SendFailed { port, error, .. }) => {
                 Ok(Next::Fail(format!("could not reach {port}: {error}")))
             }

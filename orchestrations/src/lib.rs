@@ -5,6 +5,7 @@
 //! both to [`cairn::cli`].
 
 pub mod approval;
+pub mod approval_v2;
 pub mod audit_trail;
 pub mod invoice_batch;
 pub mod loan_application;
@@ -22,7 +23,10 @@ use serde_json::json;
 pub fn registry() -> Registry {
     Registry::new()
         .register::<order_fulfilment::OrderFulfilment>()
-        .register::<approval::Approval>()
+        // Version 1 stays the default for new requests; version 2 runs beside it, and runs the
+        // instances `cairn upgrade approval --to 2` moves (docs/versioning.md).
+        .register_default::<approval::Approval>()
+        .register::<approval_v2::ApprovalV2>()
         .register::<invoice_batch::InvoiceBatch>()
         .register::<invoice_batch::Invoice>()
         .register::<trip_booking::TripBooking>()
@@ -121,6 +125,8 @@ pub mod doc_examples {
     pub struct ScopesAndLifecycle;
     #[doc = include_str!("../../docs/send-ports.md")]
     pub struct SendPorts;
+    #[doc = include_str!("../../docs/versioning.md")]
+    pub struct Versioning;
     #[doc = include_str!("../../docs/writing-an-orchestration.md")]
     pub struct WritingAnOrchestration;
 }

@@ -224,7 +224,8 @@ impl Client {
         Ok(out)
     }
 
-    /// Starts an instance of the newest registered version of `orchestration`.
+    /// Starts an instance of the current version of `orchestration` (the newest registered, or
+    /// the one pinned with [`Registry::register_default`](crate::Registry::register_default)).
     ///
     /// # Errors
     /// [`ClientError::UnknownOrchestration`], [`ClientError::TooLarge`] (the input is past the
@@ -235,7 +236,7 @@ impl Client {
         input: serde_json::Value,
     ) -> Result<Uuid, ClientError> {
         self.check_input(orchestration, &input)?;
-        let def = self.registry.latest(orchestration).ok_or_else(|| {
+        let def = self.registry.current(orchestration).ok_or_else(|| {
             let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
             ClientError::UnknownOrchestration(orchestration.to_owned(), names.join(", "))
         })?;
@@ -252,7 +253,7 @@ impl Client {
     }
 
     /// Starts many instances in one transaction: `(orchestration, input)` pairs, each resolved to
-    /// the newest registered version. Returns their ids, in order.
+    /// the current version (see [`Client::start`]). Returns their ids, in order.
     ///
     /// # Errors
     /// [`ClientError::UnknownOrchestration`] or [`ClientError::TooLarge`] (naming the start;
@@ -268,7 +269,7 @@ impl Client {
                 &format!("start {} of {count} ({orchestration})", i + 1),
                 &input,
             )?;
-            let def = self.registry.latest(&orchestration).ok_or_else(|| {
+            let def = self.registry.current(&orchestration).ok_or_else(|| {
                 let names: Vec<_> = self.registry.definitions().map(|d| d.name()).collect();
                 ClientError::UnknownOrchestration(orchestration.clone(), names.join(", "))
             })?;

@@ -242,13 +242,18 @@ impl LiveInstance {
             match instance.def.decode_state(bytes) {
                 Ok(state) => instance.state = Some(state),
                 Err(e) => {
+                    let (name, version, id) =
+                        (instance.def.name(), instance.def.version(), record.id);
                     return Err(Box::new(LoadFault {
                         error: FaultText(format!(
-                        "{e}; this build cannot run the instance (corrupt or incompatible state): \
-                             terminate it, or deploy a build that reads it and resume"
-                    )),
+                            "{e}; this build's {name} version {version} cannot read the state \
+                             (incompatible or corrupt). If a newer version migrates it: `cairn \
+                             upgrade {name} --to NEWER --from {version}`, then `cairn resume {id}`; \
+                             or deploy a build whose {name} version {version} reads it, then `cairn \
+                             resume {id}`; or `cairn terminate {id}`"
+                        )),
                         instance,
-                    }))
+                    }));
                 }
             }
         }
@@ -932,7 +937,7 @@ impl LiveInstance {
         input: serde_json::Value,
         registry: &Registry,
     ) -> Result<(), String> {
-        let Some(def) = registry.latest(&orchestration) else {
+        let Some(def) = registry.current(&orchestration) else {
             return Err(format!(
                 "cannot start orchestration {orchestration:?}: it is not registered in this host"
             ));
@@ -1148,7 +1153,7 @@ fn most_telling(a: Reason, b: Reason) -> Reason {
             Reason::ScopeEnd => 3,
             Reason::Send => 2,
             Reason::Start => 1,
-            Reason::Dehydrate | Reason::Shutdown => 0,
+            Reason::Dehydrate | Reason::Shutdown | Reason::Upgrade => 0,
         }
     }
     if rank(b) > rank(a) {

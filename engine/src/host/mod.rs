@@ -287,16 +287,27 @@ impl Host {
         }
     }
 
-    /// Writes the activating subscriptions of the registered definitions (the newest version of
-    /// each wins). [`Host::run`] does it too; call it first when publishing activating messages
-    /// before the host runs.
+    /// Writes the activating subscriptions of the registered definitions (the current version of
+    /// each: the newest, or the one pinned with [`Registry::register_default`]), and of the send
+    /// ports' subscriptions. [`Host::run`] does it too; call it first when publishing activating
+    /// messages before the host runs.
     ///
     /// # Errors
     /// The store failed, or an orchestration's `FILTER` does not parse
     /// ([`StoreError::Refused`], naming the orchestration: fix its filter).
     pub async fn sync_activations(&self) -> Result<(), StoreError> {
         let mut newest: BTreeMap<(String, String), Activation> = BTreeMap::new();
-        for d in self.registry.definitions() {
+        let current = self
+            .registry
+            .definitions()
+            .filter_map(|d| self.registry.current(d.name()))
+            .map(|d| (d.name(), d.version()))
+            .collect::<std::collections::BTreeSet<_>>();
+        for d in self
+            .registry
+            .definitions()
+            .filter(|d| current.contains(&(d.name(), d.version())))
+        {
             if let Err(e) = crate::filter::Filter::parse(d.filter()) {
                 return Err(StoreError::Refused(format!(
                     "orchestration {} version {}: its FILTER {e}; fix the filter",
@@ -353,6 +364,11 @@ impl Host {
         let runner_waiting = self.held_waiting.clone();
         let now = self.clock.now();
         self.store.recover(&self.id, now).await?;
+        // From now on this host claims work only for the versions it registers; an instance of
+        // another version waits for a host that has it (docs/versioning.md).
+        self.store
+            .record_registrations(&self.id, &self.registry.versions())
+            .await?;
         self.sync_activations().await?;
         // From now on what this host's clients start is leased to it (and no recovery of its own
         // can release it).

@@ -499,3 +499,61 @@ impl Retention for FaultyStore {
         self.inner.database_bytes().await
     }
 }
+
+#[async_trait]
+impl Versions for FaultyStore {
+    async fn record_registrations(
+        &self,
+        host: &str,
+        definitions: &[(String, u32)],
+    ) -> StoreResult<()> {
+        self.gate().await;
+        self.inner.record_registrations(host, definitions).await
+    }
+
+    async fn upgrade_candidates(
+        &self,
+        filter: &UpgradeFilter,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<UpgradeCandidate>> {
+        self.gate().await;
+        self.inner.upgrade_candidates(filter, now).await
+    }
+
+    /// An upgrade point counts as a commit: a crash planned at it happens before or after it.
+    async fn upgrade(
+        &self,
+        point: &UpgradePoint,
+        now: DateTime<Utc>,
+    ) -> StoreResult<UpgradeOutcome> {
+        self.gate().await;
+        let n = self.plan.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.crash_at.load(Ordering::SeqCst) == n as i64 {
+            if self.plan.crash_after.load(Ordering::SeqCst) {
+                let _ = self.inner.upgrade(point, now).await;
+            }
+            self.plan.crash();
+            std::future::pending::<()>().await;
+        }
+        self.inner.upgrade(point, now).await
+    }
+
+    async fn version_counts(&self) -> StoreResult<Vec<VersionCount>> {
+        self.gate().await;
+        self.inner.version_counts().await
+    }
+
+    async fn running_hosts(&self, now: DateTime<Utc>) -> StoreResult<Vec<HostRegistrations>> {
+        self.gate().await;
+        self.inner.running_hosts(now).await
+    }
+
+    async fn needing_attention(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Attention>> {
+        self.gate().await;
+        self.inner.needing_attention(now, limit).await
+    }
+}

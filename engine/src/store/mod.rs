@@ -11,8 +11,10 @@
 //!   by hand (`control`, `inbox`), housekeeping.
 //! * [`Retention`]: deleting ended instances after a retention period, and the counts the
 //!   metrics' gauges show ([`retention`]).
+//! * [`Versions`]: versions side by side: what each host registers, `cairn upgrade`'s reads and
+//!   fenced points, `cairn versions`, the instances that need an operator ([`versions`]).
 //!
-//! A backend implements the four; [`Store`] comes with them. Its contract, which the
+//! A backend implements the five; [`Store`] comes with them. Its contract, which the
 //! conformance suite (`tests/conformance.rs`) checks on every backend, is written on each method;
 //! the heart of it:
 //!
@@ -44,6 +46,7 @@ mod routing;
 pub mod sqlite;
 mod storable;
 mod url;
+pub mod versions;
 
 pub use model::*;
 pub use retention::{Retention, StoreGauges};
@@ -51,6 +54,10 @@ pub use storable::{
     check_body_size, check_text, json_len, storable_text, DEFAULT_MAX_MESSAGE_BYTES,
 };
 pub use url::{redact as redact_url, without_password as url_without_password};
+pub use versions::{
+    Attention, HostRegistrations, UpgradeCandidate, UpgradeFilter, UpgradeOutcome, UpgradePoint,
+    VersionCount, Versions,
+};
 
 use std::sync::Arc;
 
@@ -131,8 +138,9 @@ pub enum StoreError {
     },
     /// The instance was suspended as not resumable.
     #[error(
-        "instance {id} is suspended as not resumable ({why}); terminate it, or deploy a build that \
-         reads its state and resume with --force"
+        "instance {id} is suspended as not resumable ({why}). `cairn resume {id}` resumes it once \
+         the build it runs with reads its state (deploy that build, or move the instance with \
+         `cairn upgrade`); `cairn resume --force {id}` resumes it regardless; or `cairn terminate {id}`"
     )]
     NotResumable {
         /// The instance.
@@ -501,9 +509,9 @@ pub trait Maintenance: Send + Sync + std::fmt::Debug {
 /// The storage boundary: the three sides of a store together, as the host and the command line
 /// hold it (`Arc<dyn Store>`). A backend implements [`MessageBox`], [`OperatorVerbs`] and
 /// [`Maintenance`]; this trait comes with them. See the module docs for the contract.
-pub trait Store: MessageBox + OperatorVerbs + Maintenance + Retention {}
+pub trait Store: MessageBox + OperatorVerbs + Maintenance + Retention + Versions {}
 
-impl<T: MessageBox + OperatorVerbs + Maintenance + Retention + ?Sized> Store for T {}
+impl<T: MessageBox + OperatorVerbs + Maintenance + Retention + Versions + ?Sized> Store for T {}
 
 /// The rows that decode, for a listing: a row that cannot be read (written by hand, say) is left
 /// out with a warning naming it, so that one bad row never hides the others from an operator.

@@ -96,6 +96,8 @@ word_enum! {
         Shutdown => "shutdown",
         /// The instance completed, failed or was terminated.
         Complete => "complete",
+        /// `cairn upgrade` moved the instance to another version of its orchestration.
+        Upgrade => "upgrade",
     }
 }
 
@@ -1086,6 +1088,8 @@ pub struct InstanceDetail {
     pub summary: InstanceSummary,
     /// The stored state.
     pub state: Option<Vec<u8>>,
+    /// The engine's bookkeeping stored with it (its waits, scopes), MessagePack.
+    pub engine_state: Option<Vec<u8>>,
     /// The output.
     pub output: Option<serde_json::Value>,
     /// The next timer.

@@ -85,6 +85,8 @@ pub struct CrashTest {
     at_steps: Vec<(String, Action)>,
     database: Option<String>,
     timeout: Duration,
+    /// An upgrade planned with [`CrashTest::upgrade_to`].
+    pub(super) upgrade: Option<super::upgrade::Planned>,
 }
 
 impl std::fmt::Debug for CrashTest {
@@ -144,6 +146,7 @@ impl CrashTest {
             at_steps: Vec::new(),
             database: None,
             timeout: Duration::from_secs(30),
+            upgrade: None,
         }
     }
 
@@ -351,7 +354,7 @@ impl CrashTest {
             let clock: SharedClock = run.clock.clone();
             let ports = self.ports.clone();
             let recorded = recorder.clone();
-            let host = Host::new(store, self.registry.clone(), Ports::new())
+            let host = Host::new(store.clone(), self.registry.clone(), Ports::new())
                 .with_config(config)
                 .with_clock(clock.clone())
                 .with_ports_from(|client| ports(client, recorded));
@@ -374,6 +377,7 @@ impl CrashTest {
                 }
                 Setup::Run(id) => id,
             };
+            let mut upgrading = super::upgrade::Upgrading::default();
             let stop = tokio_util::sync::CancellationToken::new();
             let running = tokio::spawn(host.run(stop.clone()));
             let deadline = tokio::time::Instant::now() + self.timeout;
@@ -389,6 +393,11 @@ impl CrashTest {
                 tokio::select! {
                     _ = &mut crashed => break,
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                if let Some(planned) = &self.upgrade {
+                    upgrading
+                        .step(planned, &self.registry, &store, &plain, &client, id)
+                        .await?;
                 }
                 let summaries = plain
                     .instance_summaries(&[id])

@@ -139,9 +139,10 @@ impl Runner {
             .cloned()
         else {
             let error = format!(
-                "orchestration {:?} version {} is not registered in host {}; deploy a build that has it \
-                 (or terminate the instance)",
-                record.orchestration, record.version, self.host.id
+                "orchestration {:?} version {} is not registered in host {}; start a host whose build \
+                 registers it (`cairn versions` shows which do), move the instance with `cairn upgrade \
+                 {} --to VERSION`, or `cairn terminate {}`",
+                record.orchestration, record.version, self.host.id, record.orchestration, record.id
             );
             tracing::warn!(instance.id = %record.id, orchestration.name = %record.orchestration,
                 orchestration.version = record.version, "{error}");

@@ -20,6 +20,7 @@
 //! | [`outbox`] | an outbox row read, dead-lettering a send, renewing locks, recording deliveries |
 //! | [`maintenance`] | `control` and `inbox` rows read, an inbox row published or dead-lettered, housekeeping |
 //! | [`retention`] | ended instances purged with all that was theirs, the gauges the metrics read |
+//! | [`versions`] | the claim condition on registered versions, upgrade points, `cairn versions`, instances needing attention |
 
 use std::future::Future;
 use std::ops::DerefMut;
@@ -40,12 +41,14 @@ pub(super) mod operator;
 pub(super) mod outbox;
 pub(super) mod retention;
 pub(super) mod routing;
+pub(super) mod versions;
 
 pub(super) use claims::Claims;
 pub(super) use maintenance::Upkeep;
 pub(super) use operator::Operator;
 pub(super) use outbox::Outbox;
 pub(super) use retention::Retain;
+pub(super) use versions::Versioning;
 
 /// The column readers of an `impl Backend` with `$row` its row type: a text, an integer, a
 /// boolean, bytes and an id through the backend's checked `col`; uuids, times and JSON through the

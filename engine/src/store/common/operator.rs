@@ -371,7 +371,7 @@ where
     async fn instance_detail(&self, id: Uuid) -> StoreResult<Option<InstanceDetail>> {
         let e = |e| Self::map_err("instance detail", e);
         let Some(row) = sqlx::query(&format!(
-            "SELECT {SUMMARY_COLUMNS}, state, output, next_timer_at, created_at FROM instances WHERE id = $1"
+            "SELECT {SUMMARY_COLUMNS}, state, engine_state, output, next_timer_at, created_at FROM instances WHERE id = $1"
         ))
         .bind(Self::uuid(id))
         .fetch_optional(self.reads())
@@ -421,6 +421,7 @@ where
         Ok(Some(InstanceDetail {
             summary: summary_row::<Self>(&row)?,
             state: Self::col_bytes_opt(&row, "state")?,
+            engine_state: Self::col_bytes_opt(&row, "engine_state")?,
             output: Self::col_json_opt(&row, "output")?,
             next_timer_at: Self::col_time_opt(&row, "next_timer_at")?,
             created_at: Self::col_time(&row, "created_at")?,

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::connect::commit;
 use super::{map_err, PostgresStore};
+use crate::store::common::versions::CLAIMABLE;
 use crate::store::common::{Backend, Claims};
 use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 
@@ -79,11 +80,6 @@ pub(super) static NEXT_TIMER: LazyLock<String> = LazyLock::new(|| {
 
 /// Instances some host may run.
 const RUNNABLE: &str = "i.status IN ('running', 'dehydrated')";
-
-/// Instances host `$1` may run at `$2`: runnable, and unowned, owned by it, or with a lease
-/// that ran out.
-const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
-     AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
 
 /// Whether the lock on row `x` (a message or timer of instance `i`) leaves it to host `$1`, given
 /// [`CLAIMABLE`]; `$2` is the current time, `$4` the heartbeat cutoff below which a host is

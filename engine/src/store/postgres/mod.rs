@@ -315,6 +315,7 @@ impl common::Backend for PostgresStore {
 impl common::Claims for PostgresStore {}
 impl common::Outbox for PostgresStore {}
 impl common::Operator for PostgresStore {}
+impl common::Versioning for PostgresStore {}
 impl common::Upkeep for PostgresStore {}
 
 /// The throwaway-cluster harness of the integration tests, shared with this module's tests.

@@ -10,18 +10,18 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::{batch, commit, map_err, ts, SqliteStore};
+use crate::store::common::versions::CLAIMABLE;
 use crate::store::common::{Backend, Claims};
 use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 
-/// Whether instance `i` may be worked on by host `$1` at time `$2`.
-///
-/// Queries that look for ready messages or due timers of such instances join them with `CROSS
-/// JOIN`, which SQLite takes as an order: from the few ready messages (`messages_ready`) or due
-/// timers (`timers_due`) to their instances. Left to choose, the planner starts from
-/// `instances_by_status`, every waiting instance, and a claim costs time in proportion to how
-/// many instances wait (35 ms at 20,000 dehydrated, against 0.1 ms).
-const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
-     AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2)";
+// Queries that look for ready messages or due timers of such instances join them with `CROSS
+// JOIN`, which SQLite takes as an order: from the few ready messages (`messages_ready`) or due
+// timers (`timers_due`) to their instances. Left to choose, the planner starts from
+// `instances_by_status`, every waiting instance, and a claim costs time in proportion to how
+// many instances wait (35 ms at 20,000 dehydrated, against 0.1 ms).
+//
+// `CLAIMABLE` (shared with PostgreSQL) says whether instance `i` may be worked on by host
+// `$1` at time `$2`, its version one the host registers included.
 
 /// Claims up to `$3` messages for host `$1` at `$2`: those of instances it holds first (they
 /// are in memory, and finishing work in flight keeps it from going idle and being dehydrated

@@ -415,4 +415,5 @@ impl common::Backend for SqliteStore {
 impl common::Claims for SqliteStore {}
 impl common::Outbox for SqliteStore {}
 impl common::Operator for SqliteStore {}
+impl common::Versioning for SqliteStore {}
 impl common::Upkeep for SqliteStore {}

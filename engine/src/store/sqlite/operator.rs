@@ -7,10 +7,11 @@ use uuid::Uuid;
 
 use super::SqliteStore;
 use crate::store::common::operator::{summary_row, SUMMARY_COLUMNS};
-use crate::store::common::Operator;
+use crate::store::common::{Operator, Versioning};
 use crate::store::*;
 
 crate::store::common::operator::operator_verbs!(SqliteStore);
+crate::store::common::versions::versions!(SqliteStore);
 
 impl SqliteStore {
     /// The summaries of these instances, read the way this database takes a list of uuids.
