@@ -517,7 +517,11 @@ async fn a_file_name_used_again_with_other_content_is_stored_and_the_same_conten
         // duplicate, stored once.
         (request("reuse-2"), 2),
     ] {
-        std::fs::write(&file, &text).unwrap();
+        // Written under another name, then renamed in, as docs/messaging.md tells writers: the
+        // drop would otherwise read the file while it is empty (write truncates first).
+        let part = folder.join("reuse.json.part");
+        std::fs::write(&part, &text).unwrap();
+        std::fs::rename(&part, &file).unwrap();
         db.wait_for("the file to be taken", WAIT, || async { !file.exists() })
             .await;
         assert_eq!(approvals().await, expected, "after {text}");
