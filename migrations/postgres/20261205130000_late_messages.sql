@@ -11,7 +11,9 @@ CREATE TABLE cairn.waited_keys (
     subscribed_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (message_type, correlation, instance_id)
 );
-CREATE INDEX waited_keys_newest ON cairn.waited_keys (message_type, correlation, subscribed_at);
+-- No index on (key, subscribed_at): every correlated wait writes this table, while the newest
+-- waiter of a key is looked for only for a message no subscription takes, among the key's rows
+-- found by the primary key.
 CREATE INDEX waited_keys_by_instance ON cairn.waited_keys (instance_id);
 
 CREATE FUNCTION cairn.subscriptions_note_waited() RETURNS trigger LANGUAGE plpgsql AS $$

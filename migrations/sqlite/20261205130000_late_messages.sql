@@ -15,8 +15,10 @@ CREATE TABLE waited_keys (
     instance_id   TEXT NOT NULL,
     subscribed_at TEXT NOT NULL,
     PRIMARY KEY (message_type, correlation, instance_id)
-);
-CREATE INDEX waited_keys_newest ON waited_keys (message_type, correlation, subscribed_at);
+) WITHOUT ROWID;
+-- No index on (key, subscribed_at): every correlated wait writes this table, while the newest
+-- waiter of a key is looked for only for a message no subscription takes, among the key's rows
+-- found by the primary key.
 CREATE INDEX waited_keys_by_instance ON waited_keys (instance_id);
 
 CREATE TRIGGER subscriptions_note_waited AFTER INSERT ON subscriptions
