@@ -53,6 +53,7 @@ impl Orchestration for Collector {
         match message.message_type.as_str() {
             "item" => {
                 items.push(message.body["n"].as_i64().ok_or("item without n")?);
+                *ITEMS_SEEN.lock().unwrap().entry(key.clone()).or_default() += 1;
                 listen(ctx, &key);
                 Ok(Next::Continue(CollectorState::Collecting { key, items }))
             }
@@ -109,6 +110,13 @@ impl Orchestration for Panicker {
         Ok(Next::Complete(()))
     }
 }
+
+/// How many `item` transitions the Collector of `key` ran (in memory: they make no point).
+pub fn items_seen(key: &str) -> usize {
+    ITEMS_SEEN.lock().unwrap().get(key).copied().unwrap_or(0)
+}
+
+static ITEMS_SEEN: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
 
 /// How many times the Panicker panicked (on `boom`, or at its start), by key.
 pub fn panics(key: &str) -> usize {

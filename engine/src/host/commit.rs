@@ -21,6 +21,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -33,7 +34,7 @@ use crate::store::{
 
 /// How one point of a group commit ended.
 #[derive(Debug)]
-enum Written {
+pub(super) enum Written {
     /// Committed or fenced.
     Outcome(CommitOutcome),
     /// Refused by the database when committed alone, or never storable: why.
@@ -145,11 +146,50 @@ fn refusal_text(point: &PersistencePoint, error: &str) -> String {
     )
 }
 
+/// A group commit under way while the host loop builds the next group: the instances whose
+/// points it writes get no work until it is done (an instance has at most one point in flight,
+/// so a point that ends fenced, refused or unwritten has nothing after it to undo).
+pub(super) struct Committing {
+    ids: HashSet<Uuid>,
+    task: JoinHandle<Done>,
+}
+
+/// A group commit's points and how each ended.
+type Done = (Vec<PersistencePoint>, Vec<Written>);
+
+/// How a group commit's task ended: done, or panicked (nothing known of what it wrote).
+pub(super) type Finished = Result<Done, tokio::task::JoinError>;
+
+impl Committing {
+    /// Whether `id`'s point is in this commit.
+    pub(super) fn holds(&self, id: &Uuid) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Waits until the commit under way in `committing`, if any, is done (forever if none).
+    /// Cancel-safe: the commit goes on, and [`Runner::settle_finished`] takes what it returns.
+    pub(super) async fn finished(committing: &mut Option<Committing>) -> Finished {
+        match committing {
+            Some(c) => (&mut c.task).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 impl Runner {
-    /// Commits a group of points; see the module docs. Instances whose points were not written
-    /// are forgotten, so that they are rehydrated from their last persistence point and their
-    /// messages delivered again.
+    /// Commits a group of points and waits for it; see the module docs. Instances whose points
+    /// were not written are forgotten, so that they are rehydrated from their last persistence
+    /// point and their messages delivered again.
     pub(super) async fn commit(&mut self, points: Vec<PersistencePoint>) {
+        self.begin_commit(points).await;
+        self.settle().await;
+    }
+
+    /// Starts committing a group of points, once the group before it is settled, and returns
+    /// without waiting: the host loop takes the next group's work meanwhile (the pipeline).
+    /// [`Runner::settle`] acts on how it ended.
+    pub(super) async fn begin_commit(&mut self, points: Vec<PersistencePoint>) {
+        self.settle().await;
         // What the points write that a claim may find: claim at the next round, or when the
         // earliest timer they set is due.
         if points.iter().any(PersistencePoint::makes_claimable_work) {
@@ -163,14 +203,53 @@ impl Runner {
             self.timer_due = Some(self.timer_due.map_or(due, |t| t.min(due)));
         }
         let store = self.host.store.clone();
-        let started = std::time::Instant::now();
+        let metrics = self.host.metrics.clone();
+        let ids = points.iter().map(|p| p.instance_id).collect();
         let span = tracing::debug_span!("group_commit", points = points.len());
-        let written = commit_isolating(store.as_ref(), &points)
-            .instrument(span)
-            .await;
-        if let Some(metrics) = &self.host.metrics {
-            metrics.commit(points.len(), started.elapsed());
+        let task = tokio::spawn(
+            async move {
+                let started = std::time::Instant::now();
+                let written = commit_isolating(store.as_ref(), &points).await;
+                if let Some(metrics) = &metrics {
+                    metrics.commit(points.len(), started.elapsed());
+                }
+                (points, written)
+            }
+            .instrument(span),
+        );
+        self.committing = Some(Committing { ids, task });
+    }
+
+    /// Waits for the group commit under way, if any, and acts on how each of its points ended:
+    /// sends of committed points go to the dispatcher; instances whose points were fenced,
+    /// refused or not written are forgotten (see the module docs).
+    pub(super) async fn settle(&mut self) {
+        if self.committing.is_some() {
+            let finished = Committing::finished(&mut self.committing).await;
+            self.settle_finished(finished).await;
         }
+    }
+
+    /// Acts on how the group commit under way ended, once [`Committing::finished`] said.
+    pub(super) async fn settle_finished(&mut self, finished: Finished) {
+        let Some(Committing { ids, .. }) = self.committing.take() else {
+            return;
+        };
+        let (points, written) = match finished {
+            Ok(done) => done,
+            Err(e) => {
+                // The commit's task panicked: whether it wrote is unknown, so the instances
+                // resume from what is stored.
+                tracing::error!(error = %e, "a group commit's task failed; its instances resume from their last persistence point");
+                let ids: Vec<Uuid> = ids.into_iter().collect();
+                for id in &ids {
+                    self.cache.remove(id);
+                }
+                self.claim = true;
+                self.release_after_failure(&ids, &[]).await;
+                return;
+            }
+        };
         let mut unwritten = Vec::new();
         let mut fenced = Vec::new();
         let mut refused = Vec::new();

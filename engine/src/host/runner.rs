@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::commit::Committing;
 use super::eager::Handed;
 use super::instance::LiveInstance;
 use super::ports::Ports;
@@ -71,6 +72,8 @@ pub(super) struct Runner {
     panicked: Vec<(Uuid, i64)>,
     /// The last panic of each message that panicked, named when it is suspended as poison.
     last_panic: HashMap<i64, String>,
+    /// The group commit under way while this round takes the next group's work.
+    pub(super) committing: Option<Committing>,
 }
 
 /// Work claimed for one instance in one round, in arrival order.
@@ -118,6 +121,7 @@ impl Runner {
             claim_timers: true,
             panicked: Vec::new(),
             last_panic: HashMap::new(),
+            committing: None,
         }
     }
 
@@ -138,6 +142,25 @@ impl Runner {
                     backoff = Duration::from_millis(100);
                     self.report();
                     if worked {
+                        continue;
+                    }
+                    if self.committing.is_some() {
+                        // The pipeline: nothing to do but a group commit on disk. Whichever
+                        // comes first, the commit's end or new work, starts the next round.
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => return Ok(()),
+                            finished = Committing::finished(&mut self.committing) => {
+                                self.settle_finished(finished).await;
+                            }
+                            Some(reply) = self.replies.recv() => {
+                                self.early_reply = Some(reply);
+                            }
+                            Some(starts) = self.held_starts.recv() => self.took_starts(starts),
+                            _ = wake.notified() => {
+                                self.claim = true;
+                            }
+                        }
                         continue;
                     }
                     if self.host.config.until_idle && self.is_idle().await {
@@ -277,6 +300,9 @@ impl Runner {
                 .map(|m| (m.instance_id, Work::Message(m))),
         );
         work.extend(timers.into_iter().map(|t| (t.instance_id, Work::Timer(t))));
+        if work.iter().any(|(id, _)| self.is_committing(id)) {
+            self.settle().await;
+        }
         if work.len() > held {
             if let Err(e) = self.rehydrate(&work[held..], now, &mut points).await {
                 self.claim = true;
@@ -291,15 +317,24 @@ impl Runner {
         let replied = self.take_replies(now, &mut points).await;
         let fired = self.fire_memory_timers(now, &mut points);
         self.dehydrate_idle(now, &mut points);
-        if !points.is_empty() {
-            self.commit(points).await;
+        // The pipeline: this group's commit runs while the next rounds take their work (the
+        // loop waits for the commit's end or new work, whichever comes first).
+        let committed = !points.is_empty();
+        if committed {
+            self.begin_commit(points).await;
         }
         self.retry_panicked().await;
         self.write_receives(now).await;
         if let Some(metrics) = &self.host.metrics {
             metrics.in_memory(self.cache.len());
         }
-        Ok(worked || fired || controlled || received || replied)
+        Ok(worked || fired || controlled || received || replied || committed)
+    }
+
+    /// Whether `id`'s last point is in the group commit under way: it gets no work until that
+    /// commit is settled.
+    pub(super) fn is_committing(&self, id: &Uuid) -> bool {
+        self.committing.as_ref().is_some_and(|c| c.holds(id))
     }
 
     /// Gives back what a failed round claimed for instances not in memory, so that it is not
@@ -342,6 +377,7 @@ impl Runner {
 
     /// The shutdown persistence point for every instance held that changed since its last one.
     pub(super) async fn shutdown(&mut self) {
+        self.settle().await;
         let now = self.host.clock.now();
         let mut points = Vec::new();
         let ids: Vec<Uuid> = self.cache.keys().copied().collect();

@@ -6,6 +6,8 @@
 //! just as a killed process would not; the test then drops that host's runtime and starts another
 //! host on the same database.
 //!
+//! It can hold commits until the test lets them go, as a slow disk would.
+//!
 //! It can also refuse, as a database refuses a value it cannot hold, every commit that carries a
 //! point whose `waiting_for` contains a marker: a data error, not retryable, that fails the whole
 //! group commit the point is in.
@@ -40,6 +42,9 @@ pub struct FaultPlan {
     crashed: AtomicBool,
     crash_signal: Notify,
     refuse_waiting_for: std::sync::Mutex<Option<String>>,
+    hold: AtomicBool,
+    held: AtomicU64,
+    released: Notify,
 }
 
 impl FaultPlan {
@@ -87,6 +92,34 @@ impl FaultPlan {
         marker
             .as_deref()
             .is_some_and(|m| points.iter().any(|p| p.waiting_for.contains(m)))
+    }
+
+    /// Holds every commit from now on, before it is written, until [`FaultPlan::release_commits`].
+    pub fn hold_commits(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets the held commits, and every later one, go on.
+    pub fn release_commits(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+
+    /// Commits waiting to be released now.
+    pub fn held_commits(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    async fn wait_while_held(&self) {
+        loop {
+            let released = self.released.notified();
+            if !self.hold.load(Ordering::SeqCst) {
+                return;
+            }
+            self.held.fetch_add(1, Ordering::SeqCst);
+            released.await;
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Commits attempted so far.
@@ -210,6 +243,7 @@ impl MessageBox for FaultyStore {
 
     async fn commit(&self, points: &[PersistencePoint]) -> StoreResult<Vec<CommitOutcome>> {
         self.gate().await;
+        self.plan.wait_while_held().await;
         let n = self.plan.commits.fetch_add(1, Ordering::SeqCst) + 1;
         if self.plan.crash_at.load(Ordering::SeqCst) == n as i64 {
             if self.plan.crash_after.load(Ordering::SeqCst) {

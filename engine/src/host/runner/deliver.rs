@@ -270,8 +270,13 @@ impl Runner {
         let idle: Vec<Uuid> = self
             .cache
             .values()
-            // An instance inside an atomic scope is never saved halfway through it.
-            .filter(|i| i.last_active.elapsed() >= threshold && !i.in_atomic_scope())
+            // An instance inside an atomic scope is never saved halfway through it; one whose
+            // point is being committed waits for that commit.
+            .filter(|i| {
+                i.last_active.elapsed() >= threshold
+                    && !i.in_atomic_scope()
+                    && !self.is_committing(&i.id)
+            })
             .map(|i| i.id)
             .collect();
         for id in idle {
@@ -299,6 +304,9 @@ impl Runner {
             .or_else(|| self.replies.try_recv().ok())
         {
             any = true;
+            if self.is_committing(&row.instance_id) {
+                self.settle().await;
+            }
             if self.cache.contains_key(&row.instance_id) {
                 self.unwritten.insert(row.instance_id);
                 self.deliver(row.instance_id, Work::Reply(row, reply), now, points);
@@ -332,6 +340,9 @@ impl Runner {
         let due: Vec<DueTimer> = self
             .cache
             .values()
+            // One whose point is being committed gets its timer once that commit is settled
+            // (the round that settles it says it worked, so another round follows).
+            .filter(|i| !self.is_committing(&i.id))
             .flat_map(|i| {
                 i.waits()
                     .delays

@@ -19,11 +19,13 @@ where
     for<'q> <Self::Db as Database>::Arguments<'q>: IntoArguments<'q, Self::Db>,
     for<'q> &'q str: Encode<'q, Self::Db> + Type<Self::Db>,
     String: Bind<Self::Db>,
+    Option<String>: Bind<Self::Db>,
     i64: Bind<Self::Db>,
 {
     /// Runs claim `sql` for `host` at `now`, of at most `limit` rows, in a write transaction of
-    /// its own. Its parameters: `$1` the host, `$2` now, `$3` the limit, and `$4` the
-    /// [`claim_cutoff`](Backend::claim_cutoff) where the backend has one.
+    /// its own. Its parameters: `$1` the host, `$2` now, `$3` the limit, the
+    /// [`claim_cutoff`](Backend::claim_cutoff) where the backend has one, then the host's
+    /// registrations ([`super::versions::claimable`]).
     async fn claim_rows(
         &self,
         sql: &str,
@@ -39,6 +41,7 @@ where
         if let Some(cutoff) = self.claim_cutoff(now) {
             query = query.bind(cutoff);
         }
+        query = query.bind(self.registered().of(host));
         let rows = query
             .fetch_all(&mut *tx)
             .await

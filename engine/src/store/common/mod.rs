@@ -165,6 +165,9 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
     /// The heartbeat cutoff a claim binds as `$4` (hosts silent since are presumed gone), where
     /// the backend's claims ask for one.
     fn claim_cutoff(&self, now: DateTime<Utc>) -> Option<Self::Time>;
+    /// The registrations hosts recorded through this store, which claims bind after the
+    /// cutoff ([`versions::claimable`]).
+    fn registered(&self) -> &versions::Registered;
     /// Whether an error of the database is worth retrying: the connection or the database is
     /// away for a while, or the transaction lost a race. The one place that decides it for this
     /// backend.

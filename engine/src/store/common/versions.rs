@@ -3,6 +3,8 @@
 //! fenced point that moves one, and the reports (`cairn versions`, the instances that need an
 //! operator).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
@@ -11,15 +13,46 @@ use crate::store::versions::*;
 use crate::store::*;
 
 /// Whether instance `i` may be worked on by host `$1` at time `$2`: waiting, not leased to
-/// another host (or its lease ran out), and of a version host `$1` registers (a host that did not
-/// say, `registrations` NULL, runs every version). A row whose version is no version at all
-/// (written by hand: text, a negative number) is claimed all the same, so that the host that
-/// reads it suspends it with the reason (G6). The claims of both backends use it.
-pub(in crate::store) const CLAIMABLE: &str = "i.status IN ('running', 'dehydrated') \
-     AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2) \
-     AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.id = $1 \
-       AND i.version BETWEEN 0 AND 4294967295 \
-       AND h.registrations NOT LIKE '%,' || i.orchestration || '@' || CAST(i.version AS TEXT) || ',%')";
+/// another host (or its lease ran out), and of a version the host registers, its registrations
+/// bound as `registrations` and searched with the backend's `position` function (`instr`,
+/// `strpos`). A host that did not say (NULL) runs every version. A row whose version is no
+/// version at all (written by hand: text, a negative number) is claimed all the same, so that
+/// the host that reads it suspends it with the reason (G6). The claims of both backends use it.
+///
+/// The registrations are bound from what the host recorded through this store ([`Registered`])
+/// rather than read from `hosts` row by row: a subquery per claimed row cost W4 7 % of its CPU
+/// on SQLite and 9 % on PostgreSQL.
+pub(in crate::store) fn claimable(position: &str, registrations: &str) -> String {
+    format!(
+        "i.status IN ('running', 'dehydrated') \
+         AND (i.owner IS NULL OR i.owner = $1 OR i.lease_expires_at < $2) \
+         AND ({registrations} IS NULL OR NOT (i.version BETWEEN 0 AND 4294967295) \
+           OR {position}({registrations}, ',' || i.orchestration || '@' || CAST(i.version AS TEXT) || ',') > 0)"
+    )
+}
+
+/// The registrations each host recorded through this store ([`Versions::record_registrations`]),
+/// which its claims bind.
+#[derive(Debug, Default)]
+pub(in crate::store) struct Registered(std::sync::RwLock<HashMap<String, String>>);
+
+impl Registered {
+    /// What `host` recorded, as stored in `hosts.registrations`; `None` if it did not say.
+    pub(in crate::store) fn of(&self, host: &str) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(host)
+            .cloned()
+    }
+
+    fn record(&self, host: &str, text: String) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(host.to_owned(), text);
+    }
+}
 
 /// The statuses of an instance that waits: what `cairn upgrade` moves.
 const STATUSES_WAITING: &str = "('running', 'dehydrated', 'suspended')";
@@ -44,13 +77,16 @@ where
         definitions: &[(String, u32)],
     ) -> StoreResult<()> {
         let mut tx = self.begin().await?;
+        let text = registrations_text(definitions);
         sqlx::query("UPDATE hosts SET registrations = $2 WHERE id = $1")
             .bind(host.to_owned())
-            .bind(registrations_text(definitions))
+            .bind(text.clone())
             .execute(&mut *tx)
             .await
             .map_err(|e| Self::map_err("record registrations", e))?;
-        Self::commit(tx).await
+        Self::commit(tx).await?;
+        self.registered().record(host, text);
+        Ok(())
     }
 
     /// [`Versions::upgrade_candidates`].

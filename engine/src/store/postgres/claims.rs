@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::connect::commit;
 use super::{map_err, PostgresStore};
-use crate::store::common::versions::CLAIMABLE;
+use crate::store::common::versions::claimable;
 use crate::store::common::{Backend, Claims};
 use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 
@@ -23,7 +23,7 @@ impl PostgresStore {
 }
 
 /// A host's claim of ready messages (`$1` the host, `$2` now, `$3` the limit, `$4` the heartbeat
-/// cutoff). Half the batch at most for instances this host holds, so that a busy host still takes
+/// cutoff, `$5` its registrations). Half the batch at most for instances this host holds, so that a busy host still takes
 /// its share of new work and hosts keep splitting it; the rest of the batch is the oldest
 /// claimable messages. An instance the host holds has started, so the first part reads no start
 /// messages (`messages_routed_after_start`).
@@ -31,7 +31,7 @@ pub(super) static CLAIM_MESSAGES: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH hot AS ( \
            SELECT m.seq FROM messages m JOIN instances i ON i.id = m.instance_id \
-           WHERE m.status = 'routed' AND m.kind <> 'start' AND {CLAIMABLE} AND {lock_free} \
+           WHERE m.status = 'routed' AND m.kind <> 'start' AND {mine} AND {lock_free} \
              AND i.owner = $1 \
            ORDER BY m.seq LIMIT ($3 + 1) / 2 \
            FOR UPDATE OF m SKIP LOCKED), \
@@ -44,7 +44,8 @@ pub(super) static CLAIM_MESSAGES: LazyLock<String> = LazyLock::new(|| {
          WHERE seq = ANY(ARRAY(SELECT seq FROM hot UNION ALL SELECT seq FROM cold)) \
          RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count",
         lock_free = lock_free("m"),
-        claimable = of_its_instance("m", &format!("{CLAIMABLE} AND {}", lock_free("m"))),
+        mine = claimable("strpos", "$5"),
+        claimable = of_its_instance("m", &format!("{} AND {}", claimable("strpos", "$5"), lock_free("m"))),
     )
 });
 
@@ -57,7 +58,10 @@ pub(super) static CLAIM_TIMERS: LazyLock<String> = LazyLock::new(|| {
            ORDER BY t.due_at LIMIT $3 \
            FOR UPDATE SKIP LOCKED) \
          RETURNING instance_id, name, due_at",
-        claimable = of_its_instance("t", &format!("{CLAIMABLE} AND {}", lock_free("t"))),
+        claimable = of_its_instance(
+            "t",
+            &format!("{} AND {}", claimable("strpos", "$5"), lock_free("t"))
+        ),
     )
 });
 
@@ -82,7 +86,7 @@ pub(super) static NEXT_TIMER: LazyLock<String> = LazyLock::new(|| {
 const RUNNABLE: &str = "i.status IN ('running', 'dehydrated')";
 
 /// Whether the lock on row `x` (a message or timer of instance `i`) leaves it to host `$1`, given
-/// [`CLAIMABLE`]; `$2` is the current time, `$4` the heartbeat cutoff below which a host is
+/// [`claimable`]; `$2` is the current time, `$4` the heartbeat cutoff below which a host is
 /// presumed gone. A lock is stale when:
 ///
 /// * its holder is the instance's owner and the lease ran out (the owner is gone or too slow: its

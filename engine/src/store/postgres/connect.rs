@@ -59,6 +59,7 @@ impl PostgresStore {
             options,
             points: KeptConnection::default(),
             lease_ms: Arc::new(AtomicI64::new(DEFAULT_LEASE_MS)),
+            registered: Arc::default(),
         })
     }
 

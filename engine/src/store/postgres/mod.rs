@@ -137,6 +137,8 @@ pub struct PostgresStore {
     /// The lease duration this store's host uses, in milliseconds, learnt from `acquire` and
     /// `heartbeat`; a host whose heartbeat is older than two of them is presumed gone.
     lease_ms: Arc<AtomicI64>,
+    /// What hosts registered through this store, for their claims.
+    registered: Arc<common::versions::Registered>,
 }
 
 /// Without the connect options: their `Debug` shows the password.
@@ -200,6 +202,9 @@ impl common::Backend for PostgresStore {
     }
     fn claim_cutoff(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         Some(self.host_cutoff(now))
+    }
+    fn registered(&self) -> &common::versions::Registered {
+        &self.registered
     }
     fn list(ids: &[String]) -> Vec<String> {
         ids.to_vec()

@@ -70,6 +70,20 @@ pub(super) async fn fetch_texts(
 /// Rows per multi-row statement: well under SQLite's 32,766 bound parameters at 16 a row.
 pub(super) const ROWS_PER_STATEMENT: usize = 1_000;
 
+/// Points per run of a group commit: a large group is written as runs of this many points, in
+/// the same transaction. A busy host's points mostly have the same shape (a send, a reply taken,
+/// a history row), so its full runs have the same statements, which stay prepared
+/// ([`Script::keep_prepared`]). Written as one run, a group of 1,500 points was one set of
+/// statements parsed anew at every commit: 17 % of the writer's time in W1.
+const POINTS_PER_RUN: usize = 64;
+
+/// Whether a script of a run of `points` points, whose largest statement has `rows` rows, stays
+/// prepared: small ones ([`reuse`]), and full runs of points of a few rows each (their text
+/// recurs; a run of larger points varies too much to be worth the statement cache's memory).
+fn keep_run(points: usize, rows: usize) -> bool {
+    reuse(rows) || (points == POINTS_PER_RUN && rows <= 4 * POINTS_PER_RUN)
+}
+
 /// Statements sent to the connection's worker as one query, one round trip for all of them, for
 /// writes that need nothing read back. (sqlx 0.8 runs every statement of a SQLite query in turn,
 /// binding the parameters in order; its issue 3108 discusses dropping that in a later version,
@@ -79,6 +93,8 @@ struct Script<'a> {
     statements: usize,
     /// The most rows of any statement: a script of small ones is kept prepared ([`reuse`]).
     rows: usize,
+    /// The points of the run it writes, if it writes one ([`keep_run`]).
+    points: usize,
 }
 
 impl<'a> Script<'a> {
@@ -87,7 +103,14 @@ impl<'a> Script<'a> {
             q: QueryBuilder::new(""),
             statements: 0,
             rows: 0,
+            points: 0,
         }
+    }
+
+    /// Says the script writes a run of `points` points: kept prepared if [`keep_run`] says so.
+    fn of_run(mut self, points: usize) -> Self {
+        self.points = points;
+        self
     }
 
     /// Starts the next statement, of `rows` rows, and returns the builder to write it with.
@@ -145,7 +168,8 @@ impl<'a> Script<'a> {
     async fn run_each(mut self, conn: &mut SqliteConnection) -> StoreResult<Vec<Ran>> {
         let mut results = Vec::with_capacity(self.statements);
         let mut rows = Vec::new();
-        let query = self.q.build().persistent(reuse(self.rows));
+        let keep = keep_run(self.points, self.rows);
+        let query = self.q.build().persistent(keep);
         let mut stream = conn.fetch_many(query);
         while let Some(item) = stream
             .try_next()
@@ -197,7 +221,10 @@ pub(super) async fn write_points(
     reroute_types: &mut BTreeSet<String>,
 ) -> StoreResult<Vec<CommitOutcome>> {
     let mut outcomes = Vec::with_capacity(points.len());
-    for plan in CommitPlan::of(points).runs {
+    let runs = points
+        .chunks(POINTS_PER_RUN)
+        .flat_map(|chunk| CommitPlan::of(chunk).runs);
+    for plan in runs {
         let (committed, stored) = write_common(tx, &plan).await?;
         let written = plan.written(&committed);
         sync_subscriptions(tx, &written, stored, reroute_types).await?;
@@ -270,13 +297,13 @@ async fn write_common(
 ) -> StoreResult<(HashSet<Uuid>, Vec<StoredSubscription>)> {
     let in_sql = fenced_in_sql(plan.run);
     let mut committed = HashSet::with_capacity(plan.run.len());
-    let mut script = Script::new();
+    let mut script = Script::new().of_run(plan.run.len());
     let matched;
     let (points, fenced) = if in_sql {
         push_first_points(&mut script, plan);
         (plan, Fenced::InSql)
     } else {
-        let mut fence = Script::new();
+        let mut fence = Script::new().of_run(plan.run.len());
         push_first_points(&mut fence, plan);
         let positions = push_update(&mut fence, plan.run);
         collect_ids(&fence.run_each(tx).await?, &positions, &mut committed)?;

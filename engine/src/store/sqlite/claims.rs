@@ -10,7 +10,7 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::{batch, commit, map_err, ts, SqliteStore};
-use crate::store::common::versions::CLAIMABLE;
+use crate::store::common::versions::claimable;
 use crate::store::common::{Backend, Claims};
 use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 
@@ -20,25 +20,26 @@ use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 // `instances_by_status`, every waiting instance, and a claim costs time in proportion to how
 // many instances wait (35 ms at 20,000 dehydrated, against 0.1 ms).
 //
-// `CLAIMABLE` (shared with PostgreSQL) says whether instance `i` may be worked on by host
-// `$1` at time `$2`, its version one the host registers included.
+// `claimable` (shared with PostgreSQL) says whether instance `i` may be worked on by host
+// `$1` at time `$2`, its version one the host registers (`$4`) included.
 
 /// Claims up to `$3` messages for host `$1` at `$2`: those of instances it holds first (they
 /// are in memory, and finishing work in flight keeps it from going idle and being dehydrated
 /// only to be loaded again); the rest in publication order. One instance's messages keep their
 /// order.
 static CLAIM_MESSAGES: LazyLock<String> = LazyLock::new(|| {
+    let claimable = claimable("instr", "$4");
     format!(
         "UPDATE messages SET locked_by = $1, delivery_count = delivery_count + 1 WHERE seq IN ( \
            SELECT seq FROM ( \
              SELECT * FROM (SELECT m.seq, 0 AS cold FROM instances i \
                JOIN messages m ON m.instance_id = i.id \
-               WHERE i.owner = $1 AND m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
+               WHERE i.owner = $1 AND m.status = 'routed' AND m.locked_by IS NULL AND {claimable} \
                ORDER BY m.seq LIMIT $3) \
              UNION ALL \
              SELECT * FROM (SELECT m.seq, 1 AS cold FROM messages m \
                CROSS JOIN instances i ON i.id = m.instance_id \
-               WHERE m.status = 'routed' AND m.locked_by IS NULL AND {CLAIMABLE} \
+               WHERE m.status = 'routed' AND m.locked_by IS NULL AND {claimable} \
                ORDER BY m.seq LIMIT $3)) \
            GROUP BY seq ORDER BY min(cold), seq LIMIT $3) \
          RETURNING seq, id, message_type, kind, properties, body, instance_id, subscription_id, published_at, delivery_count"
@@ -47,10 +48,11 @@ static CLAIM_MESSAGES: LazyLock<String> = LazyLock::new(|| {
 
 /// Claims up to `$3` timers due at `$2` for host `$1`, the earliest first.
 pub(super) static CLAIM_TIMERS: LazyLock<String> = LazyLock::new(|| {
+    let claimable = claimable("instr", "$4");
     format!(
         "UPDATE timers SET locked_by = $1 WHERE rowid IN ( \
            SELECT t.rowid FROM timers t CROSS JOIN instances i ON i.id = t.instance_id \
-           WHERE t.due_at <= $2 AND t.locked_by IS NULL AND {CLAIMABLE} \
+           WHERE t.due_at <= $2 AND t.locked_by IS NULL AND {claimable} \
            ORDER BY t.due_at LIMIT $3) \
          RETURNING instance_id, name, due_at"
     )

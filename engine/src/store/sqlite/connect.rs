@@ -77,6 +77,7 @@ impl SqliteStore {
                 writer: Writer::Pooled(pool.clone()),
                 pool,
                 wake: Arc::default(),
+                registered: Arc::default(),
             });
         }
         // A new file gives the pages retention frees back to the file system, a few at a time
@@ -88,7 +89,12 @@ impl SqliteStore {
             .map_err(|e| map_err("open", e))?;
         let pool = connect(3).await.map_err(|e| map_err("open", e))?;
         let wake = Arc::new(Wake::for_file(options.get_filename()));
-        Ok(Self { pool, writer, wake })
+        Ok(Self {
+            pool,
+            writer,
+            wake,
+            registered: Arc::default(),
+        })
     }
 
     /// The connection pool, for tests and tools that read the database directly.

@@ -225,6 +225,8 @@ pub struct SqliteStore {
     writer: Writer,
     /// The wake-up socket of the file's host, for work committed here.
     wake: Arc<wake::Wake>,
+    /// What hosts registered through this store, for their claims.
+    registered: Arc<common::versions::Registered>,
 }
 
 use writer::{Tx, Writer};
@@ -319,6 +321,9 @@ impl common::Backend for SqliteStore {
     }
     fn claim_cutoff(&self, _now: DateTime<Utc>) -> Option<String> {
         None
+    }
+    fn registered(&self) -> &common::versions::Registered {
+        &self.registered
     }
     fn retryable(err: &sqlx::Error) -> bool {
         retryable(err)
