@@ -286,7 +286,12 @@ async fn rows_read(
     let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}");
     let query = sqlx::query_scalar::<_, serde_json::Value>(&explain);
     let query = match host {
-        Some(host) => query.bind(host).bind(now).bind(64_i64).bind(now),
+        Some(host) => query
+            .bind(host)
+            .bind(now)
+            .bind(64_i64)
+            .bind(now)
+            .bind(None::<String>),
         None => query.bind(now).bind(now),
     };
     let plan = query.fetch_one(&mut *tx).await.expect("explain");
