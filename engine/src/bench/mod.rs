@@ -21,6 +21,7 @@
 //! `docs/performance.md` has the figures and how to reproduce them (`just bench`).
 
 pub mod db;
+mod http;
 pub mod orchestrations;
 mod steady;
 mod workloads;

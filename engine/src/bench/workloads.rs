@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::orchestrations::{self, Chain, FanOut, Waiter, GO_TYPE};
-use super::{db, percentile, BenchError, Figure};
+use super::{db, http, percentile, BenchError, Figure};
 use crate::host::receive::ReceiveLocation;
 use crate::host::{Ended, HostStats};
 use crate::store::{Activation, InstanceStatus, NewMessage, Store};
@@ -630,7 +630,8 @@ async fn w4(
 /// W8: the HTTP receive location, `callers` clients each posting one message a request (`202`
 /// after the commit), against `publish_batch` of 500 a call from one task, in the same run.
 /// The messages activate nothing: what is measured is taking them in. Rates are messages
-/// accepted per second (in `orchestrations_per_s`); latencies are per request.
+/// accepted per second (in `orchestrations_per_s`); latencies are per request. Last, the same
+/// clients against a bare HTTP server ([`http::bare_server`]): the HTTP ceiling of the machine.
 async fn w8(url: &str, n: usize, callers: usize) -> Result<Vec<Figure>, BenchError> {
     const TYPE: &str = "bench.w8";
     let addr = {
@@ -674,56 +675,8 @@ async fn w8(url: &str, n: usize, callers: usize) -> Result<Vec<Figure>, BenchErr
         batch_lat,
         BTreeMap::from([("via_http".to_owned(), 0.0)]),
     );
-    let http = reqwest::Client::new();
     let endpoint = format!("http://{addr}/messages");
-    // The location is up once it answers.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http.get(&endpoint).send().await.is_err() {
-        if Instant::now() > deadline {
-            return Err(BenchError::Stalled(format!(
-                "the HTTP location on {addr} did not answer"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let next = Arc::new(AtomicUsize::new(0));
-    let t1 = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..callers.min(n) {
-        let (http, next, endpoint) = (http.clone(), next.clone(), endpoint.clone());
-        tasks.spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return Ok::<_, BenchError>(lat);
-                }
-                let t = Instant::now();
-                let reply = http
-                    .post(&endpoint)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(
-                        json!({ "type": TYPE, "id": format!("http-{i}"), "body": { "i": i } })
-                            .to_string(),
-                    )
-                    .send()
-                    .await
-                    .map_err(|e| BenchError::Task(format!("POST {endpoint}: {e}")))?;
-                if reply.status() != reqwest::StatusCode::ACCEPTED {
-                    return Err(BenchError::Stalled(format!(
-                        "POST {endpoint} answered {}",
-                        reply.status()
-                    )));
-                }
-                lat.push(ms(t.elapsed()));
-            }
-        });
-    }
-    let mut lat = Vec::with_capacity(n);
-    while let Some(done) = tasks.join_next().await {
-        lat.extend(done.map_err(|e| BenchError::Task(e.to_string()))??);
-    }
-    let wall = t1.elapsed().as_secs_f64();
+    let (lat, wall) = http::post_one_a_request(&endpoint, TYPE, "http", n, callers).await?;
     running.stop().await?;
     let mut via_http = timed(
         "W8",
@@ -740,6 +693,18 @@ async fn w8(url: &str, n: usize, callers: usize) -> Result<Vec<Figure>, BenchErr
         let share = via_http.orchestrations_per_s.unwrap_or(0.0) / rate;
         via_http.extra.insert("vs_publish_batch".to_owned(), share);
     }
+    // The same clients against a server with no engine behind it: what HTTP alone costs here.
+    let stop = CancellationToken::new();
+    let bare = http::bare_server(stop.clone()).await?;
+    let bare_endpoint = format!("http://{bare}/messages");
+    let (_, bare_wall) = http::post_one_a_request(&bare_endpoint, TYPE, "bare", n, callers).await?;
+    stop.cancel();
+    let bare_rate = n as f64 / bare_wall.max(f64::EPSILON);
+    via_http
+        .extra
+        .insert("http_ceiling_per_s".to_owned(), bare_rate);
+    let share = via_http.orchestrations_per_s.unwrap_or(0.0) / bare_rate;
+    via_http.extra.insert("vs_http_ceiling".to_owned(), share);
     Ok(vec![batched, via_http])
 }
 
