@@ -13,6 +13,7 @@ crate::backend_tests!(
     a_message_for_an_instances_receive_is_copied_to_the_other_subscribing_orchestrations,
     a_convoy_subscribing_beside_others_gets_its_copy_at_its_instance_for_the_value,
     a_message_routed_again_when_subscribers_appear_goes_to_each_of_them,
+    a_message_routed_again_after_its_receive_was_cancelled_is_not_copied_twice,
 );
 
 fn activation(orchestration: &str, filter: &str) -> Activation {
@@ -338,4 +339,66 @@ async fn a_message_routed_again_when_subscribers_appear_goes_to_each_of_them(db:
     assert_eq!(copies(&db, "memo").await, expected);
     assert_eq!(db.count("SELECT COUNT(*) FROM instances").await, 2);
     assert_eq!(db.count("SELECT COUNT(*) FROM outbox").await, 1);
+}
+
+/// G5 per subscriber when a message is routed again: routed to an instance's receive and copied
+/// to `audit`, then put back to unrouted when that receive is cancelled (a Listen decided by its
+/// other branch), it waits for the next receive of its values, and `audit`, which has its copy,
+/// gets no second one: neither as the message's route nor as a copy.
+async fn a_message_routed_again_after_its_receive_was_cancelled_is_not_copied_twice(db: TestDb) {
+    let store = db.store.clone();
+    let (x, x_epoch, p) = started_and_receiving(&store, 7, at(0)).await;
+    assert_eq!(
+        store.commit(&[p]).await.unwrap(),
+        [CommitOutcome::Committed]
+    );
+    store
+        .sync_activations(&[subscribing("paid", "audit", "", "")], at(1))
+        .await
+        .unwrap();
+    let paid = NewMessage::published("p7", "paid", json!({ "order": 7 }), BTreeMap::new());
+    assert_eq!(
+        store.publish(vec![paid], at(2)).await.unwrap(),
+        [PublishOutcome::Routed(x.id)]
+    );
+    // x's receive is cancelled before it took the message.
+    let mut cancel = point(x.id, x_epoch, "host-a", 2, at(3));
+    cancel.subscriptions = Some(vec![]);
+    assert_eq!(
+        store.commit(&[cancel]).await.unwrap(),
+        [CommitOutcome::Committed]
+    );
+    assert_eq!(
+        copies(&db, "paid").await,
+        [
+            row("p7", "", "published", "unrouted"),
+            row("p7/audit", "audit", "start", "routed"),
+        ]
+    );
+    // Another instance waits on order=7: it gets the message, and audit nothing more.
+    let (y, _, p) = started_and_receiving(&store, 7, at(4)).await;
+    assert_eq!(
+        store.commit(&[p]).await.unwrap(),
+        [CommitOutcome::Committed]
+    );
+    assert_eq!(
+        copies(&db, "paid").await,
+        [
+            row("p7", "order", "published", "routed"),
+            row("p7/audit", "audit", "start", "routed"),
+        ]
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM messages WHERE id = 'p7' AND CAST(instance_id AS TEXT) = '{}'",
+            y.id
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration = 'audit'")
+            .await,
+        1
+    );
 }

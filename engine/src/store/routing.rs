@@ -299,6 +299,12 @@ impl RouteCache {
 
     /// Where `msg` goes, from the rows recorded.
     pub(crate) fn route(&self, msg: &NewMessage) -> Route {
+        self.route_without(msg, &[])
+    }
+
+    /// [`route`](Self::route), passing over the activations of the orchestrations in `copied`,
+    /// which already have their copy of the message (a message routed again).
+    pub(crate) fn route_without(&self, msg: &NewMessage, copied: &[String]) -> Route {
         if let Some(target) = msg.target {
             return Route::Instance(target, None);
         }
@@ -315,7 +321,13 @@ impl RouteCache {
         // The first subscriber by name: a convoy's whose message lacks a convoy property is
         // passed over for the next (the reason names it when no other takes the message).
         let mut first = None;
-        for a in rows.into_iter().flatten().filter(|a| a.passes(msg)) {
+        let taken = |a: &&ActivationRow| !copied.contains(&a.orchestration);
+        for a in rows
+            .into_iter()
+            .flatten()
+            .filter(taken)
+            .filter(|a| a.passes(msg))
+        {
             match activation_route(msg, a.orchestration.clone(), a.version, &a.convoy) {
                 route @ Route::Activate { .. } => return route,
                 unrouted => {

@@ -246,6 +246,31 @@ where
     Ok(out)
 }
 
+/// The orchestrations among those that subscribe to `msg` that already have their copy of it
+/// (a message routed again after the receive it was routed to was cancelled): its route passes
+/// over them ([`RouteCache::route_without`]).
+///
+/// # Errors
+/// The database failed.
+pub(in crate::store) async fn copied<B: Backend>(
+    conn: &mut Conn<B>,
+    cache: &RouteCache,
+    msg: &NewMessage,
+) -> StoreResult<Vec<String>>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+{
+    let mut copied = Vec::new();
+    for sub in cache.subscribers(msg) {
+        if stored::<B>(conn, &msg.copy_id(&sub.orchestration)).await? {
+            copied.push(sub.orchestration);
+        }
+    }
+    Ok(copied)
+}
+
 /// The orchestration of instance `id`.
 async fn orchestration_of<B: Backend>(conn: &mut Conn<B>, id: Uuid) -> StoreResult<Option<String>>
 where
@@ -307,14 +332,13 @@ where
     Ok(None)
 }
 
-/// Fills in the id and body of `probe`, unrouted message `seq` read for routing by its
-/// properties alone (an unrouted message is read whole only once it routes): `false`, with a
-/// warning, when they cannot be read (it stays unrouted, and is dead-lettered after its time
-/// to live).
+/// Fills in the body of `probe`, unrouted message `seq` read for routing without it (an
+/// unrouted message is read whole only once it routes): `false`, with a warning, when it cannot
+/// be read (it stays unrouted, and is dead-lettered after its time to live).
 ///
 /// # Errors
 /// The database failed.
-pub(in crate::store) async fn read_whole<B: Backend>(
+pub(in crate::store) async fn read_body<B: Backend>(
     conn: &mut Conn<B>,
     seq: i64,
     probe: &mut NewMessage,
@@ -324,14 +348,13 @@ where
     for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
     i64: Bind<B::Db>,
 {
-    let row = sqlx::query("SELECT id, body FROM messages WHERE seq = $1")
+    let row = sqlx::query("SELECT body FROM messages WHERE seq = $1")
         .bind(seq)
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| B::map_err("reroute", e))?;
-    match B::col_text(&row, "id").and_then(|id| Ok((id, B::col_json(&row, "body")?))) {
-        Ok((id, body)) => {
-            probe.id = id;
+    match B::col_json(&row, "body") {
+        Ok(body) => {
             probe.body = body;
             Ok(true)
         }

@@ -77,13 +77,20 @@ pub(super) fn routed_types(messages: &[NewMessage]) -> impl Iterator<Item = &str
 /// serialised, and the convoy's instance is looked for again once the lock is ours.
 pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
     let cache = batch::read_routes(tx, &[msg]).await?;
-    decide(tx, &cache, msg).await
+    decide(tx, &cache, msg, &[]).await
 }
 
 /// Where `msg` goes, from the routing rows read in `cache`: a convoy's activation decided again
 /// under the convoy's lock ([`find_route`]).
-async fn decide(tx: &mut Tx, cache: &RouteCache, msg: &NewMessage) -> StoreResult<Route> {
-    let route = cache.route(msg);
+/// The activations of the orchestrations in `copied` are passed over
+/// ([`RouteCache::route_without`]).
+async fn decide(
+    tx: &mut Tx,
+    cache: &RouteCache,
+    msg: &NewMessage,
+    copied: &[String],
+) -> StoreResult<Route> {
+    let route = cache.route_without(msg, copied);
     let Route::Activate {
         orchestration,
         convoy: Some(values),
@@ -158,7 +165,13 @@ impl Reroute {
 /// same routing as [`publish_one`]). The types must be locked exclusively for routing
 /// ([`lock_routes`]).
 pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreResult<()> {
-    type Candidate = (String, BTreeMap<String, String>, Option<DateTime<Utc>>);
+    /// (id, type, properties, published at)
+    type Candidate = (
+        String,
+        String,
+        BTreeMap<String, String>,
+        Option<DateTime<Utc>>,
+    );
     let mut candidates: BTreeMap<i64, Candidate> = BTreeMap::new();
     let scanned: BTreeSet<&str> = changes
         .types
@@ -168,7 +181,7 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
         .collect();
     for message_type in scanned {
         let rows = sqlx::query(
-            "SELECT seq, properties, published_at FROM messages \
+            "SELECT seq, id, properties, published_at FROM messages \
              WHERE status = 'unrouted' AND message_type = $1",
         )
         .bind(message_type)
@@ -193,14 +206,15 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
                     .any(|(t, corr)| t == message_type && corr.matches(&properties));
             if matches {
                 let at = col(&row, "published_at").ok();
-                candidates.insert(col(&row, "seq")?, (message_type.to_owned(), properties, at));
+                let candidate = (col(&row, "id")?, message_type.to_owned(), properties, at);
+                candidates.insert(col(&row, "seq")?, candidate);
             }
         }
     }
     if !changes.seqs.is_empty() {
         let seqs: Vec<i64> = changes.seqs.iter().copied().collect();
         let rows = sqlx::query(
-            "SELECT seq, message_type, properties, published_at FROM messages \
+            "SELECT seq, id, message_type, properties, published_at FROM messages \
              WHERE seq = ANY($1) AND status = 'unrouted'",
         )
         .bind(&seqs)
@@ -213,7 +227,7 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
                     let at = col(&row, "published_at").ok();
                     candidates.insert(
                         col(&row, "seq")?,
-                        (col(&row, "message_type")?, properties, at),
+                        (col(&row, "id")?, col(&row, "message_type")?, properties, at),
                     );
                 }
                 Err(e) => {
@@ -222,9 +236,9 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
             }
         }
     }
-    for (seq, (message_type, properties, published_at)) in candidates {
+    for (seq, (id, message_type, properties, published_at)) in candidates {
         let mut msg = NewMessage {
-            id: String::new(),
+            id,
             message_type,
             kind: MessageKind::Published,
             properties,
@@ -237,7 +251,9 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
 }
 
 /// Routes unrouted message `seq` again, as a publish would (its route, its copies, its send
-/// ports): `msg` holds its type and properties, and is read whole once it routes.
+/// ports): `msg` holds its id, type and properties, and is read whole once it routes.
+/// Orchestrations that have their copy already (it was routed before, then its receive was
+/// cancelled) get nothing more.
 async fn reroute_one(
     tx: &mut Tx,
     seq: i64,
@@ -246,7 +262,8 @@ async fn reroute_one(
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
     let cache = batch::read_routes(tx, &[&*msg]).await?;
-    let route = decide(tx, &cache, msg).await?;
+    let copied = common::routing::copied::<PostgresStore>(tx, &cache, msg).await?;
+    let route = decide(tx, &cache, msg, &copied).await?;
     let ports = cache.ports_for(msg);
     if common::late::settled_by_reroute::<PostgresStore>(
         tx,
@@ -265,7 +282,7 @@ async fn reroute_one(
         Route::Activate { .. } => ("routed", Some(Uuid::now_v7()), None, MessageKind::Start),
         Route::Unrouted(_) => ("consumed", None, None, MessageKind::Published),
     };
-    if !common::routing::read_whole::<PostgresStore>(tx, seq, msg).await? {
+    if !common::routing::read_body::<PostgresStore>(tx, seq, msg).await? {
         return Ok(());
     }
     let msg = &*msg;

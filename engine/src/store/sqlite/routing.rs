@@ -45,7 +45,7 @@ pub(super) async fn activate(
 pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
     for message_type in types {
         let rows = sqlx::query(
-            "SELECT seq, properties, published_at FROM messages WHERE status = 'unrouted' \
+            "SELECT seq, id, properties, published_at FROM messages WHERE status = 'unrouted' \
              AND message_type = $1 ORDER BY seq",
         )
         .bind(message_type)
@@ -56,15 +56,17 @@ pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResul
             let seq: i64 = col(&row, "seq")?;
             // An unrouted message whose properties cannot be read stays unrouted (and is
             // dead-lettered after its time to live): it must not stop the others routing.
-            let properties: BTreeMap<String, String> = match col_json(&row, "properties") {
-                Ok(properties) => properties,
+            let read = col_json::<BTreeMap<String, String>>(&row, "properties")
+                .and_then(|properties| Ok((col::<String>(&row, "id")?, properties)));
+            let (id, properties) = match read {
+                Ok(read) => read,
                 Err(e) => {
                     tracing::warn!(message.seq = seq, error = %e, "an unrouted message cannot be read; left unrouted");
                     continue;
                 }
             };
             let mut msg = NewMessage {
-                id: String::new(),
+                id,
                 message_type: message_type.clone(),
                 kind: MessageKind::Published,
                 properties,
@@ -79,8 +81,9 @@ pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResul
     Ok(())
 }
 
-/// Routes unrouted message `seq` again: `msg` holds its type and properties, and is read whole
-/// once it routes.
+/// Routes unrouted message `seq` again: `msg` holds its id, type and properties, and is read
+/// whole once it routes. Orchestrations that have their copy already (it was routed before,
+/// then its receive was cancelled) get nothing more.
 async fn reroute_one(
     tx: &mut Tx,
     seq: i64,
@@ -88,7 +91,8 @@ async fn reroute_one(
     published_at: Option<DateTime<Utc>>,
 ) -> StoreResult<()> {
     let cache = publish::read_routes(tx, &[&*msg]).await?;
-    let route = cache.route(msg);
+    let copied = common::routing::copied::<SqliteStore>(tx, &cache, msg).await?;
+    let route = cache.route_without(msg, &copied);
     let ports = cache.ports_for(msg);
     // Copies, instances and sends are made now.
     let at = Utc::now();
@@ -104,7 +108,7 @@ async fn reroute_one(
     {
         return Ok(());
     }
-    if !common::routing::read_whole::<SqliteStore>(tx, seq, msg).await? {
+    if !common::routing::read_body::<SqliteStore>(tx, seq, msg).await? {
         return Ok(());
     }
     let msg = &*msg;
