@@ -286,6 +286,31 @@ impl RouteCache {
             .collect()
     }
 
+    /// The orchestration of the convoy instance that `route` goes to, when routing can tell
+    /// without a read: the route's subscription is a convoy's on the message's type
+    /// ([`convoy_subscription_id`]), and only one orchestration activates on the type as a
+    /// convoy. (A convoy's messages then cost no more to route than before publish-subscribe
+    /// looked for other subscribers.)
+    ///
+    /// [`convoy_subscription_id`]: super::convoy_subscription_id
+    pub(crate) fn convoy_of(&self, msg: &NewMessage, route: &Route) -> Option<&str> {
+        let Route::Instance(instance, Some(sub)) = route else {
+            return None;
+        };
+        if *sub != super::convoy_subscription_id(*instance, &msg.message_type) {
+            return None;
+        }
+        let mut convoys = self
+            .activations
+            .get(&msg.message_type)?
+            .iter()
+            .filter(|a| !a.convoy.is_empty());
+        match (convoys.next(), convoys.next()) {
+            (Some(only), None) => Some(&only.orchestration),
+            _ => None,
+        }
+    }
+
     /// The correlations `msg` carries for its type's key sets, in the order routing tries them.
     fn correlations(&self, msg: &NewMessage) -> Vec<String> {
         self.key_sets
@@ -400,6 +425,13 @@ mod tests {
             cache.route(&bare),
             Route::Activate { orchestration, convoy: None, .. } if orchestration == "billing"
         ));
+        // A convoy instance's subscription tells its orchestration, the only convoy of the type.
+        let instance = Uuid::now_v7();
+        let convoy_sub = crate::store::convoy_subscription_id(instance, "line");
+        let routed = Route::Instance(instance, Some(convoy_sub));
+        assert_eq!(cache.convoy_of(&full, &routed), Some("a-lines"));
+        let correlated = Route::Instance(instance, Some(Uuid::now_v7()));
+        assert_eq!(cache.convoy_of(&full, &correlated), None);
         // Addressed to an instance: no subscriber.
         let mut addressed = full.clone();
         addressed.target = Some(Uuid::nil());

@@ -227,7 +227,10 @@ where
     }
     let routed_to = match route {
         Route::Activate { orchestration, .. } => Some(orchestration.clone()),
-        Route::Instance(id, _) => orchestration_of::<B>(conn, *id).await?,
+        Route::Instance(id, _) => match cache.convoy_of(msg, route) {
+            Some(convoy) => Some(convoy.to_owned()),
+            None => orchestration_of::<B>(conn, *id).await?,
+        },
         Route::Unrouted(_) => None,
     };
     let mut out = Vec::with_capacity(subscribers.len());
