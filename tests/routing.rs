@@ -31,6 +31,8 @@ backend_tests!(
     a_late_ack_is_a_zombie_of_its_ended_po_and_not_taken_by_the_resubmitted_one,
     a_message_starts_one_instance_of_each_orchestration_whose_filter_it_passes,
     a_send_port_subscribes_by_filter_and_receives_published_messages_directly,
+    lines_reach_their_convoy_instance_in_order_and_each_starts_an_audit_beside_it,
+    invoices_published_before_their_subscribers_registered_reach_each_of_them,
 );
 
 async fn publish(client: &Client, id: String, ty: &str, body: serde_json::Value) {
@@ -868,6 +870,116 @@ async fn a_send_port_subscribes_by_filter_and_receives_published_messages_direct
         db.texts("SELECT status FROM outbox WHERE id = $1", "scan-1@refuser")
             .await,
         ["dead"]
+    );
+    host.stop();
+}
+
+/// Issue 25, point 8: `line` activates the `line-convoy` convoy (one instance an order) and,
+/// when marked audited, `line-audit`. The first line of an order starts one of each (the convoy
+/// by its copy); each later line goes to the convoy's instance through its correlated receive,
+/// and a copy of it starts an audit. The convoy still gets every line of its order, in order,
+/// and each line is audited once, even when published again.
+async fn lines_reach_their_convoy_instance_in_order_and_each_starts_an_audit_beside_it(db: TestDb) {
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    let line = |n: usize| {
+        NewMessage::published(
+            format!("audited-{n}"),
+            "line",
+            json!({"order": "audited", "n": n, "audited": "yes"}),
+            BTreeMap::new(),
+        )
+    };
+    let lines: Vec<NewMessage> = (0..CONVOY_BATCH).map(line).collect();
+    for batch in lines.chunks(5) {
+        client.publish_batch(batch.to_vec()).await.unwrap();
+    }
+    // A line published again: stored once, audited once.
+    assert_eq!(
+        client.publish_batch(vec![line(3)]).await.unwrap(),
+        [PublishOutcome::Duplicate]
+    );
+    db.wait_for("the convoy and every audit completed", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration IN ('line-convoy', 'line-audit') AND status = 'completed'")
+            .await
+            == 1 + CONVOY_BATCH as i64
+    })
+    .await;
+    let runs = instances(&db, "line-convoy").await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let seen: Vec<usize> = serde_json::from_str(&runs[0].3).unwrap();
+    assert_eq!(seen, (0..CONVOY_BATCH).collect::<Vec<_>>());
+    let audited: Vec<String> = sqlx::query_scalar(
+        "SELECT output FROM instances WHERE orchestration = 'line-audit' ORDER BY output",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    let mut expected: Vec<String> = (0..CONVOY_BATCH)
+        .map(|n| match n {
+            // The first line activates both: the audit, first by name, has the line itself.
+            0 => "\"audited-0\"".to_owned(),
+            n => format!("\"audited-{n}/line-audit\""),
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(audited, expected);
+    assert_eq!(
+        db.count(
+            "SELECT COUNT(*) FROM messages WHERE message_type = 'line' AND status <> 'consumed'"
+        )
+        .await,
+        0
+    );
+    host.stop();
+}
+
+/// Issue 25, point 8: invoices published while no host had registered their subscribers are
+/// unrouted; when a host registers them, each invoice goes to every orchestration whose filter
+/// it passes, as a fresh publish does (the review gets a copy), once.
+async fn invoices_published_before_their_subscribers_registered_reach_each_of_them(db: TestDb) {
+    let invoice = |id: &str, amount: i64| {
+        NewMessage::published(
+            id,
+            "invoice.issued",
+            json!({"amount": amount, "region": "EU"}),
+            BTreeMap::new(),
+        )
+    };
+    let early = vec![invoice("early-big", 5000), invoice("early-small", 5)];
+    assert_eq!(
+        db.store
+            .publish(early.clone(), chrono::Utc::now())
+            .await
+            .unwrap(),
+        [PublishOutcome::Unrouted, PublishOutcome::Unrouted]
+    );
+    let (host, client) = HostThread::start(&db, fast_config(), Deliveries::default()).await;
+    db.wait_for("every invoice instance completed", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM instances WHERE orchestration LIKE '%invoice%' AND status = 'completed'")
+            .await
+            == 3
+    })
+    .await;
+    let ended: Vec<(String, String)> = sqlx::query_as(
+        "SELECT orchestration, output FROM instances ORDER BY orchestration, output",
+    )
+    .fetch_all(&db.sql)
+    .await
+    .unwrap();
+    assert_eq!(
+        ended,
+        [
+            ("invoice-audit".to_owned(), "\"early-big\"".to_owned()),
+            ("invoice-audit".to_owned(), "\"early-small\"".to_owned()),
+            (
+                "large-invoice-review".to_owned(),
+                "\"early-big/large-invoice-review\"".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(
+        client.publish_batch(early).await.unwrap(),
+        [PublishOutcome::Duplicate, PublishOutcome::Duplicate]
     );
     host.stop();
 }

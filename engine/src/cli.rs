@@ -339,7 +339,8 @@ pub enum Command {
         #[arg(long)]
         from_process: bool,
         /// W4 with this many filtered activating subscriptions on its message type besides
-        /// (filters no message passes): what reading and keeping filters costs routing.
+        /// (filters no message passes, each evaluated on every message): what filters cost
+        /// routing.
         #[arg(long, default_value_t = 0)]
         filtered_subscriptions: usize,
         /// The hosts keep Prometheus metrics and serve them on a loopback port (to measure

@@ -417,36 +417,42 @@ fn started_by_id(ctx: &Context) -> Result<String, Fault> {
     Ok(ctx.started_by().ok_or("no started_by")?.id.clone())
 }
 
-impl Orchestration for InvoiceAudit {
-    const NAME: &'static str = "invoice-audit";
-    const VERSION: u32 = 1;
-    const ACTIVATED_BY: &'static [&'static str] = &["invoice.issued"];
-    type Input = serde_json::Value;
-    type State = ();
-    type Output = String;
-    fn start(ctx: &mut Context, _: serde_json::Value) -> Result<Next<Self>, Fault> {
-        Ok(Next::Complete(started_by_id(ctx)?))
-    }
-    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
-        Err(UnexpectedEvent(event.label()).into())
-    }
+/// `impl Orchestration` for a subscriber that completes at once with the id of the message that
+/// started it: its name, the types that activate it, its filter.
+macro_rules! started_by_recorder {
+    ($ty:ident, $name:literal, $types:expr, $filter:literal) => {
+        impl Orchestration for $ty {
+            const NAME: &'static str = $name;
+            const VERSION: u32 = 1;
+            const ACTIVATED_BY: &'static [&'static str] = $types;
+            const FILTER: &'static str = $filter;
+            type Input = serde_json::Value;
+            type State = ();
+            type Output = String;
+            fn start(ctx: &mut Context, _: serde_json::Value) -> Result<Next<Self>, Fault> {
+                Ok(Next::Complete(started_by_id(ctx)?))
+            }
+            fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
+                Err(UnexpectedEvent(event.label()).into())
+            }
+        }
+    };
 }
 
-impl Orchestration for LargeInvoiceReview {
-    const NAME: &'static str = "large-invoice-review";
-    const VERSION: u32 = 1;
-    const ACTIVATED_BY: &'static [&'static str] = &["invoice.issued"];
-    const FILTER: &'static str = "amount >= 1000 AND region = 'EU'";
-    type Input = serde_json::Value;
-    type State = ();
-    type Output = String;
-    fn start(ctx: &mut Context, _: serde_json::Value) -> Result<Next<Self>, Fault> {
-        Ok(Next::Complete(started_by_id(ctx)?))
-    }
-    fn on_event(_: &mut Context, _: (), event: Event) -> Result<Next<Self>, Fault> {
-        Err(UnexpectedEvent(event.label()).into())
-    }
-}
+started_by_recorder!(InvoiceAudit, "invoice-audit", &["invoice.issued"], "");
+started_by_recorder!(
+    LargeInvoiceReview,
+    "large-invoice-review",
+    &["invoice.issued"],
+    "amount >= 1000 AND region = 'EU'"
+);
+
+/// Publish-subscribe beside a convoy: `line` activates it for the lines marked `audited = 'yes'`
+/// (its `FILTER`; the convoy tests' lines are not), besides `LineConvoy`. It completes at once
+/// with the id of the message that started it.
+pub struct LineAudit;
+
+started_by_recorder!(LineAudit, "line-audit", &["line"], "audited = 'yes'");
 
 /// Every orchestration the engine tests use (with the buggy `fixable`).
 pub fn registry() -> Registry {
@@ -462,6 +468,7 @@ pub fn registry() -> Registry {
         .register::<PurchaseOrder>()
         .register::<InvoiceAudit>()
         .register::<LargeInvoiceReview>()
+        .register::<LineAudit>()
         .register::<Reserving>()
 }
 

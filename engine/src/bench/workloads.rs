@@ -588,14 +588,20 @@ async fn w4(
     let store = db::fresh(url).await?;
     if filtered > 0 {
         // Other orchestrations' activating subscriptions on `bench.go`, each with a filter no
-        // W4 message passes: routing reads them with every batch.
+        // W4 message passes: routing reads them with every batch, and evaluates every one of
+        // them on every message (publish-subscribe copies a message routed to an instance to
+        // every other orchestration whose filter it passes): both sides of the `OR`, the first
+        // on the `key` each message carries.
         let activations: Vec<Activation> = (0..filtered)
             .map(|i| Activation {
                 message_type: GO_TYPE.into(),
                 orchestration: format!("bench-filtered-{i}"),
                 version: 1,
                 convoy: String::new(),
-                filter: format!("amount >= {} AND region = 'nowhere-{i}'", 1000 * (i + 1)),
+                filter: format!(
+                    "key = 'nowhere-{i}' OR (amount >= {} AND region = 'nowhere-{i}')",
+                    1000 * (i + 1)
+                ),
                 port: None,
             })
             .collect();

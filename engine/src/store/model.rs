@@ -322,19 +322,30 @@ pub enum PublishOutcome {
 }
 
 impl NewMessage {
-    /// The copy of this published message that starts `instance` of `orchestration`, when the
-    /// message passes the activating subscriptions of several orchestrations (publish-subscribe:
-    /// one copy a subscriber, each consumed once): id `<id>/<orchestration>`, addressed to the new
-    /// instance as its start message.
-    pub(crate) fn copy_for(&self, orchestration: &str, instance: Uuid) -> NewMessage {
+    /// The copy of this published message for `orchestration`, when the message passes the
+    /// activating subscriptions of several orchestrations (publish-subscribe: one copy a
+    /// subscriber, each consumed once): id [`copy_id`](Self::copy_id), addressed to `instance`,
+    /// the new instance it starts (`kind` start) or the running one whose receive it matches
+    /// (`kind` published).
+    pub(crate) fn copy_for(
+        &self,
+        orchestration: &str,
+        instance: Uuid,
+        kind: MessageKind,
+    ) -> NewMessage {
         NewMessage {
-            id: format!("{}/{orchestration}", self.id),
+            id: self.copy_id(orchestration),
             message_type: self.message_type.clone(),
-            kind: MessageKind::Start,
+            kind,
             properties: self.properties.clone(),
             body: self.body.clone(),
             target: Some(instance),
         }
+    }
+
+    /// The id of this message's copy for `orchestration`: `<id>/<orchestration>`.
+    pub(crate) fn copy_id(&self, orchestration: &str) -> String {
+        format!("{}/{orchestration}", self.id)
     }
 }
 

@@ -113,6 +113,14 @@ fn filtered_out(msg: &NewMessage, rows: &[ActivationRow]) -> Route {
     ))
 }
 
+/// The reason of a message no instance or activation took, but send ports did.
+pub(crate) fn sent_to_ports(ports: &[String]) -> String {
+    format!(
+        "sent to send port(s) {} by their subscriptions",
+        ports.join(", ")
+    )
+}
+
 /// The routing rows of a batch's message types, read once per type.
 #[derive(Default)]
 pub(crate) struct RouteCache {
@@ -137,6 +145,21 @@ pub(crate) struct ActivationRow {
     pub(crate) filter: Result<Filter, String>,
     /// A send port's subscription: the port (the message is sent to it, besides its route).
     pub(crate) port: Option<String>,
+}
+
+/// An orchestration that subscribes to a message by its activating subscription: it receives
+/// the message (or a copy), at its running instance for the message's correlation, or at a new
+/// one.
+#[derive(Debug, Clone)]
+pub(crate) struct Subscriber {
+    pub(crate) orchestration: String,
+    /// The version a new instance starts on.
+    pub(crate) version: u32,
+    /// For a convoy: the message's values of the convoy properties.
+    pub(crate) convoy: Option<Correlation>,
+    /// The correlations its running instance is looked for by (`subscriptions.correlation`): a
+    /// convoy's values, else those the message carries for its type's key sets.
+    pub(crate) correlations: Vec<String>,
 }
 
 impl ActivationRow {
@@ -230,26 +253,83 @@ impl RouteCache {
             .collect()
     }
 
-    /// The other orchestrations a message that activates `route` also starts an instance of:
-    /// every activating subscription of its type but the route's own whose filter it passes,
-    /// convoys aside (a convoy's activation stays one instance a value, decided with its lock).
-    /// Empty when the route is not an activation: a message that goes to an instance's receive
-    /// goes there alone.
-    pub(crate) fn fan_out(&self, msg: &NewMessage, route: &Route) -> Vec<(String, u32)> {
-        let Route::Activate { orchestration, .. } = route else {
+    /// Every orchestration whose activating subscription `msg` passes (its type, its filter,
+    /// and for a convoy every convoy property), by name: publish-subscribe gives each one a copy
+    /// but the one its route already goes to ([`common::routing::fan_out`]). Empty for a message
+    /// addressed to an instance.
+    ///
+    /// [`common::routing::fan_out`]: super::common::routing::fan_out
+    pub(crate) fn subscribers(&self, msg: &NewMessage) -> Vec<Subscriber> {
+        if msg.target.is_some() {
             return Vec::new();
-        };
+        }
         self.activations
             .get(&msg.message_type)
             .into_iter()
             .flatten()
-            .filter(|a| &a.orchestration != orchestration && a.convoy.is_empty() && a.passes(msg))
-            .map(|a| (a.orchestration.clone(), a.version))
+            .filter(|a| a.passes(msg))
+            .filter_map(|a| {
+                let (convoy, correlations) = if a.convoy.is_empty() {
+                    (None, self.correlations(msg))
+                } else {
+                    let values = Correlation::from_properties(&a.convoy, &msg.properties)?;
+                    let canonical = values.canonical();
+                    (Some(values), vec![canonical])
+                };
+                Some(Subscriber {
+                    orchestration: a.orchestration.clone(),
+                    version: a.version,
+                    convoy,
+                    correlations,
+                })
+            })
+            .collect()
+    }
+
+    /// The orchestration of the convoy instance that `route` goes to, when routing can tell
+    /// without a read: the route's subscription is a convoy's on the message's type
+    /// ([`convoy_subscription_id`]), and only one orchestration activates on the type as a
+    /// convoy. (A convoy's messages then cost no more to route than before publish-subscribe
+    /// looked for other subscribers.)
+    ///
+    /// [`convoy_subscription_id`]: super::convoy_subscription_id
+    pub(crate) fn convoy_of(&self, msg: &NewMessage, route: &Route) -> Option<&str> {
+        let Route::Instance(instance, Some(sub)) = route else {
+            return None;
+        };
+        if *sub != super::convoy_subscription_id(*instance, &msg.message_type) {
+            return None;
+        }
+        let mut convoys = self
+            .activations
+            .get(&msg.message_type)?
+            .iter()
+            .filter(|a| !a.convoy.is_empty());
+        match (convoys.next(), convoys.next()) {
+            (Some(only), None) => Some(&only.orchestration),
+            _ => None,
+        }
+    }
+
+    /// The correlations `msg` carries for its type's key sets, in the order routing tries them.
+    fn correlations(&self, msg: &NewMessage) -> Vec<String> {
+        self.key_sets
+            .get(&msg.message_type)
+            .into_iter()
+            .flatten()
+            .filter_map(|keys| Correlation::from_properties(keys, &msg.properties))
+            .map(|c| c.canonical())
             .collect()
     }
 
     /// Where `msg` goes, from the rows recorded.
     pub(crate) fn route(&self, msg: &NewMessage) -> Route {
+        self.route_without(msg, &[])
+    }
+
+    /// [`route`](Self::route), passing over the activations of the orchestrations in `copied`,
+    /// which already have their copy of the message (a message routed again).
+    pub(crate) fn route_without(&self, msg: &NewMessage, copied: &[String]) -> Route {
         if let Some(target) = msg.target {
             return Route::Instance(target, None);
         }
@@ -263,12 +343,27 @@ impl RouteCache {
             }
         }
         let rows = self.activations.get(&msg.message_type);
-        match rows.into_iter().flatten().find(|a| a.passes(msg)) {
-            Some(a) => activation_route(msg, a.orchestration.clone(), a.version, &a.convoy),
-            None => match rows.filter(|r| !r.is_empty()) {
-                Some(rows) => filtered_out(msg, rows),
-                None => unrouted(msg),
-            },
+        // The first subscriber by name: a convoy's whose message lacks a convoy property is
+        // passed over for the next (the reason names it when no other takes the message).
+        let mut first = None;
+        let taken = |a: &&ActivationRow| !copied.contains(&a.orchestration);
+        for a in rows
+            .into_iter()
+            .flatten()
+            .filter(taken)
+            .filter(|a| a.passes(msg))
+        {
+            match activation_route(msg, a.orchestration.clone(), a.version, &a.convoy) {
+                route @ Route::Activate { .. } => return route,
+                unrouted => {
+                    first.get_or_insert(unrouted);
+                }
+            }
+        }
+        match (first, rows.filter(|r| !r.is_empty())) {
+            (Some(route), _) => route,
+            (None, Some(rows)) => filtered_out(msg, rows),
+            (None, None) => unrouted(msg),
         }
     }
 }
@@ -278,6 +373,70 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    fn row(orchestration: &str, convoy: &str, filter: &str) -> ActivationRow {
+        ActivationRow {
+            orchestration: orchestration.into(),
+            version: 1,
+            convoy: convoy.into(),
+            filter: Filter::parse(filter).map_err(|e| e.to_string()),
+            port: None,
+        }
+    }
+
+    #[test]
+    fn every_orchestration_a_message_passes_subscribes_and_a_convoy_needs_its_values() {
+        let mut cache = RouteCache::default();
+        cache.activations(
+            "line",
+            vec![
+                row("a-lines", "order", ""),
+                row("audit", "", "audited = 'yes'"),
+                row("billing", "", ""),
+            ],
+        );
+        let line = |props: &[(&str, &str)]| {
+            let props = props
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            NewMessage::published("l", "line", serde_json::json!({}), props)
+        };
+        let names = |msg: &NewMessage| {
+            cache
+                .subscribers(msg)
+                .into_iter()
+                .map(|s| (s.orchestration, s.convoy.map(|c| c.canonical())))
+                .collect::<Vec<_>>()
+        };
+        let full = line(&[("order", "7"), ("audited", "yes")]);
+        assert_eq!(
+            names(&full),
+            [
+                ("a-lines".to_owned(), Some("order=7".to_owned())),
+                ("audit".to_owned(), None),
+                ("billing".to_owned(), None),
+            ]
+        );
+        // No `order`: no convoy copy, and the route passes over the convoy to the next.
+        let bare = line(&[]);
+        assert_eq!(names(&bare), [("billing".to_owned(), None)]);
+        assert!(matches!(
+            cache.route(&bare),
+            Route::Activate { orchestration, convoy: None, .. } if orchestration == "billing"
+        ));
+        // A convoy instance's subscription tells its orchestration, the only convoy of the type.
+        let instance = Uuid::now_v7();
+        let convoy_sub = crate::store::convoy_subscription_id(instance, "line");
+        let routed = Route::Instance(instance, Some(convoy_sub));
+        assert_eq!(cache.convoy_of(&full, &routed), Some("a-lines"));
+        let correlated = Route::Instance(instance, Some(Uuid::now_v7()));
+        assert_eq!(cache.convoy_of(&full, &correlated), None);
+        // Addressed to an instance: no subscriber.
+        let mut addressed = full.clone();
+        addressed.target = Some(Uuid::nil());
+        assert!(cache.subscribers(&addressed).is_empty());
+    }
 
     #[test]
     fn an_unrouted_reason_never_copies_a_long_value() {

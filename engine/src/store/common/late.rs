@@ -282,3 +282,45 @@ where
     }
     Ok(adopted)
 }
+
+/// Routing unrouted message `seq` (`msg`, published at `published_at`) again, to `route`:
+/// whether it stays as it is or becomes a zombie instead (`true`: nothing more to do). It is
+/// late for the instance subscription `route` found if another instance waited on its key
+/// before it was published and has ended (a running one may share it, as before); a message
+/// still unrouted, which no send port takes either (`to_ports` false), is late if the instance
+/// that last waited on its key has ended, else stays unrouted.
+///
+/// # Errors
+/// The database failed.
+pub(in crate::store) async fn settled_by_reroute<B: Backend>(
+    conn: &mut Conn<B>,
+    seq: i64,
+    msg: &NewMessage,
+    route: &crate::store::routing::Route,
+    published_at: Option<DateTime<Utc>>,
+    to_ports: bool,
+) -> StoreResult<bool>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    String: Bind<B::Db>,
+    i64: Bind<B::Db>,
+{
+    use crate::store::routing::Route;
+    let (before, except) = match route {
+        Route::Instance(id, Some(_)) => (published_at, Some(*id)),
+        Route::Unrouted(_) if !to_ports => (None, None),
+        _ => return Ok(false),
+    };
+    let waiter =
+        waited_before::<B>(conn, &msg.message_type, &msg.properties, before, except).await?;
+    match waiter {
+        Some(late) if except.is_none() || late.zombie().is_some() => {
+            make_zombie::<B>(conn, seq, &late).await?;
+            Ok(true)
+        }
+        // Unrouted it stays.
+        _ => Ok(except.is_none()),
+    }
+}

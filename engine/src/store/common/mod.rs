@@ -232,6 +232,14 @@ pub(super) trait Backend: Send + Sync + Sized + 'static {
         tx: &'a mut Self::Tx,
         messages: &'a [NewMessage],
     ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
+    /// Takes, until the transaction ends, the lock that serialises the activations of one
+    /// convoy (`orchestration`, `values` canonical): PostgreSQL's publishers of a type route side
+    /// by side; nothing where one writer runs.
+    fn lock_convoy<'a>(
+        conn: &'a mut <Self::Db as Database>::Connection,
+        orchestration: &'a str,
+        values: &'a str,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'a;
     /// Clears the message and timer locks on instance `id`.
     fn unlock_instance(tx: &mut Self::Tx, id: Uuid)
         -> impl Future<Output = StoreResult<()>> + Send;

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{Backend, Bind};
 use crate::filter::Filter;
-use crate::store::routing::ActivationRow;
+use crate::store::routing::{ActivationRow, Route, RouteCache, Subscriber};
 use crate::store::{NewMessage, PublishOutcome, StoreResult};
 
 /// A connection of backend `B`, inside its transaction.
@@ -197,4 +197,173 @@ where
             .map_err(|e| B::map_err("note a filter that does not parse", e))?;
     }
     Ok(out)
+}
+
+/// Publish-subscribe: where the copies of `msg` go besides its `route`, one for every other
+/// orchestration whose activating subscription it passes ([`RouteCache::subscribers`]): to that
+/// orchestration's running instance for the message's correlation (a convoy's instance for its
+/// values, under the convoy's lock), or, with none running, to a new instance (`None`). Within an
+/// orchestration a message still goes to one instance: the one `route` names is its
+/// orchestration's, and no orchestration has two copies (one already stored, as for a message
+/// routed again after its receive was cancelled, is not made again).
+///
+/// # Errors
+/// The database failed.
+pub(in crate::store) async fn fan_out<B: Backend>(
+    conn: &mut Conn<B>,
+    cache: &RouteCache,
+    msg: &NewMessage,
+    route: &Route,
+) -> StoreResult<Vec<(Subscriber, Option<Uuid>)>>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    String: Bind<B::Db>,
+{
+    let subscribers = cache.subscribers(msg);
+    if subscribers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let routed_to = match route {
+        Route::Activate { orchestration, .. } => Some(orchestration.clone()),
+        Route::Instance(id, _) => match cache.convoy_of(msg, route) {
+            Some(convoy) => Some(convoy.to_owned()),
+            None => orchestration_of::<B>(conn, *id).await?,
+        },
+        Route::Unrouted(_) => None,
+    };
+    let mut out = Vec::with_capacity(subscribers.len());
+    for sub in subscribers {
+        if routed_to.as_deref() == Some(sub.orchestration.as_str())
+            || stored::<B>(conn, &msg.copy_id(&sub.orchestration)).await?
+        {
+            continue;
+        }
+        if let Some(values) = &sub.convoy {
+            B::lock_convoy(conn, &sub.orchestration, &values.canonical()).await?;
+        }
+        let running = waiting_instance::<B>(conn, msg, &sub).await?;
+        out.push((sub, running));
+    }
+    Ok(out)
+}
+
+/// The orchestrations among those that subscribe to `msg` that already have their copy of it
+/// (a message routed again after the receive it was routed to was cancelled): its route passes
+/// over them ([`RouteCache::route_without`]).
+///
+/// # Errors
+/// The database failed.
+pub(in crate::store) async fn copied<B: Backend>(
+    conn: &mut Conn<B>,
+    cache: &RouteCache,
+    msg: &NewMessage,
+) -> StoreResult<Vec<String>>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+{
+    let mut copied = Vec::new();
+    for sub in cache.subscribers(msg) {
+        if stored::<B>(conn, &msg.copy_id(&sub.orchestration)).await? {
+            copied.push(sub.orchestration);
+        }
+    }
+    Ok(copied)
+}
+
+/// The orchestration of instance `id`.
+async fn orchestration_of<B: Backend>(conn: &mut Conn<B>, id: Uuid) -> StoreResult<Option<String>>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+{
+    let row = sqlx::query("SELECT orchestration FROM instances WHERE id = $1")
+        .bind(B::uuid(id))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| B::map_err("route a copy", e))?;
+    row.map(|row| B::col_text(&row, "orchestration"))
+        .transpose()
+}
+
+/// Whether a message with this id is stored.
+async fn stored<B: Backend>(conn: &mut Conn<B>, id: &str) -> StoreResult<bool>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+{
+    let row = sqlx::query("SELECT seq FROM messages WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| B::map_err("route a copy", e))?;
+    Ok(row.is_some())
+}
+
+/// The instance of `sub`'s orchestration whose subscription to `msg`'s type matches the
+/// message (the oldest subscription, as routing takes), if one runs.
+async fn waiting_instance<B: Backend>(
+    conn: &mut Conn<B>,
+    msg: &NewMessage,
+    sub: &Subscriber,
+) -> StoreResult<Option<Uuid>>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+{
+    for correlation in &sub.correlations {
+        let row = sqlx::query(
+            "SELECT s.instance_id FROM subscriptions s JOIN instances i ON i.id = s.instance_id \
+             WHERE s.message_type = $1 AND s.correlation = $2 AND i.orchestration = $3 \
+             ORDER BY s.created_at, s.id LIMIT 1",
+        )
+        .bind(msg.message_type.as_str())
+        .bind(correlation.as_str())
+        .bind(sub.orchestration.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| B::map_err("route a copy", e))?;
+        if let Some(row) = row {
+            return B::col_uuid(&row, "instance_id").map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Fills in the body of `probe`, unrouted message `seq` read for routing without it (an
+/// unrouted message is read whole only once it routes): `false`, with a warning, when it cannot
+/// be read (it stays unrouted, and is dead-lettered after its time to live).
+///
+/// # Errors
+/// The database failed.
+pub(in crate::store) async fn read_body<B: Backend>(
+    conn: &mut Conn<B>,
+    seq: i64,
+    probe: &mut NewMessage,
+) -> StoreResult<bool>
+where
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    i64: Bind<B::Db>,
+{
+    let row = sqlx::query("SELECT body FROM messages WHERE seq = $1")
+        .bind(seq)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| B::map_err("reroute", e))?;
+    match B::col_json(&row, "body") {
+        Ok(body) => {
+            probe.body = body;
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::warn!(message.seq = seq, error = %e, "an unrouted message cannot be read; left unrouted");
+            Ok(false)
+        }
+    }
 }

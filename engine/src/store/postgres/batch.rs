@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::store::common;
 use crate::store::model::SubscriptionChanges;
 use crate::store::plan::{not_routed, CommitPlan, RunPlan, StoredSubscription, Written};
-use crate::store::routing::{Route, RouteCache};
+use crate::store::routing::{sent_to_ports, Route, RouteCache};
 use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 
 use super::routing::{find_route, subscribe_convoy, unroute, Reroute};
@@ -753,9 +753,9 @@ pub(super) async fn publish_all(
         .collect();
     let mut cache = Some(read_routes(tx, &published).await?);
     let mut routes = RouteRows::default();
-    // The copies of messages that activate several orchestrations (fan_out), each addressed to
-    // its own new instance: inserted after the loop.
-    let mut copies: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
+    // The copies of messages for the other orchestrations that subscribe to them (fan_out),
+    // each addressed to its instance: inserted after the loop.
+    let mut copied: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
     // What send ports' subscriptions take: (message, port, time), sent after the loop.
     let mut to_ports: Vec<(&NewMessage, String, DateTime<Utc>)> = Vec::new();
     let mut out = Vec::with_capacity(messages.len());
@@ -780,33 +780,23 @@ pub(super) async fn publish_all(
             },
             None => find_route(tx, msg).await?,
         };
-        let (extra, ports) = match &cache {
-            Some(c) => (c.fan_out(msg, &route), c.ports_for(msg)),
+        let single;
+        let c = match &cache {
+            Some(c) => c,
             None => {
-                let c = read_routes(tx, &[msg]).await?;
-                (c.fan_out(msg, &route), c.ports_for(msg))
+                single = read_routes(tx, &[msg]).await?;
+                &single
             }
         };
-        let sent = (!ports.is_empty()).then(|| {
-            format!(
-                "sent to send port(s) {} by their subscriptions",
-                ports.join(", ")
-            )
-        });
-        to_ports.extend(ports.into_iter().map(|port| (*msg, port, *at)));
-        for (orchestration, version) in extra {
-            let id = Uuid::now_v7();
-            common::routing::insert_instance::<super::PostgresStore>(
-                tx,
-                id,
-                &orchestration,
-                version,
-                None,
-                *at,
-            )
-            .await?;
-            copies.push((msg.copy_for(&orchestration, id), *at));
+        let ports = c.ports_for(msg);
+        let (extra, convoy) = copies(tx, c, msg, &route, *at).await?;
+        if convoy {
+            // Its subscriptions change where the batch's next messages go.
+            cache = None;
         }
+        copied.extend(extra.into_iter().map(|copy| (copy, *at)));
+        let sent = (!ports.is_empty()).then(|| sent_to_ports(&ports));
+        to_ports.extend(ports.into_iter().map(|port| (*msg, port, *at)));
         out.push(match route {
             Route::Unrouted(_) if sent.is_some() => {
                 routes.push(*seq, "consumed", None, None, sent, msg.kind);
@@ -858,13 +848,52 @@ pub(super) async fn publish_all(
     }
     routes.write(tx).await?;
     common::routing::send_to_ports::<super::PostgresStore>(tx, &to_ports).await?;
-    if !copies.is_empty() {
+    if !copied.is_empty() {
         let copies: Vec<(&NewMessage, DateTime<Utc>)> =
-            copies.iter().map(|(m, at)| (m, *at)).collect();
+            copied.iter().map(|(m, at)| (m, *at)).collect();
         let refs: Vec<&(&NewMessage, DateTime<Utc>)> = copies.iter().collect();
         insert_messages(tx, &refs).await?;
     }
     Ok(out)
+}
+
+/// The copies of `msg` for the other orchestrations that subscribe to it besides its `route`
+/// ([`common::routing::fan_out`], a convoy's decided under its lock), each addressed to its
+/// instance: the running one its receive matches, or one started here (at `at`); and whether a
+/// convoy's instance started (its subscriptions change where later messages go).
+pub(super) async fn copies(
+    tx: &mut Tx,
+    cache: &RouteCache,
+    msg: &NewMessage,
+    route: &Route,
+    at: DateTime<Utc>,
+) -> StoreResult<(Vec<NewMessage>, bool)> {
+    let mut convoy = false;
+    let mut out = Vec::new();
+    for (sub, running) in
+        common::routing::fan_out::<super::PostgresStore>(tx, cache, msg, route).await?
+    {
+        let (id, kind) = match running {
+            Some(id) => (id, MessageKind::Published),
+            None => {
+                let id = Uuid::now_v7();
+                common::routing::insert_instance::<super::PostgresStore>(
+                    tx,
+                    id,
+                    &sub.orchestration,
+                    sub.version,
+                    None,
+                    at,
+                )
+                .await?;
+                convoy |= sub.convoy.is_some();
+                subscribe_convoy(tx, id, &sub.orchestration, sub.convoy, at).await?;
+                (id, MessageKind::Start)
+            }
+        };
+        out.push(msg.copy_for(&sub.orchestration, id, kind));
+    }
+    Ok((out, convoy))
 }
 
 /// Inserts messages, addressed ones routed to their instance and the others unrouted: the

@@ -248,6 +248,13 @@ impl common::Backend for PostgresStore {
     async fn lock_to_publish(tx: &mut Tx, messages: &[NewMessage]) -> StoreResult<()> {
         routing::lock_routes(tx, routing::routed_types(messages), []).await
     }
+    async fn lock_convoy(
+        conn: &mut sqlx::PgConnection,
+        orchestration: &str,
+        values: &str,
+    ) -> StoreResult<()> {
+        routing::lock_convoy(conn, orchestration, values).await
+    }
     async fn unlock_instance(tx: &mut Tx, id: Uuid) -> StoreResult<()> {
         batch::unlock_instances(tx, &[id], &[]).await
     }

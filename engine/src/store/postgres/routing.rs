@@ -14,7 +14,7 @@ use super::listen::notify;
 use super::{col, col_json, map_err, PostgresStore, Tx};
 use crate::orchestration::Correlation;
 use crate::store::common;
-use crate::store::routing::Route;
+use crate::store::routing::{sent_to_ports, Route, RouteCache};
 use crate::store::*;
 
 /// Advisory lock class of the per-message-type routing locks ("cair").
@@ -76,7 +76,21 @@ pub(super) fn routed_types(messages: &[NewMessage]) -> impl Iterator<Item = &str
 /// one type route side by side (shared route locks), so the activations of one convoy are
 /// serialised, and the convoy's instance is looked for again once the lock is ours.
 pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
-    let route = batch::read_routes(tx, &[msg]).await?.route(msg);
+    let cache = batch::read_routes(tx, &[msg]).await?;
+    decide(tx, &cache, msg, &[]).await
+}
+
+/// Where `msg` goes, from the routing rows read in `cache`: a convoy's activation decided again
+/// under the convoy's lock ([`find_route`]).
+/// The activations of the orchestrations in `copied` are passed over
+/// ([`RouteCache::route_without`]).
+async fn decide(
+    tx: &mut Tx,
+    cache: &RouteCache,
+    msg: &NewMessage,
+    copied: &[String],
+) -> StoreResult<Route> {
+    let route = cache.route_without(msg, copied);
     let Route::Activate {
         orchestration,
         convoy: Some(values),
@@ -85,12 +99,7 @@ pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Rou
     else {
         return Ok(route);
     };
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-        .bind(CONVOY_LOCK_CLASS)
-        .bind(format!("{orchestration}|{}", values.canonical()))
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| map_err("find route", e))?;
+    lock_convoy(tx, orchestration, &values.canonical()).await?;
     let owner: Option<(Uuid, Uuid)> = sqlx::query_as(
         "SELECT id, instance_id FROM subscriptions \
          WHERE message_type = $1 AND correlation = $2 AND instance_id IS NOT NULL \
@@ -105,6 +114,22 @@ pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Rou
         Some((sub, instance)) => Route::Instance(instance, Some(sub)),
         None => route,
     })
+}
+
+/// Takes the lock of one convoy's activations (`orchestration`, `values` canonical) until the
+/// transaction ends.
+pub(super) async fn lock_convoy(
+    conn: &mut sqlx::PgConnection,
+    orchestration: &str,
+    values: &str,
+) -> StoreResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(CONVOY_LOCK_CLASS)
+        .bind(format!("{orchestration}|{values}"))
+        .execute(conn)
+        .await
+        .map_err(|e| map_err("lock a convoy", e))?;
+    Ok(())
 }
 
 /// What a transaction changed that may route unrouted messages.
@@ -140,7 +165,13 @@ impl Reroute {
 /// same routing as [`publish_one`]). The types must be locked exclusively for routing
 /// ([`lock_routes`]).
 pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) -> StoreResult<()> {
-    type Candidate = (String, BTreeMap<String, String>, Option<DateTime<Utc>>);
+    /// (id, type, properties, published at)
+    type Candidate = (
+        String,
+        String,
+        BTreeMap<String, String>,
+        Option<DateTime<Utc>>,
+    );
     let mut candidates: BTreeMap<i64, Candidate> = BTreeMap::new();
     let scanned: BTreeSet<&str> = changes
         .types
@@ -150,7 +181,7 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
         .collect();
     for message_type in scanned {
         let rows = sqlx::query(
-            "SELECT seq, properties, published_at FROM messages \
+            "SELECT seq, id, properties, published_at FROM messages \
              WHERE status = 'unrouted' AND message_type = $1",
         )
         .bind(message_type)
@@ -175,14 +206,15 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
                     .any(|(t, corr)| t == message_type && corr.matches(&properties));
             if matches {
                 let at = col(&row, "published_at").ok();
-                candidates.insert(col(&row, "seq")?, (message_type.to_owned(), properties, at));
+                let candidate = (col(&row, "id")?, message_type.to_owned(), properties, at);
+                candidates.insert(col(&row, "seq")?, candidate);
             }
         }
     }
     if !changes.seqs.is_empty() {
         let seqs: Vec<i64> = changes.seqs.iter().copied().collect();
         let rows = sqlx::query(
-            "SELECT seq, message_type, properties, published_at FROM messages \
+            "SELECT seq, id, message_type, properties, published_at FROM messages \
              WHERE seq = ANY($1) AND status = 'unrouted'",
         )
         .bind(&seqs)
@@ -195,7 +227,7 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
                     let at = col(&row, "published_at").ok();
                     candidates.insert(
                         col(&row, "seq")?,
-                        (col(&row, "message_type")?, properties, at),
+                        (col(&row, "id")?, col(&row, "message_type")?, properties, at),
                     );
                 }
                 Err(e) => {
@@ -204,84 +236,98 @@ pub(super) async fn reroute(tx: &mut Tx, changes: &Reroute, now: DateTime<Utc>) 
             }
         }
     }
-    for (seq, (message_type, properties, published_at)) in candidates {
-        let probe = NewMessage {
-            id: String::new(),
+    for (seq, (id, message_type, properties, published_at)) in candidates {
+        let mut msg = NewMessage {
+            id,
             message_type,
             kind: MessageKind::Published,
             properties,
             body: serde_json::Value::Null,
             target: None,
         };
-        let (instance, sub, kind, activate) = match find_route(tx, &probe).await? {
-            Route::Instance(id, Some(sub)) => {
-                // Late for this subscriber: another instance waited on its key before it was
-                // published, and has ended (a running one may share it, as before).
-                let earlier = common::late::waited_before::<PostgresStore>(
-                    tx,
-                    &probe.message_type,
-                    &probe.properties,
-                    published_at,
-                    Some(id),
-                )
-                .await?;
-                if let Some(late) = earlier.filter(|l| l.zombie().is_some()) {
-                    common::late::make_zombie::<PostgresStore>(tx, seq, &late).await?;
-                    continue;
-                }
-                (id, Some(sub), MessageKind::Published, None)
-            }
-            Route::Instance(id, None) => (id, None, MessageKind::Published, None),
-            Route::Activate {
-                orchestration,
-                version,
-                convoy,
-            } => (
-                Uuid::now_v7(),
-                None,
-                MessageKind::Start,
-                Some((orchestration, version, convoy)),
-            ),
-            Route::Unrouted(_) => {
-                let waiter = common::late::waited_before::<PostgresStore>(
-                    tx,
-                    &probe.message_type,
-                    &probe.properties,
-                    None,
-                    None,
-                )
-                .await?;
-                if let Some(late) = waiter {
-                    common::late::make_zombie::<PostgresStore>(tx, seq, &late).await?;
-                }
-                continue;
-            }
-        };
-        let routed = sqlx::query(
-            "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
-             kind = $4, reason = NULL WHERE seq = $1 AND status = 'unrouted'",
-        )
-        .bind(seq)
-        .bind(instance)
-        .bind(sub)
-        .bind(kind.as_str())
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| map_err("reroute", e))?;
-        if let (1, Some((orchestration, version, convoy))) = (routed.rows_affected(), activate) {
-            common::routing::insert_instance::<PostgresStore>(
-                tx,
-                instance,
-                &orchestration,
-                version,
-                None,
-                now,
-            )
-            .await?;
-            subscribe_convoy(tx, instance, &orchestration, convoy, now).await?;
-        }
+        reroute_one(tx, seq, &mut msg, published_at, now).await?;
     }
     Ok(())
+}
+
+/// Routes unrouted message `seq` again, as a publish would (its route, its copies, its send
+/// ports): `msg` holds its id, type and properties, and is read whole once it routes.
+/// Orchestrations that have their copy already (it was routed before, then its receive was
+/// cancelled) get nothing more.
+async fn reroute_one(
+    tx: &mut Tx,
+    seq: i64,
+    msg: &mut NewMessage,
+    published_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let cache = batch::read_routes(tx, &[&*msg]).await?;
+    let copied = common::routing::copied::<PostgresStore>(tx, &cache, msg).await?;
+    let route = decide(tx, &cache, msg, &copied).await?;
+    let ports = cache.ports_for(msg);
+    if common::late::settled_by_reroute::<PostgresStore>(
+        tx,
+        seq,
+        msg,
+        &route,
+        published_at,
+        !ports.is_empty(),
+    )
+    .await?
+    {
+        return Ok(());
+    }
+    let (status, instance, sub, kind) = match &route {
+        Route::Instance(id, sub) => ("routed", Some(*id), *sub, MessageKind::Published),
+        Route::Activate { .. } => ("routed", Some(Uuid::now_v7()), None, MessageKind::Start),
+        Route::Unrouted(_) => ("consumed", None, None, MessageKind::Published),
+    };
+    if !common::routing::read_body::<PostgresStore>(tx, seq, msg).await? {
+        return Ok(());
+    }
+    let msg = &*msg;
+    let reason = instance.is_none().then(|| sent_to_ports(&ports));
+    let routed = sqlx::query(
+        "UPDATE messages SET status = $2, instance_id = $3, subscription_id = $4, kind = $5, \
+         reason = $6 WHERE seq = $1 AND status = 'unrouted'",
+    )
+    .bind(seq)
+    .bind(status)
+    .bind(instance)
+    .bind(sub)
+    .bind(kind.as_str())
+    .bind(reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| map_err("reroute", e))?;
+    if routed.rows_affected() != 1 {
+        return Ok(());
+    }
+    if let (
+        Route::Activate {
+            orchestration,
+            version,
+            convoy,
+        },
+        Some(id),
+    ) = (&route, instance)
+    {
+        common::routing::insert_instance::<PostgresStore>(
+            tx,
+            id,
+            orchestration,
+            *version,
+            None,
+            now,
+        )
+        .await?;
+        subscribe_convoy(tx, id, orchestration, convoy.clone(), now).await?;
+    }
+    let (copies, _) = batch::copies(tx, &cache, msg, &route, now).await?;
+    let copies: Vec<_> = copies.iter().map(|copy| (copy, now)).collect();
+    batch::publish_all(tx, &copies).await?;
+    let sends: Vec<_> = ports.into_iter().map(|port| (msg, port, now)).collect();
+    common::routing::send_to_ports::<PostgresStore>(tx, &sends).await
 }
 
 /// Moves the routed, unconsumed messages of cancelled subscriptions back to unrouted, and

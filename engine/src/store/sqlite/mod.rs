@@ -362,6 +362,13 @@ impl common::Backend for SqliteStore {
     async fn lock_to_publish(_tx: &mut WriteTx, _messages: &[NewMessage]) -> StoreResult<()> {
         Ok(())
     }
+    async fn lock_convoy(
+        _conn: &mut sqlx::SqliteConnection,
+        _orchestration: &str,
+        _values: &str,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
     async fn unlock_instance(tx: &mut WriteTx, id: Uuid) -> StoreResult<()> {
         batch::unlock_instances(&mut tx.tx, None, &[id.to_string()], &[]).await
     }

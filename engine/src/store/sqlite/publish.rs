@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::QueryBuilder;
 
 use crate::store::common::{self, late};
-use crate::store::routing::{Route, RouteCache};
+use crate::store::routing::{sent_to_ports, Route, RouteCache};
 
 use super::batch::{execute, fetch_texts, reuse, ROWS_PER_STATEMENT};
 use super::routing::activate;
@@ -32,9 +32,9 @@ pub(super) async fn publish_all(
     let published: Vec<&NewMessage> = messages.iter().map(|(m, _)| *m).collect();
     let mut routes = Some(read_routes(tx, &published).await?);
     let mut seen = HashSet::new();
-    // The copies of messages that activate several orchestrations (fan_out), each routed to
-    // its own new instance: written after the loop, with the rest.
-    let mut copies: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
+    // The copies of messages for the other orchestrations that subscribe to them (fan_out),
+    // each addressed to its instance: written after the loop, with the rest.
+    let mut copied: Vec<(NewMessage, DateTime<Utc>)> = Vec::new();
     // What send ports' subscriptions take: (message, port, time), sent after the loop.
     let mut to_ports: Vec<(&NewMessage, String, DateTime<Utc>)> = Vec::new();
     let mut rows = Vec::with_capacity(messages.len());
@@ -44,25 +44,24 @@ pub(super) async fn publish_all(
             out.push(PublishOutcome::Duplicate);
             continue;
         }
-        let (route, extra, ports) = match routes.as_mut() {
-            Some(cache) => {
-                let route = cache.route(msg);
-                let extra = cache.fan_out(msg, &route);
-                (route, extra, cache.ports_for(msg))
-            }
+        let single;
+        let cache = match routes.as_ref() {
+            Some(cache) => cache,
             None => {
-                let cache = read_routes(tx, &[msg]).await?;
-                let route = cache.route(msg);
-                let extra = cache.fan_out(msg, &route);
-                (route, extra, cache.ports_for(msg))
+                single = read_routes(tx, &[msg]).await?;
+                &single
             }
         };
+        let route = cache.route(msg);
+        let ports = cache.ports_for(msg);
+        let (extra, convoy) = copies(tx, cache, msg, &route, *at).await?;
+        if convoy {
+            // Its subscriptions change where the batch's next messages go.
+            routes = None;
+        }
+        copied.extend(extra.into_iter().map(|copy| (copy, *at)));
         let sent = (!ports.is_empty()).then(|| sent_to_ports(&ports));
         to_ports.extend(ports.into_iter().map(|port| (*msg, port, *at)));
-        for (orchestration, version) in extra {
-            let id = activate(tx, &orchestration, version, None, *at).await?;
-            copies.push((msg.copy_for(&orchestration, id), *at));
-        }
         let (instance, subscription, reason, outcome) = match route {
             Route::Unrouted(_) if sent.is_some() => (None, None, sent, PublishOutcome::ToPorts),
             Route::Instance(id, sub) => (Some(id), sub, None, PublishOutcome::Routed(id)),
@@ -107,16 +106,8 @@ pub(super) async fn publish_all(
         rows.push((*msg, kind, status, instance, subscription, reason, *at));
         out.push(outcome);
     }
-    for (copy, at) in &copies {
-        rows.push((
-            copy,
-            MessageKind::Start,
-            "routed",
-            copy.target,
-            None,
-            None,
-            *at,
-        ));
+    for (copy, at) in &copied {
+        rows.push((copy, copy.kind, "routed", copy.target, None, None, *at));
     }
     common::routing::send_to_ports::<SqliteStore>(tx, &to_ports).await?;
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -144,6 +135,33 @@ pub(super) async fn publish_all(
     Ok(out)
 }
 
+/// The copies of `msg` for the other orchestrations that subscribe to it besides its `route`
+/// ([`common::routing::fan_out`]), each addressed to its instance: the running one its receive
+/// matches, or one started here (published at `at`); and whether a convoy's instance started
+/// (its subscriptions change where later messages go).
+pub(super) async fn copies(
+    tx: &mut Tx,
+    cache: &RouteCache,
+    msg: &NewMessage,
+    route: &Route,
+    at: DateTime<Utc>,
+) -> StoreResult<(Vec<NewMessage>, bool)> {
+    let mut convoy = false;
+    let mut out = Vec::new();
+    for (sub, running) in common::routing::fan_out::<SqliteStore>(tx, cache, msg, route).await? {
+        let (id, kind) = match running {
+            Some(id) => (id, MessageKind::Published),
+            None => {
+                convoy |= sub.convoy.is_some();
+                let id = activate(tx, &sub.orchestration, sub.version, sub.convoy, at).await?;
+                (id, MessageKind::Start)
+            }
+        };
+        out.push(msg.copy_for(&sub.orchestration, id, kind));
+    }
+    Ok((out, convoy))
+}
+
 /// [`late::late_for`], skipped when the batch's routing rows show that no instance can have
 /// waited on the message's key.
 async fn late_for(
@@ -155,14 +173,6 @@ async fn late_for(
         return Ok(None);
     }
     late::late_for::<SqliteStore>(tx, msg).await
-}
-
-/// The reason of a message no instance or activation took, but send ports did.
-fn sent_to_ports(ports: &[String]) -> String {
-    format!(
-        "sent to send port(s) {} by their subscriptions",
-        ports.join(", ")
-    )
 }
 
 /// The ids of these messages already stored.

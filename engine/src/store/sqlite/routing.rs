@@ -11,16 +11,11 @@ use super::{batch, col, col_json, commit, map_err, publish, SqliteStore, Tx};
 use crate::orchestration::Correlation;
 use crate::store::common;
 use crate::store::common::late;
-use crate::store::routing::Route;
+use crate::store::routing::{sent_to_ports, Route};
 use crate::store::{
     committed_subscriptions, convoy_subscriptions, held_receives, CommitOutcome, HeldStart, Holder,
     MessageKind, NewInstance, NewMessage, NewReceives, PersistencePoint, StoreResult,
 };
-
-/// Where `msg` goes.
-pub(super) async fn find_route(tx: &mut Tx, msg: &NewMessage) -> StoreResult<Route> {
-    Ok(publish::read_routes(tx, &[msg]).await?.route(msg))
-}
 
 /// Creates the instance an activating message starts. For a convoy, also subscribes it to every
 /// activating type of its definition with the convoy's values, in the same transaction as the
@@ -44,11 +39,13 @@ pub(super) async fn activate(
     Ok(id)
 }
 
-/// Routes the unrouted messages of these types again (a subscription appeared or went away).
+/// Routes the unrouted messages of these types again (a subscription appeared or went away), as
+/// a publish would: to its route, a copy to every other orchestration that subscribes to it, and
+/// to the send ports that do.
 pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResult<()> {
     for message_type in types {
         let rows = sqlx::query(
-            "SELECT seq, properties, published_at FROM messages WHERE status = 'unrouted' \
+            "SELECT seq, id, properties, published_at FROM messages WHERE status = 'unrouted' \
              AND message_type = $1 ORDER BY seq",
         )
         .bind(message_type)
@@ -59,15 +56,17 @@ pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResul
             let seq: i64 = col(&row, "seq")?;
             // An unrouted message whose properties cannot be read stays unrouted (and is
             // dead-lettered after its time to live): it must not stop the others routing.
-            let properties: BTreeMap<String, String> = match col_json(&row, "properties") {
-                Ok(properties) => properties,
+            let read = col_json::<BTreeMap<String, String>>(&row, "properties")
+                .and_then(|properties| Ok((col::<String>(&row, "id")?, properties)));
+            let (id, properties) = match read {
+                Ok(read) => read,
                 Err(e) => {
                     tracing::warn!(message.seq = seq, error = %e, "an unrouted message cannot be read; left unrouted");
                     continue;
                 }
             };
-            let probe = NewMessage {
-                id: String::new(),
+            let mut msg = NewMessage {
+                id,
                 message_type: message_type.clone(),
                 kind: MessageKind::Published,
                 properties,
@@ -76,62 +75,79 @@ pub(super) async fn reroute(tx: &mut Tx, types: &BTreeSet<String>) -> StoreResul
             };
             let published_at =
                 <SqliteStore as common::Backend>::col_time(&row, "published_at").ok();
-            let (instance, sub, kind) = match find_route(tx, &probe).await? {
-                Route::Instance(id, Some(sub)) => {
-                    // Late for this subscriber: another instance waited on its key before it was
-                    // published, and has ended (a running one may share it, as before).
-                    let earlier = late::waited_before::<SqliteStore>(
-                        tx,
-                        message_type,
-                        &probe.properties,
-                        published_at,
-                        Some(id),
-                    )
-                    .await?;
-                    if let Some(late) = earlier.filter(|l| l.zombie().is_some()) {
-                        late::make_zombie::<SqliteStore>(tx, seq, &late).await?;
-                        continue;
-                    }
-                    (id, Some(sub), MessageKind::Published)
-                }
-                Route::Instance(id, None) => (id, None, MessageKind::Published),
-                Route::Activate {
-                    orchestration,
-                    version,
-                    convoy,
-                } => {
-                    let id = activate(tx, &orchestration, version, convoy, Utc::now()).await?;
-                    (id, None, MessageKind::Start)
-                }
-                Route::Unrouted(_) => {
-                    let waiter = late::waited_before::<SqliteStore>(
-                        tx,
-                        message_type,
-                        &probe.properties,
-                        None,
-                        None,
-                    )
-                    .await?;
-                    if let Some(late) = waiter {
-                        late::make_zombie::<SqliteStore>(tx, seq, &late).await?;
-                    }
-                    continue;
-                }
-            };
-            sqlx::query(
-                "UPDATE messages SET status = 'routed', instance_id = $2, subscription_id = $3, \
-                 kind = $4, reason = NULL WHERE seq = $1",
-            )
-            .bind(seq)
-            .bind(instance.to_string())
-            .bind(sub.map(|s| s.to_string()))
-            .bind(kind.as_str())
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| map_err("reroute", e))?;
+            reroute_one(tx, seq, &mut msg, published_at).await?;
         }
     }
     Ok(())
+}
+
+/// Routes unrouted message `seq` again: `msg` holds its id, type and properties, and is read
+/// whole once it routes. Orchestrations that have their copy already (it was routed before,
+/// then its receive was cancelled) get nothing more.
+async fn reroute_one(
+    tx: &mut Tx,
+    seq: i64,
+    msg: &mut NewMessage,
+    published_at: Option<DateTime<Utc>>,
+) -> StoreResult<()> {
+    let cache = publish::read_routes(tx, &[&*msg]).await?;
+    let copied = common::routing::copied::<SqliteStore>(tx, &cache, msg).await?;
+    let route = cache.route_without(msg, &copied);
+    let ports = cache.ports_for(msg);
+    // Copies, instances and sends are made now.
+    let at = Utc::now();
+    if late::settled_by_reroute::<SqliteStore>(
+        tx,
+        seq,
+        msg,
+        &route,
+        published_at,
+        !ports.is_empty(),
+    )
+    .await?
+    {
+        return Ok(());
+    }
+    if !common::routing::read_body::<SqliteStore>(tx, seq, msg).await? {
+        return Ok(());
+    }
+    let msg = &*msg;
+    let (copies, _) = publish::copies(tx, &cache, msg, &route, at).await?;
+    let (status, instance, sub, kind, reason) = match route {
+        Route::Instance(id, sub) => ("routed", Some(id), sub, MessageKind::Published, None),
+        Route::Activate {
+            orchestration,
+            version,
+            convoy,
+        } => {
+            let id = activate(tx, &orchestration, version, convoy, at).await?;
+            ("routed", Some(id), None, MessageKind::Start, None)
+        }
+        Route::Unrouted(_) => (
+            "consumed",
+            None,
+            None,
+            MessageKind::Published,
+            Some(sent_to_ports(&ports)),
+        ),
+    };
+    sqlx::query(
+        "UPDATE messages SET status = $2, instance_id = $3, subscription_id = $4, kind = $5, \
+         reason = $6 WHERE seq = $1",
+    )
+    .bind(seq)
+    .bind(status)
+    .bind(instance.map(|i| i.to_string()))
+    .bind(sub.map(|s| s.to_string()))
+    .bind(kind.as_str())
+    .bind(reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| map_err("reroute", e))?;
+    let copies: Vec<_> = copies.iter().map(|copy| (copy, at)).collect();
+    publish::publish_all(tx, &copies).await?;
+    let sends: Vec<_> = ports.into_iter().map(|port| (msg, port, at)).collect();
+    common::routing::send_to_ports::<SqliteStore>(tx, &sends).await
 }
 
 pub(super) async fn start_instances(
