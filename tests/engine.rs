@@ -421,46 +421,61 @@ async fn the_host_loop_runs_the_next_transitions_while_a_group_commit_is_on_disk
     let deliveries = Deliveries::default();
     let (host, client) =
         HostThread::start_with(&db, fast_config(), deliveries.clone(), Some(plan.clone())).await;
-    let (x, y) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
-    let send = |key: &str, kind: &'static str| {
-        let id = format!("{key}-{kind}");
-        let body = json!({"key": key});
-        let client = &client;
-        async move { routed(publish(client, &id, kind, body).await) }
+    // Ten collectors complete in one group, more than a group the loop commits and waits for
+    // (the latency path of a few points); y collects while their commit is held.
+    let xs: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
+    let y = Uuid::new_v4().to_string();
+    let messages = |keys: &[String], kind: &str| -> Vec<NewMessage> {
+        keys.iter()
+            .map(|key| msg(&format!("{key}-{kind}"), kind, json!({"key": key})))
+            .collect()
     };
-    let (x_id, y_id) = (
-        send(&x, "collect.start").await,
-        send(&y, "collect.start").await,
-    );
-    db.wait_for("both collectors started", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM history").await == 2
+    let mut starts = messages(&xs, "collect.start");
+    starts.extend(messages(std::slice::from_ref(&y), "collect.start"));
+    let started = client.publish_batch(starts).await.unwrap();
+    let ids: Vec<Uuid> = started.into_iter().map(routed).collect();
+    db.wait_for("the collectors started", WAIT, || async {
+        db.count("SELECT COUNT(*) FROM history").await == 11
     })
     .await;
 
     plan.hold_commits();
-    assert_eq!(send(&x, "collect.done").await, x_id);
-    db.wait_for("x's completion held on its way to disk", WAIT, || async {
-        plan.held_commits() == 1
-    })
+    client
+        .publish_batch(messages(&xs, "collect.done"))
+        .await
+        .unwrap();
+    db.wait_for(
+        "the ten completions held on their way to disk",
+        WAIT,
+        || async { plan.held_commits() == 1 },
+    )
     .await;
     let items: Vec<NewMessage> = (1..=3)
         .map(|n| msg(&format!("{y}-item-{n}"), "item", json!({"key": y, "n": n})))
         .collect();
     client.publish_batch(items).await.unwrap();
-    db.wait_for("y's items taken while x's commit is held", WAIT, || async {
+    db.wait_for("y's items taken while the commit is held", WAIT, || async {
         items_seen(&y) == 3
     })
     .await;
-    assert_eq!(plan.held_commits(), 1, "x's commit is still held");
+    assert_eq!(
+        plan.held_commits(),
+        1,
+        "the completions' commit is still held"
+    );
     assert!(
         deliveries.bodies("log").iter().all(|b| !b.is_array()),
-        "x's collect.items left before its point was written"
+        "a collect.items left before its point was written"
     );
 
     plan.release_commits();
-    db.wait_status(x_id, InstanceStatus::Completed, WAIT).await;
-    assert_eq!(send(&y, "collect.done").await, y_id);
-    db.wait_status(y_id, InstanceStatus::Completed, WAIT).await;
+    client
+        .publish_batch(messages(std::slice::from_ref(&y), "collect.done"))
+        .await
+        .unwrap();
+    for id in &ids {
+        db.wait_status(*id, InstanceStatus::Completed, WAIT).await;
+    }
     db.wait_for("every committed send delivered", WAIT, || async {
         db.count("SELECT COUNT(*) FROM outbox WHERE status <> 'delivered'")
             .await
@@ -473,11 +488,9 @@ async fn the_host_loop_runs_the_next_transitions_while_a_group_commit_is_on_disk
         .filter(|b| b.is_array())
         .collect();
     logged.sort_by_key(|b| b.as_array().map_or(0, Vec::len));
-    assert_eq!(
-        logged,
-        vec![json!([]), json!([1, 2, 3])],
-        "each collector's items, once"
-    );
+    let mut expected = vec![json!([]); 10];
+    expected.push(json!([1, 2, 3]));
+    assert_eq!(logged, expected, "each collector's items, once");
     assert_g2(&db, &deliveries).await;
     assert_eq!(
         db.count("SELECT COUNT(*) FROM messages WHERE status <> 'consumed'")
@@ -1127,26 +1140,14 @@ async fn a_hosts_client_leaves_starts_to_claims_once_its_backlog_waits(db: TestD
     db.wait_status(before, InstanceStatus::Running, WAIT).await;
     db.wait_for("the first point", WAIT, || async { plan.commits() >= 1 })
         .await;
-    // The host retries a failing commit for seconds. Its loop goes on meanwhile (the pipeline)
-    // until it has a group of its own to commit, which waits for that commit: here, the decision
-    // for the first request, once claimed. From then on, starts wait in its backlog. Three at
-    // once are not handed over (more than the backlog of two); then, one at a time, some are,
-    // until two wait and the next is left to the claims, and so is every one after it. The
-    // client's own commit of the first one's first point fails too, and it writes that
-    // instance held instead.
+    // The host retries failing commits for seconds, taking no starts meanwhile. Three at once
+    // are not handed over (more than the backlog of two), the next two are (none waited), the one
+    // after is not (two wait). The client's own commits of first points fail too (one each),
+    // and it writes those instances held instead; the host's first attempt is the third commit.
     plan.fail_next_commits(6);
     let first = client.start("approval", request(1)).await.unwrap();
     db.wait_for("the host busy committing", WAIT, || async {
         plan.commits() >= 3
-    })
-    .await;
-    let decision = |n: u32| json!({"request_id": format!("w{n}"), "approved": true, "by": "eve"});
-    let decided = publish(&client, "wd0", "approval.decision", decision(0)).await;
-    assert_eq!(routed(decided), before);
-    db.wait_for("the decision claimed", WAIT, || async {
-        db.count("SELECT COUNT(*) FROM messages WHERE id = 'wd0' AND locked_by IS NOT NULL")
-            .await
-            == 1
     })
     .await;
     let many = |from: u32, to: u32| {
@@ -1154,53 +1155,20 @@ async fn a_hosts_client_leaves_starts_to_claims_once_its_backlog_waits(db: TestD
             .map(|n| ("approval".to_owned(), request(n)))
             .collect()
     };
-    let left_to_claims = |id: Uuid| {
-        let owner = owner(id);
-        let db = &db;
-        async move {
-            assert_eq!(owner.await, None, "left to the claims");
-            assert_eq!(start_message(db, id).await.0, None);
-        }
-    };
     let mut shared = client.start_many(many(2, 4)).await.unwrap();
-    for id in &shared {
-        left_to_claims(*id).await;
-    }
-    let mut eager = Vec::new();
-    let mut n = 5;
-    loop {
-        let id = client.start("approval", request(n)).await.unwrap();
-        n += 1;
-        if owner(id).await.is_none() {
-            left_to_claims(id).await;
-            shared.push(id);
-            break;
-        }
-        eager.push(id);
-        assert!(
-            n < 12,
-            "every start was handed over while the host was busy"
-        );
-    }
-    let last = client.start("approval", request(n)).await.unwrap();
-    left_to_claims(last).await;
-    shared.push(last);
-    // The backlog (two) waits, after at most one batch (two) the loop took before it blocked.
-    assert!(
-        (2..=4).contains(&eager.len()),
-        "{} starts handed over",
-        eager.len()
-    );
+    let eager = client.start_many(many(5, 6)).await.unwrap();
+    shared.push(client.start("approval", request(7)).await.unwrap());
     for id in eager.iter().chain([&first]) {
         assert_eq!(owner(*id).await.as_deref(), Some(host_id.as_str()));
     }
-    assert!(
-        plan.commits() < 9,
-        "the failing commit ended before the backlog filled"
-    );
+    for id in &shared {
+        assert_eq!(owner(*id).await, None, "left to the claims");
+        assert_eq!(start_message(&db, *id).await.0, None);
+    }
 
-    for n in 1..=n {
-        publish(&client, &format!("wd{n}"), "approval.decision", decision(n)).await;
+    for n in 0..=7 {
+        let decision = json!({"request_id": format!("w{n}"), "approved": true, "by": "eve"});
+        publish(&client, &format!("wd{n}"), "approval.decision", decision).await;
     }
     for id in [before, first].iter().chain(&eager).chain(&shared) {
         db.wait_status(*id, InstanceStatus::Completed, WAIT).await;

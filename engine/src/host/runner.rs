@@ -28,6 +28,11 @@ use super::ports::Ports;
 use super::{Host, HostError, HostStats};
 use crate::store::{Claimed, DueTimer, OutboxRow, Reason, StoreError, StoredMessage};
 
+/// A group of at most this many points is committed in the loop's own task, waited for: the
+/// latency path (a lone caller's instance), where handing the commit to a task of its own and
+/// back cost W2 more than the pipeline gains.
+const INLINE_POINTS: usize = 8;
+
 /// The host loop's state: the instances in memory and what it keeps between rounds.
 pub(super) struct Runner {
     pub(super) host: Host,
@@ -320,7 +325,9 @@ impl Runner {
         // The pipeline: this group's commit runs while the next rounds take their work (the
         // loop waits for the commit's end or new work, whichever comes first).
         let committed = !points.is_empty();
-        if committed {
+        if committed && points.len() <= INLINE_POINTS {
+            self.commit(points).await;
+        } else if committed {
             self.begin_commit(points).await;
         }
         self.retry_panicked().await;
