@@ -175,8 +175,19 @@ async fn wait_all_completed(db: &TestDb, timeout: Duration) -> Duration {
 }
 
 /// Nothing lost, nothing consumed twice: every collector completed with items 1, 2 and 3 once
-/// each, every stored message is consumed, and the log port got each collector's items.
+/// each, every stored message is consumed, and the log port got each collector's items (once
+/// every committed send is delivered: a send leaves after its commit, not with it).
 async fn check_nothing_lost(db: &TestDb, deliveries: &Deliveries) {
+    db.wait_for(
+        "every committed send delivered",
+        Duration::from_secs(20),
+        || async {
+            db.count("SELECT COUNT(*) FROM outbox WHERE status <> 'delivered'")
+                .await
+                == 0
+        },
+    )
+    .await;
     let ids = collector_ids(db).await;
     assert_eq!(ids.len(), KEYS, "one instance per key");
     for id in ids {

@@ -166,6 +166,11 @@ impl Committing {
         self.ids.contains(id)
     }
 
+    /// Whether the commit has ended (settling it then waits for nothing).
+    pub(super) fn has_ended(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Waits until the commit under way in `committing`, if any, is done (forever if none).
     /// Cancel-safe: the commit goes on, and [`Runner::settle_finished`] takes what it returns.
     pub(super) async fn finished(committing: &mut Option<Committing>) -> Finished {

@@ -230,6 +230,10 @@ impl Runner {
         let host = self.host.id.clone();
         let now = self.host.clock.now();
         let batch = self.host.config.batch_size;
+        // A commit that ended since the last round: its sends go to the ports now.
+        if self.committing.as_ref().is_some_and(Committing::has_ended) {
+            self.settle().await;
+        }
         let controlled = self.apply_controls(now).await?;
         let received = self.take_inbox(now).await?;
         self.housekeeping(now).await?;
