@@ -1,7 +1,9 @@
 //! Committing a round's persistence points, and keeping one instance's bad point from holding
 //! back the others (G6).
 //!
-//! A round's points go to the store as one group commit. A transient failure (the database away,
+//! A round's points go to the store as one group commit: waited for when it is small (the
+//! latency path), run in a task of its own otherwise while the host loop takes the next work
+//! ([`Committing`], settled by [`Runner::settle`]). A transient failure (the database away,
 //! a serialization failure) is retried with backoff, and if it persists the instances go back to
 //! their last persistence points, their messages delivered again. Any other failure may be one
 //! point's data (text the database cannot hold, a constraint, a size): the group is split in
