@@ -28,9 +28,9 @@ use super::ports::Ports;
 use super::{Host, HostError, HostStats};
 use crate::store::{Claimed, DueTimer, OutboxRow, Reason, StoreError, StoredMessage};
 
-/// A group of at most this many points is committed in the loop's own task, waited for: the
-/// latency path (a lone caller's instance), where handing the commit to a task of its own and
-/// back cost W2 more than the pipeline gains.
+/// A group of at most this many points is waited for before the loop goes on: the latency path
+/// (a lone caller's instance), where going on to another round first cost W2 more (5 %) than the
+/// pipeline gains.
 const INLINE_POINTS: usize = 8;
 
 /// The host loop's state: the instances in memory and what it keeps between rounds.

@@ -340,14 +340,13 @@ impl Runner {
         let due: Vec<DueTimer> = self
             .cache
             .values()
-            // One whose point is being committed gets its timer once that commit is settled
-            // (the round that settles it says it worked, so another round follows).
-            .filter(|i| !self.is_committing(&i.id))
             .flat_map(|i| {
                 i.waits()
                     .delays
                     .iter()
-                    .filter(|d| d.at <= now)
+                    // One whose point is being committed gets its timer once that commit is
+                    // settled (the loop goes on to another round then).
+                    .filter(|d| d.at <= now && !self.is_committing(&i.id))
                     .map(|d| DueTimer {
                         instance_id: i.id,
                         name: d.name.clone(),
