@@ -12,6 +12,30 @@ use uuid::Uuid;
 use super::{Backend, Bind, RowOf};
 use crate::store::{Claimed, DueTimer, InstanceRecord, StoreResult, StoredMessage};
 
+/// One claim: statement `sql` for `host` at `now`, of at most `limit` rows.
+pub(in crate::store) struct Claim<'a> {
+    pub(in crate::store) sql: &'a str,
+    pub(in crate::store) host: &'a str,
+    pub(in crate::store) now: DateTime<Utc>,
+    pub(in crate::store) limit: u32,
+}
+
+impl<'a> Claim<'a> {
+    pub(in crate::store) fn new(
+        sql: &'a str,
+        host: &'a str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Self {
+        Claim {
+            sql,
+            host,
+            now,
+            limit,
+        }
+    }
+}
+
 /// Claims and leases over a [`Backend`].
 pub(in crate::store) trait Claims: Backend
 where
@@ -22,27 +46,15 @@ where
     Option<String>: Bind<Self::Db>,
     i64: Bind<Self::Db>,
 {
-    /// Runs claim `sql` for `host` at `now`, of at most `limit` rows, in a write transaction of
-    /// its own. Its parameters: `$1` the host, `$2` now, `$3` the limit, the
-    /// [`claim_cutoff`](Backend::claim_cutoff) where the backend has one, then the host's
-    /// registrations ([`super::versions::claimable`]).
-    async fn claim_rows(
-        &self,
-        sql: &str,
-        host: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<RowOf<Self>>> {
+    /// Runs `claim` in a write transaction of its own (each backend its own way: one round
+    /// trip where it can).
+    async fn claim_rows(&self, claim: Claim<'_>) -> StoreResult<Vec<RowOf<Self>>>;
+
+    /// [`Claims::claim_rows`] in a soft transaction of the backend's ([`Backend::begin_soft`]).
+    async fn claim_rows_in_transaction(&self, claim: Claim<'_>) -> StoreResult<Vec<RowOf<Self>>> {
         let mut tx = self.begin_soft().await?;
-        let mut query = sqlx::query(sql)
-            .bind(host)
-            .bind(Self::time(now))
-            .bind(i64::from(limit));
-        if let Some(cutoff) = self.claim_cutoff(now) {
-            query = query.bind(cutoff);
-        }
-        query = query.bind(self.registered().of(host));
-        let rows = query
+        let rows = self
+            .claim_query(claim.sql, &claim)
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| Self::map_err("claim", e))?;
@@ -50,17 +62,33 @@ where
         Ok(rows)
     }
 
-    /// The messages claim `sql` takes, in publication order; `full` rows make a full claim (one
+    /// `sql`, which holds `claim`'s statement, with `claim`'s parameters bound: `$1` the host,
+    /// `$2` now, `$3` the limit, the [`claim_cutoff`](Backend::claim_cutoff) where the backend
+    /// has one, then the host's registrations ([`super::versions::claimable`]).
+    fn claim_query<'q>(
+        &self,
+        sql: &'q str,
+        claim: &Claim<'q>,
+    ) -> sqlx::query::Query<'q, Self::Db, <Self::Db as Database>::Arguments<'q>> {
+        let mut query = sqlx::query(sql)
+            .bind(claim.host)
+            .bind(Self::time(claim.now))
+            .bind(i64::from(claim.limit));
+        if let Some(cutoff) = self.claim_cutoff(claim.now) {
+            query = query.bind(cutoff);
+        }
+        query.bind(self.registered().of(claim.host))
+    }
+
+    /// The messages `claim` takes, in publication order; `full` rows make a full claim (one
     /// after which there may be more). A row that cannot be read is dead-lettered.
     async fn claim_messages_by(
         &self,
-        sql: &str,
-        host: &str,
-        now: DateTime<Utc>,
-        limit: u32,
+        claim: Claim<'_>,
         full: usize,
     ) -> StoreResult<Claimed<StoredMessage>> {
-        let rows = self.claim_rows(sql, host, now, limit).await?;
+        let now = claim.now;
+        let rows = self.claim_rows(claim).await?;
         let mut out = Vec::with_capacity(rows.len());
         let mut unreadable = Vec::new();
         for row in &rows {
@@ -78,17 +106,12 @@ where
         Ok(Claimed::new(out, rows.len() >= full))
     }
 
-    /// The timers claim `sql` takes, the earliest first. The instance of a row that cannot be
+    /// The timers `claim` takes, the earliest first. The instance of a row that cannot be
     /// read is suspended with the reason (it would wait for the timer forever); the row stays
     /// locked to this host, so it is not claimed again while the host runs.
-    async fn claim_timers_by(
-        &self,
-        sql: &str,
-        host: &str,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Claimed<DueTimer>> {
-        let rows = self.claim_rows(sql, host, now, limit).await?;
+    async fn claim_timers_by(&self, claim: Claim<'_>) -> StoreResult<Claimed<DueTimer>> {
+        let (now, limit) = (claim.now, claim.limit);
+        let rows = self.claim_rows(claim).await?;
         let mut out = Vec::with_capacity(rows.len());
         let mut unreadable = Vec::new();
         for row in &rows {
@@ -120,19 +143,42 @@ where
         rows: Vec<RowOf<Self>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<InstanceRecord>> {
+        let mut unreadable = Vec::new();
+        let out = Self::read_acquired(&rows, &mut unreadable)?;
+        Self::suspend_unreadable_all(tx, unreadable, now).await?;
+        Ok(out)
+    }
+
+    /// The instances an acquire's `rows` hold; those whose row cannot be read go to
+    /// `unreadable`, with why.
+    fn read_acquired(
+        rows: &[RowOf<Self>],
+        unreadable: &mut Vec<(Self::Id, String)>,
+    ) -> StoreResult<Vec<InstanceRecord>> {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            match instance_record::<Self>(&row) {
+            match instance_record::<Self>(row) {
                 Ok(record) => out.push(record),
-                Err(e) => {
-                    let id = Self::col_id(&row, "id")?;
-                    let why = format!("its instances row cannot be read: {e}");
-                    tracing::error!(error = %why, "an instance cannot be loaded; suspended");
-                    Self::suspend_unreadable(tx, id, &why, now).await?;
-                }
+                Err(e) => unreadable.push((
+                    Self::col_id(row, "id")?,
+                    format!("its instances row cannot be read: {e}"),
+                )),
             }
         }
         Ok(out)
+    }
+
+    /// Suspends the instances whose row an acquire could not read, with why.
+    async fn suspend_unreadable_all(
+        tx: &mut Self::Tx,
+        unreadable: Vec<(Self::Id, String)>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        for (id, why) in unreadable {
+            tracing::error!(error = %why, "an instance cannot be loaded; suspended");
+            Self::suspend_unreadable(tx, id, &why, now).await?;
+        }
+        Ok(())
     }
 
     /// Dead-letters claimed messages that cannot be read, `(seq, why)`: a copy of each goes to

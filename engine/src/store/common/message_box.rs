@@ -43,8 +43,8 @@ macro_rules! message_box {
                 now: DateTime<Utc>,
                 limit: u32,
             ) -> StoreResult<Claimed<DueTimer>> {
-                $crate::store::common::Claims::claim_timers_by(self, &claims::CLAIM_TIMERS, host, now, limit)
-                    .await
+                let claim = $crate::store::common::Claim::new(&claims::CLAIM_TIMERS, host, now, limit);
+                $crate::store::common::Claims::claim_timers_by(self, claim).await
             }
 
             async fn acquire(

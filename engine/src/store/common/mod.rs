@@ -43,7 +43,7 @@ pub(super) mod retention;
 pub(super) mod routing;
 pub(super) mod versions;
 
-pub(super) use claims::Claims;
+pub(super) use claims::{Claim, Claims};
 pub(super) use maintenance::Upkeep;
 pub(super) use operator::Operator;
 pub(super) use outbox::Outbox;

@@ -27,7 +27,7 @@ use crate::store::{HeldStart, Holder, FIRST_EPOCH};
 use super::routing::{find_route, subscribe_convoy, unroute, Reroute};
 use super::{
     int4, map_err, CommitOutcome, MessageKind, NewInstance, NewMessage, NewSubscription,
-    PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx,
+    PersistencePoint, PublishOutcome, StoreError, StoreResult, Tx, WORK_CHANNEL,
 };
 
 /// Writes `points` in order (all but their publishes, which the caller makes under the routing
@@ -650,6 +650,8 @@ pub(super) async fn unlock_instances(tx: &mut Tx, ids: &[Uuid], failed: &[i64]) 
 /// Inserts instances and their start messages (addressed to them), each started at its time.
 /// With a `holder`, each instance is leased to it and its start message claimed by it, and they
 /// are returned ready to run (see [`MessageBox::start_instances`](crate::store::MessageBox::start_instances)).
+/// Without, starts are work for any host: the statement notifies [`WORK_CHANNEL`] if it
+/// inserted any (delivered at its commit).
 pub(super) async fn start_instances(
     conn: impl PgExecutor<'_>,
     starts: &[(&NewInstance, DateTime<Utc>)],
@@ -675,13 +677,16 @@ pub(super) async fn start_instances(
            SELECT id, orchestration, version, 'running', 'created', at, at, parent_id, $7, $9, $10 \
            FROM UNNEST($5::uuid[], $11::text[], $12::int4[], $6::timestamptz[], $13::uuid[]) \
              AS s(id, orchestration, version, at, parent_id)) \
-         INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
-         published_at, locked_by, delivery_count) \
-         SELECT id, message_type, $3, '{}', body, 'routed', instance_id, at, $7, $8 \
-         FROM UNNEST($1::text[], $2::text[], $4::text[], $5::uuid[], $6::timestamptz[]) \
-           AS s(id, message_type, body, instance_id, at) \
-         ON CONFLICT (id) DO NOTHING \
-         RETURNING instance_id, seq",
+         , m AS ( \
+           INSERT INTO messages (id, message_type, kind, properties, body, status, instance_id, \
+           published_at, locked_by, delivery_count) \
+           SELECT id, message_type, $3, '{}', body, 'routed', instance_id, at, $7, $8 \
+           FROM UNNEST($1::text[], $2::text[], $4::text[], $5::uuid[], $6::timestamptz[]) \
+             AS s(id, message_type, body, instance_id, at) \
+           ON CONFLICT (id) DO NOTHING \
+           RETURNING instance_id, seq) \
+         SELECT instance_id, seq, CASE WHEN $7 IS NULL THEN pg_notify($14, '')::text END AS woken \
+         FROM m",
     )
     .bind(
         starts
@@ -711,6 +716,7 @@ pub(super) async fn start_instances(
     .bind(&names)
     .bind(&versions)
     .bind(&parents)
+    .bind(WORK_CHANNEL)
     .fetch_all(conn)
     .await
     .map_err(|e| map_err("start instances", e))?;

@@ -7,12 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use super::connect::commit;
 use super::{map_err, PostgresStore};
 use crate::store::common::versions::claimable;
-use crate::store::common::{Backend, Claims};
+use crate::store::common::{Backend, Claim, Claims};
 use crate::store::{Claimed, InstanceRecord, StoreResult, StoredMessage};
 
 impl PostgresStore {
@@ -149,11 +150,45 @@ pub(super) async fn claim_messages(
     // rest with others' only as far as there are any: half a claim may be a full one.
     let full = limit.div_ceil(2).max(1) as usize;
     store
-        .claim_messages_by(&CLAIM_MESSAGES, host, now, limit, full)
+        .claim_messages_by(Claim::new(&CLAIM_MESSAGES, host, now, limit), full)
         .await
 }
 
-/// [`MessageBox::acquire`](crate::store::MessageBox::acquire) on PostgreSQL.
+/// [`Claims::claim_rows`] on PostgreSQL: the claim, one statement, on the soft connection
+/// ([`PostgresStore::soft_connection`]): one round trip.
+pub(super) async fn claim_rows(store: &PostgresStore, claim: Claim<'_>) -> StoreResult<Vec<PgRow>> {
+    let mut conn = store.soft_connection().await?;
+    let rows = store
+        .claim_query(claim.sql, &claim)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| map_err("claim", e));
+    conn.ended(&rows);
+    rows
+}
+
+/// Leases instances `$4` to host `$1` at `$2` until `$3` and returns their rows: those no live
+/// host holds. Its rows are locked in index order, the same in every host. Whatever other hosts
+/// hold of the instances taken they cannot commit any more (the epoch moved): a previous owner
+/// whose lease ran out, or a host that claimed but lost the race to acquire. That is released,
+/// so that it is delivered again, here (G3).
+const ACQUIRE: &str = "WITH acquired AS ( \
+       UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
+         status = 'running' \
+       WHERE id = ANY($4) AND status IN ('running', 'dehydrated') \
+         AND (owner IS NULL OR owner = $1 OR lease_expires_at < $2) \
+       RETURNING id, orchestration, version, status, state, engine_state, epoch, history_seq, \
+         parent_id), \
+     messages_released AS ( \
+       UPDATE messages SET locked_by = NULL \
+       WHERE instance_id IN (SELECT id FROM acquired) AND status = 'routed' AND locked_by <> $1), \
+     timers_released AS ( \
+       UPDATE timers SET locked_by = NULL \
+       WHERE instance_id IN (SELECT id FROM acquired) AND locked_by <> $1) \
+     SELECT * FROM acquired";
+
+/// [`MessageBox::acquire`](crate::store::MessageBox::acquire) on PostgreSQL: one statement, on
+/// the soft connection. An instance whose row cannot be read is suspended after it.
 pub(super) async fn acquire(
     store: &PostgresStore,
     host: &str,
@@ -162,47 +197,24 @@ pub(super) async fn acquire(
     lease_until: DateTime<Utc>,
 ) -> StoreResult<Vec<InstanceRecord>> {
     Backend::learn_lease(store, now, lease_until);
-    let mut tx = store.begin_soft().await?;
-    // One statement; its rows are locked in index order, the same in every host.
-    let rows = sqlx::query(
-        "UPDATE instances SET owner = $1, lease_expires_at = $3, epoch = epoch + 1, \
-         status = 'running' \
-         WHERE id = ANY($4) AND status IN ('running', 'dehydrated') \
-           AND (owner IS NULL OR owner = $1 OR lease_expires_at < $2) \
-         RETURNING id, orchestration, version, status, state, engine_state, epoch, history_seq, parent_id",
-    )
-    .bind(host)
-    .bind(now)
-    .bind(lease_until)
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(|e| map_err("acquire", e))?;
-    let out = PostgresStore::acquired(&mut tx, rows, now).await?;
-    if !out.is_empty() {
-        // Whatever other hosts hold of these instances they cannot commit any more (the epoch
-        // moved): a previous owner whose lease ran out, or a host that claimed but lost the
-        // race to acquire. Release it so that it is delivered again, here (G3).
-        let acquired: Vec<Uuid> = out.iter().map(|r| r.id).collect();
-        sqlx::query(
-            "UPDATE messages SET locked_by = NULL \
-             WHERE instance_id = ANY($1) AND status = 'routed' AND locked_by <> $2",
-        )
-        .bind(&acquired)
+    let mut conn = store.soft_connection().await?;
+    let rows = sqlx::query(ACQUIRE)
         .bind(host)
-        .execute(&mut *tx)
+        .bind(now)
+        .bind(lease_until)
+        .bind(ids)
+        .fetch_all(&mut *conn)
         .await
-        .map_err(|e| map_err("acquire", e))?;
-        sqlx::query(
-            "UPDATE timers SET locked_by = NULL WHERE instance_id = ANY($1) AND locked_by <> $2",
-        )
-        .bind(&acquired)
-        .bind(host)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_err("acquire", e))?;
+        .map_err(|e| map_err("acquire", e));
+    conn.ended(&rows);
+    drop(conn);
+    let mut unreadable = Vec::new();
+    let out = PostgresStore::read_acquired(&rows?, &mut unreadable)?;
+    if !unreadable.is_empty() {
+        let mut tx = store.write().await?;
+        PostgresStore::suspend_unreadable_all(&mut tx, unreadable, now).await?;
+        commit(tx).await?;
     }
-    commit(tx).await?;
     Ok(out)
 }
 

@@ -54,10 +54,14 @@ impl PostgresStore {
             .connect_with(options.clone())
             .await
             .map_err(|e| map_err("open", e))?;
+        // Soft writes commit without waiting for the WAL's flush (see `soft_connection`).
+        let soft_options = options.clone().options([("synchronous_commit", "off")]);
         Ok(Self {
             pool,
             options,
+            soft_options,
             points: KeptConnection::default(),
+            soft: KeptConnection::default(),
             lease_ms: Arc::new(AtomicI64::new(DEFAULT_LEASE_MS)),
             registered: Arc::default(),
         })
@@ -72,6 +76,15 @@ impl PostgresStore {
     /// them ([`kept`](super::kept)), or one of the pool's while that one is busy or not connected.
     pub(super) async fn point_connection(&self) -> StoreResult<PointConnection> {
         self.points.acquire(&self.options, &self.pool).await
+    }
+
+    /// A connection for a soft write that is one statement (a claim, an acquire): one the store
+    /// keeps for them, whose session commits without waiting for the WAL's flush (what
+    /// [`begin_soft`](crate::store::common::Backend::begin_soft) does with three more round
+    /// trips), or one of the pool's, which commits durably, while that one is busy or not
+    /// connected.
+    pub(super) async fn soft_connection(&self) -> StoreResult<PointConnection> {
+        self.soft.acquire(&self.soft_options, &self.pool).await
     }
 
     pub(super) async fn write(&self) -> StoreResult<Tx> {

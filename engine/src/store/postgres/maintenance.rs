@@ -95,6 +95,7 @@ common::maintenance::maintenance! {
 
     async fn close(&self) {
         self.points.close().await;
+        self.soft.close().await;
         self.pool.close().await;
     }
 }

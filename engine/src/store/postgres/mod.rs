@@ -131,9 +131,13 @@ pub struct PostgresStore {
     pool: PgPool,
     /// How to connect: for the kept connection, which is not the pool's.
     options: PgConnectOptions,
+    /// How to connect the kept soft connection: `synchronous_commit` off.
+    soft_options: PgConnectOptions,
     /// The connection kept for persistence points written as one statement
     /// ([`Self::point_connection`]).
     points: KeptConnection,
+    /// The connection kept for soft writes of one statement ([`Self::soft_connection`]).
+    soft: KeptConnection,
     /// The lease duration this store's host uses, in milliseconds, learnt from `acquire` and
     /// `heartbeat`; a host whose heartbeat is older than two of them is presumed gone.
     lease_ms: Arc<AtomicI64>,
@@ -324,7 +328,14 @@ impl common::Backend for PostgresStore {
     }
 }
 
-impl common::Claims for PostgresStore {}
+impl common::Claims for PostgresStore {
+    async fn claim_rows(
+        &self,
+        claim: common::Claim<'_>,
+    ) -> StoreResult<Vec<sqlx::postgres::PgRow>> {
+        claims::claim_rows(self, claim).await
+    }
+}
 impl common::Outbox for PostgresStore {}
 impl common::Operator for PostgresStore {}
 impl common::Versioning for PostgresStore {}

@@ -376,16 +376,11 @@ pub(super) async fn start_instances(
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<HeldStart>> {
     let starts: Vec<_> = instances.iter().map(|inst| (inst, now)).collect();
-    // Held starts leave nothing for other hosts to claim: no `NOTIFY`, so the one statement
-    // needs no transaction.
-    if instances.is_empty() || holder.is_some() {
-        return batch::start_instances(&store.pool, &starts, holder).await;
-    }
-    let mut tx = store.write().await?;
-    let held = batch::start_instances(&mut *tx, &starts, holder).await?;
-    notify(&mut tx).await?;
-    commit(tx).await?;
-    Ok(held)
+    // One statement, which needs no transaction, on the connection kept for such writes.
+    let mut conn = store.point_connection().await?;
+    let held = batch::start_instances(&mut *conn, &starts, holder).await;
+    conn.ended(&held);
+    held
 }
 
 /// [`MessageBox::commit`] on PostgreSQL.

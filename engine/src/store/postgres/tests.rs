@@ -369,3 +369,38 @@ async fn a_soft_transaction_is_asynchronous_and_the_next_is_not() {
         .await
         .expect("committed");
 }
+
+/// The soft connection (claims, acquire: one statement each) commits without waiting for the
+/// WAL's flush; a point's connection, which the store connects from the same options, waits.
+#[tokio::test]
+async fn the_soft_connection_is_asynchronous_and_the_points_one_is_not() {
+    async fn setting(conn: &mut sqlx::PgConnection) -> String {
+        sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(conn)
+            .await
+            .expect("shown")
+    }
+    let Some(store) = fresh().await else { return };
+    // The first use of each kept connection connects it; the second finds it.
+    for _ in 0..50 {
+        let mut soft = store.soft_connection().await.expect("a soft connection");
+        let mut point = store
+            .point_connection()
+            .await
+            .expect("a point's connection");
+        let kept = matches!(
+            (&soft, &point),
+            (PointConnection::Kept(_), PointConnection::Kept(_))
+        );
+        let soft_setting = setting(&mut soft).await;
+        assert_eq!(setting(&mut point).await, "on", "a point's connection");
+        soft.ended(&Ok(()));
+        point.ended(&Ok(()));
+        if kept {
+            assert_eq!(soft_setting, "off", "the kept soft connection");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the kept connections never connected");
+}

@@ -424,7 +424,14 @@ impl common::Backend for SqliteStore {
     }
 }
 
-impl common::Claims for SqliteStore {}
+impl common::Claims for SqliteStore {
+    async fn claim_rows(
+        &self,
+        claim: common::Claim<'_>,
+    ) -> StoreResult<Vec<sqlx::sqlite::SqliteRow>> {
+        claims::claim_rows(self, claim).await
+    }
+}
 impl common::Outbox for SqliteStore {}
 impl common::Operator for SqliteStore {}
 impl common::Versioning for SqliteStore {}

@@ -388,16 +388,74 @@ pub(super) struct Alone {
     conn: Option<OwnedMutexGuard<Slot>>,
 }
 
+/// What a soft transaction sent as one script starts with, its statement between this and
+/// [`SOFT_END`], for [`Alone::run_soft`]: what [`Writer::begin_soft`] does in five round trips
+/// to the worker (set `NORMAL`, the manager's `BEGIN IMMEDIATE`, the statement, `COMMIT`), and
+/// the next durable transaction's sixth (set `FULL` back), in one. `synchronous` cannot change
+/// inside a transaction, hence its place.
+pub(super) const SOFT_BEGIN: &str = "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; ";
+
+/// What a soft transaction sent as one script ends with (see [`SOFT_BEGIN`]).
+pub(super) const SOFT_END: &str = "; COMMIT; PRAGMA synchronous = FULL";
+
+/// How many statements a soft script holds.
+const SOFT_SCRIPT_STATEMENTS: usize = 5;
+
 impl Alone {
     /// The script ran to its end: committed, nothing left open.
     pub(super) fn finished(mut self) {
         self.conn = None;
     }
 
+    /// Runs `query`, a soft transaction of one statement ([`SOFT_BEGIN`]), and returns the rows its statement returned. A script
+    /// that fails part way is rolled back, and the connection set to `FULL` again before the
+    /// next transaction.
+    pub(super) async fn run_soft<'q>(
+        mut self,
+        query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> StoreResult<Vec<sqlx::sqlite::SqliteRow>> {
+        use futures_util::TryStreamExt;
+        let mut rows = Vec::new();
+        let mut done = 0;
+        let ran = {
+            let mut stream = self.fetch_many(query);
+            loop {
+                match stream.try_next().await {
+                    Ok(Some(sqlx::Either::Left(_))) => done += 1,
+                    Ok(Some(sqlx::Either::Right(row))) => rows.push(row),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(map_err("run a soft script", e)),
+                }
+            }
+        };
+        match ran {
+            Ok(()) if done == SOFT_SCRIPT_STATEMENTS => {
+                self.finished();
+                Ok(rows)
+            }
+            Ok(()) => {
+                let e = StoreError::Corrupt(format!(
+                    "a soft script of {SOFT_SCRIPT_STATEMENTS} statements reported {done} results"
+                ));
+                self.failed().await?;
+                Err(e)
+            }
+            Err(e) => {
+                if let Err(rollback) = self.failed().await {
+                    tracing::warn!(error = %rollback, "rolling back a failed write failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// The script failed part way: rolls back what it left open.
     pub(super) async fn failed(mut self) -> StoreResult<()> {
         match self.conn.take() {
             Some(mut slot) => {
+                // The script may have stopped between setting `NORMAL` and setting `FULL`
+                // back: the next durable transaction sets `FULL` first.
+                slot.soft = true;
                 let rolled_back = roll_back_if_open(slot.conn_mut()).await;
                 if rolled_back.is_err() {
                     slot.suspect = true;
@@ -414,6 +472,7 @@ impl Drop for Alone {
         let Some(mut slot) = self.conn.take() else {
             return;
         };
+        slot.soft = true;
         // The caller went away mid-script; there may be no runtime left to roll back on (a host
         // torn down mid-transaction), so a thread of its own does it, holding the connection
         // (the next transaction waits for it) until done.
@@ -577,6 +636,44 @@ mod tests {
             .expect("read");
         alone.finished();
         assert_eq!(level, 2, "a script after a soft transaction");
+    }
+
+    /// A soft transaction sent as one script runs its statement at `NORMAL` and leaves the
+    /// connection at `FULL`, whether it succeeds or fails part way (rolled back, nothing kept).
+    #[tokio::test]
+    async fn a_soft_script_runs_at_normal_and_leaves_the_connection_at_full() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let writer = writer(&dir).await;
+        let soft = |statement: &str| format!("{SOFT_BEGIN}{statement}{SOFT_END}");
+        let alone = writer.alone().await.expect("taken").expect("dedicated");
+        let script = soft("INSERT INTO t SELECT synchronous FROM pragma_synchronous RETURNING x");
+        let rows = alone
+            .run_soft(sqlx::query(&script))
+            .await
+            .expect("the script runs");
+        let levels: Vec<i64> = rows.iter().map(|r| sqlx::Row::get(r, "x")).collect();
+        assert_eq!(levels, [1], "its statement ran at NORMAL");
+        let mut tx = writer.begin().await.expect("a durable transaction");
+        assert_eq!(level(&mut tx).await, 2, "a durable transaction after it");
+        tx.commit().await.expect("committed");
+
+        let alone = writer.alone().await.expect("taken").expect("dedicated");
+        let script = soft("INSERT INTO t VALUES (7); INSERT INTO no_such_table VALUES (1)");
+        assert!(
+            alone.run_soft(sqlx::query(&script)).await.is_err(),
+            "a statement that cannot run fails the script"
+        );
+        let mut tx = writer
+            .begin()
+            .await
+            .expect("a transaction after a failed script");
+        assert_eq!(
+            level(&mut tx).await,
+            2,
+            "a durable transaction after a failed one"
+        );
+        tx.commit().await.expect("committed");
+        assert_eq!(count(&writer).await, 1, "the failed script kept nothing");
     }
 
     /// The check made in SQL (a row inserted into `checks` that is not ok) is told apart by
