@@ -72,8 +72,9 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// A connection for a persistence point's one statement: the one the store keeps for
-    /// them ([`kept`](super::kept)), or one of the pool's while that one is busy or not connected.
+    /// A connection for a persistence point's or a start's one statement: the one the store
+    /// keeps for them ([`kept`](super::kept)), or one of the pool's while that one is busy or
+    /// not connected.
     pub(super) async fn point_connection(&self) -> StoreResult<PointConnection> {
         self.points.acquire(&self.options, &self.pool).await
     }

@@ -1,5 +1,7 @@
-//! The connection a store keeps for persistence points written as one statement, outside the
-//! pool.
+//! A connection a store keeps outside the pool for writes of one statement: it keeps two, one
+//! for persistence points and starts, one for claims and acquires (connected with
+//! `synchronous_commit = off`: see `PostgresStore::soft_connection`). What follows says
+//! "point" for either.
 //!
 //! A pool hands out its idle connections in turn, so each point would go to the next server
 //! process and pay for its colder caches and, per connection, for preparing and planning the
