@@ -10,6 +10,7 @@ crate::backend_tests!(
     unlocking_gives_back_what_the_host_holds_and_leaves_other_hosts_locks,
     a_point_giving_up_its_instance_releases_what_it_held_and_consumes_the_rest,
     a_claim_says_whether_there_may_be_more,
+    an_acquire_suspends_an_instance_whose_row_cannot_be_read_and_takes_the_others,
 );
 
 // Taking over the claims and leases of a host that is gone, while other hosts run on the same
@@ -443,5 +444,60 @@ async fn a_claim_says_whether_there_may_be_more(db: TestDb) {
     assert!(
         !due.more,
         "a claim of 10 timers that took the last 3 left none"
+    );
+}
+
+/// An acquire returns the instances it leased whose rows can be read; one whose row cannot be
+/// read (a tool wrote a value of the wrong kind into it) is left out and suspended with the
+/// reason, so that no host claims it again until an operator fixes it, and the others are taken.
+async fn an_acquire_suspends_an_instance_whose_row_cannot_be_read_and_takes_the_others(db: TestDb) {
+    let store = db.store.clone();
+    let now = at(0);
+    store.recover("host-a", now).await.expect("recover");
+    let (good, broken) = (new_instance("order"), new_instance("order"));
+    store
+        .start_instances(vec![good.clone(), broken.clone()], None, now)
+        .await
+        .expect("start");
+    let garble = match db.backend {
+        support::Backend::Sqlite => "version = 'one'",
+        support::Backend::Postgres => "version = -1",
+    };
+    sqlx::query(&format!(
+        "UPDATE instances SET {garble} WHERE CAST(id AS TEXT) = '{}'",
+        broken.id
+    ))
+    .execute(&db.sql)
+    .await
+    .expect("garbled");
+    let acquired = store
+        .acquire("host-a", &[good.id, broken.id], now, at(30))
+        .await
+        .expect("an unreadable row fails no acquire");
+    let ids: Vec<Uuid> = acquired.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [good.id], "only the readable instance is taken");
+    let broken_id = broken.id.to_string();
+    assert_eq!(
+        db.texts(
+            "SELECT status FROM instances WHERE CAST(id AS TEXT) = $1",
+            &broken_id
+        )
+        .await,
+        ["suspended"]
+    );
+    let error = db
+        .texts(
+            "SELECT last_error FROM instances WHERE CAST(id AS TEXT) = $1",
+            &broken_id,
+        )
+        .await;
+    assert!(error[0].contains("cannot be read"), "{error:?}");
+    assert_eq!(
+        db.texts(
+            "SELECT owner FROM instances WHERE CAST(id AS TEXT) = $1",
+            &good.id.to_string()
+        )
+        .await,
+        ["host-a"]
     );
 }
