@@ -6,10 +6,9 @@
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
-
-use sqlx::sqlite::SqliteRow;
 
 use super::{batch, commit, map_err, ts, writer, SqliteStore};
 use crate::store::common::versions::claimable;

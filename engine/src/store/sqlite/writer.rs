@@ -407,9 +407,10 @@ impl Alone {
         self.conn = None;
     }
 
-    /// Runs `query`, a soft transaction of one statement ([`SOFT_BEGIN`]), and returns the rows its statement returned. A script
-    /// that fails part way is rolled back, and the connection set to `FULL` again before the
-    /// next transaction.
+    /// Runs `query`, a soft transaction of one statement ([`SOFT_BEGIN`]), and returns the rows
+    /// its statement returned. A script that fails before its `COMMIT` is rolled back; one that
+    /// fails after it has committed and answers its rows. Either way the next durable
+    /// transaction sets `FULL` first.
     pub(super) async fn run_soft<'q>(
         mut self,
         query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
@@ -431,6 +432,11 @@ impl Alone {
         match ran {
             Ok(()) if done == SOFT_SCRIPT_STATEMENTS => {
                 self.finished();
+                Ok(rows)
+            }
+            // Its `COMMIT` ran (the fourth statement), not the `PRAGMA` after it.
+            _ if done == SOFT_SCRIPT_STATEMENTS - 1 => {
+                self.failed().await?;
                 Ok(rows)
             }
             Ok(()) => {
@@ -639,7 +645,8 @@ mod tests {
     }
 
     /// A soft transaction sent as one script runs its statement at `NORMAL` and leaves the
-    /// connection at `FULL`, whether it succeeds or fails part way (rolled back, nothing kept).
+    /// connection at `FULL`, whether it succeeds or fails part way (before its `COMMIT`: rolled
+    /// back, nothing kept; after: committed, its rows answered).
     #[tokio::test]
     async fn a_soft_script_runs_at_normal_and_leaves_the_connection_at_full() {
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -674,6 +681,22 @@ mod tests {
         );
         tx.commit().await.expect("committed");
         assert_eq!(count(&writer).await, 1, "the failed script kept nothing");
+
+        // One that fails after its `COMMIT`, before `FULL` is set back: committed, its rows
+        // answered, and the next durable transaction at `FULL`.
+        let alone = writer.alone().await.expect("taken").expect("dedicated");
+        let script = format!(
+            "{SOFT_BEGIN}INSERT INTO t VALUES (8) RETURNING x; COMMIT; SELECT * FROM no_such_table"
+        );
+        let rows = alone
+            .run_soft(sqlx::query(&script))
+            .await
+            .expect("a script that committed answers");
+        assert_eq!(rows.len(), 1);
+        let mut tx = writer.begin().await.expect("a durable transaction");
+        assert_eq!(level(&mut tx).await, 2, "a durable transaction after it");
+        tx.commit().await.expect("committed");
+        assert_eq!(count(&writer).await, 2, "what it committed is kept");
     }
 
     /// The check made in SQL (a row inserted into `checks` that is not ok) is told apart by
