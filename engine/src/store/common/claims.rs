@@ -149,6 +149,23 @@ where
         Ok(out)
     }
 
+    /// [`Claims::acquired`] for an acquire already committed (sent as one statement): an
+    /// instance whose row cannot be read is suspended in a transaction of its own.
+    async fn acquired_committed(
+        &self,
+        rows: &[RowOf<Self>],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<InstanceRecord>> {
+        let mut unreadable = Vec::new();
+        let out = Self::read_acquired(rows, &mut unreadable)?;
+        if !unreadable.is_empty() {
+            let mut tx = self.begin().await?;
+            Self::suspend_unreadable_all(&mut tx, unreadable, now).await?;
+            Self::commit(tx).await?;
+        }
+        Ok(out)
+    }
+
     /// The instances an acquire's `rows` hold; those whose row cannot be read go to
     /// `unreadable`, with why.
     fn read_acquired(

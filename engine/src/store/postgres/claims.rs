@@ -208,14 +208,7 @@ pub(super) async fn acquire(
         .map_err(|e| map_err("acquire", e));
     conn.ended(&rows);
     drop(conn);
-    let mut unreadable = Vec::new();
-    let out = PostgresStore::read_acquired(&rows?, &mut unreadable)?;
-    if !unreadable.is_empty() {
-        let mut tx = store.write().await?;
-        PostgresStore::suspend_unreadable_all(&mut tx, unreadable, now).await?;
-        commit(tx).await?;
-    }
-    Ok(out)
+    store.acquired_committed(&rows?, now).await
 }
 
 /// [`MessageBox::unlock`](crate::store::MessageBox::unlock) on PostgreSQL.

@@ -73,7 +73,7 @@ pub(super) const ROWS_PER_STATEMENT: usize = 1_000;
 /// Points per run of a group commit: a large group is written as runs of this many points, in
 /// the same transaction. A busy host's points mostly have the same shape (a send, a reply taken,
 /// a history row), so its full runs have the same statements, which stay prepared
-/// ([`Script::keep_prepared`]). Written as one run, a group of 1,500 points was one set of
+/// ([`keep_run`]). Written as one run, a group of 1,500 points was one set of
 /// statements parsed anew at every commit: 17 % of the writer's time in W1.
 const POINTS_PER_RUN: usize = 64;
 

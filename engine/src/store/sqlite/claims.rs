@@ -113,14 +113,7 @@ pub(super) async fn acquire(
             q.push(writer::SOFT_END);
             let query = q.build().persistent(batch::reuse(ids.len()));
             let rows = conn.run_soft(query).await?;
-            let mut unreadable = Vec::new();
-            let out = SqliteStore::read_acquired(&rows, &mut unreadable)?;
-            if !unreadable.is_empty() {
-                let mut tx = Backend::begin(store).await?;
-                SqliteStore::suspend_unreadable_all(&mut tx, unreadable, now).await?;
-                SqliteStore::commit(tx).await?;
-            }
-            return Ok(out);
+            return store.acquired_committed(&rows, now).await;
         }
     }
     let mut tx = store.begin_soft().await?;
